@@ -1,0 +1,81 @@
+"""The contract between the router and whatever executes requests.
+
+The router speaks only this interface; it never sees Ray, workers or tensors. Two
+implementations exist: a colocated single-engine backend (the baseline, and what tests use
+when they are not about disaggregation) and the disaggregated Ray cluster backend.
+
+Life of a request as the router sees it:
+  1. ``submit(request)`` returns an async iterator of ``BackendOutput``.
+  2. Each item carries the token ids produced since the previous item (coalesced per engine
+     step, never one message per token when several are ready).
+  3. Exactly one item has ``finish_reason`` set; it is the last one. Failures end the stream
+     with ``finish_reason == "error"`` and ``error`` set (a ``RequestError``), never a hang.
+  4. ``abort(request_id)`` frees the request's resources everywhere; the stream then ends
+     with ``finish_reason == "abort"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float  # time.time() when the router accepted the request
+    deadline: float | None = None  # absolute time.time() after which the request is aborted
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class BackendOutput:
+    request_id: str
+    new_token_ids: list[int]  # tokens produced since the previous output
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
+    logprobs: list[TokenLogprob] | None = None  # one per new token when requested
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Timing breakdown in seconds, filled on the final output (keys: router_queue,
+    # prefill_queue, prefill_compute, kv_transfer, decode_queue, decode).
+    timing: dict[str, float] = field(default_factory=dict)
+    error: Exception | None = None  # set when finish_reason == "error"
+
+
+class ServingBackend(ABC):
+    """Executes tokenized requests. Implementations are safe to call from one asyncio loop."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Bring the backend up (load models, start workers). Idempotent."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Abort everything in flight and release all resources."""
+
+    @abstractmethod
+    def submit(self, request: BackendRequest) -> AsyncIterator[BackendOutput]:
+        """Start a request and stream its outputs (see the module docstring)."""
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Abort a request if it is still running; a no-op otherwise."""
+
+    @abstractmethod
+    def is_ready(self) -> bool:
+        """True when at least one worker of each needed role can take requests."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """A JSON-able snapshot for /health and debugging (pools, queue lengths, free blocks)."""

@@ -1,0 +1,53 @@
+"""The `splitserve` command line. Each subcommand lives in its own module under
+``cluster/commands/`` exposing ``register(subparsers)``; this file only wires them up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules, imported lazily so `splitserve --help` stays fast and torch-free.
+COMMANDS = {
+    "make-model": "cluster.commands.make_model",
+    "generate-offline": "cluster.commands.generate_offline",
+    "simulate": "cluster.commands.simulate",
+    "serve": "cluster.commands.serve",
+    "demo": "cluster.commands.demo",
+    "generate": "cluster.commands.generate",
+    "bench": "cluster.commands.bench",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitserve", description="Disaggregated LLM serving: prefill and decode pools."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, module_name in COMMANDS.items():
+        if wanted is not None and wanted != name:
+            subparsers.add_parser(name)  # listed in help; only the chosen one is imported
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # command not built yet in this checkout
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.error(f"command {args.command!r} is not available in this build")
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

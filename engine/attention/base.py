@@ -1,0 +1,48 @@
+"""The attention backend interface. Backends are chosen by capability through the registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a ragged batch.
+
+    The KV cache of one layer is two tensors ``[num_blocks, block_size, num_kv_heads,
+    head_dim]``. ``forward`` first writes the new tokens' K/V into their slots, then attends
+    each query token to its sequence's whole context (causal within the new tokens).
+    """
+
+    name: str = ""
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls, device: torch.device) -> bool:
+        """True when this backend can run on ``device`` (kernels installed, right hardware)."""
+
+    @classmethod
+    @abstractmethod
+    def supports_block_size(cls, block_size: int) -> bool:
+        """True when the backend's kernels accept KV blocks of ``block_size`` tokens."""
+
+    @classmethod
+    def block_size_requirement(cls) -> str:
+        """Human-readable statement of the block sizes accepted (used in error messages)."""
+        return "any positive block size"
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...

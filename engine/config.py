@@ -1,0 +1,52 @@
+"""Engine configuration: one frozen object per concern, each field documented and defaulted.
+
+These are validated once at construction; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block. Attention backends declare which sizes they accept."""
+    kv_cache_memory_bytes: int | None = None
+    """KV budget in bytes; None: a fraction of free GPU memory, or a default budget on CPU."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA with no explicit budget: fraction of total memory the engine may use in all."""
+    cpu_kv_cache_bytes_default: int = 1 << 30
+    """On CPU with no explicit budget: bytes of KV cache to allocate (capped by need)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes (chained block hashes, LRU eviction)."""
+    num_blocks_override: int | None = None
+    """Exact number of KV blocks (tests and memory-pressure experiments)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.num_blocks_override is not None and self.num_blocks_override < 2:
+            raise ValueError("num_blocks_override must be >= 2")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    """Token budget of one engine step (decodes + prefill chunks): the chunked-prefill size."""
+    max_num_seqs: int = 64
+    """Most requests running at once (the decode batch cap)."""
+    max_model_len: int = 4096
+    """Longest prompt + output accepted (also capped by the model's max positions)."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")

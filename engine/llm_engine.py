@@ -1,0 +1,254 @@
+"""``Engine``: one process running prefill and decode together (colocated).
+
+This is the core both pools run (the prefill and decode workers drive it in their modes),
+and the baseline disaggregation must beat. One step reads::
+
+    batch = scheduler.schedule()
+    out = runner.execute(batch)
+    finished = scheduler.update(batch, out)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from engine.batch import SchedulerOutput
+from engine.block_pool import BlockPool
+from engine.config import CacheConfig, SchedulerConfig
+from engine.errors import InvalidRequestError
+from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.text_output import TextTracker
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, *, cache_config: CacheConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None, dtype: str = "float32",
+                 device: str = "cpu", attention_backend: str | None = None, seed: int = 0,
+                 load_tokenizer: bool = True) -> None:
+        from engine.attention.registry import select_backend
+        from engine.model_config import ModelConfig
+        from engine.models.loader import load_model
+
+        self.model_dir = Path(model_dir)
+        self.cache_config = cache_config = cache_config or CacheConfig()
+        self.device = torch.device(device)
+        self.dtype = _parse_dtype(dtype)
+        self.model_config = ModelConfig.from_pretrained(self.model_dir)
+        sched = scheduler_config or SchedulerConfig()
+        max_len = min(sched.max_model_len, self.model_config.max_position_embeddings)
+        self.scheduler_config = SchedulerConfig(
+            sched.max_num_batched_tokens, sched.max_num_seqs, max_len
+        )
+        self.attn_backend = select_backend(attention_backend, self.device, cache_config.block_size)
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.attn_backend)
+        self.num_blocks = self._num_kv_blocks()
+        kv_cache = self._allocate_kv_cache(self.num_blocks)
+        self.pool = BlockPool(self.num_blocks, cache_config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.pool, cache_config.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.runner = ModelRunner(self.model, kv_cache, cache_config.block_size, self.device, seed)
+        self.tokenizer = None
+        if load_tokenizer:
+            from engine.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer(self.model_dir)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self._text = TextTracker(self.tokenizer)
+        self._num_reported: dict[str, int] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
+                        block_size: int = 16, max_num_batched_tokens: int = 512,
+                        max_num_seqs: int = 64, kv_cache_memory_bytes: int | None = None,
+                        enable_prefix_caching: bool = True, **kwargs) -> Engine:
+        """vLLM-style constructor. Extra kwargs: max_model_len, num_blocks,
+        attention_backend, seed, load_tokenizer, gpu_memory_utilization."""
+        cache = CacheConfig(
+            block_size=block_size,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enable_prefix_caching=enable_prefix_caching,
+            num_blocks_override=kwargs.pop("num_blocks", None),
+            gpu_memory_utilization=kwargs.pop("gpu_memory_utilization", 0.9),
+        )
+        sched = SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=kwargs.pop("max_model_len", 1 << 20),
+        )
+        return cls(model_dir, cache_config=cache, scheduler_config=sched, dtype=dtype,
+                   device=device, **kwargs)
+
+    # -- memory ----------------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        cfg = self.model_config
+        elems = cfg.num_layers * 2 * self.cache_config.block_size * cfg.num_kv_heads * cfg.head_dim
+        return elems * torch.empty((), dtype=self.dtype).element_size()
+
+    def _num_kv_blocks(self) -> int:
+        cc = self.cache_config
+        if cc.num_blocks_override is not None:
+            return cc.num_blocks_override
+        if cc.kv_cache_memory_bytes is not None:
+            budget = cc.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - total * (1.0 - cc.gpu_memory_utilization))
+        else:
+            budget = cc.cpu_kv_cache_bytes_default
+        blocks_per_seq = cdiv(self.scheduler_config.max_model_len, cc.block_size)
+        needed = self.scheduler_config.max_num_seqs * blocks_per_seq
+        num_blocks = min(budget // self.bytes_per_block, needed)
+        if num_blocks < blocks_per_seq and num_blocks < 2:
+            raise ValueError(
+                f"KV cache budget of {budget} bytes holds {num_blocks} blocks of "
+                f"{self.bytes_per_block} bytes; raise kv_cache_memory_bytes"
+            )
+        return int(num_blocks)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        cfg = self.model_config
+        shape = (cfg.num_layers, 2, num_blocks, self.cache_config.block_size,
+                 cfg.num_kv_heads, cfg.head_dim)
+        # Zeros, not empty: masked-out padding slots are read by batched attention.
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | Sequence[int],
+                    params: SamplingParams | None = None, *, prefill_only: bool = False,
+                    arrival_time: float | None = None) -> Request:
+        """Queue a request. ``prompt`` is text (needs the tokenizer) or token ids."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        request = Request(request_id, token_ids, params, self.eos_token_ids,
+                          prefill_only=prefill_only)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        self.scheduler.add_request(request)
+        self._text.add(request)
+        self._num_reported[request_id] = 0
+        return request
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("text prompts need a tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty: send at least one token")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        max_len = self.scheduler_config.max_model_len
+        if len(token_ids) + params.max_tokens > max_len:
+            raise InvalidRequestError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the maximum context length of {max_len} tokens; shorten the prompt or lower "
+                "max_tokens"
+            )
+        if cdiv(len(token_ids) + params.max_tokens, self.cache_config.block_size) > self.num_blocks:
+            raise InvalidRequestError(
+                f"request needs more KV blocks than this engine has ({self.num_blocks}); "
+                "shorten it or give the engine more KV cache memory"
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request; returns its final output, or None if it was not running."""
+        request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        if request is None:
+            return None
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch: SchedulerOutput = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        out = self.runner.execute(batch)
+        touched = self.scheduler.update(batch, out)
+        outputs = []
+        for request in touched:
+            if self._text.check_stop_strings(request) and not request.is_finished:
+                self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(self._output(request))
+        return outputs
+
+    def _output(self, request: Request) -> RequestOutput:
+        generated = request.output_token_ids
+        start = self._num_reported.get(request.request_id, 0)
+        out = RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=generated[start:],
+            token_ids=generated,
+            finish_reason=request.status.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            logprobs=request.logprobs,
+        )
+        self._num_reported[request.request_id] = len(generated)
+        if request.is_finished:
+            out.text, out.stop_reason = self._text.finish(request)
+            self._num_reported.pop(request.request_id, None)
+            self.runner.sampler.forget(request.request_id)
+        return out
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [self.add_request(None, p, sp).request_id for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[i] for i in ids]
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req")
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(table)}")
+    return table[dtype]

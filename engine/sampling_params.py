@@ -1,0 +1,77 @@
+"""Per-request sampling parameters, validated once at construction (ValueError names the field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    """Upper bound on generated tokens (the prompt is not counted)."""
+    temperature: float = 1.0
+    """0 means greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 (or 0) disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends when the text contains one (it is not included)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end generation (the token is included in the output ids)."""
+    ignore_eos: bool = False
+    """Keep generating past the model's end-of-sequence token (benchmarks)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI semantics)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence of a token among the generated ones."""
+    repetition_penalty: float = 1.0
+    """Divides positive / multiplies negative logits of tokens seen in prompt or output (HF)."""
+    logprobs: int | None = None
+    """Return the chosen token's logprob and the top-n alternatives (0 = chosen token only)."""
+    min_tokens: int = 0
+    """Do not stop (EOS or stop ids) before this many tokens have been generated."""
+
+    def __post_init__(self) -> None:
+        # Accept any iterable of stops (a list from JSON, a single string) and freeze it.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 0, "must be -1 (disabled) or >= 0"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {why}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )

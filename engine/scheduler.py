@@ -1,0 +1,156 @@
+"""Iteration-level scheduler with chunked prefill and preemption by recompute.
+
+Pure Python (no torch). Each ``schedule()`` builds one ragged batch under a token budget
+(``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``):
+  1. running requests first, oldest first: one token for a decode, the next chunk for a
+     request still prefilling (a long prompt is split across steps: chunked prefill);
+  2. when blocks run out, the newest running request is preempted (blocks freed, back to
+     the front of the waiting queue, recomputed later);
+  3. then waiting requests are admitted in arrival order while budget, seats and blocks
+     last, each starting after its cached prefix (prefix-cache hit).
+``update()`` advances the counters with the runner's sampled tokens and finishes requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from engine.batch import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request by id
+        self.num_preemptions = 0
+
+    # -- request intake / removal ----------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request with a terminal status and free its blocks (unless it is a
+        prefilled request whose blocks wait for the KV transfer). None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        request.status = status
+        if status != RequestStatus.FINISHED_PREFILLED:
+            self.kv.free(request)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        budget = self._schedule_running(budget, chosen, preempted)
+        if not preempted:
+            self._schedule_waiting(budget, chosen)
+        return self._build_output(chosen, preempted)
+
+    def _schedule_running(self, budget: int, chosen: list, preempted: list) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    return budget
+            chosen.append((request, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, budget: int, chosen: list) -> None:
+        block_size = self.kv.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request)
+            n = min(request.num_tokens - len(cached) * block_size, budget)
+            if not self.kv.can_admit(request, cached, n):
+                return
+            self.waiting.popleft()
+            self.kv.adopt_cached(request, cached)
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = len(cached) * block_size
+            allocated = self.kv.allocate_slots(request, n)
+            assert allocated, "can_admit promised room"
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            chosen.append((request, n))
+            budget -= n
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    @staticmethod
+    def _build_output(chosen: list[tuple[Request, int]], preempted: list) -> SchedulerOutput:
+        decodes, prefills = [], []
+        total = 0
+        for request, n in chosen:
+            start = request.num_computed_tokens
+            entry = ScheduledRequest(request, n, start, start + n >= request.num_tokens)
+            (decodes if n == 1 else prefills).append(entry)
+            total += n
+        return SchedulerOutput(decodes + prefills, len(decodes), total, preempted)
+
+    def update(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[Request]:
+        """Apply a step's results. Returns the requests that got a token or finished."""
+        touched = []
+        sampled = iter(out.sampled_token_ids)
+        logprobs = iter(out.logprobs) if out.logprobs is not None else None
+        now = time.monotonic()
+        for entry in batch.scheduled:
+            request = entry.request
+            request.num_computed_tokens = entry.start + entry.num_new_tokens
+            self.kv.cache_computed_blocks(request)
+            if not entry.sample:
+                continue
+            request.append_token(next(sampled))
+            lp = next(logprobs) if logprobs is not None else None
+            if request.params.logprobs is not None:
+                request.logprobs.append(lp)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = request.check_stop()
+            if status is not None:
+                self.finish(request.request_id, status)
+            touched.append(request)
+        return touched
