@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from engine.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     # Tokens computed this step: token_ids[start : start + num_new_tokens], where start is

@@ -74,6 +74,11 @@ class Request:
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.token_ids = list(self.prompt_token_ids)
+        # Token ids that end generation once min_tokens are out (EOS unless ignored).
+        stop_ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        self._stop_ids = frozenset(stop_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -99,13 +104,9 @@ class Request:
         params = self.params
         if self.prefill_only:
             return RequestStatus.FINISHED_PREFILLED
-        n_out = self.num_output_tokens
-        if n_out >= params.min_tokens:
-            last = self.token_ids[-1]
-            if last in params.stop_token_ids or (
-                not params.ignore_eos and last in self.eos_token_ids
-            ):
-                return RequestStatus.FINISHED_STOPPED
+        n_out = len(self.token_ids) - self.num_prompt_tokens
+        if self.token_ids[-1] in self._stop_ids and n_out >= params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
         if n_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

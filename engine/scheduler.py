@@ -75,16 +75,19 @@ class Scheduler:
         return self._build_output(chosen, preempted)
 
     def _schedule_running(self, budget: int, chosen: list, preempted: list) -> int:
+        block_size = self.kv.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    return budget
+            n = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            # Fast path (most decode steps): the request's last block still has room.
+            if request.num_computed_tokens + n > len(request.block_ids) * block_size:
+                while not self.kv.allocate_slots(request, n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is request:
+                        return budget
             chosen.append((request, n))
             budget -= n
             i += 1
@@ -137,13 +140,16 @@ class Scheduler:
         sampled = iter(out.sampled_token_ids)
         logprobs = iter(out.logprobs) if out.logprobs is not None else None
         now = time.monotonic()
+        block_size = self.kv.block_size
         for entry in batch.scheduled:
             request = entry.request
-            request.num_computed_tokens = entry.start + entry.num_new_tokens
-            self.kv.cache_computed_blocks(request)
+            computed = entry.start + entry.num_new_tokens
+            request.num_computed_tokens = computed
+            if computed // block_size > request.num_registered_blocks:
+                self.kv.cache_computed_blocks(request)
             if not entry.sample:
                 continue
-            request.append_token(next(sampled))
+            request.token_ids.append(next(sampled))
             lp = next(logprobs) if logprobs is not None else None
             if request.params.logprobs is not None:
                 request.logprobs.append(lp)
