@@ -52,6 +52,10 @@ class BlockPool:
         """Physical block caching ``block_hash``, if any (referenced or evictable)."""
         return self._hash_to_block.get(block_hash)
 
+    def cached_hashes(self) -> list[int]:
+        """Every hash now in the prefix cache (a full snapshot for the global scheduler)."""
+        return list(self._hash_to_block)
+
     # -- mutations -----------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` fresh blocks (ref_count 1), evicting cached ones if needed."""

@@ -64,6 +64,8 @@ class Engine:
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._text = TextTracker(self.tokenizer)
         self._num_reported: dict[str, int] = {}
+        self._prefilled: dict[str, Request] = {}  # prefill-only requests holding their blocks
+        self.last_batch: SchedulerOutput | None = None  # the latest step's batch (stats)
         self._ids = itertools.count()
 
     @classmethod
@@ -171,8 +173,19 @@ class Engine:
         """Abort a request; returns its final output, or None if it was not running."""
         request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
+            if request_id in self._prefilled:
+                self.release(request_id)
             return None
         return self._output(request)
+
+    def fail(self, request_id: str, message: str) -> RequestOutput | None:
+        """End a request with finish_reason "error" (its blocks are freed)."""
+        request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ERROR)
+        if request is None:
+            return None
+        out = self._output(request)
+        out.error = message
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -180,16 +193,53 @@ class Engine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch: SchedulerOutput = self.scheduler.schedule()
+        self.last_batch = batch
         if batch.is_empty:
             return []
         out = self.runner.execute(batch)
         touched = self.scheduler.update(batch, out)
         outputs = []
         for request in touched:
-            if self._text.check_stop_strings(request) and not request.is_finished:
+            if request.status == RequestStatus.FINISHED_PREFILLED:
+                self._prefilled[request.request_id] = request
+            elif self._text.check_stop_strings(request) and not request.is_finished:
                 self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
             outputs.append(self._output(request))
         return outputs
+
+    # -- disaggregation hooks --------------------------------------------------------------
+    def prefilled_block_ids(self, request_id: str) -> list[int]:
+        """Prefill side: the blocks holding a prefilled request's prompt KV, in order."""
+        request = self._prefilled[request_id]
+        return request.block_ids[: cdiv(request.num_prompt_tokens, self.cache_config.block_size)]
+
+    def release(self, request_id: str) -> None:
+        """Prefill side: the KV transfer is done (or failed): drop the request's blocks.
+        Its full blocks stay in the prefix cache (evictable) for later prompts."""
+        request = self._prefilled.pop(request_id, None)
+        if request is not None:
+            self.kv_manager.free(request)
+
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int],
+                params: SamplingParams) -> list[int] | None:
+        """Decode side: preallocate blocks for a prompt whose KV will be transferred.
+        Returns the block ids, or None when there is no room (backpressure)."""
+        token_ids = [int(t) for t in prompt_token_ids]
+        self._validate(token_ids, params)
+        request = Request(request_id, token_ids, params, self.eos_token_ids)
+        if not self.scheduler.reserve(request):
+            return None
+        self._text.add(request)
+        self._num_reported[request_id] = 0
+        return list(request.block_ids)
+
+    def activate(self, request_id: str, first_token: int) -> RequestOutput | None:
+        """Decode side: KV landed, first token known (already streamed by the prefill
+        side): start decoding. Returns the final output if that token ends the request."""
+        request = self.scheduler.activate(request_id, first_token)
+        self._num_reported[request_id] = 1
+        self._text.check_stop_strings(request)
+        return self._output(request) if request.is_finished else None
 
     def _output(self, request: Request) -> RequestOutput:
         generated = request.output_token_ids

@@ -30,6 +30,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self.num_preemptions = 0
+        self.num_reserved = 0  # decode side: requests holding blocks while their KV travels
 
     # -- request intake / removal ----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -44,13 +45,47 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        if request.status == RequestStatus.WAITING_FOR_KV:
+            self.num_reserved -= 1
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
+        # WAITING_FOR_KV requests sit in no queue: only their reserved blocks are freed.
         request.status = status
         if status != RequestStatus.FINISHED_PREFILLED:
             self.kv.free(request)
+        return request
+
+    # -- decode side of disaggregation ------------------------------------------------------
+    def reserve(self, request: Request) -> bool:
+        """Preallocate blocks for a prompt whose KV will arrive by transfer. The request
+        waits in WAITING_FOR_KV, outside the queues. False (nothing held) when the blocks
+        or the running-batch seats are not there: the decode side's backpressure."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        seats = self.config.max_num_seqs - len(self.running) - self.num_reserved
+        if seats <= 0 or not self.kv.allocate_slots(request, request.num_prompt_tokens):
+            return False
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        self.num_reserved += 1
+        return True
+
+    def activate(self, request_id: str, first_token: int) -> Request:
+        """The prompt's KV has landed and the prefill side sampled ``first_token``: the
+        request joins the running batch (or finishes at once if that token ends it)."""
+        request = self.requests[request_id]
+        if request.status != RequestStatus.WAITING_FOR_KV:
+            raise ValueError(f"request {request_id!r} is {request.status.value}, not waiting for KV")
+        self.num_reserved -= 1
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.token_ids.append(first_token)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        status = request.check_stop()
+        if status is not None:
+            self.finish(request_id, status)
         return request
 
     def has_unfinished(self) -> bool:
@@ -95,7 +130,8 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, chosen: list) -> None:
         block_size = self.kv.block_size
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_seqs = self.config.max_num_seqs - self.num_reserved
+        while self.waiting and budget > 0 and len(self.running) < max_seqs:
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request)
             n = min(request.num_tokens - len(cached) * block_size, budget)

@@ -1,0 +1,211 @@
+"""DecodeWorker: reserves KV blocks, receives a prompt's KV, decodes with continuous batching.
+
+Life of a request on the decode side:
+  1. ``reserve()`` — blocks for the prompt are preallocated (WAITING_FOR_KV) and registered
+     with the KV receiver; None means no room (backpressure: place it elsewhere or queue).
+  2. Two things must happen, in either order: the KV lands (receiver callback) and the router
+     calls ``start()`` with the first token that the prefill worker sampled.
+  3. Both done → the request joins the running batch (``Engine.activate``).
+  4. Tokens stream out coalesced per engine step: the router long-polls ``get_outputs()``,
+     one call returning every request's new tokens (never one message per token).
+  5. One final delta per request: finished, aborted, or failed (transfer error or timeout),
+     and every block is freed.
+``generate()`` is the other entry: the worker prefills the prompt itself (conditional
+disaggregation for short prompts, or the colocated baseline) and streams from token one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from decode_worker.deadlines import DeadlineTimer
+from engine.engine_host import EngineHost
+from engine.outputs import RequestOutput, TokenDelta
+from engine.sampling_params import SamplingParams
+from kv_transfer.base import Endpoint, TransferConfig
+from kv_transfer.registry import make_receiver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Incoming:
+    """A reserved request waiting for its KV and its first token."""
+
+    kv_landed: bool = False
+    first_token: int | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+
+class DecodeWorker:
+    role = "decode"
+
+    def __init__(self, worker_id: str, model_dir: str, engine_options: dict | None = None,
+                 transfer_config: TransferConfig | None = None, role: str = "decode",
+                 **receiver_kwargs) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.transfer_config = transfer_config or TransferConfig()
+        self._lock = threading.Lock()
+        self._incoming: dict[str, _Incoming] = {}
+        self._times: dict[str, dict[str, float]] = {}  # stamps of requests being decoded
+        self._deltas: deque[TokenDelta] = deque()
+        self._deltas_ready = threading.Condition(self._lock)
+        self.host = EngineHost(worker_id, role, model_dir, engine_options or {},
+                               self._on_outputs)
+        self.receiver = make_receiver(self.transfer_config, self.host.engine.runner.kv_cache,
+                                      name=worker_id, **receiver_kwargs)
+        self._kv_deadlines = DeadlineTimer(self._kv_timed_out)
+
+    # -- disaggregated path ---------------------------------------------------------------------
+    def endpoint(self) -> Endpoint:
+        return self.receiver.endpoint()
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int],
+                params: SamplingParams) -> list[int] | None:
+        blocks = self.host.call(lambda e: e.reserve(request_id, prompt_token_ids, params))
+        if blocks is None:
+            return None
+        with self._lock:
+            self._incoming[request_id] = _Incoming(times={"reserved": time.time()})
+        self.receiver.expect(request_id, blocks, on_done=self._kv_done)
+        return blocks
+
+    def start(self, request_id: str, first_token: int) -> bool:
+        """The first token is known. False if the request is gone (aborted or failed)."""
+        with self._lock:
+            incoming = self._incoming.get(request_id)
+            if incoming is None:
+                return False
+            incoming.first_token = first_token
+            incoming.times["start"] = time.time()
+            ready = incoming.kv_landed
+        if ready:
+            self._activate(request_id)
+        else:
+            self._kv_deadlines.add(request_id, self.transfer_config.timeout_s)
+        return True
+
+    def _kv_done(self, request_id: str, error) -> None:  # on a transfer thread
+        with self._lock:
+            incoming = self._incoming.get(request_id)
+            if incoming is None:
+                return
+            if error is None:
+                incoming.kv_landed = True
+                incoming.times["kv_landed"] = time.time()
+            ready = error is None and incoming.first_token is not None
+        if error is not None:
+            self._fail_incoming(request_id, f"KV transfer failed: {error}")
+        elif ready:
+            self._activate(request_id)
+
+    def _kv_timed_out(self, request_id: str) -> None:
+        with self._lock:
+            incoming = self._incoming.get(request_id)
+            waiting = incoming is not None and not incoming.kv_landed
+        if waiting:
+            self.receiver.abort(request_id)
+            self._fail_incoming(
+                request_id,
+                f"KV cache did not arrive within {self.transfer_config.timeout_s} s "
+                "(prefill worker slow or gone); retry the request",
+            )
+
+    def _activate(self, request_id: str) -> None:
+        with self._lock:
+            incoming = self._incoming.pop(request_id, None)
+        if incoming is None:
+            return
+        self._kv_deadlines.cancel(request_id)
+        incoming.times["activated"] = time.time()
+        with self._lock:
+            self._times[request_id] = incoming.times
+        self.host.loop.call(self._activate_on_loop, request_id, incoming.first_token)
+
+    def _activate_on_loop(self, engine, request_id: str, first_token: int) -> None:
+        if request_id not in engine.scheduler.requests:
+            return  # aborted in between
+        out = engine.activate(request_id, first_token)
+        if out is not None:
+            self._on_outputs([out])
+
+    def _fail_incoming(self, request_id: str, message: str) -> None:
+        with self._lock:
+            incoming = self._incoming.pop(request_id, None)
+        if incoming is None:
+            return
+        self._kv_deadlines.cancel(request_id)
+        log.warning("request %s failed on %s: %s", request_id, self.worker_id, message)
+        out = self.host.call(lambda e: e.fail(request_id, message))
+        if out is not None:
+            self._on_outputs([out])
+
+    # -- local path (conditional disaggregation, colocated) ----------------------------------
+    def generate(self, request_id: str, prompt_token_ids: list[int],
+                 params: SamplingParams) -> None:
+        """Prefill here and decode; outputs stream through ``get_outputs``."""
+        with self._lock:
+            self._times[request_id] = {"local_arrival": time.time()}
+        try:
+            self.host.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+        except Exception:
+            with self._lock:
+                self._times.pop(request_id, None)
+            raise
+
+    # -- both --------------------------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        self.receiver.abort(request_id)
+        self._kv_deadlines.cancel(request_id)
+        with self._lock:
+            self._incoming.pop(request_id, None)
+        out = self.host.call(lambda e: e.abort(request_id))
+        if out is not None:
+            self._on_outputs([out])
+        return out is not None
+
+    def get_outputs(self, timeout_s: float = 1.0) -> list[TokenDelta]:
+        """Every delta produced since the last call; waits up to ``timeout_s`` for one."""
+        with self._deltas_ready:
+            if not self._deltas:
+                self._deltas_ready.wait(timeout_s)
+            deltas, self._deltas = list(self._deltas), deque()
+        return deltas
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        now = time.time()
+        with self._deltas_ready:
+            for out in outputs:
+                times = None
+                if out.finish_reason is not None:
+                    times = self._times.pop(out.request_id, {})
+                    times["finished"] = now
+                self._deltas.append(TokenDelta.from_output(out, times))
+            self._deltas_ready.notify_all()
+
+    # -- reporting / lifecycle ----------------------------------------------------------------
+    def stats(self, draining: bool = False):
+        return self.host.stats(draining)
+
+    def free_blocks(self) -> int:
+        return self.host.free_blocks()
+
+    def check_integrity(self) -> None:
+        self.host.check_integrity()
+
+    def health(self) -> bool:
+        return self.host.loop._thread.is_alive()
+
+    def receive_kv(self, header: bytes, payload) -> bool:
+        """Ray transfer backend delivery (see kv_transfer.ray_backend)."""
+        return self.receiver.deliver(header, payload)
+
+    def shutdown(self) -> None:
+        self._kv_deadlines.stop()
+        self.receiver.close()
+        self.host.shutdown()

@@ -1,0 +1,67 @@
+"""EngineHost: an Engine on its loop thread plus what every worker reports about it.
+
+Workers (prefill, decode, colocated) own one by composition; it builds the engine from
+plain, picklable options (they travel through Ray) and produces ``WorkerStats``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from engine.engine_loop import EngineLoop
+from engine.outputs import RequestOutput
+from engine.worker_stats import WorkerStats
+
+STATS_TIMEOUT_S = 30.0
+
+
+class EngineHost:
+    def __init__(self, worker_id: str, role: str, model_dir: str, engine_options: dict,
+                 on_outputs: Callable[[list[RequestOutput]], None]) -> None:
+        from engine.llm_engine import Engine
+
+        self.worker_id = worker_id
+        self.role = role
+        self.engine = Engine.from_pretrained(model_dir, **engine_options)
+        self.loop = EngineLoop(self.engine, on_outputs, name=f"{worker_id}-engine")
+        self._sent_snapshot = False
+        self.loop.start()
+
+    def call(self, fn: Callable, *args, timeout: float | None = None):
+        """Run ``fn(engine, *args)`` on the loop thread and wait for its result."""
+        return self.loop.call(fn, *args).result(timeout)
+
+    def stats(self, draining: bool = False) -> WorkerStats:
+        return self.call(self._stats, draining, timeout=STATS_TIMEOUT_S)
+
+    def _stats(self, engine, draining: bool) -> WorkerStats:
+        sched = engine.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        queued += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in sched.running)
+        added, evicted = engine.pool.take_cache_events()
+        snapshot = not self._sent_snapshot
+        if snapshot:  # first report: the whole cache, so a restarted scheduler resyncs
+            added, evicted = engine.pool.cached_hashes(), []
+            self._sent_snapshot = True
+        counters = self.loop.counters
+        return WorkerStats(
+            worker_id=self.worker_id, role=self.role,
+            num_waiting=sched.num_waiting, num_running=sched.num_running + sched.num_reserved,
+            queued_prefill_tokens=queued, free_blocks=engine.pool.num_free,
+            total_blocks=engine.pool.num_blocks, block_size=engine.cache_config.block_size,
+            prefill_tokens_per_s=counters.prefill_tokens_per_s(),
+            decode_tokens_per_s=counters.decode_tokens_per_s(),
+            cached_block_hashes_added=tuple(added), cached_block_hashes_evicted=tuple(evicted),
+            timestamp=time.time(), draining=draining,
+            max_num_seqs=engine.scheduler_config.max_num_seqs, cache_snapshot=snapshot,
+        )
+
+    def check_integrity(self) -> None:
+        self.call(lambda engine: engine.check_integrity(), timeout=STATS_TIMEOUT_S)
+
+    def free_blocks(self) -> int:
+        return self.call(lambda engine: engine.pool.num_free, timeout=STATS_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        self.loop.stop()

@@ -1,0 +1,138 @@
+"""Drive an Engine on a background thread: the shape every serving process takes.
+
+Other threads never touch the engine directly: they ``call(fn)`` and get a Future; the loop
+thread runs queued calls between steps, so the engine stays single-threaded. While no
+request is running the thread sleeps on a condition variable (woken by the next call), not
+in a polling loop. A step that raises fails every request in flight with an error output
+(none is left hanging) and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepCounters:
+    """Throughput counters, for WorkerStats (tokens per second of busy time)."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class EngineLoop:
+    def __init__(self, engine, on_outputs: Callable[[list[RequestOutput]], None],
+                 name: str = "engine-loop") -> None:
+        self.engine = engine
+        self.on_outputs = on_outputs
+        self.counters = StepCounters()
+        self._calls: deque[tuple[Callable, tuple, Future]] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run ``fn(engine, *args)`` on the loop thread between steps."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopped:
+                future.set_exception(RuntimeError("engine loop is stopped"))
+                return future
+            self._calls.append((fn, args, future))
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._calls and not self.engine.has_unfinished_requests():
+                    self._cond.wait()
+                if self._stopped:
+                    break
+                calls, self._calls = list(self._calls), deque()
+            for fn, args, future in calls:
+                self._run_call(fn, args, future)
+            if self.engine.has_unfinished_requests():
+                self._step()
+        self._fail_pending_calls()
+
+    def _run_call(self, fn: Callable, args: tuple, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine, *args))
+        except BaseException as exc:  # handed to the caller through the future
+            future.set_exception(exc)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed; failing every request in flight")
+            outputs = self._fail_all()
+        elapsed = time.perf_counter() - t0
+        self._count(outputs, elapsed)
+        if outputs:
+            self.on_outputs(outputs)
+
+    def _count(self, outputs: list[RequestOutput], elapsed: float) -> None:
+        c = self.counters
+        c.steps += 1
+        batch = self.engine.last_batch
+        if batch is None:
+            return
+        num_decodes = batch.num_decodes
+        num_prefill = batch.num_batched_tokens - num_decodes
+        if num_prefill:  # split the step's time by tokens: a cheap, monotone estimate
+            share = num_prefill / batch.num_batched_tokens
+            c.prefill_tokens += num_prefill
+            c.prefill_seconds += elapsed * share
+            c.decode_seconds += elapsed * (1 - share)
+        else:
+            c.decode_seconds += elapsed
+        c.decode_tokens += num_decodes
+
+    def _fail_all(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self.engine.scheduler.requests):
+            out = self.engine.fail(request_id, "internal error while running the model")
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _fail_pending_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = list(self._calls), deque()
+        for _, _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("engine loop stopped"))

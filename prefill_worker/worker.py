@@ -1,0 +1,167 @@
+"""PrefillWorker: an Engine in prefill-only mode that ships each prompt's KV to a decode worker.
+
+Life of a request on the prefill side:
+  1. ``prefill()`` — the router sends the prompt, the chosen decode worker's endpoint and the
+     block ids that worker reserved for it.
+  2. WAITING → RUNNING in the engine's continuous batch: chunked prefill alongside other
+     prompts; cached prefix blocks are skipped (the prefix cache is on).
+  3. The last chunk samples the first token: the request ends FINISHED_PREFILLED, keeping its
+     blocks, and ``prefill()`` returns that token at once (TTFT does not wait for the
+     transfer).
+  4. The request's blocks are pushed to the decode worker (push model: KVSender).
+  5. Transfer done or failed → the blocks are released; their full blocks stay in the
+     prefix cache (evictable) for later prompts.
+  Abort at any point frees the blocks (a send already on the wire finishes first). A failure
+  (bad request, engine error) raises from ``prefill()`` with a client-safe message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from engine.batch import TokenLogprobs
+from engine.engine_host import EngineHost
+from engine.errors import InvalidRequestError, SplitServeError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from kv_transfer.base import Endpoint, TransferConfig, TransferHandle
+from kv_transfer.registry import make_sender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    first_token: int
+    logprob: TokenLogprobs | None
+    num_cached_tokens: int
+    finish_reason: str | None  # "stop"/"length" when the first token already ends it
+    times: dict[str, float] = field(default_factory=dict)  # wall-clock stamps
+
+
+class PrefillFailed(SplitServeError):
+    """The prefill side could not produce the first token."""
+
+    code = "INTERNAL"
+
+
+class PrefillWorker:
+    role = "prefill"
+
+    def __init__(self, worker_id: str, model_dir: str, engine_options: dict | None = None,
+                 transfer_config: TransferConfig | None = None, **sender_kwargs) -> None:
+        self.worker_id = worker_id
+        self._pending: dict[str, tuple[Future, Endpoint, list[int], dict, SamplingParams]] = {}
+        self._lock = threading.Lock()
+        self.host = EngineHost(worker_id, self.role, model_dir, engine_options or {},
+                               self._on_outputs)
+        self.transfer_config = transfer_config or TransferConfig()
+        self.sender = make_sender(self.transfer_config, self.host.engine.runner.kv_cache,
+                                  name=worker_id, **sender_kwargs)
+        self.kv_bytes_sent = 0
+        self.num_transfers_failed = 0
+
+    # -- called by the router (Ray actor methods) -------------------------------------------
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                peer: Endpoint, dst_block_ids: list[int], timeout_s: float | None = None
+                ) -> PrefillResult:
+        """Prefill, return the first token, and ship the KV to ``peer`` in the background."""
+        future: Future = Future()
+        times = {"prefill_arrival": time.time()}
+        with self._lock:
+            self._pending[request_id] = (future, peer, list(dst_block_ids), times, params)
+        try:
+            self.host.call(_add_prefill, request_id, prompt_token_ids, params)
+        except Exception:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            raise
+        return future.result(timeout_s)
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        aborted = self.sender.abort(request_id)
+        self.host.call(lambda engine: engine.abort(request_id))
+        if pending is not None:
+            pending[0].set_exception(PrefillFailed(f"request {request_id} was aborted"))
+        return pending is not None or aborted
+
+    def stats(self, draining: bool = False):
+        return self.host.stats(draining)
+
+    def free_blocks(self) -> int:
+        return self.host.free_blocks()
+
+    def check_integrity(self) -> None:
+        self.host.check_integrity()
+
+    def health(self) -> bool:
+        return self.host.loop._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self.sender.close()
+        self.host.shutdown()
+
+    # -- on the engine thread -----------------------------------------------------------------
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finish_reason is None:
+                continue
+            with self._lock:
+                pending = self._pending.pop(out.request_id, None)
+            if pending is None:  # aborted meanwhile: the abort path frees the blocks
+                self.host.engine.release(out.request_id)
+                continue
+            future, peer, dst_blocks, times, params = pending
+            times["first_token"] = time.time()
+            if out.finish_reason == "error":
+                future.set_exception(PrefillFailed(out.error or "prefill failed"))
+                continue
+            first = out.token_ids[0]
+            finish = first_token_finish(first, params, self.host.engine.eos_token_ids)
+            if finish is None:
+                self._ship(out.request_id, peer, dst_blocks)
+            else:  # nothing left to decode: no transfer
+                self.host.engine.release(out.request_id)
+            future.set_result(PrefillResult(
+                out.request_id, first, out.logprobs[0] if out.logprobs else None,
+                out.num_cached_tokens, finish, times,
+            ))
+
+    def _ship(self, request_id: str, peer: Endpoint, dst_blocks: list[int]) -> None:
+        src_blocks = self.host.engine.prefilled_block_ids(request_id)
+        if len(src_blocks) != len(dst_blocks):
+            log.error("request %s: %d source blocks but %d reserved", request_id,
+                      len(src_blocks), len(dst_blocks))
+        handle = self.sender.send(request_id, peer, src_blocks)
+        handle.add_done_callback(self._transfer_done)
+
+    def _transfer_done(self, handle: TransferHandle) -> None:
+        if handle.error is not None:
+            self.num_transfers_failed += 1
+            log.warning("KV transfer of %s failed: %s", handle.request_id, handle.error)
+        else:
+            self.kv_bytes_sent += handle.result().nbytes
+        # Source blocks are released on the engine thread (the engine is single-threaded).
+        self.host.loop.call(lambda engine: engine.release(handle.request_id))
+
+
+def first_token_finish(token: int, params: SamplingParams, eos_ids) -> str | None:
+    """The finish reason if the first token already ends the request, else None."""
+    if params.min_tokens == 0 and (
+        token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids)
+    ):
+        return "stop"
+    return "length" if params.max_tokens == 1 else None
+
+
+def _add_prefill(engine, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt is empty")
+    engine.add_request(request_id, prompt_token_ids, params, prefill_only=True)
