@@ -57,6 +57,11 @@ class DecodeWorker:
         self._deltas_ready = threading.Condition(self._lock)
         self.host = EngineHost(worker_id, role, model_dir, engine_options or {},
                                self._on_outputs)
+        if self.transfer_config.backend == "ray" and "actor" not in receiver_kwargs:
+            import ray  # the ray backend delivers KV by calling this actor's receive_kv
+
+            receiver_kwargs.update(actor=ray.get_runtime_context().current_actor,
+                                   method="receive_kv")
         self.receiver = make_receiver(self.transfer_config, self.host.engine.runner.kv_cache,
                                       name=worker_id, **receiver_kwargs)
         self._kv_deadlines = DeadlineTimer(self._kv_timed_out)

@@ -19,11 +19,19 @@ STATS_TIMEOUT_S = 30.0
 class EngineHost:
     def __init__(self, worker_id: str, role: str, model_dir: str, engine_options: dict,
                  on_outputs: Callable[[list[RequestOutput]], None]) -> None:
+        import torch
+
         from engine.llm_engine import Engine
 
         self.worker_id = worker_id
         self.role = role
-        self.engine = Engine.from_pretrained(model_dir, **engine_options)
+        options = dict(engine_options)
+        threads = options.pop("num_threads", None)
+        if threads:
+            torch.set_num_threads(threads)
+        if options.get("device", "cpu") == "auto":  # resolved where the worker runs
+            options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = Engine.from_pretrained(model_dir, **options)
         self.loop = EngineLoop(self.engine, on_outputs, name=f"{worker_id}-engine")
         self._sent_snapshot = False
         self.loop.start()

@@ -213,6 +213,10 @@ class Engine:
         request = self._prefilled[request_id]
         return request.block_ids[: cdiv(request.num_prompt_tokens, self.cache_config.block_size)]
 
+    def prefilled_request(self, request_id: str) -> Request:
+        """Prefill side: the finished-prefill request (its counters and timestamps)."""
+        return self._prefilled[request_id]
+
     def release(self, request_id: str) -> None:
         """Prefill side: the KV transfer is done (or failed): drop the request's blocks.
         Its full blocks stay in the prefix cache (evictable) for later prompts."""

@@ -123,6 +123,10 @@ class PrefillWorker:
             if out.finish_reason == "error":
                 future.set_exception(PrefillFailed(out.error or "prefill failed"))
                 continue
+            request = self.host.engine.prefilled_request(out.request_id)
+            if request.first_scheduled_time is not None:  # monotonic -> wall clock
+                times["prefill_start"] = time.time() - (time.monotonic()
+                                                         - request.first_scheduled_time)
             first = out.token_ids[0]
             finish = first_token_finish(first, params, self.host.engine.eos_token_ids)
             if finish is None:

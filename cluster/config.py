@@ -1,0 +1,142 @@
+"""The pool config: one YAML file describing a whole deployment, validated once (pydantic).
+
+    model:      where the checkpoint is, dtype, device
+    prefill:    replicas, bounds, resources per worker, engine limits
+    decode:     same, for the decode pool
+    transfer:   KV transfer backend and its timeouts
+    scheduler:  global scheduler (placement policy, admission)      (cluster.policy_config)
+    autoscaler: pool sizing from SLOs                                (cluster.policy_config)
+    slo:        TTFT / ITL targets                                   (cluster.policy_config)
+    router:     ports, model name, auth, admission limit
+    ray:        cluster address
+
+CLI flags override fields after loading (``with_overrides``); the objects are frozen.
+See deploy/examples/pool.yaml for a commented example.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.policy_config import AutoscalerConfig, SchedulerConfig, SLOConfig
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSection(_Frozen):
+    path: str = Field("", description="Hugging Face checkpoint directory (config + safetensors).")
+    dtype: str = Field("float32", description="float32, float16 or bfloat16.")
+    device: str = Field("auto", description="auto (cuda when available), cuda or cpu.")
+    name: str = Field("", description="Name clients pass as `model`; default: the folder name.")
+
+
+class EngineSection(_Frozen):
+    block_size: int = Field(16, ge=1, description="Tokens per KV block.")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Token budget per step "
+                                        "(the chunked-prefill chunk size).")
+    max_num_seqs: int = Field(64, ge=1, description="Most requests in the running batch.")
+    max_model_len: int = Field(4096, ge=2, description="Longest prompt + output.")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV budget in bytes; "
+                                              "None: a fraction of GPU memory / CPU default.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes.")
+    attention_backend: str | None = Field(None, description="torch, flash_attn, or None "
+                                          "(auto: flash_attn when installed on CUDA).")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker.")
+
+    def engine_options(self, model: ModelSection, device: str) -> dict[str, Any]:
+        opts = self.model_dump(exclude={"num_threads"})
+        return {**opts, "dtype": model.dtype, "device": device}
+
+
+class PoolSection(_Frozen):
+    replicas: int = Field(1, ge=0, description="Workers started with the cluster.")
+    min_replicas: int = Field(1, ge=0, description="Fewest workers the autoscaler keeps.")
+    max_replicas: int = Field(8, ge=0, description="Most workers the autoscaler starts.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per worker (tensor-parallel size).")
+    num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per worker.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray "
+                                        "resources per worker (e.g. a node label).")
+    engine: EngineSection = Field(default_factory=EngineSection)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolSection:
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"need min_replicas <= replicas <= max_replicas, got "
+                             f"{self.min_replicas} <= {self.replicas} <= {self.max_replicas}")
+        return self
+
+
+class TransferSection(_Frozen):
+    backend: str = Field("torch_dist", description="torch_dist (NCCL/gloo), ray or loopback.")
+    timeout_s: float = Field(30.0, gt=0, description="One request's KV must move within this.")
+    max_channels: int = Field(16, ge=1, description="Open pair channels per prefill worker.")
+
+
+class RouterSection(_Frozen):
+    host: str = Field("127.0.0.1", description="Address the servers bind to.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free).")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP port (0: any free).")
+    api_key: str | None = Field(None, description="Bearer token required on HTTP if set.")
+    max_inflight_requests: int = Field(256, ge=1, description="Admission limit (429 beyond).")
+
+
+class RaySection(_Frozen):
+    address: str | None = Field(None, description="Existing Ray cluster (ray://… or auto); "
+                                "None: start a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="Local Ray only: logical CPUs.")
+    namespace: str = Field("splitserve", description="Ray namespace of the actors.")
+
+
+class ClusterConfig(_Frozen):
+    model: ModelSection = Field(default_factory=ModelSection)
+    prefill: PoolSection = Field(default_factory=PoolSection)
+    decode: PoolSection = Field(default_factory=PoolSection)
+    colocated: bool = Field(False, description="Baseline: decode workers prefill everything "
+                            "themselves (no prefill pool, no transfer).")
+    transfer: TransferSection = Field(default_factory=TransferSection)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    router: RouterSection = Field(default_factory=RouterSection)
+    ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterConfig:
+        if self.scheduler.block_size not in (self.prefill.engine.block_size,
+                                             self.decode.engine.block_size):
+            raise ValueError("scheduler.block_size must equal the pools' engine.block_size "
+                             f"({self.scheduler.block_size} vs {self.decode.engine.block_size})")
+        if self.prefill.engine.block_size != self.decode.engine.block_size:
+            raise ValueError("prefill and decode pools must use the same engine.block_size "
+                             "(KV blocks are shipped as they are)")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read pool config {path}: {exc}") from exc
+        return cls.model_validate(data)
+
+    def with_overrides(self, **dotted: Any) -> ClusterConfig:
+        """A copy with fields replaced, e.g. ``with_overrides(**{"prefill.replicas": 2})``;
+        None values are ignored (unset CLI flags)."""
+        data = self.model_dump()
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return ClusterConfig.model_validate(data)

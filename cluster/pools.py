@@ -1,0 +1,125 @@
+"""Worker pools: build prefill / decode / colocated workers as Ray actors (or, for tests,
+as plain objects in this process) from the pool config, and hand out handles.
+
+On KubeRay, creating an actor whose resources no node has is what makes the Ray autoscaler
+add a GPU node; removal goes through ``ClusterBackend.drain_and_remove`` first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cluster.config import ClusterConfig, PoolSection
+from cluster.handles import LocalHandle, RayHandle, WorkerHandle
+from kv_transfer.base import TransferConfig
+
+log = logging.getLogger(__name__)
+ACTOR_CONCURRENCY = 512  # blocking calls in flight per actor (prefill() waits for its token)
+
+
+class WorkerFactory:
+    """Creates and destroys workers of each role; ``mode`` is "ray" or "local"."""
+
+    def __init__(self, config: ClusterConfig, mode: str = "ray") -> None:
+        if mode not in ("ray", "local"):
+            raise ValueError(f"mode must be ray or local, got {mode!r}")
+        self.config = config
+        self.mode = mode
+        self._ids = {role: itertools.count() for role in ("prefill", "decode", "colocated")}
+        self._objects: dict[str, Any] = {}  # worker id -> actor handle or object
+        self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-call")
+        self._hub = None
+        tc = config.transfer
+        backend = "loopback" if mode == "local" and tc.backend == "ray" else tc.backend
+        self.transfer_config = TransferConfig(backend=backend, timeout_s=tc.timeout_s,
+                                              max_channels=tc.max_channels)
+
+    def pool(self, role: str) -> PoolSection:
+        return self.config.prefill if role == "prefill" else self.config.decode
+
+    def _worker_class(self, role: str):
+        if role == "prefill":
+            from prefill_worker import PrefillWorker
+
+            return PrefillWorker
+        from decode_worker import DecodeWorker
+
+        return DecodeWorker
+
+    def _args(self, role: str, worker_id: str) -> tuple[tuple, dict]:
+        pool = self.pool(role)
+        options = pool.engine.engine_options(self.config.model, self.config.model.device)
+        if pool.engine.num_threads:
+            options["num_threads"] = pool.engine.num_threads
+        kwargs: dict[str, Any] = {"transfer_config": self.transfer_config}
+        if role != "prefill":
+            kwargs["role"] = role
+        return (worker_id, self.config.model.path, options), kwargs
+
+    async def create(self, role: str) -> WorkerHandle:
+        worker_id = f"{role}-{next(self._ids[role])}"
+        args, kwargs = self._args(role, worker_id)
+        if self.mode == "local":
+            handle = await self._create_local(role, worker_id, args, kwargs)
+        else:
+            handle = await self._create_actor(role, worker_id, args, kwargs)
+        log.info("worker %s ready", worker_id)
+        return handle
+
+    async def _create_local(self, role, worker_id, args, kwargs) -> WorkerHandle:
+        import asyncio
+
+        if self.transfer_config.backend == "loopback":
+            from kv_transfer.loopback import LoopbackHub
+
+            self._hub = self._hub or LoopbackHub()
+            kwargs["hub"] = self._hub
+        cls = self._worker_class(role)
+        loop = asyncio.get_running_loop()
+        worker = await loop.run_in_executor(self._executor, lambda: cls(*args, **kwargs))
+        self._objects[worker_id] = worker
+        return LocalHandle(worker_id, role, worker, self._executor)
+
+    async def _create_actor(self, role, worker_id, args, kwargs) -> WorkerHandle:
+        import ray
+
+        pool = self.pool(role)
+        options: dict[str, Any] = dict(
+            name=worker_id, namespace=self.config.ray.namespace, num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus, max_concurrency=ACTOR_CONCURRENCY,
+            resources=dict(pool.resources) or None,
+        )
+        if pool.accelerator_type:
+            options["accelerator_type"] = pool.accelerator_type
+        actor_cls = ray.remote(self._worker_class(role)).options(**options)
+        actor = actor_cls.remote(*args, **kwargs)
+        await actor.health.remote()  # raises if the constructor failed
+        self._objects[worker_id] = actor
+        return RayHandle(worker_id, role, actor)
+
+    async def destroy(self, worker_id: str) -> None:
+        obj = self._objects.pop(worker_id, None)
+        if obj is None:
+            return
+        if self.mode == "local":
+            obj.shutdown()
+            return
+        import ray
+
+        try:
+            await obj.shutdown.remote()
+        finally:
+            ray.kill(obj)
+
+    async def destroy_all(self) -> None:
+        for worker_id in list(self._objects):
+            try:
+                await self.destroy(worker_id)
+            except Exception as exc:  # keep shutting the others down; say which failed
+                log.warning("shutting down %s failed: %s", worker_id, exc)
+        if self._hub is not None:
+            self._hub.close()
+        self._executor.shutdown(wait=False)
