@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff check .
 
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/splitserve/v1/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/splitserve/v1/*.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

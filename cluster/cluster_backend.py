@@ -46,6 +46,7 @@ class ClusterBackend(ServingBackend):
         self._stats_task: asyncio.Task | None = None
         self._draining: dict[str, asyncio.Event] = {}  # worker id -> set when it holds no request
         self._closed = False
+        self.last_stats: dict[str, object] = {}  # worker id -> newest WorkerStats (metrics)
 
     # -- membership ------------------------------------------------------------------------
     async def add_worker(self, handle: WorkerHandle) -> None:
@@ -79,6 +80,7 @@ class ClusterBackend(ServingBackend):
     def remove_worker(self, worker_id: str) -> None:
         self.scheduler.remove_worker(worker_id)
         self.workers.pop(worker_id, None)
+        self.last_stats.pop(worker_id, None)
         self._endpoints.pop(worker_id, None)
         self._draining.pop(worker_id, None)
         task = self._tasks.pop(worker_id, None)
@@ -275,6 +277,7 @@ class ClusterBackend(ServingBackend):
     async def _report(self, handle: WorkerHandle) -> None:
         stats = await handle.call("stats", handle.worker_id in self._draining)
         self.scheduler.update_stats(stats)
+        self.last_stats[handle.worker_id] = stats
 
     async def _stats_loop(self) -> None:
         while True:

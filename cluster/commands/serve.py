@@ -1,0 +1,89 @@
+"""`splitserve serve`: a disaggregated cluster and its router, until Ctrl-C / SIGTERM.
+
+    splitserve serve --model DIR [--config FILE] [--prefill N] [--decode M]
+                     [--grpc-port 50051] [--http-port 8000] [--kv-backend torch_dist|ray]
+                     [--ray-address ADDR] [--colocated]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face checkpoint directory (overrides model.path)")
+    p.add_argument("--config", help="pool config YAML (see deploy/examples/pool.yaml)")
+    p.add_argument("--prefill", type=int, help="prefill workers to start")
+    p.add_argument("--decode", type=int, help="decode workers to start")
+    p.add_argument("--colocated", action="store_true", default=None,
+                   help="baseline: decode workers prefill themselves, no prefill pool")
+    p.add_argument("--kv-backend", choices=["torch_dist", "ray"], help="KV transfer backend")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (default: start one)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="worker device")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--host", help="address the servers bind to")
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--http-port", type=int)
+
+
+def load_config(args: argparse.Namespace):
+    from cluster.config import ClusterConfig
+
+    base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    over = {
+        "model.path": args.model, "model.device": args.device, "model.dtype": args.dtype,
+        "colocated": args.colocated, "transfer.backend": args.kv_backend,
+        "ray.address": args.ray_address, "router.host": args.host,
+        "router.grpc_port": args.grpc_port, "router.http_port": args.http_port,
+    }
+    for role in ("prefill", "decode"):
+        n = getattr(args, role)
+        if n is not None:
+            pool = getattr(base, role)
+            over[f"{role}.replicas"] = n
+            over[f"{role}.min_replicas"] = min(pool.min_replicas, n)
+            over[f"{role}.max_replicas"] = max(pool.max_replicas, n)
+    return base.with_overrides(**over)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run a cluster and its gRPC + HTTP router",
+                              description=__doc__.splitlines()[0])
+    add_cluster_flags(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args)
+    except ValueError as exc:
+        print(f"splitserve serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if not config.model.path:
+        print("splitserve serve: no model: pass --model DIR (or model.path in --config)",
+              file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config) -> int:
+    from router.server import start_server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = await start_server(config)
+    pools = ", ".join(f"{r}={server.cluster.replicas(r)}" for r in server.cluster.roles)
+    print(f"splitserve ready ({pools}, kv={config.transfer.backend})", flush=True)
+    for name, url in server.endpoints().items():
+        print(f"  {name:8s} {url}", flush=True)
+    await stop.wait()
+    print("shutting down...", flush=True)
+    await server.stop()
+    return 0

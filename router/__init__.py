@@ -1,0 +1,1 @@
+"""The user-facing edge: request lifecycle, gRPC and OpenAI-compatible HTTP servers, client."""

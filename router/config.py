@@ -1,0 +1,41 @@
+"""Router configuration: one frozen, documented, validated object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_name: str = "splitserve-model"
+    """Name clients pass as ``model`` (and ListModels / /v1/models report)."""
+    max_model_len: int = 4096
+    """Longest prompt + completion accepted, in tokens (the model's context)."""
+    max_inflight_requests: int = 256
+    """Admission limit: requests beyond it are refused with RESOURCE_EXHAUSTED / 429."""
+    default_max_tokens: int | None = None
+    """Cap on completion tokens when a request leaves max_tokens unset; None: the rest of
+    the context (OpenAI's completions endpoint still defaults to 16, as OpenAI does)."""
+    owned_by: str = "splitserve"
+    """The ``owned_by`` field of the model card."""
+    api_key: str | None = None
+    """When set, HTTP requests must send ``Authorization: Bearer <api_key>`` (401 otherwise)."""
+    host: str = "127.0.0.1"
+    """Address the gRPC and HTTP servers bind to."""
+    grpc_port: int = 50051
+    """gRPC port (0 picks a free one)."""
+    http_port: int = 8000
+    """OpenAI-compatible HTTP port (0 picks a free one)."""
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("RouterConfig.model_name must be non-empty")
+        if self.max_model_len < 2:
+            raise ValueError(f"RouterConfig.max_model_len={self.max_model_len} must be >= 2")
+        if self.max_inflight_requests < 1:
+            raise ValueError("RouterConfig.max_inflight_requests must be >= 1")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError("RouterConfig.default_max_tokens must be >= 1 or None")
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"RouterConfig.{name} must be in [0, 65535]")

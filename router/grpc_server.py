@@ -1,0 +1,185 @@
+"""The gRPC edge: the splitserve.v1.Generation service, grpc.health.v1 and reflection.
+
+Errors: every handler is wrapped by ``grpc_errors``, which maps exceptions to status codes
+through ``router.errors`` (the one mapping). Deadlines: the call's remaining time becomes
+the request's deadline, so the router aborts the backend request when it passes.
+Cancellation: a cancelled call cancels the handler task, which closes the request's stream
+(aborting it in the backend); a done-callback on the call context aborts it as well, for
+the case where gRPC drops the handler between two messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router import convert
+from router.errors import UnauthenticatedError, grpc_status
+from router.service import GenerationService
+
+logger = logging.getLogger(__name__)
+
+
+def grpc_errors(handler):
+    """Decorator for servicer methods (unary or server-streaming): exceptions -> status."""
+
+    async def fail(context, exc: Exception) -> None:
+        code, message = grpc_status(exc)
+        await context.abort(code, message)
+
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream_wrapper(self, request, context):
+            try:
+                self.authorize(context)
+                async with contextlib.aclosing(handler(self, request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+        return stream_wrapper
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self, request, context):
+        try:
+            self.authorize(context)
+            return await handler(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await fail(context, exc)
+    return unary_wrapper
+
+
+class GenerationServicer(convert.GenerationServicer):
+    def __init__(self, service: GenerationService, api_key: str | None = None) -> None:
+        self._service = service
+        self._api_key = api_key
+
+    def authorize(self, context) -> None:
+        """With an API key configured, calls must send ``authorization: Bearer <key>``."""
+        if self._api_key is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self._api_key):
+            raise UnauthenticatedError("missing or wrong API key; send the metadata "
+                                       "'authorization: Bearer <key>'")
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        remaining = context.time_remaining()
+        deadline = time.time() + remaining if remaining is not None else None
+        prep = self._service.prepare(convert.input_from_proto(request, deadline))
+        context.add_done_callback(functools.partial(self._on_done, prep.request_id))
+        if not convert.wants_stream(request):
+            yield convert.chunk_to_proto(await self._service.complete(prep))
+            return
+        async with contextlib.aclosing(self._service.stream(prep)) as chunks:
+            async for chunk in chunks:
+                yield convert.chunk_to_proto(chunk)
+
+    def _on_done(self, request_id: str, _context) -> None:
+        # Runs when the call ends for any reason; aborts a request still in flight.
+        if self._service.is_inflight(request_id):
+            asyncio.get_running_loop().create_task(self._service.abort(request_id))
+
+    @grpc_errors
+    async def Abort(self, request, context):
+        return convert.abort_to_proto(await self._service.abort(request.request_id))
+
+    @grpc_errors
+    async def ListModels(self, request, context):
+        return convert.models_to_proto(self._service.list_models())
+
+    @grpc_errors
+    async def ModelInfo(self, request, context):
+        return convert.model_info_to_proto(self._service.model_info(request.model))
+
+
+class LiveHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose status follows ``service.is_ready()``.
+
+    Check reads readiness live. Watch streams changes; the backend has no readiness event,
+    so a background task re-reads it every ``refresh_s`` seconds for watchers.
+    """
+
+    def __init__(self, service: GenerationService, refresh_s: float = 1.0) -> None:
+        super().__init__()
+        self._service = service
+        self._refresh_s = refresh_s
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> None:
+        ready = self._service.is_ready()
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", convert.SERVICE_NAME):
+            await self.set(name, status)
+
+    async def Check(self, request, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._refresh_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        await self.enter_graceful_shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@dataclass
+class GrpcServer:
+    """A running gRPC server and the port it bound (useful when asked for port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: LiveHealthServicer
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.health.stop()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(service: GenerationService, host: str = "127.0.0.1",
+                            port: int = 0, *, api_key: str | None = None,
+                            health_refresh_s: float = 1.0) -> GrpcServer:
+    """Start the Generation service, health checking and reflection on host:port.
+
+    ``api_key`` defaults to ``service.config.api_key``; health and reflection stay open."""
+    key = api_key if api_key is not None else service.config.api_key
+    server = grpc.aio.server()
+    convert.add_generation_servicer(GenerationServicer(service, key), server)
+    health_servicer = LiveHealthServicer(service, health_refresh_s)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (convert.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(service_names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+    await server.start()
+    await health_servicer.refresh()
+    health_servicer.start()
+    logger.info("gRPC server listening on %s:%d", host, bound)
+    return GrpcServer(server, bound, health_servicer)

@@ -1,0 +1,241 @@
+"""The OpenAI-compatible HTTP edge (FastAPI): completions, chat, models, health, metrics.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming ending with
+``data: [DONE]``, ``stream_options.include_usage``), GET /v1/models, GET /health (200 when
+ready, 503 otherwise), GET /metrics (Prometheus text). With an API key configured, /v1/*
+needs ``Authorization: Bearer <key>`` (401 otherwise). Errors are OpenAI-style bodies built
+by ``router.errors``. A client that disconnects aborts its request: streaming through the
+SSE task's cancellation, non-streaming through a watcher on the ASGI disconnect message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from engine.errors import SplitServeError
+from router import openai_protocol as oai
+from router.errors import (
+    ClientCancelledError,
+    ErrorInfo,
+    UnauthenticatedError,
+    http_error,
+    http_status,
+    openai_error_body,
+    outcome_code,
+)
+from router.service import GenerationService
+from router.types import GenerateChunk, PreparedRequest
+
+
+def create_app(service: GenerationService, *, api_key: str | None = None) -> FastAPI:
+    """The HTTP app for one service. ``api_key`` defaults to ``service.config.api_key``."""
+    key = api_key if api_key is not None else service.config.api_key
+    app = FastAPI(title="splitserve", summary="OpenAI-compatible LLM serving")
+    _install_error_handlers(app)
+    api = APIRouter(dependencies=[Depends(_auth_dependency(key))])
+
+    @api.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by,
+             "max_model_len": c.max_model_len} for c in service.list_models()]}
+
+    @api.post("/v1/completions")
+    async def completions(body: oai.CompletionRequest, request: Request) -> Response:
+        return await _generate(service, request, body, _CompletionFormat)
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: oai.ChatCompletionRequest, request: Request) -> Response:
+        return await _generate(service, request, body, _ChatFormat)
+
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = service.is_ready()
+        body = {"status": "ok" if ready else "unavailable",
+                "requests_in_flight": service.num_inflight, "backend": service.backend.stats()}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        data, content_type = service.metrics.exposition()
+        return Response(content=data, media_type=content_type)
+
+    return app
+
+
+def _auth_dependency(key: str | None):
+    async def check(request: Request) -> None:
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key):
+            raise UnauthenticatedError("missing or wrong API key; send 'Authorization: Bearer "
+                                       "<key>'")
+    return check
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+        status, body = http_error(exc)
+        return JSONResponse(body, status_code=status)
+
+    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        info = ErrorInfo("INVALID_ARGUMENT", f"{'.'.join(loc) or 'body'}: "
+                         f"{first.get('msg', 'invalid request')}", loc[0] if loc else None)
+        return JSONResponse(openai_error_body(info), status_code=http_status(info))
+
+    app.add_exception_handler(SplitServeError, on_error)
+    app.add_exception_handler(ValueError, on_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(Exception, on_error)
+
+
+async def _generate(service: GenerationService, request: Request, body, fmt_cls) -> Response:
+    try:
+        inp = body.to_input(deadline=None)
+    except SplitServeError as exc:
+        service.metrics.requests.labels(code=outcome_code(exc)).inc()
+        raise
+    prep = service.prepare(inp)
+    fmt = fmt_cls(prep.request_id, body.model or service.config.model_name)
+    if body.stream:
+        events = _sse_events(service, prep, fmt, body.include_usage)
+        return EventSourceResponse(events, sep="\n", ping=15)
+    chunk = await _until_disconnect(request, service.complete(prep))
+    return JSONResponse(fmt.full(chunk))
+
+
+async def _until_disconnect(request: Request, work) -> GenerateChunk:
+    """Await ``work`` unless the client disconnects first (then cancel it: the abort path)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientCancelledError("the client disconnected")
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+async def _sse_events(service: GenerationService, prep: PreparedRequest, fmt,
+                      include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async with contextlib.aclosing(service.stream(prep)) as chunks:
+            first = True
+            async for chunk in chunks:
+                for event in fmt.stream(chunk, first, include_usage):
+                    yield json.dumps(event)
+                first = False
+    except Exception as exc:  # after the 200 header: report in-band, as OpenAI does
+        yield json.dumps(http_error(exc)[1])
+    yield "[DONE]"
+
+
+class _CompletionFormat:
+    object_full, object_chunk = "text_completion", "text_completion"
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self.id = f"cmpl-{request_id}"
+        self.model = model
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def choice(self, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
+        return oai.completion_choice(chunk)
+
+    def full(self, chunk: GenerateChunk) -> dict[str, Any]:
+        return {**self._base(self.object_full), "choices": [oai.completion_choice(chunk)],
+                "usage": oai.usage_body(chunk.usage), "splitserve": oai.extension_body(chunk)}
+
+    def stream(self, chunk: GenerateChunk, first: bool, include_usage: bool) -> list[dict]:
+        event = {**self._base(self.object_chunk), "choices": [self.choice(chunk, first)]}
+        if include_usage:
+            event["usage"] = None
+        events = [event]
+        if chunk.finish_reason is not None:
+            event["splitserve"] = oai.extension_body(chunk)
+            if include_usage:
+                events.append({**self._base(self.object_chunk), "choices": [],
+                               "usage": oai.usage_body(chunk.usage)})
+        return events
+
+
+class _ChatFormat(_CompletionFormat):
+    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, request_id: str, model: str) -> None:
+        super().__init__(request_id, model)
+        self.id = f"chatcmpl-{request_id}"
+
+    def choice(self, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
+        return oai.chat_choice(chunk, "delta", first)
+
+    def full(self, chunk: GenerateChunk) -> dict[str, Any]:
+        return {**self._base(self.object_full), "choices": [oai.chat_choice(chunk, "message")],
+                "usage": oai.usage_body(chunk.usage), "splitserve": oai.extension_body(chunk)}
+
+
+@dataclass
+class HttpServer:
+    """A running uvicorn server and the port it bound (useful when asked for port 0)."""
+
+    server: uvicorn.Server
+    task: asyncio.Task
+    port: int
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.task, timeout)
+
+
+async def start_http_server(service: GenerationService, host: str = "127.0.0.1",
+                            port: int = 0, *, api_key: str | None = None,
+                            log_level: str = "warning") -> HttpServer:
+    """Serve ``create_app(service)`` with uvicorn on the running loop.
+
+    The listening socket is made here so the port is known at once. It is created with an
+    explicit IPPROTO_TCP: asyncio only sets TCP_NODELAY on sockets whose ``proto`` says TCP,
+    and without it every response waits ~40 ms for a delayed ACK (Nagle)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    config = uvicorn.Config(create_app(service, api_key=api_key), log_level=log_level,
+                            lifespan="off", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    return HttpServer(server, task, sock.getsockname()[1])
+

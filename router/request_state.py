@@ -1,0 +1,155 @@
+"""Per-request output processing in the router: text deltas, stop strings, usage, latency.
+
+One ``RequestState`` follows one admitted request. ``process(output)`` turns each
+``BackendOutput`` into a ``GenerateChunk`` (or None when there is nothing to send yet):
+
+  token ids -> incremental detokenizer -> text delta; a stop string ends the request at the
+  token that completed it ("stop", the stop string as stop_reason; later ids are dropped).
+
+It also keeps the latency metrics: TTFT at the first token, ITL between later outputs (the
+gap shared by the tokens of a coalesced output), E2E, the running/waiting gauges and the
+outcome counter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cluster.backend import BackendOutput, TokenLogprob
+from router.errors import outcome_code
+from router.metrics import ServingMetrics
+from router.types import GenerateChunk, LogprobEntry, PreparedRequest, TopToken, Usage
+
+
+class RequestState:
+    def __init__(self, prep: PreparedRequest, tokenizer, metrics: ServingMetrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.prep = prep
+        self._tokenizer = tokenizer
+        self._metrics = metrics
+        self._clock = clock
+        want_text = prep.return_text or bool(prep.params.stop)
+        # engine.tokenizer.IncrementalDetokenizer: withholds partial characters and possible
+        # stop-string starts; the prompt's last tokens give it decoding context.
+        self._detok = tokenizer.detokenizer(
+            prep.params.stop, prompt_ids=prep.prompt_token_ids,
+            skip_special_tokens=prep.skip_special_tokens) if want_text else None
+        self.num_generated = 0
+        self.num_cached = 0
+        self.finished = False  # the final chunk has been produced
+        self._last_token_id: int | None = None
+        self._submit_time: float | None = None
+        self._first_token_time: float | None = None
+        self._last_output_time: float | None = None
+        self._counted_running = False
+
+    # ---- lifecycle hooks -------------------------------------------------------------
+
+    def on_submit(self) -> None:
+        self._submit_time = self._clock()
+        self._metrics.requests_waiting.inc()
+        self._metrics.prompt_tokens.inc(len(self.prep.prompt_token_ids))
+
+    def on_end(self, error: BaseException | None) -> None:
+        """Record the outcome once, whatever the exit path (success, error, cancel)."""
+        if self._submit_time is not None:
+            gauge = (self._metrics.requests_running if self._counted_running
+                     else self._metrics.requests_waiting)
+            gauge.dec()
+        code = "OK" if self.finished else outcome_code(error or GeneratorExit())
+        self._metrics.requests.labels(code=code).inc()
+
+    # ---- outputs ---------------------------------------------------------------------
+
+    def process(self, out: BackendOutput) -> GenerateChunk | None:
+        """The chunk to send for one backend output (call only for non-error outputs)."""
+        self._observe_latency(len(out.new_token_ids))
+        self.num_cached = max(self.num_cached, out.num_cached_tokens)
+        ids, text = self._detokenize(out.new_token_ids)
+        stopped_by_string = self._detok is not None and self._detok.stopped
+        finish = "stop" if stopped_by_string else out.finish_reason
+        if ids:
+            self._last_token_id = ids[-1]
+        self.num_generated += len(ids)
+        self._metrics.generation_tokens.inc(len(ids))
+        chunk = GenerateChunk(
+            request_id=self.prep.request_id, token_ids=ids,
+            text=text if self.prep.return_text else "",
+            logprobs=self._logprobs(out.logprobs[: len(ids)]) if out.logprobs else None)
+        if finish is None:
+            return chunk if ids or chunk.text else None
+        return self._finish(chunk, finish, out.timing, stopped_by_string)
+
+    def _finish(self, chunk: GenerateChunk, finish: str, backend_timing: dict[str, float],
+                stopped_by_string: bool) -> GenerateChunk:
+        if stopped_by_string:
+            chunk.stop_reason = self._detok.matched_stop
+        else:
+            if self._detok is not None and self.prep.return_text:
+                chunk.text += self._detok.finish()
+            if finish == "stop" and self._last_token_id is not None:
+                chunk.stop_reason = self._last_token_id
+        chunk.finish_reason = finish
+        chunk.usage = Usage(len(self.prep.prompt_token_ids), self.num_generated,
+                            self.num_cached)
+        chunk.timing = self._timing(backend_timing)
+        self.finished = True
+        self._metrics.finish_reasons.labels(reason=finish).inc()
+        self._metrics.e2e_request_latency.observe(chunk.timing["e2e"])
+        for phase, seconds in chunk.timing.items():
+            self._metrics.request_phase.labels(phase=phase).observe(seconds)
+        return chunk
+
+    def _detokenize(self, ids: list[int]) -> tuple[list[int], str]:
+        """(ids to send, text delta). With stop strings, tokens go in one by one so the ids
+        can be cut right after the token that completed a stop string."""
+        if self._detok is None or not ids:
+            return ids, ""
+        if not self.prep.params.stop:
+            return ids, self._detok.append(ids)
+        parts = []
+        for i, token_id in enumerate(ids):
+            parts.append(self._detok.append([token_id]))
+            if self._detok.stopped:
+                return ids[: i + 1], "".join(parts)
+        return ids, "".join(parts)
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> list[LogprobEntry]:
+        return [LogprobEntry(e.token_id, e.logprob, self.token_text(e.token_id),
+                             [TopToken(t, lp, self.token_text(t)) for t, lp in e.top])
+                for e in entries]
+
+    def token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- latency ---------------------------------------------------------------------
+
+    def _observe_latency(self, num_new: int) -> None:
+        if num_new == 0:
+            return
+        now = self._clock()
+        if self._first_token_time is None:
+            self._first_token_time = now
+            self._metrics.time_to_first_token.observe(now - self.prep.arrival_time)
+            self._metrics.requests_waiting.dec()
+            self._metrics.requests_running.inc()
+            self._counted_running = True
+        elif self._last_output_time is not None:
+            gap = (now - self._last_output_time) / num_new
+            for _ in range(num_new):
+                self._metrics.inter_token_latency.observe(gap)
+        self._last_output_time = now
+
+    def _timing(self, backend_timing: dict[str, float]) -> dict[str, float]:
+        now = self._clock()
+        arrival = self.prep.arrival_time
+        submitted = self._submit_time if self._submit_time is not None else now
+        timing = {"router_queue": submitted - arrival, "prefill_queue": 0.0,
+                  "prefill_compute": 0.0, "kv_transfer": 0.0, "decode_queue": 0.0,
+                  "decode": 0.0}
+        timing.update({k: float(v) for k, v in backend_timing.items() if k in timing})
+        first = self._first_token_time if self._first_token_time is not None else now
+        timing["ttft"] = first - arrival
+        timing["e2e"] = now - arrival
+        return timing

@@ -1,0 +1,97 @@
+"""Assemble a serving process: the cluster, the router service, gRPC and HTTP servers.
+
+    server = await start_server(config)      # prints nothing; see server.endpoints()
+    ...
+    await server.stop()                        # aborts in-flight requests, stops workers
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from cluster.runtime import Cluster
+from router.config import RouterConfig
+from router.grpc_server import GrpcServer, start_grpc_server
+from router.openai_server import HttpServer, start_http_server
+from router.service import GenerationService
+
+log = logging.getLogger(__name__)
+METRICS_SYNC_S = 1.0
+
+
+@dataclass
+class RunningServer:
+    cluster: Cluster
+    service: GenerationService
+    grpc: GrpcServer
+    http: HttpServer
+    _sync_task: asyncio.Task
+
+    def endpoints(self) -> dict[str, str]:
+        host = self.service.config.host
+        return {
+            "grpc": f"{host}:{self.grpc.port}",
+            "http": f"http://{host}:{self.http.port}/v1",
+            "metrics": f"http://{host}:{self.http.port}/metrics",
+            "health": f"http://{host}:{self.http.port}/health",
+        }
+
+    async def stop(self) -> None:
+        self._sync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sync_task
+        await self.grpc.stop()
+        await self.http.stop()
+        await self.service.shutdown()  # aborts in-flight requests, then the cluster backend
+        await self.cluster.shutdown()
+
+
+def router_config(config: ClusterConfig) -> RouterConfig:
+    from engine.model_config import ModelConfig
+
+    model = ModelConfig.from_pretrained(config.model.path)
+    rc = config.router
+    return RouterConfig(
+        model_name=config.model.name or Path(config.model.path).name,
+        max_model_len=min(config.decode.engine.max_model_len, model.max_position_embeddings),
+        max_inflight_requests=rc.max_inflight_requests, api_key=rc.api_key, host=rc.host,
+        grpc_port=rc.grpc_port, http_port=rc.http_port,
+    )
+
+
+async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServer:
+    from engine.tokenizer import Tokenizer
+
+    cluster = Cluster(config, mode)
+    await cluster.start()
+    try:
+        rc = router_config(config)
+        service = GenerationService(cluster.backend, Tokenizer(config.model.path), rc)
+        await service.start()
+        grpc = await start_grpc_server(service, rc.host, rc.grpc_port)
+        http = await start_http_server(service, rc.host, rc.http_port, api_key=rc.api_key)
+    except BaseException:
+        await cluster.shutdown()
+        raise
+    task = asyncio.create_task(_sync_metrics(cluster, service))
+    return RunningServer(cluster, service, grpc, http, task)
+
+
+async def _sync_metrics(cluster: Cluster, service: GenerationService) -> None:
+    """Copy the workers' latest stats into the router's Prometheus gauges."""
+    m = service.metrics
+    while True:
+        for role in ("prefill", "decode", "colocated"):
+            m.pool_replicas.labels(pool=role).set(cluster.replicas(role))
+        for wid, stats in list(cluster.backend.last_stats.items()):
+            labels = {"worker": wid, "pool": stats.role}
+            m.worker_requests_running.labels(**labels).set(stats.num_running)
+            m.worker_requests_waiting.labels(**labels).set(stats.num_waiting)
+            m.kv_blocks_used.labels(**labels).set(stats.total_blocks - stats.free_blocks)
+            m.kv_blocks_free.labels(**labels).set(stats.free_blocks)
+        await asyncio.sleep(METRICS_SYNC_S)  # the scrape-facing refresh period

@@ -1,0 +1,228 @@
+"""The request lifecycle shared by the gRPC and HTTP edges.
+
+Life of a request in the router:
+  1. prepare   check the model name (NOT_FOUND), the prompt (empty, token ids out of range,
+               longer than the context minus max_tokens) and the sampling values
+               (INVALID_ARGUMENT naming the field), readiness (UNAVAILABLE); tokenize. Holds
+               nothing yet, so an edge can answer an HTTP error before streaming starts.
+  2. admit     at most ``max_inflight_requests`` in flight (RESOURCE_EXHAUSTED beyond).
+  3. submit    hand a BackendRequest to the ServingBackend.
+  4. stream    each BackendOutput -> RequestState -> GenerateChunk (text deltas, stop
+               strings). A matched stop string ends the request at once ("stop").
+  5. end       exactly one terminal event: the final chunk (stop | length | abort) or an
+               exception (backend error, DEADLINE_EXCEEDED, the consumer cancelling).
+               On every exit path where the backend has not finished the request, the
+               router aborts it there; the admission slot is released; the outcome is counted.
+
+Consumers must close the stream when they stop early (``contextlib.aclosing``), or let
+cancellation of their task reach it; both run step 5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from cluster.backend import BackendOutput, BackendRequest, ServingBackend
+from engine.errors import (
+    DeadlineExceededError,
+    NotFoundError,
+    ResourceExhaustedError,
+    SplitServeError,
+    UnavailableError,
+)
+from router.config import RouterConfig
+from router.errors import InvalidParamError, outcome_code
+from router.metrics import ServingMetrics
+from router.request_state import RequestState
+from router.types import (
+    GenerateChunk,
+    GenerateInput,
+    ModelCard,
+    ModelInfo,
+    PreparedRequest,
+    merge_chunks,
+)
+from router.validation import build_prepared
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationService:
+    """Validates, admits and streams requests through a ServingBackend."""
+
+    def __init__(self, backend: ServingBackend, tokenizer, config: RouterConfig | None = None,
+                 metrics: ServingMetrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else RouterConfig()
+        self.metrics = metrics if metrics is not None else ServingMetrics()
+        self._clock = clock
+        self._inflight: set[str] = set()
+        self._created = int(clock())
+
+    # ---- service-level ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def shutdown(self) -> None:
+        """Abort every in-flight request (their streams end with "abort"), then the backend."""
+        for request_id in list(self._inflight):
+            await self.backend.abort(request_id)
+        await self.backend.shutdown()
+
+    def is_ready(self) -> bool:
+        return self.backend.is_ready()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def is_inflight(self, request_id: str) -> bool:
+        return request_id in self._inflight
+
+    def list_models(self) -> list[ModelCard]:
+        return [ModelCard(self.config.model_name, self.config.owned_by, self._created,
+                          self.config.max_model_len)]
+
+    def resolve_model(self, name: str) -> ModelCard:
+        """The card of ``name`` ("" = the default model); NOT_FOUND for any other name."""
+        card = self.list_models()[0]
+        if name and name != card.id:
+            raise NotFoundError(f"model {name!r} does not exist; this server serves {card.id!r}"
+                                " (see /v1/models or ListModels)")
+        return card
+
+    def model_info(self, name: str = "") -> ModelInfo:
+        card = self.resolve_model(name)
+        return ModelInfo(card, int(self.tokenizer.vocab_size),
+                         tuple(self.tokenizer.eos_token_ids), self.is_ready())
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort an in-flight request; its stream ends with "abort". False if unknown."""
+        if request_id not in self._inflight:
+            return False
+        await self.backend.abort(request_id)
+        return True
+
+    # ---- one request -----------------------------------------------------------------
+
+    def prepare(self, inp: GenerateInput) -> PreparedRequest:
+        """Step 1. Raises a classified error (and counts it) when the request is refused."""
+        try:
+            self.resolve_model(inp.model)
+            request_id = inp.request_id or f"req-{uuid.uuid4().hex}"
+            prep = build_prepared(inp, request_id, self.tokenizer, self.config, self._clock())
+            if request_id in self._inflight:
+                raise _duplicate_id(request_id)
+            if not self.is_ready():
+                raise UnavailableError("no worker is ready to serve requests yet; retry later")
+            self._check_capacity()
+            return prep
+        except (SplitServeError, ValueError) as exc:
+            self.metrics.requests.labels(code=outcome_code(exc)).inc()
+            raise
+
+    def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
+        """prepare + stream, for callers that need no error before the first chunk."""
+        return self.stream(self.prepare(inp))
+
+    async def complete(self, prep: PreparedRequest) -> GenerateChunk:
+        """Run a prepared request to the end and return one merged chunk."""
+        chunks = [c async for c in self.stream(prep)]
+        return merge_chunks(chunks)
+
+    async def stream(self, prep: PreparedRequest) -> AsyncIterator[GenerateChunk]:
+        """Steps 2-5 for a prepared request: yields chunks, the last one final."""
+        self._admit(prep.request_id)
+        state = RequestState(prep, self.tokenizer, self.metrics, self._clock)
+        outputs: AsyncIterator[BackendOutput] | None = None
+        backend_done = False
+        error: BaseException | None = None
+        try:
+            outputs = aiter(self.backend.submit(_backend_request(prep)))
+            state.on_submit()
+            while not state.finished:
+                out = await self._next_output(outputs, prep.deadline)
+                backend_done = out.finish_reason is not None
+                if out.finish_reason == "error":
+                    raise _backend_error(out)
+                chunk = state.process(out)
+                if chunk is not None:
+                    yield chunk
+                if backend_done and not state.finished:
+                    raise SplitServeError("the backend ended the request without a final chunk")
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._inflight.discard(prep.request_id)
+            state.on_end(error)
+            await self._release(prep.request_id, outputs, backend_done)
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _check_capacity(self) -> None:
+        limit = self.config.max_inflight_requests
+        if len(self._inflight) >= limit:
+            raise ResourceExhaustedError(
+                f"the server is at its limit of {limit} requests in flight; retry later")
+
+    def _admit(self, request_id: str) -> None:
+        try:
+            if request_id in self._inflight:
+                raise _duplicate_id(request_id)
+            self._check_capacity()
+        except SplitServeError as exc:
+            self.metrics.requests.labels(code=exc.code).inc()
+            raise
+        self._inflight.add(request_id)
+
+    async def _next_output(self, outputs: AsyncIterator[BackendOutput],
+                           deadline: float | None) -> BackendOutput:
+        try:
+            if deadline is None:
+                return await anext(outputs)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(anext(outputs), remaining)
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError("the request's deadline passed before it finished; "
+                                        "it was aborted") from None
+        except StopAsyncIteration:
+            raise SplitServeError("the backend stream ended without a final output") from None
+
+    async def _release(self, request_id: str, outputs: AsyncIterator[BackendOutput] | None,
+                       backend_done: bool) -> None:
+        """Abort the backend request unless it finished there, then close its stream."""
+        if outputs is not None and not backend_done:
+            # Shielded: a second cancellation of this task must not lose the abort.
+            await asyncio.shield(self.backend.abort(request_id))
+        aclose = getattr(outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _backend_request(prep: PreparedRequest) -> BackendRequest:
+    return BackendRequest(request_id=prep.request_id, prompt_token_ids=prep.prompt_token_ids,
+                          params=prep.params, arrival_time=prep.arrival_time,
+                          deadline=prep.deadline)
+
+
+def _backend_error(out: BackendOutput) -> BaseException:
+    if isinstance(out.error, SplitServeError):
+        return out.error
+    if out.error is not None:
+        logger.error("request %s failed in the backend", out.request_id, exc_info=out.error)
+    return SplitServeError(f"request {out.request_id} failed in the backend")
+
+
+def _duplicate_id(request_id: str) -> SplitServeError:
+    return InvalidParamError(f"request_id {request_id!r} is already in flight; ids must be "
+                             "unique among running requests", "request_id")

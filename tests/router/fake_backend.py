@@ -1,0 +1,155 @@
+"""A controllable ServingBackend for router tests: deterministic tokens, faults by prompt.
+
+Output: the ``reply`` token ids in order, ``tokens_per_step`` per output (coalescing), then
+the end-of-sequence id with finish "stop" (unless ignore_eos: the reply repeats); "length"
+at max_tokens; "stop" on a stop token id. Faults, keyed by words in the decoded prompt:
+
+  fail   one output, then finish "error" with a KVTransferError (UNAVAILABLE)
+  slow   ``slow_step_s`` between outputs (cancellation and deadlines mid-stream)
+  hang   no output at all until aborted
+
+Every abort is recorded; tests on another thread wait for one with ``wait_aborted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from cluster.backend import BackendOutput, BackendRequest, ServingBackend, TokenLogprob
+from engine.errors import KVTransferError
+
+FAKE_TIMING = {"prefill_queue": 0.001, "prefill_compute": 0.002, "kv_transfer": 0.003,
+               "decode_queue": 0.004, "decode": 0.005}
+
+
+class FakeBackend(ServingBackend):
+    def __init__(self, decode: Callable[[list[int]], str], reply: list[int],
+                 eos_token_id: int, *, tokens_per_step: int = 2, step_s: float = 0.0,
+                 slow_step_s: float = 0.2) -> None:
+        self.decode = decode
+        self.reply = list(reply)
+        self.eos_token_id = eos_token_id
+        self.tokens_per_step = tokens_per_step
+        self.step_s = step_s
+        self.slow_step_s = slow_step_s
+        self.ready = True
+        self.started = False
+        self.submitted: list[BackendRequest] = []
+        self.aborted: list[str] = []
+        self._abort_events: dict[str, asyncio.Event] = {}
+        self._cond = threading.Condition()
+
+    # ---- ServingBackend --------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self) -> None:
+        for request_id in list(self._abort_events):
+            await self.abort(request_id)
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def stats(self) -> dict:
+        return {"running": len(self._abort_events), "submitted": len(self.submitted)}
+
+    async def abort(self, request_id: str) -> None:
+        with self._cond:
+            self.aborted.append(request_id)
+            self._cond.notify_all()
+        event = self._abort_events.get(request_id)
+        if event is not None:
+            event.set()
+
+    def submit(self, request: BackendRequest) -> AsyncIterator[BackendOutput]:
+        self.submitted.append(request)
+        self._abort_events[request.request_id] = asyncio.Event()
+        return self._run(request)
+
+    # ---- test helpers ----------------------------------------------------------------
+
+    def wait_aborted(self, request_id: str, timeout: float) -> bool:
+        """Block (another thread) until ``request_id`` was aborted; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: request_id in self.aborted, timeout)
+
+    def last_request(self, request_id: str) -> BackendRequest:
+        return next(r for r in reversed(self.submitted) if r.request_id == request_id)
+
+    # ---- the fake engine -------------------------------------------------------------
+
+    async def _run(self, req: BackendRequest) -> AsyncIterator[BackendOutput]:
+        rid, prompt = req.request_id, self.decode(req.prompt_token_ids)
+        aborted = self._abort_events[rid]
+        try:
+            step_s = self.slow_step_s if "slow" in prompt else self.step_s
+            if "hang" in prompt:
+                step_s = None  # wait for the abort, however long
+            produced: list[int] = []
+            while True:
+                if await _aborted_within(aborted, step_s):
+                    yield self._final(req, [], "abort")
+                    return
+                if "fail" in prompt and produced:
+                    yield BackendOutput(rid, [], "error", error=KVTransferError(
+                        "fake KV transfer failed: peer died"))
+                    return
+                ids, finish = self._step(req, produced)
+                produced += ids
+                if finish is not None:
+                    yield self._final(req, ids, finish)
+                    return
+                yield BackendOutput(rid, ids, logprobs=self._logprobs(req, ids),
+                                    num_prompt_tokens=len(req.prompt_token_ids))
+        finally:
+            self._abort_events.pop(rid, None)
+
+    def _step(self, req: BackendRequest, produced: list[int]) -> tuple[list[int], str | None]:
+        p = req.params
+        ids: list[int] = []
+        for _ in range(self.tokens_per_step):
+            i = len(produced) + len(ids)
+            if i < len(self.reply):
+                token = self.reply[i]
+            elif p.ignore_eos:
+                token = self.reply[i % len(self.reply)]
+            else:
+                token = self.eos_token_id
+            ids.append(token)
+            stops = token == self.eos_token_id and not p.ignore_eos
+            if (stops or token in p.stop_token_ids) and i + 1 >= p.min_tokens:
+                return ids, "stop"
+            if i + 1 >= p.max_tokens:
+                return ids, "length"
+        return ids, None
+
+    def _logprobs(self, req: BackendRequest, ids: list[int]) -> list[TokenLogprob] | None:
+        n = req.params.logprobs
+        if n is None:
+            return None
+        return [TokenLogprob(t, -0.5, [(t, -0.5), (t + 1, -1.5), (t + 2, -2.5)][:n])
+                for t in ids]
+
+    def _final(self, req: BackendRequest, ids: list[int], finish: str) -> BackendOutput:
+        return BackendOutput(req.request_id, ids, finish, logprobs=self._logprobs(req, ids),
+                             num_prompt_tokens=len(req.prompt_token_ids),
+                             num_cached_tokens=len(req.prompt_token_ids) // 2,
+                             timing=dict(FAKE_TIMING))
+
+
+async def _aborted_within(event: asyncio.Event, seconds: float | None) -> bool:
+    """True if ``event`` is set within ``seconds`` (None: wait for it; 0: just yield)."""
+    if seconds is None:
+        await event.wait()
+        return True
+    if seconds <= 0:
+        await asyncio.sleep(0)
+        return event.is_set()
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
