@@ -1,0 +1,77 @@
+"""A transferred request's KV on the decode side equals what the prefill side computed,
+compared on the cache tensors, for the in-process loopback and for torch.distributed (gloo)
+between two workers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from decode_worker import DecodeWorker
+from engine.sampling_params import SamplingParams
+from kv_transfer.base import TransferConfig
+from prefill_worker import PrefillWorker
+
+OPTIONS = {"block_size": 4, "max_num_batched_tokens": 16, "load_tokenizer": False}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from engine.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "qwen3", "qwen3", "tiny", seed=0,
+                      progress=False)
+
+
+@pytest.mark.parametrize("backend", ["loopback", "torch_dist"])
+def test_decode_side_kv_equals_prefill_side(model_dir, backend):
+    config = TransferConfig(backend=backend, timeout_s=20, host="127.0.0.1")
+    extra = {}
+    if backend == "loopback":
+        from kv_transfer.loopback import LoopbackHub
+
+        extra["hub"] = LoopbackHub()
+    p = PrefillWorker("p0", str(model_dir), OPTIONS, config, **extra)
+    d = DecodeWorker("d0", str(model_dir), OPTIONS, config, **extra)
+    sent: dict[str, list[int]] = {}
+    original_send = p.sender.send
+
+    def recording_send(request_id, peer, src_block_ids, layers=None):
+        sent[request_id] = list(src_block_ids)
+        return original_send(request_id, peer, src_block_ids, layers)
+
+    p.sender.send = recording_send
+    landed = threading.Event()
+    original_done = d._kv_done
+
+    def on_done(request_id, error):
+        original_done(request_id, error)
+        landed.set()
+
+    d._kv_done = on_done  # reserve() registers this hook with the receiver
+    try:
+        prompt = list(range(7, 7 + 37))  # 10 blocks of 4, the last one partial
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        dst = d.reserve("r1", prompt, params)
+        result = p.prefill("r1", prompt, params, d.endpoint(), dst, timeout_s=30)
+        assert landed.wait(30), "KV never landed"
+        src = sent["r1"]
+        assert len(src) == len(dst) == 10
+        p_kv = p.host.engine.runner.kv_cache[:, :, src]
+        d_kv = d.host.engine.runner.kv_cache[:, :, dst]
+        # Only the prompt's 37 positions are meaningful: compare those exactly.
+        flat_p = p_kv.flatten(2, 3)[:, :, :37]
+        flat_d = d_kv.flatten(2, 3)[:, :, :37]
+        assert torch.equal(flat_p, flat_d)
+        assert flat_p.abs().sum() > 0
+        assert d.start("r1", result.first_token)
+        outs = []
+        while not outs or outs[-1].finish_reason is None:
+            outs.extend(d.get_outputs(5.0))
+        assert outs[-1].finish_reason == "length"
+        assert sum(len(o.new_token_ids) for o in outs) == 3  # the first came from prefill
+    finally:
+        p.shutdown()
+        d.shutdown()
