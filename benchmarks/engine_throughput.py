@@ -98,7 +98,8 @@ def main() -> None:
     from engine.make_model import ensure_model
     from engine.model_config import ModelConfig
 
-    model_dir = Path(args.model) if args.model else ensure_model(args.arch, args.preset, 0)
+    model_dir = (Path(args.model) if args.model
+                 else ensure_model(args.arch, args.preset, 0, dtype=args.dtype))
     cfg = ModelConfig.from_pretrained(model_dir)
     prompts, out_lens = make_workload(args.num_requests, cfg.vocab_size, args.seed,
                                       args.prompt_range, args.output_range)

@@ -104,8 +104,12 @@ class Engine:
         if cc.kv_cache_memory_bytes is not None:
             budget = cc.kv_cache_memory_bytes
         elif self.device.type == "cuda":
+            # Our share of the card minus what this process already holds (weights), and
+            # never more than is actually free (other processes may share the GPU).
+            torch.cuda.empty_cache()  # cached blocks of dead tensors are not ours to count
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(free - total * (1.0 - cc.gpu_memory_utilization))
+            own = torch.cuda.memory_allocated(self.device)
+            budget = min(int(total * cc.gpu_memory_utilization) - own, int(free * 0.95))
         else:
             budget = cc.cpu_kv_cache_bytes_default
         blocks_per_seq = cdiv(self.scheduler_config.max_model_len, cc.block_size)

@@ -1,0 +1,244 @@
+"""Tokenizer (text <-> token ids, chat template) and the streaming detokenizer with stop strings.
+
+``Tokenizer`` is a thin wrapper over ``transformers.AutoTokenizer`` for a model directory; its
+``decode`` is the one definition of "the text of these ids" that the detokenizer streams.
+
+``IncrementalDetokenizer`` turns generated ids into text deltas, vLLM-style. It keeps two
+offsets into its token list::
+
+      ids:  [ ... emitted ... | prefix window | new, not yet emitted ]
+                              ^prefix         ^read                  ^len(ids)
+
+Each step decodes only ``ids[prefix:]`` and ``ids[prefix:read]`` (a few tokens); the delta is
+what the longer text adds. The prefix window gives tokenizers that drop a leading space on the
+first token (SentencePiece) the context they need. Text that ends in U+FFFD may be an
+incomplete multi-byte character (a byte-level token can hold half an emoji), so it is held
+until more tokens resolve it: every delta is then a prefix-extension of the final text, and the
+concatenation of all deltas (after ``finish()``) equals ``Tokenizer.decode(all ids)``.
+
+Stop strings are applied on top: text that could still be the start of a stop string is
+withheld; once a stop string appears the text is cut before it (or after it with
+``include_stop``), ``stopped`` / ``matched_stop`` are set and nothing more is emitted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from engine.errors import InvalidRequestError
+
+REPLACEMENT_CHAR = "\ufffd"
+PROMPT_CONTEXT_TOKENS = 6
+"""Prompt tokens kept as decoding context for the first generated tokens (leading spaces)."""
+
+
+class Tokenizer:
+    """A model directory's tokenizer. Loads transformers lazily (construction takes ~0.1 s)."""
+
+    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_dir = str(model_dir)
+        self._hf = AutoTokenizer.from_pretrained(self.model_dir)
+        # The Rust tokenizer, when there is one: decoding a few ids costs ~4 us instead of ~14.
+        self._backend = getattr(self._hf, "backend_tokenizer", None)
+        self.eos_token_ids: list[int] = _eos_ids(self._hf, self.model_dir)
+        """Ids that end generation: the tokenizer's eos plus generation_config.json's."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows (added tokens included); the model's embedding
+        may be larger."""
+        return len(self._hf)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._hf.bos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._hf.pad_token_id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` adds bos where the model uses one."""
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``: no space clean-up, so decode(a + b) == decode(a) + decode(b) at
+        character boundaries. Ids unknown to the tokenizer decode to nothing."""
+        ids = list(ids)
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens,
+                               clean_up_tokenization_spaces=False)
+
+    def chat_template_text(self, messages: list[dict[str, Any]],
+                           add_generation_prompt: bool = True) -> str:
+        """The prompt text the chat template renders for ``messages`` (role/content dicts)."""
+        if not self.has_chat_template:
+            raise InvalidRequestError(
+                f"the model at {self.model_dir} has no chat template; use completions instead"
+            )
+        return self._hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a chat. The template writes bos itself where the model uses one, so
+        the text is encoded without adding special tokens (as transformers does)."""
+        text = self.chat_template_text(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def detokenizer(self, stop: Iterable[str] = (), *, prompt_ids: Sequence[int] = (),
+                    skip_special_tokens: bool = True,
+                    include_stop: bool = False) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, stop, prompt_ids=prompt_ids,
+                                      skip_special_tokens=skip_special_tokens,
+                                      include_stop=include_stop)
+
+
+def _eos_ids(hf: Any, model_dir: str) -> list[int]:
+    from transformers import GenerationConfig
+
+    ids = {hf.eos_token_id} if hf.eos_token_id is not None else set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the tokenizer's eos is all there is
+        gen = None
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    return sorted(ids)
+
+
+class IncrementalDetokenizer:
+    """Streaming text for one request's generated ids (see the module docstring).
+
+    ``append(ids)`` returns the new text (possibly ""), ``finish()`` returns what was held
+    back at the end of generation (an unresolved partial character decodes to U+FFFD, a
+    possible stop-string start is released). ``text`` is everything emitted so far.
+    """
+
+    # With more unemitted tokens than this and text still ending in U+FFFD, look for an earlier
+    # exact split point (a U+FFFD that will never resolve: invalid bytes, a literal U+FFFD), so
+    # the decode window stays a few tokens long even on garbage output.
+    MAX_PENDING_TOKENS = 4
+
+    def __init__(self, tokenizer: Tokenizer, stop: Iterable[str] = (), *,
+                 prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.stop_strings: tuple[str, ...] = tuple(s for s in stop if s)
+        self.include_stop = include_stop
+        self.text = ""
+        """All text emitted so far."""
+        self.stopped = False
+        """A stop string appeared; nothing more will be emitted."""
+        self.matched_stop: str | None = None
+        self.num_tokens = 0
+        """Generated ids appended so far (prompt context not counted)."""
+        self._held = ""  # decoded text withheld: it may be the start of a stop string
+        self._finished = False
+        context = list(prompt_ids)[-PROMPT_CONTEXT_TOKENS:]
+        if self._decode(context).endswith(REPLACEMENT_CHAR):
+            context = []  # the prompt ends mid-character: decode the output on its own
+        self._ids: list[int] = context
+        self._prefix = 0
+        self._read = len(context)
+
+    def append(self, new_ids: Sequence[int]) -> str:
+        """Add generated ids; return the text they complete (never a partial character)."""
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.append() after finish()")
+        self.num_tokens += len(new_ids)
+        if self.stopped:
+            return ""
+        self._ids.extend(new_ids)
+        return self._apply_stops(self._decode_delta(final=False), final=False)
+
+    def finish(self) -> str:
+        """End of generation: return the held-back text. Call once."""
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.finish() called twice")
+        self._finished = True
+        if self.stopped:
+            return ""
+        return self._apply_stops(self._decode_delta(final=True), final=True)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def _decode_delta(self, final: bool) -> str:
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        if new_text == prefix_text:
+            # The ids since `read` add no text (skipped special tokens, unknown ids): they are
+            # dropped before bytes are decoded anyway, so forget them and keep the window small.
+            del self._ids[self._read:]
+            return ""
+        if final or not new_text.endswith(REPLACEMENT_CHAR):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text):]
+        if len(self._ids) - self._read > self.MAX_PENDING_TOKENS:
+            return self._emit_before_unresolved_tail(prefix_text, new_text)
+        return ""
+
+    def _emit_before_unresolved_tail(self, prefix_text: str, new_text: str) -> str:
+        """Emit up to the last split point ``k`` where decoding in two parts equals decoding
+        at once and text follows ``k``: a character cut at ``k`` would decode differently in
+        two parts, and one already broken by the bytes after ``k`` cannot change any more.
+        (With no text after ``k`` — only skipped special tokens — later bytes could still
+        complete it: skipped tokens are removed before bytes are decoded.)"""
+        end = len(self._ids)
+        for k in range(end - 1, max(self._read, end - self.MAX_PENDING_TOKENS - 1), -1):
+            head, tail = self._decode(self._ids[self._prefix:k]), self._decode(self._ids[k:])
+            if tail and head + tail == new_text and head.startswith(prefix_text):
+                self._prefix, self._read = self._read, k
+                return head[len(prefix_text):]
+        return ""
+
+    def _apply_stops(self, delta: str, final: bool) -> str:
+        pending = self._held + delta
+        self._held = ""
+        if self.stop_strings:
+            hit = _earliest_stop(pending, self.stop_strings)
+            if hit is not None:
+                index, stop = hit
+                self.stopped, self.matched_stop = True, stop
+                pending = pending[: index + (len(stop) if self.include_stop else 0)]
+            elif not final:
+                hold = _stop_prefix_suffix_len(pending, self.stop_strings)
+                pending, self._held = pending[: len(pending) - hold], pending[len(pending) - hold:]
+        self.text += pending
+        return pending
+
+
+def _earliest_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """(index, stop) of the stop string occurring first in ``text`` (longest on a tie)."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0 and (best is None or (index, -len(stop)) < (best[0], -len(best[1]))):
+            best = (index, stop)
+    return best
+
+
+def _stop_prefix_suffix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
