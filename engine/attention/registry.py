@@ -1,0 +1,58 @@
+"""Attention backend registry: name -> ``"module:Class"``, imported only when selected.
+
+``select_backend(None | "auto", device, block_size)`` picks by capability: flash-attn's
+kernels on CUDA when installed and the block size fits them, else the torch reference.
+An explicit choice that cannot run raises ``ValueError`` saying what to change.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from engine.attention.base import AttentionBackend
+
+BACKENDS: dict[str, str] = {
+    "torch": "engine.attention.torch_ref:TorchAttentionBackend",
+    "flash_attn": "engine.attention.flash_attn:FlashAttentionBackend",
+}
+# Tried in order by "auto"; the last one must run anywhere.
+AUTO_ORDER = ("flash_attn", "torch")
+
+
+def backend_class(name: str) -> type[AttentionBackend]:
+    """Import and return the backend class registered as ``name``."""
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}"
+        )
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def select_backend(name: str | None, device: torch.device, block_size: int) -> AttentionBackend:
+    """An instance of the named backend (or the best available for ``None``/``"auto"``)."""
+    if name is None or name == "auto":
+        for candidate in AUTO_ORDER:
+            cls = backend_class(candidate)
+            if cls.is_available(device) and cls.supports_block_size(block_size):
+                return cls()
+        raise ValueError(f"no attention backend can run on {device} with block_size={block_size}")
+    cls = backend_class(name)
+    if not cls.supports_block_size(block_size):
+        raise ValueError(
+            f"{name}'s paged KV path needs {cls.block_size_requirement()} (got {block_size}); "
+            f"use --block-size {_example_block_size(cls)} or --attention-backend torch"
+        )
+    if not cls.is_available(device):
+        needs = getattr(cls, "requirements", "its kernels")
+        raise ValueError(
+            f"attention backend {name!r} is not available on {device} (it needs {needs}); "
+            "use --attention-backend torch or auto"
+        )
+    return cls()
+
+
+def _example_block_size(cls: type[AttentionBackend]) -> int:
+    return next(bs for bs in (16, 32, 64, 128, 256, 512) if cls.supports_block_size(bs))

@@ -1,0 +1,193 @@
+"""The reference attention backend: plain torch on paged KV, runs anywhere (CPU tests, CUDA).
+
+It is also the CPU production path (the engine's CPU throughput benchmark runs on it), so it
+batches what it can:
+
+* decodes (the leading ``num_decodes`` sequences, one query each) are attended together:
+  their blocks are gathered with one ``index_select`` through the padded block table into
+  ``[B, max_blocks * block_size, KVH, D]``, positions past each ``seq_len`` are masked, and
+  GQA is done by viewing the queries as ``[B, KVH, group, D]`` (no K/V repeat);
+* prefill chunks (few per step) are attended one by one with ``scaled_dot_product_attention``
+  and a causal mask shifted by the cached context: query i of a chunk of ``q_len`` tokens
+  sits at absolute position ``seq_len - q_len + i`` and sees keys ``0 ..`` that position.
+
+The per-step plan (gather indices, masks) is built once, at the first layer, from the
+metadata's host-side lists, and reused by every layer of the same step: no device syncs.
+
+Contract with the model runner:
+* build a new ``AttentionMetadata`` object every step; the plan is cached by the object's
+  identity, so one mutated in place between steps would reuse a stale plan;
+* keep the whole KV cache finite (allocate it with ``torch.zeros``, not ``torch.empty``):
+  decodes read padded slots past ``seq_len`` and mask them, and ``0 * NaN`` is still NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend
+from engine.attention.metadata import AttentionMetadata
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [num_tokens, KVH, D]
+    value: torch.Tensor,  # [num_tokens, KVH, D]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], contiguous
+    value_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], contiguous
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, slot = block * block_size + offset
+) -> None:
+    """Write the new tokens' K/V into their cache slots: one indexed copy per tensor."""
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+@dataclass
+class _PrefillPlan:
+    start: int  # first row of this chunk's queries in the flat batch
+    end: int  # one past its last row
+    seq_len: int  # context length after this step (cached + new)
+    # [num_blocks_used] int64 block ids to gather the context from, or None when the whole
+    # context is this chunk (no cached prefix: attend to the new K/V directly).
+    blocks: torch.Tensor | None
+    # [q_len, seq_len] additive mask (0 / -inf) for a chunk after a cached prefix, else None
+    # (plain causal).
+    mask: torch.Tensor | None
+
+
+@dataclass
+class _StepPlan:
+    num_decodes: int
+    # [num_decodes * max_blocks] int64: the decodes' block ids, row-major (padded with 0).
+    decode_blocks: torch.Tensor | None
+    # [num_decodes, 1, 1, max_blocks * block_size] additive mask: -inf at and past seq_len.
+    decode_mask: torch.Tensor | None
+    prefills: list[_PrefillPlan]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def __init__(self) -> None:
+        # The plan of the step being run, and the metadata object it was built from.
+        self._plan_source: AttentionMetadata | None = None
+        self._plan: _StepPlan | None = None
+
+    @classmethod
+    def is_available(cls, device: torch.device) -> bool:
+        return True
+
+    @classmethod
+    def supports_block_size(cls, block_size: int) -> bool:
+        return block_size >= 1
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, H, D]
+        key: torch.Tensor,  # [num_tokens, KVH, D]
+        value: torch.Tensor,  # [num_tokens, KVH, D]
+        key_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        value_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, H, D]
+        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        plan = self._get_plan(metadata, key_cache.shape[1], query.dtype)
+        pieces = []
+        if plan.num_decodes:
+            pieces.append(
+                self._decode(query[: plan.num_decodes], key_cache, value_cache, plan, scale)
+            )
+        for p in plan.prefills:
+            pieces.append(self._prefill(query, key, value, key_cache, value_cache, p, scale))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _get_plan(self, md: AttentionMetadata, block_size: int, dtype: torch.dtype) -> _StepPlan:
+        if self._plan_source is not md or self._plan is None:
+            self._plan = build_plan(md, block_size, dtype)
+            self._plan_source = md
+        return self._plan
+
+    @staticmethod
+    def _decode(
+        query: torch.Tensor,  # [B, H, D], one token per sequence
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        plan: _StepPlan,
+        scale: float,
+    ) -> torch.Tensor:  # [B, H, D]
+        B, H, D = query.shape
+        KVH = key_cache.shape[2]
+        # [B, S, KVH, D] with S = max_blocks * block_size (padded past each seq_len)
+        k = key_cache.index_select(0, plan.decode_blocks).view(B, -1, KVH, D)
+        v = value_cache.index_select(0, plan.decode_blocks).view(B, -1, KVH, D)
+        q = query.view(B, KVH, H // KVH, D)  # the group of queries sharing a KV head
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask, scale=scale
+        )  # [B, KVH, group, D]
+        return out.reshape(B, H, D)  # SDPA may return it non-contiguous (CUDA)
+
+    @staticmethod
+    def _prefill(
+        query: torch.Tensor,  # [num_tokens, H, D] (whole batch)
+        key: torch.Tensor,  # [num_tokens, KVH, D]
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        p: _PrefillPlan,
+        scale: float,
+    ) -> torch.Tensor:  # [q_len, H, D]
+        q = query[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+        if p.blocks is None:  # no cached prefix: the chunk's own K/V are the whole context
+            k, v = key[p.start : p.end], value[p.start : p.end]  # [q_len, KVH, D]
+        else:
+            KVH, D = key_cache.shape[2:]
+            k = key_cache.index_select(0, p.blocks).view(-1, KVH, D)[: p.seq_len]
+            v = value_cache.index_select(0, p.blocks).view(-1, KVH, D)[: p.seq_len]
+        out = F.scaled_dot_product_attention(
+            q,
+            k.transpose(0, 1).unsqueeze(0),  # [1, KVH, seq_len, D]
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=p.mask,
+            is_causal=p.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, H, q_len, D]
+        return out[0].transpose(0, 1)
+
+
+def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype) -> _StepPlan:
+    """Gather indices and masks for one step, from host-side lengths (no device sync)."""
+    device = md.block_tables.device
+    nd = md.num_decodes
+    decode_blocks = decode_mask = None
+    if nd:
+        max_blocks = -(-max(md.seq_lens_cpu[:nd]) // block_size)
+        decode_blocks = md.block_tables[:nd, :max_blocks].reshape(-1).long()
+        key_pos = torch.arange(max_blocks * block_size, device=device)  # [S]
+        past_end = key_pos[None, :] >= md.seq_lens[:nd, None]  # [B, S]
+        decode_mask = torch.zeros(past_end.shape, dtype=dtype, device=device)
+        decode_mask = decode_mask.masked_fill_(past_end, float("-inf"))[:, None, None, :]
+    prefills = []
+    start = sum(md.query_lens_cpu[:nd])
+    for i in range(nd, md.num_seqs):
+        q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
+        blocks = mask = None
+        if seq_len > q_len:
+            blocks = md.block_tables[i, : -(-seq_len // block_size)].long()
+            mask = _shifted_causal_mask(q_len, seq_len, dtype, device)
+        prefills.append(_PrefillPlan(start, start + q_len, seq_len, blocks, mask))
+        start += q_len
+    return _StepPlan(nd, decode_blocks, decode_mask, prefills)
+
+
+def _shifted_causal_mask(
+    q_len: int, seq_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:  # [q_len, seq_len], 0 where visible, -inf elsewhere
+    query_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]  # absolute
+    key_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = torch.zeros(q_len, seq_len, dtype=dtype, device=device)
+    return mask.masked_fill_(key_pos > query_pos, float("-inf"))

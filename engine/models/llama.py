@@ -1,0 +1,148 @@
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) as one model driven by config traits.
+
+Differences between the architectures are data in ``ModelConfig`` (biases, q/k norm, head
+dim, rope scaling, tied embeddings), filled from the model registry. The model runs ragged,
+paged batches: ``input_ids``/``positions`` are flat ``[num_tokens]`` over every scheduled
+sequence, K/V go to the paged cache through the attention backend.
+
+Parameter names follow Hugging Face's, except the packed projections: ``qkv_proj`` holds
+q_proj, k_proj, v_proj stacked along the output dim, ``gate_up_proj`` holds gate_proj and
+up_proj (see ``packed_modules``; the loader fills them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention.base import AttentionBackend
+from engine.attention.metadata import AttentionMetadata
+from engine.model_config import ModelConfig
+from engine.models.layers import GatedMLP, PackedLinear, RMSNorm, RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = PackedLinear(
+            config.hidden_size,
+            [config.q_size, config.kv_size, config.kv_size],
+            bias=config.attention_bias,
+        )
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary  # shared by all layers (one table)
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]: this layer's K and V
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (H + 2*KVH) * D]
+        v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
+        if self.q_norm is None:
+            # q and k rotated in one go: [T, H + KVH, D]
+            qk = self.rotary(positions, qkv[:, : (H + KVH) * D].view(T, H + KVH, D))
+            q, k = qk[:, :H], qk[:, H:]  # [T, H, D], [T, KVH, D]
+        else:
+            q = self.rotary(positions, self.q_norm(qkv[:, : H * D].view(T, H, D)))
+            k = self.rotary(positions, self.k_norm(qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)))
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
+        return self.o_proj(out.reshape(T, H * D))  # out: [T, H, D]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [T, hidden] residual stream
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, metadata)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary_emb, backend) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions, kv_cache[i], metadata)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model the runner calls: ``forward`` -> hidden states, ``compute_logits`` -> logits."""
+
+    # Our packed module -> the checkpoint modules stacked in it, in order (for the loader).
+    packed_modules = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, backend)
+        # Tied models have no lm_head: the logits reuse the embedding matrix.
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64, all scheduled tokens of the step, flattened
+        positions: torch.Tensor,  # [T] int64, position of each token in its sequence
+        kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        return self.model(input_ids, positions, kv_cache, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] (only the rows sampled from) -> float32 logits [n, vocab]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (rotary tables) after ``to_empty``."""
+        self.model.rotary_emb.reset_buffers()

@@ -1,0 +1,172 @@
+"""Load a Hugging Face safetensors checkpoint into one of our models, checking every tensor.
+
+1. Read ``config.json`` -> ``ModelConfig`` -> the registered model class.
+2. Build the model on the ``meta`` device (no memory, no random init), give it ``dtype``,
+   then allocate it uninitialised on ``device`` and recompute its non-persistent buffers.
+3. Map checkpoint names to destinations. Names are Hugging Face's except the packed
+   projections: ``...self_attn.q_proj.weight`` lands in rows ``[0, q_size)`` of
+   ``...self_attn.qkv_proj.weight``, ``k_proj`` in the next ``kv_size`` rows, and so on
+   (the model's ``packed_modules`` and each ``PackedLinear.output_sizes`` say how).
+4. Check before copying anything: every destination has a tensor of the right shape, and
+   every tensor in the files has a destination (except known-ignorable ones). Problems are
+   reported together, naming tensors and files.
+5. Copy, converting dtype and device, with a progress bar for big models or a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from engine.attention.base import AttentionBackend
+from engine.model_config import ModelConfig
+from engine.models.registry import model_class
+
+# Checkpoint tensors we know we do not need (buffers some exporters save).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+PROGRESS_MIN_BYTES = 1 << 30  # show the progress bar for checkpoints this big, even without a TTY
+MAX_LISTED = 10  # problems listed per kind in an error message
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_backend: AttentionBackend,
+) -> nn.Module:
+    """Build the model described by ``model_dir/config.json`` and load its safetensors."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_pretrained(model_dir)
+    cls = model_class(config.architecture)
+    with torch.device("meta"):
+        model = cls(config, attn_backend)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.reset_buffers()
+    load_weights(model, model_dir)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Fill every parameter of ``model`` from the safetensors files in ``model_dir``."""
+    files = checkpoint_files(model_dir)  # tensor name -> file
+    destinations = weight_destinations(model)  # tensor name -> view of a parameter
+    ignored = _ignored_names(model, files)
+    _check(files, destinations, ignored)
+    by_file: dict[Path, list[str]] = {}
+    for name in destinations:
+        by_file.setdefault(files[name], []).append(name)
+    total_bytes = sum(path.stat().st_size for path in by_file)
+    show = sys.stderr.isatty() or total_bytes >= PROGRESS_MIN_BYTES
+    with (
+        torch.no_grad(),
+        tqdm(
+            total=len(destinations), desc="loading weights", unit="tensor", disable=not show
+        ) as bar,
+    ):
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in names:
+                    destinations[name].copy_(f.get_tensor(name))
+                    bar.update(1)
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (single file or sharded index)."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for file_name in sorted(set(weight_map.values())):
+            if not (model_dir / file_name).is_file():
+                raise CheckpointError(f"{index} lists {file_name}, which is not in {model_dir}")
+        return {name: model_dir / file_name for name, file_name in weight_map.items()}
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(
+        f"no model.safetensors or model.safetensors.index.json in {model_dir}; only safetensors "
+        "checkpoints are supported (re-save with save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def weight_destinations(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the parameter (or slice of a packed one) it fills."""
+    packed = getattr(model, "packed_modules", {})
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():  # tied parameters appear once
+        module_path, _, leaf = name.rpartition(".")
+        sizes = getattr(model.get_submodule(module_path), "output_sizes", None)
+        if sizes is None:
+            out[name] = param.data
+            continue
+        parent, _, packed_name = module_path.rpartition(".")
+        offset = 0
+        for part, size in zip(packed[packed_name], sizes, strict=True):
+            out[f"{parent}.{part}.{leaf}"] = param.data.narrow(0, offset, size)
+            offset += size
+    return out
+
+
+def _ignored_names(model: nn.Module, files: dict[str, Path]) -> set[str]:
+    ignored = {name for name in files if name.endswith(IGNORED_SUFFIXES)}
+    config = getattr(model, "config", None)
+    if config is not None and config.tie_word_embeddings and "lm_head.weight" in files:
+        ignored.add("lm_head.weight")  # some exporters save the tied copy too
+    return ignored
+
+
+def _check(
+    files: dict[str, Path], destinations: dict[str, torch.Tensor], ignored: set[str]
+) -> None:
+    """Raise CheckpointError listing missing, unexpected and mis-shaped tensors."""
+    paths = sorted({str(p) for p in files.values()})
+    where = (
+        ", ".join(paths) if len(paths) <= 3 else f"{len(paths)} files in {Path(paths[0]).parent}"
+    )
+    problems = [
+        f"missing tensor {name!r} (expected shape {tuple(destinations[name].shape)}) in {where}"
+        for name in destinations
+        if name not in files
+    ]
+    problems += [
+        f"unexpected tensor {name!r} in {files[name]} (this model has no such weight)"
+        for name in files
+        if name not in destinations and name not in ignored
+    ]
+    problems += _shape_problems(files, destinations)
+    if problems:
+        shown = problems[:MAX_LISTED]
+        more = (
+            f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        )
+        raise CheckpointError(
+            "checkpoint does not match the model config:\n  " + "\n  ".join(shown) + more
+        )
+
+
+def _shape_problems(files: dict[str, Path], destinations: dict[str, torch.Tensor]) -> list[str]:
+    by_file: dict[Path, list[str]] = {}
+    for name in destinations:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    problems = []
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                expected = tuple(destinations[name].shape)
+                if shape != expected:
+                    problems.append(
+                        f"tensor {name!r} in {path} has shape {shape}, expected {expected}"
+                    )
+    return problems
