@@ -34,8 +34,11 @@ class RequestFailed(SplitServeError):
 
 
 class ClusterBackend(ServingBackend):
-    def __init__(self, scheduler: GlobalScheduler, stats_interval_s: float = 0.5) -> None:
+    def __init__(self, scheduler: GlobalScheduler, stats_interval_s: float = 0.5,
+                 window=None) -> None:
         self.scheduler = scheduler
+        # Optional cluster.autoscaler.RollingWindow fed with TTFT / ITL / arrival samples.
+        self.window = window
         self.stats_interval_s = stats_interval_s
         self.workers: dict[str, WorkerHandle] = {}
         self._endpoints: dict[str, object] = {}  # decode worker id -> KV endpoint
@@ -47,6 +50,7 @@ class ClusterBackend(ServingBackend):
         self._draining: dict[str, asyncio.Event] = {}  # worker id -> set when it holds no request
         self._closed = False
         self.last_stats: dict[str, object] = {}  # worker id -> newest WorkerStats (metrics)
+        self._last_token_time: dict[str, float] = {}
 
     # -- membership ------------------------------------------------------------------------
     async def add_worker(self, handle: WorkerHandle) -> None:
@@ -140,6 +144,8 @@ class ClusterBackend(ServingBackend):
         finished = False
         try:
             timing = {"router_queue_start": time.time()}
+            if self.window is not None:
+                self.window.add_arrival(time.time(), len(req.prompt_token_ids))
             placement, blocks = await self._place_and_reserve(req)
             timing["placed"] = time.time()
             p_id, d_id = placement.prefill_worker_id, placement.decode_worker_id
@@ -148,18 +154,21 @@ class ClusterBackend(ServingBackend):
                 await self.workers[d_id].call("generate", rid, req.prompt_token_ids, req.params)
             else:
                 first = await self._remote_prefill(req, p_id, d_id, blocks, timing)
+                self._observe(req, first)
                 yield first
                 if first.finish_reason is not None:
                     finished = True
                     return
             async for out in self._stream(rid, queue, req, timing):
                 finished = out.finish_reason is not None
+                self._observe(req, out)
                 yield out
         except SplitServeError as exc:
             finished = True
             yield BackendOutput(rid, [], "error", error=exc)
         finally:
             self._streams.pop(rid, None)
+            self._last_token_time.pop(rid, None)
             if not finished:
                 await self.abort(rid)
             where = self._where.pop(rid, None)
@@ -167,6 +176,22 @@ class ClusterBackend(ServingBackend):
                 if worker_id is not None:
                     self._check_drained(worker_id)
             self._poll_admission()
+
+    def _observe(self, req: BackendRequest, out: BackendOutput) -> None:
+        """TTFT and ITL samples for the autoscaler's window (per output, not per token)."""
+        n = len(out.new_token_ids)
+        if self.window is None or n == 0:
+            return
+        now = time.time()
+        last = self._last_token_time.get(req.request_id)
+        if last is None:
+            self.window.add_ttft(now, now - req.arrival_time)
+            n -= 1  # the first token's latency is the TTFT
+        elif n:
+            self.window.add_itl(now, (now - last) / n, weight=n)
+        self._last_token_time[req.request_id] = now
+        if out.finish_reason is not None:
+            self._last_token_time.pop(req.request_id, None)
 
     async def _place_and_reserve(self, req: BackendRequest) -> tuple[Placement, list | None]:
         for _ in range(MAX_PLACE_ATTEMPTS):

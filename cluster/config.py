@@ -119,6 +119,14 @@ class ClusterConfig(_Frozen):
                              "(KV blocks are shipped as they are)")
         return self
 
+    def autoscaler_config(self) -> AutoscalerConfig:
+        """The autoscaler section with its bounds taken from the pools (the pools'
+        min/max_replicas are the one place bounds are set)."""
+        return self.autoscaler.model_copy(update={
+            "min_prefill": self.prefill.min_replicas, "max_prefill": self.prefill.max_replicas,
+            "min_decode": self.decode.min_replicas, "max_decode": self.decode.max_replicas,
+        })
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
         try:

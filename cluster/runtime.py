@@ -30,13 +30,16 @@ class Cluster:
         self.scheduler = GlobalScheduler(config.scheduler)
         self.backend = ClusterBackend(self.scheduler)
         self._owns_ray = False
+        self._starting = {"prefill": 0, "decode": 0, "colocated": 0}  # workers being created
 
     @property
     def roles(self) -> tuple[str, ...]:
         return ("colocated",) if self.config.colocated else ("prefill", "decode")
 
-    def replicas(self, role: str) -> int:
-        return sum(1 for h in self.backend.workers.values() if h.role == role)
+    def replicas(self, role: str, include_starting: bool = False) -> int:
+        """Registered workers of a role (plus those still starting, if asked)."""
+        ready = sum(1 for h in self.backend.workers.values() if h.role == role)
+        return ready + (self._starting[role] if include_starting else 0)
 
     async def start(self) -> None:
         if self.mode == "ray":
@@ -61,8 +64,12 @@ class Cluster:
         self._owns_ray = True
 
     async def add_worker(self, role: str) -> str:
-        handle = await self.factory.create(role)
-        await self.backend.add_worker(handle)
+        self._starting[role] += 1
+        try:
+            handle = await self.factory.create(role)
+            await self.backend.add_worker(handle)
+        finally:
+            self._starting[role] -= 1
         return handle.worker_id
 
     async def remove_worker(self, worker_id: str) -> None:

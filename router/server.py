@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.autoscaling import AutoscalingLoop
 from cluster.config import ClusterConfig
 from cluster.runtime import Cluster
 from router.config import RouterConfig
@@ -31,6 +32,7 @@ class RunningServer:
     grpc: GrpcServer
     http: HttpServer
     _sync_task: asyncio.Task
+    autoscaling: AutoscalingLoop | None = None
 
     def endpoints(self) -> dict[str, str]:
         host = self.service.config.host
@@ -42,6 +44,8 @@ class RunningServer:
         }
 
     async def stop(self) -> None:
+        if self.autoscaling is not None:
+            await self.autoscaling.stop()
         self._sync_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sync_task
@@ -79,7 +83,16 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
         await cluster.shutdown()
         raise
     task = asyncio.create_task(_sync_metrics(cluster, service))
-    return RunningServer(cluster, service, grpc, http, task)
+    autoscaling = None
+    if config.autoscaler.enabled and not config.colocated:
+        def count(decision) -> None:
+            direction = "up" if decision.delta > 0 else "down"
+            service.metrics.autoscaler_decisions.labels(pool=decision.pool,
+                                                        direction=direction).inc()
+
+        autoscaling = AutoscalingLoop(cluster, config.autoscaler_config(), config.slo, count)
+        autoscaling.start()
+    return RunningServer(cluster, service, grpc, http, task, autoscaling)
 
 
 async def _sync_metrics(cluster: Cluster, service: GenerationService) -> None:

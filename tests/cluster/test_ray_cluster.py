@@ -30,6 +30,7 @@ def _config(model_dir, backend: str, **extra) -> ClusterConfig:
             "transfer": {"backend": backend, "timeout_s": 20},
             "scheduler": {"block_size": 4},
             "router": {"grpc_port": 0, "http_port": 0},
+            "autoscaler": {"enabled": False},
             "ray": {"num_cpus": 4}}
     data.update(extra)
     return ClusterConfig.model_validate(data)
@@ -209,6 +210,56 @@ def test_ray_object_store_backend_matches(model_dir, expected, torch_dist_server
     try:
         assert _grpc_outputs(server, prompts) == tokens
         assert server.free_blocks() == server.total_blocks()
+    finally:
+        server.run(server.server.stop())
+        server.loop.call_soon_threadsafe(server.loop.stop)
+
+
+def test_load_spike_grows_prefill_pool_and_idleness_shrinks_it(model_dir, torch_dist_server):
+    from router.client import AsyncSplitServeClient
+
+    autoscaler = {"enabled": True, "interval_s": 0.5, "window_s": 4.0, "cooldown_s": 3.0,
+                  "scale_up_cooldown_s": 1.0, "scale_down_stable_s": 2.0,
+                  "allow_role_change": False}
+    config = _config(model_dir, "torch_dist", autoscaler=autoscaler,
+                     slo={"ttft_s": 0.05, "itl_s": 5.0},
+                     prefill={"num_cpus": 0.5, "min_replicas": 1, "replicas": 1,
+                              "max_replicas": 2, "engine": ENGINE},
+                     decode={"num_cpus": 0.5, "min_replicas": 1, "replicas": 1,
+                             "max_replicas": 1, "engine": ENGINE},
+                     ray={"num_cpus": 4, "namespace": "autoscale"})
+    server = ServerThread(config)
+    cluster = server.server.cluster
+    address = server.server.endpoints()["grpc"]
+    try:
+        assert cluster.replicas("prefill") == 1
+
+        async def spike():
+            client = AsyncSplitServeClient(address, timeout=180)
+            rng = random.Random(11)
+            prompts = [[rng.randrange(5, 400) for _ in range(200)] for _ in range(40)]
+            results = await asyncio.gather(*(client.generate(p, max_tokens=4, temperature=0.0,
+                                                             ignore_eos=True) for p in prompts))
+            await client.close()
+            return results
+
+        results = server.run(spike(), timeout=240)
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 4 for r in results)
+        grew = [d for _, d in server.server.autoscaling.history
+                if d.pool == "prefill" and d.delta > 0]
+        assert grew, "the TTFT spike did not grow the prefill pool"
+        deadline = time.monotonic() + 90
+        seen = set()
+        while time.monotonic() < deadline:  # the new worker starts, then idleness removes it
+            seen.add(cluster.replicas("prefill"))
+            if 2 in seen and cluster.replicas("prefill") == 1:
+                break
+            time.sleep(0.2)
+        assert 2 in seen, "the scale-up never brought a second prefill worker up"
+        assert cluster.replicas("prefill") == 1, "idleness did not shrink the prefill pool"
+        shrank = [d for _, d in server.server.autoscaling.history
+                  if d.pool == "prefill" and d.delta < 0]
+        assert shrank and max(d.current for d in shrank) == 2, server.server.autoscaling.history
     finally:
         server.run(server.server.stop())
         server.loop.call_soon_threadsafe(server.loop.stop)

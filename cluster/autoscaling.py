@@ -1,0 +1,94 @@
+"""The autoscaler, live: every interval, window metrics → Autoscaler.decide → pool changes.
+
+The decision logic is ``cluster.autoscaler.Autoscaler`` (pure, shared with the simulator);
+this module only measures the live cluster and applies decisions: scale-up creates Ray
+actors (on KubeRay, pending actor resources make the Ray autoscaler add GPU nodes),
+scale-down drains first so no request is lost, and a role change drains a worker of one
+pool and starts one in the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+from cluster.autoscaler import Autoscaler, RollingWindow, ScalingDecision
+from cluster.policy_config import AutoscalerConfig, SLOConfig
+
+log = logging.getLogger(__name__)
+
+
+class AutoscalingLoop:
+    def __init__(self, cluster, config: AutoscalerConfig, slo: SLOConfig,
+                 on_decision: Callable[[ScalingDecision], None] | None = None) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.slo = slo
+        self.autoscaler = Autoscaler(config, slo)
+        self.window = RollingWindow(config.window_s)
+        cluster.backend.window = self.window
+        self.on_decision = on_decision
+        self.history: list[tuple[float, ScalingDecision]] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None and self.config.enabled:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)  # the decision period itself
+            try:
+                await self.tick()
+            except Exception:  # a failed scale step is logged; the next tick retries
+                log.exception("autoscaler tick failed")
+
+    def sizes(self) -> dict[str, int]:
+        return {p: self.cluster.replicas(p, include_starting=True) for p in ("prefill", "decode")}
+
+    async def tick(self) -> list[ScalingDecision]:
+        now = time.time()
+        self._sample_gauges(now)
+        metrics = self.window.metrics(now, self.slo.percentile)
+        decisions = self.autoscaler.decide(now, metrics, self.sizes())
+        for decision in decisions:
+            log.info("autoscaler: %s %d -> %d (%s)", decision.pool, decision.current,
+                     decision.target, decision.reason)
+            self.history.append((now, decision))
+            if self.on_decision is not None:
+                self.on_decision(decision)
+            await self._apply(decision)
+        return decisions
+
+    async def _apply(self, decision: ScalingDecision) -> None:
+        if decision.from_pool is not None:
+            await self.cluster.scale(decision.from_pool, -1)
+            await self.cluster.scale(decision.pool, +1)
+        elif decision.delta:
+            await self.cluster.scale(decision.pool, decision.delta)
+
+    def _sample_gauges(self, now: float) -> None:
+        stats = list(self.cluster.backend.last_stats.values())
+        by_role = {r: [s for s in stats if s.role == r] for r in ("prefill", "decode")}
+        queued = self.cluster.scheduler.queue_length
+        prefill, decode = by_role["prefill"], by_role["decode"]
+        w = self.window
+        if prefill:
+            w.add_gauge("prefill_queue_per_worker", now,
+                        (sum(s.num_waiting for s in prefill) + queued) / len(prefill))
+            speeds = [s.prefill_tokens_per_s for s in prefill if s.prefill_tokens_per_s > 0]
+            if speeds:
+                w.add_gauge("prefill_tokens_per_s_per_worker", now, statistics.fmean(speeds))
+        if decode:
+            w.add_gauge("decode_queue_per_worker", now,
+                        sum(s.num_waiting for s in decode) / len(decode))
+            w.add_gauge("decode_kv_usage", now, statistics.fmean(s.kv_usage for s in decode))
