@@ -16,7 +16,8 @@ they share every token up to the end of block ``i``.
 
 Why BLAKE2b and not ``hash(tuple(ids))``: tuple hashing of ints is not salted, but its value
 depends on the Python build (32/64-bit, version); a digest of fixed bytes never changes.
-Cost: one C call per block over a buffer packed once per prompt, about 1 µs per block.
+Cost: the prompt is packed once; then one BLAKE2b call per block: about 2.5 µs of CPU per
+block here (0.6 ms for a 4,096-token prompt at block size 16), linear in the prompt.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ def block_hashes(
     data = _pack(token_ids[: num_blocks * block_size])
     stride = block_size * 8
     out: list[int] = []
-    parent = parent_hash
-    for i in range(num_blocks):
-        h = blake2b(parent.to_bytes(8, "little"), digest_size=_DIGEST_BYTES)
-        h.update(data[i * stride : (i + 1) * stride])
-        parent = int.from_bytes(h.digest(), "little")
-        out.append(parent)
+    parent = parent_hash.to_bytes(8, "little")  # the chain is carried as digest bytes
+    from_bytes = int.from_bytes
+    for offset in range(0, num_blocks * stride, stride):
+        block = data[offset : offset + stride]
+        parent = blake2b(parent + block, digest_size=_DIGEST_BYTES).digest()
+        out.append(from_bytes(parent, "little"))
     return out

@@ -1,0 +1,290 @@
+"""A simulated worker: chunked prefill and continuous-batching decode against a cost model.
+
+One class serves the three roles. A worker alternates between two kinds of *segments*:
+
+  mixed step     the prefill queue is not empty: one engine step computes a chunk of prompt
+                 tokens (the step's token budget minus one token per running decode) and one
+                 token for every running decode. One event per step.
+  decode run     only decodes: the batch is advanced analytically over ``m`` steps, up to the
+                 step at which its first member finishes. Step j lasts
+                 ``a + c * (K0 + j * B)`` (B sequences, K0 context tokens at the start: every
+                 step adds B tokens of KV to read), so ``m`` steps take
+                 ``m * a + c * (m * K0 + B * m * (m - 1) / 2)``. One event per run; a request
+                 joining mid-run shortens it to the step boundary after the join.
+
+Request progress is counters: ``prefill_left`` tokens to compute, and for decodes a finish
+step on the worker's step counter (a heap), so a run costs O(log B), not O(B).
+
+Decode-side KV: blocks for prompt + output are reserved when the request is placed (the
+receiver preallocates, so there is no preemption in the simulator). The prefix cache is an
+LRU of chained block hashes, as big as the worker's KV cache; hits are decided when a request
+is accepted and the blocks it fills are cached when its prefill completes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Protocol
+
+from cluster.simulator.profiles import CostProfile
+from engine.worker_stats import WorkerStats
+
+if TYPE_CHECKING:
+    from cluster.simulator.config import SimConfig
+
+
+class SimRequest:
+    __slots__ = (
+        "idx", "rid", "arrival", "prompt", "output", "hashes", "decode_worker",
+        "prefill_left", "computed", "cached", "blocks", "ctx_join", "join_step",
+    )
+
+    def __init__(self, idx: int, arrival: float, prompt: int, output: int, hashes: tuple):
+        self.idx, self.rid, self.arrival = idx, str(idx), arrival
+        self.prompt, self.output, self.hashes = prompt, output, hashes
+        self.decode_worker: SimWorker | None = None
+        self.prefill_left = prompt  # prompt tokens still to compute
+        self.computed = 0  # prompt tokens in KV so far (cache hits included)
+        self.cached = 0  # prompt tokens served by the prefix cache
+        self.blocks = 0  # decode-side blocks reserved
+        self.ctx_join = 0  # context length when the request joined the decode batch
+        self.join_step = 0  # worker step counter at the join
+
+
+class Host(Protocol):
+    """What a worker needs from the simulation around it."""
+
+    def schedule(self, t: float, worker: SimWorker) -> None: ...
+    def first_token(self, r: SimRequest, t: float) -> None: ...
+    def prefill_done(self, r: SimRequest, t: float, worker: SimWorker) -> None: ...
+    def finished(self, r: SimRequest, t: float) -> None: ...
+    def decode_steps(self, t: float, d0: float, d1: float, m: int, batch: int) -> None: ...
+
+
+class SimWorker:
+    def __init__(
+        self, wid: str, role: str, prof: CostProfile, cfg: SimConfig, host: Host, now: float
+    ):
+        self.wid, self.role, self.prof, self.host = wid, role, prof, host
+        self.block_size = cfg.scheduler.block_size
+        capacity = cfg.kv_capacity_tokens or prof.kv_capacity_tokens
+        self.total_blocks = max(1, capacity // self.block_size)
+        self.chunk = cfg.prefill_chunk_tokens if role == "prefill" else cfg.colocated_chunk_tokens
+        self.max_seqs = cfg.decode_max_num_seqs if role != "prefill" else 0
+        self.max_prefill_seqs = cfg.prefill_max_num_seqs
+        self.prefill_q: deque[SimRequest] = deque()
+        self.queued_tokens = 0
+        self.decode_wait: deque[SimRequest] = deque()
+        self.expecting = 0  # reserved here, KV not arrived yet
+        self.heap: list[tuple[int, int, SimRequest]] = []  # (finish step, idx, request)
+        self.sum_ctx = 0  # KV tokens of the running batch
+        self.steps = 0
+        self.reserved = 0
+        self.busy = False
+        self.version = 0
+        self.seg: tuple[float, int, int, int, float, float, float] = (0, 0, 0, 0, 0, 0, 0)
+        self.chunks: list[tuple[SimRequest, int]] = []
+        self.busy_s = 0.0
+        self.alive_from, self.alive_to = now, math.inf
+        self.draining = False
+        self.move_to: str | None = None
+        self.link_free = 0.0  # outbound KV link busy until
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self._added: set[int] = set()
+        self._evicted: set[int] = set()
+        self.prefill_speed = prof.prefill_tokens_per_s(self.chunk)
+
+    # ---- requests arriving -----------------------------------------------------------------
+
+    def accept_prefill(self, r: SimRequest, now: float) -> None:
+        """Queue ``r``'s prompt here (prefill role, or a local prefill on decode/colocated)."""
+        hits = 0
+        for h in r.hashes:
+            if h not in self.lru:
+                break
+            self.lru.move_to_end(h)
+            hits += 1
+        r.cached = r.computed = min(hits * self.block_size, r.prompt - 1)
+        r.prefill_left = r.prompt - r.cached
+        self.prefill_q.append(r)
+        self.queued_tokens += r.prefill_left
+        self.kick(now)
+
+    def reserve(self, r: SimRequest) -> None:
+        """Preallocate decode blocks for prompt + output; the KV (or local prefill) follows."""
+        r.blocks = -(-(r.prompt + r.output) // self.block_size)
+        r.decode_worker = self
+        self.reserved += r.blocks
+        self.expecting += 1
+
+    def receive_kv(self, r: SimRequest, now: float) -> None:
+        self.expecting -= 1
+        self.decode_wait.append(r)
+        self.kick(now)
+
+    def release(self, r: SimRequest) -> None:
+        """Drop a reservation whose request ended before decoding (one-token outputs)."""
+        self.reserved -= r.blocks
+        self.expecting -= 1
+
+    # ---- the event loop's entry points -----------------------------------------------------
+
+    def kick(self, now: float) -> None:
+        """New work arrived: start if idle, or cut a decode run at the next step boundary."""
+        if not self.busy:
+            self._start(now)
+        elif not self.chunks and self.seg[1] > 1:
+            self._interrupt(now)
+
+    def on_event(self, now: float, version: int) -> bool:
+        """End of the current segment; False if the event is stale."""
+        if version != self.version or not self.busy:
+            return False
+        self._finish_segment(now)
+        self._start(now)
+        return True
+
+    def is_idle(self) -> bool:
+        return not (self.busy or self.prefill_q or self.heap or self.decode_wait or self.expecting)
+
+    # ---- segments --------------------------------------------------------------------------
+
+    def _start(self, now: float) -> None:
+        while self.decode_wait and (len(self.heap) < self.max_seqs):
+            r = self.decode_wait.popleft()
+            r.ctx_join, r.join_step = r.prompt + 1, self.steps
+            heapq.heappush(self.heap, (self.steps + r.output - 1, r.idx, r))
+            self.sum_ctx += r.ctx_join
+        batch = len(self.heap)
+        self.chunks = self._take_chunks(self.chunk - batch) if self.prefill_q else []
+        p = self.prof
+        if self.chunks:
+            n = sum(c for _, c in self.chunks)
+            attn = sum(c * (r.computed + c / 2) for r, c in self.chunks)
+            base = p.decode_step_s(batch, self.sum_ctx) if batch else p.prefill_fixed_s
+            dur = base + p.prefill_per_token_s * n + p.prefill_per_attn_pair_s * attn
+            self.seg = (now, 1, batch, self.sum_ctx, dur, 0.0, dur)
+        elif batch:
+            m = self.heap[0][0] - self.steps
+            a = p.decode_fixed_s + p.decode_per_seq_s * batch
+            c = p.decode_per_kv_byte_s * p.kv_bytes_per_token
+            self.seg = (now, m, batch, self.sum_ctx, a, c, _run_time(m, a, c, self.sum_ctx, batch))
+        else:
+            self.busy = False
+            return
+        self.busy = True
+        self.version += 1
+        self.host.schedule(now + self.seg[6], self)
+
+    def _take_chunks(self, budget: int) -> list[tuple[SimRequest, int]]:
+        chunks = []
+        for r in self.prefill_q:
+            if budget <= 0 or len(chunks) >= self.max_prefill_seqs:
+                break
+            n = min(r.prefill_left, budget)
+            chunks.append((r, n))
+            budget -= n
+        return chunks
+
+    def _interrupt(self, now: float) -> None:
+        t0, m, batch, k0, a, c, _ = self.seg
+        elapsed = now - t0
+        qa, qb = c * batch / 2, a + c * k0 - c * batch / 2
+        done = elapsed / qb if qa == 0 else (-qb + math.sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa)
+        new_m = max(1, int(done) + 1)
+        while _run_time(new_m, a, c, k0, batch) < elapsed:
+            new_m += 1
+        if new_m >= m:
+            return
+        self.seg = (t0, new_m, batch, k0, a, c, _run_time(new_m, a, c, k0, batch))
+        self.version += 1
+        self.host.schedule(t0 + self.seg[6], self)
+
+    def _finish_segment(self, now: float) -> None:
+        t0, m, batch, k0, a, c, dur = self.seg
+        self.busy_s += now - t0
+        self.busy = False
+        if batch:
+            first = a + c * k0 if not self.chunks else dur
+            last = a + c * (k0 + (m - 1) * batch) if not self.chunks else dur
+            self.host.decode_steps(now, first, last, m, batch)
+            self.steps += m
+            self.sum_ctx += batch * m
+            while self.heap and self.heap[0][0] <= self.steps:
+                _, _, r = heapq.heappop(self.heap)
+                self.sum_ctx -= r.ctx_join + self.steps - r.join_step
+                self.reserved -= r.blocks
+                self.host.finished(r, now)
+        for r, n in self.chunks:
+            r.prefill_left -= n
+            r.computed += n
+            self.queued_tokens -= n
+        while self.prefill_q and self.prefill_q[0].prefill_left == 0:
+            self._prefill_complete(self.prefill_q.popleft(), now)
+        self.chunks = []
+
+    def _prefill_complete(self, r: SimRequest, now: float) -> None:
+        self._cache(r.hashes)
+        self.host.first_token(r, now)
+        if self.role == "prefill":
+            self.host.prefill_done(r, now, self)
+        elif r.output <= 1:
+            self.reserved -= r.blocks
+            self.expecting -= 1
+            self.host.finished(r, now)
+        else:
+            self.expecting -= 1
+            self.decode_wait.append(r)
+
+    def _cache(self, hashes: tuple) -> None:
+        lru = self.lru
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            if h in self._evicted:
+                self._evicted.discard(h)  # evicted and back within one report: no net change
+            else:
+                self._added.add(h)
+        while len(lru) > self.total_blocks:
+            old, _ = lru.popitem(last=False)
+            if old in self._added:
+                self._added.discard(old)
+            else:
+                self._evicted.add(old)
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def stats(self, now: float) -> WorkerStats:
+        added: tuple[int, ...] = ()
+        evicted: tuple[int, ...] = ()
+        if self._added or self._evicted:
+            added, evicted = tuple(self._added), tuple(self._evicted)
+            self._added.clear()
+            self._evicted.clear()
+        # positional (hot path): the field order of WorkerStats
+        return WorkerStats(
+            self.wid,
+            self.role,  # type: ignore[arg-type]
+            len(self.prefill_q) + len(self.decode_wait) + self.expecting,  # num_waiting
+            len(self.heap),  # num_running
+            self.queued_tokens,  # queued_prefill_tokens
+            max(0, self.total_blocks - self.reserved),  # free_blocks
+            self.total_blocks,
+            self.block_size,
+            self.prefill_speed,  # prefill_tokens_per_s
+            0.0,  # decode_tokens_per_s (not modelled)
+            added,
+            evicted,
+            now,  # timestamp
+            self.draining,
+            self.max_seqs,  # max_num_seqs
+        )
+
+
+def _run_time(m: int, a: float, c: float, k0: int, batch: int) -> float:
+    """Duration of ``m`` decode steps starting with ``k0`` context tokens over ``batch``."""
+    return m * a + c * (m * k0 + batch * m * (m - 1) / 2)
