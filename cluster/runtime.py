@@ -58,9 +58,11 @@ class Cluster:
         rc = self.config.ray
         if rc.address:
             ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=False)
-        else:
+        else:  # a local node offers the pools' custom resources (a cluster's nodes would)
+            resources = {name: 1000.0 for pool in (self.config.prefill, self.config.decode)
+                         for name in pool.resources}
             ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
-                     log_to_driver=False)
+                     log_to_driver=False, resources=resources or None)
         self._owns_ray = True
 
     async def add_worker(self, role: str) -> str:

@@ -34,6 +34,7 @@ class EngineHost:
         self.engine = Engine.from_pretrained(model_dir, **options)
         self.loop = EngineLoop(self.engine, on_outputs, name=f"{worker_id}-engine")
         self._sent_snapshot = False
+        self.kv_bytes_sent = 0  # counted by the owning prefill worker
         self.loop.start()
 
     def call(self, fn: Callable, *args, timeout: float | None = None):
@@ -63,6 +64,10 @@ class EngineHost:
             cached_block_hashes_added=tuple(added), cached_block_hashes_evicted=tuple(evicted),
             timestamp=time.time(), draining=draining,
             max_num_seqs=engine.scheduler_config.max_num_seqs, cache_snapshot=snapshot,
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=engine.kv_manager.num_prefix_queries,
+            prefix_cache_hits=engine.kv_manager.num_prefix_hits,
+            kv_bytes_sent=self.kv_bytes_sent,
         )
 
     def check_integrity(self) -> None:

@@ -62,6 +62,14 @@ class WorkerStats:
     cache_snapshot: bool = False
     """True when ``cached_block_hashes_added`` lists the complete cache, replacing what the
     scheduler knew (``cached_block_hashes_evicted`` is then empty)."""
+    num_preemptions: int = 0
+    """Requests preempted since the worker started (cumulative, for metrics)."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache since start (cumulative)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (cumulative): hit rate = hits / queries."""
+    kv_bytes_sent: int = 0
+    """KV cache bytes this worker shipped to decode workers since start (cumulative)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

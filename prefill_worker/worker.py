@@ -63,7 +63,6 @@ class PrefillWorker:
         self.transfer_config = transfer_config or TransferConfig()
         self.sender = make_sender(self.transfer_config, self.host.engine.runner.kv_cache,
                                   name=worker_id, **sender_kwargs)
-        self.kv_bytes_sent = 0
         self.num_transfers_failed = 0
 
     # -- called by the router (Ray actor methods) -------------------------------------------
@@ -151,7 +150,7 @@ class PrefillWorker:
             self.num_transfers_failed += 1
             log.warning("KV transfer of %s failed: %s", handle.request_id, handle.error)
         else:
-            self.kv_bytes_sent += handle.result().nbytes
+            self.host.kv_bytes_sent += handle.result().nbytes
         # Source blocks are released on the engine thread (the engine is single-threaded).
         self.host.loop.call(lambda engine: engine.release(handle.request_id))
 

@@ -40,6 +40,7 @@ class ServingMetrics:
     """The metrics of one router instance and the cluster behind it."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.transfer_backend = "none"  # label for KV transfer metrics; set by the server
         self.registry = registry if registry is not None else CollectorRegistry()
         self._declare_request_metrics()
         self._declare_worker_metrics()

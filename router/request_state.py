@@ -99,6 +99,9 @@ class RequestState:
         self._metrics.e2e_request_latency.observe(chunk.timing["e2e"])
         for phase, seconds in chunk.timing.items():
             self._metrics.request_phase.labels(phase=phase).observe(seconds)
+        if "kv_transfer" in chunk.timing:
+            self._metrics.kv_transfer_seconds.labels(
+                backend=self._metrics.transfer_backend).observe(chunk.timing["kv_transfer"])
         return chunk
 
     def _detokenize(self, ids: list[int]) -> tuple[list[int], str]:

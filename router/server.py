@@ -76,6 +76,7 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
     try:
         rc = router_config(config)
         service = GenerationService(cluster.backend, Tokenizer(config.model.path), rc)
+        service.metrics.transfer_backend = config.transfer.backend
         await service.start()
         grpc = await start_grpc_server(service, rc.host, rc.grpc_port)
         http = await start_http_server(service, rc.host, rc.http_port, api_key=rc.api_key)
@@ -96,8 +97,17 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
 
 
 async def _sync_metrics(cluster: Cluster, service: GenerationService) -> None:
-    """Copy the workers' latest stats into the router's Prometheus gauges."""
+    """Copy the workers' latest stats into the router's Prometheus metrics (cumulative
+    worker counters become counter increments)."""
     m = service.metrics
+    seen: dict[tuple[str, str], int] = {}
+
+    def advance(counter, key: tuple[str, str], total: int, **labels) -> None:
+        delta = total - seen.get(key, 0)
+        if delta > 0:
+            counter.labels(**labels).inc(delta)
+        seen[key] = total
+
     while True:
         for role in ("prefill", "decode", "colocated"):
             m.pool_replicas.labels(pool=role).set(cluster.replicas(role))
@@ -107,4 +117,10 @@ async def _sync_metrics(cluster: Cluster, service: GenerationService) -> None:
             m.worker_requests_waiting.labels(**labels).set(stats.num_waiting)
             m.kv_blocks_used.labels(**labels).set(stats.total_blocks - stats.free_blocks)
             m.kv_blocks_free.labels(**labels).set(stats.free_blocks)
+            if stats.prefix_cache_queries:
+                m.prefix_cache_hit_rate.labels(**labels).set(
+                    stats.prefix_cache_hits / stats.prefix_cache_queries)
+            advance(m.preemptions, (wid, "preempt"), stats.num_preemptions, **labels)
+            advance(m.kv_transfer_bytes, (wid, "kv"), stats.kv_bytes_sent,
+                    backend=cluster.config.transfer.backend)
         await asyncio.sleep(METRICS_SYNC_S)  # the scrape-facing refresh period

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import logging
 import signal
 import sys
@@ -28,6 +29,8 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address the servers bind to")
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--http-port", type=int)
+    p.add_argument("--api-key", help="require this bearer token (default: $SPLITSERVE_API_KEY "
+                   "or router.api_key; keep it in a Secret, not the config file)")
 
 
 def load_config(args: argparse.Namespace):
@@ -39,6 +42,7 @@ def load_config(args: argparse.Namespace):
         "colocated": args.colocated, "transfer.backend": args.kv_backend,
         "ray.address": args.ray_address, "router.host": args.host,
         "router.grpc_port": args.grpc_port, "router.http_port": args.http_port,
+        "router.api_key": getattr(args, "api_key", None) or os.environ.get("SPLITSERVE_API_KEY"),
     }
     for role in ("prefill", "decode"):
         n = getattr(args, role)

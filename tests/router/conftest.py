@@ -21,10 +21,11 @@ MAX_MODEL_LEN = 256
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from engine.make_model_tokenizer import build_tokenizer
+    from engine.make_model_tokenizer import save_tokenizer, train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(out, vocab_size=600, add_bos=False, max_len=MAX_MODEL_LEN)
+    save_tokenizer(train_tokenizer(600, add_bos=False), out, add_bos=False,
+                   max_len=MAX_MODEL_LEN)
     return out
 
 
