@@ -1,0 +1,270 @@
+"""KV transfer bandwidth: our torch_dist path vs a raw torch.distributed send/recv.
+
+Two processes (this one sends, a spawned child receives), measured side by side in one run,
+on a Llama-3-8B-shaped KV cache (8 KV heads, head_dim 128, bf16, block size 16; ``--layers``
+of its 32 layers, 8 by default so that the run fits in about a minute on 2 CPU cores), for
+prompts of 512, 2048 and 8192 tokens whose blocks are scattered over the cache:
+
+  - ours: ``TorchDistSender.send`` → gather → header + pipelined chunks → receive into
+    staging → scatter into the reserved blocks → ``on_done`` on the receiver; timed from
+    ``send()`` until the child reports ``on_done``.
+  - raw: one ``send``/``recv`` of a preallocated contiguous buffer of the same byte count
+    over a separate two-rank group between the same processes (no gather, no scatter, no
+    header); timed from the send until the child reports the receive done.
+
+Each size: one warm-up of each, then ``--reps`` alternating repetitions; medians, GB/s and
+the ratio ours/raw are printed and written to JSON. Received KV is checked against what was
+sent once per size.
+
+    python benchmarks/kv_transfer.py                      # gloo, CPU caches
+    python benchmarks/kv_transfer.py --device cuda        # NCCL with 2+ GPUs (one per side);
+                                                          # with 1 GPU: CUDA caches, gloo wire
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # this script is named like the package it measures: import the package
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kv_transfer import TransferConfig, blocks
+from kv_transfer.torch_dist import TorchDistReceiver, TorchDistSender
+
+KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 8, 128, 16, torch.bfloat16
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layers", type=int, default=8, help="KV layers (Llama-3-8B has 32)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--wire", default="auto", choices=["auto", "gloo", "nccl"])
+    p.add_argument("--layers-per-chunk", type=int, default=1, help="0 = one buffer")
+    p.add_argument("--inflight-chunks", type=int, default=2)
+    p.add_argument("--out", default="results/kv_transfer.json")
+    return p.parse_args()
+
+
+def cache(args: argparse.Namespace, device: str, fill: bool) -> torch.Tensor:
+    num_blocks = 2 * max(args.tokens) // BLOCK_SIZE + 8
+    shape = (args.layers, 2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    if not fill:
+        return torch.zeros(shape, dtype=DTYPE, device=device)
+    return torch.randn(shape, dtype=torch.float32, device=device).to(DTYPE)
+
+
+def config(args: argparse.Namespace) -> TransferConfig:
+    return TransferConfig(
+        host="127.0.0.1",
+        timeout_s=120,
+        wire=args.wire,
+        layers_per_chunk=args.layers_per_chunk,
+        inflight_chunks=args.inflight_chunks,
+    )
+
+
+def raw_group(store: dist.Store, rank: int, wire: str) -> dist.ProcessGroup:
+    """A standalone two-rank group for the baseline, built the same way as ours."""
+    timeout = datetime.timedelta(seconds=120)
+    if wire == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(dist.PrefixStore("raw/", store), rank, 2, opts)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    opts._timeout = timeout
+    return dist.ProcessGroupGloo(dist.PrefixStore("raw/", store), rank, 2, opts)
+
+
+def wire_of(args: argparse.Namespace) -> str:
+    """The wire both paths use: NCCL needs CUDA and one GPU per side."""
+    if args.wire != "auto":
+        return args.wire
+    return "nccl" if args.device == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+
+
+def device_of(args: argparse.Namespace, rank: int) -> str:
+    if args.device == "cpu":
+        return "cpu"
+    return f"cuda:{min(rank, torch.cuda.device_count() - 1)}"
+
+
+def receiver_main(args: argparse.Namespace, inbox, outbox) -> None:
+    """Child: a TorchDistReceiver plus the raw baseline's receiving end."""
+    device = device_of(args, 1)
+    if args.device == "cuda":
+        torch.cuda.set_device(device)
+    kv = cache(args, device, fill=False)
+    receiver = TorchDistReceiver(config(args), kv, name="bench-decode")
+    raw_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    outbox.send(("hello", receiver.endpoint(), raw_store.port))
+    wire = wire_of(args)
+    raw = raw_group(raw_store, 1, wire)
+    raw_buf = torch.empty(
+        kv[:, :, : max(args.tokens) // BLOCK_SIZE].numel() * 2,
+        dtype=torch.uint8,
+        device=device if wire == "nccl" else "cpu",
+    )
+    lock = threading.Lock()
+
+    def reply(*msg) -> None:
+        with lock:
+            outbox.send(msg)
+
+    while (msg := inbox.recv())[0] != "stop":
+        if msg[0] == "expect":
+            _, rid, dst = msg
+            receiver.expect(rid, dst, lambda r, e: reply("done", r, None if e is None else str(e)))
+            reply("ready")
+        elif msg[0] == "raw":
+            work = raw.recv([raw_buf[: msg[1]]], 0, 0)
+            reply("ready")
+            work.wait()
+            if raw_buf.is_cuda:
+                torch.cuda.synchronize()
+            reply("done", "raw", None)
+        elif msg[0] == "check":
+            got = blocks.gather(kv, msg[1]).float().sum().item()
+            reply("check", got)
+    receiver.close()
+
+
+def expect_msg(inbox, kind: str):
+    msg = inbox.recv()
+    if msg[0] != kind:
+        raise RuntimeError(f"benchmark: expected {kind!r} from the receiver, got {msg}")
+    if kind == "done" and msg[2] is not None:
+        raise RuntimeError(f"benchmark: transfer failed: {msg[2]}")
+    return msg
+
+
+def time_ours(sender, endpoint, outbox, inbox, rid: str, src, dst) -> float:
+    outbox.send(("expect", rid, dst))
+    expect_msg(inbox, "ready")
+    t0 = time.perf_counter()
+    handle = sender.send(rid, endpoint, src)
+    expect_msg(inbox, "done")
+    elapsed = time.perf_counter() - t0
+    handle.result(timeout=60)
+    return elapsed
+
+
+def time_raw(raw, buf: torch.Tensor, outbox, inbox) -> float:
+    outbox.send(("raw", buf.numel()))
+    expect_msg(inbox, "ready")
+    t0 = time.perf_counter()
+    raw.send([buf], 1, 0).wait()
+    expect_msg(inbox, "done")
+    return time.perf_counter() - t0
+
+
+def bench_size(args, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) -> dict:
+    n = tokens // BLOCK_SIZE
+    gen = torch.Generator().manual_seed(tokens)
+    src = torch.randperm(kv.shape[2], generator=gen)[:n].tolist()
+    dst = torch.randperm(kv.shape[2], generator=gen)[:n].tolist()
+    nbytes = kv[:, :, :n].numel() * kv.element_size()
+    buf = raw_buf[:nbytes]
+    ours, base = [], []
+    for rep in range(args.reps + 1):  # rep 0 is the warm-up
+        t_ours = time_ours(sender, endpoint, outbox, inbox, f"t{tokens}-{rep}", src, dst)
+        t_raw = time_raw(raw, buf, outbox, inbox)
+        if rep:
+            ours.append(t_ours)
+            base.append(t_raw)
+    outbox.send(("check", dst))
+    got = expect_msg(inbox, "check")[1]
+    want = blocks.gather(kv, src).float().sum().item()
+    if abs(got - want) > 1e-3 * max(1.0, abs(want)):
+        raise RuntimeError(f"benchmark: received KV differs (checksum {got} != {want})")
+    med_ours, med_raw = statistics.median(ours), statistics.median(base)
+    return {
+        "tokens": tokens,
+        "blocks": n,
+        "bytes": nbytes,
+        "ours_s": ours,
+        "raw_s": base,
+        "ours_median_s": med_ours,
+        "raw_median_s": med_raw,
+        "ours_GBps": nbytes / med_ours / 1e9,
+        "raw_GBps": nbytes / med_raw / 1e9,
+        "ratio": med_raw / med_ours,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    ctx = mp.get_context("spawn")
+    to_child, child_in = ctx.Pipe()
+    child_out, from_child = ctx.Pipe()
+    child = ctx.Process(target=receiver_main, args=(args, child_in, child_out), daemon=True)
+    child.start()
+    device = device_of(args, 0)
+    kv = cache(args, device, fill=True)
+    sender = TorchDistSender(config(args), kv, name="bench-prefill")
+    _, endpoint, raw_port = expect_msg(from_child, "hello")
+    wire = wire_of(args)
+    raw = raw_group(dist.TCPStore("127.0.0.1", raw_port, is_master=False), 0, wire)
+    raw_buf = torch.randint(
+        0,
+        255,
+        (kv[:, :, : max(args.tokens) // BLOCK_SIZE].numel() * 2,),
+        dtype=torch.uint8,
+        device=device if wire == "nccl" else "cpu",
+    )
+    rows = [
+        bench_size(args, t, sender, endpoint, raw, raw_buf, kv, to_child, from_child)
+        for t in args.tokens
+    ]
+    sender.close()  # its CLOSE message ends the child's receiving thread first
+    to_child.send(("stop",))
+    child.join(timeout=60)
+    report(args, rows)
+
+
+def report(args: argparse.Namespace, rows: list[dict]) -> None:
+    print(
+        f"KV transfer, {args.device} caches, {wire_of(args)} wire, {args.layers} layers x 8 kv "
+        f"heads x 128 dims, bf16, block 16, layers/chunk {args.layers_per_chunk}, "
+        f"inflight {args.inflight_chunks}, median of {args.reps}"
+    )
+    print(
+        f"{'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} {'ours GB/s':>10} "
+        f"{'raw GB/s':>9} {'ours/raw':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['ours_median_s'] * 1e3:>9.1f} "
+            f"{r['raw_median_s'] * 1e3:>9.1f} {r['ours_GBps']:>10.2f} {r['raw_GBps']:>9.2f} "
+            f"{r['ratio']:>9.2f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "args": vars(args),
+        "wire": wire_of(args),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpus": torch.get_num_threads(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The transfer interface: a sender on the prefill side, a receiver on the decode side.
+
+Push model. The decode worker reserves the request's blocks first and registers them with
+``KVReceiver.expect``; then the prefill worker calls ``KVSender.send`` to push the request's
+KV into them. The receiver never asks for anything, and "no free blocks" on the decode side
+is backpressure handled before any transfer starts (outside this package).
+
+Life of a transfer:
+  decode: 1. reserve blocks  2. ``expect(rid, dst_blocks, on_done)``  3. ``on_done(rid, None)``
+          (KV scattered into dst_blocks; the request may join the decode batch) or
+          ``on_done(rid, TransferError)`` (free the blocks; the request fails or re-prefills)
+  prefill: 1. ``handle = send(rid, peer, src_blocks)`` after the last prefill chunk
+          2. when ``handle.done()`` (success or error) free the source blocks
+  abort: ``receiver.abort(rid)`` guarantees no later write into the request's dst blocks (a
+          payload still on the wire is drained and discarded); ``sender.abort(rid)`` drops a
+          transfer that has not started.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kv_transfer.errors import LayoutMismatch, TransferError
+
+OnDone = Callable[[str, TransferError | None], None]  # (request_id, error or None)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How KV moves between workers; one per cluster, from the pool config."""
+
+    backend: str = "torch_dist"  # registry name: "torch_dist", "ray" or "loopback"
+    timeout_s: float = 30.0  # one request's header + payload must move within this
+    connect_timeout_s: float = 30.0  # opening a pair channel (store handshake + rendezvous)
+    idle_timeout_s: float = 600.0  # a sender closes a pair channel idle this long
+    max_channels: int = 16  # LRU cap on a sender's open pair channels (idle ones are closed)
+    layers_per_chunk: int = 1  # payload buffers of this many layers (pipelined); 0 = one buffer
+    inflight_chunks: int = 2  # chunk buffers in flight per channel, >= 2 (one gathered while
+    # another is on the wire); staging memory per channel = this many chunks, on each side
+    wire: str = (
+        "auto"  # torch_dist: "auto" (nccl if both caches are CUDA, else gloo), "gloo", "nccl"
+    )
+    host: str = ""  # address this process advertises/binds; "" = resolve this host's name
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0 or self.idle_timeout_s <= 0:
+            raise ValueError("transfer timeouts must be positive")
+        if self.max_channels < 1 or self.inflight_chunks < 2 or self.layers_per_chunk < 0:
+            raise ValueError("need max_channels >= 1, inflight_chunks >= 2, layers_per_chunk >= 0")
+        if self.wire not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"wire must be auto, gloo or nccl (got {self.wire!r})")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a sender needs to reach a receiver. Small and picklable: it travels through Ray."""
+
+    backend: str  # backend of the receiver that made it
+    name: str  # the receiving worker's name (error messages; loopback registry key)
+    layout: tuple[int, ...]  # receiver's kv_cache shape without num_blocks: (L, 2, bs, kvh, D)
+    dtype: str  # receiver's kv_cache dtype, e.g. "bfloat16"
+    device: str = "cpu"  # "cpu" or "cuda": where the receiver's cache lives
+    host: str = ""  # torch_dist: address of the receiver's TCPStore
+    port: int = 0  # torch_dist: port of the receiver's TCPStore
+    actor: Any = None  # ray: actor handle of the receiving worker
+    method: str = ""  # ray: that actor's method that hands (rid, header, buffer) to the receiver
+
+    def describe(self) -> str:
+        where = f" ({self.host}:{self.port})" if self.port else ""
+        return f"{self.name}{where}"
+
+
+def cache_layout(kv_cache: torch.Tensor) -> tuple[tuple[int, ...], str]:
+    """``(layout, dtype name)`` of a cache, as an ``Endpoint`` advertises them."""
+    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+        raise ValueError(
+            "kv_cache must be [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got {tuple(kv_cache.shape)}"
+        )
+    shape = tuple(kv_cache.shape)
+    return shape[:2] + shape[3:], str(kv_cache.dtype).removeprefix("torch.")
+
+
+def check_layout(request_id: str, kv_cache: torch.Tensor, peer: Endpoint) -> None:
+    """Raise ``LayoutMismatch`` unless ``kv_cache`` and the peer's cache have the same layout."""
+    layout, dtype = cache_layout(kv_cache)
+    if (layout, dtype) != (tuple(peer.layout), peer.dtype):
+        raise LayoutMismatch(
+            request_id,
+            peer.describe(),
+            f"sender cache {layout} {dtype} != receiver cache {tuple(peer.layout)} {peer.dtype}",
+        )
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What a finished send moved."""
+
+    nbytes: int  # payload bytes (header excluded)
+    seconds: float  # from the start of the send on the wire to its last byte acknowledged
+
+
+class TransferHandle:
+    """The sender's view of one send: returned at once, completed from a transfer thread."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.submitted_at = time.monotonic()
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._stats: TransferStats | None = None
+        self._error: TransferError | None = None
+        self._callbacks: list[Callable[[TransferHandle], None]] = []
+
+    def done(self) -> bool:
+        """True once the send succeeded or failed (the source blocks may then be freed).
+        Success means the payload reached the receiver, which may have discarded it (the
+        request was aborted there)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done or ``timeout`` seconds; returns ``done()``."""
+        return self._event.wait(timeout)
+
+    @property
+    def error(self) -> TransferError | None:
+        """The failure, or None (success, or not done yet)."""
+        return self._error
+
+    def result(self, timeout: float | None = None) -> TransferStats:
+        """Wait, then return the stats or raise the ``TransferError``."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"request {self.request_id}: send not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._stats is not None
+        return self._stats
+
+    def add_done_callback(self, fn: Callable[[TransferHandle], None]) -> None:
+        """Call ``fn(handle)`` when done (at once if already done), from the finishing thread."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self, stats: TransferStats | None, error: TransferError | None) -> bool:
+        """Complete once (later calls are ignored and return False)."""
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self._stats, self._error = stats, error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+        return True
+
+    def succeed(self, stats: TransferStats) -> bool:
+        return self._finish(stats, None)
+
+    def fail(self, error: TransferError) -> bool:
+        return self._finish(None, error)
+
+
+class KVSender(ABC):
+    """Prefill side: pushes a request's blocks to a receiver."""
+
+    @abstractmethod
+    def send(
+        self,
+        request_id: str,
+        peer: Endpoint,
+        src_block_ids: Sequence[int],
+        layers: tuple[int, int] | None = None,
+    ) -> TransferHandle:
+        """Start pushing blocks ``src_block_ids`` (layers ``[start, end)``, default all) to
+        ``peer``; returns at once. Sends to one peer go out in call order. The source blocks
+        must stay untouched until the handle is done. Several sends of disjoint layer ranges
+        may carry one request (layer-by-layer overlap with compute); the receiver completes
+        the request when every layer has arrived."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """Drop the request's sends that have not started (their handles fail with
+        ``TransferAborted``); True if any was dropped. A send already on the wire finishes."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish nothing new: fail queued sends, close every channel. Idempotent."""
+
+
+class KVReceiver(ABC):
+    """Decode side: receives pushed blocks into preallocated block ids."""
+
+    @abstractmethod
+    def endpoint(self) -> Endpoint:
+        """How senders reach this receiver (give it to the router / prefill worker)."""
+
+    @abstractmethod
+    def expect(
+        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
+    ) -> None:
+        """Register reserved blocks for a request before its sender sends. ``on_done(rid,
+        error)`` runs once, on a transfer thread (keep it short: enqueue); without it the
+        outcome is returned by ``poll``."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """Forget the request. After this returns nothing more is written into its blocks and
+        no completion is reported for it; a payload arriving later is drained and discarded.
+        True if the request was still expected."""
+
+    @abstractmethod
+    def poll(self) -> list[tuple[str, TransferError | None]]:
+        """Completions of requests registered without ``on_done``, oldest first."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving; requests still expected fail with ``PeerClosed``. Idempotent."""
+
+
+def fail_fast(handle: TransferHandle, error: TransferError) -> TransferHandle:
+    """Fail ``handle`` at once and return it (for checks done inside ``send``)."""
+    handle.fail(error)
+    return handle

@@ -1,0 +1,155 @@
+"""Receiver-side bookkeeping shared by every backend: expected requests, abort, completions.
+
+One ``ExpectTable`` per receiver. Backends call, for each arriving payload::
+
+    entry = table.begin(header, peer)      # None: nobody expects it -> drain and discard
+    table.write(entry, layers, buffer)     # scatter, unless aborted meanwhile (under the lock)
+    table.finish(entry, layers)            # all layers in -> on_done(rid, None) / poll()
+
+``abort`` takes the same lock as ``write``: once it returns, no scatter into the request's
+blocks can start, so the decode worker may free them at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer import blocks
+from kv_transfer.base import OnDone
+from kv_transfer.errors import LayoutMismatch, TransferError
+from kv_transfer.header import TransferHeader
+
+
+@dataclass
+class Expected:
+    """A request whose KV this receiver waits for."""
+
+    request_id: str
+    dst_index: torch.Tensor  # [n] int64 block ids on the cache's device
+    on_done: OnDone | None  # completion callback, or None to report through poll()
+    layers_left: set[int] = field(default_factory=set)  # layers not received yet
+
+
+class ExpectTable:
+    """Thread-safe table of expected requests of one receiver and its ``kv_cache``."""
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self._lock = threading.Lock()
+        self._expected: dict[str, Expected] = {}
+        self._completions: deque[tuple[str, TransferError | None]] = deque()
+        self._closed_error: TransferError | None = None
+
+    def add(self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None) -> None:
+        index = blocks.check_ids(self.kv_cache, dst_block_ids)
+        entry = Expected(request_id, index, on_done, set(range(self.kv_cache.shape[0])))
+        with self._lock:
+            if self._closed_error is not None:
+                error = self._closed_error.for_request(request_id)
+            elif request_id in self._expected:
+                raise ValueError(f"request {request_id} is already expected")
+            else:
+                self._expected[request_id] = entry
+                return
+        self._report(entry, error)
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            return self._expected.pop(request_id, None) is not None
+
+    def begin(self, header: TransferHeader, peer: str) -> Expected | None:
+        """The entry a payload is for, or None if it must be discarded (unknown, aborted or
+        not matching the reservation; a mismatch fails the request)."""
+        with self._lock:
+            entry = self._expected.get(header.request_id)
+        if entry is None:
+            return None
+        problem = self._mismatch(header, entry)
+        if problem:
+            self.fail(entry, LayoutMismatch(header.request_id, peer, problem))
+            return None
+        return entry
+
+    def write(self, entry: Expected, layers: tuple[int, int], buffer: torch.Tensor) -> bool:
+        """Scatter ``buffer`` ``[l1 - l0, 2, n, ...]`` into the entry's blocks, unless it was
+        aborted or failed meanwhile; True if written."""
+        with self._lock:
+            if self._expected.get(entry.request_id) is not entry:
+                return False
+            blocks.scatter(self.kv_cache, entry.dst_index, buffer, slice(*layers))
+            return True
+
+    def finish(self, entry: Expected, layers: tuple[int, int]) -> None:
+        """Mark layers ``[l0, l1)`` received; report success once every layer is in."""
+        with self._lock:
+            if self._expected.get(entry.request_id) is not entry:
+                return
+            entry.layers_left.difference_update(range(*layers))
+            if entry.layers_left:
+                return
+            del self._expected[entry.request_id]
+        self._report(entry, None)
+
+    def fail(self, entry: Expected, error: TransferError) -> None:
+        """Fail the entry (if still expected) and report the error."""
+        with self._lock:
+            if self._expected.get(entry.request_id) is not entry:
+                return
+            del self._expected[entry.request_id]
+        self._report(entry, error)
+
+    def fail_id(self, request_id: str, error: TransferError) -> bool:
+        """Fail a request by id (if still expected); True if it was."""
+        with self._lock:
+            entry = self._expected.pop(request_id, None)
+        if entry is not None:
+            self._report(entry, error)
+        return entry is not None
+
+    def close(self, error: TransferError) -> None:
+        """Fail every expected request with ``error`` (re-addressed) and refuse new ones."""
+        with self._lock:
+            self._closed_error = error
+            entries, self._expected = list(self._expected.values()), {}
+        for entry in entries:
+            self._report(entry, error.for_request(entry.request_id))
+
+    def poll(self) -> list[tuple[str, TransferError | None]]:
+        with self._lock:
+            out, self._completions = list(self._completions), deque()
+        return out
+
+    def deliver(self, header: TransferHeader, buffer: torch.Tensor, peer: str) -> bool:
+        """Whole-payload delivery (loopback, ray): begin, write, finish. True if written."""
+        entry = self.begin(header, peer)
+        if entry is None:
+            return False
+        layers = (header.layer_start, header.layer_end)
+        payload = buffer.view(header.dtype).view(header.num_layers, *header.layer_shape())
+        written = self.write(entry, layers, payload)
+        if written:
+            self.finish(entry, layers)
+        return written
+
+    def _mismatch(self, header: TransferHeader, entry: Expected) -> str:
+        kv = self.kv_cache
+        if header.num_blocks != entry.dst_index.numel():
+            return f"{header.num_blocks} blocks sent, {entry.dst_index.numel()} reserved"
+        if header.dtype != kv.dtype or header.block_shape != tuple(kv.shape[3:]):
+            cache = f"{kv.dtype} {tuple(kv.shape[3:])}"
+            return f"payload {header.dtype} {header.block_shape} != cache {cache}"
+        if not 0 <= header.layer_start < header.layer_end <= kv.shape[0]:
+            return f"layers [{header.layer_start}, {header.layer_end}) outside [0, {kv.shape[0]})"
+        return ""
+
+    def _report(self, entry: Expected, error: TransferError | None) -> None:
+        if entry.on_done is not None:
+            entry.on_done(entry.request_id, error)
+            return
+        with self._lock:
+            self._completions.append((entry.request_id, error))

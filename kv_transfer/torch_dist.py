@@ -1,0 +1,421 @@
+"""The torch.distributed backend: one stateless two-rank process group per (sender, receiver).
+
+The only module of splitserve that touches torch.distributed (and NCCL). torch.distributed
+cannot add ranks to a running world and pools grow and shrink, so no global
+``init_process_group`` is used: every pair builds its own group from the receiver's TCPStore.
+
+Handshake (keys in the receiver's TCPStore; the receiver hosts it on a free port and
+advertises ``host:port`` in its ``Endpoint``)::
+
+    sender                                   receiver (accept thread, in pair order)
+    n = add("kv/pairs", 1)
+    set("kv/pair/<n>", {sender, wire})  ──▶  wait(["kv/pair/<n>"]) → start channel thread n
+    wait(["kv/pair/<n>/ack"])           ◀──  set("kv/pair/<n>/ack")
+    group(PrefixStore("kv/pair/<n>/"), rank 0)  group(PrefixStore("kv/pair/<n>/"), rank 1)
+
+Groups: ``ctrl`` is always gloo (headers: a CPU wait, no GPU kernel spinning while a channel
+is idle); ``data`` carries payloads and is the same gloo group, or an NCCL group when both
+caches are CUDA tensors. The receiver closes its store by writing a close marker as the next
+pair, which ends its accept thread without polling.
+
+Timeouts: every header/payload wait after the first header byte is bounded by
+``config.timeout_s``; an idle receiver waits for the next header up to the group's default
+timeout (``idle_timeout_s + timeout_s``), longer than a sender keeps an idle channel open.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kv_transfer import blocks
+from kv_transfer.base import (
+    Endpoint,
+    KVReceiver,
+    KVSender,
+    OnDone,
+    TransferConfig,
+    TransferHandle,
+    cache_layout,
+    check_layout,
+    fail_fast,
+)
+from kv_transfer.channels import ChannelLRU, ReceiverChannel, SenderChannel, SendJob
+from kv_transfer.errors import (
+    LayoutMismatch,
+    PeerClosed,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
+from kv_transfer.header import DATA, TransferHeader
+from kv_transfer.receiving import ExpectTable
+
+log = logging.getLogger(__name__)
+
+_PAIRS = "kv/pairs"  # counter: number of pair channels ever announced to this store
+CTRL_TAG = 0  # headers; payload chunks use tags 1..inflight_chunks
+
+
+def _pair_key(n: int) -> str:
+    return f"kv/pair/{n}"
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def tcp_store(host: str, port: int, is_master: bool, timeout_s: float) -> Any:
+    """A TCPStore server (``is_master``; port 0 = any free port) or client.
+
+    Keep ``timeout_s`` well above 5 s: c10d's sockets reverse-resolve peer addresses
+    (``::ffff:127.0.0.1`` too), and where DNS drops a query that lookup stalls 5 s (seen on
+    the development VMs, about once in 50 lookups)."""
+    return dist.TCPStore(
+        host, port, is_master=is_master, wait_for_workers=False, timeout=_td(timeout_s)
+    )
+
+
+def resolve_host(host: str) -> str:
+    """The address to bind and advertise: ``host``, or this machine's resolved name if ""."""
+    return host or socket.gethostbyname(socket.gethostname())
+
+
+def choose_wire(config: TransferConfig, kv_cache: torch.Tensor, peer: Endpoint) -> str:
+    """ "nccl" when configured or (auto) when both caches are CUDA and NCCL exists, else gloo."""
+    if config.wire != "auto":
+        return config.wire
+    both_cuda = kv_cache.is_cuda and peer.device == "cuda"
+    return "nccl" if both_cuda and dist.is_nccl_available() else "gloo"
+
+
+class PairGroup:
+    """Two ranks, one pair: rank 0 (sender) sends, rank 1 (receiver) receives."""
+
+    def __init__(self, ctrl: Any, data: Any, data_device: torch.device, peer: str) -> None:
+        self.ctrl = ctrl  # gloo group for headers
+        self.data = data  # gloo (== ctrl) or NCCL group for payloads
+        self.data_device = data_device  # where payload buffers must live: cpu or cuda:i
+        self.peer = peer  # the other side, for error messages
+        self.rank = ctrl.rank()
+
+    @classmethod
+    def connect(
+        cls,
+        endpoint: Endpoint,
+        config: TransferConfig,
+        sender_name: str,
+        wire: str,
+        cache_device: torch.device,
+    ) -> PairGroup:
+        """Sender side: announce a new pair to ``endpoint``'s store and join it as rank 0.
+
+        The sender waits with explicit timeouts only, so its group's default timeout just
+        bounds the rendezvous: ``connect_timeout_s``."""
+        peer = endpoint.describe()
+        try:
+            store = tcp_store(endpoint.host, endpoint.port, False, config.connect_timeout_s)
+            n = store.add(_PAIRS, 1)
+            store.set(_pair_key(n), json.dumps({"sender": sender_name, "wire": wire}))
+            store.wait([_pair_key(n) + "/ack"], _td(config.connect_timeout_s))
+        except RuntimeError as e:
+            raise PeerClosed(None, peer, f"cannot connect (store handshake): {e}") from e
+        prefix = dist.PrefixStore(_pair_key(n) + "/", store)
+        return cls._join(prefix, 0, wire, config.host, config.connect_timeout_s, cache_device, peer)
+
+    @classmethod
+    def accept(
+        cls, server: StoreServer, n: int, wire: str, cache_device: torch.device, peer: str
+    ) -> PairGroup:
+        """Receiver side: join announced pair ``n`` as rank 1 (its sender is waiting).
+
+        Gloo's default timeout is the receiver's idle wait for the next header (a timed-out
+        gloo wait breaks the pair), so it outlasts the sender's idle close."""
+        config = server.config
+        prefix = dist.PrefixStore(_pair_key(n) + "/", server.client())
+        idle_s = config.idle_timeout_s + config.timeout_s
+        return cls._join(prefix, 1, wire, config.host, idle_s, cache_device, peer)
+
+    @classmethod
+    def _join(
+        cls,
+        store: Any,
+        rank: int,
+        wire: str,
+        host: str,
+        timeout_s: float,
+        cache_device: torch.device,
+        peer: str,
+    ) -> PairGroup:
+        try:
+            opts = dist.ProcessGroupGloo._Options()
+            gloo = dist.ProcessGroupGloo
+            opts._devices = [
+                gloo.create_device(hostname=host) if host else gloo.create_default_device()
+            ]
+            opts._timeout = _td(timeout_s)
+            ctrl = gloo(dist.PrefixStore("ctrl/", store), rank, 2, opts)
+            if wire == "gloo":
+                return cls(ctrl, ctrl, torch.device("cpu"), peer)
+            nccl_opts = dist.ProcessGroupNCCL.Options()
+            nccl_opts._timeout = _td(timeout_s)
+            data = dist.ProcessGroupNCCL(dist.PrefixStore("data/", store), rank, 2, nccl_opts)
+            return cls(ctrl, data, cache_device, peer)
+        except RuntimeError as e:
+            raise PeerClosed(None, peer, f"cannot create the {wire} pair group: {e}") from e
+
+    def send_ctrl(self, tensor: torch.Tensor) -> Any:
+        return self._post(self.ctrl.send, tensor, CTRL_TAG)
+
+    def recv_ctrl(self, tensor: torch.Tensor) -> Any:
+        return self._post(self.ctrl.recv, tensor, CTRL_TAG)
+
+    def send(self, tensor: torch.Tensor, tag: int) -> Any:
+        return self._post(self.data.send, tensor, tag)
+
+    def recv(self, tensor: torch.Tensor, tag: int) -> Any:
+        return self._post(self.data.recv, tensor, tag)
+
+    def _post(self, op: Callable[..., Any], tensor: torch.Tensor, tag: int) -> Any:
+        try:
+            return op([tensor], 1 - self.rank, tag)
+        except RuntimeError as e:  # gloo fails at post time once the pair is broken
+            raise _classify(e, None, self.peer, "posting a message") from e
+
+    def wait(self, work: Any, timeout_s: float | None, what: str) -> None:
+        """Wait for ``work``; ``None`` = the group's default (idle) timeout. Raises
+        ``TransferTimeout`` or ``PeerClosed`` (request id None: the caller re-addresses)."""
+        if timeout_s is not None and timeout_s <= 0:
+            raise TransferTimeout(None, self.peer, f"timed out while waiting for {what}")
+        try:
+            if timeout_s is None:
+                work.wait()
+            else:
+                work.wait(_td(timeout_s))
+        except RuntimeError as e:
+            raise _classify(e, timeout_s, self.peer, f"waiting for {what}") from e
+
+    def close(self) -> None:
+        """Drop the groups: their sockets close, so a peer blocked on them fails at once."""
+        if self.data is not self.ctrl:
+            self.data.shutdown()
+        self.ctrl = self.data = None
+
+
+def _classify(e: RuntimeError, timeout_s: float | None, peer: str, doing: str) -> TransferError:
+    """A c10d/gloo/NCCL error as a ``TransferError`` (request id None) saying what failed."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        limit = f" after {timeout_s:.1f} s" if timeout_s is not None else ""
+        return TransferTimeout(None, peer, f"timed out{limit} {doing}")
+    return PeerClosed(None, peer, f"peer closed or died while {doing} ({text})")
+
+
+class StoreServer:
+    """The receiver's TCPStore plus the accept thread that learns about new pairs."""
+
+    def __init__(self, config: TransferConfig, on_pair: Callable[[int, dict], None]) -> None:
+        self.config = config
+        self.host = resolve_host(config.host)
+        self.store = tcp_store(self.host, 0, True, config.connect_timeout_s)
+        self.port = self.store.port
+        self._accept_store = self.client()  # a blocking wait holds its client's socket
+        self._on_pair = on_pair  # (pair number, {"sender": name, "wire": "gloo"|"nccl"})
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
+        self._thread.start()
+
+    def client(self) -> Any:
+        """A new client connection to this store (one per blocking user)."""
+        return tcp_store(self.host, self.port, False, self.config.connect_timeout_s)
+
+    def _accept_loop(self) -> None:
+        store, n = self._accept_store, 1
+        while not self._closed.is_set():
+            try:  # close() wakes this wait with a marker; the timeout only guards dead senders
+                store.wait([_pair_key(n)], _td(self.config.idle_timeout_s))
+            except RuntimeError:
+                # Nobody came, or sender n died between add() and set(): skip its number.
+                if store.add(_PAIRS, 0) >= n and not store.check([_pair_key(n)]):
+                    log.warning("kv_transfer: pair %d announced but never described; skipped", n)
+                    n += 1
+                continue
+            info = json.loads(store.get(_pair_key(n)))
+            if info.get("close"):
+                return
+            store.set(_pair_key(n) + "/ack", "1")
+            self._on_pair(n, info)
+            n += 1
+
+    def close(self) -> None:
+        """End the accept thread (a close marker as the next pair) and wait for it."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        n = self.store.add(_PAIRS, 1)
+        self.store.set(_pair_key(n), json.dumps({"close": True}))
+        self._thread.join(timeout=self.config.connect_timeout_s)
+        self.store = self._accept_store = None  # the store server stops; its port is freed
+
+
+class TorchDistSender(KVSender):
+    """Pushes KV over pair channels, opened lazily per peer and closed LRU-first over the cap."""
+
+    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "prefill"):
+        self.config, self.kv_cache, self.name = config, kv_cache, name
+        self._lock = threading.Lock()
+        self._lru = ChannelLRU(config.max_channels, self._new_channel)
+        self._queued: dict[str, list[TransferHandle]] = {}  # request id -> unfinished handles
+        self._closed = False
+
+    def send(
+        self,
+        request_id: str,
+        peer: Endpoint,
+        src_block_ids: Sequence[int],
+        layers: tuple[int, int] | None = None,
+    ) -> TransferHandle:
+        handle = TransferHandle(request_id)
+        try:
+            check_layout(request_id, self.kv_cache, peer)
+            header = self._header(request_id, src_block_ids, layers, peer)
+        except TransferError as error:
+            return fail_fast(handle, error)
+        job = SendJob(header, blocks.check_ids(self.kv_cache, src_block_ids), handle)
+        with self._lock:
+            if self._closed:
+                return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
+            self._queued.setdefault(request_id, []).append(handle)
+            channel = self._lru.get(peer)
+            if not channel.submit(job):  # it was closing: a fresh channel keeps the order
+                self._lru.drop(channel)
+                self._lru.get(peer).submit(job)
+        handle.add_done_callback(self._forget)
+        return handle
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            handles = list(self._queued.get(request_id, ()))
+        error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
+        return any([h.fail(error) for h in handles])  # an in-flight send completes first
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels = self._lru.channels()
+        for channel in channels:
+            channel.close()
+        for channel in channels:
+            channel.thread.join(timeout=self.config.timeout_s + self.config.connect_timeout_s)
+
+    def open_peers(self) -> list[str]:
+        """Peers with an open channel, least recently used first (for metrics and tests)."""
+        return [c.peer for c in self._lru.channels()]
+
+    def _header(
+        self,
+        request_id: str,
+        src_block_ids: Sequence[int],
+        layers: tuple[int, int] | None,
+        peer: Endpoint,
+    ) -> TransferHeader:
+        num_layers = self.kv_cache.shape[0]
+        l0, l1 = layers if layers is not None else (0, num_layers)
+        if not 0 <= l0 < l1 <= num_layers:
+            raise LayoutMismatch(request_id, peer.describe(), f"bad layer range [{l0}, {l1})")
+        per_chunk = self.config.layers_per_chunk or (l1 - l0)
+        return TransferHeader(
+            DATA,
+            request_id,
+            len(src_block_ids),
+            l0,
+            l1,
+            per_chunk,
+            self.kv_cache.dtype,
+            tuple(self.kv_cache.shape[3:]),
+        )
+
+    def _new_channel(self, peer: Endpoint) -> SenderChannel:
+        wire = choose_wire(self.config, self.kv_cache, peer)
+        open_group = lambda: PairGroup.connect(
+            peer, self.config, self.name, wire, self.kv_cache.device
+        )
+        return SenderChannel(
+            peer.describe(), open_group, self.kv_cache, self.config, self._lru.drop
+        )
+
+    def _forget(self, handle: TransferHandle) -> None:
+        with self._lock:
+            handles = self._queued.get(handle.request_id, [])
+            if handle in handles:
+                handles.remove(handle)
+            if not handles:
+                self._queued.pop(handle.request_id, None)
+
+
+class TorchDistReceiver(KVReceiver):
+    """Hosts a TCPStore that senders connect to; one receive thread per pair channel."""
+
+    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "decode"):
+        self.config, self.kv_cache, self.name = config, kv_cache, name
+        self.table = ExpectTable(kv_cache)
+        self._layout, self._dtype = cache_layout(kv_cache)
+        self._lock = threading.Lock()
+        self._channels: list[ReceiverChannel] = []
+        self._server = StoreServer(config, self._on_pair)
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(
+            "torch_dist",
+            self.name,
+            self._layout,
+            self._dtype,
+            device=self.kv_cache.device.type,
+            host=self._server.host,
+            port=self._server.port,
+        )
+
+    def expect(
+        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
+    ) -> None:
+        self.table.add(request_id, dst_block_ids, on_done)
+
+    def abort(self, request_id: str) -> bool:
+        return self.table.abort(request_id)
+
+    def poll(self) -> list[tuple[str, TransferError | None]]:
+        return self.table.poll()
+
+    def close(self) -> None:
+        """Stop accepting and fail what is expected. Open channels end when their sender
+        closes them or dies (a receive cannot be interrupted locally); their payloads are
+        drained and discarded until then."""
+        self._server.close()
+        self.table.close(PeerClosed(None, self.name, "receiver closed"))
+
+    def open_peers(self) -> list[str]:
+        """Senders with an open channel to this receiver."""
+        with self._lock:
+            return [c.peer for c in self._channels]
+
+    def _on_pair(self, n: int, info: dict) -> None:
+        peer = f"{info['sender']} (pair {n})"
+        wire, device = info["wire"], self.kv_cache.device
+        open_group = lambda: PairGroup.accept(self._server, n, wire, device, peer)
+        with self._lock:
+            self._channels.append(
+                ReceiverChannel(peer, open_group, self.table, self.config, self._channel_exited)
+            )
+
+    def _channel_exited(self, channel: ReceiverChannel) -> None:
+        with self._lock:
+            if channel in self._channels:
+                self._channels.remove(channel)

@@ -1,0 +1,38 @@
+"""Child-process bodies for the two-process torch_dist tests (importable by spawn)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kv_transfer import TransferConfig
+from kv_transfer.header import DATA, TransferHeader
+from kv_transfer.torch_dist import PairGroup, TorchDistSender
+
+from .helpers import LAYERS, make_cache
+
+
+def sender_main(endpoint, config: TransferConfig, seed: int, sends, results) -> None:
+    """Send ``sends`` [(request id, src block ids)] back to back; report each outcome."""
+    sender = TorchDistSender(config, make_cache(seed), name="child-prefill")
+    handles = [sender.send(rid, endpoint, ids) for rid, ids in sends]
+    outcomes = []
+    for h in handles:
+        finished = h.wait(timeout=30)
+        outcomes.append((h.request_id, finished, None if h.error is None else str(h.error)))
+    sender.close()
+    results.put(outcomes)
+
+
+def dying_sender_main(endpoint, config: TransferConfig, request_id: str, num_blocks: int) -> None:
+    """Send a header and the first of LAYERS payload chunks, then die without closing."""
+    group = PairGroup.connect(endpoint, config, "dying-prefill", "gloo", torch.device("cpu"))
+    kv = make_cache(None)
+    header = TransferHeader(
+        DATA, request_id, num_blocks, 0, LAYERS, 1, kv.dtype, tuple(kv.shape[3:])
+    )
+    group.wait(group.send_ctrl(header.encode()), 10, "header")
+    chunk = torch.zeros(header.layer_nbytes(), dtype=torch.uint8)
+    group.wait(group.send(chunk, 1), 10, "chunk 0")
+    os._exit(3)  # like a crash or SIGKILL: the OS closes the sockets mid-stream

@@ -1,0 +1,90 @@
+"""gather/scatter round trips and the wire header."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kv_transfer import blocks
+from kv_transfer.header import CLOSE, DATA, HEADER_BYTES, TransferHeader
+
+from .helpers import BLOCKS, LAYERS, make_cache
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, BLOCKS - 1), min_size=1, max_size=8, unique=True),
+    dst_seed=st.integers(0, 10_000),
+    l0=st.integers(0, LAYERS - 1),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_gather_scatter_round_trip(ids, dst_seed, l0, dtype):
+    src = make_cache(1, dtype)
+    dst = make_cache(2, dtype)
+    dst_ids = torch.randperm(BLOCKS, generator=torch.Generator().manual_seed(dst_seed))[: len(ids)]
+    layers = slice(l0, LAYERS)
+    buf = blocks.gather(src, ids, layers)
+    assert buf.shape == (LAYERS - l0, 2, len(ids), *src.shape[3:]) and buf.is_contiguous()
+    before = dst.clone()
+    blocks.scatter(dst, dst_ids, buf, layers)
+    as_bytes = lambda t: t.view(torch.uint8)
+    # The scattered blocks hold the source blocks, block i -> dst_ids[i], for those layers.
+    assert torch.equal(as_bytes(dst[l0:, :, dst_ids]), as_bytes(src[l0:, :, ids]))
+    # Nothing else changed.
+    untouched = torch.ones(BLOCKS, dtype=torch.bool)
+    untouched[dst_ids] = False
+    assert torch.equal(as_bytes(dst[:, :, untouched]), as_bytes(before[:, :, untouched]))
+    assert torch.equal(as_bytes(dst[:l0]), as_bytes(before[:l0]))
+
+
+def test_cpu_fast_scatter_matches_index_copy():
+    src, dst, ref = make_cache(1), make_cache(2), make_cache(2)
+    buf = blocks.gather(src, [5, 0, 9], slice(1, 3))
+    blocks.scatter(dst, [3, 7, 1], buf, slice(1, 3))  # numpy path (CPU, contiguous)
+    ref[1:3].index_copy_(2, torch.tensor([3, 7, 1]), buf)
+    assert torch.equal(dst, ref)
+    noncontig = make_cache(2).transpose(3, 4)  # not contiguous: index_copy_ path
+    blocks.scatter(noncontig, [3, 7, 1], buf.transpose(3, 4), slice(1, 3))
+    assert torch.equal(noncontig.transpose(3, 4), ref)
+
+
+def test_per_layer_variants_match_full():
+    src, dst = make_cache(1), make_cache(None)
+    ids, dst_ids = [4, 2, 7], [0, 11, 5]
+    out = torch.empty(2, 3, *src.shape[3:])
+    for layer in range(LAYERS):
+        assert blocks.gather_layer(src, ids, layer, out=out) is out
+        assert torch.equal(out, blocks.gather(src, ids)[layer])
+        blocks.scatter_layer(dst, dst_ids, layer, out)
+    assert torch.equal(blocks.gather(dst, dst_ids), blocks.gather(src, ids))
+
+
+def test_gather_into_out_buffer_and_shape_checks():
+    src = make_cache(1)
+    out = torch.empty(1, 2, 2, *src.shape[3:])
+    assert blocks.gather(src, [1, 3], slice(2, 3), out=out) is out
+    assert torch.equal(out[0], src[2][:, [1, 3]])
+    with pytest.raises(ValueError, match="buffer shape"):
+        blocks.scatter(src, [1, 3, 4], out, slice(2, 3))
+    with pytest.raises(ValueError, match="outside"):
+        blocks.check_ids(src, [0, BLOCKS])
+    with pytest.raises(ValueError, match="duplicate"):
+        blocks.check_ids(src, [2, 2])
+
+
+def test_header_round_trip_and_errors():
+    h = TransferHeader(DATA, "req-ü-42", 17, 3, 11, 2, torch.bfloat16, (16, 8, 128))
+    wire = h.encode()
+    assert wire.dtype == torch.uint8 and wire.shape == (HEADER_BYTES,)
+    assert TransferHeader.decode(wire) == h
+    assert h.num_chunks == 4 and h.chunk_layers(3) == (9, 11)
+    assert h.layer_nbytes() == 2 * 17 * 16 * 8 * 128 * 2
+    assert TransferHeader.decode(TransferHeader(CLOSE).encode()).kind == CLOSE
+    with pytest.raises(ValueError, match="longer than"):
+        TransferHeader(DATA, "x" * HEADER_BYTES).encode()
+    with pytest.raises(ValueError, match="not a KV transfer header"):
+        TransferHeader.decode(torch.zeros(HEADER_BYTES, dtype=torch.uint8))

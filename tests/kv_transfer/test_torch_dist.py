@@ -1,0 +1,202 @@
+"""torch_dist over gloo, sender and receiver in one process (threads): the wire protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer import LayoutMismatch, PeerClosed, TransferConfig, TransferTimeout, blocks
+from kv_transfer.header import DATA, TransferHeader
+from kv_transfer.torch_dist import PairGroup, TorchDistReceiver, TorchDistSender
+
+from .helpers import LAYERS, Completions, make_cache
+
+# connect_timeout_s well above 5 s: see kv_transfer.torch_dist.tcp_store
+CONFIG = TransferConfig(host="127.0.0.1", timeout_s=10.0, connect_timeout_s=20.0)
+
+
+@pytest.fixture
+def make():
+    """Factory of senders/receivers on fresh caches; everything is closed at the end."""
+    opened: list = []
+
+    def factory(kind: str, config: TransferConfig = CONFIG, seed: int | None = None, **kw):
+        cls = TorchDistSender if kind == "sender" else TorchDistReceiver
+        cache = make_cache(seed if kind == "sender" else None, **kw)
+        obj = cls(config, cache, name=f"{kind}{len(opened)}")
+        opened.append(obj)
+        return obj
+
+    yield factory
+    for obj in opened:  # senders first: their CLOSE ends the receivers' channel threads
+        if isinstance(obj, TorchDistSender):
+            obj.close()
+    for obj in opened:
+        if isinstance(obj, TorchDistReceiver):
+            obj.close()
+
+
+@pytest.mark.parametrize(("layers_per_chunk", "inflight"), [(0, 2), (1, 2), (2, 3), (1, 4)])
+def test_received_kv_equals_what_the_sender_gathered(make, layers_per_chunk, inflight):
+    config = dataclasses.replace(
+        CONFIG, layers_per_chunk=layers_per_chunk, inflight_chunks=inflight
+    )
+    sender, receiver = make("sender", config, seed=1), make("receiver", config)
+    done = Completions()
+    receiver.expect("r1", [9, 3, 14, 0], done)
+    stats = sender.send("r1", receiver.endpoint(), [0, 5, 2, 23]).result(timeout=10)
+    done.wait_for("r1")
+    assert done.errors["r1"] is None
+    sent = blocks.gather(sender.kv_cache, [0, 5, 2, 23])
+    assert torch.equal(blocks.gather(receiver.kv_cache, [9, 3, 14, 0]), sent)
+    assert stats.nbytes == sent.numel() * sent.element_size()
+    assert receiver.kv_cache.count_nonzero() == sent.count_nonzero()  # no other block touched
+
+
+def test_bfloat16_cache_and_layer_range_sends(make):
+    sender = make("sender", seed=2, dtype=torch.bfloat16)
+    receiver = make("receiver", dtype=torch.bfloat16)
+    receiver.expect("r1", [1, 2])
+    sender.send("r1", receiver.endpoint(), [7, 8], layers=(0, 1)).result(timeout=10)
+    sender.send("r1", receiver.endpoint(), [7, 8], layers=(1, LAYERS)).result(timeout=10)
+    done = Completions()
+    receiver.expect("marker", [3], done)  # same channel, FIFO: when it is done, r1 is too
+    sender.send("marker", receiver.endpoint(), [0]).result(timeout=10)
+    done.wait_for("marker")
+    assert receiver.poll() == [("r1", None)]
+    assert torch.equal(
+        blocks.gather(receiver.kv_cache, [1, 2]), blocks.gather(sender.kv_cache, [7, 8])
+    )
+
+
+def test_two_requests_on_one_channel_arrive_in_order(make):
+    sender, receiver = make("sender", seed=3), make("receiver")
+    done = Completions()
+    receiver.expect("big", list(range(0, 16)), done)
+    receiver.expect("small", [20], done)
+    h1 = sender.send("big", receiver.endpoint(), list(range(8, 24)))
+    h2 = sender.send("small", receiver.endpoint(), [1])
+    done.wait_for("big", "small")
+    assert done.order == ["big", "small"] and h1.wait(5) and h2.wait(5)
+    assert len(sender.open_peers()) == 1 and len(receiver.open_peers()) == 1
+    src, dst = sender.kv_cache, receiver.kv_cache
+    assert torch.equal(blocks.gather(dst, range(16)), blocks.gather(src, range(8, 24)))
+    assert torch.equal(dst[:, :, 20], src[:, :, 1])
+
+
+def test_aborted_and_unknown_requests_are_drained_and_the_next_lands(make):
+    sender, receiver = make("sender", seed=4), make("receiver")
+    done = Completions()
+    receiver.expect("aborted", [0, 1, 2], done)
+    receiver.expect("next", [5, 6], done)
+    assert receiver.abort("aborted") is True
+    ep = receiver.endpoint()
+    h_aborted = sender.send("aborted", ep, [10, 11, 12])
+    h_ghost = sender.send("ghost", ep, [13])  # never expected
+    sender.send("next", ep, [3, 4]).result(timeout=10)
+    done.wait_for("next")
+    assert done.order == ["next"] and done.errors["next"] is None
+    assert h_aborted.result(timeout=5).nbytes > 0 and h_ghost.result(timeout=5).nbytes > 0
+    dst = receiver.kv_cache
+    assert torch.equal(blocks.gather(dst, [5, 6]), blocks.gather(sender.kv_cache, [3, 4]))
+    assert blocks.gather(dst, [0, 1, 2]).count_nonzero() == 0  # never scattered
+
+
+def _header_only_sender(
+    endpoint, config, request_id: str, ready: threading.Event, release: threading.Event
+) -> None:
+    """A live peer that sends a header and then never the payload."""
+    group = PairGroup.connect(endpoint, config, "silent", "gloo", torch.device("cpu"))
+    kv = make_cache(None)
+    header = TransferHeader(DATA, request_id, 1, 0, LAYERS, 1, kv.dtype, tuple(kv.shape[3:]))
+    group.wait(group.send_ctrl(header.encode()), 5, "header")
+    ready.set()
+    release.wait(30)
+    group.close()
+
+
+def test_missing_payload_times_out_and_other_channels_keep_serving(make):
+    config = dataclasses.replace(CONFIG, timeout_s=1.5)
+    receiver, sender = make("receiver", config), make("sender", config, seed=5)
+    done = Completions()
+    receiver.expect("warm-up", [3], done)  # opens the healthy channel first
+    sender.send("warm-up", receiver.endpoint(), [4]).result(timeout=30)
+    receiver.expect("stuck", [0], done)
+    receiver.expect("other", [1], done)
+    ready, release = threading.Event(), threading.Event()
+    silent = threading.Thread(
+        target=_header_only_sender, args=(receiver.endpoint(), config, "stuck", ready, release)
+    )
+    silent.start()
+    try:
+        assert ready.wait(10)
+        t0 = time.monotonic()
+        sender.send("other", receiver.endpoint(), [2]).result(timeout=10)
+        done.wait_for("other")
+        assert "stuck" not in done.errors  # the other channel did not wait for the stuck one
+        done.wait_for("stuck", timeout=10)
+        waited = time.monotonic() - t0
+    finally:
+        release.set()
+        silent.join(10)
+    error = done.errors["stuck"]
+    assert isinstance(error, TransferTimeout) and waited < 1.5 + 3
+    assert (
+        "request stuck" in str(error)
+        and "silent" in str(error)
+        and "timed out after 1.5 s" in str(error)
+    )
+    assert torch.equal(receiver.kv_cache[:, :, 1], sender.kv_cache[:, :, 2])
+
+
+def test_lru_cap_closes_the_idle_channel(make):
+    config = dataclasses.replace(CONFIG, max_channels=1)
+    sender = make("sender", config, seed=6)
+    r1, r2 = make("receiver", config), make("receiver", config)
+    r1.expect("a", [0])
+    sender.send("a", r1.endpoint(), [1]).result(timeout=10)
+    [r1_channel] = r1._channels
+    r2.expect("b", [0])
+    sender.send("b", r2.endpoint(), [2]).result(timeout=10)
+    assert sender.open_peers() == [r2.endpoint().describe()]
+    r1_channel.thread.join(timeout=10)  # its CLOSE header ended the receiving thread
+    assert not r1_channel.thread.is_alive() and r1.open_peers() == []
+    r1.expect("c", [3])  # the next use opens a new channel
+    sender.send("c", r1.endpoint(), [4]).result(timeout=10)
+    assert len(sender.open_peers()) == 1
+
+
+def test_idle_channel_closes_itself(make):
+    config = dataclasses.replace(CONFIG, idle_timeout_s=0.3)
+    sender, receiver = make("sender", config, seed=7), make("receiver", config)
+    receiver.expect("a", [0])
+    sender.send("a", receiver.endpoint(), [1]).result(timeout=10)
+    [send_channel] = sender._lru.channels()
+    [recv_channel] = receiver._channels
+    send_channel.thread.join(timeout=10)
+    recv_channel.thread.join(timeout=10)
+    assert sender.open_peers() == [] and receiver.open_peers() == []
+
+
+def test_unreachable_receiver_and_layout_mismatch_fail_clearly(make):
+    config = dataclasses.replace(CONFIG, connect_timeout_s=1.0)
+    sender, receiver = make("sender", config, seed=8), make("receiver", config)
+    endpoint = receiver.endpoint()
+    receiver.close()  # its store is gone: nothing listens on the port
+    with pytest.raises(PeerClosed, match="request a: .*receiver.*cannot connect"):
+        sender.send("a", endpoint, [0]).result(timeout=10)
+    wrong = dataclasses.replace(endpoint, dtype="bfloat16")
+    with pytest.raises(LayoutMismatch):
+        sender.send("b", wrong, [0]).result(timeout=1)
+
+
+def test_receiver_close_fails_expected_requests(make):
+    receiver = make("receiver")
+    done = Completions()
+    receiver.expect("a", [0], done)
+    receiver.close()
+    assert isinstance(done.errors["a"], PeerClosed) and "receiver closed" in str(done.errors["a"])
