@@ -59,13 +59,30 @@ class _PrefillPlan:
 
 
 @dataclass
+class _DecodeGroup:
+    """Decodes of similar length, attended together (padding only to the group's longest)."""
+
+    # [n] int64 rows of these decodes in the batch, or None for all rows in order.
+    rows: torch.Tensor | None
+    num_rows: int
+    # [n * max_blocks] int64: the group's block ids, row-major (padded with 0).
+    blocks: torch.Tensor
+    # [n, 1, 1, max_blocks * block_size] additive mask: -inf at and past seq_len.
+    mask: torch.Tensor
+
+
+@dataclass
 class _StepPlan:
     num_decodes: int
-    # [num_decodes * max_blocks] int64: the decodes' block ids, row-major (padded with 0).
-    decode_blocks: torch.Tensor | None
-    # [num_decodes, 1, 1, max_blocks * block_size] additive mask: -inf at and past seq_len.
-    decode_mask: torch.Tensor | None
+    decode_groups: list[_DecodeGroup]
     prefills: list[_PrefillPlan]
+
+
+# Decodes are split into up to this many length groups (sorted by seq_len) once there are
+# at least MIN_GROUP_ROWS per group: the gather + attention read padded KV, so grouping
+# similar lengths cuts the bytes moved (on CPU, decode attention is memory bound).
+MAX_DECODE_GROUPS = 4
+MIN_GROUP_ROWS = 8
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -98,9 +115,8 @@ class TorchAttentionBackend(AttentionBackend):
         plan = self._get_plan(metadata, key_cache.shape[1], query.dtype)
         pieces = []
         if plan.num_decodes:
-            pieces.append(
-                self._decode(query[: plan.num_decodes], key_cache, value_cache, plan, scale)
-            )
+            pieces.append(self._decodes(query[: plan.num_decodes], key_cache, value_cache,
+                                        plan.decode_groups, scale))
         for p in plan.prefills:
             pieces.append(self._prefill(query, key, value, key_cache, value_cache, p, scale))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -111,22 +127,33 @@ class TorchAttentionBackend(AttentionBackend):
             self._plan_source = md
         return self._plan
 
+    @classmethod
+    def _decodes(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 groups: list[_DecodeGroup], scale: float) -> torch.Tensor:  # [B, H, D]
+        if len(groups) == 1 and groups[0].rows is None:
+            return cls._decode(query, key_cache, value_cache, groups[0], scale)
+        out = torch.empty_like(query)
+        for g in groups:
+            part = cls._decode(query.index_select(0, g.rows), key_cache, value_cache, g, scale)
+            out.index_copy_(0, g.rows, part)
+        return out
+
     @staticmethod
     def _decode(
         query: torch.Tensor,  # [B, H, D], one token per sequence
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-        plan: _StepPlan,
+        group: _DecodeGroup,
         scale: float,
     ) -> torch.Tensor:  # [B, H, D]
         B, H, D = query.shape
         KVH = key_cache.shape[2]
         # [B, S, KVH, D] with S = max_blocks * block_size (padded past each seq_len)
-        k = key_cache.index_select(0, plan.decode_blocks).view(B, -1, KVH, D)
-        v = value_cache.index_select(0, plan.decode_blocks).view(B, -1, KVH, D)
+        k = key_cache.index_select(0, group.blocks).view(B, -1, KVH, D)
+        v = value_cache.index_select(0, group.blocks).view(B, -1, KVH, D)
         q = query.view(B, KVH, H // KVH, D)  # the group of queries sharing a KV head
         out = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask, scale=scale
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=group.mask, scale=scale
         )  # [B, KVH, group, D]
         return out.reshape(B, H, D)  # SDPA may return it non-contiguous (CUDA)
 
@@ -163,14 +190,7 @@ def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype) -> _S
     """Gather indices and masks for one step, from host-side lengths (no device sync)."""
     device = md.block_tables.device
     nd = md.num_decodes
-    decode_blocks = decode_mask = None
-    if nd:
-        max_blocks = -(-max(md.seq_lens_cpu[:nd]) // block_size)
-        decode_blocks = md.block_tables[:nd, :max_blocks].reshape(-1).long()
-        key_pos = torch.arange(max_blocks * block_size, device=device)  # [S]
-        past_end = key_pos[None, :] >= md.seq_lens[:nd, None]  # [B, S]
-        decode_mask = torch.zeros(past_end.shape, dtype=dtype, device=device)
-        decode_mask = decode_mask.masked_fill_(past_end, float("-inf"))[:, None, None, :]
+    groups = _decode_groups(md, block_size, dtype) if nd else []
     prefills = []
     start = sum(md.query_lens_cpu[:nd])
     for i in range(nd, md.num_seqs):
@@ -181,7 +201,42 @@ def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype) -> _S
             mask = _shifted_causal_mask(q_len, seq_len, dtype, device)
         prefills.append(_PrefillPlan(start, start + q_len, seq_len, blocks, mask))
         start += q_len
-    return _StepPlan(nd, decode_blocks, decode_mask, prefills)
+    return _StepPlan(nd, groups, prefills)
+
+
+def _decode_groups(md: AttentionMetadata, block_size: int,
+                   dtype: torch.dtype) -> list[_DecodeGroup]:
+    nd = md.num_decodes
+    lens = md.seq_lens_cpu[:nd]
+    num_groups = min(MAX_DECODE_GROUPS, nd // MIN_GROUP_ROWS)
+    if num_groups <= 1:
+        return [_decode_group(md, None, list(range(nd)), lens, block_size, dtype)]
+    order = sorted(range(nd), key=lens.__getitem__)
+    size = -(-nd // num_groups)
+    groups = []
+    for start in range(0, nd, size):
+        rows = order[start : start + size]
+        groups.append(_decode_group(md, rows, rows, [lens[r] for r in rows], block_size, dtype))
+    return groups
+
+
+def _decode_group(md: AttentionMetadata, rows: list[int] | None, row_list: list[int],
+                  lens: list[int], block_size: int, dtype: torch.dtype) -> _DecodeGroup:
+    device = md.block_tables.device
+    max_blocks = -(-max(lens) // block_size)
+    n = len(row_list)
+    if rows is None:
+        rows_t, tables, seq_lens = None, md.block_tables[:n], md.seq_lens[:n]
+    else:
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        tables = md.block_tables.index_select(0, rows_t)
+        seq_lens = md.seq_lens.index_select(0, rows_t)
+    blocks = tables[:, :max_blocks].reshape(-1).long()
+    key_pos = torch.arange(max_blocks * block_size, device=device)  # [S]
+    past_end = key_pos[None, :] >= seq_lens[:, None]  # [n, S]
+    mask = torch.zeros(past_end.shape, dtype=dtype, device=device)
+    mask = mask.masked_fill_(past_end, float("-inf"))[:, None, None, :]
+    return _DecodeGroup(rows_t, len(row_list), blocks, mask)
 
 
 def _shifted_causal_mask(

@@ -85,6 +85,18 @@ def test_torch_backend_decode_only_and_prefill_only(cached, new):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_many_decodes_of_mixed_lengths_are_grouped_and_exact():
+    # Enough decodes to be split into length groups; rows come back in batch order.
+    from engine.attention.torch_ref import MIN_GROUP_ROWS
+
+    rng = random.Random(3)
+    n = MIN_GROUP_ROWS * 4 + 3
+    cached = [rng.randint(1, 60) for _ in range(n)]
+    out, ref = run_mixed_step(4, cached + [5], [1] * n + [4], seed=3,
+                              backend=TorchAttentionBackend(), num_blocks=2048)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_plan_is_rebuilt_for_each_step():
     backend = TorchAttentionBackend()
     out1, ref1 = run_mixed_step(4, [3, 0], [1, 5], seed=1, backend=backend)
