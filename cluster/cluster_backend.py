@@ -154,8 +154,14 @@ class ClusterBackend(ServingBackend):
                 await self.workers[d_id].call("generate", rid, req.prompt_token_ids, req.params)
             else:
                 first = await self._remote_prefill(req, p_id, d_id, blocks, timing)
+                # Tell D the first token (or that it is done) while the client gets it:
+                # TTFT waits for neither that call nor the KV transfer.
+                verb = "abort" if first.finish_reason is not None else "start"
+                args = (rid,) if verb == "abort" else (rid, first.new_token_ids[0])
+                handoff = asyncio.ensure_future(self.workers[d_id].call(verb, *args))
                 self._observe(req, first)
                 yield first
+                await handoff
                 if first.finish_reason is not None:
                     finished = True
                     return
@@ -239,10 +245,6 @@ class ClusterBackend(ServingBackend):
         except Exception as exc:  # worker died, Ray error: the request fails, the server lives
             raise UnavailableError(f"prefill worker {p_id} failed: {exc}") from exc
         timing.update(result.times)
-        if result.finish_reason is not None:
-            await self.workers[d_id].call("abort", req.request_id)
-        else:
-            await self.workers[d_id].call("start", req.request_id, result.first_token)
         out = BackendOutput(req.request_id, [result.first_token], result.finish_reason,
                             num_prompt_tokens=len(req.prompt_token_ids),
                             num_cached_tokens=result.num_cached_tokens)

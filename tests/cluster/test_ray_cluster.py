@@ -113,6 +113,27 @@ def _grpc_outputs(server: ServerThread, prompts) -> list[list[int]]:
     return results
 
 
+def _http_texts(server: ServerThread, prompts) -> list[str]:
+    """Completions over the OpenAI HTTP API, concurrently, with the official client."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.server.endpoints()["http"], api_key="x",
+                           timeout=120)
+    results: list = [None] * len(prompts)
+
+    def one(i):
+        out = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=MAX_TOKENS,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        results[i] = out.choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return results
+
+
 def test_grpc_mixed_batch_matches_engine_1p1d(torch_dist_server, expected):
     prompts, tokens, _ = expected
     assert _grpc_outputs(torch_dist_server, prompts) == tokens
@@ -194,21 +215,23 @@ def test_cancellations_free_every_block_within_a_second(torch_dist_server):
 
 
 def test_scaled_to_2p2d_still_matches(torch_dist_server, expected):
-    prompts, tokens, _ = expected
+    prompts, tokens, texts = expected
     cluster = torch_dist_server.server.cluster
     torch_dist_server.run(cluster.scale("prefill", 1))
     torch_dist_server.run(cluster.scale("decode", 1))
     assert cluster.replicas("prefill") == 2 and cluster.replicas("decode") == 2
     assert _grpc_outputs(torch_dist_server, prompts * 2) == tokens * 2
+    assert _http_texts(torch_dist_server, prompts) == texts
     used = [s for s in cluster.backend.last_stats.values()]
     assert len(used) == 4
 
 
 def test_ray_object_store_backend_matches(model_dir, expected, torch_dist_server):
-    prompts, tokens, _ = expected
+    prompts, tokens, texts = expected
     server = ServerThread(_config(model_dir, "ray", ray={"num_cpus": 4, "namespace": "rayb"}))
     try:
         assert _grpc_outputs(server, prompts) == tokens
+        assert _http_texts(server, prompts) == texts
         assert server.free_blocks() == server.total_blocks()
     finally:
         server.run(server.server.stop())
