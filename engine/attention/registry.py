@@ -1,7 +1,8 @@
 """Attention backend registry: name -> ``"module:Class"``, imported only when selected.
 
 ``select_backend(None | "auto", device, block_size)`` picks by capability: flash-attn's
-kernels on CUDA when installed and the block size fits them, else the torch reference.
+kernels on CUDA when installed and the block size fits them; on CPU the compiled paged
+decode kernel when it builds; else the torch reference.
 An explicit choice that cannot run raises ``ValueError`` saying what to change.
 """
 
@@ -15,10 +16,11 @@ from engine.attention.base import AttentionBackend
 
 BACKENDS: dict[str, str] = {
     "torch": "engine.attention.torch_ref:TorchAttentionBackend",
+    "cpu_paged": "engine.attention.cpu_paged:CpuPagedAttentionBackend",
     "flash_attn": "engine.attention.flash_attn:FlashAttentionBackend",
 }
 # Tried in order by "auto"; the last one must run anywhere.
-AUTO_ORDER = ("flash_attn", "torch")
+AUTO_ORDER = ("flash_attn", "cpu_paged", "torch")
 
 
 def backend_class(name: str) -> type[AttentionBackend]:

@@ -97,6 +97,27 @@ def test_many_decodes_of_mixed_lengths_are_grouped_and_exact():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def _cpu_paged_backend():
+    from engine.attention.cpu_paged import CpuPagedAttentionBackend
+
+    if not CpuPagedAttentionBackend.is_available(torch.device("cpu")):
+        pytest.skip("no C++ compiler/ninja here: the compiled decode kernel cannot build")
+    return CpuPagedAttentionBackend()
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_cpu_paged_kernel_matches_dense_reference(block_size):
+    rng = random.Random(block_size)
+    n = 20
+    cached = [rng.randint(1, 70) for _ in range(n)]
+    # Decode-only step (the compiled kernel) and a mixed step (decodes + a prefill chunk).
+    for new in ([1] * n, [1] * n + [6]):
+        ctx = cached + [9] * (len(new) - n)
+        out, ref = run_mixed_step(block_size, ctx, new, seed=5, backend=_cpu_paged_backend(),
+                                  num_blocks=4096)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_plan_is_rebuilt_for_each_step():
     backend = TorchAttentionBackend()
     out1, ref1 = run_mixed_step(4, [3, 0], [1, 5], seed=1, backend=backend)
