@@ -159,6 +159,7 @@ class ClusterBackend(ServingBackend):
                 verb = "abort" if first.finish_reason is not None else "start"
                 args = (rid,) if verb == "abort" else (rid, first.new_token_ids[0])
                 handoff = asyncio.ensure_future(self.workers[d_id].call(verb, *args))
+                handoff.add_done_callback(_log_handoff_failure)
                 self._observe(req, first)
                 yield first
                 await handoff
@@ -316,6 +317,12 @@ class ClusterBackend(ServingBackend):
                     log.warning("stats from %s failed: %s", h.worker_id, res)
             self._poll_admission()
             await asyncio.sleep(self.stats_interval_s)  # the reporting period itself
+
+
+def _log_handoff_failure(task: asyncio.Future) -> None:
+    """The decode hand-off may fail after the client left; say so instead of losing it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("decode hand-off failed: %s", task.exception())
 
 
 def _breakdown(req: BackendRequest, t: dict, d: dict) -> dict[str, float]:
