@@ -265,7 +265,7 @@ class ClusterBackend(ServingBackend):
             if delta.logprobs:
                 out.logprobs = [TokenLogprob(t, lp.logprob, list(lp.top)) if lp else
                                 TokenLogprob(t, 0.0) for t, lp in zip(delta.new_token_ids,
-                                                                      delta.logprobs)]
+                                                                      delta.logprobs, strict=False)]
             if delta.finish_reason == "error":
                 out.error = RequestFailed(delta.error or "request failed on a decode worker")
             if delta.finish_reason is not None:
@@ -312,7 +312,7 @@ class ClusterBackend(ServingBackend):
             handles = list(self.workers.values())
             results = await asyncio.gather(*(self._report(h) for h in handles),
                                            return_exceptions=True)
-            for h, res in zip(handles, results):
+            for h, res in zip(handles, results, strict=False):
                 if isinstance(res, Exception):
                     log.warning("stats from %s failed: %s", h.worker_id, res)
             self._poll_admission()

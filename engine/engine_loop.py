@@ -74,7 +74,8 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._calls and not self.engine.has_unfinished_requests():
+                while not (self._stopped or self._calls
+                           or self.engine.has_unfinished_requests()):
                     self._cond.wait()
                 if self._stopped:
                     break

@@ -278,7 +278,8 @@ class Engine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.add_request(None, p, sp).request_id for p, sp in zip(prompts, params)]
+        ids = [self.add_request(None, p, sp).request_id
+               for p, sp in zip(prompts, params, strict=True)]
         final: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None
         while self.has_unfinished_requests():

@@ -79,8 +79,9 @@ class ModelRunner:
         if len(query_lens) == positions.numel():  # all decodes: one token per sequence
             rows = torch.arange(len(query_lens), device=positions.device)
         else:
-            lens = torch.tensor(query_lens, device=positions.device)
-            rows = torch.repeat_interleave(torch.arange(len(query_lens), device=positions.device), lens)
+            device = positions.device
+            lens = torch.tensor(query_lens, device=device)
+            rows = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens)
         blocks = block_tables[rows, positions // bs].long()
         return blocks * bs + positions % bs
 

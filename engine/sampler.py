@@ -48,7 +48,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request], greedy: list[bool]):
         params = [r.params for r in requests]
         temps = torch.tensor(
-            [p.temperature if not g else 1.0 for p, g in zip(params, greedy)],
+            [p.temperature if not g else 1.0 for p, g in zip(params, greedy, strict=False)],
             dtype=logits.dtype, device=logits.device,
         )
         scaled = logits / temps.unsqueeze(1)
@@ -137,6 +137,6 @@ def _logprobs(raw: torch.Tensor | None, tokens: list[int], params: Sequence):
         top: list[tuple[int, float]] = []
         if p.logprobs > 0:
             vals, ids = raw[i].topk(p.logprobs)
-            top = list(zip(ids.tolist(), vals.tolist()))
+            top = list(zip(ids.tolist(), vals.tolist(), strict=False))
         out.append(TokenLogprobs(chosen, top))
     return out

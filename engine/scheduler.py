@@ -77,7 +77,8 @@ class Scheduler:
         request joins the running batch (or finishes at once if that token ends it)."""
         request = self.requests[request_id]
         if request.status != RequestStatus.WAITING_FOR_KV:
-            raise ValueError(f"request {request_id!r} is {request.status.value}, not waiting for KV")
+            raise ValueError(
+                f"request {request_id!r} is {request.status.value}, not waiting for KV")
         self.num_reserved -= 1
         request.num_computed_tokens = request.num_prompt_tokens
         request.token_ids.append(first_token)

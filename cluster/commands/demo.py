@@ -89,7 +89,7 @@ async def _one(client, i: int, prompt: str, max_tokens: int) -> dict:
             stamps.append(time.perf_counter())
         text.append(chunk.text)
         final = chunk
-    itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     line = "".join(text).replace("\n", " ")
     print(f"[{i}] {prompt!r} -> {line[:70]!r}", flush=True)
     return {

@@ -78,7 +78,7 @@ def test_prefix_cache_hits_give_identical_output(reference, arch):
     assert [o.token_ids for o in first] == expected
     assert [o.token_ids for o in second] == expected
     assert sum(o.num_cached_tokens for o in second) > 0
-    long_ones = [o for o, p in zip(second, prompts) if len(p) > 4]
+    long_ones = [o for o, p in zip(second, prompts, strict=False) if len(p) > 4]
     assert all(o.num_cached_tokens > 0 for o in long_ones)
     engine.check_integrity()
 
@@ -166,7 +166,7 @@ def test_logprobs_match_log_softmax(tiny_model_dir):
     out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, temperature=0.0,
                                                           logprobs=3, ignore_eos=True))[0]
     assert len(out.logprobs) == 3
-    for tok, lp in zip(out.token_ids, out.logprobs):
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=False):
         assert lp.top[0][0] == tok  # greedy: the chosen token is the most likely
         assert lp.logprob == pytest.approx(lp.top[0][1])
         assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
