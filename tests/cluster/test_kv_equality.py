@@ -75,3 +75,33 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
     finally:
         p.shutdown()
         d.shutdown()
+
+
+@pytest.mark.gpu
+def test_cuda_prefill_and_decode_workers_generate_like_the_engine(model_dir):
+    """Both workers on CUDA, KV over torch_dist (the gloo wire stages CUDA caches through
+    pinned host memory; NCCL needs one GPU per rank): same tokens as Engine.generate."""
+    from engine import Engine
+
+    options = {**OPTIONS, "device": "cuda", "kv_cache_memory_bytes": 64 << 20}
+    config = TransferConfig(backend="torch_dist", wire="gloo", timeout_s=30, host="127.0.0.1")
+    prompt = list(range(7, 7 + 45))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = Engine.from_pretrained(model_dir, **options).generate([prompt], params)[0]
+    p = PrefillWorker("p0", str(model_dir), options, config)
+    d = DecodeWorker("d0", str(model_dir), options, config)
+    try:
+        assert d.host.engine.runner.kv_cache.is_cuda
+        dst = d.reserve("r1", prompt, params)
+        first = p.prefill("r1", prompt, params, d.endpoint(), dst, timeout_s=60)
+        assert d.start("r1", first.first_token)
+        tokens = [first.first_token]
+        outs = []
+        while not outs or outs[-1].finish_reason is None:
+            outs.extend(d.get_outputs(10.0))
+        tokens += [t for o in outs for t in o.new_token_ids]
+        assert outs[-1].finish_reason == "length"
+        assert tokens == expected.token_ids
+    finally:
+        p.shutdown()
+        d.shutdown()
