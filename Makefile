@@ -28,6 +28,8 @@ lint: install
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/splitserve/v1/*.proto
+	# proto/ installs as the package splitserve_proto (see pyproject.toml)
+	sed -i 's/from proto\.splitserve/from splitserve_proto.splitserve/; s/'"'"'proto\.splitserve/'"'"'splitserve_proto.splitserve/' proto/splitserve/v1/*_pb2*.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proto.splitserve.v1 import generate_pb2 as pb
-from proto.splitserve.v1 import generate_pb2_grpc as pb_grpc
+from splitserve_proto.splitserve.v1 import generate_pb2 as pb
+from splitserve_proto.splitserve.v1 import generate_pb2_grpc as pb_grpc
+
 from router.types import (
     GenerateChunk,
     GenerateInput,

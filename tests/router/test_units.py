@@ -61,8 +61,7 @@ def test_generated_code_matches_the_proto_source(tmp_path):
     command in proto/splitserve/v1/generate.proto's header comment)."""
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
-
-    from proto.splitserve.v1 import generate_pb2
+    from splitserve_proto.splitserve.v1 import generate_pb2
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "generate.pb"

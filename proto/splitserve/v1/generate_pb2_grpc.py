@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.splitserve.v1 import generate_pb2 as proto_dot_splitserve_dot_v1_dot_generate__pb2
+from splitserve_proto.splitserve.v1 import generate_pb2 as proto_dot_splitserve_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
