@@ -85,6 +85,8 @@ class AutoscalingLoop:
         if prefill:
             w.add_gauge("prefill_queue_per_worker", now,
                         (sum(s.num_waiting for s in prefill) + queued) / len(prefill))
+            busy = sum(1 for s in prefill if s.num_running + s.num_waiting > 0)
+            w.add_gauge("prefill_utilization", now, busy / len(prefill))
             speeds = [s.prefill_tokens_per_s for s in prefill if s.prefill_tokens_per_s > 0]
             if speeds:
                 w.add_gauge("prefill_tokens_per_s_per_worker", now, statistics.fmean(speeds))
@@ -92,3 +94,8 @@ class AutoscalingLoop:
             w.add_gauge("decode_queue_per_worker", now,
                         sum(s.num_waiting for s in decode) / len(decode))
             w.add_gauge("decode_kv_usage", now, statistics.fmean(s.kv_usage for s in decode))
+            # Demand sizing (as the simulator does): blocks in use or reserved, per worker.
+            w.add_gauge("decode_demand_blocks", now,
+                        sum(s.total_blocks - s.free_blocks for s in decode))
+            w.add_gauge("decode_blocks_per_worker", now,
+                        statistics.fmean(s.total_blocks for s in decode))
