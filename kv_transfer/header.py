@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kv_transfer.errors import LayoutMismatch
+
 HEADER_BYTES = 512
 _MAGIC = b"KVH1"
 _FIXED = struct.Struct("<4sBBHHHIIIIH")
@@ -58,6 +60,20 @@ class TransferHeader:
     layers_per_chunk: int = 1  # layers per payload buffer (pipelining granularity)
     dtype: torch.dtype = torch.float32  # element type of the payload
     block_shape: tuple[int, int, int] = (0, 0, 0)  # (block_size, num_kv_heads, head_dim)
+
+    @classmethod
+    def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
+                   layers: tuple[int, int] | None, peer: str,
+                   layers_per_chunk: int = 0) -> TransferHeader:
+        """The DATA header of a send of ``num_blocks`` blocks, layers ``[l0, l1)`` (default
+        all) of ``kv_cache``; ``layers_per_chunk`` 0 = the whole range in one buffer.
+        Raises ``LayoutMismatch`` for a layer range outside the cache."""
+        num_layers = kv_cache.shape[0]
+        l0, l1 = layers if layers is not None else (0, num_layers)
+        if not 0 <= l0 < l1 <= num_layers:
+            raise LayoutMismatch(request_id, peer, f"bad layer range [{l0}, {l1})")
+        return cls(DATA, request_id, num_blocks, l0, l1, layers_per_chunk or (l1 - l0),
+                   kv_cache.dtype, tuple(kv_cache.shape[3:]))
 
     @property
     def num_layers(self) -> int:

@@ -25,9 +25,7 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import (
     Endpoint,
-    KVReceiver,
     KVSender,
-    OnDone,
     TransferConfig,
     TransferHandle,
     TransferStats,
@@ -36,8 +34,8 @@ from kv_transfer.base import (
     fail_fast,
 )
 from kv_transfer.errors import PeerClosed, TransferAborted, TransferError, TransferTimeout
-from kv_transfer.header import DATA, TransferHeader
-from kv_transfer.receiving import ExpectTable
+from kv_transfer.header import TransferHeader
+from kv_transfer.receiving import ExpectTable, TableReceiver
 
 
 @dataclass(frozen=True)
@@ -164,20 +162,11 @@ class LoopbackSender(KVSender):
             return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
         try:
             check_layout(request_id, self.kv_cache, peer)
+            header = TransferHeader.for_blocks(request_id, self.kv_cache, len(src_block_ids),
+                                               layers, peer.describe())
         except TransferError as error:
             return fail_fast(handle, error)
-        l0, l1 = layers if layers is not None else (0, self.kv_cache.shape[0])
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)
-        header = TransferHeader(
-            DATA,
-            request_id,
-            src_index.numel(),
-            l0,
-            l1,
-            max(l1 - l0, 1),
-            self.kv_cache.dtype,
-            tuple(self.kv_cache.shape[3:]),
-        )
         with self._lock:
             self._handles.setdefault(request_id, []).append(handle)
         handle.add_done_callback(self._forget)
@@ -206,7 +195,7 @@ class LoopbackSender(KVSender):
                 self._handles.pop(handle.request_id, None)
 
 
-class LoopbackReceiver(KVReceiver):
+class LoopbackReceiver(TableReceiver):
     """Receives through a ``LoopbackHub`` under ``name``."""
 
     def __init__(
@@ -221,17 +210,6 @@ class LoopbackReceiver(KVReceiver):
         return Endpoint(
             "loopback", self.name, self._layout, self._dtype, device=self.table.kv_cache.device.type
         )
-
-    def expect(
-        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
-    ) -> None:
-        self.table.add(request_id, dst_block_ids, on_done)
-
-    def abort(self, request_id: str) -> bool:
-        return self.table.abort(request_id)
-
-    def poll(self) -> list[tuple[str, TransferError | None]]:
-        return self.table.poll()
 
     def close(self) -> None:
         self.hub.unregister(self.name)

@@ -36,9 +36,7 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import (
     Endpoint,
-    KVReceiver,
     KVSender,
-    OnDone,
     TransferConfig,
     TransferHandle,
     TransferStats,
@@ -47,8 +45,8 @@ from kv_transfer.base import (
     fail_fast,
 )
 from kv_transfer.errors import PeerClosed, TransferAborted, TransferError, TransferTimeout
-from kv_transfer.header import DATA, TransferHeader
-from kv_transfer.receiving import ExpectTable
+from kv_transfer.header import TransferHeader
+from kv_transfer.receiving import ExpectTable, TableReceiver
 
 # (receiver endpoint, header, [n] int64 source block ids, handle)
 _Job = tuple[Endpoint, TransferHeader, torch.Tensor, TransferHandle]
@@ -78,19 +76,10 @@ class RaySender(KVSender):
             return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
         try:
             check_layout(request_id, self.kv_cache, peer)
+            header = TransferHeader.for_blocks(request_id, self.kv_cache, len(src_block_ids),
+                                               layers, peer.describe())
         except TransferError as error:
             return fail_fast(handle, error)
-        l0, l1 = layers if layers is not None else (0, self.kv_cache.shape[0])
-        header = TransferHeader(
-            DATA,
-            request_id,
-            len(src_block_ids),
-            l0,
-            l1,
-            max(l1 - l0, 1),
-            self.kv_cache.dtype,
-            tuple(self.kv_cache.shape[3:]),
-        )
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)
         with self._lock:
             self._queued[request_id] = handle
@@ -153,7 +142,7 @@ class RaySender(KVSender):
         result.future().add_done_callback(finished)
 
 
-class RayReceiver(KVReceiver):
+class RayReceiver(TableReceiver):
     """Receives payloads handed to ``deliver`` by its actor's method."""
 
     def __init__(
@@ -191,17 +180,6 @@ class RayReceiver(KVReceiver):
             warnings.simplefilter("ignore", UserWarning)
             buffer = torch.from_numpy(payload)
         return self.table.deliver(parsed, buffer, "ray sender")
-
-    def expect(
-        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
-    ) -> None:
-        self.table.add(request_id, dst_block_ids, on_done)
-
-    def abort(self, request_id: str) -> bool:
-        return self.table.abort(request_id)
-
-    def poll(self) -> list[tuple[str, TransferError | None]]:
-        return self.table.poll()
 
     def close(self) -> None:
         self.table.close(PeerClosed(None, self.name, "receiver closed"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kv_transfer import blocks
-from kv_transfer.base import OnDone
+from kv_transfer.base import KVReceiver, OnDone
 from kv_transfer.errors import LayoutMismatch, TransferError
 from kv_transfer.header import TransferHeader
 
@@ -153,3 +153,21 @@ class ExpectTable:
             return
         with self._lock:
             self._completions.append((entry.request_id, error))
+
+
+class TableReceiver(KVReceiver):
+    """A receiver whose bookkeeping is an ``ExpectTable`` (``self.table``): expect, abort and
+    poll are the table's; backends add ``endpoint``, ``close`` and the receiving itself."""
+
+    table: ExpectTable
+
+    def expect(
+        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
+    ) -> None:
+        self.table.add(request_id, dst_block_ids, on_done)
+
+    def abort(self, request_id: str) -> bool:
+        return self.table.abort(request_id)
+
+    def poll(self) -> list[tuple[str, TransferError | None]]:
+        return self.table.poll()

@@ -39,9 +39,7 @@ import torch.distributed as dist
 from kv_transfer import blocks
 from kv_transfer.base import (
     Endpoint,
-    KVReceiver,
     KVSender,
-    OnDone,
     TransferConfig,
     TransferHandle,
     cache_layout,
@@ -50,14 +48,13 @@ from kv_transfer.base import (
 )
 from kv_transfer.channels import ChannelLRU, ReceiverChannel, SenderChannel, SendJob
 from kv_transfer.errors import (
-    LayoutMismatch,
     PeerClosed,
     TransferAborted,
     TransferError,
     TransferTimeout,
 )
-from kv_transfer.header import DATA, TransferHeader
-from kv_transfer.receiving import ExpectTable
+from kv_transfer.header import TransferHeader
+from kv_transfer.receiving import ExpectTable, TableReceiver
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +283,9 @@ class TorchDistSender(KVSender):
         handle = TransferHandle(request_id)
         try:
             check_layout(request_id, self.kv_cache, peer)
-            header = self._header(request_id, src_block_ids, layers, peer)
+            header = TransferHeader.for_blocks(request_id, self.kv_cache, len(src_block_ids),
+                                               layers, peer.describe(),
+                                               self.config.layers_per_chunk)
         except TransferError as error:
             return fail_fast(handle, error)
         job = SendJob(header, blocks.check_ids(self.kv_cache, src_block_ids), handle)
@@ -320,29 +319,6 @@ class TorchDistSender(KVSender):
         """Peers with an open channel, least recently used first (for metrics and tests)."""
         return [c.peer for c in self._lru.channels()]
 
-    def _header(
-        self,
-        request_id: str,
-        src_block_ids: Sequence[int],
-        layers: tuple[int, int] | None,
-        peer: Endpoint,
-    ) -> TransferHeader:
-        num_layers = self.kv_cache.shape[0]
-        l0, l1 = layers if layers is not None else (0, num_layers)
-        if not 0 <= l0 < l1 <= num_layers:
-            raise LayoutMismatch(request_id, peer.describe(), f"bad layer range [{l0}, {l1})")
-        per_chunk = self.config.layers_per_chunk or (l1 - l0)
-        return TransferHeader(
-            DATA,
-            request_id,
-            len(src_block_ids),
-            l0,
-            l1,
-            per_chunk,
-            self.kv_cache.dtype,
-            tuple(self.kv_cache.shape[3:]),
-        )
-
     def _new_channel(self, peer: Endpoint) -> SenderChannel:
         wire = choose_wire(self.config, self.kv_cache, peer)
         open_group = lambda: PairGroup.connect(
@@ -361,7 +337,7 @@ class TorchDistSender(KVSender):
                 self._queued.pop(handle.request_id, None)
 
 
-class TorchDistReceiver(KVReceiver):
+class TorchDistReceiver(TableReceiver):
     """Hosts a TCPStore that senders connect to; one receive thread per pair channel."""
 
     def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "decode"):
@@ -382,17 +358,6 @@ class TorchDistReceiver(KVReceiver):
             host=self._server.host,
             port=self._server.port,
         )
-
-    def expect(
-        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
-    ) -> None:
-        self.table.add(request_id, dst_block_ids, on_done)
-
-    def abort(self, request_id: str) -> bool:
-        return self.table.abort(request_id)
-
-    def poll(self) -> list[tuple[str, TransferError | None]]:
-        return self.table.poll()
 
     def close(self) -> None:
         """Stop accepting and fail what is expected. Open channels end when their sender
