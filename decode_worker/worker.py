@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from decode_worker.deadlines import DeadlineTimer
-from engine.engine_host import EngineHost
+from engine.engine_host import EngineHost, HostedWorker
 from engine.outputs import RequestOutput, TokenDelta
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import Endpoint, TransferConfig
@@ -41,7 +41,7 @@ class _Incoming:
     times: dict[str, float] = field(default_factory=dict)
 
 
-class DecodeWorker:
+class DecodeWorker(HostedWorker):
     role = "decode"
 
     def __init__(self, worker_id: str, model_dir: str, engine_options: dict | None = None,
@@ -194,18 +194,6 @@ class DecodeWorker:
             self._deltas_ready.notify_all()
 
     # -- reporting / lifecycle ----------------------------------------------------------------
-    def stats(self, draining: bool = False):
-        return self.host.stats(draining)
-
-    def free_blocks(self) -> int:
-        return self.host.free_blocks()
-
-    def check_integrity(self) -> None:
-        self.host.check_integrity()
-
-    def health(self) -> bool:
-        return self.host.loop._thread.is_alive()
-
     def receive_kv(self, header: bytes, payload) -> bool:
         """Ray transfer backend delivery (see kv_transfer.ray_backend)."""
         return self.receiver.deliver(header, payload)

@@ -78,3 +78,22 @@ class EngineHost:
 
     def shutdown(self) -> None:
         self.loop.stop()
+
+
+class HostedWorker:
+    """What every worker answers the cluster about its engine (stats, health, checks);
+    subclasses set ``self.host`` to their EngineHost."""
+
+    host: EngineHost
+
+    def stats(self, draining: bool = False) -> WorkerStats:
+        return self.host.stats(draining)
+
+    def free_blocks(self) -> int:
+        return self.host.free_blocks()
+
+    def check_integrity(self) -> None:
+        self.host.check_integrity()
+
+    def health(self) -> bool:
+        return self.host.loop.is_alive()

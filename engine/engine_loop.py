@@ -53,6 +53,10 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        """True while the loop thread runs (it stops only when asked)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopped = True

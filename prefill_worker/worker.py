@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.batch import TokenLogprobs
-from engine.engine_host import EngineHost
+from engine.engine_host import EngineHost, HostedWorker
 from engine.errors import InvalidRequestError, SplitServeError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -50,7 +50,7 @@ class PrefillFailed(SplitServeError):
     code = "INTERNAL"
 
 
-class PrefillWorker:
+class PrefillWorker(HostedWorker):
     role = "prefill"
 
     def __init__(self, worker_id: str, model_dir: str, engine_options: dict | None = None,
@@ -90,18 +90,6 @@ class PrefillWorker:
         if pending is not None:
             pending[0].set_exception(PrefillFailed(f"request {request_id} was aborted"))
         return pending is not None or aborted
-
-    def stats(self, draining: bool = False):
-        return self.host.stats(draining)
-
-    def free_blocks(self) -> int:
-        return self.host.free_blocks()
-
-    def check_integrity(self) -> None:
-        self.host.check_integrity()
-
-    def health(self) -> bool:
-        return self.host.loop._thread.is_alive()
 
     def shutdown(self) -> None:
         self.sender.close()
