@@ -97,20 +97,20 @@ def torch_dist_server(model_dir):
     ray.shutdown()
 
 
+def _concurrently(fn, items) -> list:
+    """``[fn(x) for x in items]``, all calls in flight at once (a mixed concurrent batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(fn, items, timeout=180))
+
+
 def _grpc_outputs(server: ServerThread, prompts) -> list[list[int]]:
     from router.client import SplitServeClient
 
-    results: list = [None] * len(prompts)
     with SplitServeClient(server.server.endpoints()["grpc"], timeout=120) as client:
-        def one(i):
-            results[i] = client.generate(prompts[i], max_tokens=MAX_TOKENS, temperature=0.0,
-                                         ignore_eos=True).token_ids
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
-    return results
+        return _concurrently(lambda p: client.generate(
+            p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True).token_ids, prompts)
 
 
 def _http_texts(server: ServerThread, prompts) -> list[str]:
@@ -119,19 +119,9 @@ def _http_texts(server: ServerThread, prompts) -> list[str]:
 
     client = openai.OpenAI(base_url=server.server.endpoints()["http"], api_key="x",
                            timeout=120)
-    results: list = [None] * len(prompts)
-
-    def one(i):
-        out = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=MAX_TOKENS,
-                                        temperature=0.0, extra_body={"ignore_eos": True})
-        results[i] = out.choices[0].text
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    return results
+    return _concurrently(lambda p: client.completions.create(
+        model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={"ignore_eos": True}).choices[0].text, prompts)
 
 
 def test_grpc_mixed_batch_matches_engine_1p1d(torch_dist_server, expected):
