@@ -5,11 +5,12 @@ on a Llama-3-8B-shaped KV cache (8 KV heads, head_dim 128, bf16, block size 16; 
 of its 32 layers, 8 by default so that the run fits in about a minute on 2 CPU cores), for
 prompts of 512, 2048 and 8192 tokens whose blocks are scattered over the cache:
 
-  - ours: ``TorchDistSender.send`` → gather → header + pipelined chunks → receive into
-    staging → scatter into the reserved blocks → ``on_done`` on the receiver; timed from
-    ``send()`` until the child reports ``on_done``.
+  - ours: ``TorchDistSender.send`` → header + one message per block, sent straight from the
+    scattered source blocks of the (block-major) cache and received straight into the
+    scattered reserved blocks → ``on_done`` on the receiver; timed from ``send()`` until the
+    child reports ``on_done``.
   - raw: one ``send``/``recv`` of a preallocated contiguous buffer of the same byte count
-    over a separate two-rank group between the same processes (no gather, no scatter, no
+    over a separate two-rank group between the same processes (no block bookkeeping, no
     header); timed from the send until the child reports the receive done.
 
 Each size: one warm-up of each, then ``--reps`` alternating repetitions; medians, GB/s and
@@ -53,15 +54,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--wire", default="auto", choices=["auto", "gloo", "nccl"])
-    p.add_argument("--layers-per-chunk", type=int, default=1, help="0 = one buffer")
-    p.add_argument("--inflight-chunks", type=int, default=2)
+    p.add_argument("--inflight-messages", type=int, default=32, help="block receives in flight")
     p.add_argument("--out", default="results/kv_transfer.json")
     return p.parse_args()
 
 
 def cache(args: argparse.Namespace, device: str, fill: bool) -> torch.Tensor:
     num_blocks = 2 * max(args.tokens) // BLOCK_SIZE + 8
-    shape = (args.layers, 2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, args.layers, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     if not fill:
         return torch.zeros(shape, dtype=DTYPE, device=device)
     return torch.randn(shape, dtype=torch.float32, device=device).to(DTYPE)
@@ -72,8 +72,7 @@ def config(args: argparse.Namespace) -> TransferConfig:
         host="127.0.0.1",
         timeout_s=120,
         wire=args.wire,
-        layers_per_chunk=args.layers_per_chunk,
-        inflight_chunks=args.inflight_chunks,
+        inflight_messages=args.inflight_messages,
     )
 
 
@@ -115,7 +114,7 @@ def receiver_main(args: argparse.Namespace, inbox, outbox) -> None:
     wire = wire_of(args)
     raw = raw_group(raw_store, 1, wire)
     raw_buf = torch.empty(
-        kv[:, :, : max(args.tokens) // BLOCK_SIZE].numel() * 2,
+        kv[: max(args.tokens) // BLOCK_SIZE].numel() * 2,
         dtype=torch.uint8,
         device=device if wire == "nccl" else "cpu",
     )
@@ -175,9 +174,9 @@ def time_raw(raw, buf: torch.Tensor, outbox, inbox) -> float:
 def bench_size(args, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) -> dict:
     n = tokens // BLOCK_SIZE
     gen = torch.Generator().manual_seed(tokens)
-    src = torch.randperm(kv.shape[2], generator=gen)[:n].tolist()
-    dst = torch.randperm(kv.shape[2], generator=gen)[:n].tolist()
-    nbytes = kv[:, :, :n].numel() * kv.element_size()
+    src = torch.randperm(kv.shape[0], generator=gen)[:n].tolist()
+    dst = torch.randperm(kv.shape[0], generator=gen)[:n].tolist()
+    nbytes = kv[:n].numel() * kv.element_size()
     buf = raw_buf[:nbytes]
     ours, base = [], []
     for rep in range(args.reps + 1):  # rep 0 is the warm-up
@@ -222,7 +221,7 @@ def main() -> None:
     raw_buf = torch.randint(
         0,
         255,
-        (kv[:, :, : max(args.tokens) // BLOCK_SIZE].numel() * 2,),
+        (kv[: max(args.tokens) // BLOCK_SIZE].numel() * 2,),
         dtype=torch.uint8,
         device=device if wire == "nccl" else "cpu",
     )
@@ -239,8 +238,8 @@ def main() -> None:
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
     print(
         f"KV transfer, {args.device} caches, {wire_of(args)} wire, {args.layers} layers x 8 kv "
-        f"heads x 128 dims, bf16, block 16, layers/chunk {args.layers_per_chunk}, "
-        f"inflight {args.inflight_chunks}, median of {args.reps}"
+        f"heads x 128 dims, bf16, block 16, blocks scattered over the cache, "
+        f"inflight {args.inflight_messages}, median of {args.reps}"
     )
     print(
         f"{'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} {'ours GB/s':>10} "

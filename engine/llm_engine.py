@@ -124,7 +124,9 @@ class Engine:
 
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         cfg = self.model_config
-        shape = (cfg.num_layers, 2, num_blocks, self.cache_config.block_size,
+        # Block-major: one block holds every layer's K and V contiguously, so a KV transfer
+        # moves a block as one message straight from/to the cache (no gather, no scatter).
+        shape = (num_blocks, cfg.num_layers, 2, self.cache_config.block_size,
                  cfg.num_kv_heads, cfg.head_dim)
         # Zeros, not empty: masked-out padding slots are read by batched attention.
         return torch.zeros(shape, dtype=self.dtype, device=self.device)

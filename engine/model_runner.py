@@ -1,7 +1,7 @@
 """The model runner: turns a SchedulerOutput into tensors, runs the model, samples.
 
 It owns the device state: the model, the paged KV cache
-``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` and the sampler.
+``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` and the sampler.
 Inputs are built from Python ints in one pass per request (no per-token tensor ops), then
 moved to the device in a handful of tensors; slot mapping is computed vectorised.
 """

@@ -7,17 +7,18 @@ send succeeded or failed. "No free blocks" on the decode side is backpressure, h
 a transfer starts (outside this package).
 
 Layout: each engine holds one cache tensor
-``kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (2 = K, V); a
+``kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` (2 = K, V); a
 request's KV is a list of block ids on each side (different ids, same count).
 
 Backends (``registry.make_sender`` / ``make_receiver`` by ``TransferConfig.backend``):
   - ``torch_dist``: one stateless two-rank torch.distributed group per (prefill, decode) pair,
-    gloo on CPU, NCCL when both caches are CUDA; ordered header + pipelined payload chunks.
+    gloo on CPU, NCCL when both caches are CUDA; ordered header + one message per block,
+    sent from and received into the caches directly (no gather, no scatter).
   - ``ray``: through the Ray object store (anywhere Ray runs; the fallback).
   - ``loopback``: in-process fake with fault injection, for tests not about the wire.
 
 Modules: ``base`` (interface, config, endpoint, handle), ``errors``, ``header`` (wire header),
-``blocks`` (gather/scatter), ``receiving`` (receiver bookkeeping shared by backends),
+``blocks`` (block views, gather/scatter), ``receiving`` (receiver bookkeeping shared by backends),
 ``channels`` (torch_dist's pair threads), ``torch_dist``, ``ray_backend``, ``loopback``,
 ``registry``. Only ``torch_dist`` touches torch.distributed; only ``ray_backend`` imports ray.
 """

@@ -41,9 +41,11 @@ class TransferConfig:
     connect_timeout_s: float = 30.0  # opening a pair channel (store handshake + rendezvous)
     idle_timeout_s: float = 600.0  # a sender closes a pair channel idle this long
     max_channels: int = 16  # LRU cap on a sender's open pair channels (idle ones are closed)
-    layers_per_chunk: int = 1  # payload buffers of this many layers (pipelined); 0 = one buffer
-    inflight_chunks: int = 2  # chunk buffers in flight per channel, >= 2 (one gathered while
-    # another is on the wire); staging memory per channel = this many chunks, on each side
+    # torch_dist: block receives posted ahead per channel (a payload is one message per
+    # block). Deeper hides per-message hand-offs; an abort waits for at most this many
+    # receives already writing into the request's blocks. Also the depth of host staging
+    # slots where a cache is not on the wire's device.
+    inflight_messages: int = 32
     wire: str = (
         "auto"  # torch_dist: "auto" (nccl if both caches are CUDA, else gloo), "gloo", "nccl"
     )
@@ -52,8 +54,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0 or self.idle_timeout_s <= 0:
             raise ValueError("transfer timeouts must be positive")
-        if self.max_channels < 1 or self.inflight_chunks < 2 or self.layers_per_chunk < 0:
-            raise ValueError("need max_channels >= 1, inflight_chunks >= 2, layers_per_chunk >= 0")
+        if self.max_channels < 1 or self.inflight_messages < 1:
+            raise ValueError("need max_channels >= 1 and inflight_messages >= 1")
         if self.wire not in ("auto", "gloo", "nccl"):
             raise ValueError(f"wire must be auto, gloo or nccl (got {self.wire!r})")
 
@@ -79,13 +81,12 @@ class Endpoint:
 
 def cache_layout(kv_cache: torch.Tensor) -> tuple[tuple[int, ...], str]:
     """``(layout, dtype name)`` of a cache, as an ``Endpoint`` advertises them."""
-    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+    if kv_cache.dim() != 6 or kv_cache.shape[2] != 2 or not kv_cache.is_contiguous():
         raise ValueError(
-            "kv_cache must be [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], "
-            f"got {tuple(kv_cache.shape)}"
+            "kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
+            f"num_kv_heads, head_dim], got {tuple(kv_cache.shape)}"
         )
-    shape = tuple(kv_cache.shape)
-    return shape[:2] + shape[3:], str(kv_cache.dtype).removeprefix("torch.")
+    return tuple(kv_cache.shape[1:]), str(kv_cache.dtype).removeprefix("torch.")
 
 
 def check_layout(request_id: str, kv_cache: torch.Tensor, peer: Endpoint) -> None:

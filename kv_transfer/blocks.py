@@ -1,14 +1,16 @@
-"""Gather and scatter of a request's KV blocks: one index op, never a Python loop over blocks.
+"""A request's KV blocks in the cache: per-block views, and gather/scatter for whole payloads.
 
-Cache layout (one tensor per engine)::
+Cache layout (one tensor per engine, block-major)::
 
-    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   (2 = K, V)
+    kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]   (2 = K, V)
 
-A request's KV is a list of physical block ids. ``gather`` copies those blocks, for a range
-of layers, into one contiguous buffer ``[L, 2, n, block_size, num_kv_heads, head_dim]``
-(block ``i`` of the buffer is physical block ``block_ids[i]``); ``scatter`` writes such a
-buffer into (other) block ids of another cache. Sending layer by layer uses ``layers=slice(l,
-l + 1)`` (or ``gather_layer``), so layer ``l`` can be on the wire while ``l + 1`` is gathered.
+A block holds every layer's K and V in one contiguous run of memory, so the layers
+``[l0, l1)`` of one block are one contiguous tensor (``block_view``): the torch_dist backend
+sends and receives each block straight from and into the caches, with no copy. The object
+store backends (ray, loopback) move a whole payload as one buffer: ``gather`` copies a
+request's blocks into ``[n, L, 2, block_size, num_kv_heads, head_dim]`` (block ``i`` of the
+buffer is physical block ``block_ids[i]``) and ``scatter`` writes such a buffer into (other)
+block ids of another cache. One index op each, never a Python loop over blocks.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def check_ids(kv_cache: torch.Tensor, block_ids: BlockIds) -> torch.Tensor:
     """``block_ids`` as an index on the cache's device; ``ValueError`` unless they are distinct
     and within ``[0, num_blocks)``."""
     idx = block_index(block_ids, kv_cache.device)
-    num_blocks = kv_cache.shape[2]
+    num_blocks = kv_cache.shape[0]
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_blocks):
         raise ValueError(f"block ids outside [0, {num_blocks}): {idx.tolist()}")
     if idx.numel() != torch.unique(idx).numel():
@@ -45,10 +47,16 @@ def check_ids(kv_cache: torch.Tensor, block_ids: BlockIds) -> torch.Tensor:
     return idx
 
 
+def block_view(kv_cache: torch.Tensor, block_id: int, layers: slice) -> torch.Tensor:
+    """Layers ``layers`` of one block as a flat ``uint8`` view into the cache (contiguous:
+    a block's layers are adjacent). What the torch_dist wire sends and receives into."""
+    return kv_cache[block_id, layers].view(torch.uint8).view(-1)
+
+
 def gather_shape(kv_cache: torch.Tensor, num_blocks: int, layers: slice) -> tuple[int, ...]:
-    """Shape of ``gather``'s result: ``[L, 2, n, block_size, num_kv_heads, head_dim]``."""
-    num_layers = len(range(*layers.indices(kv_cache.shape[0])))
-    return (num_layers, 2, num_blocks, *kv_cache.shape[3:])
+    """Shape of ``gather``'s result: ``[n, L, 2, block_size, num_kv_heads, head_dim]``."""
+    num_layers = len(range(*layers.indices(kv_cache.shape[1])))
+    return (num_blocks, num_layers, *kv_cache.shape[2:])
 
 
 def gather(
@@ -59,7 +67,7 @@ def gather(
 ) -> torch.Tensor:
     """Copy blocks ``block_ids`` of layers ``layers`` into one contiguous buffer.
 
-    Returns ``[L, 2, n, block_size, num_kv_heads, head_dim]`` (``out`` if given: it must have
+    Returns ``[n, L, 2, block_size, num_kv_heads, head_dim]`` (``out`` if given: it must have
     that shape, the cache's dtype and device, and be contiguous).
     """
     idx = block_index(block_ids, kv_cache.device)
@@ -69,7 +77,7 @@ def gather(
             dtype=kv_cache.dtype,
             device=kv_cache.device,
         )
-    torch.index_select(_bits(kv_cache[layers]), 2, idx, out=_bits(out))
+    torch.index_select(_bits(kv_cache[:, layers]), 0, idx, out=_bits(out))
     return out
 
 
@@ -79,7 +87,7 @@ def scatter(
     buffer: torch.Tensor,
     layers: slice = slice(None),
 ) -> None:
-    """Write ``buffer`` ``[L, 2, n, ...]`` into blocks ``block_ids`` of layers ``layers``.
+    """Write ``buffer`` ``[n, L, ...]`` into blocks ``block_ids`` of layers ``layers``.
 
     ``buffer`` may live on another device (a CPU staging buffer for a GPU cache); it is moved
     first. ``block_ids`` must be distinct (a request never holds a block twice).
@@ -91,33 +99,17 @@ def scatter(
     if buffer.device != kv_cache.device:
         buffer = buffer.to(kv_cache.device)  # blocking: the caller may reuse buffer at once
     if kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
-        _scatter_cpu(kv_cache[layers], idx, buffer)
+        _scatter_cpu(kv_cache, idx, buffer, layers)
     else:
-        _bits(kv_cache[layers]).index_copy_(2, idx, _bits(buffer))
+        _bits(kv_cache[:, layers]).index_copy_(0, idx, _bits(buffer))
 
 
-def _scatter_cpu(dst: torch.Tensor, idx: torch.Tensor, buffer: torch.Tensor) -> None:
-    """``dst[:, :, idx] = buffer`` through numpy byte views: numpy copies each block as one
-    contiguous row (memcpy speed); torch's CPU ``index_copy_`` goes element by element and
-    took about twice as long on a 32 MiB bf16 layer (torch 2.13, dev VM). ``dst`` is
+def _scatter_cpu(kv_cache: torch.Tensor, idx: torch.Tensor, buffer: torch.Tensor,
+                 layers: slice) -> None:
+    """``kv_cache[idx, layers] = buffer`` through numpy byte views: numpy copies each block
+    as contiguous rows (memcpy speed); torch's CPU ``index_copy_`` goes element by element
+    and took about twice as long on a 32 MiB bf16 layer (torch 2.13, dev VM). The cache is
     contiguous, so the reshape below is a view and the write lands in the cache."""
-    rows = dst.view(torch.uint8).numpy().reshape(*dst.shape[:3], -1)  # [L, 2, num_blocks, bytes]
-    src = buffer.contiguous().view(torch.uint8).numpy().reshape(*buffer.shape[:3], -1)
-    rows[:, :, idx.numpy()] = src
-
-
-def gather_layer(
-    kv_cache: torch.Tensor, block_ids: BlockIds, layer: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One layer of ``gather``: ``[2, n, block_size, num_kv_heads, head_dim]``."""
-    if out is None:
-        return gather(kv_cache, block_ids, slice(layer, layer + 1))[0]
-    gather(kv_cache, block_ids, slice(layer, layer + 1), out=out.unsqueeze(0))
-    return out
-
-
-def scatter_layer(
-    kv_cache: torch.Tensor, block_ids: BlockIds, layer: int, buffer: torch.Tensor
-) -> None:
-    """One layer of ``scatter``: ``buffer`` is ``[2, n, block_size, num_kv_heads, head_dim]``."""
-    scatter(kv_cache, block_ids, buffer.unsqueeze(0), slice(layer, layer + 1))
+    rows = kv_cache.view(torch.uint8).numpy().reshape(*kv_cache.shape[:2], -1)  # [N, L, bytes]
+    src = buffer.contiguous().view(torch.uint8).numpy().reshape(*buffer.shape[:2], -1)
+    rows[idx.numpy(), layers] = src

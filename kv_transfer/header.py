@@ -9,7 +9,7 @@ posts the same receive. Little-endian::
     5       1     dtype code (index into DTYPES)
     6       2     layer_start
     8       2     layer_end (exclusive)
-    10      2     layers_per_chunk (payload is sent as ceil(layers / this) buffers)
+    10      2     reserved (0)
     12      4     num_blocks
     16      4     block_size
     20      4     num_kv_heads
@@ -29,7 +29,7 @@ import torch
 from kv_transfer.errors import LayoutMismatch
 
 HEADER_BYTES = 512
-_MAGIC = b"KVH1"
+_MAGIC = b"KVH2"  # 2: block-major payload, one message per block
 _FIXED = struct.Struct("<4sBBHHHIIIIH")
 MAX_REQUEST_ID_BYTES = HEADER_BYTES - _FIXED.size
 
@@ -57,43 +57,36 @@ class TransferHeader:
     num_blocks: int = 0  # n: number of blocks in the payload (same count on both sides)
     layer_start: int = 0  # first layer carried
     layer_end: int = 0  # one past the last layer carried
-    layers_per_chunk: int = 1  # layers per payload buffer (pipelining granularity)
     dtype: torch.dtype = torch.float32  # element type of the payload
     block_shape: tuple[int, int, int] = (0, 0, 0)  # (block_size, num_kv_heads, head_dim)
 
     @classmethod
     def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
-                   layers: tuple[int, int] | None, peer: str,
-                   layers_per_chunk: int = 0) -> TransferHeader:
+                   layers: tuple[int, int] | None, peer: str) -> TransferHeader:
         """The DATA header of a send of ``num_blocks`` blocks, layers ``[l0, l1)`` (default
-        all) of ``kv_cache``; ``layers_per_chunk`` 0 = the whole range in one buffer.
-        Raises ``LayoutMismatch`` for a layer range outside the cache."""
-        num_layers = kv_cache.shape[0]
+        all) of the block-major ``kv_cache``. Raises ``LayoutMismatch`` for a layer range
+        outside the cache."""
+        num_layers = kv_cache.shape[1]
         l0, l1 = layers if layers is not None else (0, num_layers)
         if not 0 <= l0 < l1 <= num_layers:
             raise LayoutMismatch(request_id, peer, f"bad layer range [{l0}, {l1})")
-        return cls(DATA, request_id, num_blocks, l0, l1, layers_per_chunk or (l1 - l0),
-                   kv_cache.dtype, tuple(kv_cache.shape[3:]))
+        return cls(DATA, request_id, num_blocks, l0, l1, kv_cache.dtype,
+                   tuple(kv_cache.shape[3:]))
 
     @property
     def num_layers(self) -> int:
         return self.layer_end - self.layer_start
 
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.num_layers / self.layers_per_chunk) if self.num_layers else 0
+    def block_payload_shape(self) -> tuple[int, ...]:
+        """Shape of one block's message: ``[num_layers, 2, block_size, num_kv_heads, D]``."""
+        return (self.num_layers, 2, *self.block_shape)
 
-    def chunk_layers(self, i: int) -> tuple[int, int]:
-        """Absolute layer range ``[start, end)`` of payload chunk ``i``."""
-        start = self.layer_start + i * self.layers_per_chunk
-        return start, min(start + self.layers_per_chunk, self.layer_end)
+    def block_nbytes(self) -> int:
+        return math.prod(self.block_payload_shape()) * self.dtype.itemsize
 
-    def layer_shape(self) -> tuple[int, ...]:
-        """Shape of one layer of the payload: ``[2, n, block_size, num_kv_heads, head_dim]``."""
-        return (2, self.num_blocks, *self.block_shape)
-
-    def layer_nbytes(self) -> int:
-        return math.prod(self.layer_shape()) * self.dtype.itemsize
+    def payload_shape(self) -> tuple[int, ...]:
+        """Shape of the whole payload: ``[num_blocks, num_layers, 2, block_size, kvh, D]``."""
+        return (self.num_blocks, *self.block_payload_shape())
 
     def encode(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The header as a ``uint8`` tensor ``[HEADER_BYTES]`` on ``device``."""
@@ -106,7 +99,7 @@ class TransferHeader:
             DTYPES.index(self.dtype),
             self.layer_start,
             self.layer_end,
-            self.layers_per_chunk,
+            0,
             self.num_blocks,
             *self.block_shape,
             len(rid),
@@ -119,11 +112,11 @@ class TransferHeader:
     def decode(cls, buf: torch.Tensor) -> TransferHeader:
         """Parse a ``uint8`` tensor ``[HEADER_BYTES]``; raises ``ValueError`` if it is not one."""
         raw = buf.cpu().numpy().tobytes()
-        magic, kind, dt, l0, l1, lpc, n, bs, kvh, hd, rid_len = _FIXED.unpack_from(raw)
+        magic, kind, dt, l0, l1, _reserved, n, bs, kvh, hd, rid_len = _FIXED.unpack_from(raw)
         if magic != _MAGIC or kind not in (DATA, CLOSE) or dt >= len(DTYPES):
             raise ValueError(f"not a KV transfer header (starts {raw[:8]!r})")
         rid = raw[_FIXED.size : _FIXED.size + rid_len].decode()
-        return cls(kind, rid, n, l0, l1, lpc, DTYPES[dt], (bs, kvh, hd))
+        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd))
 
 
 def empty_header(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -3,11 +3,16 @@
 One ``ExpectTable`` per receiver. Backends call, for each arriving payload::
 
     entry = table.begin(header, peer)      # None: nobody expects it -> drain and discard
-    table.write(entry, layers, buffer)     # scatter, unless aborted meanwhile (under the lock)
+    table.write(entry, layers, buffer)     # whole payload: scatter, unless aborted meanwhile
+      or, block by block, straight into the cache (torch_dist):
+    view = table.claim(entry, i, layers)   # block i's destination, or None once aborted
+    ... receive into view ...; table.release(entry)
     table.finish(entry, layers)            # all layers in -> on_done(rid, None) / poll()
 
-``abort`` takes the same lock as ``write``: once it returns, no scatter into the request's
-blocks can start, so the decode worker may free them at once.
+``abort`` takes the same lock as ``write`` and ``claim``, then waits until every claimed
+block has been released: once it returns, nothing writes into the request's blocks any
+more, so the decode worker may free them at once. That wait is bounded by the receives
+already posted (``TransferConfig.inflight_messages`` blocks), each bounded by the timeout.
 """
 
 from __future__ import annotations
@@ -33,21 +38,25 @@ class Expected:
     dst_index: torch.Tensor  # [n] int64 block ids on the cache's device
     on_done: OnDone | None  # completion callback, or None to report through poll()
     layers_left: set[int] = field(default_factory=set)  # layers not received yet
+    claimed: int = 0  # blocks being received straight into the cache (see ``claim``)
+    dst_ids: list[int] = field(default_factory=list)  # dst_index as ints (no device reads)
 
 
 class ExpectTable:
     """Thread-safe table of expected requests of one receiver and its ``kv_cache``."""
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
-        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache = kv_cache  # [num_blocks, L, 2, block_size, num_kv_heads, head_dim]
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)  # a claimed block was released
         self._expected: dict[str, Expected] = {}
         self._completions: deque[tuple[str, TransferError | None]] = deque()
         self._closed_error: TransferError | None = None
 
     def add(self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None) -> None:
         index = blocks.check_ids(self.kv_cache, dst_block_ids)
-        entry = Expected(request_id, index, on_done, set(range(self.kv_cache.shape[0])))
+        entry = Expected(request_id, index, on_done, set(range(self.kv_cache.shape[1])),
+                         dst_ids=index.tolist())
         with self._lock:
             if self._closed_error is not None:
                 error = self._closed_error.for_request(request_id)
@@ -59,8 +68,12 @@ class ExpectTable:
         self._report(entry, error)
 
     def abort(self, request_id: str) -> bool:
+        """Forget the request; returns once nothing writes into its blocks any more."""
         with self._lock:
-            return self._expected.pop(request_id, None) is not None
+            entry = self._expected.pop(request_id, None)
+            if entry is not None:
+                self._released.wait_for(lambda: entry.claimed == 0)
+            return entry is not None
 
     def begin(self, header: TransferHeader, peer: str) -> Expected | None:
         """The entry a payload is for, or None if it must be discarded (unknown, aborted or
@@ -76,13 +89,30 @@ class ExpectTable:
         return entry
 
     def write(self, entry: Expected, layers: tuple[int, int], buffer: torch.Tensor) -> bool:
-        """Scatter ``buffer`` ``[l1 - l0, 2, n, ...]`` into the entry's blocks, unless it was
+        """Scatter ``buffer`` ``[n, l1 - l0, 2, ...]`` into the entry's blocks, unless it was
         aborted or failed meanwhile; True if written."""
         with self._lock:
             if self._expected.get(entry.request_id) is not entry:
                 return False
             blocks.scatter(self.kv_cache, entry.dst_index, buffer, slice(*layers))
             return True
+
+    def claim(self, entry: Expected, i: int, layers: tuple[int, int]) -> torch.Tensor | None:
+        """Block ``i`` of the entry, layers ``[l0, l1)``, as a flat ``uint8`` view to receive
+        into; None if the entry was aborted or failed (receive into a discard buffer).
+        Every claim must be ``release``d once the receive into it is over (or broken)."""
+        with self._lock:
+            if self._expected.get(entry.request_id) is not entry:
+                return None
+            entry.claimed += 1
+            return blocks.block_view(self.kv_cache, entry.dst_ids[i], slice(*layers))
+
+    def release(self, entry: Expected) -> None:
+        """A claimed block is no longer being written."""
+        with self._lock:
+            entry.claimed -= 1
+            if entry.claimed == 0:
+                self._released.notify_all()
 
     def finish(self, entry: Expected, layers: tuple[int, int]) -> None:
         """Mark layers ``[l0, l1)`` received; report success once every layer is in."""
@@ -130,7 +160,7 @@ class ExpectTable:
         if entry is None:
             return False
         layers = (header.layer_start, header.layer_end)
-        payload = buffer.view(header.dtype).view(header.num_layers, *header.layer_shape())
+        payload = buffer.view(header.dtype).view(header.payload_shape())
         written = self.write(entry, layers, payload)
         if written:
             self.finish(entry, layers)
@@ -143,8 +173,8 @@ class ExpectTable:
         if header.dtype != kv.dtype or header.block_shape != tuple(kv.shape[3:]):
             cache = f"{kv.dtype} {tuple(kv.shape[3:])}"
             return f"payload {header.dtype} {header.block_shape} != cache {cache}"
-        if not 0 <= header.layer_start < header.layer_end <= kv.shape[0]:
-            return f"layers [{header.layer_start}, {header.layer_end}) outside [0, {kv.shape[0]})"
+        if not 0 <= header.layer_start < header.layer_end <= kv.shape[1]:
+            return f"layers [{header.layer_start}, {header.layer_end}) outside [0, {kv.shape[1]})"
         return ""
 
     def _report(self, entry: Expected, error: TransferError | None) -> None:

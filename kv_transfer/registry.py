@@ -37,7 +37,7 @@ def _classes(name: str) -> tuple[type[KVSender], type[KVReceiver]]:
 
 def make_sender(config: TransferConfig, kv_cache: torch.Tensor, **kwargs: Any) -> KVSender:
     """The sender of ``config.backend`` for this worker's ``kv_cache``
-    ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+    ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``."""
     return _classes(config.backend)[0](config, kv_cache, **kwargs)
 
 

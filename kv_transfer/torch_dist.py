@@ -59,7 +59,7 @@ from kv_transfer.receiving import ExpectTable, TableReceiver
 log = logging.getLogger(__name__)
 
 _PAIRS = "kv/pairs"  # counter: number of pair channels ever announced to this store
-CTRL_TAG = 0  # headers; payload chunks use tags 1..inflight_chunks
+CTRL_TAG = 0  # headers; payload messages use channels.DATA_TAG
 
 
 def _pair_key(n: int) -> str:
@@ -284,11 +284,10 @@ class TorchDistSender(KVSender):
         try:
             check_layout(request_id, self.kv_cache, peer)
             header = TransferHeader.for_blocks(request_id, self.kv_cache, len(src_block_ids),
-                                               layers, peer.describe(),
-                                               self.config.layers_per_chunk)
+                                               layers, peer.describe())
         except TransferError as error:
             return fail_fast(handle, error)
-        job = SendJob(header, blocks.check_ids(self.kv_cache, src_block_ids), handle)
+        job = SendJob(header, blocks.check_ids(self.kv_cache, src_block_ids).tolist(), handle)
         with self._lock:
             if self._closed:
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))

@@ -13,8 +13,10 @@ class AttentionBackend(ABC):
     """Paged attention over a ragged batch.
 
     The KV cache of one layer is two tensors ``[num_blocks, block_size, num_kv_heads,
-    head_dim]``. ``forward`` first writes the new tokens' K/V into their slots, then attends
-    each query token to its sequence's whole context (causal within the new tokens).
+    head_dim]``: strided views of the block-major engine cache (the block stride spans every
+    layer; the rows inside a block are contiguous). ``forward`` first writes the new tokens'
+    K/V into their slots, then attends each query token to its sequence's whole context
+    (causal within the new tokens).
     """
 
     name: str = ""

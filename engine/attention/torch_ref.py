@@ -35,14 +35,19 @@ from engine.attention.metadata import AttentionMetadata
 def write_kv_cache(
     key: torch.Tensor,  # [num_tokens, KVH, D]
     value: torch.Tensor,  # [num_tokens, KVH, D]
-    key_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], contiguous
-    value_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], contiguous
+    key_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any block stride
+    value_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any block stride
     slot_mapping: torch.Tensor,  # [num_tokens] int64, slot = block * block_size + offset
 ) -> None:
-    """Write the new tokens' K/V into their cache slots: one indexed copy per tensor."""
-    num_kv_heads, head_dim = key_cache.shape[-2:]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    """Write the new tokens' K/V into their cache slots: one indexed copy per tensor.
+
+    A layer's cache is a strided view of the block-major cache (a block holds every layer),
+    so slots are addressed as (block, offset) pairs rather than through a flat view."""
+    block_size = key_cache.shape[1]
+    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
+    offsets = slot_mapping - blocks * block_size
+    key_cache.index_put_((blocks, offsets), key)
+    value_cache.index_put_((blocks, offsets), value)
 
 
 @dataclass

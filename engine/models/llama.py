@@ -59,7 +59,8 @@ class LlamaAttention(nn.Module):
         else:
             q = self.rotary(positions, self.q_norm(qkv[:, : H * D].view(T, H, D)))
             k = self.rotary(positions, self.k_norm(qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)))
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache[:, 0], kv_cache[:, 1], metadata,
+                                   self.scale)
         return self.o_proj(out.reshape(T, H * D))  # out: [T, H, D]
 
 
@@ -105,7 +106,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         h = self.embed_tokens(input_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, kv_cache[i], metadata)
+            h = layer(h, positions, kv_cache[:, i], metadata)  # [N, 2, bs, kvh, D] view
         return self.norm(h)
 
 

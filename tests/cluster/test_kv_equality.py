@@ -59,11 +59,11 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
         assert landed.wait(30), "KV never landed"
         src = sent["r1"]
         assert len(src) == len(dst) == 10
-        p_kv = p.host.engine.runner.kv_cache[:, :, src]
-        d_kv = d.host.engine.runner.kv_cache[:, :, dst]
+        # [n, L, 2, bs, kvh, D] -> [L, 2, n * bs, kvh, D]: positions in prompt order.
+        by_position = lambda kv, ids: kv[ids].permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
         # Only the prompt's 37 positions are meaningful: compare those exactly.
-        flat_p = p_kv.flatten(2, 3)[:, :, :37]
-        flat_d = d_kv.flatten(2, 3)[:, :, :37]
+        flat_p = by_position(p.host.engine.runner.kv_cache, src)[:, :, :37]
+        flat_d = by_position(d.host.engine.runner.kv_cache, dst)[:, :, :37]
         assert torch.equal(flat_p, flat_d)
         assert flat_p.abs().sum() > 0
         assert d.start("r1", result.first_token)

@@ -30,6 +30,12 @@ def dense_reference(
     return torch.einsum("hns,shd->nhd", scores.softmax(-1), v.double()).float()
 
 
+def layer_caches(kv: torch.Tensor, layer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V of a block-major cache ``[N, L, 2, bs, KVH, D]``: strided views,
+    as the engine passes them (the block stride spans every layer)."""
+    return kv[:, layer, 0], kv[:, layer, 1]
+
+
 def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blocks=NUM_BLOCKS):
     """Fill each sequence's cached context, run one step, return (output, reference)."""
     gen = torch.Generator().manual_seed(seed)
@@ -37,8 +43,8 @@ def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blo
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
     tables = random_block_tables([-(-s // block_size) for s in seq_lens], num_blocks, rng)
     # Garbage everywhere (finite): padded and stale slots must be masked, not zero.
-    k_cache = torch.randn(num_blocks, block_size, KVH, D, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, KVH, D, generator=gen)
+    k_cache, v_cache = layer_caches(torch.randn(num_blocks, 3, 2, block_size, KVH, D,
+                                                generator=gen))
     full_k = [torch.randn(s, KVH, D, generator=gen) for s in seq_lens]
     full_v = [torch.randn(s, KVH, D, generator=gen) for s in seq_lens]
     for table, c, k, v in zip(tables, cached, full_k, full_v, strict=True):
@@ -128,8 +134,8 @@ def test_plan_is_rebuilt_for_each_step():
 
 def test_slot_mapping_writes_land_in_their_blocks():
     block_size = 4
-    k_cache = torch.zeros(8, block_size, KVH, D)
-    v_cache = torch.zeros(8, block_size, KVH, D)
+    kv = torch.zeros(8, 2, 2, block_size, KVH, D)
+    k_cache, v_cache = layer_caches(kv, 0)
     table = [7, 2]  # positions 0..3 -> block 7, 4..5 -> block 2
     slots = torch.tensor(slots_for(table, 0, 6, block_size))
     assert slots.tolist() == [28, 29, 30, 31, 8, 9]
@@ -138,6 +144,7 @@ def test_slot_mapping_writes_land_in_their_blocks():
     assert torch.equal(k_cache[7, :, 0, 0], torch.tensor([1.0, 2, 3, 4]))
     assert torch.equal(k_cache[2, :2, 1, 3], torch.tensor([5.0, 6]))
     assert torch.equal(v_cache[2, :2, 0, 0], torch.tensor([-5.0, -6]))
+    assert kv[:, 1].count_nonzero() == 0  # the other layer's blocks are untouched
     assert k_cache[2, 2:].abs().sum() == 0 and k_cache[:2].abs().sum() == 0  # nothing else touched
 
 

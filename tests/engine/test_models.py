@@ -84,7 +84,7 @@ def load(path):
 
 def new_kv_cache(cfg: ModelConfig) -> torch.Tensor:
     # Random finite garbage: stale and padded slots must be masked, not merely zero.
-    shape = (cfg.num_layers, 2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+    shape = (NUM_BLOCKS, cfg.num_layers, 2, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
     return torch.randn(shape)
 
 

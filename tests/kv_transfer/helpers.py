@@ -8,7 +8,7 @@ import torch
 
 from kv_transfer import TransferError
 
-# A tiny cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+# A tiny cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
 LAYERS, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 24, 4, 2, 8
 
 
@@ -19,7 +19,7 @@ def make_cache(
     device: str = "cpu",
 ) -> torch.Tensor:
     """Random cache for ``seed`` (deterministic across processes), zeros for ``None``."""
-    shape = (LAYERS, 2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, LAYERS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     if seed is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@ import os
 import torch
 
 from kv_transfer import TransferConfig
+from kv_transfer.channels import DATA_TAG
 from kv_transfer.header import DATA, TransferHeader
 from kv_transfer.torch_dist import PairGroup, TorchDistSender
 
@@ -26,13 +27,13 @@ def sender_main(endpoint, config: TransferConfig, seed: int, sends, results) -> 
 
 
 def dying_sender_main(endpoint, config: TransferConfig, request_id: str, num_blocks: int) -> None:
-    """Send a header and the first of LAYERS payload chunks, then die without closing."""
+    """Send a header and the first of ``num_blocks`` block messages, then die without closing."""
     group = PairGroup.connect(endpoint, config, "dying-prefill", "gloo", torch.device("cpu"))
     kv = make_cache(None)
     header = TransferHeader(
-        DATA, request_id, num_blocks, 0, LAYERS, 1, kv.dtype, tuple(kv.shape[3:])
+        DATA, request_id, num_blocks, 0, LAYERS, kv.dtype, tuple(kv.shape[3:])
     )
     group.wait(group.send_ctrl(header.encode()), 10, "header")
-    chunk = torch.zeros(header.layer_nbytes(), dtype=torch.uint8)
-    group.wait(group.send(chunk, 1), 10, "chunk 0")
+    block = torch.zeros(header.block_nbytes(), dtype=torch.uint8)
+    group.wait(group.send(block, DATA_TAG), 10, "block 0")
     os._exit(3)  # like a crash or SIGKILL: the OS closes the sockets mid-stream

@@ -28,46 +28,45 @@ def test_gather_scatter_round_trip(ids, dst_seed, l0, dtype):
     dst_ids = torch.randperm(BLOCKS, generator=torch.Generator().manual_seed(dst_seed))[: len(ids)]
     layers = slice(l0, LAYERS)
     buf = blocks.gather(src, ids, layers)
-    assert buf.shape == (LAYERS - l0, 2, len(ids), *src.shape[3:]) and buf.is_contiguous()
+    assert buf.shape == (len(ids), LAYERS - l0, *src.shape[2:]) and buf.is_contiguous()
     before = dst.clone()
     blocks.scatter(dst, dst_ids, buf, layers)
     as_bytes = lambda t: t.view(torch.uint8)
     # The scattered blocks hold the source blocks, block i -> dst_ids[i], for those layers.
-    assert torch.equal(as_bytes(dst[l0:, :, dst_ids]), as_bytes(src[l0:, :, ids]))
+    assert torch.equal(as_bytes(dst[dst_ids, l0:]), as_bytes(src[ids, l0:]))
     # Nothing else changed.
     untouched = torch.ones(BLOCKS, dtype=torch.bool)
     untouched[dst_ids] = False
-    assert torch.equal(as_bytes(dst[:, :, untouched]), as_bytes(before[:, :, untouched]))
-    assert torch.equal(as_bytes(dst[:l0]), as_bytes(before[:l0]))
+    assert torch.equal(as_bytes(dst[untouched]), as_bytes(before[untouched]))
+    assert torch.equal(as_bytes(dst[:, :l0]), as_bytes(before[:, :l0]))
 
 
 def test_cpu_fast_scatter_matches_index_copy():
     src, dst, ref = make_cache(1), make_cache(2), make_cache(2)
     buf = blocks.gather(src, [5, 0, 9], slice(1, 3))
     blocks.scatter(dst, [3, 7, 1], buf, slice(1, 3))  # numpy path (CPU, contiguous)
-    ref[1:3].index_copy_(2, torch.tensor([3, 7, 1]), buf)
+    ref[:, 1:3].index_copy_(0, torch.tensor([3, 7, 1]), buf)
     assert torch.equal(dst, ref)
     noncontig = make_cache(2).transpose(3, 4)  # not contiguous: index_copy_ path
     blocks.scatter(noncontig, [3, 7, 1], buf.transpose(3, 4), slice(1, 3))
     assert torch.equal(noncontig.transpose(3, 4), ref)
 
 
-def test_per_layer_variants_match_full():
-    src, dst = make_cache(1), make_cache(None)
-    ids, dst_ids = [4, 2, 7], [0, 11, 5]
-    out = torch.empty(2, 3, *src.shape[3:])
-    for layer in range(LAYERS):
-        assert blocks.gather_layer(src, ids, layer, out=out) is out
-        assert torch.equal(out, blocks.gather(src, ids)[layer])
-        blocks.scatter_layer(dst, dst_ids, layer, out)
-    assert torch.equal(blocks.gather(dst, dst_ids), blocks.gather(src, ids))
+def test_block_view_is_the_cache_memory_of_one_blocks_layers():
+    kv = make_cache(1)
+    view = blocks.block_view(kv, 5, slice(1, 3))
+    assert view.dtype == torch.uint8 and view.is_contiguous()
+    assert torch.equal(view, kv[5, 1:3].contiguous().view(torch.uint8).view(-1))
+    view.zero_()  # writes land in the cache, in that block's layers only
+    assert kv[5, 1:3].count_nonzero() == 0 and kv[5, 0].count_nonzero() > 0
+    assert torch.equal(kv[4], make_cache(1)[4])
 
 
 def test_gather_into_out_buffer_and_shape_checks():
     src = make_cache(1)
-    out = torch.empty(1, 2, 2, *src.shape[3:])
+    out = torch.empty(2, 1, *src.shape[2:])
     assert blocks.gather(src, [1, 3], slice(2, 3), out=out) is out
-    assert torch.equal(out[0], src[2][:, [1, 3]])
+    assert torch.equal(out[:, 0], src[[1, 3], 2])
     with pytest.raises(ValueError, match="buffer shape"):
         blocks.scatter(src, [1, 3, 4], out, slice(2, 3))
     with pytest.raises(ValueError, match="outside"):
@@ -77,12 +76,12 @@ def test_gather_into_out_buffer_and_shape_checks():
 
 
 def test_header_round_trip_and_errors():
-    h = TransferHeader(DATA, "req-ü-42", 17, 3, 11, 2, torch.bfloat16, (16, 8, 128))
+    h = TransferHeader(DATA, "req-ü-42", 17, 3, 11, torch.bfloat16, (16, 8, 128))
     wire = h.encode()
     assert wire.dtype == torch.uint8 and wire.shape == (HEADER_BYTES,)
     assert TransferHeader.decode(wire) == h
-    assert h.num_chunks == 4 and h.chunk_layers(3) == (9, 11)
-    assert h.layer_nbytes() == 2 * 17 * 16 * 8 * 128 * 2
+    assert h.payload_shape() == (17, 8, 2, 16, 8, 128)
+    assert h.block_nbytes() == 8 * 2 * 16 * 8 * 128 * 2
     assert TransferHeader.decode(TransferHeader(CLOSE).encode()).kind == CLOSE
     with pytest.raises(ValueError, match="longer than"):
         TransferHeader(DATA, "x" * HEADER_BYTES).encode()

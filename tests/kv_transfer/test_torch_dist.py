@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kv_transfer import LayoutMismatch, PeerClosed, TransferConfig, TransferTimeout, blocks
+from kv_transfer.channels import DATA_TAG
 from kv_transfer.header import DATA, TransferHeader
 from kv_transfer.torch_dist import PairGroup, TorchDistReceiver, TorchDistSender
 
@@ -40,11 +41,9 @@ def make():
             obj.close()
 
 
-@pytest.mark.parametrize(("layers_per_chunk", "inflight"), [(0, 2), (1, 2), (2, 3), (1, 4)])
-def test_received_kv_equals_what_the_sender_gathered(make, layers_per_chunk, inflight):
-    config = dataclasses.replace(
-        CONFIG, layers_per_chunk=layers_per_chunk, inflight_chunks=inflight
-    )
+@pytest.mark.parametrize("inflight", [1, 2, 3, 8])
+def test_received_kv_equals_what_the_sender_gathered(make, inflight):
+    config = dataclasses.replace(CONFIG, inflight_messages=inflight)
     sender, receiver = make("sender", config, seed=1), make("receiver", config)
     done = Completions()
     receiver.expect("r1", [9, 3, 14, 0], done)
@@ -85,7 +84,7 @@ def test_two_requests_on_one_channel_arrive_in_order(make):
     assert len(sender.open_peers()) == 1 and len(receiver.open_peers()) == 1
     src, dst = sender.kv_cache, receiver.kv_cache
     assert torch.equal(blocks.gather(dst, range(16)), blocks.gather(src, range(8, 24)))
-    assert torch.equal(dst[:, :, 20], src[:, :, 1])
+    assert torch.equal(dst[20], src[1])
 
 
 def test_aborted_and_unknown_requests_are_drained_and_the_next_lands(make):
@@ -112,11 +111,64 @@ def _header_only_sender(
     """A live peer that sends a header and then never the payload."""
     group = PairGroup.connect(endpoint, config, "silent", "gloo", torch.device("cpu"))
     kv = make_cache(None)
-    header = TransferHeader(DATA, request_id, 1, 0, LAYERS, 1, kv.dtype, tuple(kv.shape[3:]))
+    header = TransferHeader(DATA, request_id, 1, 0, LAYERS, kv.dtype, tuple(kv.shape[3:]))
     group.wait(group.send_ctrl(header.encode()), 5, "header")
     ready.set()
     release.wait(30)
     group.close()
+
+
+def _paused_sender(endpoint, config, blocks_to_send, first_sent, resume) -> None:
+    """Sends a 3-block payload for "r1" by hand: block 0, then waits for ``resume``."""
+    group = PairGroup.connect(endpoint, config, "paused", "gloo", torch.device("cpu"))
+    header = TransferHeader(DATA, "r1", len(blocks_to_send), 0, LAYERS,
+                            blocks_to_send[0].dtype, tuple(blocks_to_send[0].shape[2:]))
+    group.wait(group.send_ctrl(header.encode()), 5, "header")
+    for i, block in enumerate(blocks_to_send):
+        group.wait(group.send(block.contiguous().view(torch.uint8).view(-1), DATA_TAG), 5, "b")
+        if i == 0:
+            first_sent.set()
+            assert resume.wait(30)
+    group.close()
+
+
+def test_abort_waits_for_receives_into_the_cache_then_nothing_more_lands(make):
+    """Blocks are received straight into the reserved blocks: abort must return only once no
+    posted receive can write there, so the decode worker may free the blocks at once."""
+    config = dataclasses.replace(CONFIG, inflight_messages=1)
+    receiver = make("receiver", config)
+    payload = make_cache(7)[[3, 4, 5]]  # three blocks of every layer, random values
+    done = Completions()
+    receiver.expect("r1", [10, 11, 12], done)
+    first_sent, resume = threading.Event(), threading.Event()
+    sender = threading.Thread(target=_paused_sender, args=(
+        receiver.endpoint(), config, payload, first_sent, resume))
+    sender.start()
+    try:
+        assert first_sent.wait(20)
+        entry = receiver.table._expected["r1"]  # noqa: SLF001 (the claim is internal state)
+        deadline = time.monotonic() + 10
+        while entry.claimed != 1 and time.monotonic() < deadline:  # block 1 is posted
+            time.sleep(0.01)
+        assert entry.claimed == 1
+        aborter = threading.Thread(target=receiver.abort, args=("r1",))
+        aborter.start()
+        aborter.join(0.5)
+        assert aborter.is_alive()  # block 1 is still being received into block 11
+        resume.set()
+        aborter.join(10)
+        assert not aborter.is_alive()
+    finally:
+        resume.set()
+        sender.join(10)
+    kv = receiver.kv_cache
+    assert torch.equal(kv[10], payload[0]) and torch.equal(kv[11], payload[1])
+    # Block 2 arrived after the abort: drained, never written into the (now free) block 12.
+    deadline = time.monotonic() + 5
+    while receiver.open_peers() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the channel ends once the paused sender has closed it
+    assert kv[12].count_nonzero() == 0
+    assert "r1" not in done.errors  # an abort is not reported as an outcome
 
 
 def test_missing_payload_times_out_and_other_channels_keep_serving(make):
@@ -150,7 +202,7 @@ def test_missing_payload_times_out_and_other_channels_keep_serving(make):
         and "silent" in str(error)
         and "timed out after 1.5 s" in str(error)
     )
-    assert torch.equal(receiver.kv_cache[:, :, 1], sender.kv_cache[:, :, 2])
+    assert torch.equal(receiver.kv_cache[1], sender.kv_cache[2])
 
 
 def test_lru_cap_closes_the_idle_channel(make):

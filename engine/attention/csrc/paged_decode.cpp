@@ -2,7 +2,8 @@
 // from the block table (no gather, no padding), parallel over sequences.
 //
 //   q            [B, H, D]            float32, contiguous
-//   k/v_cache    [N, bs, KVH, D]      float32, contiguous (one layer of the paged cache)
+//   k/v_cache    [N, bs, KVH, D]      float32; one layer of the block-major paged cache, so
+//                                     the block stride is free, the rest contiguous
 //   block_tables [B, max_blocks]      int32
 //   seq_lens     [B]                  int32 (context length including the new token)
 //   out          [B, H, D]
@@ -17,11 +18,15 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
               "paged_decode takes float32");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_decode needs contiguous tensors");
+  TORCH_CHECK(q.is_contiguous(), "paged_decode needs a contiguous query");
+  for (const auto& c : {k_cache, v_cache}) {
+    TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3),
+                "paged_decode needs the rows inside a cache block contiguous");
+  }
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
   const int64_t max_blocks = block_tables.size(1);
+  const int64_t k_block_stride = k_cache.stride(0), v_block_stride = v_cache.stride(0);
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -42,7 +47,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       const int64_t row = KVH * D;  // floats per token in one block
       for (int64_t t = 0; t < L; ++t) {
         const int64_t blk = bt[b * max_blocks + t / bs];
-        const float* krow = kp + (blk * bs + t % bs) * row;  // [KVH, D]
+        const float* krow = kp + blk * k_block_stride + (t % bs) * row;  // [KVH, D]
         for (int64_t h = 0; h < H; ++h) {
           const float* __restrict__ qr = qb + h * D;
           const float* __restrict__ kr = krow + (h / G) * D;
@@ -67,7 +72,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
         const int64_t blk = bt[b * max_blocks + t / bs];
-        const float* vrow = vp + (blk * bs + t % bs) * row;
+        const float* vrow = vp + blk * v_block_stride + (t % bs) * row;
         for (int64_t h = 0; h < H; ++h) {
           const float w = scores[h * L + t];
           const float* __restrict__ vr = vrow + (h / G) * D;
