@@ -179,7 +179,7 @@ class SenderChannel:
         if via_host:
             slots = self._staging_slots(group, h, depth)
         start = time.perf_counter()
-        group.wait(group.send_ctrl(h.encode()), left(), "the header to be taken")
+        header = group.send_ctrl(h.encode())  # not waited for first: saves a hand-off
         pending: deque[Any] = deque()  # sends in flight, oldest first
         for i, block_id in enumerate(job.src_ids):
             if len(pending) == depth:  # also frees the staging slot of message i - depth
@@ -188,6 +188,7 @@ class SenderChannel:
             if via_host:
                 message = slots[i % depth].copy_(message)
             pending.append(group.send(message, DATA_TAG))
+        group.wait(header, left(), "the header to be taken")
         while pending:
             group.wait(pending.popleft(), left(), "the payload to be taken")
         return TransferStats(h.num_blocks * h.block_nbytes(), time.perf_counter() - start)
@@ -319,13 +320,16 @@ class ReceiverChannel:
         depth, layers = self._config.inflight_messages, (h.layer_start, h.layer_end)
         deadline = time.monotonic() + self._config.timeout_s
         assert self._staging is not None
-        slots = self._staging.slots(depth, h.block_nbytes())  # drain / host-side landing
+        slots: list[torch.Tensor] = []  # drain / host-side landing, taken only when needed
         pending: deque[tuple[Any, torch.Tensor | None, torch.Tensor]] = deque()
 
         def post(i: int) -> None:
             target = self._table.claim(entry, i, layers) if entry is not None else None
-            direct = target is not None and target.device == group.data_device
-            landing = target if direct else slots[i % depth]
+            if target is not None and target.device == group.data_device:
+                landing = target
+            else:
+                slots[:] = slots or self._staging.slots(depth, h.block_nbytes())
+                landing = slots[i % depth]
             try:
                 work = group.recv(landing, DATA_TAG)
             except BaseException:
