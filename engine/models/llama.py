@@ -13,7 +13,6 @@ up_proj (see ``packed_modules``; the loader fills them).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend
@@ -141,7 +140,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] (only the rows sampled from) -> float32 logits [n, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        # weight @ hidden.T, returned as a transposed view: the same product, but CPU BLAS
+        # runs this [vocab, hidden] x [hidden, n] layout ~1.5x faster than F.linear's at
+        # decode batch sizes; argmax and softmax over dim -1 read the view as is.
+        return torch.mm(weight, hidden.t()).t().float()
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (rotary tables) after ``to_empty``."""
