@@ -110,9 +110,10 @@ def test_cpu_paged_kernel_matches_dense_reference(block_size):
     rng = random.Random(block_size)
     n = 20
     cached = [rng.randint(1, 70) for _ in range(n)]
-    # Decode-only step (the compiled kernel) and a mixed step (decodes + a prefill chunk).
-    for new in ([1] * n, [1] * n + [6]):
-        ctx = cached + [9] * (len(new) - n)
+    # Decode-only step, then mixed steps (the kernel takes the decodes, the reference path
+    # the chunks): one chunk after a cached context; a fresh chunk and a continued one.
+    for new, chunk_ctx in (([1] * n, []), ([1] * n + [6], [9]), ([1] * n + [5, 3], [0, 12])):
+        ctx = cached + chunk_ctx
         out, ref = run_mixed_step(block_size, ctx, new, seed=5, backend=_cpu_paged_backend(),
                                   num_blocks=4096)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
