@@ -51,7 +51,11 @@ class LlamaAttention(nn.Module):
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2*KVH) * D]
         v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
-        if self.q_norm is None:
+        if self.q_norm is None and self.rotary.rotate_inplace(positions, qkv, H + KVH):
+            # q and k rotated in place inside qkv (compiled CPU op)
+            q = qkv[:, : H * D].view(T, H, D)
+            k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
+        elif self.q_norm is None:
             # q and k rotated in one go: [T, H + KVH, D]
             qk = self.rotary(positions, qkv[:, : (H + KVH) * D].view(T, H + KVH, D))
             q, k = qk[:, :H], qk[:, H:]  # [T, H, D], [T, KVH, D]
@@ -74,13 +78,21 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,  # [T, hidden] residual stream
+        x: torch.Tensor,  # [T, hidden] the previous layer's output (embeddings at layer 0)
+        residual: torch.Tensor | None,  # [T, hidden] residual stream before x; None at layer 0
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
-        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, residual before it)
+        # The residual stream is h = residual + x, added lazily so that each add fuses with
+        # the norm after it (one pass on CPU). x and residual are consumed (may be reused).
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, positions, kv_cache, metadata)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -102,10 +114,10 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        h = self.embed_tokens(input_ids)  # [T, hidden]
+        x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, kv_cache[i], metadata)
-        return self.norm(h)
+            x, residual = layer(x, residual, positions, kv_cache[i], metadata)
+        return self.norm.add_forward(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
