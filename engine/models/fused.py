@@ -47,7 +47,7 @@ def load():
 
 def _kernels(x: torch.Tensor):
     """The compiled ops when they apply to ``x`` (float32 on CPU), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if not x.is_cpu or x.dtype != torch.float32:  # (cheaper than x.device.type)
         return None
     return load()
 
