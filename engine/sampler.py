@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine import fused_ops
 from engine.batch import TokenLogprobs
 from engine.request import Request
 
@@ -43,7 +44,7 @@ class Sampler:
         if any(p.needs_penalties for p in params):
             logits = apply_penalties(logits.clone(), requests)
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = fused_ops.argmax_last(logits)
         else:
             tokens = self._sample(logits, requests, greedy)
         token_list = tokens.tolist()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models import fused
+from engine import fused_ops as fused
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models import fused
+from engine import fused_ops as fused
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,15 @@ def test_rotary_inplace_is_bit_identical_to_torch(ops):
     assert rope.rotate_inplace(positions, got, H + KVH)
     assert torch.equal(got[:, : (H + KVH) * D].view(T, H + KVH, D), want)
     assert torch.equal(got[:, (H + KVH) * D :], qkv[:, (H + KVH) * D :])  # v untouched
+
+
+@pytest.mark.parametrize("n", [1, 5, 64])
+def test_argmax_of_transposed_logits_matches_torch(ops, n):
+    logits_t = _rows(4096, n, 6)  # the LM head's [V, n] layout
+    logits_t[100, 0] = logits_t[200, 0] = logits_t[:, 0].max() + 1  # a tie: first one wins
+    logits = logits_t.t()
+    assert torch.equal(fused.argmax_last(logits), logits.contiguous().argmax(dim=-1))
+    assert fused.argmax_last(logits)[0] == 100
 
 
 def test_torch_fallback_off_cpu_float32():

@@ -1,10 +1,11 @@
-"""Fused elementwise ops of the Llama layers: compiled on CPU, plain torch elsewhere.
+"""Fused ops of the model's hot path: compiled on CPU, plain torch elsewhere.
 
 On CPU a small model's step is a few GEMMs and many elementwise ops (norm, residual add,
-SiLU-and-mul, rotary), each a dispatch and a pass over memory; ``csrc/fused_ops.cpp`` does
-each group in one pass. The kernel is built on first use like the paged decode kernel
-(``engine.attention.cpu_kernels``): when no compiler is there, the build fails, the tensor
-is not float32 on CPU, or ``SPLITSERVE_FUSED_OPS=0``, the torch composition runs instead.
+SiLU-and-mul, rotary, the greedy argmax), each a dispatch and a pass over memory;
+``csrc/fused_ops.cpp`` does each group in one pass. It is built on first use like the paged
+decode kernel (``engine.attention.cpu_kernels``): when no compiler is there, the build
+fails, the tensor is not float32 on CPU, or ``SPLITSERVE_FUSED_OPS=0``, the torch
+composition runs instead.
 """
 
 from __future__ import annotations
@@ -93,3 +94,13 @@ def rotary_inplace(qk: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Ten
         return False
     ops.rotary_(qk, positions, cos_sin, num_heads, head_dim)
     return True
+
+
+def argmax_last(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, V] -> [n] int64 argmax over the vocabulary. For the LM head's transposed
+    view (a contiguous [V, n] underneath) one streaming pass; torch's strided argmax is
+    ~10x slower there."""
+    ops = _kernels(logits)
+    if ops is not None and logits.dim() == 2 and logits.t().is_contiguous() and logits.shape[1]:
+        return ops.argmax_dim0(logits.t())
+    return logits.argmax(dim=-1)

@@ -9,6 +9,8 @@
 //       rotate-half RoPE in place on the first num_heads * head_dim columns of each row of
 //       qk [T, >= num_heads * head_dim] (row stride qk.stride(0)); cos_sin [P, head_dim]
 //       (cos | sin halves), positions [T] int64
+//   argmax_dim0(x) -> idx                      first index of each column's max
+//       x [V, n] contiguous (the LM head's transposed logits), idx [n] int64
 //
 // Compiled without FMA contraction and without -ffast-math, so each product and sum is
 // rounded as in the torch ops it replaces: rotary_ is bit-identical to the torch version;
@@ -18,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -116,8 +119,38 @@ void rotary_(torch::Tensor qk, torch::Tensor positions, torch::Tensor cos_sin,
   });
 }
 
+torch::Tensor argmax_dim0(torch::Tensor x) {
+  check_f32_contiguous(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "argmax_dim0: x [V, n] with V > 0");
+  const int64_t V = x.size(0), n = x.size(1);
+  auto out = torch::empty({n}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  // Rows streamed once, a running max per column (strict >: the first max wins, as in
+  // torch.argmax; logits are finite, NaN is not handled).
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t w = end - begin;
+    std::vector<float> best(xp + begin, xp + end);
+    std::vector<int32_t> idx(w, 0);
+    float* __restrict__ b = best.data();
+    int32_t* __restrict__ id = idx.data();
+    for (int64_t v = 1; v < V; ++v) {
+      const float* __restrict__ row = xp + v * n + begin;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        const bool gt = row[j] > b[j];
+        b[j] = gt ? row[j] : b[j];
+        id[j] = gt ? static_cast<int32_t>(v) : id[j];
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) op[begin + j] = id[j];
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm_", &fused_add_rms_norm_, "residual += x; x = rms_norm(residual)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a packed [T, 2I] tensor");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on the leading heads of each row");
+  m.def("argmax_dim0", &argmax_dim0, "first index of the max of each column of [V, n]");
 }
