@@ -198,6 +198,13 @@ class Engine:
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one engine step; an output for every request that got a token or finished."""
+        return self._step(finished_only=False)
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
+        """``finished_only``: build outputs for finished requests only (``generate`` needs
+        no others; an output copies the request's whole token list). Either way a finished
+        request's output is the same: its new tokens are those since the last step."""
         batch: SchedulerOutput = self.scheduler.schedule()
         self.last_batch = batch
         if batch.is_empty:
@@ -210,7 +217,10 @@ class Engine:
                 self._prefilled[request.request_id] = request
             elif self._text.check_stop_strings(request) and not request.is_finished:
                 self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
-            outputs.append(self._output(request))
+            if finished_only and not request.is_finished:
+                self._num_reported[request.request_id] = request.num_output_tokens
+            else:
+                outputs.append(self._output(request))
         return outputs
 
     # -- disaggregation hooks --------------------------------------------------------------
@@ -285,11 +295,10 @@ class Engine:
         final: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None
         while self.has_unfinished_requests():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+            for out in self._step(finished_only=True):
+                final[out.request_id] = out
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
         return [final[i] for i in ids]

@@ -2,11 +2,14 @@
 
 It owns the device state: the model, the paged KV cache
 ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` and the sampler.
-Inputs are built from Python ints in one pass per request (no per-token tensor ops), then
-moved to the device in a handful of tensors; slot mapping is computed vectorised.
+Inputs, slot mapping included, are built from Python ints in one pass per request (ranges
+per block, no per-token tensor ops), then moved to the device in two tensors.
 """
 
 from __future__ import annotations
+
+from array import array
+from itertools import accumulate
 
 import torch
 
@@ -28,66 +31,81 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:
         input_ids, positions, metadata, sample_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
-        if not sample_rows:
+        if not sample_rows.numel():
             return ModelRunnerOutput([], None)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
         requests = [e.request for e in batch.scheduled if e.sample]
         tokens, logprobs = self.sampler(logits, requests)
         return ModelRunnerOutput(tokens, logprobs)
 
     def _prepare(self, batch: SchedulerOutput):
+        """(input_ids, positions, metadata, sample_rows) for one step, from two host lists:
+        every int64 and every int32 tensor is a slice of one of two tensors (per-tensor
+        overhead, not size, dominates at these sizes)."""
+        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
+        slots: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         for entry in batch.scheduled:
             request, start, n = entry.request, entry.start, entry.num_new_tokens
-            input_ids.extend(request.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            end, table = start + n, request.block_ids
+            if n == 1:  # decode: the common case, no slicing
+                input_ids.append(request.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += request.token_ids[start:end]
+                positions += range(start, end)
+                slots += _chunk_slots(table, start, end, bs)
             query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(request.block_ids)
+            seq_lens.append(end)
+            tables.append(table)
             if entry.sample:
                 sample_rows.append(len(input_ids) - 1)
-        dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        block_tables = torch.tensor(padded, dtype=torch.int32, device=dev)
-        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        T, S = len(input_ids), len(tables)
+        max_blocks = max(map(len, tables))
+        ints = input_ids + positions + slots + sample_rows
+        ints32 = [*accumulate(query_lens, initial=0), *accumulate(seq_lens, initial=0), *seq_lens]
+        for t in tables:  # block tables, padded with 0 to the longest
+            ints32 += t
+            ints32 += [0] * (max_blocks - len(t))
+        longs = _to_tensor(ints, "q", torch.long, self.device)
+        int32s = _to_tensor(ints32, "i", torch.int32, self.device)
         metadata = AttentionMetadata(
-            slot_mapping=self._slot_mapping(block_tables, positions_t, query_lens),
-            cu_seqlens_q=_cumsum0(query_lens, dev),
-            cu_seqlens_k=_cumsum0(seq_lens, dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=block_tables,
+            slot_mapping=longs[2 * T : 3 * T],
+            cu_seqlens_q=int32s[: S + 1],
+            cu_seqlens_k=int32s[S + 1 : 2 * S + 2],
+            seq_lens=int32s[2 * S + 2 : 3 * S + 2],
+            block_tables=int32s[3 * S + 2 :].view(S, max_blocks),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             num_decodes=batch.num_decodes,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
-        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        return input_ids_t, positions_t, metadata, sample_rows
-
-    def _slot_mapping(self, block_tables: torch.Tensor, positions: torch.Tensor,
-                      query_lens: list[int]) -> torch.Tensor:
-        # slot = block_table[seq, pos // block_size] * block_size + pos % block_size
-        bs = self.block_size
-        if len(query_lens) == positions.numel():  # all decodes: one token per sequence
-            rows = torch.arange(len(query_lens), device=positions.device)
-        else:
-            device = positions.device
-            lens = torch.tensor(query_lens, device=device)
-            rows = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens)
-        blocks = block_tables[rows, positions // bs].long()
-        return blocks * bs + positions % bs
+        return longs[:T], longs[T : 2 * T], metadata, longs[3 * T :]
 
 
-def _cumsum0(values: list[int], device: torch.device) -> torch.Tensor:
-    out = [0]
-    for v in values:
-        out.append(out[-1] + v)
-    return torch.tensor(out, dtype=torch.int32, device=device)
+def _to_tensor(values: list[int], typecode: str, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of ``values``. Through ``array``: ~4x cheaper than ``torch.tensor`` on a
+    list (a few thousand ints per step: ~0.1 ms instead of ~0.35 ms here)."""
+    t = torch.frombuffer(array(typecode, values), dtype=dtype)  # keeps the array alive
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _chunk_slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start .. end-1: one range per block touched."""
+    slots: list[int] = []
+    pos = start
+    while pos < end:
+        block = pos // block_size
+        stop = min(end, (block + 1) * block_size)
+        base = (table[block] - block) * block_size  # slot = base + position in this block
+        slots += range(base + pos, base + stop)
+        pos = stop
+    return slots

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine import fused_ops
 from engine.batch import TokenLogprobs
 from engine.request import Request
 
@@ -30,16 +31,20 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[Request]
     ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
-        """``logits``: [n, vocab] float32, row i belongs to ``requests[i]``."""
+        """``logits``: [n, vocab] float32 (maybe a transposed view), row i is ``requests[i]``."""
         params = [r.params for r in requests]
+        greedy = [p.greedy for p in params]
+        if not all(greedy) or any(p.logprobs is not None or p.needs_penalties for p in params):
+            # The model may hand over a transposed view (see compute_logits); argmax reads
+            # it as is, the rest wants rows contiguous (and the same random draws as ever).
+            logits = logits.contiguous()
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if any(p.needs_penalties for p in params):
             logits = apply_penalties(logits.clone(), requests)
-        greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = fused_ops.argmax_last(logits)
         else:
             tokens = self._sample(logits, requests, greedy)
         token_list = tokens.tolist()

@@ -1,9 +1,9 @@
 """CPU attention backend: the torch reference with decodes run by a compiled paged kernel.
 
-Prefill chunks and the KV writes are the reference backend's; decodes (one query each) go
-to ``csrc/paged_decode.cpp``, which reads K/V through the block table without gathering
-padded copies. float32 only (other dtypes fall back to the torch path). Available when the
-kernel builds on this machine (see ``cpu_kernels``).
+Prefill chunks and the KV writes are the reference backend's; decodes (one query each), in
+decode-only and mixed steps alike, go to ``csrc/paged_decode.cpp``, which reads K/V through
+the block table without gathering padded copies. float32 only (other dtypes fall back to
+the torch path). Available when the kernel builds on this machine (see ``cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import cpu_kernels
 from engine.attention.metadata import AttentionMetadata
-from engine.attention.torch_ref import TorchAttentionBackend
+from engine.attention.torch_ref import TorchAttentionBackend, write_kv_cache
 
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
@@ -28,13 +28,16 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
         nd = metadata.num_decodes
         if nd == 0 or query.dtype != torch.float32:
             return super().forward(query, key, value, key_cache, value_cache, metadata, scale)
+        write_kv_cache(key, value, key_cache, value_cache,
+                       metadata.slot_index(key_cache.shape[1]))
+        decoded = self._paged_decode(query, key_cache, value_cache, metadata, scale)
         if nd == metadata.num_seqs:  # decode-only step: no plan needed
-            from engine.attention.torch_ref import write_kv_cache
-
-            write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-            return self._paged_decode(query, key_cache, value_cache, metadata, scale)
-        out = super().forward(query, key, value, key_cache, value_cache, metadata, scale)
-        return out  # mixed steps: prefill chunks dominate, the reference path handles all
+            return decoded
+        # Mixed step: the kernel takes the decode rows too (no padded gathers for them), the
+        # reference path only the prefill chunks.
+        plan = self._get_plan(metadata, key_cache.shape[1], query.dtype, with_decodes=False)
+        prefills = self._prefills(query, key, value, key_cache, value_cache, plan, scale)
+        return torch.cat([decoded, *prefills])
 
     @staticmethod
     def _paged_decode(query, key_cache, value_cache, md: AttentionMetadata,

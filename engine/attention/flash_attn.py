@@ -55,7 +55,8 @@ class FlashAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, H, D]
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        write_kv_cache(key, value, key_cache, value_cache,
+                       metadata.slot_index(key_cache.shape[1]))
         return self._varlen(
             query,
             key_cache,

@@ -15,7 +15,7 @@ Slot arithmetic (block_size = 4 in the picture)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,15 @@ class AttentionMetadata:
     num_decodes: int  # leading sequences with exactly one query token
     max_query_len: int
     max_seq_len: int
+    # (block_size, (blocks, offsets)) once ``slot_index`` computed it: shared by all layers.
+    _slot_index: tuple | None = field(default=None, repr=False, compare=False)
+
+    def slot_index(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slot_mapping`` as (block, offset) pairs, computed once per step: a layer's cache
+        is a strided view of the block-major cache, addressed by (block, offset)."""
+        if self._slot_index is None or self._slot_index[0] != block_size:
+            self._slot_index = (block_size, split_slots(self.slot_mapping, block_size))
+        return self._slot_index[1]
 
     @property
     def num_seqs(self) -> int:
@@ -46,3 +55,9 @@ class AttentionMetadata:
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
+
+
+def split_slots(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat slots -> (block ids, offsets in the block)."""
+    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
+    return blocks, slot_mapping - blocks * block_size

@@ -37,17 +37,15 @@ def write_kv_cache(
     value: torch.Tensor,  # [num_tokens, KVH, D]
     key_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any block stride
     value_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any block stride
-    slot_mapping: torch.Tensor,  # [num_tokens] int64, slot = block * block_size + offset
+    slot_index: tuple[torch.Tensor, torch.Tensor],  # (block, offset) per token, int64
 ) -> None:
     """Write the new tokens' K/V into their cache slots: one indexed copy per tensor.
 
     A layer's cache is a strided view of the block-major cache (a block holds every layer),
-    so slots are addressed as (block, offset) pairs rather than through a flat view."""
-    block_size = key_cache.shape[1]
-    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    offsets = slot_mapping - blocks * block_size
-    key_cache.index_put_((blocks, offsets), key)
-    value_cache.index_put_((blocks, offsets), value)
+    so slots are addressed as (block, offset) pairs (``AttentionMetadata.slot_index``)
+    rather than through a flat view."""
+    key_cache.index_put_(slot_index, key)
+    value_cache.index_put_(slot_index, value)
 
 
 @dataclass
@@ -97,6 +95,7 @@ class TorchAttentionBackend(AttentionBackend):
         # The plan of the step being run, and the metadata object it was built from.
         self._plan_source: AttentionMetadata | None = None
         self._plan: _StepPlan | None = None
+        self._plan_decodes = True  # whether that plan has its decode groups
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
@@ -116,21 +115,30 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, H, D]
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        write_kv_cache(key, value, key_cache, value_cache,
+                       metadata.slot_index(key_cache.shape[1]))
         plan = self._get_plan(metadata, key_cache.shape[1], query.dtype)
         pieces = []
         if plan.num_decodes:
             pieces.append(self._decodes(query[: plan.num_decodes], key_cache, value_cache,
                                         plan.decode_groups, scale))
-        for p in plan.prefills:
-            pieces.append(self._prefill(query, key, value, key_cache, value_cache, p, scale))
+        pieces += self._prefills(query, key, value, key_cache, value_cache, plan, scale)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _get_plan(self, md: AttentionMetadata, block_size: int, dtype: torch.dtype) -> _StepPlan:
-        if self._plan_source is not md or self._plan is None:
-            self._plan = build_plan(md, block_size, dtype)
-            self._plan_source = md
+    def _get_plan(self, md: AttentionMetadata, block_size: int, dtype: torch.dtype,
+                  with_decodes: bool = True) -> _StepPlan:
+        """The step's plan, built at its first layer. ``with_decodes=False`` leaves out the
+        decode groups (for backends that attend decodes themselves)."""
+        if self._plan_source is not md or self._plan is None or with_decodes != self._plan_decodes:
+            self._plan = build_plan(md, block_size, dtype, with_decodes)
+            self._plan_source, self._plan_decodes = md, with_decodes
         return self._plan
+
+    def _prefills(self, query, key, value, key_cache, value_cache, plan: _StepPlan,
+                  scale: float) -> list[torch.Tensor]:
+        """Outputs of the plan's prefill chunks, in batch order ([q_len, H, D] each)."""
+        return [self._prefill(query, key, value, key_cache, value_cache, p, scale)
+                for p in plan.prefills]
 
     @classmethod
     def _decodes(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -191,11 +199,12 @@ class TorchAttentionBackend(AttentionBackend):
         return out[0].transpose(0, 1)
 
 
-def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype) -> _StepPlan:
+def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype,
+               with_decodes: bool = True) -> _StepPlan:
     """Gather indices and masks for one step, from host-side lengths (no device sync)."""
     device = md.block_tables.device
     nd = md.num_decodes
-    groups = _decode_groups(md, block_size, dtype) if nd else []
+    groups = _decode_groups(md, block_size, dtype) if nd and with_decodes else []
     prefills = []
     start = sum(md.query_lens_cpu[:nd])
     for i in range(nd, md.num_seqs):

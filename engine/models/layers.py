@@ -10,8 +10,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine import fused_ops as fused
 
 
 class RMSNorm(nn.Module):
@@ -23,11 +24,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))  # [dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
-        if x.dtype == torch.float32:  # one fused op: same math, fewer launches
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor,
+                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), x and residual [T, dim]: the residual add and
+        the norm in one pass on CPU. Both inputs may be overwritten."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -86,6 +89,12 @@ class RotaryEmbedding(nn.Module):
         with torch.no_grad():
             self.cos_sin.copy_(self._table())
 
+    def rotate_inplace(self, positions: torch.Tensor, x: torch.Tensor, num_heads: int) -> bool:
+        """Rotate the first ``num_heads`` heads of each row of x [T, >= num_heads * D] in
+        place, in one pass (compiled CPU op). False when that op does not apply: use
+        ``forward``."""
+        return fused.rotary_inplace(x, positions, self.cos_sin, num_heads, self.head_dim)
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """positions [T] int64, x [T, num_heads, D] -> rotated copy [T, num_heads, D]."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
@@ -115,5 +124,4 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_and_mul(self.gate_up_proj(x)))  # [T, inter] between

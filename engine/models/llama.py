@@ -13,7 +13,6 @@ up_proj (see ``packed_modules``; the loader fills them).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend
@@ -52,7 +51,11 @@ class LlamaAttention(nn.Module):
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2*KVH) * D]
         v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
-        if self.q_norm is None:
+        if self.q_norm is None and self.rotary.rotate_inplace(positions, qkv, H + KVH):
+            # q and k rotated in place inside qkv (compiled CPU op)
+            q = qkv[:, : H * D].view(T, H, D)
+            k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
+        elif self.q_norm is None:
             # q and k rotated in one go: [T, H + KVH, D]
             qk = self.rotary(positions, qkv[:, : (H + KVH) * D].view(T, H + KVH, D))
             q, k = qk[:, :H], qk[:, H:]  # [T, H, D], [T, KVH, D]
@@ -76,13 +79,21 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,  # [T, hidden] residual stream
+        x: torch.Tensor,  # [T, hidden] the previous layer's output (embeddings at layer 0)
+        residual: torch.Tensor | None,  # [T, hidden] residual stream before x; None at layer 0
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
-        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, residual before it)
+        # The residual stream is h = residual + x, added lazily so that each add fuses with
+        # the norm after it (one pass on CPU). x and residual are consumed (may be reused).
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, positions, kv_cache, metadata)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -101,13 +112,14 @@ class LlamaModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
+        kv_cache: torch.Tensor,  # [num_blocks, L, 2, block_size, KVH, D]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        h = self.embed_tokens(input_ids)  # [T, hidden]
+        x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, kv_cache[:, i], metadata)  # [N, 2, bs, kvh, D] view
-        return self.norm(h)
+            # layer i's cache: a [N, 2, bs, kvh, D] strided view of the block-major cache
+            x, residual = layer(x, residual, positions, kv_cache[:, i], metadata)
+        return self.norm.add_forward(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -134,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T] int64, all scheduled tokens of the step, flattened
         positions: torch.Tensor,  # [T] int64, position of each token in its sequence
-        kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
+        kv_cache: torch.Tensor,  # [num_blocks, L, 2, block_size, KVH, D]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         return self.model(input_ids, positions, kv_cache, metadata)
@@ -142,7 +154,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] (only the rows sampled from) -> float32 logits [n, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        # weight @ hidden.T, returned as a transposed view: the same product, but CPU BLAS
+        # runs this [vocab, hidden] x [hidden, n] layout ~1.5x faster than F.linear's at
+        # decode batch sizes; argmax and softmax over dim -1 read the view as is.
+        return torch.mm(weight, hidden.t()).t().float()
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (rotary tables) after ``to_empty``."""

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from engine.attention.metadata import split_slots
 from engine.attention.registry import select_backend
 from engine.attention.torch_ref import TorchAttentionBackend, write_kv_cache
 from tests.engine.paged_helpers import build_metadata, random_block_tables, slots_for
@@ -50,7 +51,7 @@ def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blo
     for table, c, k, v in zip(tables, cached, full_k, full_v, strict=True):
         if c:
             slots = torch.tensor(slots_for(table, 0, c, block_size))
-            write_kv_cache(k[:c], v[:c], k_cache, v_cache, slots)
+            write_kv_cache(k[:c], v[:c], k_cache, v_cache, split_slots(slots, block_size))
     queries = [torch.randn(n, H, D, generator=gen) for n in new]
     md = build_metadata(tables, cached, new, block_size, device=device)
     scale = D**-0.5
@@ -116,9 +117,10 @@ def test_cpu_paged_kernel_matches_dense_reference(block_size):
     rng = random.Random(block_size)
     n = 20
     cached = [rng.randint(1, 70) for _ in range(n)]
-    # Decode-only step (the compiled kernel) and a mixed step (decodes + a prefill chunk).
-    for new in ([1] * n, [1] * n + [6]):
-        ctx = cached + [9] * (len(new) - n)
+    # Decode-only step, then mixed steps (the kernel takes the decodes, the reference path
+    # the chunks): one chunk after a cached context; a fresh chunk and a continued one.
+    for new, chunk_ctx in (([1] * n, []), ([1] * n + [6], [9]), ([1] * n + [5, 3], [0, 12])):
+        ctx = cached + chunk_ctx
         out, ref = run_mixed_step(block_size, ctx, new, seed=5, backend=_cpu_paged_backend(),
                                   num_blocks=4096)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -140,7 +142,7 @@ def test_slot_mapping_writes_land_in_their_blocks():
     slots = torch.tensor(slots_for(table, 0, 6, block_size))
     assert slots.tolist() == [28, 29, 30, 31, 8, 9]
     key = torch.arange(6, dtype=torch.float)[:, None, None].expand(6, KVH, D) + 1
-    write_kv_cache(key, -key, k_cache, v_cache, slots)
+    write_kv_cache(key, -key, k_cache, v_cache, split_slots(slots, block_size))
     assert torch.equal(k_cache[7, :, 0, 0], torch.tensor([1.0, 2, 3, 4]))
     assert torch.equal(k_cache[2, :2, 1, 3], torch.tensor([5.0, 6]))
     assert torch.equal(v_cache[2, :2, 0, 0], torch.tensor([-5.0, -6]))
