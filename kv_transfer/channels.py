@@ -189,7 +189,10 @@ class SenderChannel:
                 message = slots[i % depth].copy_(message)
             pending.append(group.send(message, DATA_TAG))
         group.wait(header, left(), "the header to be taken")
-        while pending:
+        if pending:  # sends complete in order: after the newest, the rest return at once
+            newest = pending.pop()
+            group.wait(newest, left(), "the payload to be taken")
+        while pending:  # waited once each (a gloo wait consumes its completion)
             group.wait(pending.popleft(), left(), "the payload to be taken")
         return TransferStats(h.num_blocks * h.block_nbytes(), time.perf_counter() - start)
 
@@ -338,19 +341,30 @@ class ReceiverChannel:
                 raise
             pending.append((work, target, landing))
 
-        try:
-            for i in range(min(depth, h.num_blocks)):
-                post(i)
-            for i in range(h.num_blocks):
-                work, target, landing = pending[0]
+        def settle_oldest(waited: bool) -> None:
+            work, target, landing = pending[0]
+            if not waited:  # never wait twice: a gloo wait consumes its completion
                 group.wait(work, deadline - time.monotonic(), "the payload")
-                pending.popleft()
-                if target is not None:
-                    if landing is not target:  # CUDA cache over a gloo wire
-                        target.copy_(landing)
-                    self._table.release(entry)
-                if i + depth < h.num_blocks:
-                    post(i + depth)
+            pending.popleft()
+            if target is not None:
+                if landing is not target:  # CUDA cache over a gloo wire
+                    target.copy_(landing)
+                self._table.release(entry)
+
+        # Completions are waited for a half window at a time, newest first: messages of a pair
+        # complete in order, so one sleep covers the batch (a wake-up per message cost CPU
+        # that the two sides' gloo threads need on a small host).
+        batch, posted, done = max(1, depth // 2), 0, 0
+        try:
+            while done < h.num_blocks:
+                while posted < min(done + depth, h.num_blocks):
+                    post(posted)
+                    posted += 1
+                end = min(done + batch, h.num_blocks)
+                group.wait(pending[end - done - 1][0], deadline - time.monotonic(), "the payload")
+                for k in range(end - done):  # the older ones of the batch return at once
+                    settle_oldest(waited=k == end - done - 1)
+                done = end
         except Exception as e:  # the request fails with the channel; the caller ends it
             error = e if isinstance(e, TransferError) else PeerClosed(None, self.peer, repr(e))
             group.close()  # a broken pair: no posted receive writes into the cache any more
