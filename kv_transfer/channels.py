@@ -319,60 +319,84 @@ class ReceiverChannel:
     def _receive(self, group: Any, h: TransferHeader) -> None:
         """Receive one payload block by block into the reserved blocks (or drain it if nobody
         expects it, or once it is aborted)."""
-        entry = self._table.begin(h, self.peer)
-        depth, layers = self._config.inflight_messages, (h.layer_start, h.layer_end)
-        deadline = time.monotonic() + self._config.timeout_s
         assert self._staging is not None
-        slots: list[torch.Tensor] = []  # drain / host-side landing, taken only when needed
-        pending: deque[tuple[Any, torch.Tensor | None, torch.Tensor]] = deque()
-
-        def post(i: int) -> None:
-            target = self._table.claim(entry, i, layers) if entry is not None else None
-            if target is not None and target.device == group.data_device:
-                landing = target
-            else:
-                slots[:] = slots or self._staging.slots(depth, h.block_nbytes())
-                landing = slots[i % depth]
-            try:
-                work = group.recv(landing, DATA_TAG)
-            except BaseException:
-                if target is not None:
-                    self._table.release(entry)
-                raise
-            pending.append((work, target, landing))
-
-        def settle_oldest(waited: bool) -> None:
-            work, target, landing = pending[0]
-            if not waited:  # never wait twice: a gloo wait consumes its completion
-                group.wait(work, deadline - time.monotonic(), "the payload")
-            pending.popleft()
-            if target is not None:
-                if landing is not target:  # CUDA cache over a gloo wire
-                    target.copy_(landing)
-                self._table.release(entry)
-
-        # Completions are waited for a half window at a time, newest first: messages of a pair
-        # complete in order, so one sleep covers the batch (a wake-up per message cost CPU
-        # that the two sides' gloo threads need on a small host).
-        batch, posted, done = max(1, depth // 2), 0, 0
+        entry = self._table.begin(h, self.peer)
+        blocks_in = _BlockReceives(group, self._table, entry, h, self._config, self._staging)
         try:
-            while done < h.num_blocks:
-                while posted < min(done + depth, h.num_blocks):
-                    post(posted)
-                    posted += 1
-                end = min(done + batch, h.num_blocks)
-                group.wait(pending[end - done - 1][0], deadline - time.monotonic(), "the payload")
-                for k in range(end - done):  # the older ones of the batch return at once
-                    settle_oldest(waited=k == end - done - 1)
-                done = end
+            blocks_in.run()
         except Exception as e:  # the request fails with the channel; the caller ends it
             error = e if isinstance(e, TransferError) else PeerClosed(None, self.peer, repr(e))
             group.close()  # a broken pair: no posted receive writes into the cache any more
-            for _, target, _ in pending:
-                if target is not None:
-                    self._table.release(entry)
+            blocks_in.release_pending()
             if entry is not None:
                 self._table.fail(entry, error.for_request(h.request_id))
             raise
         if entry is not None:
-            self._table.finish(entry, layers)
+            self._table.finish(entry, (h.layer_start, h.layer_end))
+
+
+class _BlockReceives:
+    """The receives of one payload: ``inflight_messages`` posted ahead, each straight into
+    its claimed block (or a staging slot: draining, or a CUDA cache over a gloo wire)."""
+
+    def __init__(self, group: Any, table: ExpectTable, entry: Any, h: TransferHeader,
+                 config: TransferConfig, staging: Staging) -> None:
+        self.group, self.table, self.entry, self.h = group, table, entry, h
+        self.depth = config.inflight_messages
+        self.deadline = time.monotonic() + config.timeout_s
+        self.staging = staging
+        self.slots: list[torch.Tensor] = []  # taken only when needed
+        self.pending: deque[tuple[Any, torch.Tensor | None, torch.Tensor]] = deque()
+
+    def run(self) -> None:
+        """Completions are waited for a half window at a time, newest first: messages of a
+        pair complete in order, so one sleep covers the batch (a wake-up per message cost CPU
+        that both sides' gloo threads need on a small host)."""
+        n, depth = self.h.num_blocks, self.depth
+        batch, posted, done = max(1, depth // 2), 0, 0
+        while done < n:
+            while posted < min(done + depth, n):
+                self._post(posted)
+                posted += 1
+            end = min(done + batch, n)
+            self._wait(self.pending[end - done - 1][0])
+            for k in range(end - done):  # the older ones of the batch return at once
+                self._settle_oldest(waited=k == end - done - 1)
+            done = end
+
+    def release_pending(self) -> None:
+        """After a failure (the pair is closed): drop the claims of unfinished receives."""
+        for _, target, _ in self.pending:
+            if target is not None:
+                self.table.release(self.entry)
+        self.pending.clear()
+
+    def _post(self, i: int) -> None:
+        h = self.h
+        layers = (h.layer_start, h.layer_end)
+        target = self.table.claim(self.entry, i, layers) if self.entry is not None else None
+        if target is not None and target.device == self.group.data_device:
+            landing = target
+        else:
+            self.slots = self.slots or self.staging.slots(self.depth, h.block_nbytes())
+            landing = self.slots[i % self.depth]
+        try:
+            work = self.group.recv(landing, DATA_TAG)
+        except BaseException:
+            if target is not None:
+                self.table.release(self.entry)
+            raise
+        self.pending.append((work, target, landing))
+
+    def _wait(self, work: Any) -> None:
+        self.group.wait(work, self.deadline - time.monotonic(), "the payload")
+
+    def _settle_oldest(self, waited: bool) -> None:
+        work, target, landing = self.pending[0]
+        if not waited:  # never wait twice: a gloo wait consumes its completion
+            self._wait(work)
+        self.pending.popleft()
+        if target is not None:
+            if landing is not target:  # CUDA cache over a gloo wire
+                target.copy_(landing)
+            self.table.release(self.entry)

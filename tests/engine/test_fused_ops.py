@@ -66,3 +66,17 @@ def test_torch_fallback_off_cpu_float32():
     out, h = fused.add_rms_norm(x, res, w, 1e-6)
     assert torch.equal(h, x + res) and out.dtype == torch.float64
     assert not fused.rotary_inplace(x, torch.zeros(4, dtype=torch.long), x, 1, 16)
+
+
+@pytest.mark.parametrize("t", [1, 5, 64, 257])  # 257: over COLUMN_MLP_MAX_ROWS, row layout
+def test_gated_mlp_on_transposed_activations_matches_the_row_layout(t):
+    from engine.models.layers import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(32, 48, bias=False)
+    x = _rows(t, 32, 3)
+    want = mlp.down_proj(F.silu(x @ mlp.gate_up_proj.weight[:48].t())
+                         * (x @ mlp.gate_up_proj.weight[48:].t()))
+    got = mlp(x)
+    assert got.shape == (t, 32) and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

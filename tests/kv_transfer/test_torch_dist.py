@@ -140,17 +140,21 @@ def test_abort_waits_for_receives_into_the_cache_then_nothing_more_lands(make):
     payload = make_cache(7)[[3, 4, 5]]  # three blocks of every layer, random values
     done = Completions()
     receiver.expect("r1", [10, 11, 12], done)
+    claim, block_1_claimed = receiver.table.claim, threading.Event()
+
+    def spy(entry, i, layers):  # tells when block 1's receive is posted into the cache
+        view = claim(entry, i, layers)
+        if i == 1 and view is not None:
+            block_1_claimed.set()
+        return view
+
+    receiver.table.claim = spy
     first_sent, resume = threading.Event(), threading.Event()
     sender = threading.Thread(target=_paused_sender, args=(
         receiver.endpoint(), config, payload, first_sent, resume))
     sender.start()
     try:
-        assert first_sent.wait(20)
-        entry = receiver.table._expected["r1"]  # noqa: SLF001 (the claim is internal state)
-        deadline = time.monotonic() + 10
-        while entry.claimed != 1 and time.monotonic() < deadline:  # block 1 is posted
-            time.sleep(0.01)
-        assert entry.claimed == 1
+        assert first_sent.wait(20) and block_1_claimed.wait(10)
         aborter = threading.Thread(target=receiver.abort, args=("r1",))
         aborter.start()
         aborter.join(0.5)
