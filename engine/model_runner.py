@@ -15,6 +15,7 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata
 from engine.batch import ModelRunnerOutput, SchedulerOutput
+from engine.cpu_kernels_build import load_cpu_kernels
 from engine.sampler import Sampler
 
 
@@ -26,6 +27,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(device, seed)
+        if device.type == "cpu":  # a first build happens now, not in the first request
+            load_cpu_kernels()
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:

@@ -36,10 +36,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.cpu_kernels_build import prebuild_for_cli
     from engine.make_model import ensure_model
 
     model = args.model or str(ensure_model(args.arch, args.preset, seed=0, progress=True))
     print(f"model: {model}", flush=True)
+    prebuild_for_cli("cpu")  # the demo's workers run on CPU
     return asyncio.run(_demo(model, args))
 
 

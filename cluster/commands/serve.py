@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config) -> int:
+    from engine.cpu_kernels_build import prebuild_for_cli
     from router.server import start_server
+
+    if not config.ray.address:  # local workers share this machine's kernel cache
+        prebuild_for_cli(config.model.device)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
