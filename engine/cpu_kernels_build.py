@@ -8,6 +8,27 @@ out of a request's time to first token, and builds once instead of in every work
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+
+def compile_or_none(name: str, source: Path, cflags: list[str], what: str) -> ModuleType | None:
+    """``source`` built as the torch extension ``name`` (OpenMP linked), or None — logged
+    once — when there is no compiler/ninja or the build fails: callers use torch ops then."""
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        log.info("loading the compiled %s (built once per machine, ~1 min)", what)
+        return load_extension(name=name, sources=[str(source)], extra_cflags=cflags,
+                              extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler / ninja, or a build error: torch path instead
+        log.warning("compiled CPU %s unavailable (%s); using torch ops", what,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+
 
 def load_cpu_kernels() -> dict[str, bool]:
     """Load (building if needed) each compiled CPU kernel; ``{name: available}``."""

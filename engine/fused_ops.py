@@ -11,14 +11,14 @@ composition runs instead.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from engine.cpu_kernels_build import compile_or_none
+
 SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
 
 
@@ -27,23 +27,11 @@ def load():
     """The compiled module, or None when disabled or it cannot be built."""
     if os.environ.get("SPLITSERVE_FUSED_OPS", "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        return load_extension(
-            name="splitserve_fused_ops",
-            sources=[str(SOURCE)],
-            # fast-math for the vectorised expf (libmvec); no FMA contraction, so products
-            # and sums round as in the torch ops. Never at link time (it would set FTZ).
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-ffp-contract=off",
-                          "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler / ninja, or a build error: torch path instead
-        log.warning("compiled CPU fused ops unavailable (%s); using torch ops",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
+    # fast-math for the vectorised expf (libmvec); no FMA contraction, so products and sums
+    # round as in the torch ops. Never at link time (it would set FTZ).
+    return compile_or_none(
+        "splitserve_fused_ops", SOURCE,
+        ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off", "-fopenmp"], "fused ops")
 
 
 def _kernels(x: torch.Tensor):
