@@ -17,6 +17,19 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+// s[0..L) <- exp(s - max(s)) in place; returns their sum (the softmax denominator).
+// Vectorised expf (glibc's libmvec): scalar exp was most of the first kernel's time.
+static inline float exp_shifted(float* s, int64_t L) {
+  const float mx = *std::max_element(s, s + L);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < L; ++t) {
+    s[t] = expf(s[t] - mx);
+    sum += s[t];
+  }
+  return sum;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SPLITSERVE_AVX2 1
@@ -79,17 +92,7 @@ static void decode_seq_avx2(const float* qb, const float* kp, const float* vp,
       }
     }
     float denom[64];
-    for (int64_t h = 0; h < G; ++h) {
-      float* sh = scores.data() + h * (L + 8);
-      const float mx = *std::max_element(sh, sh + L);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < L; ++t) {
-        sh[t] = expf(sh[t] - mx);
-        sum += sh[t];
-      }
-      denom[h] = sum;
-    }
+    for (int64_t h = 0; h < G; ++h) denom[h] = exp_shifted(scores.data() + h * (L + 8), L);
     for (int64_t h0 = 0; h0 < G; h0 += 2) {  // two heads at a time: 2 * V accumulators
       const int64_t nh = std::min<int64_t>(2, G - h0);
       __m256 acc[2][V];
@@ -178,18 +181,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
           scores[h * L + t] = s * sc;
         }
       }
-      for (int64_t h = 0; h < H; ++h) {
-        float* sh = scores.data() + h * L;
-        const float mx = *std::max_element(sh, sh + L);
-        float sum = 0.f;
-        // Vectorised expf (glibc's libmvec): scalar exp was most of the kernel's time.
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) {
-          sh[t] = expf(sh[t] - mx);
-          sum += sh[t];
-        }
-        denom[h] = sum;
-      }
+      for (int64_t h = 0; h < H; ++h) denom[h] = exp_shifted(scores.data() + h * L, L);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
         const int64_t blk = bt[b * max_blocks + t / bs];
