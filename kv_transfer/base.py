@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kv_transfer.errors import LayoutMismatch, TransferError
+from kv_transfer.header import TransferHeader
 
 OnDone = Callable[[str, TransferError | None], None]  # (request_id, error or None)
 
@@ -98,6 +99,14 @@ def check_layout(request_id: str, kv_cache: torch.Tensor, peer: Endpoint) -> Non
             peer.describe(),
             f"sender cache {layout} {dtype} != receiver cache {tuple(peer.layout)} {peer.dtype}",
         )
+
+
+def send_header(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blocks: int,
+                layers: tuple[int, int] | None) -> TransferHeader:
+    """The DATA header of a send to ``peer``, every backend's first step; raises
+    ``LayoutMismatch`` if the two caches disagree or the layer range is bad."""
+    check_layout(request_id, kv_cache, peer)
+    return TransferHeader.for_blocks(request_id, kv_cache, num_blocks, layers, peer.describe())
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from kv_transfer.base import (
     TransferHandle,
     TransferStats,
     cache_layout,
-    check_layout,
     fail_fast,
+    send_header,
 )
 from kv_transfer.errors import PeerClosed, TransferAborted, TransferError, TransferTimeout
 from kv_transfer.header import TransferHeader
@@ -161,9 +161,7 @@ class LoopbackSender(KVSender):
         if self._closed:
             return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
         try:
-            check_layout(request_id, self.kv_cache, peer)
-            header = TransferHeader.for_blocks(request_id, self.kv_cache, len(src_block_ids),
-                                               layers, peer.describe())
+            header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers)
         except TransferError as error:
             return fail_fast(handle, error)
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)

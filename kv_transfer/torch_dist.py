@@ -43,8 +43,8 @@ from kv_transfer.base import (
     TransferConfig,
     TransferHandle,
     cache_layout,
-    check_layout,
     fail_fast,
+    send_header,
 )
 from kv_transfer.channels import ChannelLRU, ReceiverChannel, SenderChannel, SendJob
 from kv_transfer.errors import (
@@ -53,7 +53,6 @@ from kv_transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from kv_transfer.header import TransferHeader
 from kv_transfer.receiving import ExpectTable, TableReceiver
 
 log = logging.getLogger(__name__)
@@ -282,9 +281,7 @@ class TorchDistSender(KVSender):
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         try:
-            check_layout(request_id, self.kv_cache, peer)
-            header = TransferHeader.for_blocks(request_id, self.kv_cache, len(src_block_ids),
-                                               layers, peer.describe())
+            header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers)
         except TransferError as error:
             return fail_fast(handle, error)
         job = SendJob(header, blocks.check_ids(self.kv_cache, src_block_ids).tolist(), handle)
