@@ -47,10 +47,38 @@ def check_ids(kv_cache: torch.Tensor, block_ids: BlockIds) -> torch.Tensor:
     return idx
 
 
+def check_id_list(kv_cache: torch.Tensor, block_ids: BlockIds) -> list[int]:
+    """``check_ids`` for the per-block paths, which want Python ints: same checks, no tensor
+    round trip (it costs tens of microseconds per request)."""
+    ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else [int(i) for i in block_ids]
+    num_blocks = kv_cache.shape[0]
+    if ids and (min(ids) < 0 or max(ids) >= num_blocks):
+        raise ValueError(f"block ids outside [0, {num_blocks}): {ids}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate block ids: {ids}")
+    return ids
+
+
 def block_view(kv_cache: torch.Tensor, block_id: int, layers: slice) -> torch.Tensor:
     """Layers ``layers`` of one block as a flat ``uint8`` view into the cache (contiguous:
     a block's layers are adjacent). What the torch_dist wire sends and receives into."""
     return kv_cache[block_id, layers].view(torch.uint8).view(-1)
+
+
+class BlockViews:
+    """``block_view`` for many calls on one cache: one index op per block on a flat byte view
+    made once (a view per message is on the transfer's critical path, once per block)."""
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        self.num_layers = kv_cache.shape[1]
+        self._flat = kv_cache.view(torch.uint8).view(kv_cache.shape[0], -1)
+        self._layer_nbytes = self._flat.shape[1] // self.num_layers
+
+    def __call__(self, block_id: int, layers: tuple[int, int]) -> torch.Tensor:
+        l0, l1 = layers
+        if l0 == 0 and l1 == self.num_layers:
+            return self._flat[block_id]
+        return self._flat[block_id, l0 * self._layer_nbytes : l1 * self._layer_nbytes]
 
 
 def gather_shape(kv_cache: torch.Tensor, num_blocks: int, layers: slice) -> tuple[int, ...]:

@@ -18,12 +18,11 @@ expects any more.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,20 +57,101 @@ class Staging:
         return list(self.take(count * nbytes).view(count, nbytes))
 
 
-@dataclass
+@dataclass(eq=False)
 class SendJob:
-    """One queued send."""
+    """One send, from ``submit`` until its handle completes."""
 
     header: TransferHeader  # what goes on the wire first
     src_ids: list[int]  # source block ids, in the request's order
     handle: TransferHandle  # completed by the channel thread
+    wire: _PayloadSend | None = None  # its messages once posted
+    post_error: TransferError | None = None  # posting from the submitting thread failed
+    _started: bool = False  # on the wire: an abort can no longer drop it
+    _dropped: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> bool:
+        """Mark the job as going on the wire; False if it was dropped first (skip it)."""
+        with self._lock:
+            if self._dropped or self.handle.done():
+                return False
+            self._started = True
+            return True
+
+    def drop(self, error: TransferError) -> bool:
+        """Fail the job unless it is on the wire already (then its blocks are being read and
+        it must finish first). True if dropped."""
+        with self._lock:
+            if self._started or self._dropped:
+                return False
+            self._dropped = True
+        return self.handle.fail(error)
 
 
-_CLOSE = object()  # queue sentinel: send a CLOSE header and end
+class _PayloadSend:
+    """One job's messages: the header on the ctrl group, then one message per block, each
+    straight from the cache (gloo writes to the socket in the posting thread). Every message
+    is posted without waiting: the blocks stay held until the handle completes, and a wait per
+    message costs a thread hand-off (measured: 2 in flight took 2x as long as 32 for 128
+    blocks of 512 KiB). Through host staging slots, at most ``inflight_messages`` are
+    unfinished."""
+
+    def __init__(self, channel: SenderChannel, group: Any, job: SendJob) -> None:
+        h = job.header
+        self.group, self.src_ids = group, job.src_ids
+        self.views, self.layers = channel.views, (h.layer_start, h.layer_end)
+        self.kv = channel.kv
+        self.deadline = time.monotonic() + channel.config.timeout_s
+        self.via_host = group.data_device != self.kv.device  # CUDA cache over a gloo wire
+        self.depth = channel.config.inflight_messages if self.via_host else max(1, h.num_blocks)
+        self.slots = channel.staging_slots(group, h, self.depth) if self.via_host else []
+        self.nbytes = h.num_blocks * h.block_nbytes()
+        self.start = time.perf_counter()
+        self.header = group.send_ctrl(h.encode())  # not waited for first: saves a hand-off
+        self.pending: deque[Any] = deque()  # sends in flight, oldest first
+        self.posted = 0
+
+    def post(self, up_to: int) -> None:
+        """Post the messages before index ``up_to`` (waiting for the oldest once ``depth``
+        are unfinished, which frees its staging slot)."""
+        for i in range(self.posted, min(up_to, len(self.src_ids))):
+            if len(self.pending) == self.depth:
+                self._wait(self.pending.popleft())
+            message = self.views(self.src_ids[i], self.layers)
+            if self.via_host:
+                message = self.slots[i % self.depth].copy_(message)
+            self.pending.append(self.group.send(message, DATA_TAG))
+            self.posted = i + 1
+
+    def finish(self) -> TransferStats:
+        """Post the rest, then wait for every message to be taken."""
+        self.post(len(self.src_ids))
+        self.group.wait(self.header, self.deadline - time.monotonic(), "the header to be taken")
+        if self.pending:  # sends complete in order: after the newest, the rest return at once
+            self._wait(self.pending.pop())
+        while self.pending:  # waited once each (a gloo wait consumes its completion)
+            self._wait(self.pending.popleft())
+        return TransferStats(self.nbytes, time.perf_counter() - self.start)
+
+    def _wait(self, work: Any) -> None:
+        self.group.wait(work, self.deadline - time.monotonic(), "the payload to be taken")
+
+
+# Messages an idle channel posts from the submitting thread (the prefill engine loop) after
+# the header: a few, so that the receiver finds data ready as soon as it posts its receives,
+# without making the engine loop write the payload (gloo may write in the posting thread).
+DIRECT_MESSAGES = 4
+
+_CLOSE = object()  # job sentinel: send a CLOSE header and end
 
 
 class SenderChannel:
-    """The sending end of one pair: a queue and the one thread that drains it in order."""
+    """The sending end of one pair: a FIFO of jobs and the one thread that completes them.
+
+    An idle channel puts a submitted job on the wire from the submitting thread (its header
+    and the first ``inflight_messages`` blocks): the receiver learns of the request without
+    waiting for a thread hand-off, which is most of the fixed cost of a small transfer. Jobs
+    behind a busy one are posted by the channel thread, in order."""
 
     def __init__(
         self,
@@ -83,11 +163,11 @@ class SenderChannel:
     ) -> None:
         self.peer = peer  # "decode-2 (10.0.0.5:41231)"
         self._open_group = open_group  # () -> PairGroup; runs on the channel thread
-        self._kv = kv_cache
-        self._config = config
+        self.kv, self.views, self.config = kv_cache, blocks.BlockViews(kv_cache), config
         self._on_exit = on_exit
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()  # guards everything below
+        self._jobs: deque[Any] = deque()  # SendJob or _CLOSE, in submit order
+        self._group: Any = None  # the open pair group (None before connect and after exit)
         self._closed = False  # no more submits accepted
         self._busy = False  # a job is on the wire
         self._staging: Staging | None = None
@@ -95,36 +175,54 @@ class SenderChannel:
         self.thread.start()
 
     def submit(self, job: SendJob) -> bool:
-        """Queue ``job``; False if the channel is closing (open a new one)."""
-        with self._lock:
+        """Queue ``job`` (posting it at once if the channel is idle); False if the channel is
+        closing (open a new one)."""
+        with self._cond:
             if self._closed:
                 return False
-            self._queue.put(job)
+            group = self._group
+            if group is not None and not self._busy and not self._jobs and job.start():
+                self._busy = True  # nothing else is on the wire: posting here keeps the order
+                try:
+                    job.wire = _PayloadSend(self, group, job)
+                    job.wire.post(DIRECT_MESSAGES)
+                except Exception as e:  # the channel thread fails the job and the channel
+                    if not isinstance(e, TransferError):
+                        log.exception("kv_transfer: posting %s failed", job.header.request_id)
+                        e = PeerClosed(None, self.peer, f"internal error: {e!r}")
+                    job.post_error = e
+            self._jobs.append(job)
+            self._cond.notify()
             return True
 
     def idle(self) -> bool:
-        with self._lock:
-            return not self._busy and self._queue.empty()
+        with self._cond:
+            return not self._busy and not self._jobs
 
     def close(self) -> None:
         """Send what is queued, then a CLOSE header, then end."""
-        with self._lock:
+        with self._cond:
             if not self._closed:
                 self._closed = True
-                self._queue.put(_CLOSE)
+                self._jobs.append(_CLOSE)
+                self._cond.notify()
 
-    def _bind_device(self) -> None:
-        if self._kv.is_cuda:  # the CUDA current device is per thread
-            torch.cuda.set_device(self._kv.device)
+    def staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
+        if self._staging is None:
+            self._staging = Staging(group.data_device)
+        return self._staging.slots(depth, h.block_nbytes())
 
     def _run(self) -> None:
-        self._bind_device()
+        if self.kv.is_cuda:  # the CUDA current device is per thread
+            torch.cuda.set_device(self.kv.device)
         try:
             group = self._open_group()
         except Exception as e:  # TransferError, or a bug: either way no queued send may hang
             error = e if isinstance(e, TransferError) else PeerClosed(None, self.peer, repr(e))
             self._fail_queued(error)
         else:
+            with self._cond:
+                self._group = group
             error = self._serve(group)
             if error is None:
                 self._send_close(group)
@@ -133,89 +231,61 @@ class SenderChannel:
             group.close()
         self._on_exit(self)
 
+    def _next_job(self) -> Any:
+        """The next job (marked busy), ``_CLOSE``, or None after ``idle_timeout_s`` idle."""
+        with self._cond:
+            while not self._jobs:
+                if not self._cond.wait(self.config.idle_timeout_s) and not self._jobs:
+                    self._closed = True
+                    self._group = None
+                    return None
+            job = self._jobs.popleft()
+            if job is _CLOSE:
+                self._group = None
+            else:
+                self._busy = True
+            return job
+
     def _serve(self, group: Any) -> TransferError | None:
         """Send queued jobs until CLOSE or idle; the channel's error if it broke."""
-        while True:
+        while (job := self._next_job()) is not None and job is not _CLOSE:
+            error: TransferError | None = None
             try:
-                job = self._queue.get(timeout=self._config.idle_timeout_s)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._closed = True
-                        return None
-                continue
-            if job is _CLOSE:
-                return None
-            if job.handle.done():  # aborted while queued
-                continue
-            with self._lock:
-                self._busy = True
-            try:
-                job.handle.succeed(self._send_job(group, job))
-            except TransferError as error:
-                job.handle.fail(error.for_request(job.header.request_id))
-                return error
+                if job.post_error is not None:
+                    raise job.post_error
+                if job.wire is None and job.start():
+                    job.wire = _PayloadSend(self, group, job)
+                if job.wire is not None:  # else: dropped (aborted) while queued
+                    job.handle.succeed(job.wire.finish())
+            except TransferError as e:
+                error = e
+                job.handle.fail(e.for_request(job.header.request_id))
             except Exception as e:  # a bug must fail the request, not hang it
                 log.exception("kv_transfer: sending %s failed", job.header.request_id)
                 error = PeerClosed(job.header.request_id, self.peer, f"internal error: {e!r}")
                 job.handle.fail(error)
-                return error
-            finally:
-                with self._lock:
-                    self._busy = False
-
-    def _send_job(self, group: Any, job: SendJob) -> TransferStats:
-        """Header, then one message per block, each straight from the cache (gloo writes to
-        the socket in the posting thread). Every message is posted at once: the blocks stay
-        held until the handle completes, and a wait per message costs a thread hand-off
-        (measured: 2 in flight took 2x as long as 32 for 128 blocks of 512 KiB). Through host
-        staging slots, at most ``inflight_messages`` are unfinished."""
-        h = job.header
-        deadline = time.monotonic() + self._config.timeout_s
-        left = lambda: deadline - time.monotonic()
-        layers = slice(h.layer_start, h.layer_end)
-        via_host = group.data_device != self._kv.device  # CUDA cache over a gloo wire
-        depth = self._config.inflight_messages if via_host else max(1, h.num_blocks)
-        if via_host:
-            slots = self._staging_slots(group, h, depth)
-        start = time.perf_counter()
-        header = group.send_ctrl(h.encode())  # not waited for first: saves a hand-off
-        pending: deque[Any] = deque()  # sends in flight, oldest first
-        for i, block_id in enumerate(job.src_ids):
-            if len(pending) == depth:  # also frees the staging slot of message i - depth
-                group.wait(pending.popleft(), left(), "the payload to be taken")
-            message = blocks.block_view(self._kv, block_id, layers)
-            if via_host:
-                message = slots[i % depth].copy_(message)
-            pending.append(group.send(message, DATA_TAG))
-        group.wait(header, left(), "the header to be taken")
-        if pending:  # sends complete in order: after the newest, the rest return at once
-            newest = pending.pop()
-            group.wait(newest, left(), "the payload to be taken")
-        while pending:  # waited once each (a gloo wait consumes its completion)
-            group.wait(pending.popleft(), left(), "the payload to be taken")
-        return TransferStats(h.num_blocks * h.block_nbytes(), time.perf_counter() - start)
-
-    def _staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
-        if self._staging is None:
-            self._staging = Staging(group.data_device)
-        return self._staging.slots(depth, h.block_nbytes())
+            with self._cond:
+                self._busy = False
+                if error is not None:  # a broken pair: nothing more is posted on it
+                    self._closed, self._group = True, None
+                    return error
+        return None
 
     def _send_close(self, group: Any) -> None:
         try:
             group.wait(
                 group.send_ctrl(TransferHeader(CLOSE).encode()),
-                self._config.timeout_s,
+                self.config.timeout_s,
                 "the close message to be taken",
             )
         except TransferError as error:
             log.info("kv_transfer: closing channel to %s: %s", self.peer, error)
 
     def _fail_queued(self, error: TransferError) -> None:
-        with self._lock:
-            self._closed = True
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        with self._cond:
+            self._closed, self._group = True, None
+            jobs, self._jobs = list(self._jobs), deque()
+        for job in jobs:
             if job is not _CLOSE:
                 job.handle.fail(
                     PeerClosed(
@@ -342,61 +412,75 @@ class _BlockReceives:
     def __init__(self, group: Any, table: ExpectTable, entry: Any, h: TransferHeader,
                  config: TransferConfig, staging: Staging) -> None:
         self.group, self.table, self.entry, self.h = group, table, entry, h
+        self.layers = (h.layer_start, h.layer_end)
+        self.in_place = table.kv_cache.device == group.data_device  # else via staging slots
         self.depth = config.inflight_messages
         self.deadline = time.monotonic() + config.timeout_s
         self.staging = staging
         self.slots: list[torch.Tensor] = []  # taken only when needed
         self.pending: deque[tuple[Any, torch.Tensor | None, torch.Tensor]] = deque()
+        self.posted = 0
 
     def run(self) -> None:
-        """Completions are waited for a half window at a time, newest first: messages of a
-        pair complete in order, so one sleep covers the batch (a wake-up per message cost CPU
-        that both sides' gloo threads need on a small host)."""
+        """Completions are waited for a half window at a time (the rest at once when all is
+        posted), newest first: messages of a pair complete in order, so one sleep covers the
+        batch (a wake-up per message cost CPU that both sides' gloo threads need on a small
+        host)."""
         n, depth = self.h.num_blocks, self.depth
-        batch, posted, done = max(1, depth // 2), 0, 0
+        batch, done = max(1, depth // 2), 0
         while done < n:
-            while posted < min(done + depth, n):
-                self._post(posted)
-                posted += 1
-            end = min(done + batch, n)
+            self._post_until(min(done + depth, n))
+            end = n if self.posted == n else min(done + batch, n)
             self._wait(self.pending[end - done - 1][0])
-            for k in range(end - done):  # the older ones of the batch return at once
-                self._settle_oldest(waited=k == end - done - 1)
+            landed = sum(  # the older ones of the batch return at once
+                self._settle_oldest(waited=k == end - done - 1) for k in range(end - done)
+            )
+            if landed:
+                self.table.release(self.entry, landed)
             done = end
 
     def release_pending(self) -> None:
         """After a failure (the pair is closed): drop the claims of unfinished receives."""
-        for _, target, _ in self.pending:
-            if target is not None:
-                self.table.release(self.entry)
+        claimed = sum(target is not None for _, target, _ in self.pending)
+        if claimed:
+            self.table.release(self.entry, claimed)
         self.pending.clear()
 
-    def _post(self, i: int) -> None:
-        h = self.h
-        layers = (h.layer_start, h.layer_end)
-        target = self.table.claim(self.entry, i, layers) if self.entry is not None else None
-        if target is not None and target.device == self.group.data_device:
-            landing = target
-        else:
-            self.slots = self.slots or self.staging.slots(self.depth, h.block_nbytes())
-            landing = self.slots[i % self.depth]
-        try:
-            work = self.group.recv(landing, DATA_TAG)
-        except BaseException:
-            if target is not None:
-                self.table.release(self.entry)
-            raise
-        self.pending.append((work, target, landing))
+    def _post_until(self, stop: int) -> None:
+        start = self.posted
+        if start >= stop:
+            return
+        targets = None
+        if self.entry is not None:
+            targets = self.table.claim(self.entry, start, stop, self.layers)
+        for i in range(start, stop):
+            target = targets[i - start] if targets is not None else None
+            if target is not None and self.in_place:
+                landing = target
+            else:
+                self.slots = self.slots or self.staging.slots(self.depth, self.h.block_nbytes())
+                landing = self.slots[i % self.depth]
+            try:
+                work = self.group.recv(landing, DATA_TAG)
+            except BaseException:
+                if targets is not None:  # this block's claim and those not posted yet
+                    self.table.release(self.entry, stop - i)
+                raise
+            self.pending.append((work, target, landing))
+            self.posted = i + 1
 
     def _wait(self, work: Any) -> None:
         self.group.wait(work, self.deadline - time.monotonic(), "the payload")
 
-    def _settle_oldest(self, waited: bool) -> None:
+    def _settle_oldest(self, waited: bool) -> bool:
+        """Finish the oldest receive; True if it landed in a claimed block (the caller
+        releases the batch's claims at once)."""
         work, target, landing = self.pending[0]
         if not waited:  # never wait twice: a gloo wait consumes its completion
             self._wait(work)
         self.pending.popleft()
-        if target is not None:
-            if landing is not target:  # CUDA cache over a gloo wire
-                target.copy_(landing)
-            self.table.release(self.entry)
+        if target is None:
+            return False
+        if landing is not target:  # CUDA cache over a gloo wire
+            target.copy_(landing)
+        return True

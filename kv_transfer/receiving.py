@@ -5,8 +5,8 @@ One ``ExpectTable`` per receiver. Backends call, for each arriving payload::
     entry = table.begin(header, peer)      # None: nobody expects it -> drain and discard
     table.write(entry, layers, buffer)     # whole payload: scatter, unless aborted meanwhile
       or, block by block, straight into the cache (torch_dist):
-    view = table.claim(entry, i, layers)   # block i's destination, or None once aborted
-    ... receive into view ...; table.release(entry)
+    views = table.claim(entry, i, j, layers)  # blocks [i, j)'s destinations, None once aborted
+    ... receive into each view ...; table.release(entry, j - i)
     table.finish(entry, layers)            # all layers in -> on_done(rid, None) / poll()
 
 ``abort`` takes the same lock as ``write`` and ``claim``, then waits until every claimed
@@ -47,6 +47,7 @@ class ExpectTable:
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache  # [num_blocks, L, 2, block_size, num_kv_heads, head_dim]
+        self._views = blocks.BlockViews(kv_cache)
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # a claimed block was released
         self._expected: dict[str, Expected] = {}
@@ -97,20 +98,22 @@ class ExpectTable:
             blocks.scatter(self.kv_cache, entry.dst_index, buffer, slice(*layers))
             return True
 
-    def claim(self, entry: Expected, i: int, layers: tuple[int, int]) -> torch.Tensor | None:
-        """Block ``i`` of the entry, layers ``[l0, l1)``, as a flat ``uint8`` view to receive
-        into; None if the entry was aborted or failed (receive into a discard buffer).
-        Every claim must be ``release``d once the receive into it is over (or broken)."""
+    def claim(self, entry: Expected, start: int, stop: int,
+              layers: tuple[int, int]) -> list[torch.Tensor] | None:
+        """Blocks ``[start, stop)`` of the entry, layers ``[l0, l1)``, as flat ``uint8`` views
+        to receive into; None if the entry was aborted or failed (receive into a discard
+        buffer). Every claimed block must be ``release``d once the receive into it is over
+        (or broken)."""
         with self._lock:
             if self._expected.get(entry.request_id) is not entry:
                 return None
-            entry.claimed += 1
-            return blocks.block_view(self.kv_cache, entry.dst_ids[i], slice(*layers))
+            entry.claimed += stop - start
+        return [self._views(block_id, layers) for block_id in entry.dst_ids[start:stop]]
 
-    def release(self, entry: Expected) -> None:
-        """A claimed block is no longer being written."""
+    def release(self, entry: Expected, count: int = 1) -> None:
+        """``count`` claimed blocks are no longer being written."""
         with self._lock:
-            entry.claimed -= 1
+            entry.claimed -= count
             if entry.claimed == 0:
                 self._released.notify_all()
 

@@ -269,7 +269,7 @@ class TorchDistSender(KVSender):
         self.config, self.kv_cache, self.name = config, kv_cache, name
         self._lock = threading.Lock()
         self._lru = ChannelLRU(config.max_channels, self._new_channel)
-        self._queued: dict[str, list[TransferHandle]] = {}  # request id -> unfinished handles
+        self._queued: dict[str, list[SendJob]] = {}  # request id -> unfinished sends
         self._closed = False
 
     def send(
@@ -284,11 +284,11 @@ class TorchDistSender(KVSender):
             header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers)
         except TransferError as error:
             return fail_fast(handle, error)
-        job = SendJob(header, blocks.check_ids(self.kv_cache, src_block_ids).tolist(), handle)
+        job = SendJob(header, blocks.check_id_list(self.kv_cache, src_block_ids), handle)
         with self._lock:
             if self._closed:
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
-            self._queued.setdefault(request_id, []).append(handle)
+            self._queued.setdefault(request_id, []).append(job)
             channel = self._lru.get(peer)
             if not channel.submit(job):  # it was closing: a fresh channel keeps the order
                 self._lru.drop(channel)
@@ -298,9 +298,9 @@ class TorchDistSender(KVSender):
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
-            handles = list(self._queued.get(request_id, ()))
+            jobs = list(self._queued.get(request_id, ()))
         error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
-        return any([h.fail(error) for h in handles])  # an in-flight send completes first
+        return any([job.drop(error) for job in jobs])  # a send on the wire completes first
 
     def close(self) -> None:
         with self._lock:
@@ -326,10 +326,10 @@ class TorchDistSender(KVSender):
 
     def _forget(self, handle: TransferHandle) -> None:
         with self._lock:
-            handles = self._queued.get(handle.request_id, [])
-            if handle in handles:
-                handles.remove(handle)
-            if not handles:
+            jobs = [j for j in self._queued.get(handle.request_id, []) if j.handle is not handle]
+            if jobs:
+                self._queued[handle.request_id] = jobs
+            else:
                 self._queued.pop(handle.request_id, None)
 
 

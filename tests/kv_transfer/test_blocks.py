@@ -62,6 +62,23 @@ def test_block_view_is_the_cache_memory_of_one_blocks_layers():
     assert torch.equal(kv[4], make_cache(1)[4])
 
 
+def test_block_views_are_block_view_for_every_layer_range():
+    kv = make_cache(1)
+    views = blocks.BlockViews(kv)
+    for layers in [(0, LAYERS), (1, 3), (LAYERS - 1, LAYERS)]:
+        got, want = views(5, layers), blocks.block_view(kv, 5, slice(*layers))
+        assert got.data_ptr() == want.data_ptr() and torch.equal(got, want)
+
+
+def test_check_id_list_matches_check_ids():
+    src = make_cache(1)
+    assert blocks.check_id_list(src, torch.tensor([4, 0, 2])) == [4, 0, 2]
+    assert blocks.check_id_list(src, (1, 3)) == [1, 3]
+    for bad, match in [([0, BLOCKS], "outside"), ([-1], "outside"), ([2, 2], "duplicate")]:
+        with pytest.raises(ValueError, match=match):
+            blocks.check_id_list(src, bad)
+
+
 def test_gather_into_out_buffer_and_shape_checks():
     src = make_cache(1)
     out = torch.empty(2, 1, *src.shape[2:])

@@ -9,7 +9,14 @@ import time
 import pytest
 import torch
 
-from kv_transfer import LayoutMismatch, PeerClosed, TransferConfig, TransferTimeout, blocks
+from kv_transfer import (
+    LayoutMismatch,
+    PeerClosed,
+    TransferAborted,
+    TransferConfig,
+    TransferTimeout,
+    blocks,
+)
 from kv_transfer.channels import DATA_TAG
 from kv_transfer.header import DATA, TransferHeader
 from kv_transfer.torch_dist import PairGroup, TorchDistReceiver, TorchDistSender
@@ -105,6 +112,38 @@ def test_aborted_and_unknown_requests_are_drained_and_the_next_lands(make):
     assert blocks.gather(dst, [0, 1, 2]).count_nonzero() == 0  # never scattered
 
 
+def test_sender_abort_drops_queued_sends_but_never_one_on_the_wire(make):
+    """A send whose header is out reads its source blocks until the receiver has taken them:
+    an abort then must not complete its handle (the prefill worker would free the blocks
+    under the wire). A send still queued behind it is dropped."""
+    sender, receiver = make("sender", seed=9), make("receiver")
+    done = Completions()
+    receiver.expect("warm-up", [0], done)  # opens the channel: the next send posts at once
+    sender.send("warm-up", receiver.endpoint(), [1]).result(timeout=30)
+    receiver.expect("on-wire", [4, 5], done)
+    claim, claimed, proceed = receiver.table.claim, threading.Event(), threading.Event()
+
+    def stalled_claim(entry, start, stop, layers):  # the receiver is slow to post
+        claimed.set()
+        assert proceed.wait(20)
+        return claim(entry, start, stop, layers)
+
+    receiver.table.claim = stalled_claim
+    try:
+        on_wire = sender.send("on-wire", receiver.endpoint(), [2, 3])
+        queued = sender.send("queued", receiver.endpoint(), [6])
+        assert claimed.wait(10)  # "on-wire"'s header has arrived; its payload is held up
+        assert sender.abort("on-wire") is False and not on_wire.done()
+        assert sender.abort("queued") is True
+    finally:
+        proceed.set()
+    assert on_wire.result(timeout=10).nbytes > 0
+    with pytest.raises(TransferAborted):
+        queued.result(timeout=5)
+    done.wait_for("on-wire")
+    assert torch.equal(receiver.kv_cache[4:6], sender.kv_cache[2:4])
+
+
 def _header_only_sender(
     endpoint, config, request_id: str, ready: threading.Event, release: threading.Event
 ) -> None:
@@ -142,11 +181,11 @@ def test_abort_waits_for_receives_into_the_cache_then_nothing_more_lands(make):
     receiver.expect("r1", [10, 11, 12], done)
     claim, block_1_claimed = receiver.table.claim, threading.Event()
 
-    def spy(entry, i, layers):  # tells when block 1's receive is posted into the cache
-        view = claim(entry, i, layers)
-        if i == 1 and view is not None:
+    def spy(entry, start, stop, layers):  # tells when block 1's receive goes into the cache
+        views = claim(entry, start, stop, layers)
+        if start <= 1 < stop and views is not None:
             block_1_claimed.set()
-        return view
+        return views
 
     receiver.table.claim = spy
     first_sent, resume = threading.Event(), threading.Event()
