@@ -35,7 +35,7 @@ def load_cpu_kernels() -> dict[str, bool]:
     from engine import fused_ops
     from engine.attention import cpu_kernels
 
-    return {"paged decode attention": cpu_kernels.load() is not None,
+    return {"paged attention": cpu_kernels.load() is not None,
             "fused ops": fused_ops.load() is not None}
 
 

@@ -1,7 +1,10 @@
-"""Optional compiled CPU kernels, built on first use with torch's C++ extension loader.
+"""Optional compiled CPU attention kernels, built on first use with torch's C++ extension loader.
 
-Decode attention on CPU is memory bound; the compiled kernel reads each sequence's K/V
-once, straight through the block table, instead of gathering padded copies. Building needs
+Both read K/V straight through the block table instead of gathering padded copies:
+``paged_decode`` (decode attention is memory bound: each sequence's K/V is read once) and
+``paged_prefill`` (prefill chunks, flash style, skipping the keys above the diagonal, which
+``scaled_dot_product_attention`` computes and masks; AVX2 and head_dim 32/64/128 only:
+``prefill_supported`` says when). Building needs
 a C++ compiler and ninja; when either is missing or the build fails, ``load()`` returns
 None (logged once) and the torch path runs. The build is cached under torch's extension
 directory, so only the first process on a machine pays for it.
@@ -14,13 +17,14 @@ from pathlib import Path
 
 from engine.cpu_kernels_build import compile_or_none
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
 
 @functools.cache
 def load():
-    """The compiled module (with ``paged_decode``), or None when it cannot be built."""
+    """The compiled module (``paged_decode``, ``paged_prefill``, ``prefill_supported``), or
+    None when it cannot be built."""
     return compile_or_none(
-        "splitserve_paged_decode", SOURCE,
+        "splitserve_paged_attention", SOURCE,
         ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math", "-fopenmp"],
-        "decode attention kernel")
+        "paged attention kernels")

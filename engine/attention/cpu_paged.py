@@ -1,9 +1,13 @@
-"""CPU attention backend: the torch reference with decodes run by a compiled paged kernel.
+"""CPU attention backend: the torch reference with both phases run by compiled paged kernels.
 
-Prefill chunks and the KV writes are the reference backend's; decodes (one query each), in
-decode-only and mixed steps alike, go to ``csrc/paged_decode.cpp``, which reads K/V through
-the block table without gathering padded copies. float32 only (other dtypes fall back to
-the torch path). Available when the kernel builds on this machine (see ``cpu_kernels``).
+Decodes (one query each), in decode-only and mixed steps alike, go to ``paged_decode``;
+prefill chunks go to ``paged_prefill`` (flash style, causal from each query's position, no
+work above the diagonal: ``scaled_dot_product_attention`` computes and masks it, and a chunk
+after a cached prefix needed a gathered copy of its context and a mask). Both are in
+``csrc/paged_attention.cpp`` and read K/V through the block table. float32 only; other
+dtypes, and shapes the prefill kernel does not take (``prefill_supported``: AVX2, head_dim
+32/64/128, a block size multiple of 8), fall back to the torch path for that part.
+Available when the kernels build on this machine (see ``cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from engine.attention.torch_ref import TorchAttentionBackend, write_kv_cache
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
     name = "cpu_paged"
-    requirements = "a CPU device and a C++ compiler to build the paged decode kernel"
+    requirements = "a CPU device and a C++ compiler to build the paged attention kernels"
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
@@ -25,19 +29,26 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
 
     def forward(self, query, key, value, key_cache, value_cache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        nd = metadata.num_decodes
-        if nd == 0 or query.dtype != torch.float32:
+        kernels, nd, num_seqs = cpu_kernels.load(), metadata.num_decodes, metadata.num_seqs
+        if query.dtype != torch.float32:
             return super().forward(query, key, value, key_cache, value_cache, metadata, scale)
-        write_kv_cache(key, value, key_cache, value_cache,
-                       metadata.slot_index(key_cache.shape[1]))
-        decoded = self._paged_decode(query, key_cache, value_cache, metadata, scale)
-        if nd == metadata.num_seqs:  # decode-only step: no plan needed
-            return decoded
-        # Mixed step: the kernel takes the decode rows too (no padded gathers for them), the
-        # reference path only the prefill chunks.
-        plan = self._get_plan(metadata, key_cache.shape[1], query.dtype, with_decodes=False)
-        prefills = self._prefills(query, key, value, key_cache, value_cache, plan, scale)
-        return torch.cat([decoded, *prefills])
+        H, D = query.shape[1:]
+        block_size, kv_heads = key_cache.shape[1:3]
+        prefill_kernel = nd < num_seqs and kernels.prefill_supported(H, kv_heads, D, block_size)
+        if nd == 0 and not prefill_kernel:
+            return super().forward(query, key, value, key_cache, value_cache, metadata, scale)
+        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_index(block_size))
+        parts = []
+        if nd:
+            parts.append(self._paged_decode(query, key_cache, value_cache, metadata, scale))
+        if prefill_kernel:  # every chunk's K/V is in the cache now: one call for all chunks
+            parts.append(kernels.paged_prefill(
+                query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
+                metadata.cu_seqlens_q, nd, scale))
+        elif nd < num_seqs:  # the reference path takes the chunks only
+            plan = self._get_plan(metadata, block_size, query.dtype, with_decodes=False)
+            parts += self._prefills(query, key, value, key_cache, value_cache, plan, scale)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def _paged_decode(query, key_cache, value_cache, md: AttentionMetadata,

@@ -37,8 +37,11 @@ def layer_caches(kv: torch.Tensor, layer: int = 1) -> tuple[torch.Tensor, torch.
     return kv[:, layer, 0], kv[:, layer, 1]
 
 
-def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blocks=NUM_BLOCKS):
-    """Fill each sequence's cached context, run one step, return (output, reference)."""
+def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blocks=NUM_BLOCKS,
+                   dims=(H, KVH, D)):
+    """Fill each sequence's cached context, run one step, return (output, reference).
+    ``dims``: (query heads, KV heads, head_dim)."""
+    H, KVH, D = dims
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
@@ -112,17 +115,27 @@ def _cpu_paged_backend():
     return CpuPagedAttentionBackend()
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_cpu_paged_kernel_matches_dense_reference(block_size):
+# head_dim 8 takes the kernels' plain paths (decodes) and the torch path (chunks); head_dim
+# 32 with 8-aligned blocks the vectorised decode kernel and the prefill kernel.
+@pytest.mark.parametrize("block_size,dims", [(1, (H, KVH, D)), (4, (H, KVH, D)),
+                                             (16, (H, KVH, D)), (16, (8, 2, 32)),
+                                             (8, (6, 2, 32))])
+def test_cpu_paged_kernels_match_dense_reference(block_size, dims):
+    backend = _cpu_paged_backend()
+    from engine.attention import cpu_kernels
+
+    assert cpu_kernels.load().prefill_supported(*dims, block_size) == (dims[2] == 32)
     rng = random.Random(block_size)
     n = 20
     cached = [rng.randint(1, 70) for _ in range(n)]
-    # Decode-only step, then mixed steps (the kernel takes the decodes, the reference path
-    # the chunks): one chunk after a cached context; a fresh chunk and a continued one.
-    for new, chunk_ctx in (([1] * n, []), ([1] * n + [6], [9]), ([1] * n + [5, 3], [0, 12])):
-        ctx = cached + chunk_ctx
-        out, ref = run_mixed_step(block_size, ctx, new, seed=5, backend=_cpu_paged_backend(),
-                                  num_blocks=4096)
+    # Decode-only step, then mixed steps: one chunk after a cached context; a fresh chunk
+    # and a continued one; then prefill-only steps, long chunks across many blocks (the
+    # kernel's query tiles and the diagonal inside a block).
+    for new, ctx in (([1] * n, cached), ([1] * n + [6], cached + [9]),
+                     ([1] * n + [5, 3], cached + [0, 12]), ([70, 1, 33], [0, 0, 45]),
+                     ([17, 40], [100, 3])):
+        out, ref = run_mixed_step(block_size, ctx, new, seed=5, backend=backend,
+                                  num_blocks=4096, dims=dims)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

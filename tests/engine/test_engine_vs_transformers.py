@@ -69,6 +69,27 @@ def test_greedy_matches_transformers(reference, arch, chunk):
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 16])
+def test_compiled_cpu_attention_kernels_match_transformers(reference, chunk):
+    """The vectorised kernels (paged decode, paged prefill) need head_dim 32/64/128 and, for
+    prefill, 8-aligned blocks: tiny qwen3 (head_dim 32) with blocks of 16 takes them, chunks
+    after a cached prefix and prefix-cache hits included."""
+    from engine.attention import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("no C++ compiler/ninja here: the compiled attention kernels cannot build")
+    model_dir, prompts, expected = reference("qwen3")
+    engine = _engine(model_dir, block_size=16, max_num_batched_tokens=chunk or 512)
+    cfg = engine.model_config
+    assert kernels.prefill_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16)
+    for _ in range(2):  # the second pass hits the prefix cache
+        outs = engine.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+    assert sum(o.num_cached_tokens for o in outs) > 0
+    engine.check_integrity()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_cache_hits_give_identical_output(reference, arch):
     model_dir, prompts, expected = reference(arch)
