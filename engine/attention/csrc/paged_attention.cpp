@@ -279,7 +279,7 @@ static void prefill_tile(const float* q, int64_t q_row_stride, const float* kp,
                          int64_t pos0, int64_t i0, int64_t i1, float sc, float* out,
                          int64_t H, float* scratch) {
   constexpr int V = D / 8;
-  const int64_t row = KVH * D, R = (i1 - i0) * G, NK = bs / 8;
+  const int64_t row = KVH * D, R = (i1 - i0) * G;
   auto qs = reinterpret_cast<float (*)[D]>(scratch);                      // [MAX_ROWS][D]
   auto o = reinterpret_cast<float (*)[D]>(scratch + MAX_ROWS * D);        // [MAX_ROWS][D]
   auto kt = reinterpret_cast<float (*)[MAX_KBLOCK]>(scratch + 2 * MAX_ROWS * D);  // [D][..]
@@ -295,17 +295,23 @@ static void prefill_tile(const float* q, int64_t q_row_stride, const float* kp,
     m[r] = -1e30f, l[r] = 0.f;
   }
   const int64_t last_key = pos0 + i1 - 1;  // the tile's last query sees keys 0..last_key
-  for (int64_t kb = 0; kb * bs <= last_key; ++kb) {
-    const int64_t t0 = kb * bs, n = std::min(bs, last_key + 1 - t0);
-    const float* kb_ptr = kp + table[kb] * k_block_stride + g * D;
-    const float* vb_ptr = vp + table[kb] * v_block_stride + g * D;
-    for (int64_t t = 0; t < bs; ++t)  // transpose K (rows past n: real memory, masked)
-      for (int64_t d = 0; d < D; ++d) kt[d][t] = kb_ptr[t * row + d];
-    // scores, 4 rows at a time: s[r][0..bs) = sum_d qs[r][d] * kt[d][0..bs)
+  // Keys go by tiles of up to MAX_KBLOCK (whole blocks): the softmax bookkeeping per row
+  // (max, exp, sums, rescaling) is paid per tile, not per block.
+  const int64_t tile = MAX_KBLOCK / bs * bs;
+  const float* vrows[MAX_KBLOCK];
+  for (int64_t t0 = 0; t0 <= last_key; t0 += tile) {
+    const int64_t n = std::min(tile, last_key + 1 - t0), nv = (n + 7) / 8;
+    for (int64_t t = 0; t < nv * 8; ++t) {  // transpose K (keys past n: real rows, masked)
+      const int64_t blk = table[(t0 + t) / bs], off = (t0 + t) % bs;
+      const float* kr = kp + blk * k_block_stride + off * row + g * D;
+      vrows[t] = vp + blk * v_block_stride + off * row + g * D;
+      for (int64_t d = 0; d < D; ++d) kt[d][t] = kr[d];
+    }
+    // scores, 4 rows at a time: s[r][0..n) = sum_d qs[r][d] * kt[d][0..n)
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       const int64_t nr = std::min<int64_t>(4, R - r0);
-      for (int64_t c = 0; c < NK; c += 2) {
-        const int64_t nc = std::min<int64_t>(2, NK - c);
+      for (int64_t c = 0; c < nv; c += 2) {
+        const int64_t nc = std::min<int64_t>(2, nv - c);
         __m256 acc[4][2];
         for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; ++d) {
@@ -324,7 +330,6 @@ static void prefill_tile(const float* q, int64_t q_row_stride, const float* kp,
       }
     }
     // causal mask and online softmax per row; weights replace the scores in s
-    const int64_t nv = (n + 7) / 8;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t visible = std::min(n, pos0 + i0 + r / G - t0 + 1);  // keys t0.. visible
       for (int64_t t = std::max<int64_t>(visible, 0); t < nv * 8; ++t) s[r][t] = -1e30f;
@@ -358,7 +363,7 @@ static void prefill_tile(const float* q, int64_t q_row_stride, const float* kp,
           a1[j] = _mm256_load_ps(o[r1] + d0 + 8 * j);
         }
         for (int64_t t = 0; t < n; ++t) {
-          const float* vr = vb_ptr + t * row + d0;
+          const float* vr = vrows[t] + d0;
           const __m256 w0 = _mm256_broadcast_ss(&s[r0][t]), w1 = _mm256_broadcast_ss(&s[r1][t]);
           for (int j = 0; j < W; ++j) {
             const __m256 x = _mm256_loadu_ps(vr + 8 * j);
