@@ -30,6 +30,16 @@ def test_add_rms_norm_matches_torch(ops, t, n):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("t,n", [(1, 8), (37, 256)])
+def test_rms_norm_matches_torch_and_keeps_its_input(ops, t, n):
+    x, w = _rows(t, n, 3), _rows(1, n, 4)[0]
+    want = F.rms_norm(x, (n,), w, 1e-5)
+    before = x.clone()
+    got = fused.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(x, before)  # the residual stream reads it afterwards
+
+
 @pytest.mark.parametrize("t,i", [(1, 8), (64, 768), (129, 40)])
 def test_silu_and_mul_matches_torch(ops, t, i):
     gu = _rows(t, 2 * i, 3) * 10  # includes large |gate| (exp overflow / underflow)
