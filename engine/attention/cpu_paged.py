@@ -4,7 +4,8 @@ Decodes (one query each), in decode-only and mixed steps alike, go to ``paged_de
 prefill chunks go to ``paged_prefill`` (flash style, causal from each query's position, no
 work above the diagonal: ``scaled_dot_product_attention`` computes and masks it, and a chunk
 after a cached prefix needed a gathered copy of its context and a mask). Both are in
-``csrc/paged_attention.cpp`` and read K/V through the block table. float32 only; other
+``csrc/paged_attention.cpp`` and read K/V through the block table; so does ``write_kv``,
+which stores the new tokens' K/V. float32 only; other
 dtypes, and shapes the prefill kernel does not take (``prefill_supported``: AVX2, head_dim
 32/64/128, a block size multiple of 8), fall back to the torch path for that part.
 Available when the kernels build on this machine (see ``cpu_kernels``).
@@ -16,7 +17,7 @@ import torch
 
 from engine.attention import cpu_kernels
 from engine.attention.metadata import AttentionMetadata
-from engine.attention.torch_ref import TorchAttentionBackend, write_kv_cache
+from engine.attention.torch_ref import TorchAttentionBackend
 
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
@@ -37,7 +38,7 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
         prefill_kernel = nd < num_seqs and kernels.prefill_supported(H, kv_heads, D, block_size)
         if nd == 0 and not prefill_kernel:
             return super().forward(query, key, value, key_cache, value_cache, metadata, scale)
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_index(block_size))
+        kernels.write_kv(key, value, key_cache, value_cache, *metadata.slot_index(block_size))
         parts = []
         if nd:
             parts.append(self._paged_decode(query, key_cache, value_cache, metadata, scale))
@@ -53,7 +54,6 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
     @staticmethod
     def _paged_decode(query, key_cache, value_cache, md: AttentionMetadata,
                       scale: float) -> torch.Tensor:
-        nd = md.num_decodes
+        nd = md.num_decodes  # row slices: the kernel takes row strides, no copies
         return cpu_kernels.load().paged_decode(
-            query[:nd].contiguous(), key_cache, value_cache,
-            md.block_tables[:nd].contiguous(), md.seq_lens[:nd].contiguous(), scale)
+            query[:nd], key_cache, value_cache, md.block_tables[:nd], md.seq_lens[:nd], scale)

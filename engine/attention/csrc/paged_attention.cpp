@@ -38,14 +38,17 @@ static inline float exp_shifted(float* s, int64_t L) {
 #endif
 
 #ifdef SPLITSERVE_AVX2
-// [sum(a[0]), ..., sum(a[7])]: eight horizontal sums with 7 hadds (one per dot product would
-// cost ~5 shuffles each; at head_dim 32 those shuffles were most of the kernel).
+// [sum(a[0]), ..., sum(a[7])]: eight horizontal sums at once (one per dot product would cost
+// ~5 shuffles each; at head_dim 32 those shuffles were most of the kernel). In 128-bit
+// halves: Zen 1 splits every 256-bit op in two and its vperm2f128 is slow (-5% kernel time
+// against the 256-bit hadd/permute version there).
 static inline __m256 sum8(const __m256* a) {
-  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+  __m128 h[8];
+  for (int i = 0; i < 8; ++i)
+    h[i] = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+  const __m128 s01 = _mm_hadd_ps(h[0], h[1]), s23 = _mm_hadd_ps(h[2], h[3]);
+  const __m128 s45 = _mm_hadd_ps(h[4], h[5]), s67 = _mm_hadd_ps(h[6], h[7]);
+  return _mm256_set_m128(_mm_hadd_ps(s45, s67), _mm_hadd_ps(s01, s23));
 }
 
 // One sequence, head_dim D (a multiple of 8): per KV head, the G query heads that share it
@@ -134,16 +137,20 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
               "paged_decode takes float32");
-  TORCH_CHECK(q.is_contiguous(), "paged_decode needs a contiguous query");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "paged_decode needs each query row's heads contiguous");
+  for (const auto& t : {block_tables, seq_lens})
+    TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.stride(-1) == 1,
+                "paged_decode takes int32 block tables and lengths");
   for (const auto& c : {k_cache, v_cache}) {
     TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3),
                 "paged_decode needs the rows inside a cache block contiguous");
   }
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
-  const int64_t max_blocks = block_tables.size(1);
+  const int64_t max_blocks = block_tables.stride(0);  // a row's stride (rows may be a slice)
   const int64_t k_block_stride = k_cache.stride(0), v_block_stride = v_cache.stride(0);
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
@@ -158,7 +165,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     std::vector<float> scores, acc(H * D), denom(H);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t L = lens[b];
-      const float* qb = qp + b * H * D;  // [H, D]; head h uses KV head h / G
+      const float* qb = qp + b * q.stride(0);  // [H, D]; head h uses KV head h / G
 #ifdef SPLITSERVE_AVX2
       if (G <= 64 && (D == 32 || D == 64 || D == 128)) {
         const int32_t* table = bt + b * max_blocks;
@@ -453,8 +460,42 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   return out;
 }
 
+// The new tokens' K and V into their cache slots: one row copy per token and tensor
+// (index_put_ with (block, offset) indices cost ~15x more per layer at decode batch sizes).
+//   key/value [T, KVH, D] float32 (row stride free); k/v_cache [N, bs, KVH, D] (block stride
+//   free); block/offset [T] int64
+void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
+              torch::Tensor v_cache, torch::Tensor block, torch::Tensor offset) {
+  const int64_t T = key.size(0), KVH = k_cache.size(2), D = k_cache.size(3), N = k_cache.size(0);
+  const int64_t bs = k_cache.size(1), row = KVH * D;
+  for (const auto& t : {key, value, k_cache, v_cache})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.stride(-1) == 1 &&
+                    t.stride(-2) == D && t.size(-1) == D && t.size(-2) == KVH,
+                "write_kv: float32 [.., KVH, D] tensors with contiguous rows");
+  TORCH_CHECK(value.size(0) == T && block.numel() == T && offset.numel() == T &&
+                  block.scalar_type() == torch::kInt64 && offset.scalar_type() == torch::kInt64 &&
+                  block.is_contiguous() && offset.is_contiguous(),
+              "write_kv: one int64 (block, offset) per token");
+  TORCH_CHECK(k_cache.stride(1) == row && v_cache.stride(1) == row,
+              "write_kv needs the rows inside a cache block contiguous");
+  const float* kp = key.data_ptr<float>();
+  const float* vp = value.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* bp = block.data_ptr<int64_t>();
+  const int64_t* op = offset.data_ptr<int64_t>();
+  const int64_t ks = key.stride(0), vs = value.stride(0);
+  const int64_t kbs = k_cache.stride(0), vbs = v_cache.stride(0);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(bp[t] >= 0 && bp[t] < N && op[t] >= 0 && op[t] < bs, "write_kv: slot out of range");
+    std::copy(kp + t * ks, kp + t * ks + row, kc + bp[t] * kbs + op[t] * row);
+    std::copy(vp + t * vs, vp + t * vs + row, vc + bp[t] * vbs + op[t] * row);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (CPU, float32)");
   m.def("paged_prefill", &paged_prefill, "paged prefill attention (CPU, float32, AVX2)");
   m.def("prefill_supported", &prefill_supported, "whether paged_prefill takes these shapes");
+  m.def("write_kv", &write_kv, "new tokens' K/V into their (block, offset) cache slots");
 }
