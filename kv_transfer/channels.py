@@ -432,11 +432,13 @@ class _BlockReceives:
             self._post_until(min(done + depth, n))
             end = n if self.posted == n else min(done + batch, n)
             self._wait(self.pending[end - done - 1][0])
-            landed = sum(  # the older ones of the batch return at once
-                self._settle_oldest(waited=k == end - done - 1) for k in range(end - done)
-            )
-            if landed:
-                self.table.release(self.entry, landed)
+            landed = 0  # settled receives into claimed blocks: released even on an error
+            try:
+                for k in range(end - done):  # the older ones of the batch return at once
+                    landed += self._settle_oldest(waited=k == end - done - 1)
+            finally:
+                if landed:
+                    self.table.release(self.entry, landed)
             done = end
 
     def release_pending(self) -> None:
