@@ -5,7 +5,7 @@ Cache layout (one tensor per engine, block-major)::
     kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]   (2 = K, V)
 
 A block holds every layer's K and V in one contiguous run of memory, so the layers
-``[l0, l1)`` of one block are one contiguous tensor (``block_view``): the torch_dist backend
+``[l0, l1)`` of one block are one contiguous tensor (``BlockViews``): the torch_dist backend
 sends and receives each block straight from and into the caches, with no copy. The object
 store backends (ray, loopback) move a whole payload as one buffer: ``gather`` copies a
 request's blocks into ``[n, L, 2, block_size, num_kv_heads, head_dim]`` (block ``i`` of the
@@ -59,15 +59,11 @@ def check_id_list(kv_cache: torch.Tensor, block_ids: BlockIds) -> list[int]:
     return ids
 
 
-def block_view(kv_cache: torch.Tensor, block_id: int, layers: slice) -> torch.Tensor:
-    """Layers ``layers`` of one block as a flat ``uint8`` view into the cache (contiguous:
-    a block's layers are adjacent). What the torch_dist wire sends and receives into."""
-    return kv_cache[block_id, layers].view(torch.uint8).view(-1)
-
-
 class BlockViews:
-    """``block_view`` for many calls on one cache: one index op per block on a flat byte view
-    made once (a view per message is on the transfer's critical path, once per block)."""
+    """Layers ``[l0, l1)`` of one block as a flat ``uint8`` view into the cache (contiguous:
+    a block's layers are adjacent): what the torch_dist wire sends and receives into. One
+    index op per call on a flat byte view made once (a view per message is on the transfer's
+    critical path, once per block)."""
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.num_layers = kv_cache.shape[1]
