@@ -26,5 +26,8 @@ def load():
     None when it cannot be built."""
     return compile_or_none(
         "splitserve_paged_attention", SOURCE,
-        ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math", "-fopenmp"],
+        # no FMA contraction: the fused ops that decode_step includes round as torch does
+        # (the kernels' FMAs are explicit intrinsics)
+        ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math", "-ffp-contract=off",
+         "-fopenmp"],
         "paged attention kernels")

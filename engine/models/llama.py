@@ -18,7 +18,13 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.model_config import ModelConfig
-from engine.models.layers import GatedMLP, PackedLinear, RMSNorm, RotaryEmbedding
+from engine.models.layers import (
+    COLUMN_MLP_MAX_ROWS,
+    GatedMLP,
+    PackedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -107,6 +113,9 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, self.rotary_emb, backend) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.config = config
+        self._decode_step: tuple | None = None  # (kernels, weights), built at first use
+        self._decode_step_checked = False
 
     def forward(
         self,
@@ -116,10 +125,47 @@ class LlamaModel(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        if metadata.num_decodes == metadata.num_seqs and x.is_cpu and x.dtype == torch.float32:
+            step = self._compiled_decode_step()
+            if step is not None:  # the same layers in one compiled call (CPU, decode-only)
+                kernels, weights = step
+                c = self.config
+                return kernels.decode_step(
+                    x, positions, self.rotary_emb.cos_sin, weights, self.norm.weight, kv_cache,
+                    *metadata.slot_index(kv_cache.shape[3]), metadata.block_tables,
+                    metadata.seq_lens, c.num_heads, c.num_kv_heads, c.head_dim,
+                    c.rms_norm_eps, c.head_dim**-0.5, COLUMN_MLP_MAX_ROWS)
         for i, layer in enumerate(self.layers):
             # layer i's cache: a [N, 2, bs, kvh, D] strided view of the block-major cache
             x, residual = layer(x, residual, positions, kv_cache[:, i], metadata)
         return self.norm.add_forward(x, residual)[0]
+
+    def _compiled_decode_step(self) -> tuple | None:
+        """(kernels, per-layer weights) when ``decode_step`` of the compiled CPU kernels runs
+        this model's decode-only steps: CPU paged attention, the fused ops on, no biases and
+        no q/k norm (Llama, Mistral). Checked once."""
+        if not self._decode_step_checked:
+            self._decode_step_checked = True
+            from engine import fused_ops
+            from engine.attention import cpu_kernels
+            from engine.attention.cpu_paged import CpuPagedAttentionBackend
+
+            c, layers = self.config, list(self.layers)
+            kernels = cpu_kernels.load()
+            fits = (
+                kernels is not None and fused_ops.load() is not None and not c.qk_norm
+                and all(isinstance(layer.self_attn.backend, CpuPagedAttentionBackend)
+                        and layer.self_attn.qkv_proj.bias is None
+                        and layer.self_attn.o_proj.bias is None and layer.mlp._no_bias
+                        for layer in layers)
+            )
+            if fits:
+                weights = [w for layer in layers for w in (
+                    layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight,
+                    layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                    layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
+                self._decode_step = (kernels, weights)
+        return self._decode_step
 
 
 class LlamaForCausalLM(nn.Module):

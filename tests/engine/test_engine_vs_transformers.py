@@ -90,6 +90,31 @@ def test_compiled_cpu_attention_kernels_match_transformers(reference, chunk):
     engine.check_integrity()
 
 
+def test_compiled_decode_step_matches_the_python_layers(reference):
+    """Decode-only steps of Llama-like models run as one compiled call on CPU
+    (``decode_step``): same tokens and (to float noise) the same logprobs as the layers."""
+    from engine import fused_ops
+    from engine.attention import cpu_kernels
+
+    if cpu_kernels.load() is None or fused_ops.load() is None:
+        pytest.skip("no C++ compiler/ninja here (or SPLITSERVE_FUSED_OPS=0): no compiled step")
+    model_dir, prompts, expected = reference("llama")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+    runs = {}
+    for compiled in (True, False):
+        engine = _engine(model_dir, block_size=16)
+        llama = engine.model.model
+        if not compiled:  # as if the compiled step did not apply: the Python layers
+            llama._decode_step_checked, llama._decode_step = True, None
+        runs[compiled] = engine.generate(prompts, params)
+        assert (llama._decode_step is not None) == compiled
+    for fast, slow, want in zip(runs[True], runs[False], expected, strict=True):
+        assert fast.token_ids == slow.token_ids == want
+        for a, b in zip(fast.logprobs, slow.logprobs, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_cache_hits_give_identical_output(reference, arch):
     model_dir, prompts, expected = reference(arch)
