@@ -5,9 +5,9 @@ prefill chunks go to ``paged_prefill`` (flash style, causal from each query's po
 work above the diagonal: ``scaled_dot_product_attention`` computes and masks it, and a chunk
 after a cached prefix needed a gathered copy of its context and a mask). Both are in
 ``csrc/paged_attention.cpp`` and read K/V through the block table; so does ``write_kv``,
-which stores the new tokens' K/V. float32 only; other
-dtypes, and shapes the prefill kernel does not take (``prefill_supported``: AVX2, head_dim
-32/64/128, a block size multiple of 8), fall back to the torch path for that part.
+which stores the new tokens' K/V. float32 only; other dtypes, and shapes the prefill kernel
+does not take (``prefill_supported``: AVX2, head_dim 32/64/128, a block size multiple of
+8), fall back to the torch path for that part.
 Available when the kernels build on this machine (see ``cpu_kernels``).
 """
 

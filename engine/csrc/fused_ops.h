@@ -12,10 +12,11 @@
 //   argmax_dim0(x) -> idx                      first index of each column's max
 //       x [V, n] contiguous (the LM head's transposed logits), idx [n] int64
 //
-// Compiled without FMA contraction and without -ffast-math, so each product and sum is
-// rounded as in the torch ops it replaces: rotary_ is bit-identical to the torch version;
-// the norm's mean and silu's exp differ from torch's only in their reduction order / exp
-// implementation (a few ulp).
+// Included by fused_ops.cpp (the Python bindings) and by the paged attention extension's
+// decode_step. Both compile it without FMA contraction (-ffast-math only for the vectorised
+// expf), so each product and sum is rounded as in the torch ops it replaces: rotary_ is
+// bit-identical to the torch version; the norm's mean and silu's exp differ from torch's
+// only in their reduction order / exp implementation (a few ulp).
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
