@@ -127,10 +127,9 @@ class _PayloadSend:
         """Post the rest, then wait for every message to be taken."""
         self.post(len(self.src_ids))
         self.group.wait(self.header, self.deadline - time.monotonic(), "the header to be taken")
-        if self.pending:  # sends complete in order: after the newest, the rest return at once
+        if self.pending:  # sends of a pair complete in order: the newest covers the rest
             self._wait(self.pending.pop())
-        while self.pending:  # waited once each (a gloo wait consumes its completion)
-            self._wait(self.pending.popleft())
+            self.pending.clear()
         return TransferStats(self.nbytes, time.perf_counter() - self.start)
 
     def _wait(self, work: Any) -> None:
@@ -423,22 +422,16 @@ class _BlockReceives:
 
     def run(self) -> None:
         """Completions are waited for a half window at a time (the rest at once when all is
-        posted), newest first: messages of a pair complete in order, so one sleep covers the
-        batch (a wake-up per message cost CPU that both sides' gloo threads need on a small
-        host)."""
+        posted), newest only: receives of a pair complete in order, so once the newest of a
+        batch is done the older ones are too (a wake-up, or even a wait call, per message
+        costs CPU that both sides' gloo threads need on a small host)."""
         n, depth = self.h.num_blocks, self.depth
         batch, done = max(1, depth // 2), 0
         while done < n:
             self._post_until(min(done + depth, n))
             end = n if self.posted == n else min(done + batch, n)
             self._wait(self.pending[end - done - 1][0])
-            landed = 0  # settled receives into claimed blocks: released even on an error
-            try:
-                for k in range(end - done):  # the older ones of the batch return at once
-                    landed += self._settle_oldest(waited=k == end - done - 1)
-            finally:
-                if landed:
-                    self.table.release(self.entry, landed)
+            self._settle(end - done)
             done = end
 
     def release_pending(self) -> None:
@@ -474,15 +467,18 @@ class _BlockReceives:
     def _wait(self, work: Any) -> None:
         self.group.wait(work, self.deadline - time.monotonic(), "the payload")
 
-    def _settle_oldest(self, waited: bool) -> bool:
-        """Finish the oldest receive; True if it landed in a claimed block (the caller
-        releases the batch's claims at once)."""
-        work, target, landing = self.pending[0]
-        if not waited:  # never wait twice: a gloo wait consumes its completion
-            self._wait(work)
-        self.pending.popleft()
-        if target is None:
-            return False
-        if landing is not target:  # CUDA cache over a gloo wire
-            target.copy_(landing)
-        return True
+    def _settle(self, count: int) -> None:
+        """Retire the ``count`` oldest receives (complete: the newest of them was waited
+        for), copying staged ones into their blocks; their claims are released at once,
+        even if a copy raises."""
+        landed = 0
+        try:
+            for _ in range(count):
+                _work, target, landing = self.pending.popleft()
+                if target is not None:
+                    landed += 1
+                    if landing is not target:  # CUDA cache over a gloo wire
+                        target.copy_(landing)
+        finally:
+            if landed:
+                self.table.release(self.entry, landed)
