@@ -1,9 +1,15 @@
 """KV transfer bandwidth: our torch_dist path vs a raw torch.distributed send/recv.
 
 Two processes (this one sends, a spawned child receives), measured side by side in one run,
-on a Llama-3-8B-shaped KV cache (8 KV heads, head_dim 128, bf16, block size 16; ``--layers``
-of its 32 layers, 8 by default so that the run fits in about a minute on 2 CPU cores), for
-prompts of 512, 2048 and 8192 tokens whose blocks are scattered over the cache:
+on the KV caches of real model shapes (bf16, block size 16), for prompts of 512, 2048 and
+8192 tokens whose blocks are scattered over the cache:
+
+  - ``llama-3-8b``: 32 layers x 8 KV heads x 128 dims, 128 KiB per token, a 2 MiB message
+    per block (a 512-token prompt is 64 MiB);
+  - ``llama-3.2-1b``: 16 layers x 8 KV heads x 64 dims, 32 KiB per token, a 512 KiB
+    message per block (a 512-token prompt is 16 MiB: where per-message costs show most).
+
+What is timed:
 
   - ours: ``TorchDistSender.send`` → header + one message per block, sent straight from the
     scattered source blocks of the (block-major) cache and received straight into the
@@ -15,9 +21,11 @@ prompts of 512, 2048 and 8192 tokens whose blocks are scattered over the cache:
 
 Each size: one warm-up of each, then ``--reps`` alternating repetitions; medians, GB/s and
 the ratio ours/raw are printed and written to JSON. Received KV is checked against what was
-sent once per size.
+sent once per size. Each model runs in a fresh receiver process (the 8B caches for 8192
+tokens take ~2 GiB per side).
 
-    python benchmarks/kv_transfer.py                      # gloo, CPU caches
+    python benchmarks/kv_transfer.py                      # gloo, CPU caches, both models
+    python benchmarks/kv_transfer.py --models llama-3.2-1b --tokens 512 --reps 20
     python benchmarks/kv_transfer.py --device cuda        # NCCL with 2+ GPUs (one per side);
                                                           # with 1 GPU: CUDA caches, gloo wire
 """
@@ -44,14 +52,16 @@ import torch.multiprocessing as mp
 from kv_transfer import TransferConfig, blocks
 from kv_transfer.torch_dist import TorchDistReceiver, TorchDistSender
 
-KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 8, 128, 16, torch.bfloat16
+BLOCK_SIZE, DTYPE = 16, torch.bfloat16
+# name -> (layers, KV heads, head_dim), from the models' config.json
+MODELS = {"llama-3-8b": (32, 8, 128), "llama-3.2-1b": (16, 8, 64)}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--layers", type=int, default=8, help="KV layers (Llama-3-8B has 32)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--wire", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--inflight-messages", type=int, default=32, help="block receives in flight")
@@ -59,12 +69,19 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def cache(args: argparse.Namespace, device: str, fill: bool) -> torch.Tensor:
+def cache(args: argparse.Namespace, model: str, device: str, fill: bool) -> torch.Tensor:
+    layers, kv_heads, head_dim = MODELS[model]
     num_blocks = 2 * max(args.tokens) // BLOCK_SIZE + 8
-    shape = (num_blocks, args.layers, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, layers, 2, BLOCK_SIZE, kv_heads, head_dim)
     if not fill:
         return torch.zeros(shape, dtype=DTYPE, device=device)
-    return torch.randn(shape, dtype=torch.float32, device=device).to(DTYPE)
+    # Random bit patterns (cheap for GBs; checked bitwise, so NaN patterns do no harm).
+    return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, device=device).view(DTYPE)
+
+
+def checksum(kv: torch.Tensor, block_ids: list[int]) -> int:
+    """An exact checksum of blocks' bits."""
+    return int(blocks.gather(kv, block_ids).view(torch.int16).sum(dtype=torch.int64))
 
 
 def config(args: argparse.Namespace) -> TransferConfig:
@@ -102,12 +119,12 @@ def device_of(args: argparse.Namespace, rank: int) -> str:
     return f"cuda:{min(rank, torch.cuda.device_count() - 1)}"
 
 
-def receiver_main(args: argparse.Namespace, inbox, outbox) -> None:
+def receiver_main(args: argparse.Namespace, model: str, inbox, outbox) -> None:
     """Child: a TorchDistReceiver plus the raw baseline's receiving end."""
     device = device_of(args, 1)
     if args.device == "cuda":
         torch.cuda.set_device(device)
-    kv = cache(args, device, fill=False)
+    kv = cache(args, model, device, fill=False)
     receiver = TorchDistReceiver(config(args), kv, name="bench-decode")
     raw_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     outbox.send(("hello", receiver.endpoint(), raw_store.port))
@@ -137,8 +154,7 @@ def receiver_main(args: argparse.Namespace, inbox, outbox) -> None:
                 torch.cuda.synchronize()
             reply("done", "raw", None)
         elif msg[0] == "check":
-            got = blocks.gather(kv, msg[1]).float().sum().item()
-            reply("check", got)
+            reply("check", checksum(kv, msg[1]))
     receiver.close()
 
 
@@ -171,7 +187,7 @@ def time_raw(raw, buf: torch.Tensor, outbox, inbox) -> float:
     return time.perf_counter() - t0
 
 
-def bench_size(args, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) -> dict:
+def bench_size(args, model, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) -> dict:
     n = tokens // BLOCK_SIZE
     gen = torch.Generator().manual_seed(tokens)
     src = torch.randperm(kv.shape[0], generator=gen)[:n].tolist()
@@ -186,12 +202,12 @@ def bench_size(args, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) 
             ours.append(t_ours)
             base.append(t_raw)
     outbox.send(("check", dst))
-    got = expect_msg(inbox, "check")[1]
-    want = blocks.gather(kv, src).float().sum().item()
-    if abs(got - want) > 1e-3 * max(1.0, abs(want)):
+    got, want = expect_msg(inbox, "check")[1], checksum(kv, src)
+    if got != want:
         raise RuntimeError(f"benchmark: received KV differs (checksum {got} != {want})")
     med_ours, med_raw = statistics.median(ours), statistics.median(base)
     return {
+        "model": model,
         "tokens": tokens,
         "blocks": n,
         "bytes": nbytes,
@@ -207,47 +223,51 @@ def bench_size(args, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) 
 
 def main() -> None:
     args = parse_args()
+    rows = [row for model in args.models for row in bench_model(args, model)]
+    report(args, rows)
+
+
+def bench_model(args: argparse.Namespace, model: str) -> list[dict]:
+    """Every size for one model shape, against a fresh receiver process."""
     ctx = mp.get_context("spawn")
     to_child, child_in = ctx.Pipe()
     child_out, from_child = ctx.Pipe()
-    child = ctx.Process(target=receiver_main, args=(args, child_in, child_out), daemon=True)
+    child = ctx.Process(
+        target=receiver_main, args=(args, model, child_in, child_out), daemon=True
+    )
     child.start()
     device = device_of(args, 0)
-    kv = cache(args, device, fill=True)
+    kv = cache(args, model, device, fill=True)
     sender = TorchDistSender(config(args), kv, name="bench-prefill")
     _, endpoint, raw_port = expect_msg(from_child, "hello")
     wire = wire_of(args)
     raw = raw_group(dist.TCPStore("127.0.0.1", raw_port, is_master=False), 0, wire)
-    raw_buf = torch.randint(
-        0,
-        255,
-        (kv[: max(args.tokens) // BLOCK_SIZE].numel() * 2,),
-        dtype=torch.uint8,
-        device=device if wire == "nccl" else "cpu",
-    )
+    raw_buf = kv[: max(args.tokens) // BLOCK_SIZE].clone().view(-1).view(torch.uint8)
+    if wire != "nccl":
+        raw_buf = raw_buf.cpu()
     rows = [
-        bench_size(args, t, sender, endpoint, raw, raw_buf, kv, to_child, from_child)
+        bench_size(args, model, t, sender, endpoint, raw, raw_buf, kv, to_child, from_child)
         for t in args.tokens
     ]
     sender.close()  # its CLOSE message ends the child's receiving thread first
     to_child.send(("stop",))
     child.join(timeout=60)
-    report(args, rows)
+    return rows
 
 
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
     print(
-        f"KV transfer, {args.device} caches, {wire_of(args)} wire, {args.layers} layers x 8 kv "
-        f"heads x 128 dims, bf16, block 16, blocks scattered over the cache, "
-        f"inflight {args.inflight_messages}, median of {args.reps}"
+        f"KV transfer, {args.device} caches, {wire_of(args)} wire, bf16, block 16, blocks "
+        f"scattered over the cache, inflight {args.inflight_messages}, median of {args.reps}"
     )
     print(
-        f"{'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} {'ours GB/s':>10} "
+        f"{'model':>13} {'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} {'ours GB/s':>10} "
         f"{'raw GB/s':>9} {'ours/raw':>9}"
     )
     for r in rows:
         print(
-            f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['ours_median_s'] * 1e3:>9.1f} "
+            f"{r['model']:>13} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} "
+            f"{r['ours_median_s'] * 1e3:>9.1f} "
             f"{r['raw_median_s'] * 1e3:>9.1f} {r['ours_GBps']:>10.2f} {r['raw_GBps']:>9.2f} "
             f"{r['ratio']:>9.2f}"
         )
