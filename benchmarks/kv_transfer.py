@@ -2,7 +2,8 @@
 
 Two processes (this one sends, a spawned child receives), measured side by side in one run,
 on the KV caches of real model shapes (bf16, block size 16), for prompts of 512, 2048 and
-8192 tokens whose blocks are scattered over the cache:
+8192 tokens whose blocks are scattered over each cache (the worst case: one message per
+block) or lie in one contiguous range on each side (``--layouts``):
 
   - ``llama-3-8b``: 32 layers x 8 KV heads x 128 dims, 128 KiB per token, a 2 MiB message
     per block (a 512-token prompt is 64 MiB);
@@ -11,9 +12,10 @@ on the KV caches of real model shapes (bf16, block size 16), for prompts of 512,
 
 What is timed:
 
-  - ours: ``TorchDistSender.send`` → header + one message per block, sent straight from the
-    scattered source blocks of the (block-major) cache and received straight into the
-    scattered reserved blocks → ``on_done`` on the receiver; timed from ``send()`` until the
+  - ours: ``TorchDistSender.send`` (given the reserved ids, as the prefill worker gives
+    them) → header + one message per block, or per run of blocks contiguous in both caches,
+    sent straight from the source blocks of the (block-major) cache and received straight
+    into the reserved blocks → ``on_done`` on the receiver; timed from ``send()`` until the
     child reports ``on_done``.
   - raw: one ``send``/``recv`` of a preallocated contiguous buffer of the same byte count
     over a separate two-rank group between the same processes (no block bookkeeping, no
@@ -60,6 +62,14 @@ MODELS = {"llama-3-8b": (32, 8, 128), "llama-3.2-1b": (16, 8, 64)}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["scattered", "contiguous"],
+        choices=["scattered", "contiguous"],
+        help="where a request's blocks lie in each cache: random ids (the worst case, one "
+        "message per block) or one contiguous range per side (one message)",
+    )
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -171,7 +181,7 @@ def time_ours(sender, endpoint, outbox, inbox, rid: str, src, dst) -> float:
     outbox.send(("expect", rid, dst))
     expect_msg(inbox, "ready")
     t0 = time.perf_counter()
-    handle = sender.send(rid, endpoint, src)
+    handle = sender.send(rid, endpoint, src, dst_block_ids=dst)  # as the prefill worker does
     expect_msg(inbox, "done")
     elapsed = time.perf_counter() - t0
     handle.result(timeout=60)
@@ -187,16 +197,27 @@ def time_raw(raw, buf: torch.Tensor, outbox, inbox) -> float:
     return time.perf_counter() - t0
 
 
-def bench_size(args, model, tokens, sender, endpoint, raw, raw_buf, kv, outbox, inbox) -> dict:
+def block_ids(layout: str, n: int, num_blocks: int, gen: torch.Generator) -> list[int]:
+    """``n`` distinct ids: scattered over the cache, or one contiguous range at a random
+    offset (a fresh pool, or a request whose blocks were allocated together)."""
+    if layout == "scattered":
+        return torch.randperm(num_blocks, generator=gen)[:n].tolist()
+    first = int(torch.randint(0, num_blocks - n + 1, (1,), generator=gen))
+    return list(range(first, first + n))
+
+
+def bench_size(args, model, layout, tokens, sender, endpoint, raw, raw_buf, kv, outbox,
+               inbox) -> dict:
     n = tokens // BLOCK_SIZE
     gen = torch.Generator().manual_seed(tokens)
-    src = torch.randperm(kv.shape[0], generator=gen)[:n].tolist()
-    dst = torch.randperm(kv.shape[0], generator=gen)[:n].tolist()
+    src = block_ids(layout, n, kv.shape[0], gen)
+    dst = block_ids(layout, n, kv.shape[0], gen)
     nbytes = kv[:n].numel() * kv.element_size()
     buf = raw_buf[:nbytes]
     ours, base = [], []
     for rep in range(args.reps + 1):  # rep 0 is the warm-up
-        t_ours = time_ours(sender, endpoint, outbox, inbox, f"t{tokens}-{rep}", src, dst)
+        rid = f"{layout}-{tokens}-{rep}"
+        t_ours = time_ours(sender, endpoint, outbox, inbox, rid, src, dst)
         t_raw = time_raw(raw, buf, outbox, inbox)
         if rep:
             ours.append(t_ours)
@@ -208,6 +229,7 @@ def bench_size(args, model, tokens, sender, endpoint, raw, raw_buf, kv, outbox, 
     med_ours, med_raw = statistics.median(ours), statistics.median(base)
     return {
         "model": model,
+        "layout": layout,
         "tokens": tokens,
         "blocks": n,
         "bytes": nbytes,
@@ -246,7 +268,9 @@ def bench_model(args: argparse.Namespace, model: str) -> list[dict]:
     if wire != "nccl":
         raw_buf = raw_buf.cpu()
     rows = [
-        bench_size(args, model, t, sender, endpoint, raw, raw_buf, kv, to_child, from_child)
+        bench_size(args, model, layout, t, sender, endpoint, raw, raw_buf, kv, to_child,
+                   from_child)
+        for layout in args.layouts
         for t in args.tokens
     ]
     sender.close()  # its CLOSE message ends the child's receiving thread first
@@ -257,16 +281,16 @@ def bench_model(args: argparse.Namespace, model: str) -> list[dict]:
 
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
     print(
-        f"KV transfer, {args.device} caches, {wire_of(args)} wire, bf16, block 16, blocks "
-        f"scattered over the cache, inflight {args.inflight_messages}, median of {args.reps}"
+        f"KV transfer, {args.device} caches, {wire_of(args)} wire, bf16, block 16, "
+        f"inflight {args.inflight_messages}, median of {args.reps}"
     )
     print(
-        f"{'model':>13} {'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} {'ours GB/s':>10} "
-        f"{'raw GB/s':>9} {'ours/raw':>9}"
+        f"{'model':>13} {'blocks':>10} {'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} "
+        f"{'ours GB/s':>10} {'raw GB/s':>9} {'ours/raw':>9}"
     )
     for r in rows:
         print(
-            f"{r['model']:>13} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} "
+            f"{r['model']:>13} {r['layout']:>10} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} "
             f"{r['ours_median_s'] * 1e3:>9.1f} "
             f"{r['raw_median_s'] * 1e3:>9.1f} {r['ours_GBps']:>10.2f} {r['raw_GBps']:>9.2f} "
             f"{r['ratio']:>9.2f}"

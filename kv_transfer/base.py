@@ -102,11 +102,13 @@ def check_layout(request_id: str, kv_cache: torch.Tensor, peer: Endpoint) -> Non
 
 
 def send_header(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blocks: int,
-                layers: tuple[int, int] | None) -> TransferHeader:
+                layers: tuple[int, int] | None, runs: tuple[int, ...] = ()) -> TransferHeader:
     """The DATA header of a send to ``peer``, every backend's first step; raises
     ``LayoutMismatch`` if the two caches disagree or the layer range is bad."""
     check_layout(request_id, kv_cache, peer)
-    return TransferHeader.for_blocks(request_id, kv_cache, num_blocks, layers, peer.describe())
+    return TransferHeader.for_blocks(
+        request_id, kv_cache, num_blocks, layers, peer.describe(), runs
+    )
 
 
 @dataclass(frozen=True)
@@ -190,12 +192,18 @@ class KVSender(ABC):
         peer: Endpoint,
         src_block_ids: Sequence[int],
         layers: tuple[int, int] | None = None,
+        dst_block_ids: Sequence[int] | None = None,
     ) -> TransferHandle:
         """Start pushing blocks ``src_block_ids`` (layers ``[start, end)``, default all) to
         ``peer``; returns at once. Sends to one peer go out in call order. The source blocks
         must stay untouched until the handle is done. Several sends of disjoint layer ranges
         may carry one request (layer-by-layer overlap with compute); the receiver completes
-        the request when every layer has arrived."""
+        the request when every layer has arrived.
+
+        ``dst_block_ids``, the blocks the receiver reserved (when the caller knows them, as
+        the prefill worker does), is a hint: a backend may then move spans contiguous in
+        both caches as one message (torch_dist does). The receiver's ``expect`` still
+        decides where the KV lands."""
 
     @abstractmethod
     def abort(self, request_id: str) -> bool:

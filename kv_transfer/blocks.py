@@ -59,6 +59,24 @@ def check_id_list(kv_cache: torch.Tensor, block_ids: BlockIds) -> list[int]:
     return ids
 
 
+def contiguous_runs(src_ids: list[int], dst_ids: list[int], max_run: int) -> list[int]:
+    """Lengths of the maximal spans (at most ``max_run`` long) over which both id lists
+    count up by one: each such span is one contiguous range of memory in both block-major
+    caches, so it can move as one message. Sums to ``len(src_ids)``."""
+    runs, count = [], 0
+    for i in range(len(src_ids)):
+        if count and count < max_run and src_ids[i] == src_ids[i - 1] + 1 \
+                and dst_ids[i] == dst_ids[i - 1] + 1:
+            count += 1
+        else:
+            if count:
+                runs.append(count)
+            count = 1
+    if count:
+        runs.append(count)
+    return runs
+
+
 class BlockViews:
     """Layers ``[l0, l1)`` of one block as a flat ``uint8`` view into the cache (contiguous:
     a block's layers are adjacent): what the torch_dist wire sends and receives into. One
@@ -70,10 +88,16 @@ class BlockViews:
         self._flat = kv_cache.view(torch.uint8).view(kv_cache.shape[0], -1)
         self._layer_nbytes = self._flat.shape[1] // self.num_layers
 
-    def __call__(self, block_id: int, layers: tuple[int, int]) -> torch.Tensor:
+    def __call__(self, block_id: int, layers: tuple[int, int], count: int = 1) -> torch.Tensor:
+        """Blocks ``[block_id, block_id + count)`` (more than one only for every layer: only
+        then are they one contiguous range)."""
         l0, l1 = layers
         if l0 == 0 and l1 == self.num_layers:
-            return self._flat[block_id]
+            if count == 1:
+                return self._flat[block_id]
+            return self._flat[block_id : block_id + count].view(-1)
+        if count != 1:
+            raise ValueError("a run of several blocks must carry every layer")
         return self._flat[block_id, l0 * self._layer_nbytes : l1 * self._layer_nbytes]
 
 

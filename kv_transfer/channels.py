@@ -89,8 +89,9 @@ class SendJob:
 
 
 class _PayloadSend:
-    """One job's messages: the header on the ctrl group, then one message per block, each
-    straight from the cache (gloo writes to the socket in the posting thread). Every message
+    """One job's messages: the header on the ctrl group, then one message per block (or per
+    run of blocks contiguous in both caches, as the header says), each straight from the
+    cache (gloo writes to the socket in the posting thread). Every message
     is posted without waiting: the blocks stay held until the handle completes, and a wait per
     message costs a thread hand-off (measured: 2 in flight took 2x as long as 32 for 128
     blocks of 512 KiB). Through host staging slots, at most ``inflight_messages`` are
@@ -103,7 +104,10 @@ class _PayloadSend:
         self.kv = channel.kv
         self.deadline = time.monotonic() + channel.config.timeout_s
         self.via_host = group.data_device != self.kv.device  # CUDA cache over a gloo wire
-        self.depth = channel.config.inflight_messages if self.via_host else max(1, h.num_blocks)
+        self.messages = h.messages()  # (first block index, block count), in wire order
+        self.depth = (
+            channel.config.inflight_messages if self.via_host else max(1, len(self.messages))
+        )
         self.slots = channel.staging_slots(group, h, self.depth) if self.via_host else []
         self.nbytes = h.num_blocks * h.block_nbytes()
         self.start = time.perf_counter()
@@ -114,18 +118,19 @@ class _PayloadSend:
     def post(self, up_to: int) -> None:
         """Post the messages before index ``up_to`` (waiting for the oldest once ``depth``
         are unfinished, which frees its staging slot)."""
-        for i in range(self.posted, min(up_to, len(self.src_ids))):
+        for i in range(self.posted, min(up_to, len(self.messages))):
             if len(self.pending) == self.depth:
                 self._wait(self.pending.popleft())
-            message = self.views(self.src_ids[i], self.layers)
+            first, count = self.messages[i]
+            message = self.views(self.src_ids[first], self.layers, count)
             if self.via_host:
-                message = self.slots[i % self.depth].copy_(message)
+                message = self.slots[i % self.depth][: message.numel()].copy_(message)
             self.pending.append(self.group.send(message, DATA_TAG))
             self.posted = i + 1
 
     def finish(self) -> TransferStats:
         """Post the rest, then wait for every message to be taken."""
-        self.post(len(self.src_ids))
+        self.post(len(self.messages))
         self.group.wait(self.header, self.deadline - time.monotonic(), "the header to be taken")
         if self.pending:  # sends of a pair complete in order: the newest covers the rest
             self._wait(self.pending.pop())
@@ -209,7 +214,7 @@ class SenderChannel:
     def staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
         if self._staging is None:
             self._staging = Staging(group.data_device)
-        return self._staging.slots(depth, h.block_nbytes())
+        return self._staging.slots(depth, max(h.runs, default=1) * h.block_nbytes())
 
     def _run(self) -> None:
         if self.kv.is_cuda:  # the CUDA current device is per thread
@@ -405,19 +410,22 @@ class ReceiverChannel:
 
 
 class _BlockReceives:
-    """The receives of one payload: ``inflight_messages`` posted ahead, each straight into
-    its claimed block (or a staging slot: draining, or a CUDA cache over a gloo wire)."""
+    """The receives of one payload, one per message (a block, or a run of blocks contiguous
+    in both caches): ``inflight_messages`` posted ahead, each straight into its claimed
+    blocks (or a staging slot: draining, or a CUDA cache over a gloo wire)."""
 
     def __init__(self, group: Any, table: ExpectTable, entry: Any, h: TransferHeader,
                  config: TransferConfig, staging: Staging) -> None:
         self.group, self.table, self.entry, self.h = group, table, entry, h
         self.layers = (h.layer_start, h.layer_end)
+        self.messages = h.messages()  # (first block index, block count), in wire order
         self.in_place = table.kv_cache.device == group.data_device  # else via staging slots
         self.depth = config.inflight_messages
         self.deadline = time.monotonic() + config.timeout_s
         self.staging = staging
         self.slots: list[torch.Tensor] = []  # taken only when needed
-        self.pending: deque[tuple[Any, torch.Tensor | None, torch.Tensor]] = deque()
+        # (work, claimed blocks' view or None, where it lands, number of blocks)
+        self.pending: deque[tuple[Any, torch.Tensor | None, torch.Tensor, int]] = deque()
         self.posted = 0
 
     def run(self) -> None:
@@ -425,7 +433,7 @@ class _BlockReceives:
         posted), newest only: receives of a pair complete in order, so once the newest of a
         batch is done the older ones are too (a wake-up, or even a wait call, per message
         costs CPU that both sides' gloo threads need on a small host)."""
-        n, depth = self.h.num_blocks, self.depth
+        n, depth = len(self.messages), self.depth
         batch, done = max(1, depth // 2), 0
         while done < n:
             self._post_until(min(done + depth, n))
@@ -436,7 +444,7 @@ class _BlockReceives:
 
     def release_pending(self) -> None:
         """After a failure (the pair is closed): drop the claims of unfinished receives."""
-        claimed = sum(target is not None for _, target, _ in self.pending)
+        claimed = sum(count for _, target, _, count in self.pending if target is not None)
         if claimed:
             self.table.release(self.entry, claimed)
         self.pending.clear()
@@ -445,23 +453,27 @@ class _BlockReceives:
         start = self.posted
         if start >= stop:
             return
+        spans = self.messages[start:stop]
         targets = None
         if self.entry is not None:
-            targets = self.table.claim(self.entry, start, stop, self.layers)
+            targets = self.table.claim(self.entry, spans, self.layers)
         for i in range(start, stop):
+            count = spans[i - start][1]
             target = targets[i - start] if targets is not None else None
             if target is not None and self.in_place:
                 landing = target
             else:
-                self.slots = self.slots or self.staging.slots(self.depth, self.h.block_nbytes())
-                landing = self.slots[i % self.depth]
+                if not self.slots:
+                    most = max(self.h.runs, default=1)
+                    self.slots = self.staging.slots(self.depth, most * self.h.block_nbytes())
+                landing = self.slots[i % self.depth][: count * self.h.block_nbytes()]
             try:
                 work = self.group.recv(landing, DATA_TAG)
             except BaseException:
-                if targets is not None:  # this block's claim and those not posted yet
-                    self.table.release(self.entry, stop - i)
+                if targets is not None:  # this message's claim and those not posted yet
+                    self.table.release(self.entry, sum(c for _, c in spans[i - start :]))
                 raise
-            self.pending.append((work, target, landing))
+            self.pending.append((work, target, landing, count))
             self.posted = i + 1
 
     def _wait(self, work: Any) -> None:
@@ -474,9 +486,9 @@ class _BlockReceives:
         landed = 0
         try:
             for _ in range(count):
-                _work, target, landing = self.pending.popleft()
+                _work, target, landing, blocks_in = self.pending.popleft()
                 if target is not None:
-                    landed += 1
+                    landed += blocks_in
                     if landing is not target:  # CUDA cache over a gloo wire
                         target.copy_(landing)
         finally:

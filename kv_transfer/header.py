@@ -9,13 +9,17 @@ posts the same receive. Little-endian::
     5       1     dtype code (index into DTYPES)
     6       2     layer_start
     8       2     layer_end (exclusive)
-    10      2     reserved (0)
+    10      2     num_runs (0: one message per block)
     12      4     num_blocks
     16      4     block_size
     20      4     num_kv_heads
     24      4     head_dim
     28      2     len(request_id utf-8)
-    30      ...   request_id utf-8 bytes, zero padded to HEADER_BYTES
+    30      ...   request_id utf-8 bytes
+    ...     2*r   num_runs uint16 run lengths, then zero padding to HEADER_BYTES
+
+A run is a span of the request's blocks that is contiguous in both caches, so it moves as
+one message (``blocks.contiguous_runs``); without runs every block is its own message.
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ import torch
 from kv_transfer.errors import LayoutMismatch
 
 HEADER_BYTES = 512
-_MAGIC = b"KVH2"  # 2: block-major payload, one message per block
+_MAGIC = b"KVH3"  # 3: block-major payload, one message per block or per run
 _FIXED = struct.Struct("<4sBBHHHIIIIH")
 MAX_REQUEST_ID_BYTES = HEADER_BYTES - _FIXED.size
+MAX_RUN_BLOCKS = 2**16 - 1  # a run length is a uint16
+
+
+def max_runs(request_id: str) -> int:
+    """How many run lengths fit in a header beside ``request_id``."""
+    return (HEADER_BYTES - _FIXED.size - len(request_id.encode())) // 2
 
 DATA = 1  # a request's KV payload follows
 CLOSE = 2  # the sender closes the channel; no payload follows
@@ -59,19 +69,31 @@ class TransferHeader:
     layer_end: int = 0  # one past the last layer carried
     dtype: torch.dtype = torch.float32  # element type of the payload
     block_shape: tuple[int, int, int] = (0, 0, 0)  # (block_size, num_kv_heads, head_dim)
+    runs: tuple[int, ...] = ()  # blocks per message, summing to num_blocks; () = 1 each
 
     @classmethod
     def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
-                   layers: tuple[int, int] | None, peer: str) -> TransferHeader:
+                   layers: tuple[int, int] | None, peer: str,
+                   runs: tuple[int, ...] = ()) -> TransferHeader:
         """The DATA header of a send of ``num_blocks`` blocks, layers ``[l0, l1)`` (default
-        all) of the block-major ``kv_cache``. Raises ``LayoutMismatch`` for a layer range
-        outside the cache."""
+        all) of the block-major ``kv_cache``, as messages of ``runs`` blocks each (default
+        one per block). Raises ``LayoutMismatch`` for a layer range outside the cache."""
         num_layers = kv_cache.shape[1]
         l0, l1 = layers if layers is not None else (0, num_layers)
         if not 0 <= l0 < l1 <= num_layers:
             raise LayoutMismatch(request_id, peer, f"bad layer range [{l0}, {l1})")
         return cls(DATA, request_id, num_blocks, l0, l1, kv_cache.dtype,
-                   tuple(kv_cache.shape[3:]))
+                   tuple(kv_cache.shape[3:]), runs)
+
+    def messages(self) -> list[tuple[int, int]]:
+        """The payload's messages in wire order: ``(first block index, block count)``."""
+        if not self.runs:
+            return [(i, 1) for i in range(self.num_blocks)]
+        out, start = [], 0
+        for count in self.runs:
+            out.append((start, count))
+            start += count
+        return out
 
     @property
     def num_layers(self) -> int:
@@ -93,30 +115,40 @@ class TransferHeader:
         rid = self.request_id.encode()
         if len(rid) > MAX_REQUEST_ID_BYTES:
             raise ValueError(f"request id longer than {MAX_REQUEST_ID_BYTES} bytes: {rid[:40]!r}…")
+        if len(self.runs) > max_runs(self.request_id):
+            raise ValueError(f"{len(self.runs)} runs do not fit in a header")
+        if self.runs and sum(self.runs) != self.num_blocks:
+            raise ValueError(f"runs {self.runs} do not add up to {self.num_blocks} blocks")
         fixed = _FIXED.pack(
             _MAGIC,
             self.kind,
             DTYPES.index(self.dtype),
             self.layer_start,
             self.layer_end,
-            0,
+            len(self.runs),
             self.num_blocks,
             *self.block_shape,
             len(rid),
         )
+        body = fixed + rid + struct.pack(f"<{len(self.runs)}H", *self.runs)
         raw = bytearray(HEADER_BYTES)
-        raw[: _FIXED.size + len(rid)] = fixed + rid
+        raw[: len(body)] = body
         return torch.frombuffer(raw, dtype=torch.uint8).to(device)
 
     @classmethod
     def decode(cls, buf: torch.Tensor) -> TransferHeader:
         """Parse a ``uint8`` tensor ``[HEADER_BYTES]``; raises ``ValueError`` if it is not one."""
         raw = buf.cpu().numpy().tobytes()
-        magic, kind, dt, l0, l1, _reserved, n, bs, kvh, hd, rid_len = _FIXED.unpack_from(raw)
-        if magic != _MAGIC or kind not in (DATA, CLOSE) or dt >= len(DTYPES):
+        magic, kind, dt, l0, l1, num_runs, n, bs, kvh, hd, rid_len = _FIXED.unpack_from(raw)
+        runs_at = _FIXED.size + rid_len
+        if (magic != _MAGIC or kind not in (DATA, CLOSE) or dt >= len(DTYPES)
+                or runs_at + 2 * num_runs > HEADER_BYTES):
             raise ValueError(f"not a KV transfer header (starts {raw[:8]!r})")
-        rid = raw[_FIXED.size : _FIXED.size + rid_len].decode()
-        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd))
+        rid = raw[_FIXED.size : runs_at].decode()
+        runs = struct.unpack_from(f"<{num_runs}H", raw, runs_at)
+        if runs and (sum(runs) != n or min(runs) == 0):
+            raise ValueError(f"KV transfer header with bad runs for {n} blocks: {runs}")
+        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd), runs)
 
 
 def empty_header(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -70,6 +70,7 @@ class RaySender(KVSender):
         peer: Endpoint,
         src_block_ids: Sequence[int],
         layers: tuple[int, int] | None = None,
+        dst_block_ids: Sequence[int] | None = None,  # unused: one buffer per payload anyway
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         if self._closed:

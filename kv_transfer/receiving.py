@@ -5,8 +5,8 @@ One ``ExpectTable`` per receiver. Backends call, for each arriving payload::
     entry = table.begin(header, peer)      # None: nobody expects it -> drain and discard
     table.write(entry, layers, buffer)     # whole payload: scatter, unless aborted meanwhile
       or, block by block, straight into the cache (torch_dist):
-    views = table.claim(entry, i, j, layers)  # blocks [i, j)'s destinations, None once aborted
-    ... receive into each view ...; table.release(entry, j - i)
+    views = table.claim(entry, spans, layers)  # (first, count) spans' destinations, None
+    ... receive into each view ...; table.release(entry, blocks)  #   once aborted
     table.finish(entry, layers)            # all layers in -> on_done(rid, None) / poll()
 
 ``abort`` takes the same lock as ``write`` and ``claim``, then waits until every claimed
@@ -98,17 +98,19 @@ class ExpectTable:
             blocks.scatter(self.kv_cache, entry.dst_index, buffer, slice(*layers))
             return True
 
-    def claim(self, entry: Expected, start: int, stop: int,
+    def claim(self, entry: Expected, spans: list[tuple[int, int]],
               layers: tuple[int, int]) -> list[torch.Tensor] | None:
-        """Blocks ``[start, stop)`` of the entry, layers ``[l0, l1)``, as flat ``uint8`` views
-        to receive into; None if the entry was aborted or failed (receive into a discard
-        buffer). Every claimed block must be ``release``d once the receive into it is over
-        (or broken)."""
+        """For each ``(first, count)`` span of the entry's blocks (contiguous in the cache:
+        checked by ``begin``), layers ``[l0, l1)`` as one flat ``uint8`` view to receive
+        into; None if the entry was aborted or failed (receive into a discard buffer).
+        Every claimed block must be ``release``d once the receive into it is over (or
+        broken)."""
         with self._lock:
             if self._expected.get(entry.request_id) is not entry:
                 return None
-            entry.claimed += stop - start
-        return [self._views(block_id, layers) for block_id in entry.dst_ids[start:stop]]
+            entry.claimed += sum(count for _, count in spans)
+        ids, views = entry.dst_ids, self._views
+        return [views(ids[first], layers, count) for first, count in spans]
 
     def release(self, entry: Expected, count: int = 1) -> None:
         """``count`` claimed blocks are no longer being written."""
@@ -178,6 +180,13 @@ class ExpectTable:
             return f"payload {header.dtype} {header.block_shape} != cache {cache}"
         if not 0 <= header.layer_start < header.layer_end <= kv.shape[1]:
             return f"layers [{header.layer_start}, {header.layer_end}) outside [0, {kv.shape[1]})"
+        if header.runs:
+            if header.num_layers != kv.shape[1]:
+                return "runs of several blocks with a layer range"
+            ids = entry.dst_ids
+            for first, count in header.messages():
+                if any(ids[i + 1] != ids[i] + 1 for i in range(first, first + count - 1)):
+                    return f"a run of {count} blocks is not contiguous in the reserved blocks"
         return ""
 
     def _report(self, entry: Expected, error: TransferError | None) -> None:

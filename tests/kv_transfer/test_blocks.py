@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kv_transfer import blocks
-from kv_transfer.header import CLOSE, DATA, HEADER_BYTES, TransferHeader
+from kv_transfer.header import CLOSE, DATA, HEADER_BYTES, TransferHeader, max_runs
 
 from .helpers import BLOCKS, LAYERS, make_cache
 
@@ -105,3 +105,36 @@ def test_header_round_trip_and_errors():
         TransferHeader(DATA, "x" * HEADER_BYTES).encode()
     with pytest.raises(ValueError, match="not a KV transfer header"):
         TransferHeader.decode(torch.zeros(HEADER_BYTES, dtype=torch.uint8))
+
+
+def test_header_carries_message_runs():
+    h = TransferHeader(DATA, "r-1", 9, 0, 4, torch.bfloat16, (16, 8, 128), (4, 1, 3, 1))
+    assert TransferHeader.decode(h.encode()) == h
+    assert h.messages() == [(0, 4), (4, 1), (5, 3), (8, 1)]
+    assert TransferHeader(DATA, "r", 3).messages() == [(0, 1), (1, 1), (2, 1)]
+    too_many = (1,) * (max_runs("r") + 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        TransferHeader(DATA, "r", len(too_many), runs=too_many).encode()
+    with pytest.raises(ValueError, match="add up"):
+        TransferHeader(DATA, "r", 5, runs=(2, 2)).encode()
+    wire = TransferHeader(DATA, "r", 4, runs=(2, 2)).encode()
+    wire[12] = 5  # num_blocks 5: the runs no longer add up
+    with pytest.raises(ValueError, match="bad runs"):
+        TransferHeader.decode(wire)
+
+
+def test_contiguous_runs_split_where_either_side_jumps():
+    assert blocks.contiguous_runs([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 7, 8], 100) == [3, 1, 1, 1]
+    assert blocks.contiguous_runs([1, 2, 3, 4, 5], [7, 8, 9, 10, 11], 2) == [2, 2, 1]
+    assert blocks.contiguous_runs([3, 2, 1], [1, 2, 3], 8) == [1, 1, 1]  # counting down
+    assert blocks.contiguous_runs([], [], 8) == []
+
+
+def test_block_views_of_a_run_are_one_contiguous_range():
+    kv = make_cache(3)
+    views = blocks.BlockViews(kv)
+    run = views(5, (0, LAYERS), 3)
+    assert run.data_ptr() == kv[5].data_ptr() and run.numel() == kv[5:8].numel() * 4
+    assert torch.equal(run, kv[5:8].contiguous().view(torch.uint8).view(-1))
+    with pytest.raises(ValueError, match="every layer"):
+        views(5, (1, LAYERS), 2)

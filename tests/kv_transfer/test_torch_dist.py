@@ -63,6 +63,48 @@ def test_received_kv_equals_what_the_sender_gathered(make, inflight):
     assert receiver.kv_cache.count_nonzero() == sent.count_nonzero()  # no other block touched
 
 
+def test_runs_contiguous_on_both_sides_move_as_one_message(make, monkeypatch):
+    """With the reserved ids as a hint, spans contiguous in both caches go as one message
+    each; a layer range, or a hint that disagrees with the reservation, still lands right
+    (per block) or fails that request alone."""
+    sender, receiver = make("sender", seed=13), make("receiver")
+    data_messages = []
+    send = PairGroup.send
+
+    def counting_send(self, tensor, tag):
+        data_messages.append(tensor.numel())
+        return send(self, tensor, tag)
+
+    monkeypatch.setattr(PairGroup, "send", counting_send)
+    done, ep = Completions(), receiver.endpoint()
+    src, dst = [3, 4, 5, 9, 10, 17], [12, 13, 14, 15, 16, 2]  # runs: 3, 2, 1
+    receiver.expect("runs", dst, done)
+    sender.send("runs", ep, src, dst_block_ids=dst).result(timeout=10)
+    done.wait_for("runs")
+    assert done.errors["runs"] is None
+    block_bytes = sender.kv_cache[0].numel() * sender.kv_cache.element_size()
+    assert data_messages == [3 * block_bytes, 2 * block_bytes, block_bytes]
+    kv_in, kv_out = receiver.kv_cache, sender.kv_cache
+    assert torch.equal(blocks.gather(kv_in, dst), blocks.gather(kv_out, src))
+    # A layer range is not contiguous across blocks: one message per block.
+    data_messages.clear()
+    receiver.expect("layers", [20, 21], done)
+    sender.send("layers", ep, [0, 1], layers=(0, 1), dst_block_ids=[20, 21])
+    sender.send("layers", ep, [0, 1], layers=(1, LAYERS), dst_block_ids=[20, 21])
+    done.wait_for("layers")
+    assert len(data_messages) == 4 and torch.equal(kv_in[20:22], kv_out[0:2])
+    # A hint that is not the reservation: the receiver refuses the runs, the next lands.
+    receiver.expect("wrong-hint", [6, 8], done)
+    receiver.expect("after", [7], done)
+    sender.send("wrong-hint", ep, [11, 12], dst_block_ids=[6, 7]).wait(10)
+    sender.send("after", ep, [22], dst_block_ids=[7]).result(timeout=10)
+    done.wait_for("wrong-hint", "after")
+    assert isinstance(done.errors["wrong-hint"], LayoutMismatch)
+    assert "not contiguous" in str(done.errors["wrong-hint"])
+    assert done.errors["after"] is None and torch.equal(kv_in[7], kv_out[22])
+    assert kv_in[[6, 8]].count_nonzero() == 0
+
+
 def test_bfloat16_cache_and_layer_range_sends(make):
     sender = make("sender", seed=2, dtype=torch.bfloat16)
     receiver = make("receiver", dtype=torch.bfloat16)
@@ -123,10 +165,10 @@ def test_sender_abort_drops_queued_sends_but_never_one_on_the_wire(make):
     receiver.expect("on-wire", [4, 5], done)
     claim, claimed, proceed = receiver.table.claim, threading.Event(), threading.Event()
 
-    def stalled_claim(entry, start, stop, layers):  # the receiver is slow to post
+    def stalled_claim(entry, spans, layers):  # the receiver is slow to post
         claimed.set()
         assert proceed.wait(20)
-        return claim(entry, start, stop, layers)
+        return claim(entry, spans, layers)
 
     receiver.table.claim = stalled_claim
     try:
@@ -181,9 +223,9 @@ def test_abort_waits_for_receives_into_the_cache_then_nothing_more_lands(make):
     receiver.expect("r1", [10, 11, 12], done)
     claim, block_1_claimed = receiver.table.claim, threading.Event()
 
-    def spy(entry, start, stop, layers):  # tells when block 1's receive goes into the cache
-        views = claim(entry, start, stop, layers)
-        if start <= 1 < stop and views is not None:
+    def spy(entry, spans, layers):  # tells when block 1's receive goes into the cache
+        views = claim(entry, spans, layers)
+        if any(first <= 1 < first + count for first, count in spans) and views is not None:
             block_1_claimed.set()
         return views
 
