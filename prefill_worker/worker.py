@@ -105,32 +105,47 @@ class PrefillWorker(HostedWorker):
             if pending is None:  # aborted meanwhile: the abort path frees the blocks
                 self.host.engine.release(out.request_id)
                 continue
-            future, peer, dst_blocks, times, params = pending
-            times["first_token"] = time.time()
-            if out.finish_reason == "error":
-                future.set_exception(PrefillFailed(out.error or "prefill failed"))
-                continue
-            request = self.host.engine.prefilled_request(out.request_id)
-            if request.first_scheduled_time is not None:  # monotonic -> wall clock
-                times["prefill_start"] = time.time() - (time.monotonic()
-                                                         - request.first_scheduled_time)
-            first = out.token_ids[0]
-            finish = first_token_finish(first, params, self.host.engine.eos_token_ids)
-            if finish is None:
-                self._ship(out.request_id, peer, dst_blocks)
-            else:  # nothing left to decode: no transfer
-                self.host.engine.release(out.request_id)
-            future.set_result(PrefillResult(
-                out.request_id, first, out.logprobs[0] if out.logprobs else None,
-                out.num_cached_tokens, finish, times,
-            ))
+            try:
+                self._complete(out, *pending)
+            except Exception as e:  # a bug must fail this request, never hang its caller
+                log.exception("request %s: finishing its prefill failed", out.request_id)
+                if not pending[0].done():
+                    pending[0].set_exception(PrefillFailed(
+                        f"request {out.request_id}: internal error in the prefill worker: {e!r}"
+                    ))
+
+    def _complete(self, out: RequestOutput, future, peer: Endpoint, dst_blocks: list[int],
+                  times: dict, params: SamplingParams) -> None:
+        """A finished prefill: answer with its first token and ship its KV (or free it)."""
+        times["first_token"] = time.time()
+        if out.finish_reason == "error":
+            future.set_exception(PrefillFailed(out.error or "prefill failed"))
+            return
+        request = self.host.engine.prefilled_request(out.request_id)
+        if request.first_scheduled_time is not None:  # monotonic -> wall clock
+            times["prefill_start"] = time.time() - (time.monotonic()
+                                                     - request.first_scheduled_time)
+        first = out.token_ids[0]
+        finish = first_token_finish(first, params, self.host.engine.eos_token_ids)
+        if finish is None:
+            self._ship(out.request_id, peer, dst_blocks)
+        else:  # nothing left to decode: no transfer
+            self.host.engine.release(out.request_id)
+        future.set_result(PrefillResult(
+            out.request_id, first, out.logprobs[0] if out.logprobs else None,
+            out.num_cached_tokens, finish, times,
+        ))
 
     def _ship(self, request_id: str, peer: Endpoint, dst_blocks: list[int]) -> None:
         src_blocks = self.host.engine.prefilled_block_ids(request_id)
         if len(src_blocks) != len(dst_blocks):
             log.error("request %s: %d source blocks but %d reserved", request_id,
                       len(src_blocks), len(dst_blocks))
-        handle = self.sender.send(request_id, peer, src_blocks)
+        try:  # the reserved ids let spans contiguous on both sides move as one message
+            handle = self.sender.send(request_id, peer, src_blocks, dst_block_ids=dst_blocks)
+        except BaseException:
+            self.host.engine.release(request_id)  # nothing is reading the blocks
+            raise
         handle.add_done_callback(self._transfer_done)
 
     def _transfer_done(self, handle: TransferHandle) -> None:

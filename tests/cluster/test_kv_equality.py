@@ -38,9 +38,9 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
     sent: dict[str, list[int]] = {}
     original_send = p.sender.send
 
-    def recording_send(request_id, peer, src_block_ids, layers=None):
+    def recording_send(request_id, peer, src_block_ids, layers=None, **hints):
         sent[request_id] = list(src_block_ids)
-        return original_send(request_id, peer, src_block_ids, layers)
+        return original_send(request_id, peer, src_block_ids, layers, **hints)
 
     p.sender.send = recording_send
     landed = threading.Event()
@@ -72,6 +72,34 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
             outs.extend(d.get_outputs(5.0))
         assert outs[-1].finish_reason == "length"
         assert sum(len(o.new_token_ids) for o in outs) == 3  # the first came from prefill
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_a_send_that_raises_fails_the_prefill_and_frees_its_blocks(model_dir):
+    """A bug below the prefill worker's shipping step must end the request with an error
+    (the router then aborts it on the decode side), not leave its caller waiting."""
+    from kv_transfer.loopback import LoopbackHub
+    from prefill_worker.worker import PrefillFailed
+
+    config = TransferConfig(backend="loopback", timeout_s=20)
+    hub = LoopbackHub()
+    p = PrefillWorker("p0", str(model_dir), OPTIONS, config, hub=hub)
+    d = DecodeWorker("d0", str(model_dir), OPTIONS, config, hub=hub)
+
+    def broken_send(*args, **kwargs):
+        raise RuntimeError("injected fault in send")
+
+    p.sender.send = broken_send
+    try:
+        free_before = p.free_blocks()
+        prompt = list(range(7, 7 + 21))
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        dst = d.reserve("r1", prompt, params)
+        with pytest.raises(PrefillFailed, match="injected fault"):
+            p.prefill("r1", prompt, params, d.endpoint(), dst, timeout_s=10)
+        assert p.free_blocks() == free_before
     finally:
         p.shutdown()
         d.shutdown()
