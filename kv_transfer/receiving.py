@@ -55,9 +55,10 @@ class ExpectTable:
         self._closed_error: TransferError | None = None
 
     def add(self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None) -> None:
-        index = blocks.check_ids(self.kv_cache, dst_block_ids)
+        ids = blocks.check_id_list(self.kv_cache, dst_block_ids)  # no tensor round trip
+        index = torch.tensor(ids, dtype=torch.long, device=self.kv_cache.device)
         entry = Expected(request_id, index, on_done, set(range(self.kv_cache.shape[1])),
-                         dst_ids=index.tolist())
+                         dst_ids=ids)
         with self._lock:
             if self._closed_error is not None:
                 error = self._closed_error.for_request(request_id)
