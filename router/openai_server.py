@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import sse_starlette.sse
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -218,6 +219,24 @@ class HttpServer:
         self.server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.task, timeout)
+        await _stop_sse_watcher()
+
+
+async def _stop_sse_watcher() -> None:
+    """End sse-starlette's per-loop shutdown watcher. It polls for uvicorn's signal-handler
+    shutdown, which a server stopped from code (ours) never triggers, so it outlived every
+    server and the loop closed on it ("Task was destroyed but it is pending!"). Its
+    process-wide ``AppStatus.should_exit`` switch would also end later servers' streams."""
+    watcher = getattr(sse_starlette.sse, "_shutdown_watcher", None)
+    if watcher is None:  # a later sse-starlette without it
+        return
+    watchers = [
+        task for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "cr_code", None) is watcher.__code__
+    ]
+    for task in watchers:
+        task.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
 
 
 async def start_http_server(service: GenerationService, host: str = "127.0.0.1",

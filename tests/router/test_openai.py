@@ -173,3 +173,27 @@ def test_http_listener_is_tcp_so_responses_skip_nagle_delay(stack):
     # waited ~40 ms for a delayed ACK (measured: /v1/models p50 44 ms -> 1.6 ms).
     [listener] = stack.http.server.servers[0].sockets
     assert listener.proto == socket.IPPROTO_TCP
+
+
+def test_stopping_the_http_server_leaves_no_sse_task_behind(tokenizer):
+    """sse-starlette starts a shutdown watcher per loop that only a signal-driven uvicorn
+    shutdown ends; stopping our server from code must end it too, or the loop closes on a
+    pending task."""
+    import asyncio
+
+    import sse_starlette.sse
+
+    from router.config import RouterConfig
+    from tests.router.conftest import Stack, make_backend
+
+    stack = Stack(make_backend(tokenizer), tokenizer, RouterConfig(model_name="fake-model"))
+    try:
+        with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0) as client:
+            chunks = list(client.completions.create(model="fake-model", prompt="hi",
+                                                    max_tokens=4, stream=True))
+        assert chunks
+    finally:
+        stack.close()
+    watcher = sse_starlette.sse._shutdown_watcher.__code__
+    pending = [t for t in asyncio.all_tasks(stack.loop) if t.get_coro().cr_code is watcher]
+    assert not pending
