@@ -97,6 +97,13 @@ class ScalingDecision:
         return self.target - self.current
 
 
+def held_for_decode(decode_kv_usage: float, config: AutoscalerConfig) -> bool:
+    """Whether requests the scheduler holds (no placement fits) are decode demand: when
+    decode KV is within 5 points of ``kv_usage_high`` the missing room is decode's, else
+    prefill's. The live loop and the simulator attribute held requests with this."""
+    return decode_kv_usage >= config.kv_usage_high - 0.05
+
+
 class RollingWindow:
     """Time-stamped samples over the last ``window_s`` seconds; weighted percentiles."""
 

@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from cluster.autoscaler import Autoscaler, RollingWindow, ScalingDecision
+from cluster.autoscaler import Autoscaler, RollingWindow, ScalingDecision, held_for_decode
 from cluster.policy_config import AutoscalerConfig, SLOConfig
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,17 @@ class AutoscalingLoop:
     def _sample_gauges(self, now: float) -> None:
         stats = list(self.cluster.backend.last_stats.values())
         by_role = {r: [s for s in stats if s.role == r] for r in ("prefill", "decode")}
-        queued = self.cluster.scheduler.queue_length
         prefill, decode = by_role["prefill"], by_role["decode"]
+        # Requests the scheduler holds count for the pool that lacks room (as in the
+        # simulator): decode's when its KV is nearly full, else prefill's.
+        kv = statistics.fmean(s.kv_usage for s in decode) if decode else 0.0
+        queued = self.cluster.scheduler.queue_length
+        decode_full = bool(decode) and held_for_decode(kv, self.config)
+        held_p, held_d = (0, queued) if decode_full else (queued, 0)
         w = self.window
         if prefill:
             w.add_gauge("prefill_queue_per_worker", now,
-                        (sum(s.num_waiting for s in prefill) + queued) / len(prefill))
+                        (sum(s.num_waiting for s in prefill) + held_p) / len(prefill))
             busy = sum(1 for s in prefill if s.num_running + s.num_waiting > 0)
             w.add_gauge("prefill_utilization", now, busy / len(prefill))
             speeds = [s.prefill_tokens_per_s for s in prefill if s.prefill_tokens_per_s > 0]
@@ -92,10 +97,12 @@ class AutoscalingLoop:
                 w.add_gauge("prefill_tokens_per_s_per_worker", now, statistics.fmean(speeds))
         if decode:
             w.add_gauge("decode_queue_per_worker", now,
-                        sum(s.num_waiting for s in decode) / len(decode))
-            w.add_gauge("decode_kv_usage", now, statistics.fmean(s.kv_usage for s in decode))
-            # Demand sizing (as the simulator does): blocks in use or reserved, per worker.
+                        (sum(s.num_waiting for s in decode) + held_d) / len(decode))
+            w.add_gauge("decode_kv_usage", now, kv)
+            # Demand sizing (as the simulator does): blocks in use or reserved, plus the
+            # prompts held for lack of decode room.
+            held_blocks = self.cluster.scheduler.queued_prompt_blocks() if decode_full else 0
             w.add_gauge("decode_demand_blocks", now,
-                        sum(s.total_blocks - s.free_blocks for s in decode))
+                        sum(s.total_blocks - s.free_blocks for s in decode) + held_blocks)
             w.add_gauge("decode_blocks_per_worker", now,
                         statistics.fmean(s.total_blocks for s in decode))

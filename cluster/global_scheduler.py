@@ -160,6 +160,11 @@ class GlobalScheduler:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def queued_prompt_blocks(self) -> int:
+        """KV blocks the queued requests' prompts will take on a decode worker."""
+        bs = self.config.block_size
+        return sum(-(-w.num_prompt_tokens // bs) for w in self._queue.values())
+
     # ---- placement -------------------------------------------------------------------------
 
     def place(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cluster.autoscaler import ScalingDecision
+from cluster.autoscaler import ScalingDecision, held_for_decode
 
 if TYPE_CHECKING:
     from cluster.simulator.loop import Simulation
@@ -38,7 +38,7 @@ def sample_gauges(sim: Simulation) -> None:
     held_blocks = sum(-(-r.prompt // w_bs) for r in sim.held_requests()) if decodes else 0
     p_wait = sum(len(w.prefill_q) for w in prefills)
     d_wait = sum(len(w.decode_wait) for w in decodes)
-    decode_full = kv >= sim.cfg.autoscaler.kv_usage_high - 0.05  # type: ignore[union-attr]
+    decode_full = held_for_decode(kv, sim.cfg.autoscaler)  # type: ignore[arg-type]
     if decodes:
         used = sum(w.reserved for w in decodes)
         sim.window.add_gauge("decode_demand_blocks", sim.now,

@@ -237,3 +237,35 @@ def test_never_leaves_bounds_nor_flips_within_cooldown(
                 assert lo <= sizes[pool] <= hi
             if budget and d.reason != "bounds":
                 assert sizes["prefill"] + sizes["decode"] <= max(budget, sum(start))
+
+
+def test_live_gauges_count_held_requests_for_the_pool_that_lacks_room():
+    """Requests the scheduler holds are prefill queue while decode has KV room, and decode
+    queue plus decode KV demand (their prompt blocks) once decode is nearly full: the same
+    attribution as the simulator's."""
+    from types import SimpleNamespace
+
+    from cluster.autoscaling import AutoscalingLoop
+    from cluster.global_scheduler import GlobalScheduler
+    from cluster.policy_config import AutoscalerConfig, SchedulerConfig, SLOConfig
+
+    def stats(role, kv_usage, used):
+        return SimpleNamespace(role=role, num_waiting=1, num_running=1, kv_usage=kv_usage,
+                               prefill_tokens_per_s=0.0, total_blocks=100,
+                               free_blocks=100 - used)
+
+    scheduler = GlobalScheduler(SchedulerConfig(block_size=16))
+    scheduler._queue.update({  # two held requests: 33 and 16 prompt tokens -> 3 + 1 blocks
+        "a": SimpleNamespace(num_prompt_tokens=33), "b": SimpleNamespace(num_prompt_tokens=16)})
+    assert scheduler.queue_length == 2 and scheduler.queued_prompt_blocks() == 4
+    config = AutoscalerConfig()
+    for kv_usage, held_by_decode in [(0.2, False), (config.kv_usage_high, True)]:
+        backend = SimpleNamespace(window=None, last_stats={
+            "p0": stats("prefill", 0.0, 0), "d0": stats("decode", kv_usage, 60)})
+        live = SimpleNamespace(backend=backend, scheduler=scheduler)
+        loop = AutoscalingLoop(live, config, SLOConfig())
+        loop._sample_gauges(0.0)
+        m = loop.window.metrics(0.0, 99)
+        assert m.prefill_queue_per_worker == (1 if held_by_decode else 3)
+        assert m.decode_queue_per_worker == (3 if held_by_decode else 1)
+        assert m.decode_demand_blocks == (64 if held_by_decode else 60)
