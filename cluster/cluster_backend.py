@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from cluster.backend import BackendOutput, BackendRequest, ServingBackend, TokenLogprob
 from cluster.global_scheduler import GlobalScheduler, Placement, Queued
-from cluster.handles import WorkerHandle
+from cluster.handles import WorkerGone, WorkerHandle
 from engine.errors import ResourceExhaustedError, SplitServeError, UnavailableError
 from engine.outputs import TokenDelta
 
@@ -50,6 +50,8 @@ class ClusterBackend(ServingBackend):
         self._draining: dict[str, asyncio.Event] = {}  # worker id -> set when it holds no request
         self._closed = False
         self.last_stats: dict[str, object] = {}  # worker id -> newest WorkerStats (metrics)
+        # (worker id, role) of a worker that died; the cluster sets it to replace workers.
+        self.on_worker_lost: Callable[[str, str], None] | None = None
         self._last_token_time: dict[str, float] = {}
 
     # -- membership ------------------------------------------------------------------------
@@ -80,6 +82,18 @@ class ClusterBackend(ServingBackend):
         idle = self._draining.get(worker_id)
         if idle is not None and not any(worker_id in w for w in self._where.values()):
             idle.set()
+
+    def lose_worker(self, worker_id: str, why: str) -> None:
+        """The worker died: fail its requests, forget it, and tell ``on_worker_lost`` (the
+        cluster replaces it)."""
+        handle = self.workers.get(worker_id)
+        if handle is None:
+            return  # already lost (several calls can fail at once)
+        log.error("worker %s is gone: %s", worker_id, why)
+        self._fail_worker_requests(worker_id, why)
+        self.remove_worker(worker_id)
+        if self.on_worker_lost is not None and not self._closed:
+            self.on_worker_lost(worker_id, handle.role)
 
     def remove_worker(self, worker_id: str) -> None:
         self.scheduler.remove_worker(worker_id)
@@ -244,6 +258,8 @@ class ClusterBackend(ServingBackend):
         except SplitServeError:
             raise
         except Exception as exc:  # worker died, Ray error: the request fails, the server lives
+            if isinstance(exc, WorkerGone):
+                self.lose_worker(p_id, str(exc))
             raise UnavailableError(f"prefill worker {p_id} failed: {exc}") from exc
         timing.update(result.times)
         out = BackendOutput(req.request_id, [result.first_token], result.finish_reason,
@@ -282,10 +298,8 @@ class ClusterBackend(ServingBackend):
                 deltas = await handle.call("get_outputs", POLL_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.error("decode worker %s unreachable: %s", handle.worker_id, exc)
-                self._fail_worker_requests(handle.worker_id, str(exc))
-                self.remove_worker(handle.worker_id)
+            except Exception as exc:  # its streams would hang: treat it as gone
+                self.lose_worker(handle.worker_id, f"decode worker unreachable: {exc}")
                 return
             finished = False
             for delta in deltas:
@@ -303,7 +317,11 @@ class ClusterBackend(ServingBackend):
                     rid, [], "error", error=f"worker {worker_id} failed: {why}"))
 
     async def _report(self, handle: WorkerHandle) -> None:
-        stats = await handle.call("stats", handle.worker_id in self._draining)
+        try:
+            stats = await handle.call("stats", handle.worker_id in self._draining)
+        except WorkerGone as exc:  # else the scheduler would go on placing on it
+            self.lose_worker(handle.worker_id, str(exc))
+            raise
         self.scheduler.update_stats(stats)
         self.last_stats[handle.worker_id] = stats
 

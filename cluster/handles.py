@@ -8,6 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
+class WorkerGone(RuntimeError):
+    """The worker is gone for good (its actor died or was killed): no call will succeed."""
+
+
 class WorkerHandle:
     def __init__(self, worker_id: str, role: str) -> None:
         self.worker_id = worker_id
@@ -42,4 +46,11 @@ class RayHandle(WorkerHandle):
         self.actor = actor
 
     async def call(self, method: str, *args: Any) -> Any:
-        return await getattr(self.actor, method).remote(*args)
+        import ray.exceptions
+
+        try:
+            return await getattr(self.actor, method).remote(*args)
+        except ray.exceptions.ActorUnavailableError:
+            raise  # transient (restarting, unreachable for now): the caller may retry
+        except ray.exceptions.RayActorError as e:
+            raise WorkerGone(f"worker {self.worker_id} died: {e}") from e

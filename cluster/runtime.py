@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from cluster.cluster_backend import ClusterBackend
 from cluster.config import ClusterConfig
@@ -18,6 +19,10 @@ from cluster.global_scheduler import GlobalScheduler
 from cluster.pools import WorkerFactory
 
 log = logging.getLogger(__name__)
+
+REPLACE_ATTEMPTS = 8  # a lost worker's replacement is retried with backoff up to this often
+REPLACE_MAX_BACKOFF_S = 30.0
+LOSS_MEMORY_S = 300.0  # losses within this window lengthen the next replacement's delay
 
 
 class Cluster:
@@ -31,6 +36,10 @@ class Cluster:
         self.backend = ClusterBackend(self.scheduler)
         self._owns_ray = False
         self._starting = {"prefill": 0, "decode": 0, "colocated": 0}  # workers being created
+        self._replacements: set[asyncio.Task] = set()
+        self._losses: list[float] = []  # monotonic times of lost workers (crash-loop backoff)
+        self._stopping = False
+        self.backend.on_worker_lost = self._on_worker_lost
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -87,7 +96,42 @@ class Cluster:
         await asyncio.gather(*(self.remove_worker(w) for w in victims))
         return victims
 
+    def _on_worker_lost(self, worker_id: str, role: str) -> None:
+        """A worker died: start a replacement (the pool keeps its size; the autoscaler
+        counts it as starting meanwhile)."""
+        if self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._replace(worker_id, role))
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    async def _replace(self, worker_id: str, role: str) -> None:
+        now = time.monotonic()  # workers that keep dying (bad node, OOM at load) back off
+        self._losses = [t for t in self._losses if now - t < LOSS_MEMORY_S] + [now]
+        await asyncio.sleep(min(REPLACE_MAX_BACKOFF_S, 2.0 ** (len(self._losses) - 1) - 1))
+        try:  # whatever is left of it (a hung actor is killed, its resources freed)
+            await self.factory.destroy(worker_id)
+        except Exception as exc:
+            log.info("cleaning up lost worker %s: %s", worker_id, exc)
+        for attempt in range(REPLACE_ATTEMPTS):
+            try:
+                new_id = await self.add_worker(role)
+            except Exception as exc:  # e.g. no node fits yet: back off and retry
+                delay = min(REPLACE_MAX_BACKOFF_S, 2.0**attempt)
+                log.warning("replacing %s worker %s failed (%s); retry in %.0f s", role,
+                            worker_id, exc, delay)
+                await asyncio.sleep(delay)
+            else:
+                log.info("replaced lost %s worker %s with %s", role, worker_id, new_id)
+                return
+        log.error("gave up replacing %s worker %s after %d attempts", role, worker_id,
+                  REPLACE_ATTEMPTS)
+
     async def shutdown(self) -> None:
+        self._stopping = True
+        for task in list(self._replacements):
+            task.cancel()
+        await asyncio.gather(*self._replacements, return_exceptions=True)
         await self.backend.shutdown()
         await self.factory.destroy_all()
         if self._owns_ray:

@@ -133,3 +133,41 @@ def test_colocated_mode_streams_from_the_first_token(model_dir):
 
     results = asyncio.run(main())
     assert [t for t, _ in results] == expected
+
+
+def test_a_dead_worker_is_replaced_and_serving_goes_on(model_dir):
+    """A worker whose calls report it gone (a dead Ray actor) is dropped from placement, its
+    requests fail instead of hanging, and the cluster starts a replacement in its pool."""
+    from cluster.handles import WorkerGone
+
+    prompt = _prompts(1, seed=7)[0]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = Engine.from_pretrained(model_dir, load_tokenizer=False,
+                                      block_size=4).generate([prompt], params)[0].token_ids
+
+    async def main():
+        cluster = Cluster(_config(model_dir), mode="local")
+        await cluster.start()
+        try:
+            dead = dict(cluster.backend.workers)  # worker id -> handle, one per pool
+
+            async def gone(method, *args, _wid=None):
+                raise WorkerGone(f"worker {_wid} died (injected)")
+
+            for wid, handle in dead.items():
+                handle.call = lambda method, *a, _wid=wid: gone(method, *a, _wid=_wid)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ids = set(cluster.backend.workers)
+                if len(ids) == 2 and not ids & set(dead):
+                    break
+                await asyncio.sleep(0.1)
+            replaced = {h.role for h in cluster.backend.workers.values()}
+            tokens, final = await _collect(cluster.backend, "after", prompt, params)
+            return set(dead), set(cluster.backend.workers), replaced, tokens, final
+        finally:
+            await cluster.shutdown()
+
+    dead, alive, roles, tokens, final = asyncio.run(main())
+    assert not dead & alive and roles == {"prefill", "decode"}
+    assert tokens == expected and final.finish_reason == "length"
