@@ -17,6 +17,7 @@ already posted (``TransferConfig.inflight_messages`` blocks), each bounded by th
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from kv_transfer import blocks
 from kv_transfer.base import KVReceiver, OnDone
 from kv_transfer.errors import LayoutMismatch, TransferError
 from kv_transfer.header import TransferHeader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -192,7 +195,10 @@ class ExpectTable:
 
     def _report(self, entry: Expected, error: TransferError | None) -> None:
         if entry.on_done is not None:
-            entry.on_done(entry.request_id, error)
+            try:
+                entry.on_done(entry.request_id, error)
+            except Exception:  # the caller's bug: it must not end a channel other requests use
+                log.exception("kv_transfer: on_done of request %s raised", entry.request_id)
             return
         with self._lock:
             self._completions.append((entry.request_id, error))

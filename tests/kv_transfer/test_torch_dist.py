@@ -105,6 +105,23 @@ def test_runs_contiguous_on_both_sides_move_as_one_message(make, monkeypatch):
     assert kv_in[[6, 8]].count_nonzero() == 0
 
 
+def test_a_raising_completion_callback_does_not_end_the_channel(make, caplog):
+    sender, receiver = make("sender", seed=14), make("receiver")
+    done = Completions()
+
+    def broken(request_id, error):
+        raise RuntimeError("bug in on_done")
+
+    ep = receiver.endpoint()
+    receiver.expect("first", [1], broken)
+    receiver.expect("second", [2], done)
+    sender.send("first", ep, [5]).result(timeout=10)
+    sender.send("second", ep, [6]).result(timeout=10)
+    done.wait_for("second")
+    assert done.errors["second"] is None and torch.equal(receiver.kv_cache[2], sender.kv_cache[6])
+    assert "on_done of request first raised" in caplog.text
+
+
 def test_bfloat16_cache_and_layer_range_sends(make):
     sender = make("sender", seed=2, dtype=torch.bfloat16)
     receiver = make("receiver", dtype=torch.bfloat16)
