@@ -30,7 +30,7 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import Endpoint, TransferConfig, TransferHandle, TransferStats
 from kv_transfer.errors import PeerClosed, TransferError
-from kv_transfer.header import CLOSE, DATA, TransferHeader, empty_header
+from kv_transfer.header import CLOSE, DATA, MAX_RUN_BYTES, TransferHeader, empty_header, run_window
 from kv_transfer.receiving import ExpectTable
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,8 @@ class _PayloadSend:
         self.deadline = time.monotonic() + channel.config.timeout_s
         self.via_host = group.data_device != self.kv.device  # CUDA cache over a gloo wire
         self.messages = h.messages()  # (first block index, block count), in wire order
-        self.depth = (
-            channel.config.inflight_messages if self.via_host else max(1, len(self.messages))
-        )
+        inflight = channel.config.inflight_messages
+        self.depth = run_window(inflight, h.runs) if self.via_host else max(1, len(self.messages))
         self.slots = channel.staging_slots(group, h, self.depth) if self.via_host else []
         self.nbytes = h.num_blocks * h.block_nbytes()
         self.start = time.perf_counter()
@@ -395,6 +394,11 @@ class ReceiverChannel:
         expects it, or once it is aborted)."""
         assert self._staging is not None
         entry = self._table.begin(h, self.peer)
+        if max(h.runs, default=1) * h.block_nbytes() > max(MAX_RUN_BYTES, h.block_nbytes()):
+            error = PeerClosed(None, self.peer, f"a run over {MAX_RUN_BYTES} bytes (bad sender)")
+            if entry is not None:
+                self._table.fail(entry, error.for_request(h.request_id))
+            raise error  # its messages cannot be drained within bounds: end the channel
         blocks_in = _BlockReceives(group, self._table, entry, h, self._config, self._staging)
         try:
             blocks_in.run()
@@ -420,7 +424,7 @@ class _BlockReceives:
         self.layers = (h.layer_start, h.layer_end)
         self.messages = h.messages()  # (first block index, block count), in wire order
         self.in_place = table.kv_cache.device == group.data_device  # else via staging slots
-        self.depth = config.inflight_messages
+        self.depth = run_window(config.inflight_messages, h.runs)
         self.deadline = time.monotonic() + config.timeout_s
         self.staging = staging
         self.slots: list[torch.Tensor] = []  # taken only when needed

@@ -37,6 +37,18 @@ _MAGIC = b"KVH3"  # 3: block-major payload, one message per block or per run
 _FIXED = struct.Struct("<4sBBHHHIIIIH")
 MAX_REQUEST_ID_BYTES = HEADER_BYTES - _FIXED.size
 MAX_RUN_BLOCKS = 2**16 - 1  # a run length is a uint16
+# A run message's bytes are capped: a payload nobody expects any more (aborted) is drained
+# into staging slots as large as its largest message, so an uncapped run of a long prompt
+# would need a staging buffer of its whole size. Runs this large already move at the raw
+# rate (2 MiB messages did on the 2-core VM).
+MAX_RUN_BYTES = 16 << 20
+
+
+def run_window(inflight_messages: int, runs: tuple[int, ...]) -> int:
+    """Messages to keep in flight for a payload of ``runs``: ``inflight_messages`` blocks'
+    worth (at least one message), so that staging for a drained or host-staged payload stays
+    ``inflight_messages`` blocks (or one run) large, whatever the runs."""
+    return max(1, inflight_messages // max(runs, default=1))
 
 
 def max_runs(request_id: str) -> int:

@@ -53,7 +53,7 @@ from kv_transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from kv_transfer.header import MAX_RUN_BLOCKS, max_runs
+from kv_transfer.header import MAX_RUN_BLOCKS, MAX_RUN_BYTES, max_runs
 from kv_transfer.receiving import ExpectTable, TableReceiver
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,9 @@ class TorchDistSender(KVSender):
         if layers is not None and tuple(layers) != (0, num_layers):
             return ()  # a layer range of adjacent blocks is not one contiguous span
         dst_ids = [int(i) for i in dst_block_ids]
-        runs = blocks.contiguous_runs(src_ids, dst_ids, MAX_RUN_BLOCKS)
+        block_bytes = self.kv_cache[0].numel() * self.kv_cache.element_size()
+        longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
+        runs = blocks.contiguous_runs(src_ids, dst_ids, longest)
         if len(runs) == len(src_ids) or len(runs) > max_runs(request_id):
             return ()
         return tuple(runs)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kv_transfer import blocks
-from kv_transfer.header import CLOSE, DATA, HEADER_BYTES, TransferHeader, max_runs
+from kv_transfer.header import CLOSE, DATA, HEADER_BYTES, TransferHeader, max_runs, run_window
 
 from .helpers import BLOCKS, LAYERS, make_cache
 
@@ -138,3 +138,9 @@ def test_block_views_of_a_run_are_one_contiguous_range():
     assert torch.equal(run, kv[5:8].contiguous().view(torch.uint8).view(-1))
     with pytest.raises(ValueError, match="every layer"):
         views(5, (1, LAYERS), 2)
+
+
+def test_run_window_keeps_the_same_blocks_in_flight():
+    assert run_window(32, ()) == 32  # one message per block
+    assert run_window(32, (4, 1, 4)) == 8  # 8 messages of up to 4 blocks
+    assert run_window(32, (64,)) == 1  # at least one message

@@ -105,6 +105,55 @@ def test_runs_contiguous_on_both_sides_move_as_one_message(make, monkeypatch):
     assert kv_in[[6, 8]].count_nonzero() == 0
 
 
+def test_runs_are_capped_in_bytes_and_drained_runs_leave_the_channel_working(
+        make, monkeypatch):
+    import kv_transfer.torch_dist as torch_dist
+
+    sender, receiver = make("sender", seed=15), make("receiver")
+    block_bytes = sender.kv_cache[0].numel() * sender.kv_cache.element_size()
+    monkeypatch.setattr(torch_dist, "MAX_RUN_BYTES", 2 * block_bytes)
+    data_messages = []
+    send = PairGroup.send
+
+    def counting_send(self, tensor, tag):
+        data_messages.append(tensor.numel() // block_bytes)
+        return send(self, tensor, tag)
+
+    monkeypatch.setattr(PairGroup, "send", counting_send)
+    done, ep = Completions(), receiver.endpoint()
+    receiver.expect("aborted", [0, 1, 2, 3, 4], done)
+    receiver.expect("capped", [10, 11, 12, 13, 14], done)
+    assert receiver.abort("aborted")
+    sender.send("aborted", ep, [5, 6, 7, 8, 9], dst_block_ids=[0, 1, 2, 3, 4])  # drained
+    sender.send("capped", ep, [5, 6, 7, 8, 9], dst_block_ids=[10, 11, 12, 13, 14])
+    done.wait_for("capped")
+    assert data_messages == [2, 2, 1, 2, 2, 1] and done.errors["capped"] is None
+    kv_in, kv_out = receiver.kv_cache, sender.kv_cache
+    assert torch.equal(kv_in[10:15], kv_out[5:10]) and kv_in[0:5].count_nonzero() == 0
+
+
+def test_a_header_with_an_oversized_run_fails_its_request_and_the_channel(make, monkeypatch):
+    """Such a payload could not be drained within bounded staging: the receiver refuses it
+    (only a broken sender sends one) instead of allocating its size."""
+    import kv_transfer.channels as channels
+
+    receiver = make("receiver")
+    block_bytes = receiver.kv_cache[0].numel() * receiver.kv_cache.element_size()
+    monkeypatch.setattr(channels, "MAX_RUN_BYTES", block_bytes)
+    done = Completions()
+    receiver.expect("r1", [3, 4], done)
+    group = PairGroup.connect(receiver.endpoint(), CONFIG, "bad", "gloo", torch.device("cpu"))
+    try:
+        kv = receiver.kv_cache
+        header = TransferHeader(DATA, "r1", 2, 0, LAYERS, kv.dtype, tuple(kv.shape[3:]), (2,))
+        group.wait(group.send_ctrl(header.encode()), 5, "header")
+        done.wait_for("r1")
+    finally:
+        group.close()
+    assert isinstance(done.errors["r1"], PeerClosed) and "bad sender" in str(done.errors["r1"])
+    assert kv[3:5].count_nonzero() == 0
+
+
 def test_a_raising_completion_callback_does_not_end_the_channel(make, caplog):
     sender, receiver = make("sender", seed=14), make("receiver")
     done = Completions()
