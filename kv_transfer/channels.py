@@ -213,7 +213,7 @@ class SenderChannel:
     def staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
         if self._staging is None:
             self._staging = Staging(group.data_device)
-        return self._staging.slots(depth, max(h.runs, default=1) * h.block_nbytes())
+        return self._staging.slots(depth, h.largest_message_nbytes())
 
     def _run(self) -> None:
         if self.kv.is_cuda:  # the CUDA current device is per thread
@@ -394,7 +394,7 @@ class ReceiverChannel:
         expects it, or once it is aborted)."""
         assert self._staging is not None
         entry = self._table.begin(h, self.peer)
-        if max(h.runs, default=1) * h.block_nbytes() > max(MAX_RUN_BYTES, h.block_nbytes()):
+        if h.largest_message_nbytes() > max(MAX_RUN_BYTES, h.block_nbytes()):
             error = PeerClosed(None, self.peer, f"a run over {MAX_RUN_BYTES} bytes (bad sender)")
             if entry is not None:
                 self._table.fail(entry, error.for_request(h.request_id))
@@ -468,8 +468,8 @@ class _BlockReceives:
                 landing = target
             else:
                 if not self.slots:
-                    most = max(self.h.runs, default=1)
-                    self.slots = self.staging.slots(self.depth, most * self.h.block_nbytes())
+                    slot_nbytes = self.h.largest_message_nbytes()
+                    self.slots = self.staging.slots(self.depth, slot_nbytes)
                 landing = self.slots[i % self.depth][: count * self.h.block_nbytes()]
             try:
                 work = self.group.recv(landing, DATA_TAG)

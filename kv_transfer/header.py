@@ -97,6 +97,10 @@ class TransferHeader:
         return cls(DATA, request_id, num_blocks, l0, l1, kv_cache.dtype,
                    tuple(kv_cache.shape[3:]), runs)
 
+    def largest_message_nbytes(self) -> int:
+        """Bytes of the payload's largest message (what a staging slot must hold)."""
+        return max(self.runs, default=1) * self.block_nbytes()
+
     def messages(self) -> list[tuple[int, int]]:
         """The payload's messages in wire order: ``(first block index, block count)``."""
         if not self.runs:
