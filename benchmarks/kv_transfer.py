@@ -16,7 +16,12 @@ What is timed:
     them) → header + one message per block, or per run of blocks contiguous in both caches,
     sent straight from the source blocks of the (block-major) cache and received straight
     into the reserved blocks → ``on_done`` on the receiver; timed from ``send()`` until the
-    child reports ``on_done``.
+    child reports ``on_done``. Two paths (``--paths``):
+      - ``announced``, what the prefill worker does: ``announce()`` when the prefill starts,
+        so the receiver posts its receives before the KV exists; here the announcement goes
+        out ``--lead-ms`` before the clock starts (standing in for the prefill's compute,
+        which takes longer than that for any prompt);
+      - ``plain``: no announcement (the receiver posts its receives when the header lands).
   - raw: one ``send``/``recv`` of a preallocated contiguous buffer of the same byte count
     over a separate two-rank group between the same processes (no block bookkeeping, no
     header); timed from the send until the child reports the receive done.
@@ -70,6 +75,10 @@ def parse_args() -> argparse.Namespace:
         help="where a request's blocks lie in each cache: random ids (the worst case, one "
         "message per block) or one contiguous range per side (one message)",
     )
+    p.add_argument("--paths", nargs="+", default=["announced", "plain"],
+                   choices=["announced", "plain"])
+    p.add_argument("--lead-ms", type=float, default=5.0,
+                   help="announced path: announce this long before the send (the prefill)")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -177,9 +186,14 @@ def expect_msg(inbox, kind: str):
     return msg
 
 
-def time_ours(sender, endpoint, outbox, inbox, rid: str, src, dst) -> float:
+def time_ours(sender, endpoint, outbox, inbox, rid: str, src, dst, lead_s: float | None
+              ) -> float:
     outbox.send(("expect", rid, dst))
     expect_msg(inbox, "ready")
+    if lead_s is not None:  # as the prefill worker: announced when the prefill starts
+        if not sender.announce(rid, endpoint, dst):
+            raise RuntimeError("benchmark: the announcement was refused")
+        time.sleep(lead_s)  # the prefill's compute
     t0 = time.perf_counter()
     handle = sender.send(rid, endpoint, src, dst_block_ids=dst)  # as the prefill worker does
     expect_msg(inbox, "done")
@@ -206,7 +220,7 @@ def block_ids(layout: str, n: int, num_blocks: int, gen: torch.Generator) -> lis
     return list(range(first, first + n))
 
 
-def bench_size(args, model, layout, tokens, sender, endpoint, raw, raw_buf, kv, outbox,
+def bench_size(args, model, path, layout, tokens, sender, endpoint, raw, raw_buf, kv, outbox,
                inbox) -> dict:
     n = tokens // BLOCK_SIZE
     gen = torch.Generator().manual_seed(tokens)
@@ -216,8 +230,9 @@ def bench_size(args, model, layout, tokens, sender, endpoint, raw, raw_buf, kv, 
     buf = raw_buf[:nbytes]
     ours, base = [], []
     for rep in range(args.reps + 1):  # rep 0 is the warm-up
-        rid = f"{layout}-{tokens}-{rep}"
-        t_ours = time_ours(sender, endpoint, outbox, inbox, rid, src, dst)
+        rid = f"{path}-{layout}-{tokens}-{rep}"
+        lead_s = args.lead_ms / 1e3 if path == "announced" else None
+        t_ours = time_ours(sender, endpoint, outbox, inbox, rid, src, dst, lead_s)
         t_raw = time_raw(raw, buf, outbox, inbox)
         if rep:
             ours.append(t_ours)
@@ -229,6 +244,7 @@ def bench_size(args, model, layout, tokens, sender, endpoint, raw, raw_buf, kv, 
     med_ours, med_raw = statistics.median(ours), statistics.median(base)
     return {
         "model": model,
+        "path": path,
         "layout": layout,
         "tokens": tokens,
         "blocks": n,
@@ -268,8 +284,9 @@ def bench_model(args: argparse.Namespace, model: str) -> list[dict]:
     if wire != "nccl":
         raw_buf = raw_buf.cpu()
     rows = [
-        bench_size(args, model, layout, t, sender, endpoint, raw, raw_buf, kv, to_child,
+        bench_size(args, model, path, layout, t, sender, endpoint, raw, raw_buf, kv, to_child,
                    from_child)
+        for path in args.paths
         for layout in args.layouts
         for t in args.tokens
     ]
@@ -285,12 +302,14 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
         f"inflight {args.inflight_messages}, median of {args.reps}"
     )
     print(
-        f"{'model':>13} {'blocks':>10} {'tokens':>7} {'MiB':>8} {'ours ms':>9} {'raw ms':>9} "
+        f"{'model':>13} {'path':>9} {'blocks':>10} {'tokens':>7} {'MiB':>8} {'ours ms':>9} "
+        f"{'raw ms':>9} "
         f"{'ours GB/s':>10} {'raw GB/s':>9} {'ours/raw':>9}"
     )
     for r in rows:
         print(
-            f"{r['model']:>13} {r['layout']:>10} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} "
+            f"{r['model']:>13} {r['path']:>9} {r['layout']:>10} {r['tokens']:>7} "
+            f"{r['bytes'] / 2**20:>8.1f} "
             f"{r['ours_median_s'] * 1e3:>9.1f} "
             f"{r['raw_median_s'] * 1e3:>9.1f} {r['ours_GBps']:>10.2f} {r['raw_GBps']:>9.2f} "
             f"{r['ratio']:>9.2f}"

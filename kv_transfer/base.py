@@ -9,7 +9,9 @@ Life of a transfer:
   decode: 1. reserve blocks  2. ``expect(rid, dst_blocks, on_done)``  3. ``on_done(rid, None)``
           (KV scattered into dst_blocks; the request may join the decode batch) or
           ``on_done(rid, TransferError)`` (free the blocks; the request fails or re-prefills)
-  prefill: 1. ``handle = send(rid, peer, src_blocks)`` after the last prefill chunk
+  prefill: 0. optionally ``announce(rid, peer, dst_blocks)`` when the prefill starts
+          1. ``handle = send(rid, peer, src_blocks)`` after the last prefill chunk (or
+          ``abort(rid)``: an announcement must be settled by one of the two)
           2. when ``handle.done()`` (success or error) free the source blocks
   abort: ``receiver.abort(rid)`` guarantees no later write into the request's dst blocks (a
           payload still on the wire is drained and discarded); ``sender.abort(rid)`` drops a
@@ -205,10 +207,18 @@ class KVSender(ABC):
         both caches as one message (torch_dist does). The receiver's ``expect`` still
         decides where the KV lands."""
 
+    def announce(self, request_id: str, peer: Endpoint, dst_block_ids: Sequence[int]) -> bool:
+        """Optional, before ``send``: tell ``peer`` now where the request's KV will go, so
+        that it can prepare (torch_dist posts the receives into the reserved blocks). Every
+        announcement must be settled by the request's ``send`` or ``abort``. True if
+        announced; the default announces nothing."""
+        return False
+
     @abstractmethod
     def abort(self, request_id: str) -> bool:
         """Drop the request's sends that have not started (their handles fail with
-        ``TransferAborted``); True if any was dropped. A send already on the wire finishes."""
+        ``TransferAborted``) and withdraw its announcement; True if a send was dropped. A
+        send already on the wire finishes."""
 
     @abstractmethod
     def close(self) -> None:

@@ -13,6 +13,18 @@ keeps ``inflight_messages`` receives posted ahead (what an abort may have to wai
 Staging is used only where the cache is not on the wire's
 device (CUDA caches over a gloo wire: through host slots) and to drain a payload nobody
 expects any more.
+
+Announced payloads (gloo wire): the prefill worker knows where a request's KV will go
+(peer and reserved blocks) when the prefill starts, long before the KV exists. It sends an
+ANNOUNCE header then, with the messages' layout (runs of the reserved blocks) and a tag of
+their own; the receiver posts every receive into the reserved blocks at once. When the KV is
+ready the DATA header (same tag and runs) and the messages go out, and gloo writes each one
+as soon as it is posted: no header → post → ready-notice round trip before the first byte,
+which was most of a small transfer's time. An announcement is settled exactly once by the
+sender: by its DATA, or by RETRACT (aborted, no transfer, or source blocks that do not fit
+the announced runs: then a plain DATA follows) whose 1-byte messages complete the posted
+receives. Until then an abort on the receiver waits (the receives write into the blocks);
+a channel that ends drops its receives with the pair group.
 """
 
 from __future__ import annotations
@@ -30,12 +42,25 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import Endpoint, TransferConfig, TransferHandle, TransferStats
 from kv_transfer.errors import PeerClosed, TransferError
-from kv_transfer.header import CLOSE, DATA, MAX_RUN_BYTES, TransferHeader, empty_header, run_window
+from kv_transfer.header import (
+    ANNOUNCE,
+    CLOSE,
+    DATA,
+    DATA_TAG,
+    MAX_RUN_BYTES,
+    RETRACT,
+    TransferHeader,
+    empty_header,
+    run_window,
+)
 from kv_transfer.receiving import ExpectTable
 
 log = logging.getLogger(__name__)
 
-DATA_TAG = 1  # payload messages (headers use torch_dist.CTRL_TAG on the ctrl group)
+# Announcement tags: one per announced payload of a channel, never reused while the channel
+# lives (a late message on a tag can then never land in another request's blocks).
+FIRST_ANNOUNCED_TAG = DATA_TAG + 1
+_LAST_TAG = 2**31 - 1
 
 
 class Staging:
@@ -61,9 +86,10 @@ class Staging:
 class SendJob:
     """One send, from ``submit`` until its handle completes."""
 
-    header: TransferHeader  # what goes on the wire first
-    src_ids: list[int]  # source block ids, in the request's order
+    header: TransferHeader  # what goes on the wire first (DATA, ANNOUNCE or RETRACT)
+    src_ids: list[int]  # source block ids, in the request's order ([] for ANNOUNCE/RETRACT)
     handle: TransferHandle  # completed by the channel thread
+    channel: SenderChannel | None = None  # the channel it was submitted to
     wire: _PayloadSend | None = None  # its messages once posted
     post_error: TransferError | None = None  # posting from the submitting thread failed
     _started: bool = False  # on the wire: an abort can no longer drop it
@@ -89,9 +115,10 @@ class SendJob:
 
 
 class _PayloadSend:
-    """One job's messages: the header on the ctrl group, then one message per block (or per
-    run of blocks contiguous in both caches, as the header says), each straight from the
-    cache (gloo writes to the socket in the posting thread). Every message
+    """One job's messages: the header on the ctrl group, then (DATA) one message per block
+    (or per run of blocks contiguous in both caches, as the header says), each straight from
+    the cache (gloo writes to the socket in the posting thread), or (RETRACT) one 1-byte
+    message per announced message; ANNOUNCE has none. Every message
     is posted without waiting: the blocks stay held until the handle completes, and a wait per
     message costs a thread hand-off (measured: 2 in flight took 2x as long as 32 for 128
     blocks of 512 KiB). Through host staging slots, at most ``inflight_messages`` are
@@ -99,18 +126,28 @@ class _PayloadSend:
 
     def __init__(self, channel: SenderChannel, group: Any, job: SendJob) -> None:
         h = job.header
-        self.group, self.src_ids = group, job.src_ids
+        self.start = time.perf_counter()
+        # The header first (the receiver's work starts when it lands; not waited for: a wait
+        # costs a hand-off), except behind an announced payload: its receives are posted, so
+        # the header only tells the receiver that the messages before it are complete (one
+        # wake-up at the end instead of one amid the transfer, whose CPU it would slow).
+        self.trailer = _is_announced_data(h)
+        self.header_bytes = h.encode()
+        self.header = None if self.trailer else group.send_ctrl(self.header_bytes)
+        self.group, self.src_ids, self.kind, self.tag = group, job.src_ids, h.kind, h.tag
         self.views, self.layers = channel.views, (h.layer_start, h.layer_end)
         self.kv = channel.kv
         self.deadline = time.monotonic() + channel.config.timeout_s
         self.via_host = group.data_device != self.kv.device  # CUDA cache over a gloo wire
-        self.messages = h.messages()  # (first block index, block count), in wire order
-        inflight = channel.config.inflight_messages
-        self.depth = run_window(inflight, h.runs) if self.via_host else max(1, len(self.messages))
-        self.slots = channel.staging_slots(group, h, self.depth) if self.via_host else []
-        self.nbytes = h.num_blocks * h.block_nbytes()
-        self.start = time.perf_counter()
-        self.header = group.send_ctrl(h.encode())  # not waited for first: saves a hand-off
+        # (first block index, block count), in wire order
+        self.messages = [] if h.kind == ANNOUNCE else h.messages()
+        if h.kind == DATA and self.via_host:
+            self.depth = run_window(channel.config.inflight_messages, h.runs)
+            self.slots = channel.staging_slots(group, h, self.depth)
+        else:
+            self.depth, self.slots = max(1, len(self.messages)), []
+        self.fill = channel.fill(group) if h.kind == RETRACT else None
+        self.nbytes = h.num_blocks * h.block_nbytes() if h.kind == DATA else 0
         self.pending: deque[Any] = deque()  # sends in flight, oldest first
         self.posted = 0
 
@@ -120,16 +157,21 @@ class _PayloadSend:
         for i in range(self.posted, min(up_to, len(self.messages))):
             if len(self.pending) == self.depth:
                 self._wait(self.pending.popleft())
-            first, count = self.messages[i]
-            message = self.views(self.src_ids[first], self.layers, count)
-            if self.via_host:
-                message = self.slots[i % self.depth][: message.numel()].copy_(message)
-            self.pending.append(self.group.send(message, DATA_TAG))
+            if self.fill is not None:
+                message = self.fill
+            else:
+                first, count = self.messages[i]
+                message = self.views(self.src_ids[first], self.layers, count)
+                if self.via_host:
+                    message = self.slots[i % self.depth][: message.numel()].copy_(message)
+            self.pending.append(self.group.send(message, self.tag))
             self.posted = i + 1
 
     def finish(self) -> TransferStats:
-        """Post the rest, then wait for every message to be taken."""
+        """Post the rest (and a trailing header), then wait for every message to be taken."""
         self.post(len(self.messages))
+        if self.header is None:
+            self.header = self.group.send_ctrl(self.header_bytes)
         self.group.wait(self.header, self.deadline - time.monotonic(), "the header to be taken")
         if self.pending:  # sends of a pair complete in order: the newest covers the rest
             self._wait(self.pending.pop())
@@ -138,6 +180,10 @@ class _PayloadSend:
 
     def _wait(self, work: Any) -> None:
         self.group.wait(work, self.deadline - time.monotonic(), "the payload to be taken")
+
+
+def _is_announced_data(h: TransferHeader) -> bool:
+    return h.kind == DATA and h.tag != DATA_TAG
 
 
 # Messages an idle channel posts from the submitting thread (the prefill engine loop) after
@@ -174,8 +220,17 @@ class SenderChannel:
         self._closed = False  # no more submits accepted
         self._busy = False  # a job is on the wire
         self._staging: Staging | None = None
+        self._fill: torch.Tensor | None = None  # RETRACT's 1-byte message
+        self._next_tag = FIRST_ANNOUNCED_TAG
         self.thread = threading.Thread(target=self._run, name=f"kv-send {peer}", daemon=True)
         self.thread.start()
+
+    def new_tag(self) -> int:
+        """A tag for one announced payload, unused on this channel so far."""
+        with self._cond:
+            tag = self._next_tag
+            self._next_tag = tag + 1 if tag < _LAST_TAG else FIRST_ANNOUNCED_TAG
+            return tag
 
     def submit(self, job: SendJob) -> bool:
         """Queue ``job`` (posting it at once if the channel is idle); False if the channel is
@@ -183,8 +238,13 @@ class SenderChannel:
         with self._cond:
             if self._closed:
                 return False
+            job.channel = self
             group = self._group
-            if group is not None and not self._busy and not self._jobs and job.start():
+            # Not an announced payload: its receives are posted, so gloo would write it
+            # in this thread (the prefill engine loop) before returning.
+            direct = not _is_announced_data(job.header)
+            if direct and group is not None and not self._busy and not self._jobs \
+                    and job.start():
                 self._busy = True  # nothing else is on the wire: posting here keeps the order
                 try:
                     job.wire = _PayloadSend(self, group, job)
@@ -209,6 +269,11 @@ class SenderChannel:
                 self._closed = True
                 self._jobs.append(_CLOSE)
                 self._cond.notify()
+
+    def fill(self, group: Any) -> torch.Tensor:
+        if self._fill is None:
+            self._fill = torch.zeros(1, dtype=torch.uint8, device=group.data_device)
+        return self._fill
 
     def staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
         if self._staging is None:
@@ -339,7 +404,12 @@ class ChannelLRU:
 
 
 class ReceiverChannel:
-    """The receiving end of one pair: one thread that receives, scatters and reports."""
+    """The receiving end of one pair: one thread that receives, scatters and reports.
+
+    Headers are handled in wire order. Receives posted for an announcement (``_announced``,
+    by tag) stay posted while later headers are handled; the payload's DATA header (or a
+    RETRACT) completes them. When the channel ends, every posted receive is dropped with the
+    pair group before its blocks are released."""
 
     def __init__(
         self,
@@ -355,6 +425,7 @@ class ReceiverChannel:
         self._config = config
         self._on_exit = on_exit
         self._staging: Staging | None = None
+        self._announced: dict[int, _BlockReceives] = {}  # tag -> receives posted ahead
         self.thread = threading.Thread(target=self._run, name=f"kv-recv {peer}", daemon=True)
         self.thread.start()
 
@@ -368,63 +439,118 @@ class ReceiverChannel:
             self._on_exit(self)
             return
         self._staging = Staging(group.data_device)
+        current: list[_BlockReceives] = []  # the payload being received, for the error path
+        error: TransferError = PeerClosed(None, self.peer, "the channel closed while receiving")
         try:
             while (header := self._next_header(group)) is not None:
-                self._receive(group, header)
-        except TransferError as error:
-            log.warning("kv_transfer: receive channel from %s ends: %s", self.peer, error)
-        except Exception:  # a bug ends this channel (its request failed), never the others
+                self._handle(group, header, current)
+                current.clear()
+        except TransferError as e:
+            log.warning("kv_transfer: receive channel from %s ends: %s", self.peer, e)
+            error = e
+        except Exception as e:  # a bug ends this channel (its request failed), never the others
             log.exception("kv_transfer: receive channel from %s failed", self.peer)
+            error = PeerClosed(None, self.peer, f"internal error: {e!r}")
         finally:
-            group.close()
+            self._drop_all(group, current, error)
             self._on_exit(self)
 
     def _next_header(self, group: Any) -> TransferHeader | None:
-        """The next DATA header, or None when the sender closed the channel."""
+        """The next header (DATA, ANNOUNCE or RETRACT), or None when the sender closed the
+        channel."""
         buf = empty_header()
         try:
             group.wait(group.recv_ctrl(buf), None, "the next header")
         except PeerClosed:
             return None  # the sender went away between messages: a normal end
         header = TransferHeader.decode(buf)
-        return header if header.kind == DATA else None
+        return None if header.kind == CLOSE else header
 
-    def _receive(self, group: Any, h: TransferHeader) -> None:
-        """Receive one payload block by block into the reserved blocks (or drain it if nobody
-        expects it, or once it is aborted)."""
-        assert self._staging is not None
-        entry = self._table.begin(h, self.peer)
+    def _handle(self, group: Any, h: TransferHeader, current: list[_BlockReceives]) -> None:
+        if h.kind != DATA and h.tag == DATA_TAG or h.kind == DATA and h.tag < DATA_TAG:
+            raise PeerClosed(None, self.peer, f"header kind {h.kind} with tag {h.tag} (bad sender)")
         if h.largest_message_nbytes() > max(MAX_RUN_BYTES, h.block_nbytes()):
             error = PeerClosed(None, self.peer, f"a run over {MAX_RUN_BYTES} bytes (bad sender)")
-            if entry is not None:
-                self._table.fail(entry, error.for_request(h.request_id))
+            if h.kind == DATA:
+                self._table.fail_id(h.request_id, error.for_request(h.request_id))
             raise error  # its messages cannot be drained within bounds: end the channel
+        if h.kind == ANNOUNCE:
+            self._announce(group, h)
+            return
+        posted = self._announced.pop(h.tag, None) if h.tag != DATA_TAG else None
+        if posted is not None:
+            was = posted.h
+            if (was.request_id, was.num_blocks, was.runs) != (h.request_id, h.num_blocks, h.runs):
+                current.append(posted)
+                raise PeerClosed(None, self.peer, f"tag {h.tag} reused (bad sender)")
+            current.append(posted)
+            posted.complete(deadline=time.monotonic() + self._config.timeout_s)
+            if h.kind == DATA and posted.entry is not None:
+                self._table.finish(posted.entry, (h.layer_start, h.layer_end))
+            return
+        if h.kind == RETRACT:  # nothing was posted for it: take its 1-byte messages
+            self._drain_fills(group, h)
+            return
+        entry = self._table.begin(h, self.peer)
         blocks_in = _BlockReceives(group, self._table, entry, h, self._config, self._staging)
-        try:
-            blocks_in.run()
-        except Exception as e:  # the request fails with the channel; the caller ends it
-            error = e if isinstance(e, TransferError) else PeerClosed(None, self.peer, repr(e))
-            group.close()  # a broken pair: no posted receive writes into the cache any more
-            blocks_in.release_pending()
-            if entry is not None:
-                self._table.fail(entry, error.for_request(h.request_id))
-            raise
+        current.append(blocks_in)
+        blocks_in.run()
         if entry is not None:
             self._table.finish(entry, (h.layer_start, h.layer_end))
+
+    def _announce(self, group: Any, h: TransferHeader) -> None:
+        """Post every receive of an announced payload straight into its reserved blocks,
+        if the request is expected and its cache is on the wire's device; else nothing (the
+        DATA header is then handled like an unannounced one)."""
+        if h.tag in self._announced:
+            raise PeerClosed(None, self.peer, f"tag {h.tag} announced twice (bad sender)")
+        if self._table.kv_cache.device != group.data_device:
+            return  # through host staging: receive when the data comes
+        entry = self._table.begin(h, self.peer)
+        if entry is None:
+            return
+        receives = _BlockReceives(group, self._table, entry, h, self._config, self._staging,
+                                  post_all=True)
+        self._announced[h.tag] = receives
+        receives.post_all()  # a failure ends the channel; _drop_all releases what was posted
+
+    def _drain_fills(self, group: Any, h: TransferHeader) -> None:
+        n = len(h.messages())
+        scratch = torch.empty(n, dtype=torch.uint8, device=group.data_device)
+        works = [group.recv(scratch[i : i + 1], h.tag) for i in range(n)]
+        group.wait(works[-1], self._config.timeout_s, "a retraction")  # in order: the rest too
+
+    def _drop_all(self, group: Any, current: list[_BlockReceives], error: TransferError) -> None:
+        """The channel ends: drop every posted receive with the pair group (then nothing
+        writes into the blocks any more), then release their blocks and fail the payload
+        that was being received with ``error``. Announced requests stay expected: their
+        sender may send them on a new channel (else the decode side's deadline fails them)."""
+        receives = [*current, *self._announced.values()]
+        self._announced.clear()
+        claims = [r.drop_pending() for r in receives]
+        group.close()
+        for r, claimed in zip(receives, claims, strict=True):
+            r.release(claimed)
+            if r.entry is not None and r in current:
+                self._table.fail(r.entry, error.for_request(r.h.request_id))
 
 
 class _BlockReceives:
     """The receives of one payload, one per message (a block, or a run of blocks contiguous
-    in both caches): ``inflight_messages`` posted ahead, each straight into its claimed
-    blocks (or a staging slot: draining, or a CUDA cache over a gloo wire)."""
+    in both caches): ``inflight_messages`` posted ahead (every one, if announced), each
+    straight into its claimed blocks (or a staging slot: draining, or a CUDA cache over a
+    gloo wire)."""
 
     def __init__(self, group: Any, table: ExpectTable, entry: Any, h: TransferHeader,
-                 config: TransferConfig, staging: Staging) -> None:
+                 config: TransferConfig, staging: Staging, post_all: bool = False) -> None:
         self.group, self.table, self.entry, self.h = group, table, entry, h
         self.layers = (h.layer_start, h.layer_end)
         self.messages = h.messages()  # (first block index, block count), in wire order
         self.in_place = table.kv_cache.device == group.data_device  # else via staging slots
-        self.depth = run_window(config.inflight_messages, h.runs)
+        if post_all:
+            self.depth = max(1, len(self.messages))
+        else:
+            self.depth = run_window(config.inflight_messages, h.runs)
         self.deadline = time.monotonic() + config.timeout_s
         self.staging = staging
         self.slots: list[torch.Tensor] = []  # taken only when needed
@@ -446,12 +572,28 @@ class _BlockReceives:
             self._settle(end - done)
             done = end
 
-    def release_pending(self) -> None:
-        """After a failure (the pair is closed): drop the claims of unfinished receives."""
+    def post_all(self) -> None:
+        """Post every receive now (an announced payload: the data comes later)."""
+        self._post_until(len(self.messages))
+
+    def complete(self, deadline: float) -> None:
+        """Wait for every posted receive (the newest covers the rest), by ``deadline``."""
+        self.deadline = deadline
+        if self.pending:
+            self._wait(self.pending[-1][0])
+            self._settle(len(self.pending))
+
+    def drop_pending(self) -> int:
+        """After a failure: forget the unfinished receives (their works: the last references
+        to the pair group's context are then the caller's, which it drops before releasing
+        the blocks); returns how many claimed blocks they held (see ``release``)."""
         claimed = sum(count for _, target, _, count in self.pending if target is not None)
+        self.pending.clear()
+        return claimed
+
+    def release(self, claimed: int) -> None:
         if claimed:
             self.table.release(self.entry, claimed)
-        self.pending.clear()
 
     def _post_until(self, stop: int) -> None:
         start = self.posted
@@ -472,7 +614,7 @@ class _BlockReceives:
                     self.slots = self.staging.slots(self.depth, slot_nbytes)
                 landing = self.slots[i % self.depth][: count * self.h.block_nbytes()]
             try:
-                work = self.group.recv(landing, DATA_TAG)
+                work = self.group.recv(landing, self.h.tag)
             except BaseException:
                 if targets is not None:  # this message's claim and those not posted yet
                     self.table.release(self.entry, sum(c for _, c in spans[i - start :]))

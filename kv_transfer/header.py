@@ -4,8 +4,8 @@ Wire format: a fixed-size ``uint8`` tensor of ``HEADER_BYTES`` bytes, so the rec
 posts the same receive. Little-endian::
 
     offset  size  field
-    0       4     magic b"KVH1"
-    4       1     kind (1 = DATA, 2 = CLOSE)
+    0       4     magic b"KVH4"
+    4       1     kind (1 = DATA, 2 = CLOSE, 3 = ANNOUNCE, 4 = RETRACT)
     5       1     dtype code (index into DTYPES)
     6       2     layer_start
     8       2     layer_end (exclusive)
@@ -14,12 +14,19 @@ posts the same receive. Little-endian::
     16      4     block_size
     20      4     num_kv_heads
     24      4     head_dim
-    28      2     len(request_id utf-8)
-    30      ...   request_id utf-8 bytes
+    28      4     tag of the payload messages (1 = DATA_TAG: unannounced)
+    32      2     len(request_id utf-8)
+    34      ...   request_id utf-8 bytes
     ...     2*r   num_runs uint16 run lengths, then zero padding to HEADER_BYTES
 
 A run is a span of the request's blocks that is contiguous in both caches, so it moves as
 one message (``blocks.contiguous_runs``); without runs every block is its own message.
+
+Announced payloads (see ``channels``): ANNOUNCE tells the receiver, before the KV exists,
+which messages will come on a tag of their own, so it posts their receives into the reserved
+blocks ahead; the DATA header of that payload carries the same tag and runs. RETRACT
+withdraws an announcement: one 1-byte message per announced message follows on its tag,
+completing the receives posted for it (gloo cannot cancel a posted receive).
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ import torch
 from kv_transfer.errors import LayoutMismatch
 
 HEADER_BYTES = 512
-_MAGIC = b"KVH3"  # 3: block-major payload, one message per block or per run
-_FIXED = struct.Struct("<4sBBHHHIIIIH")
+_MAGIC = b"KVH4"  # 4: announced payloads (tags); 3: runs; block-major payload
+_FIXED = struct.Struct("<4sBBHHHIIIIIH")
 MAX_REQUEST_ID_BYTES = HEADER_BYTES - _FIXED.size
 MAX_RUN_BLOCKS = 2**16 - 1  # a run length is a uint16
 # A run message's bytes are capped: a payload nobody expects any more (aborted) is drained
@@ -57,6 +64,10 @@ def max_runs(request_id: str) -> int:
 
 DATA = 1  # a request's KV payload follows
 CLOSE = 2  # the sender closes the channel; no payload follows
+ANNOUNCE = 3  # a payload will follow on ``tag`` (receives may be posted now); nothing follows
+RETRACT = 4  # an announcement is withdrawn: one 1-byte message per announced message follows
+KINDS = (DATA, CLOSE, ANNOUNCE, RETRACT)
+DATA_TAG = 1  # tag of unannounced payload messages (announced ones: their own tag, above it)
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -82,6 +93,7 @@ class TransferHeader:
     dtype: torch.dtype = torch.float32  # element type of the payload
     block_shape: tuple[int, int, int] = (0, 0, 0)  # (block_size, num_kv_heads, head_dim)
     runs: tuple[int, ...] = ()  # blocks per message, summing to num_blocks; () = 1 each
+    tag: int = DATA_TAG  # tag of the payload's messages: DATA_TAG, or an announcement's
 
     @classmethod
     def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
@@ -144,6 +156,7 @@ class TransferHeader:
             len(self.runs),
             self.num_blocks,
             *self.block_shape,
+            self.tag,
             len(rid),
         )
         body = fixed + rid + struct.pack(f"<{len(self.runs)}H", *self.runs)
@@ -155,16 +168,16 @@ class TransferHeader:
     def decode(cls, buf: torch.Tensor) -> TransferHeader:
         """Parse a ``uint8`` tensor ``[HEADER_BYTES]``; raises ``ValueError`` if it is not one."""
         raw = buf.cpu().numpy().tobytes()
-        magic, kind, dt, l0, l1, num_runs, n, bs, kvh, hd, rid_len = _FIXED.unpack_from(raw)
+        magic, kind, dt, l0, l1, num_runs, n, bs, kvh, hd, tag, rid_len = _FIXED.unpack_from(raw)
         runs_at = _FIXED.size + rid_len
-        if (magic != _MAGIC or kind not in (DATA, CLOSE) or dt >= len(DTYPES)
+        if (magic != _MAGIC or kind not in KINDS or dt >= len(DTYPES)
                 or runs_at + 2 * num_runs > HEADER_BYTES):
             raise ValueError(f"not a KV transfer header (starts {raw[:8]!r})")
         rid = raw[_FIXED.size : runs_at].decode()
         runs = struct.unpack_from(f"<{num_runs}H", raw, runs_at)
         if runs and (sum(runs) != n or min(runs) == 0):
             raise ValueError(f"KV transfer header with bad runs for {n} blocks: {runs}")
-        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd), runs)
+        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd), runs, tag)
 
 
 def empty_header(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -116,6 +116,12 @@ class ExpectTable:
         ids, views = entry.dst_ids, self._views
         return [views(ids[first], layers, count) for first, count in spans]
 
+    def claimed_blocks(self, request_id: str) -> int:
+        """Blocks of an expected request that receives are writing into (0 if unknown)."""
+        with self._lock:
+            entry = self._expected.get(request_id)
+            return entry.claimed if entry is not None else 0
+
     def release(self, entry: Expected, count: int = 1) -> None:
         """``count`` claimed blocks are no longer being written."""
         with self._lock:

@@ -25,6 +25,7 @@ timeout (``idle_timeout_s + timeout_s``), longer than a sender keeps an idle cha
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -53,13 +54,22 @@ from kv_transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from kv_transfer.header import MAX_RUN_BLOCKS, MAX_RUN_BYTES, max_runs
+from kv_transfer.header import (
+    ANNOUNCE,
+    DATA,
+    DATA_TAG,
+    MAX_RUN_BLOCKS,
+    MAX_RUN_BYTES,
+    RETRACT,
+    TransferHeader,
+    max_runs,
+)
 from kv_transfer.receiving import ExpectTable, TableReceiver
 
 log = logging.getLogger(__name__)
 
 _PAIRS = "kv/pairs"  # counter: number of pair channels ever announced to this store
-CTRL_TAG = 0  # headers; payload messages use channels.DATA_TAG
+CTRL_TAG = 0  # headers; payload messages use header.DATA_TAG or an announcement's tag
 
 
 def _pair_key(n: int) -> str:
@@ -271,7 +281,34 @@ class TorchDistSender(KVSender):
         self._lock = threading.Lock()
         self._lru = ChannelLRU(config.max_channels, self._new_channel)
         self._queued: dict[str, list[SendJob]] = {}  # request id -> unfinished sends
+        self._announced: dict[str, SendJob] = {}  # request id -> its unsettled ANNOUNCE
         self._closed = False
+        self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+
+    def announce(self, request_id: str, peer: Endpoint, dst_block_ids: Sequence[int]) -> bool:
+        """Tell ``peer`` now how this request's KV will come (its reserved blocks' runs, a
+        tag of its own), so that it posts the receives before the KV exists. Settled by the
+        request's ``send`` or ``abort``. False (nothing announced) where it cannot help: an
+        NCCL wire (ordered, no tags), a bad layout (``send`` reports it)."""
+        if choose_wire(self.config, self.kv_cache, peer) != "gloo":
+            return False
+        try:
+            dst_ids = blocks.check_id_list(self.kv_cache, dst_block_ids)
+            runs = self._runs(request_id, dst_ids, None, dst_ids)
+            header = send_header(request_id, self.kv_cache, peer, len(dst_ids), None, runs)
+        except (TransferError, ValueError):
+            return False
+        with self._lock:
+            if self._closed or request_id in self._announced:
+                return False
+            channel = self._lru.get(peer)
+            header = dataclasses.replace(header, kind=ANNOUNCE, tag=channel.new_tag())
+            job = SendJob(header, dst_ids, TransferHandle(request_id))  # src_ids: the dst ids
+            if not channel.submit(job):
+                return False
+            self._announced[request_id] = job
+        job.handle.add_done_callback(_log_control_failure)
+        return True
 
     def send(
         self,
@@ -283,19 +320,31 @@ class TorchDistSender(KVSender):
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
-        runs = self._runs(request_id, src_ids, layers, dst_block_ids)
-        try:
-            header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers, runs)
-        except TransferError as error:
-            return fail_fast(handle, error)
+        with self._lock:
+            announced = self._announced.pop(request_id, None)
+        header = None
+        if announced is not None:  # as announced, if the source blocks fit its runs
+            header = self._as_announced(announced, peer, src_ids, layers, dst_block_ids)
+            if header is None:
+                self._retract(announced.channel, announced.header)
+        if header is None:
+            runs = self._runs(request_id, src_ids, layers, dst_block_ids)
+            try:
+                header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers, runs)
+            except TransferError as error:
+                return fail_fast(handle, error)
         job = SendJob(header, src_ids, handle)
         with self._lock:
             if self._closed:
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
             self._queued.setdefault(request_id, []).append(job)
             channel = self._lru.get(peer)
-            if not channel.submit(job):  # it was closing: a fresh channel keeps the order
-                self._lru.drop(channel)
+            if header.tag != DATA_TAG and channel is not announced.channel:
+                channel = None  # the announcing channel closed (it dropped the receives)
+            if channel is None or not channel.submit(job):
+                if header.tag != DATA_TAG:  # a fresh channel: unannounced
+                    job.header = self._plain(job.header, src_ids, dst_block_ids)
+                self._lru.drop(announced.channel if channel is None else channel)
                 self._lru.get(peer).submit(job)
         handle.add_done_callback(self._forget)
         return handle
@@ -303,9 +352,15 @@ class TorchDistSender(KVSender):
     def abort(self, request_id: str) -> bool:
         with self._lock:
             jobs = list(self._queued.get(request_id, ()))
+            announced = self._announced.pop(request_id, None)
         error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
-        return any([job.drop(error) for job in jobs])  # a send on the wire completes first
-
+        dropped = [job for job in jobs if job.drop(error)]  # a send on the wire completes first
+        for job in dropped:
+            if job.header.tag != DATA_TAG:
+                self._retract(job.channel, job.header)
+        if announced is not None:
+            self._retract(announced.channel, announced.header)
+        return bool(dropped)
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -314,6 +369,43 @@ class TorchDistSender(KVSender):
             channel.close()
         for channel in channels:
             channel.thread.join(timeout=self.config.timeout_s + self.config.connect_timeout_s)
+
+    def _as_announced(self, announced: SendJob, peer: Endpoint, src_ids: list[int],
+                      layers: tuple[int, int] | None,
+                      dst_block_ids: Sequence[int] | None) -> TransferHeader | None:
+        """The DATA header of a send that matches its announcement (same peer, blocks and
+        layers; every announced run contiguous in the source cache too), else None."""
+        h = announced.header
+        channel = announced.channel
+        if channel is None or channel.peer != peer.describe():
+            return None
+        if layers is not None and tuple(layers) != (h.layer_start, h.layer_end):
+            return None
+        if dst_block_ids is None or [int(i) for i in dst_block_ids] != announced.src_ids:
+            return None
+        if len(src_ids) != h.num_blocks:
+            return None
+        for first, count in h.messages() if h.runs else ():  # (else one message per block)
+            start = src_ids[first]
+            if src_ids[first : first + count] != list(range(start, start + count)):
+                return None
+        return dataclasses.replace(h, kind=DATA)
+
+    def _plain(self, header: TransferHeader, src_ids: list[int],
+               dst_block_ids: Sequence[int] | None) -> TransferHeader:
+        """An announced DATA header made unannounced (for a channel that never saw it)."""
+        runs = self._runs(header.request_id, src_ids, None, dst_block_ids)
+        return dataclasses.replace(header, runs=tuple(runs), tag=DATA_TAG)
+
+    def _retract(self, channel: SenderChannel | None, header: TransferHeader) -> None:
+        """Settle an announcement without its payload (see ``channels``); nothing to do if
+        its channel is gone (the receiver dropped the receives with it)."""
+        if channel is None:
+            return
+        job = SendJob(dataclasses.replace(header, kind=RETRACT), [], TransferHandle(
+            header.request_id))
+        if channel.submit(job):
+            job.handle.add_done_callback(_log_control_failure)
 
     def _runs(self, request_id: str, src_ids: list[int], layers: tuple[int, int] | None,
               dst_block_ids: Sequence[int] | None) -> tuple[int, ...]:
@@ -327,8 +419,7 @@ class TorchDistSender(KVSender):
         if layers is not None and tuple(layers) != (0, num_layers):
             return ()  # a layer range of adjacent blocks is not one contiguous span
         dst_ids = [int(i) for i in dst_block_ids]
-        block_bytes = self.kv_cache[0].numel() * self.kv_cache.element_size()
-        longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
+        longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // self._block_bytes))
         runs = blocks.contiguous_runs(src_ids, dst_ids, longest)
         if len(runs) == len(src_ids) or len(runs) > max_runs(request_id):
             return ()
@@ -354,6 +445,11 @@ class TorchDistSender(KVSender):
                 self._queued[handle.request_id] = jobs
             else:
                 self._queued.pop(handle.request_id, None)
+
+
+def _log_control_failure(handle: TransferHandle) -> None:
+    if handle.error is not None:  # its channel failed: the receiver dropped the receives
+        log.info("kv_transfer: announcement of %s: %s", handle.request_id, handle.error)
 
 
 class TorchDistReceiver(TableReceiver):

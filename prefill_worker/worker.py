@@ -2,7 +2,8 @@
 
 Life of a request on the prefill side:
   1. ``prefill()`` — the router sends the prompt, the chosen decode worker's endpoint and the
-     block ids that worker reserved for it.
+     block ids that worker reserved for it. The transfer is announced to that worker at once
+     (``KVSender.announce``: it prepares its receives while the prompt is computed).
   2. WAITING → RUNNING in the engine's continuous batch: chunked prefill alongside other
      prompts; cached prefix blocks are skipped (the prefix cache is on).
   3. The last chunk samples the first token: the request ends FINISHED_PREFILLED, keeping its
@@ -12,7 +13,9 @@ Life of a request on the prefill side:
   5. Transfer done or failed → the blocks are released; their full blocks stay in the
      prefix cache (evictable) for later prompts.
   Abort at any point frees the blocks (a send already on the wire finishes first). A failure
-  (bad request, engine error) raises from ``prefill()`` with a client-safe message.
+  (bad request, engine error) raises from ``prefill()`` with a client-safe message. Every
+  path that ends a request without sending its KV withdraws the announcement
+  (``KVSender.abort``).
 """
 
 from __future__ import annotations
@@ -74,11 +77,13 @@ class PrefillWorker(HostedWorker):
         times = {"prefill_arrival": time.time()}
         with self._lock:
             self._pending[request_id] = (future, peer, list(dst_block_ids), times, params)
+        self.sender.announce(request_id, peer, dst_block_ids)
         try:
             self.host.call(_add_prefill, request_id, prompt_token_ids, params)
         except Exception:
             with self._lock:
                 self._pending.pop(request_id, None)
+            self.sender.abort(request_id)
             raise
         return future.result(timeout_s)
 
@@ -109,6 +114,7 @@ class PrefillWorker(HostedWorker):
                 self._complete(out, *pending)
             except Exception as e:  # a bug must fail this request, never hang its caller
                 log.exception("request %s: finishing its prefill failed", out.request_id)
+                self.sender.abort(out.request_id)
                 if not pending[0].done():
                     pending[0].set_exception(PrefillFailed(
                         f"request {out.request_id}: internal error in the prefill worker: {e!r}"
@@ -119,6 +125,7 @@ class PrefillWorker(HostedWorker):
         """A finished prefill: answer with its first token and ship its KV (or free it)."""
         times["first_token"] = time.time()
         if out.finish_reason == "error":
+            self.sender.abort(out.request_id)  # withdraw the announced transfer
             future.set_exception(PrefillFailed(out.error or "prefill failed"))
             return
         request = self.host.engine.prefilled_request(out.request_id)
@@ -130,6 +137,7 @@ class PrefillWorker(HostedWorker):
         if finish is None:
             self._ship(out.request_id, peer, dst_blocks)
         else:  # nothing left to decode: no transfer
+            self.sender.abort(out.request_id)
             self.host.engine.release(out.request_id)
         future.set_result(PrefillResult(
             out.request_id, first, out.logprobs[0] if out.logprobs else None,

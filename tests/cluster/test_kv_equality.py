@@ -43,6 +43,9 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
         return original_send(request_id, peer, src_block_ids, layers, **hints)
 
     p.sender.send = recording_send
+    announced: list[bool] = []
+    original_announce = p.sender.announce
+    p.sender.announce = lambda *args: announced.append(original_announce(*args)) or announced[-1]
     landed = threading.Event()
     original_done = d._kv_done
 
@@ -59,6 +62,8 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
         assert landed.wait(30), "KV never landed"
         src = sent["r1"]
         assert len(src) == len(dst) == 10
+        # torch_dist: announced when the prefill started (the receives were posted early)
+        assert announced == [backend == "torch_dist"]
         # [n, L, 2, bs, kvh, D] -> [L, 2, n * bs, kvh, D]: positions in prompt order.
         by_position = lambda kv, ids: kv[ids].permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
         # Only the prompt's 37 positions are meaningful: compare those exactly.
@@ -72,6 +77,31 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
             outs.extend(d.get_outputs(5.0))
         assert outs[-1].finish_reason == "length"
         assert sum(len(o.new_token_ids) for o in outs) == 3  # the first came from prefill
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_a_request_without_a_transfer_withdraws_its_announcement(model_dir):
+    """A first token that ends the request: no KV is sent, so the prefill worker retracts
+    the announcement, and the decode side's abort (the router's next call) returns at once
+    with every reserved block free."""
+    config = TransferConfig(backend="torch_dist", timeout_s=20, host="127.0.0.1")
+    p = PrefillWorker("p0", str(model_dir), OPTIONS, config)
+    d = DecodeWorker("d0", str(model_dir), OPTIONS, config)
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        free = d.free_blocks()
+        prompt = list(range(7, 7 + 21))
+        dst = d.reserve("r1", prompt, params)
+        result = p.prefill("r1", prompt, params, d.endpoint(), dst, timeout_s=30)
+        assert result.finish_reason == "length"
+        aborted = threading.Thread(target=d.abort, args=("r1",))
+        aborted.start()
+        aborted.join(timeout=5)
+        assert not aborted.is_alive(), "the decode abort waited for a transfer that never comes"
+        assert d.free_blocks() == free
+        assert d.receiver.table.claimed_blocks("r1") == 0
     finally:
         p.shutdown()
         d.shutdown()

@@ -1,0 +1,172 @@
+"""torch_dist announced payloads: receives posted before the KV exists, settled exactly once
+by the payload or a retraction (see kv_transfer.channels)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from kv_transfer import TransferConfig, blocks
+from kv_transfer.header import DATA_TAG
+from kv_transfer.torch_dist import PairGroup, TorchDistReceiver, TorchDistSender
+
+from .helpers import Completions, make_cache
+
+CONFIG = TransferConfig(host="127.0.0.1", timeout_s=10.0, connect_timeout_s=20.0)
+
+
+@pytest.fixture
+def make():
+    opened: list = []
+
+    def factory(kind: str, config: TransferConfig = CONFIG, seed: int | None = None):
+        cls = TorchDistSender if kind == "sender" else TorchDistReceiver
+        cache = make_cache(seed if kind == "sender" else None)
+        obj = cls(config, cache, name=f"{kind}{len(opened)}")
+        opened.append(obj)
+        return obj
+
+    yield factory
+    for obj in opened:
+        if isinstance(obj, TorchDistSender):
+            obj.close()
+    for obj in opened:
+        if isinstance(obj, TorchDistReceiver):
+            obj.close()
+
+
+@pytest.fixture
+def wire(monkeypatch):
+    """Every data message posted by a sender: (tag, bytes)."""
+    sent: list[tuple[int, int]] = []
+    send = PairGroup.send
+
+    def recording_send(self, tensor, tag):
+        sent.append((tag, tensor.numel()))
+        return send(self, tensor, tag)
+
+    monkeypatch.setattr(PairGroup, "send", recording_send)
+    return sent
+
+
+def handled_in_order(sender, receiver, done: Completions, name: str, src: int, dst: int) -> None:
+    """Send a plain one-block request and wait for it: the receiver handles a channel's
+    headers in order, so everything the sender put on the channel before it was handled."""
+    receiver.expect(name, [dst], done)
+    sender.send(name, receiver.endpoint(), [src]).result(timeout=10)
+    done.wait_for(name)
+    assert done.errors[name] is None
+
+
+def test_announced_payloads_land_on_their_own_tags(make, wire):
+    sender, receiver = make("sender", seed=3), make("receiver")
+    done, ep = Completions(), receiver.endpoint()
+    block_bytes = sender.kv_cache[0].numel() * sender.kv_cache.element_size()
+    requests = {"run": ([2, 3, 4, 5], [10, 11, 12, 13]), "scattered": ([20, 7, 1], [4, 17, 0])}
+    for rid, (_, dst) in requests.items():
+        receiver.expect(rid, dst, done)
+        assert sender.announce(rid, ep, dst)
+    handled_in_order(sender, receiver, done, "sync", 23, 23)  # the receives are posted now
+    assert receiver.table.claimed_blocks("run") == 4
+    assert receiver.table.claimed_blocks("scattered") == 3
+    wire.clear()
+    for rid, (src, dst) in requests.items():
+        sender.send(rid, ep, src, dst_block_ids=dst).result(timeout=10)
+    done.wait_for(*requests)
+    for rid, (src, dst) in requests.items():
+        assert done.errors[rid] is None
+        assert torch.equal(blocks.gather(receiver.kv_cache, dst),
+                           blocks.gather(sender.kv_cache, src))
+        assert receiver.table.claimed_blocks(rid) == 0
+    tags = [tag for tag, _ in wire]
+    assert [n // block_bytes for _, n in wire] == [4, 1, 1, 1]  # the run as one message
+    assert DATA_TAG not in tags and len(set(tags[:1])) == 1 and len(set(tags[1:])) == 1
+    assert tags[0] != tags[1]
+
+
+def test_receiver_abort_waits_for_the_retraction_then_the_blocks_are_reusable(make, wire):
+    sender, receiver = make("sender", seed=5), make("receiver")
+    done, ep = Completions(), receiver.endpoint()
+    receiver.expect("gone", [6, 7, 8], done)
+    assert sender.announce("gone", ep, [6, 7, 8])
+    handled_in_order(sender, receiver, done, "sync", 0, 0)
+    assert receiver.table.claimed_blocks("gone") == 3
+    returned = threading.Event()
+    aborter = threading.Thread(target=lambda: (receiver.abort("gone"), returned.set()))
+    aborter.start()
+    # The receives still write into blocks 6-8 until the sender settles the announcement.
+    assert not returned.wait(0.3)
+    sender.abort("gone")  # its RETRACT: a 1-byte message completes the run's receive
+    assert returned.wait(5), "the receiver's abort did not return after the retraction"
+    aborter.join()
+    assert "gone" not in done.errors  # aborted: no completion is reported
+    assert [n for tag, n in wire if tag != DATA_TAG] == [1]
+    # The blocks can be reserved again: announced and plain payloads land in them.
+    receiver.expect("again", [6, 7, 8], done)
+    assert sender.announce("again", ep, [6, 7, 8])
+    sender.send("again", ep, [9, 10, 11], dst_block_ids=[6, 7, 8]).result(timeout=10)
+    done.wait_for("again")
+    assert done.errors["again"] is None
+    assert torch.equal(receiver.kv_cache[6:9], sender.kv_cache[9:12])
+
+
+def test_sources_that_do_not_fit_the_announced_runs_are_retracted_and_sent_plain(make, wire):
+    sender, receiver = make("sender", seed=7), make("receiver")
+    done, ep = Completions(), receiver.endpoint()
+    dst, src = [12, 13, 14, 15], [0, 5, 2, 23]  # one announced run, scattered sources
+    receiver.expect("r", dst, done)
+    assert sender.announce("r", ep, dst)
+    sender.send("r", ep, src, dst_block_ids=dst).result(timeout=10)
+    done.wait_for("r")
+    assert done.errors["r"] is None
+    assert torch.equal(blocks.gather(receiver.kv_cache, dst), blocks.gather(sender.kv_cache, src))
+    retracted = [n for tag, n in wire if tag != DATA_TAG]
+    assert retracted == [1]  # one fill for the one announced message
+    assert len([n for tag, n in wire if tag == DATA_TAG]) == 4
+
+
+def test_announcements_nobody_expects_are_drained_and_the_channel_goes_on(make):
+    sender, receiver = make("sender", seed=9), make("receiver")
+    done, ep = Completions(), receiver.endpoint()
+    assert sender.announce("ghost", ep, [1, 2])  # never expected: nothing is posted
+    sender.send("ghost", ep, [3, 4], dst_block_ids=[1, 2]).result(timeout=10)
+    assert sender.announce("ghost2", ep, [5])
+    sender.abort("ghost2")
+    receiver.expect("late", [1, 2], done)  # expected after its announcement went by
+    assert sender.announce("late", ep, [1, 2]) is True
+    sender.send("late", ep, [7, 8], dst_block_ids=[1, 2]).result(timeout=10)
+    handled_in_order(sender, receiver, done, "after", 9, 9)
+    done.wait_for("late")
+    assert done.errors["late"] is None and torch.equal(receiver.kv_cache[1:3],
+                                                       sender.kv_cache[7:9])
+    assert receiver.kv_cache[[0, 3, 4, 5]].count_nonzero() == 0  # nothing else landed
+
+
+def test_a_closed_channel_releases_announced_receives_and_a_new_one_sends_plain(make, wire):
+    config = dataclasses.replace(CONFIG, max_channels=1)
+    sender = make("sender", config, seed=11)
+    receiver, other = make("receiver"), make("receiver")
+    done = Completions()
+    receiver.expect("r", [3, 4], done)
+    assert sender.announce("r", receiver.endpoint(), [3, 4])
+    handled_in_order(sender, receiver, done, "sync", 0, 0)
+    assert receiver.table.claimed_blocks("r") == 2
+    # A channel to another receiver closes the idle one (LRU cap 1): its receives are dropped.
+    handled_in_order(sender, other, done, "elsewhere", 1, 1)
+    wire.clear()
+    sender.send("r", receiver.endpoint(), [5, 6], dst_block_ids=[3, 4]).result(timeout=10)
+    done.wait_for("r")
+    assert done.errors["r"] is None and torch.equal(receiver.kv_cache[3:5], sender.kv_cache[5:7])
+    assert [tag for tag, _ in wire] == [DATA_TAG]  # one run, unannounced, on a new channel
+    assert receiver.table.claimed_blocks("r") == 0
+
+
+def test_no_announcement_over_nccl_or_for_a_bad_layout(make):
+    sender, receiver = make("sender", seed=1), make("receiver")
+    ep = receiver.endpoint()
+    assert not sender.announce("bad", dataclasses.replace(ep, dtype="float16"), [1])
+    nccl = make("sender", dataclasses.replace(CONFIG, wire="nccl"), seed=1)
+    assert not nccl.announce("r", ep, [1])
