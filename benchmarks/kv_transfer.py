@@ -17,10 +17,10 @@ What is timed:
     sent straight from the source blocks of the (block-major) cache and received straight
     into the reserved blocks → ``on_done`` on the receiver; timed from ``send()`` until the
     child reports ``on_done``. Two paths (``--paths``):
-      - ``announced``, what the prefill worker does: ``announce()`` when the prefill starts,
-        so the receiver posts its receives before the KV exists; here the announcement goes
-        out ``--lead-ms`` before the clock starts (standing in for the prefill's compute,
-        which takes longer than that for any prompt);
+      - ``announced``, what the prefill worker does: ``announce()`` when the prompt's last
+        chunk is scheduled, so the receiver posts its receives while that chunk is computed;
+        here the announcement goes out ``--lead-ms`` before the clock starts (standing in for
+        that forward pass);
       - ``plain``: no announcement (the receiver posts its receives when the header lands).
   - raw: one ``send``/``recv`` of a preallocated contiguous buffer of the same byte count
     over a separate two-rank group between the same processes (no block bookkeeping, no
@@ -78,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", default=["announced", "plain"],
                    choices=["announced", "plain"])
     p.add_argument("--lead-ms", type=float, default=5.0,
-                   help="announced path: announce this long before the send (the prefill)")
+                   help="announced path: announce this long before the send (the last "
+                   "prefill chunk's forward pass)")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -191,7 +192,7 @@ def time_ours(sender, endpoint, outbox, inbox, rid: str, src, dst, lead_s: float
     outbox.send(("expect", rid, dst))
     expect_msg(inbox, "ready")
     if lead_s is not None:  # as the prefill worker: announced when the prefill starts
-        if not sender.announce(rid, endpoint, dst):
+        if not sender.announce(rid, endpoint, src, dst):
             raise RuntimeError("benchmark: the announcement was refused")
         time.sleep(lead_s)  # the prefill's compute
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ and the baseline disaggregation must beat. One step reads::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -67,6 +67,10 @@ class Engine:
         self._prefilled: dict[str, Request] = {}  # prefill-only requests holding their blocks
         self.last_batch: SchedulerOutput | None = None  # the latest step's batch (stats)
         self._ids = itertools.count()
+        # Prefill side: called (on the engine thread) with each prefill-only request whose
+        # last prompt chunk was just scheduled, before the step runs: its blocks are final,
+        # its KV is one forward pass away (the prefill worker announces the transfer).
+        self.on_last_chunk_scheduled: Callable[[Request], None] | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -209,6 +213,10 @@ class Engine:
         self.last_batch = batch
         if batch.is_empty:
             return []
+        if self.on_last_chunk_scheduled is not None:
+            for scheduled in batch.scheduled[batch.num_decodes :]:
+                if scheduled.sample and scheduled.request.prefill_only:
+                    self.on_last_chunk_scheduled(scheduled.request)
         out = self.runner.execute(batch)
         touched = self.scheduler.update(batch, out)
         outputs = []
@@ -226,7 +234,10 @@ class Engine:
     # -- disaggregation hooks --------------------------------------------------------------
     def prefilled_block_ids(self, request_id: str) -> list[int]:
         """Prefill side: the blocks holding a prefilled request's prompt KV, in order."""
-        request = self._prefilled[request_id]
+        return self.prompt_block_ids(self._prefilled[request_id])
+
+    def prompt_block_ids(self, request: Request) -> list[int]:
+        """The blocks that hold (or will hold) a request's prompt KV, in order."""
         return request.block_ids[: cdiv(request.num_prompt_tokens, self.cache_config.block_size)]
 
     def prefilled_request(self, request_id: str) -> Request:

@@ -9,7 +9,8 @@ Life of a transfer:
   decode: 1. reserve blocks  2. ``expect(rid, dst_blocks, on_done)``  3. ``on_done(rid, None)``
           (KV scattered into dst_blocks; the request may join the decode batch) or
           ``on_done(rid, TransferError)`` (free the blocks; the request fails or re-prefills)
-  prefill: 0. optionally ``announce(rid, peer, dst_blocks)`` when the prefill starts
+  prefill: 0. optionally ``announce(rid, peer, src_blocks, dst_blocks)`` once the source
+          blocks are known (the last prefill chunk is scheduled)
           1. ``handle = send(rid, peer, src_blocks)`` after the last prefill chunk (or
           ``abort(rid)``: an announcement must be settled by one of the two)
           2. when ``handle.done()`` (success or error) free the source blocks
@@ -207,11 +208,13 @@ class KVSender(ABC):
         both caches as one message (torch_dist does). The receiver's ``expect`` still
         decides where the KV lands."""
 
-    def announce(self, request_id: str, peer: Endpoint, dst_block_ids: Sequence[int]) -> bool:
-        """Optional, before ``send``: tell ``peer`` now where the request's KV will go, so
-        that it can prepare (torch_dist posts the receives into the reserved blocks). Every
-        announcement must be settled by the request's ``send`` or ``abort``. True if
-        announced; the default announces nothing."""
+    def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
+                 dst_block_ids: Sequence[int]) -> bool:
+        """Optional, before ``send``: tell ``peer`` now that blocks ``src_block_ids`` will
+        go to its ``dst_block_ids``, so that it can prepare (torch_dist posts the receives
+        into the reserved blocks) while the KV is being computed. Every announcement must
+        be settled by the request's ``send`` (same blocks) or ``abort``. True if announced;
+        the default announces nothing."""
         return False
 
     @abstractmethod

@@ -15,16 +15,17 @@ device (CUDA caches over a gloo wire: through host slots) and to drain a payload
 expects any more.
 
 Announced payloads (gloo wire): the prefill worker knows where a request's KV will go
-(peer and reserved blocks) when the prefill starts, long before the KV exists. It sends an
-ANNOUNCE header then, with the messages' layout (runs of the reserved blocks) and a tag of
-their own; the receiver posts every receive into the reserved blocks at once. When the KV is
-ready the DATA header (same tag and runs) and the messages go out, and gloo writes each one
-as soon as it is posted: no header → post → ready-notice round trip before the first byte,
-which was most of a small transfer's time. An announcement is settled exactly once by the
-sender: by its DATA, or by RETRACT (aborted, no transfer, or source blocks that do not fit
-the announced runs: then a plain DATA follows) whose 1-byte messages complete the posted
-receives. Until then an abort on the receiver waits (the receives write into the blocks);
-a channel that ends drops its receives with the pair group.
+(peer, source and reserved blocks) once the prompt's last chunk is scheduled, a forward
+pass before the KV exists. It sends an ANNOUNCE header then, with the messages' layout
+(runs) and a tag of their own; the receiver posts every receive into the reserved blocks
+at once. When the KV is ready its messages go out on that tag, then the DATA header as a
+trailer, and gloo writes each message as soon as it is posted: no header → post →
+ready-notice round trip before the first byte, which was most of a small transfer's time.
+An announcement is settled exactly once by the sender: by its DATA, or by RETRACT
+(aborted, no transfer, or a send of other blocks than announced: then a plain DATA
+follows) whose 1-byte messages complete the posted receives. Until then an abort on the
+receiver waits (the receives write into the blocks); a channel that ends drops its
+receives with the pair group.
 """
 
 from __future__ import annotations
@@ -222,14 +223,17 @@ class SenderChannel:
         self._staging: Staging | None = None
         self._fill: torch.Tensor | None = None  # RETRACT's 1-byte message
         self._next_tag = FIRST_ANNOUNCED_TAG
+        self._unsettled = 0  # announcements without their DATA or RETRACT yet
         self.thread = threading.Thread(target=self._run, name=f"kv-send {peer}", daemon=True)
         self.thread.start()
 
     def new_tag(self) -> int:
-        """A tag for one announced payload, unused on this channel so far."""
+        """A tag for one announced payload, unused on this channel so far; the channel
+        counts as busy (the LRU keeps it open) until ``settle``."""
         with self._cond:
             tag = self._next_tag
             self._next_tag = tag + 1 if tag < _LAST_TAG else FIRST_ANNOUNCED_TAG
+            self._unsettled += 1
             return tag
 
     def submit(self, job: SendJob) -> bool:
@@ -241,8 +245,9 @@ class SenderChannel:
             job.channel = self
             group = self._group
             # Not an announced payload: its receives are posted, so gloo would write it
-            # in this thread (the prefill engine loop) before returning.
-            direct = not _is_announced_data(job.header)
+            # in this thread (the prefill engine loop) before returning. Nor an ANNOUNCE:
+            # it is early by design, and posting it costs the engine loop a socket write.
+            direct = job.header.kind != ANNOUNCE and not _is_announced_data(job.header)
             if direct and group is not None and not self._busy and not self._jobs \
                     and job.start():
                 self._busy = True  # nothing else is on the wire: posting here keeps the order
@@ -259,8 +264,14 @@ class SenderChannel:
             return True
 
     def idle(self) -> bool:
+        """Nothing queued or on the wire, and no announcement waiting for its payload."""
         with self._cond:
-            return not self._busy and not self._jobs
+            return not self._busy and not self._jobs and not self._unsettled
+
+    def settle(self) -> None:
+        """An announcement of this channel got its DATA or RETRACT job."""
+        with self._cond:
+            self._unsettled -= 1
 
     def close(self) -> None:
         """Send what is queued, then a CLOSE header, then end."""

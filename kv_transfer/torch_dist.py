@@ -281,21 +281,26 @@ class TorchDistSender(KVSender):
         self._lock = threading.Lock()
         self._lru = ChannelLRU(config.max_channels, self._new_channel)
         self._queued: dict[str, list[SendJob]] = {}  # request id -> unfinished sends
-        self._announced: dict[str, SendJob] = {}  # request id -> its unsettled ANNOUNCE
+        # request id -> its unsettled ANNOUNCE job and the reserved ids it was announced for
+        self._announced: dict[str, tuple[SendJob, list[int]]] = {}
         self._closed = False
         self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
 
-    def announce(self, request_id: str, peer: Endpoint, dst_block_ids: Sequence[int]) -> bool:
-        """Tell ``peer`` now how this request's KV will come (its reserved blocks' runs, a
-        tag of its own), so that it posts the receives before the KV exists. Settled by the
-        request's ``send`` or ``abort``. False (nothing announced) where it cannot help: an
-        NCCL wire (ordered, no tags), a bad layout (``send`` reports it)."""
+    def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
+                 dst_block_ids: Sequence[int]) -> bool:
+        """Tell ``peer`` now how this request's KV will come (its runs, a tag of its own),
+        so that it posts the receives before the KV is computed. Settled by the request's
+        ``send`` or ``abort``. False (nothing announced) where it cannot help: an NCCL wire
+        (ordered, no tags), bad ids or a layout mismatch (``send`` reports those)."""
         if choose_wire(self.config, self.kv_cache, peer) != "gloo":
             return False
         try:
-            dst_ids = blocks.check_id_list(self.kv_cache, dst_block_ids)
-            runs = self._runs(request_id, dst_ids, None, dst_ids)
-            header = send_header(request_id, self.kv_cache, peer, len(dst_ids), None, runs)
+            src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
+            dst_ids = [int(i) for i in dst_block_ids]
+            if len(dst_ids) != len(src_ids):
+                return False
+            runs = self._runs(request_id, src_ids, None, dst_ids)
+            header = send_header(request_id, self.kv_cache, peer, len(src_ids), None, runs)
         except (TransferError, ValueError):
             return False
         with self._lock:
@@ -303,10 +308,11 @@ class TorchDistSender(KVSender):
                 return False
             channel = self._lru.get(peer)
             header = dataclasses.replace(header, kind=ANNOUNCE, tag=channel.new_tag())
-            job = SendJob(header, dst_ids, TransferHandle(request_id))  # src_ids: the dst ids
+            job = SendJob(header, src_ids, TransferHandle(request_id))
             if not channel.submit(job):
+                channel.settle()
                 return False
-            self._announced[request_id] = job
+            self._announced[request_id] = (job, dst_ids)
         job.handle.add_done_callback(_log_control_failure)
         return True
 
@@ -321,11 +327,12 @@ class TorchDistSender(KVSender):
         handle = TransferHandle(request_id)
         src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
         with self._lock:
-            announced = self._announced.pop(request_id, None)
+            announced, announced_dst = self._announced.pop(request_id, (None, None))
         header = None
-        if announced is not None:  # as announced, if the source blocks fit its runs
-            header = self._as_announced(announced, peer, src_ids, layers, dst_block_ids)
-            if header is None:
+        if announced is not None:  # as announced (same blocks and peer), else retracted
+            if self._matches(announced, announced_dst, peer, src_ids, layers, dst_block_ids):
+                header = dataclasses.replace(announced.header, kind=DATA)
+            else:
                 self._retract(announced.channel, announced.header)
         if header is None:
             runs = self._runs(request_id, src_ids, layers, dst_block_ids)
@@ -346,13 +353,15 @@ class TorchDistSender(KVSender):
                     job.header = self._plain(job.header, src_ids, dst_block_ids)
                 self._lru.drop(announced.channel if channel is None else channel)
                 self._lru.get(peer).submit(job)
+        if announced is not None:  # its DATA or RETRACT is queued: the channel may idle
+            announced.channel.settle()
         handle.add_done_callback(self._forget)
         return handle
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
             jobs = list(self._queued.get(request_id, ()))
-            announced = self._announced.pop(request_id, None)
+            announced, _ = self._announced.pop(request_id, (None, None))
         error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
         dropped = [job for job in jobs if job.drop(error)]  # a send on the wire completes first
         for job in dropped:
@@ -360,6 +369,7 @@ class TorchDistSender(KVSender):
                 self._retract(job.channel, job.header)
         if announced is not None:
             self._retract(announced.channel, announced.header)
+            announced.channel.settle()
         return bool(dropped)
     def close(self) -> None:
         with self._lock:
@@ -370,26 +380,20 @@ class TorchDistSender(KVSender):
         for channel in channels:
             channel.thread.join(timeout=self.config.timeout_s + self.config.connect_timeout_s)
 
-    def _as_announced(self, announced: SendJob, peer: Endpoint, src_ids: list[int],
-                      layers: tuple[int, int] | None,
-                      dst_block_ids: Sequence[int] | None) -> TransferHeader | None:
-        """The DATA header of a send that matches its announcement (same peer, blocks and
-        layers; every announced run contiguous in the source cache too), else None."""
+    @staticmethod
+    def _matches(announced: SendJob, announced_dst: list[int], peer: Endpoint,
+                 src_ids: list[int], layers: tuple[int, int] | None,
+                 dst_block_ids: Sequence[int] | None) -> bool:
+        """Whether a send is the one announced: same peer, blocks and (all) layers."""
         h = announced.header
-        channel = announced.channel
-        if channel is None or channel.peer != peer.describe():
-            return None
-        if layers is not None and tuple(layers) != (h.layer_start, h.layer_end):
-            return None
-        if dst_block_ids is None or [int(i) for i in dst_block_ids] != announced.src_ids:
-            return None
-        if len(src_ids) != h.num_blocks:
-            return None
-        for first, count in h.messages() if h.runs else ():  # (else one message per block)
-            start = src_ids[first]
-            if src_ids[first : first + count] != list(range(start, start + count)):
-                return None
-        return dataclasses.replace(h, kind=DATA)
+        return (
+            announced.channel is not None
+            and announced.channel.peer == peer.describe()
+            and (layers is None or tuple(layers) == (h.layer_start, h.layer_end))
+            and src_ids == announced.src_ids
+            and dst_block_ids is not None
+            and [int(i) for i in dst_block_ids] == announced_dst
+        )
 
     def _plain(self, header: TransferHeader, src_ids: list[int],
                dst_block_ids: Sequence[int] | None) -> TransferHeader:

@@ -2,10 +2,11 @@
 
 Life of a request on the prefill side:
   1. ``prefill()`` — the router sends the prompt, the chosen decode worker's endpoint and the
-     block ids that worker reserved for it. The transfer is announced to that worker at once
-     (``KVSender.announce``: it prepares its receives while the prompt is computed).
+     block ids that worker reserved for it.
   2. WAITING → RUNNING in the engine's continuous batch: chunked prefill alongside other
-     prompts; cached prefix blocks are skipped (the prefix cache is on).
+     prompts; cached prefix blocks are skipped (the prefix cache is on). When the last chunk
+     is scheduled the source blocks are final: the transfer is announced to the decode
+     worker (``KVSender.announce``: it posts its receives during that forward pass).
   3. The last chunk samples the first token: the request ends FINISHED_PREFILLED, keeping its
      blocks, and ``prefill()`` returns that token at once (TTFT does not wait for the
      transfer).
@@ -67,6 +68,7 @@ class PrefillWorker(HostedWorker):
         self.sender = make_sender(self.transfer_config, self.host.engine.runner.kv_cache,
                                   name=worker_id, **sender_kwargs)
         self.num_transfers_failed = 0
+        self.host.engine.on_last_chunk_scheduled = self._announce
 
     # -- called by the router (Ray actor methods) -------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -77,7 +79,6 @@ class PrefillWorker(HostedWorker):
         times = {"prefill_arrival": time.time()}
         with self._lock:
             self._pending[request_id] = (future, peer, list(dst_block_ids), times, params)
-        self.sender.announce(request_id, peer, dst_block_ids)
         try:
             self.host.call(_add_prefill, request_id, prompt_token_ids, params)
         except Exception:
@@ -101,6 +102,20 @@ class PrefillWorker(HostedWorker):
         self.host.shutdown()
 
     # -- on the engine thread -----------------------------------------------------------------
+    def _announce(self, request) -> None:
+        """The last chunk of ``request`` is scheduled: announce its transfer (the receiver
+        posts its receives while this step computes the KV)."""
+        with self._lock:  # atomic with abort's pop: an announcement it missed would linger
+            pending = self._pending.get(request.request_id)
+            if pending is None:
+                return  # aborted meanwhile
+            try:
+                src = self.host.engine.prompt_block_ids(request)
+                self.sender.announce(request.request_id, pending[1], src, pending[2])
+            except Exception:  # an optimisation: never fail the step for it
+                log.exception("request %s: announcing its KV transfer failed",
+                              request.request_id)
+
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             if out.finish_reason is None:

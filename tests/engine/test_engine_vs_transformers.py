@@ -216,3 +216,21 @@ def test_logprobs_match_log_softmax(tiny_model_dir):
         assert lp.top[0][0] == tok  # greedy: the chosen token is the most likely
         assert lp.logprob == pytest.approx(lp.top[0][1])
         assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+def test_last_chunk_hook_sees_the_final_prompt_blocks_once(tiny_model_dir):
+    """The prefill worker announces a KV transfer from this hook: it must fire once per
+    prefill-only request, before the step that computes its last chunk, with the blocks
+    that will hold the prompt's KV (those the transfer then sends)."""
+    engine = Engine.from_pretrained(tiny_model_dir("llama"), block_size=4,
+                                    max_num_batched_tokens=8)
+    seen: list[tuple[str, list[int], int]] = []
+    engine.on_last_chunk_scheduled = lambda request: seen.append(
+        (request.request_id, engine.prompt_block_ids(request), request.num_computed_tokens))
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    engine.add_request("long", list(range(3, 3 + 21)), params, prefill_only=True)  # 3 chunks
+    engine.add_request("plain", list(range(5, 5 + 6)), params)  # not prefill-only: no call
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [(rid, computed) for rid, _, computed in seen] == [("long", 16)]
+    assert seen[0][1] == engine.prefilled_block_ids("long") and len(seen[0][1]) == 6

@@ -66,9 +66,9 @@ def test_announced_payloads_land_on_their_own_tags(make, wire):
     done, ep = Completions(), receiver.endpoint()
     block_bytes = sender.kv_cache[0].numel() * sender.kv_cache.element_size()
     requests = {"run": ([2, 3, 4, 5], [10, 11, 12, 13]), "scattered": ([20, 7, 1], [4, 17, 0])}
-    for rid, (_, dst) in requests.items():
+    for rid, (src, dst) in requests.items():
         receiver.expect(rid, dst, done)
-        assert sender.announce(rid, ep, dst)
+        assert sender.announce(rid, ep, src, dst)
     handled_in_order(sender, receiver, done, "sync", 23, 23)  # the receives are posted now
     assert receiver.table.claimed_blocks("run") == 4
     assert receiver.table.claimed_blocks("scattered") == 3
@@ -91,7 +91,7 @@ def test_receiver_abort_waits_for_the_retraction_then_the_blocks_are_reusable(ma
     sender, receiver = make("sender", seed=5), make("receiver")
     done, ep = Completions(), receiver.endpoint()
     receiver.expect("gone", [6, 7, 8], done)
-    assert sender.announce("gone", ep, [6, 7, 8])
+    assert sender.announce("gone", ep, [1, 2, 3], [6, 7, 8])
     handled_in_order(sender, receiver, done, "sync", 0, 0)
     assert receiver.table.claimed_blocks("gone") == 3
     returned = threading.Event()
@@ -106,19 +106,19 @@ def test_receiver_abort_waits_for_the_retraction_then_the_blocks_are_reusable(ma
     assert [n for tag, n in wire if tag != DATA_TAG] == [1]
     # The blocks can be reserved again: announced and plain payloads land in them.
     receiver.expect("again", [6, 7, 8], done)
-    assert sender.announce("again", ep, [6, 7, 8])
+    assert sender.announce("again", ep, [9, 10, 11], [6, 7, 8])
     sender.send("again", ep, [9, 10, 11], dst_block_ids=[6, 7, 8]).result(timeout=10)
     done.wait_for("again")
     assert done.errors["again"] is None
     assert torch.equal(receiver.kv_cache[6:9], sender.kv_cache[9:12])
 
 
-def test_sources_that_do_not_fit_the_announced_runs_are_retracted_and_sent_plain(make, wire):
+def test_a_send_of_other_blocks_than_announced_is_retracted_and_sent_plain(make, wire):
     sender, receiver = make("sender", seed=7), make("receiver")
     done, ep = Completions(), receiver.endpoint()
-    dst, src = [12, 13, 14, 15], [0, 5, 2, 23]  # one announced run, scattered sources
+    dst, src = [12, 13, 14, 15], [0, 5, 2, 23]  # one announced run, other sources sent
     receiver.expect("r", dst, done)
-    assert sender.announce("r", ep, dst)
+    assert sender.announce("r", ep, [1, 2, 3, 4], dst)
     sender.send("r", ep, src, dst_block_ids=dst).result(timeout=10)
     done.wait_for("r")
     assert done.errors["r"] is None
@@ -131,12 +131,12 @@ def test_sources_that_do_not_fit_the_announced_runs_are_retracted_and_sent_plain
 def test_announcements_nobody_expects_are_drained_and_the_channel_goes_on(make):
     sender, receiver = make("sender", seed=9), make("receiver")
     done, ep = Completions(), receiver.endpoint()
-    assert sender.announce("ghost", ep, [1, 2])  # never expected: nothing is posted
+    assert sender.announce("ghost", ep, [3, 4], [1, 2])  # never expected: nothing posted
     sender.send("ghost", ep, [3, 4], dst_block_ids=[1, 2]).result(timeout=10)
-    assert sender.announce("ghost2", ep, [5])
+    assert sender.announce("ghost2", ep, [6], [5])
     sender.abort("ghost2")
     receiver.expect("late", [1, 2], done)  # expected after its announcement went by
-    assert sender.announce("late", ep, [1, 2]) is True
+    assert sender.announce("late", ep, [7, 8], [1, 2]) is True
     sender.send("late", ep, [7, 8], dst_block_ids=[1, 2]).result(timeout=10)
     handled_in_order(sender, receiver, done, "after", 9, 9)
     done.wait_for("late")
@@ -145,28 +145,53 @@ def test_announcements_nobody_expects_are_drained_and_the_channel_goes_on(make):
     assert receiver.kv_cache[[0, 3, 4, 5]].count_nonzero() == 0  # nothing else landed
 
 
-def test_a_closed_channel_releases_announced_receives_and_a_new_one_sends_plain(make, wire):
+def test_an_announcement_keeps_its_channel_open_under_the_lru_cap(make, wire):
     config = dataclasses.replace(CONFIG, max_channels=1)
     sender = make("sender", config, seed=11)
     receiver, other = make("receiver"), make("receiver")
     done = Completions()
     receiver.expect("r", [3, 4], done)
-    assert sender.announce("r", receiver.endpoint(), [3, 4])
-    handled_in_order(sender, receiver, done, "sync", 0, 0)
-    assert receiver.table.claimed_blocks("r") == 2
-    # A channel to another receiver closes the idle one (LRU cap 1): its receives are dropped.
-    handled_in_order(sender, other, done, "elsewhere", 1, 1)
+    assert sender.announce("r", receiver.endpoint(), [5, 6], [3, 4])
+    handled_in_order(sender, other, done, "elsewhere", 1, 1)  # over the cap: not closed
+    assert len(sender.open_peers()) == 2
     wire.clear()
     sender.send("r", receiver.endpoint(), [5, 6], dst_block_ids=[3, 4]).result(timeout=10)
     done.wait_for("r")
     assert done.errors["r"] is None and torch.equal(receiver.kv_cache[3:5], sender.kv_cache[5:7])
-    assert [tag for tag, _ in wire] == [DATA_TAG]  # one run, unannounced, on a new channel
-    assert receiver.table.claimed_blocks("r") == 0
+    assert len(wire) == 1 and wire[0][0] != DATA_TAG  # as announced
+    handled_in_order(sender, other, done, "elsewhere2", 2, 2)  # now the idle one closes
+    assert sender.open_peers() == [other.endpoint().describe()]
+
+
+def test_a_channel_that_ends_drops_its_announced_receives_and_a_new_one_sends_plain(
+        make, wire):
+    config = dataclasses.replace(CONFIG, idle_timeout_s=0.5)
+    sender, receiver = make("sender", config, seed=11), make("receiver", config)
+    done = Completions()
+    receiver.expect("r", [3, 4], done)
+    assert sender.announce("r", receiver.endpoint(), [5, 6], [3, 4])
+    handled_in_order(sender, receiver, done, "sync", 0, 0)
+    assert receiver.table.claimed_blocks("r") == 2
+    (channel,) = sender._lru.channels()
+    channel.thread.join(timeout=10)  # idle: it sends CLOSE and ends
+    assert not channel.thread.is_alive()
+    returned = threading.Event()
+    threading.Thread(target=lambda: (receiver.abort("r"), returned.set())).start()
+    assert returned.wait(5), "the ended channel did not release its posted receives"
+    receiver.expect("r2", [3, 4], done)
+    wire.clear()
+    sender.send("r2", receiver.endpoint(), [5, 6], dst_block_ids=[3, 4]).result(timeout=10)
+    done.wait_for("r2")
+    assert done.errors["r2"] is None
+    assert torch.equal(receiver.kv_cache[3:5], sender.kv_cache[5:7])
+    assert [tag for tag, _ in wire] == [DATA_TAG]  # unannounced, on a new channel
 
 
 def test_no_announcement_over_nccl_or_for_a_bad_layout(make):
     sender, receiver = make("sender", seed=1), make("receiver")
     ep = receiver.endpoint()
-    assert not sender.announce("bad", dataclasses.replace(ep, dtype="float16"), [1])
+    assert not sender.announce("bad", dataclasses.replace(ep, dtype="float16"), [1], [1])
+    assert not sender.announce("bad", ep, [1, 2], [1])  # not as many blocks on both sides
+    assert not sender.announce("bad", ep, [1, 1], [1, 2])  # a block twice
     nccl = make("sender", dataclasses.replace(CONFIG, wire="nccl"), seed=1)
-    assert not nccl.announce("r", ep, [1])
+    assert not nccl.announce("r", ep, [1], [1])
