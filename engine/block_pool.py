@@ -58,7 +58,11 @@ class BlockPool:
 
     # -- mutations -----------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` fresh blocks (ref_count 1), evicting cached ones if needed."""
+        """Take ``n`` fresh blocks (ref_count 1), evicting cached ones if needed; in
+        ascending id order (which blocks is the LRU's choice; their order is free, and
+        ascending ids make a request's blocks contiguous runs more often: a KV transfer
+        moves each run as one message, and cached blocks come back from the LRU tail
+        first, i.e. descending)."""
         if n > len(self._free):
             raise NoFreeBlocksError(f"asked for {n} blocks, {len(self._free)} free")
         out = []
@@ -67,6 +71,7 @@ class BlockPool:
             self._evict(block_id)
             self._ref_counts[block_id] = 1
             out.append(block_id)
+        out.sort()
         return out
 
     def touch(self, block_ids: list[int]) -> None:

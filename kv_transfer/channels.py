@@ -91,6 +91,7 @@ class SendJob:
     src_ids: list[int]  # source block ids, in the request's order ([] for ANNOUNCE/RETRACT)
     handle: TransferHandle  # completed by the channel thread
     channel: SenderChannel | None = None  # the channel it was submitted to
+    encoded: torch.Tensor | None = None  # the header's bytes, if made ahead (announced)
     wire: _PayloadSend | None = None  # its messages once posted
     post_error: TransferError | None = None  # posting from the submitting thread failed
     _started: bool = False  # on the wire: an abort can no longer drop it
@@ -133,7 +134,7 @@ class _PayloadSend:
         # the header only tells the receiver that the messages before it are complete (one
         # wake-up at the end instead of one amid the transfer, whose CPU it would slow).
         self.trailer = _is_announced_data(h)
-        self.header_bytes = h.encode()
+        self.header_bytes = job.encoded if job.encoded is not None else h.encode()
         self.header = None if self.trailer else group.send_ctrl(self.header_bytes)
         self.group, self.src_ids, self.kind, self.tag = group, job.src_ids, h.kind, h.tag
         self.views, self.layers = channel.views, (h.layer_start, h.layer_end)
@@ -393,8 +394,10 @@ class ChannelLRU:
             if channel is None:
                 channel = self._open[key] = self._make(peer)
             self._open.move_to_end(key)
+            if len(self._open) <= self._max:
+                return channel
             idle = [c for c in self._open.values() if c is not channel and c.idle()]
-            for victim in idle[: max(0, len(self._open) - self._max)]:
+            for victim in idle[: len(self._open) - self._max]:
                 self._drop_locked(victim)
                 victim.close()
         return channel

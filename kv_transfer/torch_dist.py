@@ -281,8 +281,8 @@ class TorchDistSender(KVSender):
         self._lock = threading.Lock()
         self._lru = ChannelLRU(config.max_channels, self._new_channel)
         self._queued: dict[str, list[SendJob]] = {}  # request id -> unfinished sends
-        # request id -> its unsettled ANNOUNCE job and the reserved ids it was announced for
-        self._announced: dict[str, tuple[SendJob, list[int]]] = {}
+        # request id -> its unsettled announcement (see _Announced)
+        self._announced: dict[str, _Announced] = {}
         self._closed = False
         self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
 
@@ -312,7 +312,8 @@ class TorchDistSender(KVSender):
             if not channel.submit(job):
                 channel.settle()
                 return False
-            self._announced[request_id] = (job, dst_ids)
+            data = dataclasses.replace(header, kind=DATA)  # made now: send() stays short
+            self._announced[request_id] = _Announced(job, dst_ids, data, data.encode())
         job.handle.add_done_callback(_log_control_failure)
         return True
 
@@ -327,11 +328,12 @@ class TorchDistSender(KVSender):
         handle = TransferHandle(request_id)
         src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
         with self._lock:
-            announced, announced_dst = self._announced.pop(request_id, (None, None))
-        header = None
-        if announced is not None:  # as announced (same blocks and peer), else retracted
-            if self._matches(announced, announced_dst, peer, src_ids, layers, dst_block_ids):
-                header = dataclasses.replace(announced.header, kind=DATA)
+            ann = self._announced.pop(request_id, None)
+        announced = ann.job if ann is not None else None
+        header, encoded = None, None
+        if ann is not None:  # as announced (same blocks and peer), else retracted
+            if self._matches(ann, peer, src_ids, layers, dst_block_ids):
+                header, encoded = ann.data, ann.encoded
             else:
                 self._retract(announced.channel, announced.header)
         if header is None:
@@ -340,7 +342,7 @@ class TorchDistSender(KVSender):
                 header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers, runs)
             except TransferError as error:
                 return fail_fast(handle, error)
-        job = SendJob(header, src_ids, handle)
+        job = SendJob(header, src_ids, handle, encoded=encoded)
         with self._lock:
             if self._closed:
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
@@ -351,6 +353,7 @@ class TorchDistSender(KVSender):
             if channel is None or not channel.submit(job):
                 if header.tag != DATA_TAG:  # a fresh channel: unannounced
                     job.header = self._plain(job.header, src_ids, dst_block_ids)
+                    job.encoded = None
                 self._lru.drop(announced.channel if channel is None else channel)
                 self._lru.get(peer).submit(job)
         if announced is not None:  # its DATA or RETRACT is queued: the channel may idle
@@ -361,7 +364,8 @@ class TorchDistSender(KVSender):
     def abort(self, request_id: str) -> bool:
         with self._lock:
             jobs = list(self._queued.get(request_id, ()))
-            announced, _ = self._announced.pop(request_id, (None, None))
+            ann = self._announced.pop(request_id, None)
+        announced = ann.job if ann is not None else None
         error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
         dropped = [job for job in jobs if job.drop(error)]  # a send on the wire completes first
         for job in dropped:
@@ -381,18 +385,17 @@ class TorchDistSender(KVSender):
             channel.thread.join(timeout=self.config.timeout_s + self.config.connect_timeout_s)
 
     @staticmethod
-    def _matches(announced: SendJob, announced_dst: list[int], peer: Endpoint,
-                 src_ids: list[int], layers: tuple[int, int] | None,
-                 dst_block_ids: Sequence[int] | None) -> bool:
+    def _matches(ann: _Announced, peer: Endpoint, src_ids: list[int],
+                 layers: tuple[int, int] | None, dst_block_ids: Sequence[int] | None) -> bool:
         """Whether a send is the one announced: same peer, blocks and (all) layers."""
-        h = announced.header
+        h, channel = ann.data, ann.job.channel
         return (
-            announced.channel is not None
-            and announced.channel.peer == peer.describe()
+            channel is not None
+            and channel.peer == peer.describe()
             and (layers is None or tuple(layers) == (h.layer_start, h.layer_end))
-            and src_ids == announced.src_ids
+            and src_ids == ann.job.src_ids
             and dst_block_ids is not None
-            and [int(i) for i in dst_block_ids] == announced_dst
+            and [int(i) for i in dst_block_ids] == ann.dst_ids
         )
 
     def _plain(self, header: TransferHeader, src_ids: list[int],
@@ -449,6 +452,17 @@ class TorchDistSender(KVSender):
                 self._queued[handle.request_id] = jobs
             else:
                 self._queued.pop(handle.request_id, None)
+
+
+@dataclasses.dataclass
+class _Announced:
+    """An announcement not settled yet: its ANNOUNCE job (channel, tag, runs, source ids),
+    the reserved ids, and its DATA header made ahead (with its bytes)."""
+
+    job: SendJob
+    dst_ids: list[int]
+    data: TransferHeader
+    encoded: torch.Tensor
 
 
 def _log_control_failure(handle: TransferHandle) -> None:
