@@ -26,7 +26,9 @@ What is timed:
     over a separate two-rank group between the same processes (no block bookkeeping, no
     header); timed from the send until the child reports the receive done.
 
-Each size: one warm-up of each, then ``--reps`` alternating repetitions; medians, GB/s and
+Each size: one warm-up of each, then ``--reps`` alternating repetitions (``--small-reps``
+for payloads up to 64 MiB: they take milliseconds, and on a shared 2-core host their medians
+need more samples to settle); medians, GB/s and
 the ratio ours/raw are printed and written to JSON. Received KV is checked against what was
 sent once per size. Each model runs in a fresh receiver process (the 8B caches for 8192
 tokens take ~2 GiB per side).
@@ -60,6 +62,7 @@ from kv_transfer import TransferConfig, blocks
 from kv_transfer.torch_dist import TorchDistReceiver, TorchDistSender
 
 BLOCK_SIZE, DTYPE = 16, torch.bfloat16
+SMALL_BYTES = 64 << 20  # payloads up to this size get --small-reps repetitions
 # name -> (layers, KV heads, head_dim), from the models' config.json
 MODELS = {"llama-3-8b": (32, 8, 128), "llama-3.2-1b": (16, 8, 64)}
 
@@ -82,6 +85,8 @@ def parse_args() -> argparse.Namespace:
                    "prefill chunk's forward pass)")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--small-reps", type=int, default=30,
+                   help="repetitions for payloads up to 64 MiB (at least --reps)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--wire", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--inflight-messages", type=int, default=32, help="block receives in flight")
@@ -230,7 +235,8 @@ def bench_size(args, model, path, layout, tokens, sender, endpoint, raw, raw_buf
     nbytes = kv[:n].numel() * kv.element_size()
     buf = raw_buf[:nbytes]
     ours, base = [], []
-    for rep in range(args.reps + 1):  # rep 0 is the warm-up
+    reps = max(args.reps, args.small_reps) if nbytes <= SMALL_BYTES else args.reps
+    for rep in range(reps + 1):  # rep 0 is the warm-up
         rid = f"{path}-{layout}-{tokens}-{rep}"
         lead_s = args.lead_ms / 1e3 if path == "announced" else None
         t_ours = time_ours(sender, endpoint, outbox, inbox, rid, src, dst, lead_s)
@@ -300,7 +306,8 @@ def bench_model(args: argparse.Namespace, model: str) -> list[dict]:
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
     print(
         f"KV transfer, {args.device} caches, {wire_of(args)} wire, bf16, block 16, "
-        f"inflight {args.inflight_messages}, median of {args.reps}"
+        f"inflight {args.inflight_messages}, median of {args.reps} "
+        f"({max(args.reps, args.small_reps)} up to {SMALL_BYTES >> 20} MiB)"
     )
     print(
         f"{'model':>13} {'path':>9} {'blocks':>10} {'tokens':>7} {'MiB':>8} {'ours ms':>9} "

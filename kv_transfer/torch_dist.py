@@ -375,6 +375,7 @@ class TorchDistSender(KVSender):
             self._retract(announced.channel, announced.header)
             announced.channel.settle()
         return bool(dropped)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
