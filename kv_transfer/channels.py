@@ -88,7 +88,7 @@ class SendJob:
     """One send, from ``submit`` until its handle completes."""
 
     header: TransferHeader  # what goes on the wire first (DATA, ANNOUNCE or RETRACT)
-    src_ids: list[int]  # source block ids, in the request's order ([] for ANNOUNCE/RETRACT)
+    src_ids: list[int]  # source block ids, in the request's order ([] for RETRACT)
     handle: TransferHandle  # completed by the channel thread
     channel: SenderChannel | None = None  # the channel it was submitted to
     encoded: torch.Tensor | None = None  # the header's bytes, if made ahead (announced)
