@@ -199,7 +199,7 @@ def time_ours(sender, endpoint, outbox, inbox, rid: str, src, dst, lead_s: float
     if lead_s is not None:  # as the prefill worker: announced when the prefill starts
         if not sender.announce(rid, endpoint, src, dst):
             raise RuntimeError("benchmark: the announcement was refused")
-        time.sleep(lead_s)  # the prefill's compute
+        time.sleep(lead_s)  # the last chunk's forward pass, during which the receives get posted
     t0 = time.perf_counter()
     handle = sender.send(rid, endpoint, src, dst_block_ids=dst)  # as the prefill worker does
     expect_msg(inbox, "done")
