@@ -291,8 +291,12 @@ class TorchDistSender(KVSender):
         """Tell ``peer`` now how this request's KV will come (its runs, a tag of its own),
         so that it posts the receives before the KV is computed. Settled by the request's
         ``send`` or ``abort``. False (nothing announced) where it cannot help: an NCCL wire
-        (ordered, no tags), bad ids or a layout mismatch (``send`` reports those)."""
-        if choose_wire(self.config, self.kv_cache, peer) != "gloo":
+        (ordered, no tags), a cache that is not on the gloo wire's device (its messages go
+        through a few host staging slots, each reused only once the receiver has taken it,
+        while an announced payload's header trails its messages: a receiver that did not
+        post its receives would never be told to), bad ids or a layout mismatch (``send``
+        reports those)."""
+        if choose_wire(self.config, self.kv_cache, peer) != "gloo" or self.kv_cache.is_cuda:
             return False
         try:
             src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
