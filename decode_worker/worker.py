@@ -109,17 +109,24 @@ class DecodeWorker(HostedWorker):
         elif ready:
             self._activate(request_id)
 
-    def _kv_timed_out(self, request_id: str) -> None:
+    def _kv_timed_out(self, request_id: str) -> None:  # on the deadline thread
         with self._lock:
             incoming = self._incoming.get(request_id)
             waiting = incoming is not None and not incoming.kv_landed
-        if waiting:
-            self.receiver.abort(request_id)
-            self._fail_incoming(
-                request_id,
-                f"KV cache did not arrive within {self.transfer_config.timeout_s} s "
-                "(prefill worker slow or gone); retry the request",
-            )
+        if waiting:  # off the deadline thread: the abort may wait (see _give_up_on_kv)
+            threading.Thread(target=self._give_up_on_kv, args=(request_id,),
+                             name=f"kv-timeout {request_id}", daemon=True).start()
+
+    def _give_up_on_kv(self, request_id: str) -> None:
+        """Fail a request whose KV is late. The receiver's abort returns once nothing writes
+        into its blocks: for an announced transfer, when the sender settles it (its own send
+        times out by then) or the channel ends; other deadlines must not wait for that."""
+        self.receiver.abort(request_id)
+        self._fail_incoming(
+            request_id,
+            f"KV cache did not arrive within {self.transfer_config.timeout_s} s "
+            "(prefill worker slow or gone); retry the request",
+        )
 
     def _activate(self, request_id: str) -> None:
         with self._lock:

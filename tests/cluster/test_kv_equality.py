@@ -5,6 +5,7 @@ between two workers."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -162,4 +163,44 @@ def test_cuda_prefill_and_decode_workers_generate_like_the_engine(model_dir):
         assert tokens == expected.token_ids
     finally:
         p.shutdown()
+        d.shutdown()
+
+
+def test_a_late_kv_deadline_waiting_on_its_abort_does_not_hold_up_the_others(model_dir):
+    """The receiver's abort of an announced transfer waits until the sender settles it; a
+    KV deadline that ends in such an abort must not delay the other requests' deadlines."""
+    from kv_transfer.loopback import LoopbackHub
+
+    config = TransferConfig(backend="loopback", timeout_s=0.3)
+    d = DecodeWorker("d0", str(model_dir), OPTIONS, config, hub=LoopbackHub())
+    released = threading.Event()
+    original_abort = d.receiver.abort
+
+    def abort(request_id):
+        if request_id == "stuck":
+            assert released.wait(30)
+        return original_abort(request_id)
+
+    d.receiver.abort = abort
+    try:
+        free = d.free_blocks()
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        for rid in ("stuck", "late"):
+            d.reserve(rid, list(range(7, 7 + 9)), params)
+            assert d.start(rid, 5)  # no KV will come: both deadlines fire after 0.3 s
+        finished: dict[str, str] = {}
+
+        def collect(rid: str, within_s: float) -> None:
+            deadline = time.monotonic() + within_s
+            while rid not in finished and time.monotonic() < deadline:
+                for out in d.get_outputs(deadline - time.monotonic()):
+                    finished[out.request_id] = out.finish_reason
+
+        collect("late", 5.0)
+        assert finished == {"late": "error"}  # while "stuck" still waits on its abort
+        released.set()
+        collect("stuck", 5.0)
+        assert finished["stuck"] == "error" and d.free_blocks() == free
+    finally:
+        released.set()
         d.shutdown()
