@@ -195,3 +195,41 @@ def test_no_announcement_over_nccl_or_for_a_bad_layout(make):
     assert not sender.announce("bad", ep, [1, 1], [1, 2])  # a block twice
     nccl = make("sender", dataclasses.replace(CONFIG, wire="nccl"), seed=1)
     assert not nccl.announce("r", ep, [1], [1])
+
+
+def test_random_mix_of_announced_plain_retracted_and_aborted_requests(make):
+    """A seeded mix on one channel: every request that is neither aborted nor retracted
+    lands exactly; every receiver abort returns; no block stays claimed."""
+    import random
+
+    rng = random.Random(0)
+    sender, receiver = make("sender", seed=21), make("receiver")
+    done, ep = Completions(), receiver.endpoint()
+    num_blocks = sender.kv_cache.shape[0]
+    landed: dict[str, tuple[list[int], list[int]]] = {}
+    for i in range(60):
+        rid, n = f"r{i}", rng.randint(1, 4)
+        src = rng.sample(range(num_blocks), n)
+        dst = sorted(rng.sample(range(num_blocks), n)) if rng.random() < 0.5 else \
+            rng.sample(range(num_blocks), n)
+        receiver.expect(rid, dst, done)  # each request is settled before the next reserves
+        announced = rng.random() < 0.7 and sender.announce(rid, ep, src, dst)
+        fate = rng.choice(["send", "send", "sender-abort", "receiver-abort"])
+        if fate == "send":
+            sender.send(rid, ep, src, dst_block_ids=dst).result(timeout=10)
+            done.wait_for(rid)
+            assert done.errors[rid] is None, (rid, announced, done.errors[rid])
+            landed[rid] = (src, dst)
+            assert torch.equal(blocks.gather(receiver.kv_cache, dst),
+                               blocks.gather(sender.kv_cache, src))
+        elif fate == "sender-abort":
+            sender.abort(rid)  # retracts an announcement; the receiver still expects rid
+            assert receiver.abort(rid) is True
+        else:
+            aborter = threading.Thread(target=receiver.abort, args=(rid,))
+            aborter.start()
+            sender.abort(rid)  # settles the announcement the receiver's abort waits for
+            aborter.join(timeout=5)
+            assert not aborter.is_alive(), f"receiver abort of {rid} did not return"
+        assert receiver.table.claimed_blocks(rid) == 0
+    assert len(landed) > 10
