@@ -333,13 +333,13 @@ class TorchDistSender(KVSender):
         src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
         with self._lock:
             ann = self._announced.pop(request_id, None)
-        announced = ann.job if ann is not None else None
+        announced_on = ann.job.channel if ann is not None else None
         header, encoded = None, None
         if ann is not None:  # as announced (same blocks and peer), else retracted
             if self._matches(ann, peer, src_ids, layers, dst_block_ids):
                 header, encoded = ann.data, ann.encoded
             else:
-                self._retract(announced.channel, announced.header)
+                self._retract(announced_on, ann.job.header)
         if header is None:
             runs = self._runs(request_id, src_ids, layers, dst_block_ids)
             try:
@@ -352,16 +352,16 @@ class TorchDistSender(KVSender):
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
             self._queued.setdefault(request_id, []).append(job)
             channel = self._lru.get(peer)
-            if header.tag != DATA_TAG and channel is not announced.channel:
+            if header.tag != DATA_TAG and channel is not announced_on:
                 channel = None  # the announcing channel closed (it dropped the receives)
             if channel is None or not channel.submit(job):
                 if header.tag != DATA_TAG:  # a fresh channel: unannounced
                     job.header = self._plain(job.header, src_ids, dst_block_ids)
                     job.encoded = None
-                self._lru.drop(announced.channel if channel is None else channel)
+                self._lru.drop(announced_on if channel is None else channel)
                 self._lru.get(peer).submit(job)
-        if announced is not None:  # its DATA or RETRACT is queued: the channel may idle
-            announced.channel.settle()
+        if announced_on is not None:  # its DATA or RETRACT is queued: the channel may idle
+            announced_on.settle()
         handle.add_done_callback(self._forget)
         return handle
 
@@ -369,15 +369,14 @@ class TorchDistSender(KVSender):
         with self._lock:
             jobs = list(self._queued.get(request_id, ()))
             ann = self._announced.pop(request_id, None)
-        announced = ann.job if ann is not None else None
         error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
         dropped = [job for job in jobs if job.drop(error)]  # a send on the wire completes first
         for job in dropped:
-            if job.header.tag != DATA_TAG:
+            if job.header.tag != DATA_TAG:  # an announced payload that never went out
                 self._retract(job.channel, job.header)
-        if announced is not None:
-            self._retract(announced.channel, announced.header)
-            announced.channel.settle()
+        if ann is not None:
+            self._retract(ann.job.channel, ann.job.header)
+            ann.job.channel.settle()
         return bool(dropped)
 
     def close(self) -> None:
