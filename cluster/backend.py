@@ -17,7 +17,7 @@ Life of a request as the router sees it:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
@@ -75,6 +75,19 @@ class ServingBackend(ABC):
     @abstractmethod
     def is_ready(self) -> bool:
         """True when at least one worker of each needed role can take requests."""
+
+    def watch_readiness(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` whenever ``is_ready()`` may have changed (from the thread that
+        changed it; keep it short); returns the function that stops the watch."""
+        watchers = self.__dict__.setdefault("_readiness_watchers", [])
+        watchers.append(callback)
+        return lambda: watchers.remove(callback) if callback in watchers else None
+
+    def readiness_may_have_changed(self) -> None:
+        """Backends call this when what ``is_ready`` reads changes (workers join, leave,
+        start draining)."""
+        for callback in list(self.__dict__.get("_readiness_watchers", ())):
+            callback()
 
     @abstractmethod
     def stats(self) -> dict:

@@ -58,6 +58,7 @@ class ClusterBackend(ServingBackend):
     async def add_worker(self, handle: WorkerHandle) -> None:
         """Register a ready worker (its first stats report makes it placeable)."""
         self.workers[handle.worker_id] = handle
+        self.readiness_may_have_changed()
         if handle.role in ("decode", "colocated"):
             if handle.role == "decode":
                 self._endpoints[handle.worker_id] = await handle.call("endpoint")
@@ -68,6 +69,7 @@ class ClusterBackend(ServingBackend):
         """Stop placing on the worker, wait for its requests to finish, then forget it."""
         handle = self.workers[worker_id]
         idle = self._draining.setdefault(worker_id, asyncio.Event())
+        self.readiness_may_have_changed()
         self.scheduler.update_stats(await handle.call("stats", True))
         self._check_drained(worker_id)
         try:
@@ -104,6 +106,7 @@ class ClusterBackend(ServingBackend):
         task = self._tasks.pop(worker_id, None)
         if task is not None:
             task.cancel()
+        self.readiness_may_have_changed()
 
     # -- ServingBackend ------------------------------------------------------------------
     async def start(self) -> None:

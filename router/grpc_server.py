@@ -17,6 +17,7 @@ import hmac
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -112,15 +113,16 @@ class GenerationServicer(convert.GenerationServicer):
 class LiveHealthServicer(health.aio.HealthServicer):
     """grpc.health.v1 whose status follows ``service.is_ready()``.
 
-    Check reads readiness live. Watch streams changes; the backend has no readiness event,
-    so a background task re-reads it every ``refresh_s`` seconds for watchers.
+    Check reads readiness live. Watch streams changes as they happen: the backend reports
+    every change of what readiness reads (workers joining, leaving, draining), and each
+    report re-reads it on the event loop (no polling).
     """
 
-    def __init__(self, service: GenerationService, refresh_s: float = 1.0) -> None:
+    def __init__(self, service: GenerationService) -> None:
         super().__init__()
         self._service = service
-        self._refresh_s = refresh_s
-        self._task: asyncio.Task | None = None
+        self._unwatch: Callable[[], None] | None = None
+        self._refreshes: set[asyncio.Task] = set()
 
     async def refresh(self) -> None:
         ready = self._service.is_ready()
@@ -133,20 +135,23 @@ class LiveHealthServicer(health.aio.HealthServicer):
         await self.refresh()
         return await super().Check(request, context)
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            await self.refresh()
-            await asyncio.sleep(self._refresh_s)
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        loop = asyncio.get_running_loop()
+        self._unwatch = self._service.watch_readiness(
+            lambda: loop.call_soon_threadsafe(self._refresh_soon))
+
+    def _refresh_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.refresh())
+        self._refreshes.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._refreshes.discard)
 
     async def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
         await self.enter_graceful_shutdown()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in list(self._refreshes):
+            task.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
 
 
 @dataclass
@@ -163,15 +168,14 @@ class GrpcServer:
 
 
 async def start_grpc_server(service: GenerationService, host: str = "127.0.0.1",
-                            port: int = 0, *, api_key: str | None = None,
-                            health_refresh_s: float = 1.0) -> GrpcServer:
+                            port: int = 0, *, api_key: str | None = None) -> GrpcServer:
     """Start the Generation service, health checking and reflection on host:port.
 
     ``api_key`` defaults to ``service.config.api_key``; health and reflection stay open."""
     key = api_key if api_key is not None else service.config.api_key
     server = grpc.aio.server()
     convert.add_generation_servicer(GenerationServicer(service, key), server)
-    health_servicer = LiveHealthServicer(service, health_refresh_s)
+    health_servicer = LiveHealthServicer(service)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (convert.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(service_names, server)

@@ -79,6 +79,10 @@ class GenerationService:
     def is_ready(self) -> bool:
         return self.backend.is_ready()
 
+    def watch_readiness(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """See ``ServingBackend.watch_readiness``."""
+        return self.backend.watch_readiness(callback)
+
     @property
     def num_inflight(self) -> int:
         return len(self._inflight)

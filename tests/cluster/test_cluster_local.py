@@ -150,6 +150,9 @@ def test_a_dead_worker_is_replaced_and_serving_goes_on(model_dir):
         await cluster.start()
         try:
             dead = dict(cluster.backend.workers)  # worker id -> handle, one per pool
+            readiness: list[bool] = []  # what a health Watch is told, change by change
+            cluster.backend.watch_readiness(
+                lambda: readiness.append(cluster.backend.is_ready()))
 
             async def gone(method, *args, _wid=None):
                 raise WorkerGone(f"worker {_wid} died (injected)")
@@ -162,10 +165,11 @@ def test_a_dead_worker_is_replaced_and_serving_goes_on(model_dir):
             await asyncio.wait_for(asyncio.gather(*cluster._replacements), 60)
             replaced = {h.role for h in cluster.backend.workers.values()}
             tokens, final = await _collect(cluster.backend, "after", prompt, params)
-            return set(dead), set(cluster.backend.workers), replaced, tokens, final
+            return set(dead), set(cluster.backend.workers), replaced, tokens, final, readiness
         finally:
             await cluster.shutdown()
 
-    dead, alive, roles, tokens, final = asyncio.run(main())
+    dead, alive, roles, tokens, final, readiness = asyncio.run(main())
     assert not dead & alive and roles == {"prefill", "decode"}
+    assert False in readiness and readiness[-1] is True  # lost, then ready again
     assert tokens == expected and final.finish_reason == "length"

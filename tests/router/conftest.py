@@ -59,7 +59,7 @@ class Stack:
 
     async def _start(self) -> None:
         await self.service.start()
-        self.grpc = await start_grpc_server(self.service, "127.0.0.1", 0, health_refresh_s=0.2)
+        self.grpc = await start_grpc_server(self.service, "127.0.0.1", 0)
         self.http = await start_http_server(self.service, "127.0.0.1", 0)
 
     @property

@@ -53,6 +53,15 @@ class FakeBackend(ServingBackend):
     def is_ready(self) -> bool:
         return self.ready
 
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:  # as a real backend reports workers coming and going
+        self._ready = value
+        self.readiness_may_have_changed()
+
     def stats(self) -> dict:
         return {"running": len(self._abort_events), "submitted": len(self.submitted)}
 

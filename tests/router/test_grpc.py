@@ -144,6 +144,27 @@ def test_not_ready_is_unavailable_and_health_follows(stack, client):
     channel.close()
 
 
+def test_health_watch_follows_readiness_without_polling(stack):
+    """Watch is driven by the backend's readiness reports (nothing re-reads it on a timer):
+    each change must reach an open Watch stream."""
+    channel = grpc.insecure_channel(stack.grpc_address)
+    health = health_pb2_grpc.HealthStub(channel)
+    stream = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    statuses = iter(stream)
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        assert next(statuses).status == serving
+        stack.backend.ready = False  # the fake backend reports it, as workers leaving would
+        assert next(statuses).status == not_serving
+        stack.backend.ready = True
+        assert next(statuses).status == serving
+    finally:
+        stack.backend.ready = True
+        stream.cancel()
+        channel.close()
+
+
 def test_reflection_lists_services(stack):
     channel = grpc.insecure_channel(stack.grpc_address)
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
