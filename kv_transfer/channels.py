@@ -133,10 +133,10 @@ class _PayloadSend:
         # costs a hand-off), except behind an announced payload: its receives are posted, so
         # the header only tells the receiver that the messages before it are complete (one
         # wake-up at the end instead of one amid the transfer, whose CPU it would slow).
-        self.trailer = _is_announced_data(h)
         self.header_bytes = job.encoded if job.encoded is not None else h.encode()
-        self.header = None if self.trailer else group.send_ctrl(self.header_bytes)
-        self.group, self.src_ids, self.kind, self.tag = group, job.src_ids, h.kind, h.tag
+        trailer = _is_announced_data(h)
+        self.header = None if trailer else group.send_ctrl(self.header_bytes)
+        self.group, self.src_ids, self.tag = group, job.src_ids, h.tag
         self.views, self.layers = channel.views, (h.layer_start, h.layer_end)
         self.kv = channel.kv
         self.deadline = time.monotonic() + channel.config.timeout_s
