@@ -8,7 +8,9 @@ out of a request's time to first token, and builds once instead of in every work
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,8 +21,13 @@ def compile_or_none(name: str, source: Path, cflags: list[str], what: str) -> Mo
     """``source`` built as the torch extension ``name`` (OpenMP linked), or None — logged
     once — when there is no compiler/ninja or the build fails: callers use torch ops then."""
     try:
+        import torch
         from torch.utils.cpp_extension import load as load_extension
 
+        # One build per checkout and environment: under a shared name, two checkouts (or
+        # venvs) on one machine would each rebuild it (~1-2 min) whenever the other had.
+        where = f"{source.resolve()}|{sys.prefix}|{torch.__version__}"
+        name = f"{name}_{hashlib.sha1(where.encode()).hexdigest()[:10]}"
         log.info("loading the compiled %s (built once per machine, ~1 min)", what)
         return load_extension(name=name, sources=[str(source)], extra_cflags=cflags,
                               extra_ldflags=["-fopenmp"], verbose=False)
