@@ -21,6 +21,7 @@ Life of a transfer:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -50,6 +51,11 @@ class TransferConfig:
     # receives already writing into the request's blocks. Also the depth of host staging
     # slots where a cache is not on the wire's device.
     inflight_messages: int = 32
+    # torch_dist over gloo: an announced payload up to this size goes on the wire from the
+    # thread that calls send() (the prefill engine loop) when its channel is idle, saving the
+    # hand-off to the channel thread; gloo writes it there until the socket would block.
+    # 0: always hand off.
+    inline_send_bytes: int = 64 << 20
     wire: str = (
         "auto"  # torch_dist: "auto" (nccl if both caches are CUDA, else gloo), "gloo", "nccl"
     )
@@ -60,6 +66,8 @@ class TransferConfig:
             raise ValueError("transfer timeouts must be positive")
         if self.max_channels < 1 or self.inflight_messages < 1:
             raise ValueError("need max_channels >= 1 and inflight_messages >= 1")
+        if self.inline_send_bytes < 0:
+            raise ValueError("inline_send_bytes must be >= 0")
         if self.wire not in ("auto", "gloo", "nccl"):
             raise ValueError(f"wire must be auto, gloo or nccl (got {self.wire!r})")
 
@@ -198,10 +206,12 @@ class KVSender(ABC):
         dst_block_ids: Sequence[int] | None = None,
     ) -> TransferHandle:
         """Start pushing blocks ``src_block_ids`` (layers ``[start, end)``, default all) to
-        ``peer``; returns at once. Sends to one peer go out in call order. The source blocks
-        must stay untouched until the handle is done. Several sends of disjoint layer ranges
-        may carry one request (layer-by-layer overlap with compute); the receiver completes
-        the request when every layer has arrived.
+        ``peer``; returns without waiting for the receiver (a backend may write some or all
+        of the payload in the calling thread first: see ``deferred_writes``). Sends to one
+        peer go out in call order. The source blocks must stay untouched until the handle
+        is done. Several sends of disjoint layer ranges may carry one request (layer-by-layer
+        overlap with compute); the receiver completes the request when every layer has
+        arrived.
 
         ``dst_block_ids``, the blocks the receiver reserved (when the caller knows them, as
         the prefill worker does), is a hint: a backend may then move spans contiguous in
@@ -216,6 +226,13 @@ class KVSender(ABC):
         be settled by the request's ``send`` (same blocks) or ``abort``. True if announced;
         the default announces nothing."""
         return False
+
+    def deferred_writes(self) -> contextlib.AbstractContextManager[None]:
+        """Within this context, this thread's ``send`` calls only queue; payload writes a
+        backend makes in the calling thread (torch_dist: announced payloads) happen when
+        it exits. For a caller with quick work to finish for every send first (the prefill
+        worker answers all of a step's first tokens). Default: nothing to defer."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def abort(self, request_id: str) -> bool:

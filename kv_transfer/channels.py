@@ -93,6 +93,7 @@ class SendJob:
     channel: SenderChannel | None = None  # the channel it was submitted to
     encoded: torch.Tensor | None = None  # the header's bytes, if made ahead (announced)
     wire: _PayloadSend | None = None  # its messages once posted
+    post_on: Any = None  # the pair group its submitter is to post it on (see SenderChannel)
     post_error: TransferError | None = None  # posting from the submitting thread failed
     _started: bool = False  # on the wire: an abort can no longer drop it
     _dropped: bool = False
@@ -169,11 +170,15 @@ class _PayloadSend:
             self.pending.append(self.group.send(message, self.tag))
             self.posted = i + 1
 
-    def finish(self) -> TransferStats:
-        """Post the rest (and a trailing header), then wait for every message to be taken."""
+    def post_all(self) -> None:
+        """Post the rest, and the header if it trails the messages."""
         self.post(len(self.messages))
         if self.header is None:
             self.header = self.group.send_ctrl(self.header_bytes)
+
+    def finish(self) -> TransferStats:
+        """Post the rest (and a trailing header), then wait for every message to be taken."""
+        self.post_all()
         self.group.wait(self.header, self.deadline - time.monotonic(), "the header to be taken")
         if self.pending:  # sends of a pair complete in order: the newest covers the rest
             self._wait(self.pending.pop())
@@ -188,9 +193,9 @@ def _is_announced_data(h: TransferHeader) -> bool:
     return h.kind == DATA and h.tag != DATA_TAG
 
 
-# Messages an idle channel posts from the submitting thread (the prefill engine loop) after
-# the header: a few, so that the receiver finds data ready as soon as it posts its receives,
-# without making the engine loop write the payload (gloo may write in the posting thread).
+# Messages an idle channel posts from the submitting thread (the prefill engine loop) for a
+# plain payload, after its header: a few, so that the receiver finds data ready as soon as it
+# posts its receives. The rest waits for the receives, which the channel thread waits for.
 DIRECT_MESSAGES = 4
 
 _CLOSE = object()  # job sentinel: send a CLOSE header and end
@@ -199,10 +204,18 @@ _CLOSE = object()  # job sentinel: send a CLOSE header and end
 class SenderChannel:
     """The sending end of one pair: a FIFO of jobs and the one thread that completes them.
 
-    An idle channel puts a submitted job on the wire from the submitting thread (its header
-    and the first ``inflight_messages`` blocks): the receiver learns of the request without
-    waiting for a thread hand-off, which is most of the fixed cost of a small transfer. Jobs
-    behind a busy one are posted by the channel thread, in order."""
+    An idle channel lets the submitting thread put a submitted job on the wire
+    (``post_submitted``), with no thread hand-off before the first byte: on a small host the
+    wake-up of another thread is most of the fixed cost of a small transfer.
+      - A plain payload: its header and the first ``DIRECT_MESSAGES`` messages (the
+        receiver learns of the request at once; the rest needs its receives posted).
+      - An announced payload (receives already posted) up to ``inline_send_bytes``: all of
+        it. gloo writes a message to a ready receive in the posting thread until the socket
+        would block (16 MiB over loopback: ~5 ms), so the engine loop pays the write it
+        would otherwise wait a hand-off for; only CPU caches are announced, whose prefill
+        compute is orders of magnitude longer than writing its KV.
+    Jobs behind a busy one are posted by the channel thread, in order; it also waits for
+    every job's completion."""
 
     def __init__(
         self,
@@ -221,6 +234,7 @@ class SenderChannel:
         self._group: Any = None  # the open pair group (None before connect and after exit)
         self._closed = False  # no more submits accepted
         self._busy = False  # a job is on the wire
+        self._submitter_posting = False  # the head job is being posted by its submitter
         self._staging: Staging | None = None
         self._fill: torch.Tensor | None = None  # RETRACT's 1-byte message
         self._next_tag = FIRST_ANNOUNCED_TAG
@@ -238,31 +252,48 @@ class SenderChannel:
             return tag
 
     def submit(self, job: SendJob) -> bool:
-        """Queue ``job`` (posting it at once if the channel is idle); False if the channel is
-        closing (open a new one)."""
+        """Queue ``job``; False if the channel is closing (open a new one). If the channel
+        is idle the job is left for its submitter to post: call ``post_submitted`` next,
+        outside any lock that others may need meanwhile (posting may write the payload)."""
         with self._cond:
             if self._closed:
                 return False
             job.channel = self
-            group = self._group
-            # Not an announced payload: its receives are posted, so gloo would write it
-            # in this thread (the prefill engine loop) before returning. Nor an ANNOUNCE:
-            # it is early by design, and posting it costs the engine loop a socket write.
-            direct = job.header.kind != ANNOUNCE and not _is_announced_data(job.header)
-            if direct and group is not None and not self._busy and not self._jobs \
-                    and job.start():
-                self._busy = True  # nothing else is on the wire: posting here keeps the order
-                try:
-                    job.wire = _PayloadSend(self, group, job)
-                    job.wire.post(DIRECT_MESSAGES)
-                except Exception as e:  # the channel thread fails the job and the channel
-                    if not isinstance(e, TransferError):
-                        log.exception("kv_transfer: posting %s failed", job.header.request_id)
-                        e = PeerClosed(None, self.peer, f"internal error: {e!r}")
-                    job.post_error = e
+            # Never an ANNOUNCE: it is early by design, and posting it costs a socket write.
+            if job.header.kind != ANNOUNCE and self._group is not None and not self._busy \
+                    and not self._jobs and self._may_post_here(job.header) and job.start():
+                job.post_on = self._group
+                self._busy = self._submitter_posting = True  # the channel thread waits
             self._jobs.append(job)
             self._cond.notify()
             return True
+
+    def post_submitted(self, job: SendJob) -> None:
+        """Put a just-submitted job on the wire from this thread, if ``submit`` left it to
+        the submitter (see the class); the channel thread takes it from there."""
+        group, job.post_on = job.post_on, None
+        if group is None:
+            return
+        try:
+            job.wire = _PayloadSend(self, group, job)
+            if _is_announced_data(job.header):
+                job.wire.post_all()
+            else:
+                job.wire.post(DIRECT_MESSAGES)
+        except Exception as e:  # the channel thread fails the job and the channel
+            if not isinstance(e, TransferError):
+                log.exception("kv_transfer: posting %s failed", job.header.request_id)
+                e = PeerClosed(None, self.peer, f"internal error: {e!r}")
+            job.post_error = e
+        finally:
+            with self._cond:
+                self._submitter_posting = False
+                self._cond.notify()
+
+    def _may_post_here(self, h: TransferHeader) -> bool:
+        if not _is_announced_data(h):
+            return True  # a few messages only
+        return h.num_blocks * h.block_nbytes() <= self.config.inline_send_bytes
 
     def idle(self) -> bool:
         """Nothing queued or on the wire, and no announcement waiting for its payload."""
@@ -314,7 +345,7 @@ class SenderChannel:
     def _next_job(self) -> Any:
         """The next job (marked busy), ``_CLOSE``, or None after ``idle_timeout_s`` idle."""
         with self._cond:
-            while not self._jobs:
+            while not self._jobs or self._submitter_posting:
                 if not self._cond.wait(self.config.idle_timeout_s) and not self._jobs:
                     self._closed = True
                     self._group = None
@@ -330,25 +361,30 @@ class SenderChannel:
         """Send queued jobs until CLOSE or idle; the channel's error if it broke."""
         while (job := self._next_job()) is not None and job is not _CLOSE:
             error: TransferError | None = None
+            stats: TransferStats | None = None
             try:
                 if job.post_error is not None:
                     raise job.post_error
                 if job.wire is None and job.start():
                     job.wire = _PayloadSend(self, group, job)
                 if job.wire is not None:  # else: dropped (aborted) while queued
-                    job.handle.succeed(job.wire.finish())
+                    stats = job.wire.finish()
             except TransferError as e:
-                error = e
-                job.handle.fail(e.for_request(job.header.request_id))
+                error = e.for_request(job.header.request_id)
             except Exception as e:  # a bug must fail the request, not hang it
                 log.exception("kv_transfer: sending %s failed", job.header.request_id)
                 error = PeerClosed(job.header.request_id, self.peer, f"internal error: {e!r}")
-                job.handle.fail(error)
+            # The channel is free (or closed) before the job completes: a send made as it
+            # completes finds it idle (and may post at once) or opens a new one.
             with self._cond:
                 self._busy = False
                 if error is not None:  # a broken pair: nothing more is posted on it
                     self._closed, self._group = True, None
-                    return error
+            if error is not None:
+                job.handle.fail(error)
+                return error
+            if stats is not None:
+                job.handle.succeed(stats)
         return None
 
     def _send_close(self, group: Any) -> None:

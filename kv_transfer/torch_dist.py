@@ -25,13 +25,14 @@ timeout (``idle_timeout_s + timeout_s``), longer than a sender keeps an idle cha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -285,6 +286,7 @@ class TorchDistSender(KVSender):
         self._announced: dict[str, _Announced] = {}
         self._closed = False
         self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        self._deferred = threading.local()  # .jobs: this thread's posts held back, or None
 
     def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
                  dst_block_ids: Sequence[int]) -> bool:
@@ -362,6 +364,7 @@ class TorchDistSender(KVSender):
                 self._lru.get(peer).submit(job)
         if announced_on is not None:  # its DATA or RETRACT is queued: the channel may idle
             announced_on.settle()
+        self._post(job)  # outside the lock: it may write the payload
         handle.add_done_callback(self._forget)
         return handle
 
@@ -378,6 +381,28 @@ class TorchDistSender(KVSender):
             self._retract(ann.job.channel, ann.job.header)
             ann.job.channel.settle()
         return bool(dropped)
+
+    @contextlib.contextmanager
+    def deferred_writes(self) -> Iterator[None]:
+        if getattr(self._deferred, "jobs", None) is not None:
+            yield  # nested: the outermost context posts
+            return
+        self._deferred.jobs = []
+        try:
+            yield
+        finally:
+            jobs, self._deferred.jobs = self._deferred.jobs, None
+            for job in jobs:
+                job.channel.post_submitted(job)
+
+    def _post(self, job: SendJob) -> None:
+        """Let a submitted job's channel take it from this thread (now, or when this
+        thread's ``deferred_writes`` ends: its channel waits for that)."""
+        deferred = getattr(self._deferred, "jobs", None)
+        if deferred is None:
+            job.channel.post_submitted(job)
+        else:
+            deferred.append(job)
 
     def close(self) -> None:
         with self._lock:
@@ -416,6 +441,7 @@ class TorchDistSender(KVSender):
         job = SendJob(dataclasses.replace(header, kind=RETRACT), [], TransferHandle(
             header.request_id))
         if channel.submit(job):
+            self._post(job)
             job.handle.add_done_callback(_log_control_failure)
 
     def _runs(self, request_id: str, src_ids: list[int], layers: tuple[int, int] | None,

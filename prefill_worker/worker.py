@@ -9,7 +9,7 @@ Life of a request on the prefill side:
      worker (``KVSender.announce``: it posts its receives during that forward pass).
   3. The last chunk samples the first token: the request ends FINISHED_PREFILLED, keeping its
      blocks, and ``prefill()`` returns that token at once (TTFT does not wait for the
-     transfer).
+     transfer: a step's first tokens are all answered before its payloads are written).
   4. The request's blocks are pushed to the decode worker (push model: KVSender).
   5. Transfer done or failed → the blocks are released; their full blocks stay in the
      prefix cache (evictable) for later prompts.
@@ -117,6 +117,12 @@ class PrefillWorker(HostedWorker):
                               request.request_id)
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        # Every finished prefill of the step gets its first token answered before any of
+        # their payloads is written from this thread (see KVSender.deferred_writes).
+        with self.sender.deferred_writes():
+            self._finish_all(outputs)
+
+    def _finish_all(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             if out.finish_reason is None:
                 continue

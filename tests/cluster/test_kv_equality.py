@@ -83,6 +83,49 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
         d.shutdown()
 
 
+def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir, monkeypatch):
+    """On a warm channel an announced payload is written by the engine loop itself (no
+    hand-off, see kv_transfer.channels.SenderChannel), but only after the step's first
+    tokens are answered: TTFT does not wait for the write."""
+    from kv_transfer.torch_dist import PairGroup
+
+    config = TransferConfig(backend="torch_dist", timeout_s=20, host="127.0.0.1")
+    p = PrefillWorker("p0", str(model_dir), OPTIONS, config)
+    d = DecodeWorker("d0", str(model_dir), OPTIONS, config)
+    events: list[tuple[str, str]] = []  # (what, thread)
+    original_complete = p._complete
+
+    def recording_complete(out, *rest):
+        original_complete(out, *rest)
+        events.append(("answered", threading.current_thread().name))
+
+    p._complete = recording_complete
+    original_send = PairGroup.send
+    monkeypatch.setattr(PairGroup, "send", lambda self, tensor, tag: (
+        events.append(("data", threading.current_thread().name)),
+        original_send(self, tensor, tag))[1])
+    landed = threading.Event()
+    original_done = d._kv_done
+    d._kv_done = lambda rid, error: (original_done(rid, error), landed.set())
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        for n, rid in enumerate(["cold", "warm"]):
+            prompt = list(range(11 + n, 11 + n + 23))
+            dst = d.reserve(rid, prompt, params)
+            landed.clear()
+            events.clear()
+            p.prefill(rid, prompt, params, d.endpoint(), dst, timeout_s=30)
+            assert landed.wait(30), f"{rid}: KV never landed"
+            assert d.abort(rid)
+        engine_thread = events[0][1]
+        assert events[0][0] == "answered"
+        data_threads = {thread for what, thread in events if what == "data"}
+        assert data_threads == {engine_thread}, events  # the warm channel: no hand-off
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
 def test_a_request_without_a_transfer_withdraws_its_announcement(model_dir):
     """A first token that ends the request: no KV is sent, so the prefill worker retracts
     the announcement, and the decode side's abort (the router's next call) returns at once

@@ -87,6 +87,61 @@ def test_announced_payloads_land_on_their_own_tags(make, wire):
     assert tags[0] != tags[1]
 
 
+@pytest.mark.parametrize("cap_blocks, by_caller", [(None, True), (2, False), (0, False)])
+def test_an_idle_channel_lets_the_caller_post_an_announced_payload_up_to_the_cap(
+    make, monkeypatch, cap_blocks, by_caller
+):
+    """No hand-off to the channel thread before the first byte (see SenderChannel), for a
+    payload up to ``inline_send_bytes``; over it (or with 0) the channel thread posts."""
+    block_bytes = make_cache()[0].numel() * make_cache().element_size()
+    config = CONFIG if cap_blocks is None else dataclasses.replace(
+        CONFIG, inline_send_bytes=cap_blocks * block_bytes)
+    sender, receiver = make("sender", config, seed=4), make("receiver")
+    posters: list[str] = []
+    send = PairGroup.send
+
+    def recording_send(self, tensor, tag):
+        posters.append(threading.current_thread().name)
+        return send(self, tensor, tag)
+
+    monkeypatch.setattr(PairGroup, "send", recording_send)
+    done, ep = Completions(), receiver.endpoint()
+    src, dst = [3, 8, 15], [0, 5, 9]
+    receiver.expect("r", dst, done)
+    assert sender.announce("r", ep, src, dst)
+    handled_in_order(sender, receiver, done, "sync", 20, 20)  # posted; the channel idles
+    posters.clear()
+    sender.send("r", ep, src, dst_block_ids=dst).result(timeout=10)
+    done.wait_for("r")
+    assert done.errors["r"] is None
+    assert torch.equal(blocks.gather(receiver.kv_cache, dst), blocks.gather(sender.kv_cache, src))
+    assert len(posters) == 3
+    if by_caller:
+        assert set(posters) == {threading.current_thread().name}
+    else:
+        assert all(name.startswith("kv-send") for name in posters), posters
+
+
+def test_deferred_writes_hold_the_payload_until_the_outermost_context_ends(make, wire):
+    sender, receiver = make("sender", seed=6), make("receiver")
+    done, ep = Completions(), receiver.endpoint()
+    receiver.expect("r", [1, 2], done)
+    assert sender.announce("r", ep, [4, 9], [1, 2])
+    handled_in_order(sender, receiver, done, "sync", 20, 20)  # posted; the channel idles
+    wire.clear()
+    with sender.deferred_writes():
+        with sender.deferred_writes():  # nested: only the outermost one writes
+            handle = sender.send("r", ep, [4, 9], dst_block_ids=[1, 2])
+        # Left to this thread: the channel thread does not take it meanwhile.
+        assert not handle.wait(0.3)
+        assert wire == []
+    handle.result(timeout=10)
+    done.wait_for("r")
+    assert done.errors["r"] is None and len(wire) == 2
+    assert torch.equal(blocks.gather(receiver.kv_cache, [1, 2]),
+                       blocks.gather(sender.kv_cache, [4, 9]))
+
+
 def test_receiver_abort_waits_for_the_retraction_then_the_blocks_are_reusable(make, wire):
     sender, receiver = make("sender", seed=5), make("receiver")
     done, ep = Completions(), receiver.endpoint()
