@@ -28,7 +28,7 @@ def compile_or_none(name: str, source: Path, cflags: list[str], what: str) -> Mo
         # venvs) on one machine would each rebuild it (~1-2 min) whenever the other had.
         where = f"{source.resolve()}|{sys.prefix}|{torch.__version__}"
         name = f"{name}_{hashlib.sha1(where.encode()).hexdigest()[:10]}"
-        log.info("loading the compiled %s (built once per machine, ~1 min)", what)
+        log.info("loading the compiled %s (built once per checkout, ~1 min)", what)
         return load_extension(name=name, sources=[str(source)], extra_cflags=cflags,
                               extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler / ninja, or a build error: torch path instead
@@ -59,7 +59,7 @@ def prebuild_for_cli(device: str) -> None:
         return
 
     t0 = time.perf_counter()
-    print("loading compiled CPU kernels (built on the first run on a machine, ~1-2 min)...",
+    print("loading compiled CPU kernels (built on the first run in a checkout, ~1-2 min)...",
           flush=True)
     missing = [name for name, ok in load_cpu_kernels().items() if not ok]
     note = f"; torch fallback for: {', '.join(missing)}" if missing else ""
