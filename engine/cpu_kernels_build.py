@@ -1,4 +1,4 @@
-"""Build (first use on a machine) and load every compiled CPU kernel, up front.
+"""Build (first use in a checkout) and load every compiled CPU kernel, up front.
 
 The kernels are compiled lazily by torch's extension loader and cached per machine and
 checkout. Loading them eagerly where it is cheap to wait — a CLI before it starts workers,
