@@ -101,12 +101,20 @@ def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir,
 
     p._complete = recording_complete
     original_send = PairGroup.send
-    monkeypatch.setattr(PairGroup, "send", lambda self, tensor, tag: (
-        events.append(("data", threading.current_thread().name)),
-        original_send(self, tensor, tag))[1])
+
+    def recording_send(self, tensor, tag):
+        events.append(("data", threading.current_thread().name))
+        return original_send(self, tensor, tag)
+
+    monkeypatch.setattr(PairGroup, "send", recording_send)
     landed = threading.Event()
     original_done = d._kv_done
-    d._kv_done = lambda rid, error: (original_done(rid, error), landed.set())
+
+    def on_done(request_id, error):
+        original_done(request_id, error)
+        landed.set()
+
+    d._kv_done = on_done  # reserve() registers this hook with the receiver
     try:
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for n, rid in enumerate(["cold", "warm"]):
