@@ -68,6 +68,7 @@ class EngineHost:
             prefix_cache_queries=engine.kv_manager.num_prefix_queries,
             prefix_cache_hits=engine.kv_manager.num_prefix_hits,
             kv_bytes_sent=self.kv_bytes_sent,
+            integrity_failures=counters.integrity_failures,
         )
 
     def check_integrity(self) -> None:

@@ -4,7 +4,9 @@ Other threads never touch the engine directly: they ``call(fn)`` and get a Futur
 thread runs queued calls between steps, so the engine stays single-threaded. While no
 request is running the thread sleeps on a condition variable (woken by the next call), not
 in a polling loop. A step that raises fails every request in flight with an error output
-(none is left hanging) and the loop goes on.
+(none is left hanging) and the loop goes on. Each time the loop falls idle after work it
+runs ``engine.check_integrity()`` once (the block pool's invariants): a failure is logged as
+an error and counted (``counters.integrity_failures``), never raised into the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class StepCounters:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
+    integrity_checks: int = 0
+    integrity_failures: int = 0
 
     def prefill_tokens_per_s(self) -> float:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
@@ -48,6 +52,7 @@ class EngineLoop:
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._cond = threading.Condition()
         self._stopped = False
+        self._checked_since_work = True  # nothing to check before the first call or step
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -78,17 +83,33 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopped or self._calls
-                           or self.engine.has_unfinished_requests()):
+                check = self._idle() and not self._checked_since_work
+                while not check and self._idle():
                     self._cond.wait()
                 if self._stopped:
                     break
                 calls, self._calls = list(self._calls), deque()
+            if check:  # idle now: the moment the pool's invariants must hold
+                self._check_integrity()
+                continue
+            self._checked_since_work = False
             for fn, args, future in calls:
                 self._run_call(fn, args, future)
             if self.engine.has_unfinished_requests():
                 self._step()
         self._fail_pending_calls()
+
+    def _idle(self) -> bool:
+        return not (self._stopped or self._calls or self.engine.has_unfinished_requests())
+
+    def _check_integrity(self) -> None:
+        self._checked_since_work = True
+        self.counters.integrity_checks += 1
+        try:
+            self.engine.check_integrity()
+        except Exception:  # a broken invariant is a bug: say so loudly, keep serving
+            self.counters.integrity_failures += 1
+            log.exception("KV block pool integrity check failed while idle")
 
     def _run_call(self, fn: Callable, args: tuple, future: Future) -> None:
         if not future.set_running_or_notify_cancel():

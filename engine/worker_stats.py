@@ -70,6 +70,9 @@ class WorkerStats:
     """Of those, tokens found cached (cumulative): hit rate = hits / queries."""
     kv_bytes_sent: int = 0
     """KV cache bytes this worker shipped to decode workers since start (cumulative)."""
+    integrity_failures: int = 0
+    """Block-pool integrity checks (run whenever the engine falls idle) that failed since
+    start (cumulative; each is also logged as an error)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
