@@ -212,7 +212,7 @@ def test_direct_scheduler_workloads_place_as_the_scanning_code_did(recorded, nam
     for seed in range(3):
         expected = recorded["direct"][f"{name}/{seed}"]
         got = direct_workload(name, seed)
-        assert sum(line.startswith("P ") for line in got) > 40  # the workload places a lot
+        assert sum(line.startswith("P ") for line in got) > 30  # the workload places a lot
         assert _first_difference(got, expected) is None, f"{name}/{seed}"
 
 
