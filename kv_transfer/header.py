@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.errors import LayoutMismatch
+from kv_transfer.errors import LayoutMismatch, TransferError
 
 HEADER_BYTES = 512
 _MAGIC = b"KVH4"  # 4: announced payloads (tags); 3: runs; block-major payload
@@ -49,6 +49,27 @@ MAX_RUN_BLOCKS = 2**16 - 1  # a run length is a uint16
 # would need a staging buffer of its whole size. Runs this large already move at the raw
 # rate (2 MiB messages did on the 2-core VM).
 MAX_RUN_BYTES = 16 << 20
+
+
+class RequestIdTooLong(TransferError):
+    """The request id does not fit in a header (``MAX_REQUEST_ID_BYTES`` of UTF-8). Raised
+    before the send is queued, so only that request fails: the channel and the other requests
+    on it are untouched. The router bounds client ids far below this; the check keeps
+    unbounded client data off the wire whoever calls."""
+
+    def __init__(self, request_id: str | None, peer: str, what: str = "") -> None:
+        size = len((request_id or "").encode())
+        what = what or (f"a request id of {size} bytes does not fit in a transfer header "
+                        f"(at most {MAX_REQUEST_ID_BYTES}); use a shorter request id")
+        super().__init__(request_id, peer, what)
+        shown = (request_id or "")[:40] + ("…" if size > 40 else "")
+        self.args = (f"request {shown}: KV transfer with {peer} failed: {what}",)
+
+
+def check_request_id(request_id: str, peer: str) -> None:
+    """Raise ``RequestIdTooLong`` unless ``request_id`` fits in a header."""
+    if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise RequestIdTooLong(request_id, peer)
 
 
 def run_window(inflight_messages: int, runs: tuple[int, ...]) -> int:
@@ -101,7 +122,9 @@ class TransferHeader:
                    runs: tuple[int, ...] = ()) -> TransferHeader:
         """The DATA header of a send of ``num_blocks`` blocks, layers ``[l0, l1)`` (default
         all) of the block-major ``kv_cache``, as messages of ``runs`` blocks each (default
-        one per block). Raises ``LayoutMismatch`` for a layer range outside the cache."""
+        one per block). Raises ``LayoutMismatch`` for a layer range outside the cache and
+        ``RequestIdTooLong`` for an id that does not fit."""
+        check_request_id(request_id, peer)
         num_layers = kv_cache.shape[1]
         l0, l1 = layers if layers is not None else (0, num_layers)
         if not 0 <= l0 < l1 <= num_layers:
@@ -141,7 +164,7 @@ class TransferHeader:
     def encode(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The header as a ``uint8`` tensor ``[HEADER_BYTES]`` on ``device``."""
         rid = self.request_id.encode()
-        if len(rid) > MAX_REQUEST_ID_BYTES:
+        if len(rid) > MAX_REQUEST_ID_BYTES:  # for_blocks refuses these per request first
             raise ValueError(f"request id longer than {MAX_REQUEST_ID_BYTES} bytes: {rid[:40]!r}…")
         if len(self.runs) > max_runs(self.request_id):
             raise ValueError(f"{len(self.runs)} runs do not fit in a header")
