@@ -138,19 +138,27 @@ class Engine:
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, *, prefill_only: bool = False,
-                    arrival_time: float | None = None) -> Request:
-        """Queue a request. ``prompt`` is text (needs the tokenizer) or token ids."""
+                    arrival_time: float | None = None,
+                    output_token_ids: Sequence[int] = ()) -> Request:
+        """Queue a request. ``prompt`` is text (needs the tokenizer) or token ids.
+
+        ``output_token_ids``: resume a request whose stream began elsewhere: the tokens it
+        already generated (and streamed). They are prefilled after the prompt and count as
+        output (max_tokens, min_tokens, penalties, the seeded stream's output index), so the
+        continuation equals the undisturbed run's; outputs report only new tokens in
+        ``new_token_ids`` (``token_ids`` holds them all)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         token_ids = self._tokenize(prompt)
-        self._validate(token_ids, params)
+        resumed = tuple(int(t) for t in output_token_ids)
+        self._validate(token_ids, params, resumed)
         request = Request(request_id, token_ids, params, self.eos_token_ids,
-                          prefill_only=prefill_only)
+                          prefill_only=prefill_only, resumed_token_ids=resumed)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.scheduler.add_request(request)
         self._text.add(request)
-        self._num_reported[request_id] = 0
+        self._num_reported[request_id] = len(resumed)
         return request
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -160,12 +168,22 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, token_ids: list[int], params: SamplingParams,
+                  resumed: tuple[int, ...] = ()) -> None:
         if not token_ids:
             raise InvalidRequestError("prompt is empty: send at least one token")
         vocab = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if resumed and (min(resumed) < 0 or max(resumed) >= vocab):
+            raise InvalidRequestError(f"output_token_ids must be in [0, {vocab})")
+        if len(resumed) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"output_token_ids already holds {len(resumed)} tokens, max_tokens is "
+                f"{params.max_tokens}: nothing is left to generate"
+            )
         max_len = self.scheduler_config.max_model_len
         if len(token_ids) + params.max_tokens > max_len:
             raise InvalidRequestError(
@@ -237,8 +255,9 @@ class Engine:
         return self.prompt_block_ids(self._prefilled[request_id])
 
     def prompt_block_ids(self, request: Request) -> list[int]:
-        """The blocks that hold (or will hold) a request's prompt KV, in order."""
-        return request.block_ids[: cdiv(request.num_prompt_tokens, self.cache_config.block_size)]
+        """The blocks that hold (or will hold) the KV a request's prefill computes (its
+        prompt, and for a resumed request the output tokens it was resumed with), in order."""
+        return request.block_ids[: cdiv(request.num_prefill_tokens, self.cache_config.block_size)]
 
     def prefilled_request(self, request_id: str) -> Request:
         """Prefill side: the finished-prefill request (its counters and timestamps)."""
@@ -252,23 +271,31 @@ class Engine:
             self.kv_manager.free(request)
 
     def reserve(self, request_id: str, prompt_token_ids: Sequence[int],
-                params: SamplingParams) -> list[int] | None:
+                params: SamplingParams, *,
+                output_token_ids: Sequence[int] = ()) -> list[int] | None:
         """Decode side: preallocate blocks for a prompt whose KV will be transferred.
-        Returns the block ids, or None when there is no room (backpressure)."""
+        Returns the block ids, or None when there is no room (backpressure).
+
+        ``output_token_ids``: a resumed request's tokens already generated before the
+        prefill (see ``add_request``); their KV is transferred with the prompt's, so the
+        blocks cover prompt + these tokens. ``activate`` then gets the token the prefill
+        side sampled after them."""
         token_ids = [int(t) for t in prompt_token_ids]
-        self._validate(token_ids, params)
-        request = Request(request_id, token_ids, params, self.eos_token_ids)
+        resumed = tuple(int(t) for t in output_token_ids)
+        self._validate(token_ids, params, resumed)
+        request = Request(request_id, token_ids, params, self.eos_token_ids,
+                          resumed_token_ids=resumed)
         if not self.scheduler.reserve(request):
             return None
         self._text.add(request)
-        self._num_reported[request_id] = 0
+        self._num_reported[request_id] = len(resumed)
         return list(request.block_ids)
 
     def activate(self, request_id: str, first_token: int) -> RequestOutput | None:
         """Decode side: KV landed, first token known (already streamed by the prefill
         side): start decoding. Returns the final output if that token ends the request."""
         request = self.scheduler.activate(request_id, first_token)
-        self._num_reported[request_id] = 1
+        self._num_reported[request_id] = request.num_output_tokens
         self._text.check_stop_strings(request)
         return self._output(request) if request.is_finished else None
 
@@ -288,7 +315,6 @@ class Engine:
         if request.is_finished:
             out.text, out.stop_reason = self._text.finish(request)
             self._num_reported.pop(request.request_id, None)
-            self.runner.sampler.forget(request.request_id)
         return out
 
     def generate(self, prompts: Sequence[str | Sequence[int]],

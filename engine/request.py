@@ -10,6 +10,12 @@ Life of a request in the engine (colocated mode):
 Disaggregated modes add: a prefill worker's request ends with FINISHED_PREFILLED, keeping its
 blocks until the KV transfer is done; a decode worker's request waits in WAITING_FOR_KV with
 reserved blocks until its KV lands.
+
+A resumed request (its stream moved from a lost worker) starts with the output tokens
+already generated elsewhere (``resumed_token_ids``): they are part of ``output_token_ids``
+from the start, so counting towards max_tokens / min_tokens, penalties and the seeded random
+stream's output index continue where they were, and they are prefilled with the prompt
+(like a preempted request's recompute).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     prefill_only: bool = False  # stop after the first token, keep blocks (prefill worker)
+    # Output tokens generated before this engine saw the request (a resume), in order.
+    resumed_token_ids: tuple[int, ...] = ()
 
     # Progress (counters, no flags).
     token_ids: list[int] = field(init=False)  # prompt followed by generated tokens
@@ -73,16 +81,24 @@ class Request:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)
-        self.token_ids = list(self.prompt_token_ids)
-        # Token ids that end generation once min_tokens are out (EOS unless ignored).
+        self.resumed_token_ids = tuple(self.resumed_token_ids)
+        self.token_ids = list(self.prompt_token_ids) + list(self.resumed_token_ids)
+        # Token ids that end generation once min_tokens are out (EOS unless ignored); the
+        # sampler masks them before that.
         stop_ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        self._stop_ids = frozenset(stop_ids)
+        self.stop_ids: frozenset[int] = frozenset(stop_ids)
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens whose KV the first prefill computes before the first sample here: the
+        prompt, plus the resumed output tokens."""
+        return self.num_prompt_tokens + len(self.resumed_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -105,7 +121,7 @@ class Request:
         if self.prefill_only:
             return RequestStatus.FINISHED_PREFILLED
         n_out = len(self.token_ids) - self.num_prompt_tokens
-        if self.token_ids[-1] in self._stop_ids and n_out >= params.min_tokens:
+        if self.token_ids[-1] in self.stop_ids and n_out >= params.min_tokens:
             return RequestStatus.FINISHED_STOPPED
         if n_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH

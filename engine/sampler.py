@@ -1,9 +1,18 @@
-"""Batched sampling: penalties, temperature, top-k, top-p, min-p, seeds and logprobs.
+"""Batched sampling: logit bias, min_tokens, penalties, temperature, top-k, top-p, min-p,
+seeds and logprobs.
 
 One pass over the ``[num_samples, vocab]`` logits of a step; work a feature needs is done
 only when some request in the batch uses it. Sampling uses the exponential race
-(argmax of p / q with q ~ Exp(1)), equivalent to drawing from p: each seeded request draws
-its q from its own generator, so its tokens do not depend on what else is in the batch.
+(argmax of p / q with q ~ Exp(1)), equivalent to drawing from p.
+
+Seeded requests: a request's random stream is a function of (seed, output position) only.
+Its q for the token at output index k (0 for the first generated token) comes from a
+counter-based hash (splitmix64) of (seed, k, token id), computed for all seeded rows at
+once as integer tensor ops. Nothing is kept per request, so the same tokens come out
+whatever else is in the batch, and also when the request is sampled on another engine: the
+first token on a prefill worker and the rest on a decode worker, after preemption
+(recompute), and after a resume (prompt + tokens already generated re-prefilled: the
+output index continues from there). Unseeded rows draw from the engine's generator.
 """
 
 from __future__ import annotations
@@ -16,17 +25,28 @@ from engine import fused_ops
 from engine.batch import TokenLogprobs
 from engine.request import Request
 
+# splitmix64 constants, as signed int64 (torch has no uint64 arithmetic): int64 add and
+# multiply wrap like uint64 ones, and logical shifts are arithmetic shifts masked.
+_U64 = 1 << 64
+
+
+def _i64(x: int) -> int:
+    x %= _U64
+    return x - _U64 if x >= 1 << 63 else x
+
+
+_GAMMA = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+_UNIFORM_BITS = 23  # u = (top 23 bits + 0.5) / 2**23: exact in float32, strictly in (0, 1)
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}  # seeded requests only
-        self._default = torch.Generator(device=device)
+        self._default = torch.Generator(device=device)  # unseeded requests
         self._default.manual_seed(seed)
-
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's generator."""
-        self._generators.pop(request_id, None)
+        self._columns: torch.Tensor | None = None  # (v + 1) * GAMMA for v < vocab, [1, V]
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[Request]
@@ -34,13 +54,17 @@ class Sampler:
         """``logits``: [n, vocab] float32 (maybe a transposed view), row i is ``requests[i]``."""
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
-        if not all(greedy) or any(p.logprobs is not None or p.needs_penalties for p in params):
+        biased = any(p.logit_bias for p in params) or any(_masks_stops(r) for r in requests)
+        if (not all(greedy) or biased
+                or any(p.logprobs is not None or p.needs_penalties for p in params)):
             # The model may hand over a transposed view (see compute_logits); argmax reads
-            # it as is, the rest wants rows contiguous (and the same random draws as ever).
+            # it as is, the rest wants rows contiguous.
             logits = logits.contiguous()
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # before any processing (vLLM)
+        if biased:
+            logits = apply_logit_bias_and_min_tokens(logits.clone(), requests)
         if any(p.needs_penalties for p in params):
             logits = apply_penalties(logits.clone(), requests)
         if all(greedy):
@@ -59,24 +83,108 @@ class Sampler:
         scaled = logits / temps.unsqueeze(1)
         scaled = apply_top_k_top_p_min_p(scaled, params)
         probs = torch.softmax(scaled, dim=-1)
-        q = torch.empty_like(probs)
-        q.exponential_(generator=self._default)
-        for i, request in enumerate(requests):
-            if request.params.seed is not None and not greedy[i]:
-                q[i].exponential_(generator=self._generator_for(request))
+        q = self._exponentials(requests, greedy, probs)
         sampled = (probs / q).argmax(dim=-1)
         if any(greedy):
             mask = torch.tensor(greedy, device=logits.device)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
 
-    def _generator_for(self, request: Request) -> torch.Generator:
-        gen = self._generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(request.params.seed)
-            self._generators[request.request_id] = gen
-        return gen
+    def _exponentials(self, requests: Sequence[Request], greedy: list[bool],
+                      probs: torch.Tensor) -> torch.Tensor:
+        """q ~ Exp(1), [n, vocab]: hashed from (seed, output index) on seeded rows."""
+        rows = [i for i, r in enumerate(requests) if r.params.seed is not None and not greedy[i]]
+        if len(rows) == len(requests):
+            return self._seeded_exponentials(requests, probs.shape[1])
+        q = torch.empty_like(probs)
+        q.exponential_(generator=self._default)
+        if rows:
+            chosen = [requests[i] for i in rows]
+            index = torch.tensor(rows, device=probs.device)
+            q.index_copy_(0, index, self._seeded_exponentials(chosen, probs.shape[1]))
+        return q
+
+    def _seeded_exponentials(self, requests: Sequence[Request], vocab: int) -> torch.Tensor:
+        # The output index of the token about to be sampled: everything generated so far,
+        # resumed tokens included (they are part of output_token_ids).
+        seeds = [r.params.seed for r in requests]
+        positions = [r.num_output_tokens for r in requests]
+        return seeded_exponentials(seeds, positions, self._column_keys(vocab))
+
+    def _column_keys(self, vocab: int) -> torch.Tensor:
+        if self._columns is None or self._columns.shape[1] != vocab:
+            cols = torch.arange(1, vocab + 1, dtype=torch.int64, device=self.device)
+            self._columns = (cols * _GAMMA).unsqueeze(0)
+        return self._columns
+
+
+def _srl(z: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 values seen as uint64."""
+    return (z >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on an int64 tensor (wrapping arithmetic)."""
+    z ^= _srl(z, 30)
+    z *= _MIX1
+    z ^= _srl(z, 27)
+    z *= _MIX2
+    z ^= _srl(z, 31)
+    return z
+
+
+def seeded_exponentials(seeds: Sequence[int], positions: Sequence[int],
+                        column_keys: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [rows, vocab] float32, a pure function of (seed, position, token id).
+
+    ``column_keys``: [1, vocab] int64 ``(v + 1) * GAMMA``. Row key
+    ``k = mix(mix(seed + GAMMA) + (position + 1) * GAMMA)``; the entry for token v is the
+    v-th value of a splitmix64 stream from k: ``mix(k + (v + 1) * GAMMA)`` (mod 2**64).
+    """
+    device = column_keys.device
+    key = torch.tensor(seeds, dtype=torch.int64, device=device) + _GAMMA
+    key = _mix64(key)
+    pos = torch.tensor(positions, dtype=torch.int64, device=device) + 1
+    key += pos * _GAMMA
+    bits = _mix64(key).unsqueeze(1) + column_keys  # [rows, vocab]
+    bits = _srl(_mix64(bits), 64 - _UNIFORM_BITS)
+    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
+    return u.log_().neg_()
+
+
+def _masks_stops(request: Request) -> bool:
+    """Stop/EOS ids are masked while fewer than min_tokens tokens are out."""
+    return request.num_output_tokens < request.params.min_tokens and bool(request.stop_ids)
+
+
+def apply_logit_bias_and_min_tokens(logits: torch.Tensor,
+                                    requests: Sequence[Request]) -> torch.Tensor:
+    """Add each request's logit bias and mask (-inf) its stop ids before min_tokens: one
+    scatter for the batch each, from flat (row, token) index lists."""
+    vocab = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    mask_rows: list[int] = []
+    mask_cols: list[int] = []
+    for i, request in enumerate(requests):
+        for token, bias in request.params.logit_bias:
+            rows.append(i)
+            cols.append(token)
+            vals.append(bias)
+        if _masks_stops(request):
+            stops = [t for t in request.stop_ids if t < vocab]  # ids past the vocab never occur
+            mask_rows += [i] * len(stops)
+            mask_cols += stops
+    device = logits.device
+    if rows:
+        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=device),
+                          accumulate=True)
+    if mask_rows:
+        index = (torch.tensor(mask_rows, device=device), torch.tensor(mask_cols, device=device))
+        logits.index_put_(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100] (OpenAI's range)
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,11 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the chosen token's logprob and the top-n alternatives (0 = chosen token only)."""
     min_tokens: int = 0
-    """Do not stop (EOS or stop ids) before this many tokens have been generated."""
+    """Do not stop before this many tokens: EOS and stop ids are masked out until then."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """Added to the logits of the given token ids before sampling (greedy included): a
+    mapping or pairs {token id: bias}, stored as sorted (id, bias) pairs, each bias clamped to
+    [-100, 100]. +100 all but forces a token, -100 all but bans it."""
 
     def __post_init__(self) -> None:
         # Accept any iterable of stops (a list from JSON, a single string) and freeze it.
@@ -42,6 +50,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -59,6 +68,8 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
+            ("logit_bias", all(t >= 0 for t, _ in self.logit_bias),
+             "token ids must be >= 0"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -75,3 +86,24 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def _normalise_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """{id: bias} or (id, bias) pairs -> sorted pairs, biases clamped to [-100, 100].
+    Ids may be strings of digits (JSON object keys)."""
+    if not bias:
+        return ()
+    pairs = bias.items() if isinstance(bias, Mapping) else bias
+    out: dict[int, float] = {}
+    try:
+        for token, value in pairs:
+            token_id, value = int(token), float(value)
+            if not math.isfinite(value):
+                raise ValueError
+            out[token_id] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, value))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"SamplingParams.logit_bias={bias!r} must map token ids (integers) to finite "
+            "numbers"
+        ) from None
+    return tuple(sorted(out.items()))

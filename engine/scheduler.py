@@ -59,13 +59,14 @@ class Scheduler:
 
     # -- decode side of disaggregation ------------------------------------------------------
     def reserve(self, request: Request) -> bool:
-        """Preallocate blocks for a prompt whose KV will arrive by transfer. The request
-        waits in WAITING_FOR_KV, outside the queues. False (nothing held) when the blocks
-        or the running-batch seats are not there: the decode side's backpressure."""
+        """Preallocate blocks for a prompt whose KV will arrive by transfer (with a resumed
+        request's earlier output tokens: all of its ``token_ids``). The request waits in
+        WAITING_FOR_KV, outside the queues. False (nothing held) when the blocks or the
+        running-batch seats are not there: the decode side's backpressure."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         seats = self.config.max_num_seqs - len(self.running) - self.num_reserved
-        if seats <= 0 or not self.kv.allocate_slots(request, request.num_prompt_tokens):
+        if seats <= 0 or not self.kv.allocate_slots(request, request.num_tokens):
             return False
         request.status = RequestStatus.WAITING_FOR_KV
         self.requests[request.request_id] = request
@@ -80,7 +81,7 @@ class Scheduler:
             raise ValueError(
                 f"request {request_id!r} is {request.status.value}, not waiting for KV")
         self.num_reserved -= 1
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens  # every token's KV has landed
         request.token_ids.append(first_token)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
