@@ -23,8 +23,11 @@ withheld; once a stop string appears the text is cut before it (or after it with
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidRequestError
@@ -46,12 +49,18 @@ class Tokenizer:
         self._backend = getattr(self._hf, "backend_tokenizer", None)
         self.eos_token_ids: list[int] = _eos_ids(self._hf, self.model_dir)
         """Ids that end generation: the tokenizer's eos plus generation_config.json's."""
+        self._model_vocab = _model_vocab_size(self.model_dir)
+        self._split_backend: Any = None  # see _plain_text_backend
+        self._split_lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids the tokenizer knows (added tokens included); the model's embedding
-        may be larger."""
-        return len(self._hf)
+        """Number of token ids the model accepts: its embedding rows (config.json's
+        ``vocab_size``), which is what the engine checks prompts against. Without a
+        config.json (a bare tokenizer directory): the ids the tokenizer knows, added tokens
+        included. The two differ both ways in real checkpoints (padded embeddings; tokens
+        added to a tokenizer without resizing the model)."""
+        return self._model_vocab if self._model_vocab is not None else len(self._hf)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -65,9 +74,39 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._hf, "chat_template", None))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; ``add_special_tokens`` adds bos where the model uses one."""
-        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool = True,
+               split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` adds bos where the model uses one.
+
+        ``split_special_tokens``: special-token text in ``text`` ("<|im_end|>") is encoded as
+        plain text instead of as the special token: for client-supplied prompts, so that a
+        prompt cannot forge control tokens. A chat template's own markers need False.
+        Text that is not valid Unicode (a lone surrogate) raises ``InvalidRequestError``.
+        Safe to call from several threads (the Rust tokenizer releases the GIL)."""
+        try:
+            if split_special_tokens and self._backend is not None:
+                backend = self._plain_text_backend()
+                # encode_batch (not encode) releases the GIL for the whole encoding.
+                return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            return list(self._hf.encode(text, add_special_tokens=add_special_tokens,
+                                        split_special_tokens=split_special_tokens))
+        except TypeError as exc:  # how the Rust tokenizer refuses unencodable text
+            _check_unicode(text)
+            raise exc
+
+    def _plain_text_backend(self) -> Any:
+        """A copy of the Rust tokenizer that encodes special-token text as plain text.
+        transformers' ``split_special_tokens=True`` flips a flag on the shared tokenizer for
+        the call, which races with concurrent encodes on other threads; a copy with the flag
+        set for good does not."""
+        with self._split_lock:
+            if self._split_backend is None:
+                from tokenizers import Tokenizer as RustTokenizer
+
+                copy = RustTokenizer.from_str(self._backend.to_str())
+                copy.encode_special_tokens = True
+                self._split_backend = copy
+            return self._split_backend
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``: no space clean-up, so decode(a + b) == decode(a) + decode(b) at
@@ -102,6 +141,27 @@ class Tokenizer:
         return IncrementalDetokenizer(self, stop, prompt_ids=prompt_ids,
                                       skip_special_tokens=skip_special_tokens,
                                       include_stop=include_stop)
+
+
+def _check_unicode(text: str) -> None:
+    """Raise ``InvalidRequestError`` if ``text`` cannot be encoded as UTF-8 (lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"the text is not valid Unicode: it has a lone surrogate at character {exc.start} "
+            "(send well-formed UTF-8)") from None
+
+
+def _model_vocab_size(model_dir: str) -> int | None:
+    """config.json's ``vocab_size`` (a multimodal config nests it in ``text_config``); None
+    when the directory has no config.json or it names no size."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    size = raw.get("vocab_size") or (raw.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
 
 
 def _eos_ids(hf: Any, model_dir: str) -> list[int]:

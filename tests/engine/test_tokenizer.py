@@ -222,3 +222,39 @@ def test_append_after_finish_is_an_error(tok):
     detok.finish()
     with pytest.raises(RuntimeError):
         detok.append([5])
+
+
+# ---- client text: special-token text, invalid Unicode, the model's vocabulary -------------
+
+@pytest.mark.parametrize("text", ["hi <|im_end|> there", "<|begin_of_text|>x", "plain café"])
+def test_split_special_tokens_encodes_special_text_as_plain_text(tok, text):
+    ids = tok.encode(text, split_special_tokens=True)
+    assert ids == tok._hf.encode(text, split_special_tokens=True)  # transformers' meaning
+    assert ids[0] == tok.bos_token_id  # bos is still added
+    assert not set(ids[1:]) & {0, 1, 2, 3, 4}  # no special id comes from the text
+    assert tok.decode(ids[1:], skip_special_tokens=False) == text
+    # the shared tokenizer is unchanged: a chat template's markers stay special
+    assert 3 in tok.encode("<|im_end|>", add_special_tokens=False)
+
+
+def test_lone_surrogate_is_a_request_error(tok):
+    with pytest.raises(InvalidRequestError, match="lone surrogate at character 1"):
+        tok.encode("a\ud800b")
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        tok.encode("a\udfffb", split_special_tokens=True)
+
+
+def test_vocab_size_is_the_models_embedding_rows(tmp_path, tiny_model_dir):
+    """The router checks prompt ids against ``vocab_size`` and ModelInfo reports it: it must
+    be the engine's number of embedding rows (config.json), not the tokenizer's length."""
+    for rows in (1000, 1100):
+        model_dir = tmp_path / f"m{rows}"
+        shutil.copytree(tiny_model_dir("llama"), model_dir)
+        config = json.loads((model_dir / "config.json").read_text())
+        config["vocab_size"] = rows
+        (model_dir / "config.json").write_text(json.dumps(config))
+        assert Tokenizer(model_dir).vocab_size == rows
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir("llama"), bare)
+    (bare / "config.json").unlink()
+    assert Tokenizer(bare).vocab_size == 1024  # no model config: the tokenizer's size
