@@ -9,6 +9,16 @@ Life of a request here (DESIGN §1):
      requests) stream to the client until the final one.
   Local prefill (conditional disaggregation, colocated workers): D.generate, then step 4.
   Cancel / deadline / stop string: ``abort`` reaches P and D; every block is freed there.
+
+Migration (``cluster.flight``): a worker that dies under a request does not fail it.
+  - P dies before the first token (or before the KV landed): the decode reservation is
+    released at once and the request is re-placed and re-prefilled.
+  - D dies: the prompt plus every token already streamed is re-prefilled on a healthy pair
+    (waiting for a replacement up to the request's deadline) and the stream goes on.
+  - The KV transfer fails (a broken pair channel): retried once on a new placement.
+  A request already decoding is untouched by its prefill worker's death. Each request
+  migrates at most ``max_migrations`` times; every migration is counted
+  (``migrations``) and reported in the request's timing breakdown.
 """
 
 from __future__ import annotations
@@ -19,40 +29,54 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from cluster.backend import BackendOutput, BackendRequest, ServingBackend, TokenLogprob
+from cluster.flight import MIGRATION_KINDS, Attempt, Flight, Migrate
 from cluster.global_scheduler import GlobalScheduler, Placement, Queued
 from cluster.handles import WorkerGone, WorkerHandle
 from engine.errors import ResourceExhaustedError, SplitServeError, UnavailableError
-from engine.outputs import TokenDelta
 
 log = logging.getLogger(__name__)
 POLL_TIMEOUT_S = 0.5
 MAX_PLACE_ATTEMPTS = 3
+MAX_MIGRATIONS = 3  # per request, all kinds together
+MAX_TRANSFER_RETRIES = 1  # a failed KV transfer is retried once
+RESUME_WAIT_S = 120.0  # how long a migrating request without a deadline waits for workers
 
 
 class RequestFailed(SplitServeError):
     code = "INTERNAL"
 
 
+class _WorkerLost:
+    """Queued into an attempt's stream when one of its workers dies."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        self.kind, self.why = kind, why
+
+
 class ClusterBackend(ServingBackend):
     def __init__(self, scheduler: GlobalScheduler, stats_interval_s: float = 0.5,
-                 window=None) -> None:
+                 window=None, max_migrations: int = MAX_MIGRATIONS) -> None:
         self.scheduler = scheduler
         # Optional cluster.autoscaler.RollingWindow fed with TTFT / ITL / arrival samples.
         self.window = window
         self.stats_interval_s = stats_interval_s
+        self.max_migrations = max_migrations
         self.workers: dict[str, WorkerHandle] = {}
         self._endpoints: dict[str, object] = {}  # decode worker id -> KV endpoint
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._where: dict[str, tuple[str | None, str]] = {}  # request id -> (P, D)
-        self._queued: dict[str, asyncio.Future] = {}
+        self._flights: dict[str, Flight] = {}  # client request id -> its record
+        self._by_worker_rid: dict[str, Flight] = {}  # current attempt's worker-side id
+        self._queued: dict[str, asyncio.Future] = {}  # worker-side id -> placement
         self._tasks: dict[str, asyncio.Task] = {}
         self._stats_task: asyncio.Task | None = None
         self._draining: dict[str, asyncio.Event] = {}  # worker id -> set when it holds no request
+        self._membership: asyncio.Event | None = None  # set when a worker joins
         self._closed = False
         self.last_stats: dict[str, object] = {}  # worker id -> newest WorkerStats (metrics)
         # (worker id, role) of a worker that died; the cluster sets it to replace workers.
         self.on_worker_lost: Callable[[str, str], None] | None = None
-        self._last_token_time: dict[str, float] = {}
+        # Requests moved to another attempt, by why (cumulative; metrics read it).
+        self.migrations: dict[str, int] = dict.fromkeys(MIGRATION_KINDS, 0)
+        self.migrations_failed = 0  # requests that ran out of migrations or time
 
     # -- membership ------------------------------------------------------------------------
     async def add_worker(self, handle: WorkerHandle) -> None:
@@ -64,6 +88,12 @@ class ClusterBackend(ServingBackend):
                 self._endpoints[handle.worker_id] = await handle.call("endpoint")
             self._tasks[handle.worker_id] = asyncio.create_task(self._pump(handle))
         await self._report(handle)
+        if self._membership is not None:  # wake requests waiting to migrate
+            self._membership.set()
+            self._membership = None
+
+    def _requests_on(self, worker_id: str) -> list[Flight]:
+        return [f for f in self._flights.values() if worker_id in f.attempt.workers()]
 
     async def drain_and_remove(self, worker_id: str, timeout_s: float = 300.0) -> None:
         """Stop placing on the worker, wait for its requests to finish, then forget it."""
@@ -76,26 +106,36 @@ class ClusterBackend(ServingBackend):
             await asyncio.wait_for(idle.wait(), timeout_s)
         except asyncio.TimeoutError:
             log.warning("drain of %s timed out; aborting its requests", worker_id)
-            for rid in [r for r, w in self._where.items() if worker_id in w]:
-                await self.abort(rid)
+            for flight in self._requests_on(worker_id):
+                await self.abort(flight.request_id)
         self.remove_worker(worker_id)
 
     def _check_drained(self, worker_id: str) -> None:
         idle = self._draining.get(worker_id)
-        if idle is not None and not any(worker_id in w for w in self._where.values()):
+        if idle is not None and not self._requests_on(worker_id):
             idle.set()
 
     def lose_worker(self, worker_id: str, why: str) -> None:
-        """The worker died: fail its requests, forget it, and tell ``on_worker_lost`` (the
-        cluster replaces it)."""
+        """The worker died: move its requests elsewhere, forget it, and tell
+        ``on_worker_lost`` (the cluster replaces it)."""
         handle = self.workers.get(worker_id)
         if handle is None:
             return  # already lost (several calls can fail at once)
         log.error("worker %s is gone: %s", worker_id, why)
-        self._fail_worker_requests(worker_id, why)
+        self._migrate_worker_requests(worker_id, handle.role, why)
         self.remove_worker(worker_id)
         if self.on_worker_lost is not None and not self._closed:
             self.on_worker_lost(worker_id, handle.role)
+
+    def _migrate_worker_requests(self, worker_id: str, role: str, why: str) -> None:
+        """Tell each request that needs the dead worker; a request that has left its prefill
+        worker behind (decoding) does not need it."""
+        for flight in self._flights.values():
+            attempt = flight.attempt
+            if attempt.decode_id == worker_id:
+                attempt.queue.put_nowait(_WorkerLost("decode", why))
+            elif attempt.prefill_id == worker_id and attempt.phase in ("prefill", "kv"):
+                attempt.queue.put_nowait(_WorkerLost("prefill", why))
 
     def remove_worker(self, worker_id: str) -> None:
         self.scheduler.remove_worker(worker_id)
@@ -115,7 +155,7 @@ class ClusterBackend(ServingBackend):
 
     async def shutdown(self) -> None:
         self._closed = True
-        for rid in list(self._where):
+        for rid in list(self._flights):
             await self.abort(rid)
         tasks = [t for t in [self._stats_task, *self._tasks.values()] if t is not None]
         for task in tasks:
@@ -132,23 +172,28 @@ class ClusterBackend(ServingBackend):
         return {
             "workers": {wid: h.role for wid, h in self.workers.items()},
             "draining": sorted(self._draining),
-            "in_flight": len(self._where),
+            "in_flight": len(self._flights),
             "admission_queue": self.scheduler.queue_length,
+            "migrations": dict(self.migrations),
+            "migrations_failed": self.migrations_failed,
         }
 
     async def abort(self, request_id: str) -> None:
-        fut = self._queued.pop(request_id, None)
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            await self._abort_attempt(flight.attempt)
+
+    async def _abort_attempt(self, attempt: Attempt) -> None:
+        """Free the attempt's resources on every worker of it that is still alive."""
+        fut = self._queued.pop(attempt.worker_rid, None)
         if fut is not None:
-            self.scheduler.cancel(request_id)
+            self.scheduler.cancel(attempt.worker_rid)
             fut.cancel()
-        where = self._where.get(request_id)
-        if where is None:
-            return
-        calls = [self.workers[w].call("abort", request_id) for w in where
-                 if w is not None and w in self.workers]
+        calls = [self.workers[w].call("abort", attempt.worker_rid) for w in attempt.workers()
+                 if w in self.workers]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
-                log.warning("abort of %s failed on a worker: %s", request_id, result)
+                log.warning("abort of %s failed on a worker: %s", attempt.worker_rid, result)
 
     def submit(self, request: BackendRequest) -> AsyncIterator[BackendOutput]:
         return self._run(request)
@@ -156,88 +201,178 @@ class ClusterBackend(ServingBackend):
     # -- one request ---------------------------------------------------------------------
     async def _run(self, req: BackendRequest) -> AsyncIterator[BackendOutput]:
         rid = req.request_id
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = queue
+        flight = Flight(req, Attempt(rid))
+        flight.timing["router_queue_start"] = time.time()
+        self._flights[rid] = flight
         finished = False
         try:
-            timing = {"router_queue_start": time.time()}
             if self.window is not None:
                 self.window.add_arrival(time.time(), len(req.prompt_token_ids))
-            placement, blocks = await self._place_and_reserve(req)
-            timing["placed"] = time.time()
-            p_id, d_id = placement.prefill_worker_id, placement.decode_worker_id
-            self._where[rid] = (p_id, d_id)
-            if p_id is None:
-                await self.workers[d_id].call("generate", rid, req.prompt_token_ids, req.params)
-            else:
-                first = await self._remote_prefill(req, p_id, d_id, blocks, timing)
-                # Tell D the first token (or that it is done) while the client gets it:
-                # TTFT waits for neither that call nor the KV transfer.
-                verb = "abort" if first.finish_reason is not None else "start"
-                args = (rid,) if verb == "abort" else (rid, first.new_token_ids[0])
-                handoff = asyncio.ensure_future(self.workers[d_id].call(verb, *args))
-                handoff.add_done_callback(_log_handoff_failure)
-                self._observe(req, first)
-                yield first
-                await handoff
-                if first.finish_reason is not None:
-                    finished = True
-                    return
-            async for out in self._stream(rid, queue, req, timing):
+            async for out in self._serve(flight):
                 finished = out.finish_reason is not None
-                self._observe(req, out)
+                flight.generated.extend(out.new_token_ids)
+                self._observe(flight, out)
                 yield out
         except SplitServeError as exc:
             finished = True
-            yield BackendOutput(rid, [], "error", error=exc)
+            yield self._final(flight, BackendOutput(rid, [], "error", error=exc), {})
         finally:
-            self._streams.pop(rid, None)
-            self._last_token_time.pop(rid, None)
             if not finished:
-                await self.abort(rid)
-            where = self._where.pop(rid, None)
-            for worker_id in where or ():
-                if worker_id is not None:
-                    self._check_drained(worker_id)
-            self._poll_admission()
+                await self._abort_attempt(flight.attempt)
+            self._forget(flight)
 
-    def _observe(self, req: BackendRequest, out: BackendOutput) -> None:
+    def _forget(self, flight: Flight) -> None:
+        self._flights.pop(flight.request_id, None)
+        self._by_worker_rid.pop(flight.attempt.worker_rid, None)
+        for worker_id in flight.attempt.workers():
+            self._check_drained(worker_id)
+        self._poll_admission()
+
+    async def _serve(self, flight: Flight) -> AsyncIterator[BackendOutput]:
+        """Attempt after attempt until the request ends (see ``cluster.flight``)."""
+        while True:
+            try:
+                async for out in self._attempt(flight):
+                    yield out
+                return
+            except Migrate as why:
+                await self._migrate(flight, why)
+                if flight.remaining_tokens() <= 0:  # every token was out: only the end was lost
+                    yield self._final(flight, BackendOutput(flight.request_id, [], "length"),
+                                      {})
+                    return
+
+    async def _migrate(self, flight: Flight, why: Migrate) -> None:
+        """End the failed attempt everywhere and prepare the next one (or give up)."""
+        old = flight.attempt
+        self._by_worker_rid.pop(old.worker_rid, None)
+        await self._abort_attempt(old)
+        for worker_id in old.workers():
+            self._check_drained(worker_id)
+        flight.migrations[why.kind] += 1
+        transfer_retries_left = flight.migrations["transfer"] <= MAX_TRANSFER_RETRIES
+        if flight.num_migrations > self.max_migrations or not transfer_retries_left:
+            self.migrations_failed += 1
+            raise UnavailableError(
+                f"request {flight.request_id} failed after {flight.num_migrations - 1} "
+                f"retries: {why}; retry the request")
+        self.migrations[why.kind] += 1
+        log.warning("request %s moves to another worker after %d tokens (%s: %s)",
+                    flight.request_id, len(flight.generated), why.kind, why)
+        flight.timing.setdefault("migration_start", time.time())
+        flight.next_attempt()
+
+    async def _attempt(self, flight: Flight) -> AsyncIterator[BackendOutput]:
+        """One placement of the request, from placing it to its last token."""
+        attempt = flight.attempt
+        self._by_worker_rid[attempt.worker_rid] = flight
+        placement, blocks = await self._place_and_reserve(flight)
+        if "migration_start" in flight.timing:
+            flight.migration_s += time.time() - flight.timing.pop("migration_start")
+        flight.timing.setdefault("placed", time.time())
+        attempt.prefill_id = placement.prefill_worker_id
+        attempt.decode_id = placement.decode_worker_id
+        d = self._worker(attempt.decode_id, "decode")
+        if attempt.prefill_id is None:
+            await self._call(d, "decode", "generate", attempt.worker_rid,
+                             flight.attempt_prompt(), flight.attempt_params())
+        else:
+            attempt.phase = "prefill"
+            first = await self._remote_prefill(flight, blocks)
+            attempt.phase = "kv"
+            # Tell D the first token (or that it is done) while the client gets it:
+            # TTFT waits for neither that call nor the KV transfer.
+            verb = "abort" if first.finish_reason is not None else "start"
+            args = (attempt.worker_rid,) if verb == "abort" else (
+                attempt.worker_rid, first.new_token_ids[0])
+            handoff = asyncio.ensure_future(self._call(d, "decode", verb, *args))
+            handoff.add_done_callback(_log_handoff_failure)
+            if first.finish_reason is not None:
+                first = self._final(flight, first, {})
+            yield first
+            if first.finish_reason is not None:
+                return
+            if await handoff is False:  # D no longer knows it: its transfer failed
+                raise Migrate("transfer", "the decode worker dropped the request")
+        async for out in self._stream(flight, attempt):
+            yield out
+
+    def _worker(self, worker_id: str | None, kind: str) -> WorkerHandle:
+        handle = self.workers.get(worker_id) if worker_id is not None else None
+        if handle is None:
+            raise Migrate(kind, f"{kind} worker {worker_id} is gone")
+        return handle
+
+    async def _call(self, handle: WorkerHandle, kind: str, method: str, *args):
+        """A call whose worker's death migrates the request."""
+        try:
+            return await handle.call(method, *args)
+        except WorkerGone as exc:
+            self.lose_worker(handle.worker_id, str(exc))
+            raise Migrate(kind, str(exc)) from exc
+
+    def _observe(self, flight: Flight, out: BackendOutput) -> None:
         """TTFT and ITL samples for the autoscaler's window (per output, not per token)."""
         n = len(out.new_token_ids)
         if self.window is None or n == 0:
             return
         now = time.time()
-        last = self._last_token_time.get(req.request_id)
+        last = flight.last_token_time
         if last is None:
-            self.window.add_ttft(now, now - req.arrival_time)
+            self.window.add_ttft(now, now - flight.req.arrival_time)
             n -= 1  # the first token's latency is the TTFT
         elif n:
             self.window.add_itl(now, (now - last) / n, weight=n)
-        self._last_token_time[req.request_id] = now
-        if out.finish_reason is not None:
-            self._last_token_time.pop(req.request_id, None)
+        flight.last_token_time = now
 
-    async def _place_and_reserve(self, req: BackendRequest) -> tuple[Placement, list | None]:
+    async def _place_and_reserve(self, flight: Flight) -> tuple[Placement, list | None]:
+        attempt = flight.attempt
+        prompt = flight.attempt_prompt()
         for _ in range(MAX_PLACE_ATTEMPTS):
-            placement = await self._place(req)
-            d = self.workers[placement.decode_worker_id]
+            placement = await self._place(flight, prompt)
+            d = self._worker(placement.decode_worker_id, "decode")
             if placement.prefill_worker_id is None:
                 return placement, None
-            blocks = await d.call("reserve", req.request_id, req.prompt_token_ids, req.params)
+            blocks = await self._call(d, "decode", "reserve", attempt.worker_rid, prompt,
+                                      flight.attempt_params())
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again
         raise ResourceExhaustedError("decode workers have no free KV blocks; retry later")
 
-    async def _place(self, req: BackendRequest) -> Placement:
-        result = self.scheduler.place(req.request_id, len(req.prompt_token_ids),
-                                      prompt_token_ids=req.prompt_token_ids)
+    async def _place(self, flight: Flight, prompt: list[int]) -> Placement:
+        rid = flight.attempt.worker_rid
+        while True:
+            try:
+                result = self.scheduler.place(rid, len(prompt), prompt_token_ids=prompt)
+                break
+            except UnavailableError:
+                if not flight.num_migrations:
+                    raise  # a new request is refused at once; a migrating one waits
+                await self._wait_for_workers(flight)
         if isinstance(result, Placement):
             return result
         assert isinstance(result, Queued)
         fut = asyncio.get_running_loop().create_future()
-        self._queued[req.request_id] = fut
+        self._queued[rid] = fut
         return await fut  # resolved by _poll_admission (or refused with an exception)
+
+    async def _wait_for_workers(self, flight: Flight) -> None:
+        """A migrating request waits for a worker to join (a replacement), up to its
+        deadline (or ``RESUME_WAIT_S``)."""
+        deadline = flight.req.deadline or (flight.timing.get("migration_start", time.time())
+                                           + RESUME_WAIT_S)
+        left = deadline - time.time()
+        if left <= 0:
+            raise UnavailableError("no worker came back in time to resume the request; "
+                                   "retry the request")
+        if self._membership is None:
+            self._membership = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._membership.wait(), left)
+        except asyncio.TimeoutError:
+            raise UnavailableError("no worker came back in time to resume the request; "
+                                   "retry the request") from None
 
     def _poll_admission(self) -> None:
         if not self._queued:
@@ -253,32 +388,43 @@ class ClusterBackend(ServingBackend):
                 fut.set_exception(ResourceExhaustedError(
                     "request waited too long for a free worker; retry later"))
 
-    async def _remote_prefill(self, req, p_id, d_id, blocks, timing) -> BackendOutput:
-        endpoint = self._endpoints[d_id]
+    async def _remote_prefill(self, flight: Flight, blocks) -> BackendOutput:
+        attempt, req = flight.attempt, flight.req
+        p = self._worker(attempt.prefill_id, "prefill")
+        endpoint = self._endpoints.get(attempt.decode_id)
+        if endpoint is None:
+            raise Migrate("decode", f"decode worker {attempt.decode_id} is gone")
         try:
-            result = await self.workers[p_id].call(
-                "prefill", req.request_id, req.prompt_token_ids, req.params, endpoint, blocks)
+            result = await p.call("prefill", attempt.worker_rid, flight.attempt_prompt(),
+                                  flight.attempt_params(), endpoint, blocks)
         except SplitServeError:
             raise
-        except Exception as exc:  # worker died, Ray error: the request fails, the server lives
-            if isinstance(exc, WorkerGone):
-                self.lose_worker(p_id, str(exc))
-            raise UnavailableError(f"prefill worker {p_id} failed: {exc}") from exc
-        timing.update(result.times)
+        except WorkerGone as exc:
+            self.lose_worker(p.worker_id, str(exc))
+            raise Migrate("prefill", str(exc)) from exc
+        except Exception as exc:  # a Ray error other than death: the request fails
+            raise UnavailableError(f"prefill worker {p.worker_id} failed: {exc}") from exc
+        for key, stamp in result.times.items():
+            flight.timing.setdefault(key, stamp)  # the first attempt's phases count
         out = BackendOutput(req.request_id, [result.first_token], result.finish_reason,
                             num_prompt_tokens=len(req.prompt_token_ids),
                             num_cached_tokens=result.num_cached_tokens)
         if result.logprob is not None:
             out.logprobs = [TokenLogprob(result.first_token, result.logprob.logprob,
                                          list(result.logprob.top))]
-        if out.finish_reason is not None:
-            out.timing = _breakdown(req, timing, {})
         return out
 
-    async def _stream(self, rid, queue: asyncio.Queue, req, timing) -> AsyncIterator[BackendOutput]:
+    async def _stream(self, flight: Flight, attempt: Attempt) -> AsyncIterator[BackendOutput]:
+        req = flight.req
         while True:
-            delta: TokenDelta = await queue.get()
-            out = BackendOutput(rid, delta.new_token_ids, delta.finish_reason,
+            delta = await attempt.queue.get()
+            if isinstance(delta, _WorkerLost):
+                raise Migrate(delta.kind, delta.why)
+            if delta.finish_reason == "error" and attempt.phase == "kv":
+                # Failed before decoding anything: its KV never landed (transfer failure).
+                raise Migrate("transfer", delta.error or "KV transfer failed")
+            attempt.phase = "decode"
+            out = BackendOutput(req.request_id, delta.new_token_ids, delta.finish_reason,
                                 num_prompt_tokens=len(req.prompt_token_ids),
                                 num_cached_tokens=delta.num_cached_tokens)
             if delta.logprobs:
@@ -288,10 +434,17 @@ class ClusterBackend(ServingBackend):
             if delta.finish_reason == "error":
                 out.error = RequestFailed(delta.error or "request failed on a decode worker")
             if delta.finish_reason is not None:
-                out.timing = _breakdown(req, timing, delta.times)
-                yield out
+                yield self._final(flight, out, delta.times)
                 return
             yield out
+
+    def _final(self, flight: Flight, out: BackendOutput, decode_times: dict) -> BackendOutput:
+        """Stamp the request's last output with its timing breakdown and migrations."""
+        out.timing = _breakdown(flight.req, flight.timing, decode_times)
+        if flight.num_migrations:
+            out.timing["migrations"] = float(flight.num_migrations)
+            out.timing["migration"] = flight.migration_s
+        return out
 
     # -- background tasks ---------------------------------------------------------------------
     async def _pump(self, handle: WorkerHandle) -> None:
@@ -306,18 +459,12 @@ class ClusterBackend(ServingBackend):
                 return
             finished = False
             for delta in deltas:
-                queue = self._streams.get(delta.request_id)
-                if queue is not None:
-                    queue.put_nowait(delta)
+                flight = self._by_worker_rid.get(delta.request_id)
+                if flight is not None and flight.attempt.worker_rid == delta.request_id:
+                    flight.attempt.queue.put_nowait(delta)
                 finished |= delta.finish_reason is not None
             if finished:
                 self._poll_admission()
-
-    def _fail_worker_requests(self, worker_id: str, why: str) -> None:
-        for rid, where in list(self._where.items()):
-            if worker_id in where and rid in self._streams:
-                self._streams[rid].put_nowait(TokenDelta(
-                    rid, [], "error", error=f"worker {worker_id} failed: {why}"))
 
     async def _report(self, handle: WorkerHandle) -> None:
         try:

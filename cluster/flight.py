@@ -1,0 +1,100 @@
+"""One request in flight through the cluster, across the attempts that serve it.
+
+A request is served by one *attempt* at a time: a (prefill, decode) placement with a
+worker-side request id of its own. When a worker of the attempt dies (or its KV transfer
+fails) the request *migrates*: the attempt is aborted on whatever is left of it, and a new
+attempt re-prefills the prompt plus every token already streamed to the client on a healthy
+pair, continuing at the next output position. The client sees one stream with no token
+missing or repeated:
+
+    attempt 0   prompt                    -> t0 t1 t2   (decode worker dies)
+    attempt 1   prompt + [t0 t1 t2]       -> t3 t4 ...  (same tokens an undisturbed run gives)
+
+Worker-side ids differ per attempt (``rid``, ``rid#1``, ...), so a late delta of an
+abandoned attempt can never reach the new one's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+
+from cluster.backend import BackendRequest
+from engine.sampling_params import SamplingParams
+
+# Why an attempt ended early; each has its own counter (metrics, timing breakdown).
+MIGRATION_KINDS = ("prefill", "decode", "transfer")
+
+
+class Migrate(Exception):
+    """Internal: the current attempt cannot finish; serve the request on another."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(why)
+        self.kind = kind
+
+
+@dataclass
+class Attempt:
+    """One placement of the request: where it runs and what it has reached there."""
+
+    worker_rid: str
+    prefill_id: str | None = None
+    decode_id: str | None = None
+    # "placing" -> "prefill" (waiting for the first token) -> "kv" (first token out, decode
+    # side waiting for the KV) -> "decode" (decode worker streaming)
+    phase: str = "placing"
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def workers(self) -> tuple[str, ...]:
+        return tuple(w for w in (self.prefill_id, self.decode_id) if w is not None)
+
+
+@dataclass
+class Flight:
+    """Per-request state in the cluster backend (one record instead of parallel dicts)."""
+
+    req: BackendRequest
+    attempt: Attempt
+    generated: list[int] = field(default_factory=list)  # token ids streamed to the client
+    migrations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MIGRATION_KINDS, 0))
+    timing: dict[str, float] = field(default_factory=dict)  # wall-clock stamps
+    migration_s: float = 0.0  # time spent between an attempt's failure and the next one's start
+    last_token_time: float | None = None  # for the autoscaler's ITL samples
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def num_migrations(self) -> int:
+        return sum(self.migrations.values())
+
+    def next_attempt(self) -> Attempt:
+        self.attempt = Attempt(f"{self.request_id}#{self.num_migrations}")
+        return self.attempt
+
+    def attempt_prompt(self) -> list[int]:
+        """What the current attempt prefills: the prompt plus every token already streamed."""
+        return list(self.req.prompt_token_ids) + self.generated
+
+    def attempt_params(self) -> SamplingParams:
+        """The sampling parameters of the rest of the request (``resume_params``)."""
+        return resume_params(self.req.params, len(self.generated))
+
+    def remaining_tokens(self) -> int:
+        return self.req.params.max_tokens - len(self.generated)
+
+
+def resume_params(params: SamplingParams, num_generated: int) -> SamplingParams:
+    """Parameters that continue a request after ``num_generated`` of its tokens, as if
+    undisturbed: the token budget and the minimum shrink by what is already out, and the
+    seeded random stream continues at that output position."""
+    if num_generated == 0:
+        return params
+    changes: dict = {"max_tokens": params.max_tokens - num_generated,
+                     "min_tokens": max(0, params.min_tokens - num_generated)}
+    if any(f.name == "output_offset" for f in dataclasses.fields(params)):
+        changes["output_offset"] = getattr(params, "output_offset", 0) + num_generated
+    return dataclasses.replace(params, **changes)

@@ -1,0 +1,191 @@
+"""Request migration in one process (loopback KV transfer, no Ray): a worker that dies under
+a request does not fail it. A "death" here makes every call to the worker fail with
+``WorkerGone`` (calls in flight included, as Ray fails a dead actor's pending calls) and
+stops the worker object; the real kill -9 versions are in test_faults_ray.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from cluster.backend import BackendRequest
+from cluster.config import ClusterConfig
+from cluster.handles import WorkerGone
+from cluster.runtime import Cluster
+from engine import Engine, SamplingParams
+from kv_transfer.loopback import Fault
+
+ENGINE = {"block_size": 4, "max_num_batched_tokens": 64, "max_num_seqs": 16,
+          "max_model_len": 512}
+PROMPTS = [[(7 * i + 3 * j) % 390 + 5 for j in range(20 + 3 * i)] for i in range(4)]
+GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from engine.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
+                      progress=False)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    engine = Engine.from_pretrained(model_dir, load_tokenizer=False, block_size=4)
+    return [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+
+
+def _config(model_dir, prefill=1, decode=1) -> ClusterConfig:
+    return ClusterConfig.model_validate({
+        "model": {"path": str(model_dir), "device": "cpu"},
+        "prefill": {"replicas": prefill, "engine": ENGINE},
+        "decode": {"replicas": decode, "engine": ENGINE},
+        "transfer": {"backend": "loopback", "timeout_s": 5},
+        "scheduler": {"block_size": 4},
+        "autoscaler": {"enabled": False}})
+
+
+def _make_killable(cluster: Cluster) -> None:
+    """Wrap every current worker's calls so that ``_kill`` can end them as a death would."""
+    for worker_id, handle in cluster.backend.workers.items():
+        handle.dead = asyncio.Event()
+        handle.call = _dying_call(worker_id, handle.call, handle.dead)
+
+
+def _dying_call(worker_id, original, dead: asyncio.Event):
+    async def call(method, *args):
+        task = asyncio.ensure_future(original(method, *args))
+        waiter = asyncio.ensure_future(dead.wait())
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if dead.is_set():
+            task.cancel()
+            raise WorkerGone(f"worker {worker_id} died (test)")
+        return task.result()
+
+    return call
+
+
+def _kill(cluster: Cluster, worker_id: str) -> None:
+    """The worker dies: its in-flight and later calls fail with WorkerGone, it stops."""
+    handle = cluster.backend.workers[worker_id]
+    handle.dead.set()
+    handle.worker.host.loop.stop(timeout=0)  # what is left of it computes nothing more
+
+
+async def _stream(backend, rid, prompt, params, seen: list[int] | None = None):
+    """Run one request; ``seen`` gets each token as it arrives (to time a kill)."""
+    tokens, final = [] if seen is None else seen, None
+    async for out in backend.submit(BackendRequest(rid, prompt, params, time.time())):
+        tokens.extend(out.new_token_ids)
+        final = out
+    return list(tokens), final
+
+
+async def _until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _free_blocks(cluster) -> dict[str, int]:
+    return {wid: w.free_blocks() for wid, w in cluster.factory._objects.items()
+            if wid in cluster.backend.workers}
+
+
+def _totals(cluster) -> dict[str, int]:
+    return {wid: w.host.engine.pool.num_blocks for wid, w in cluster.factory._objects.items()
+            if wid in cluster.backend.workers}
+
+
+def test_decode_worker_death_mid_stream_resumes_with_an_identical_stream(model_dir, expected):
+    async def main():
+        cluster = Cluster(_config(model_dir, decode=2), mode="local")
+        await cluster.start()
+        _make_killable(cluster)
+        try:
+            seen = [[] for _ in PROMPTS]
+            tasks = [asyncio.create_task(_stream(cluster.backend, f"r{i}", p, GREEDY, seen[i]))
+                     for i, p in enumerate(PROMPTS)]
+            await _until(lambda: len(seen[0]) >= 3)
+            flights = cluster.backend._flights
+            victim = flights["r0"].attempt.decode_id
+            moved = [rid for rid, f in flights.items() if f.attempt.decode_id == victim]
+            _kill(cluster, victim)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            await asyncio.wait_for(asyncio.gather(*cluster._replacements), 60)
+            await _until(lambda: _free_blocks(cluster) == _totals(cluster), 5)
+            return results, moved, dict(cluster.backend.migrations), cluster.replicas("decode")
+        finally:
+            await cluster.shutdown()
+
+    results, moved, migrations, decode_replicas = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected
+    assert all(final.finish_reason == "length" for _, final in results)
+    assert migrations["decode"] == len(moved) >= 1
+    for i in range(len(PROMPTS)):
+        timing = results[i][1].timing
+        assert (timing.get("migrations") == 1.0) == (f"r{i}" in moved)
+    assert decode_replicas == 2  # the pool is back to its size
+
+
+def test_prefill_worker_death_retries_prefills_and_leaves_decodes_alone(model_dir, expected):
+    """P dies while one request is mid-prefill and others decode: the first is re-prefilled
+    (its decode reservation released first), the others are not touched."""
+    async def main():
+        cluster = Cluster(_config(model_dir, prefill=2), mode="local")
+        await cluster.start()
+        _make_killable(cluster)
+        backend = cluster.backend
+        try:
+            seen = [[] for _ in PROMPTS]
+            decoding = [asyncio.create_task(_stream(backend, f"r{i}", p, GREEDY, seen[i]))
+                        for i, p in enumerate(PROMPTS[:3])]
+            await _until(lambda: all(len(s) >= 2 for s in seen[:3]))
+            # Hold both prefill engines, so the next request is surely mid-prefill when
+            # its prefill worker dies.
+            gate = threading.Event()
+            for wid in cluster.factory._objects:
+                if wid.startswith("prefill"):
+                    cluster.factory._objects[wid].host.loop.call(lambda e: gate.wait(30))
+            late = asyncio.create_task(_stream(backend, "late", PROMPTS[3], GREEDY))
+            await _until(lambda: "late" in backend._flights
+                         and backend._flights["late"].attempt.phase == "prefill")
+            _kill(cluster, backend._flights["late"].attempt.prefill_id)
+            gate.set()
+            results = await asyncio.wait_for(asyncio.gather(*decoding, late), 60)
+            await _until(lambda: _free_blocks(cluster) == _totals(cluster), 5)
+            return results, dict(backend.migrations)
+        finally:
+            await cluster.shutdown()
+
+    results, migrations = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected
+    assert migrations == {"prefill": 1, "decode": 0, "transfer": 0}
+    assert [final.timing.get("migrations") for _, final in results] == [None, None, None, 1.0]
+
+
+def test_a_failed_kv_transfer_is_retried_once_then_fails_clearly(model_dir, expected):
+    async def main():
+        cluster = Cluster(_config(model_dir), mode="local")
+        await cluster.start()
+        try:
+            hub = cluster.factory._hub
+            hub.faults["once"] = Fault("fail")  # the first attempt's link breaks
+            hub.faults["twice"] = Fault("fail")
+            hub.faults["twice#1"] = Fault("fail")  # and so does the retry's
+            once = await _stream(cluster.backend, "once", PROMPTS[0], GREEDY)
+            twice = await _stream(cluster.backend, "twice", PROMPTS[1], GREEDY)
+            await _until(lambda: _free_blocks(cluster) == _totals(cluster), 5)
+            return once, twice
+        finally:
+            await cluster.shutdown()
+
+    (tokens, final), (_, failed) = asyncio.run(main())
+    assert tokens == expected[0] and final.timing["migrations"] == 1.0
+    assert failed.finish_reason == "error"
+    assert "retry" in str(failed.error) and "Traceback" not in str(failed.error)
