@@ -124,12 +124,15 @@ def _srl(z: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser, in place on an int64 tensor (wrapping arithmetic)."""
-    z ^= _srl(z, 30)
-    z *= _MIX1
-    z ^= _srl(z, 27)
-    z *= _MIX2
-    z ^= _srl(z, 31)
+    """splitmix64's finaliser, in place on an int64 tensor (wrapping arithmetic); one
+    scratch tensor, so a [rows, vocab] pass allocates once."""
+    tmp = torch.empty_like(z)
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=tmp)
+        tmp &= (1 << (64 - shift)) - 1
+        z ^= tmp
+        if mult is not None:
+            z *= mult
     return z
 
 
@@ -146,9 +149,9 @@ def seeded_exponentials(seeds: Sequence[int], positions: Sequence[int],
     key = _mix64(key)
     pos = torch.tensor(positions, dtype=torch.int64, device=device) + 1
     key += pos * _GAMMA
-    bits = _mix64(key).unsqueeze(1) + column_keys  # [rows, vocab]
-    bits = _srl(_mix64(bits), 64 - _UNIFORM_BITS)
-    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
+    bits = _mix64(_mix64(key).unsqueeze(1) + column_keys)  # [rows, vocab]
+    u = _srl(bits, 64 - _UNIFORM_BITS).to(torch.float32)
+    u.add_(0.5).mul_(1.0 / (1 << _UNIFORM_BITS))
     return u.log_().neg_()
 
 
