@@ -275,7 +275,7 @@ class ClusterBackend(ServingBackend):
         d = self._worker(attempt.decode_id, "decode")
         if attempt.prefill_id is None:
             await self._call(d, "decode", "generate", attempt.worker_rid,
-                             flight.attempt_prompt(), flight.attempt_params())
+                             flight.req.prompt_token_ids, flight.req.params, flight.generated)
         else:
             attempt.phase = "prefill"
             first = await self._remote_prefill(flight, blocks)
@@ -327,14 +327,14 @@ class ClusterBackend(ServingBackend):
 
     async def _place_and_reserve(self, flight: Flight) -> tuple[Placement, list | None]:
         attempt = flight.attempt
-        prompt = flight.attempt_prompt()
         for _ in range(MAX_PLACE_ATTEMPTS):
-            placement = await self._place(flight, prompt)
+            placement = await self._place(flight, flight.placement_tokens())
             d = self._worker(placement.decode_worker_id, "decode")
             if placement.prefill_worker_id is None:
                 return placement, None
-            blocks = await self._call(d, "decode", "reserve", attempt.worker_rid, prompt,
-                                      flight.attempt_params())
+            blocks = await self._call(d, "decode", "reserve", attempt.worker_rid,
+                                      flight.req.prompt_token_ids, flight.req.params,
+                                      flight.generated)
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again
@@ -395,8 +395,8 @@ class ClusterBackend(ServingBackend):
         if endpoint is None:
             raise Migrate("decode", f"decode worker {attempt.decode_id} is gone")
         try:
-            result = await p.call("prefill", attempt.worker_rid, flight.attempt_prompt(),
-                                  flight.attempt_params(), endpoint, blocks)
+            result = await p.call("prefill", attempt.worker_rid, req.prompt_token_ids,
+                                  req.params, endpoint, blocks, None, flight.generated)
         except SplitServeError:
             raise
         except WorkerGone as exc:

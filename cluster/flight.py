@@ -17,11 +17,9 @@ abandoned attempt can never reach the new one's stream.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from dataclasses import dataclass, field
 
 from cluster.backend import BackendRequest
-from engine.sampling_params import SamplingParams
 
 # Why an attempt ended early; each has its own counter (metrics, timing breakdown).
 MIGRATION_KINDS = ("prefill", "decode", "transfer")
@@ -75,26 +73,12 @@ class Flight:
         self.attempt = Attempt(f"{self.request_id}#{self.num_migrations}")
         return self.attempt
 
-    def attempt_prompt(self) -> list[int]:
-        """What the current attempt prefills: the prompt plus every token already streamed."""
+    def placement_tokens(self) -> list[int]:
+        """What the current attempt prefills: the prompt plus every token already streamed
+        (the global scheduler places on these; the workers get them apart, the streamed
+        ones as ``output_token_ids``, so they count as output: max_tokens, penalties and
+        the seeded random stream continue where they were)."""
         return list(self.req.prompt_token_ids) + self.generated
-
-    def attempt_params(self) -> SamplingParams:
-        """The sampling parameters of the rest of the request (``resume_params``)."""
-        return resume_params(self.req.params, len(self.generated))
 
     def remaining_tokens(self) -> int:
         return self.req.params.max_tokens - len(self.generated)
-
-
-def resume_params(params: SamplingParams, num_generated: int) -> SamplingParams:
-    """Parameters that continue a request after ``num_generated`` of its tokens, as if
-    undisturbed: the token budget and the minimum shrink by what is already out, and the
-    seeded random stream continues at that output position."""
-    if num_generated == 0:
-        return params
-    changes: dict = {"max_tokens": params.max_tokens - num_generated,
-                     "min_tokens": max(0, params.min_tokens - num_generated)}
-    if any(f.name == "output_offset" for f in dataclasses.fields(params)):
-        changes["output_offset"] = getattr(params, "output_offset", 0) + num_generated
-    return dataclasses.replace(params, **changes)

@@ -70,9 +70,12 @@ class DecodeWorker(HostedWorker):
     def endpoint(self) -> Endpoint:
         return self.receiver.endpoint()
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int],
-                params: SamplingParams) -> list[int] | None:
-        blocks = self.host.call(lambda e: e.reserve(request_id, prompt_token_ids, params))
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                output_token_ids: list[int] = ()) -> list[int] | None:
+        """``output_token_ids``: a resumed request's tokens already streamed (see
+        ``Engine.add_request``); their KV comes with the prompt's."""
+        blocks = self.host.call(lambda e: e.reserve(request_id, prompt_token_ids, params,
+                                                    output_token_ids=output_token_ids))
         if blocks is None:
             return None
         with self._lock:
@@ -158,13 +161,15 @@ class DecodeWorker(HostedWorker):
             self._on_outputs([out])
 
     # -- local path (conditional disaggregation, colocated) ----------------------------------
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
-        """Prefill here and decode; outputs stream through ``get_outputs``."""
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 output_token_ids: list[int] = ()) -> None:
+        """Prefill here and decode; outputs stream through ``get_outputs``
+        (``output_token_ids``: a resumed request's tokens already streamed)."""
         with self._lock:
             self._times[request_id] = {"local_arrival": time.time()}
         try:
-            self.host.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            self.host.call(lambda e: e.add_request(request_id, prompt_token_ids, params,
+                                                   output_token_ids=output_token_ids))
         except Exception:
             with self._lock:
                 self._times.pop(request_id, None)

@@ -72,15 +72,18 @@ class PrefillWorker(HostedWorker):
 
     # -- called by the router (Ray actor methods) -------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                peer: Endpoint, dst_block_ids: list[int], timeout_s: float | None = None
-                ) -> PrefillResult:
-        """Prefill, return the first token, and ship the KV to ``peer`` in the background."""
+                peer: Endpoint, dst_block_ids: list[int], timeout_s: float | None = None,
+                output_token_ids: list[int] = ()) -> PrefillResult:
+        """Prefill, return the first token, and ship the KV to ``peer`` in the background.
+        ``output_token_ids``: a resumed request's tokens already streamed (prefilled after
+        the prompt; the token returned is the one after them)."""
         future: Future = Future()
         times = {"prefill_arrival": time.time()}
         with self._lock:
             self._pending[request_id] = (future, peer, list(dst_block_ids), times, params)
         try:
-            self.host.call(_add_prefill, request_id, prompt_token_ids, params)
+            self.host.call(_add_prefill, request_id, prompt_token_ids, params,
+                           tuple(output_token_ids))
         except Exception:
             with self._lock:
                 self._pending.pop(request_id, None)
@@ -153,15 +156,16 @@ class PrefillWorker(HostedWorker):
         if request.first_scheduled_time is not None:  # monotonic -> wall clock
             times["prefill_start"] = time.time() - (time.monotonic()
                                                      - request.first_scheduled_time)
-        first = out.token_ids[0]
-        finish = first_token_finish(first, params, self.host.engine.eos_token_ids)
+        first = out.token_ids[-1]
+        finish = first_token_finish(first, params, self.host.engine.eos_token_ids,
+                                    len(out.token_ids) - 1)
         if finish is None:
             self._ship(out.request_id, peer, dst_blocks)
         else:  # nothing left to decode: no transfer
             self.sender.abort(out.request_id)
             self.host.engine.release(out.request_id)
         future.set_result(PrefillResult(
-            out.request_id, first, out.logprobs[0] if out.logprobs else None,
+            out.request_id, first, out.logprobs[-1] if out.logprobs else None,
             out.num_cached_tokens, finish, times,
         ))
 
@@ -187,16 +191,20 @@ class PrefillWorker(HostedWorker):
         self.host.loop.call(lambda engine: engine.release(handle.request_id))
 
 
-def first_token_finish(token: int, params: SamplingParams, eos_ids) -> str | None:
-    """The finish reason if the first token already ends the request, else None."""
-    if params.min_tokens == 0 and (
+def first_token_finish(token: int, params: SamplingParams, eos_ids,
+                       num_before: int = 0) -> str | None:
+    """The finish reason if the token the prefill sampled (after ``num_before`` output
+    tokens of a resumed request) already ends the request, else None."""
+    if params.min_tokens <= num_before and (
         token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids)
     ):
         return "stop"
-    return "length" if params.max_tokens == 1 else None
+    return "length" if params.max_tokens <= num_before + 1 else None
 
 
-def _add_prefill(engine, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+def _add_prefill(engine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 output_token_ids: tuple[int, ...] = ()):
     if not prompt_token_ids:
         raise InvalidRequestError("prompt is empty")
-    engine.add_request(request_id, prompt_token_ids, params, prefill_only=True)
+    engine.add_request(request_id, prompt_token_ids, params, prefill_only=True,
+                       output_token_ids=output_token_ids)

@@ -22,6 +22,7 @@ ENGINE = {"block_size": 4, "max_num_batched_tokens": 64, "max_num_seqs": 16,
           "max_model_len": 512}
 PROMPTS = [[(7 * i + 3 * j) % 390 + 5 for j in range(20 + 3 * i)] for i in range(4)]
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=64, temperature=0.9, top_k=50, seed=1234, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir):
+def colocated(model_dir):
+    """What one undisturbed engine gives, per sampling parameters."""
     engine = Engine.from_pretrained(model_dir, load_tokenizer=False, block_size=4)
-    return [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    return {params: [o.token_ids for o in engine.generate(PROMPTS, params)]
+            for params in (GREEDY, SEEDED)}
+
+
+@pytest.fixture(scope="module")
+def expected(colocated):
+    return colocated[GREEDY]
 
 
 def _config(model_dir, prefill=1, decode=1) -> ClusterConfig:
@@ -102,14 +110,16 @@ def _totals(cluster) -> dict[str, int]:
             if wid in cluster.backend.workers}
 
 
-def test_decode_worker_death_mid_stream_resumes_with_an_identical_stream(model_dir, expected):
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_decode_worker_death_mid_stream_resumes_with_an_identical_stream(model_dir, colocated,
+                                                                         params):
     async def main():
         cluster = Cluster(_config(model_dir, decode=2), mode="local")
         await cluster.start()
         _make_killable(cluster)
         try:
             seen = [[] for _ in PROMPTS]
-            tasks = [asyncio.create_task(_stream(cluster.backend, f"r{i}", p, GREEDY, seen[i]))
+            tasks = [asyncio.create_task(_stream(cluster.backend, f"r{i}", p, params, seen[i]))
                      for i, p in enumerate(PROMPTS)]
             await _until(lambda: len(seen[0]) >= 3)
             flights = cluster.backend._flights
@@ -124,7 +134,7 @@ def test_decode_worker_death_mid_stream_resumes_with_an_identical_stream(model_d
             await cluster.shutdown()
 
     results, moved, migrations, decode_replicas = asyncio.run(main())
-    assert [tokens for tokens, _ in results] == expected
+    assert [tokens for tokens, _ in results] == colocated[params]
     assert all(final.finish_reason == "length" for _, final in results)
     assert migrations["decode"] == len(moved) >= 1
     for i in range(len(PROMPTS)):
