@@ -7,8 +7,10 @@ Invariants (``check_integrity``):
   * a block carries a hash iff it is registered in ``_hash_to_block`` under that hash;
   * free queue order is deterministic: blocks never cached are handed out first, then
     cached-but-unreferenced blocks in least-recently-freed order (LRU eviction).
-Cached blocks are always full blocks below a request's last token, so a shared block is
-never written (no copy-on-write is needed: see KVCacheManager.find_cached_prefix).
+Blocks are shared two ways: prefix-cache hits (always full blocks below a request's last
+token: see KVCacheManager.find_cached_prefix) and forks (``fork``: n > 1 siblings sharing a
+prompt). A block is written only where a request computes new tokens; a writer first makes
+its block private with ``copy_on_write``, so a shared block is never written.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
+    def block_hash(self, block_id: int) -> int | None:
+        """The prefix-cache hash a block is registered under, if any."""
+        return self._block_hash[block_id]
+
     def lookup(self, block_hash: int) -> int | None:
         """Physical block caching ``block_hash``, if any (referenced or evictable)."""
         return self._hash_to_block.get(block_hash)
@@ -80,6 +86,30 @@ class BlockPool:
             if self._ref_counts[block_id] == 0:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
+
+    def fork(self, block_ids: list[int]) -> list[int]:
+        """Share a request's blocks with another: one more reference on each (they must be
+        in use). Returns the new owner's block table (the same ids)."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] <= 0:
+                raise AssertionError(f"fork of free block {block_id}")
+        for block_id in block_ids:
+            self._ref_counts[block_id] += 1
+        return list(block_ids)
+
+    def copy_on_write(self, block_id: int) -> tuple[int, int] | None:
+        """Make ``block_id`` private to a writer that holds one of its references: if it is
+        shared, hand that reference over to a fresh block and return ``(src, dst)``, whose
+        KV the model runner must copy before the write; None if it is not shared.
+        Raises NoFreeBlocksError (changing nothing) when no block is free."""
+        count = self._ref_counts[block_id]
+        if count <= 0:
+            raise AssertionError(f"copy-on-write of free block {block_id}")
+        if count == 1:
+            return None
+        (dst,) = self.allocate(1)
+        self._ref_counts[block_id] = count - 1  # still >= 1: the other sharers keep it
+        return block_id, dst
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block. Pass a request's blocks in logical order: the

@@ -13,7 +13,7 @@ A request's ``block_hashes`` are the chained hashes of its full blocks (prompt a
 
 from __future__ import annotations
 
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockPool, NoFreeBlocksError
 from engine.prefix_hash import block_hashes, hash_block
 from engine.request import Request
 
@@ -100,6 +100,34 @@ class KVCacheManager:
         for i in range(request.num_registered_blocks, num_full):
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = num_full
+
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> tuple[int, int] | None:
+        """Start ``child``'s block table from ``parent``'s first ``num_tokens`` tokens, whose KV
+        is computed: their blocks are shared by reference, and the child will compute from
+        ``num_tokens`` on. The block that write lands in is made private to the child at
+        once (copy-on-write): returns the ``(src, dst)`` copy the runner must do first, or
+        None. Raises NoFreeBlocksError (nothing changed) when that copy has no block."""
+        assert not child.block_ids, "fork into a request that holds blocks"
+        assert 0 < num_tokens <= parent.num_computed_tokens, "fork past the computed KV"
+        shared = parent.block_ids[: cdiv(num_tokens, self.block_size)]
+        if num_tokens // self.block_size < len(shared) and self.pool.num_free == 0:
+            raise NoFreeBlocksError("no free block for the forked request's copy")
+        child.block_ids = self.pool.fork(shared)
+        child.num_computed_tokens = num_tokens
+        child.num_registered_blocks = min(parent.num_registered_blocks,
+                                          num_tokens // self.block_size)
+        return self.make_writable(child)
+
+    def make_writable(self, request: Request) -> tuple[int, int] | None:
+        """Copy-on-write of the block the request's next computed token is written to, if
+        that block is shared; returns the ``(src, dst)`` block copy, or None."""
+        index = request.num_computed_tokens // self.block_size
+        if index >= len(request.block_ids):
+            return None  # the next token starts a block not allocated yet
+        copy = self.pool.copy_on_write(request.block_ids[index])
+        if copy is not None:
+            request.block_ids[index] = copy[1]
+        return copy
 
     def free(self, request: Request) -> None:
         self.pool.free(request.block_ids)
