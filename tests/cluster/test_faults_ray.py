@@ -1,0 +1,154 @@
+"""Worker deaths on a real local Ray cluster (KV over gloo): ``kill -9`` of a worker's
+process while clients stream over gRPC. Every stream completes, identical to an undisturbed
+run; afterwards the pool is back to its size and every block is free on every worker.
+
+One cluster for the module (starting Ray is slow on 2 cores); each test bounded in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from test_ray_cluster import ServerThread, _config
+
+from engine import Engine, SamplingParams
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MAX_TOKENS = 40
+PROMPTS = [[(11 * i + 5 * j) % 390 + 5 for j in range(8 + 9 * i)] for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from engine.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
+                      progress=False)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    engine = Engine.from_pretrained(model_dir, block_size=4)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    import ray
+
+    server = ServerThread(_config(model_dir, "torch_dist"))
+    yield server
+    server.stop()
+    ray.shutdown()
+
+
+def _pid(server: ServerThread, worker_id: str) -> int:
+    import ray
+
+    actor = server.server.cluster.factory._objects[worker_id]
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def _worker_of(server: ServerThread, role: str) -> str:
+    return next(w for w, h in server.server.cluster.backend.workers.items() if h.role == role)
+
+
+class _Streams:
+    """Clients streaming over gRPC on threads; ``tokens[i]`` grows as tokens arrive."""
+
+    def __init__(self, server: ServerThread, prompts) -> None:
+        from router.client import SplitServeClient
+
+        self.client = SplitServeClient(server.server.endpoints()["grpc"], timeout=120)
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.finish: list[str | None] = [None] * len(prompts)
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(i, p), daemon=True)
+                        for i, p in enumerate(prompts)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int, prompt) -> None:
+        try:
+            for chunk in self.client.stream(prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                            ignore_eos=True):
+                self.tokens[i].extend(chunk.token_ids)
+                self.finish[i] = chunk.finish_reason or self.finish[i]
+        except BaseException as exc:  # reported by the test, never swallowed
+            self.errors.append(exc)
+
+    def wait_until(self, predicate, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; tokens so far {self.tokens}"
+            time.sleep(0.005)
+
+    def join(self, timeout: float = 120.0) -> None:
+        for t in self.threads:
+            t.join(timeout)
+        self.client.close()
+        assert not any(t.is_alive() for t in self.threads), "a stream hung"
+        assert not self.errors, self.errors
+
+
+def _back_to_baseline(server: ServerThread, timeout: float = 90.0) -> None:
+    """The pools are back to one worker each and every block is free on every worker."""
+    cluster = server.server.cluster
+    deadline = time.monotonic() + timeout
+    while True:
+        sizes = (cluster.replicas("prefill"), cluster.replicas("decode"))
+        free, total = server.free_blocks(), server.total_blocks()
+        if sizes == (1, 1) and free == total and set(free) == set(total):
+            return
+        assert time.monotonic() < deadline, f"pools {sizes}, free {free} of {total}"
+        time.sleep(0.2)
+
+
+def test_kill_9_of_the_decode_worker_mid_stream_resumes_every_stream(server, expected):
+    backend = server.server.cluster.backend
+    before = dict(backend.migrations)
+    victim = _worker_of(server, "decode")
+    streams = _Streams(server, PROMPTS)
+    streams.wait_until(lambda: all(len(t) >= 3 for t in streams.tokens))
+    os.kill(_pid(server, victim), signal.SIGKILL)
+    streams.join()
+    assert streams.tokens == expected
+    assert streams.finish == ["length"] * len(PROMPTS)
+    resumed = backend.migrations["decode"] - before["decode"]
+    assert 1 <= resumed <= len(PROMPTS)  # those not yet finished when it died
+    _back_to_baseline(server)
+    assert victim not in backend.workers
+
+
+def test_kill_9_of_the_prefill_worker_retries_prefills_and_spares_decodes(server, expected):
+    """Half the requests are decoding when the prefill worker dies, the other half are held
+    mid-prefill on it (its engine loop is blocked): the first half go on untouched, the
+    second half are re-prefilled on the replacement."""
+    backend = server.server.cluster.backend
+    before = dict(backend.migrations)
+    victim = _worker_of(server, "prefill")
+    half = len(PROMPTS) // 2
+    decoding = _Streams(server, PROMPTS[:half])
+    decoding.wait_until(lambda: all(len(t) >= 2 for t in decoding.tokens))
+    actor = server.server.cluster.factory._objects[victim]
+    # Hold the prefill engine: the next prompts stay mid-prefill until it dies.
+    actor.__ray_call__.remote(lambda self: self.host.loop.call(lambda e: time.sleep(120))
+                              and None)
+    prefilling = _Streams(server, PROMPTS[half:])
+    deadline = time.monotonic() + 30
+    while sum(f.attempt.phase == "prefill" for f in list(backend._flights.values())) < half:
+        assert time.monotonic() < deadline, "requests never reached the prefill worker"
+        time.sleep(0.01)
+    os.kill(_pid(server, victim), signal.SIGKILL)
+    decoding.join()
+    prefilling.join()
+    assert decoding.tokens + prefilling.tokens == expected
+    assert backend.migrations["decode"] == before["decode"]  # decodes untouched
+    assert backend.migrations["prefill"] - before["prefill"] == half
+    _back_to_baseline(server)
