@@ -36,7 +36,19 @@ custom resources come from the pool config, so they always match what the actors
 {{- $group := index $root.Values.workerGroups $role -}}
 {{- $pool := index $root.Values.pool $role -}}
 {{- $perPod := int $group.workersPerPod -}}
-{{- $gpus := mul $perPod ($pool.num_gpus | default 0) -}}
+{{- $rayService := eq $root.Values.kind "RayService" -}}
+{{- /* mulf: `mul` truncates each factor to an integer (num_gpus 0.5 would give 0 GPUs). */ -}}
+{{- $gpusf := mulf $perPod ($pool.num_gpus | default 0) -}}
+{{- if ne $gpusf (floor $gpusf) -}}
+{{- fail (printf "workerGroups.%s: workersPerPod %d x pool.%s.num_gpus %v = %v GPUs per pod; make it a whole number" $role $perPod $role $pool.num_gpus $gpusf) -}}
+{{- end -}}
+{{- $gpus := int $gpusf -}}
+{{- if not (and (le (int $group.minReplicas) (int $group.replicas)) (le (int $group.replicas) (int $group.maxReplicas))) -}}
+{{- fail (printf "workerGroups.%s: need minReplicas <= replicas <= maxReplicas, got %v, %v, %v" $role $group.minReplicas $group.replicas $group.maxReplicas) -}}
+{{- end -}}
+{{- if lt (mul $group.maxReplicas $perPod) (int ($pool.max_replicas | default 0)) -}}
+{{- fail (printf "workerGroups.%s: maxReplicas %v pods x workersPerPod %d < pool.%s.max_replicas %v: the Ray autoscaler could not place them all; raise maxReplicas" $role $group.maxReplicas $perPod $role $pool.max_replicas) -}}
+{{- end -}}
 {{- $res := dict -}}
 {{- range $name, $amount := ($pool.resources | default dict) -}}
 {{- $_ := set $res $name (mul $perPod $amount) -}}
@@ -86,6 +98,17 @@ custom resources come from the pool config, so they always match what the actors
           {{- end }}
           ports:
             - {name: metrics, containerPort: 8080}
+          {{- if $rayService }}
+          # RayService: KubeRay's default probe would also want a Ray Serve proxy on this pod,
+          # and the gate runs none here (proxy_location: HeadOnly). Ray only, as for a RayCluster.
+          readinessProbe:
+            exec:
+              command: ["bash", "-c", "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"]
+            initialDelaySeconds: 10
+            periodSeconds: 5
+            timeoutSeconds: 2
+            failureThreshold: 10
+          {{- end }}
           resources:
             requests:
               {{- with $group.resources.requests }}
