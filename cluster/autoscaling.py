@@ -4,7 +4,8 @@ The decision logic is ``cluster.autoscaler.Autoscaler`` (pure, shared with the s
 this module only measures the live cluster and applies decisions: scale-up creates Ray
 actors (on KubeRay, pending actor resources make the Ray autoscaler add GPU nodes),
 scale-down drains first so no request is lost, and a role change drains a worker of one
-pool and starts one in the other.
+pool and starts one in the other. A pool whose lost worker is being replaced does not grow
+until the replacement is in (``Cluster.replacement_pending``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class AutoscalingLoop:
         now = time.time()
         self._sample_gauges(now)
         metrics = self.window.metrics(now, self.slo.percentile)
-        decisions = self.autoscaler.decide(now, metrics, self.sizes())
+        decisions = [d for d in self.autoscaler.decide(now, metrics, self.sizes())
+                     if not self._held_for_replacement(d)]
         for decision in decisions:
             log.info("autoscaler: %s %d -> %d (%s)", decision.pool, decision.current,
                      decision.target, decision.reason)
@@ -68,6 +70,15 @@ class AutoscalingLoop:
                 self.on_decision(decision)
             await self._apply(decision)
         return decisions
+
+    def _held_for_replacement(self, decision: ScalingDecision) -> bool:
+        """A pool does not grow while a lost worker of it is being replaced: the replacement
+        goes first (and already counts in the pool's size)."""
+        if decision.delta <= 0 or not self.cluster.replacement_pending(decision.pool):
+            return False
+        log.info("autoscaler: not growing %s (%s): a lost worker's replacement is pending",
+                 decision.pool, decision.reason)
+        return True
 
     async def _apply(self, decision: ScalingDecision) -> None:
         if decision.from_pool is not None:

@@ -86,6 +86,21 @@ class RouterSection(_Frozen):
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP port (0: any free).")
     api_key: str | None = Field(None, description="Bearer token required on HTTP if set.")
     max_inflight_requests: int = Field(256, ge=1, description="Admission limit (429 beyond).")
+    tls_cert: str | None = Field(None, description="PEM certificate (chain): serve gRPC and "
+                                 "HTTP over TLS. None: plaintext.")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: str | None = Field(None, description="PEM CA bundle: clients must present "
+                                      "a certificate it signed (mutual TLS). Needs tls_cert.")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> RouterSection:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("router.tls_cert and router.tls_key go together: set both or "
+                             "neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("router.tls_client_ca (mutual TLS) needs router.tls_cert and "
+                             "router.tls_key")
+        return self
 
 
 class RaySection(_Frozen):
@@ -93,6 +108,13 @@ class RaySection(_Frozen):
                                 "None: start a local one.")
     num_cpus: int | None = Field(None, ge=1, description="Local Ray only: logical CPUs.")
     namespace: str = Field("splitserve", description="Ray namespace of the actors.")
+    node_ip: str | None = Field(None, description="Address this node's Ray processes and the "
+                                "workers' KV stores bind to and advertise. None: 127.0.0.1 "
+                                "for a local Ray (nothing listens beyond this machine), the "
+                                "Ray node's own IP when joining a cluster.")
+    worker_start_timeout_s: float = Field(300.0, gt=0, description="A worker must be placed "
+                                          "and loaded within this; else it is given up "
+                                          "(killed, logged, counted) instead of pending.")
 
 
 class ClusterConfig(_Frozen):

@@ -2,11 +2,17 @@
 as plain objects in this process) from the pool config, and hand out handles.
 
 On KubeRay, creating an actor whose resources no node has is what makes the Ray autoscaler
-add a GPU node; removal goes through ``ClusterBackend.drain_and_remove`` first.
+add a GPU node; removal goes through ``ClusterBackend.drain_and_remove`` first. An actor not
+placed and loaded within ``ray.worker_start_timeout_s`` is given up: killed, logged with the
+resources it asked for, and counted in ``WorkerFactory.start_timeouts``. An actor whose
+creation is cancelled (the cluster cancels pending growth when a worker is lost, so that the
+replacement gets the freed resources) is killed as well: a cancelled start leaves nothing
+pending in Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +23,20 @@ from cluster.handles import LocalHandle, RayHandle, WorkerHandle
 from kv_transfer.base import TransferConfig
 
 log = logging.getLogger(__name__)
+_RESOURCE_OPTIONS = ("num_cpus", "num_gpus", "resources", "accelerator_type")
 ACTOR_CONCURRENCY = 512  # blocking calls in flight per actor (prefill() waits for its token)
+
+
+class WorkerStartTimeout(RuntimeError):
+    """A worker was not placed and ready within ``ray.worker_start_timeout_s``."""
+
+
+def transfer_host(config: ClusterConfig) -> str:
+    """The address the workers' KV transfer listeners bind to and advertise: the configured
+    node IP, loopback for a local Ray, or "" (each worker's Ray node IP) on a joined cluster."""
+    if config.ray.node_ip:
+        return config.ray.node_ip
+    return "" if config.ray.address else "127.0.0.1"
 
 
 class WorkerFactory:
@@ -32,10 +51,13 @@ class WorkerFactory:
         self._objects: dict[str, Any] = {}  # worker id -> actor handle or object
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-call")
         self._hub = None
+        self.start_timeouts = {role: 0 for role in ("prefill", "decode", "colocated")}
+        """Workers given up per pool because they were not ready within the start timeout."""
         tc = config.transfer
         backend = "loopback" if mode == "local" and tc.backend == "ray" else tc.backend
         self.transfer_config = TransferConfig(backend=backend, timeout_s=tc.timeout_s,
-                                              max_channels=tc.max_channels)
+                                              max_channels=tc.max_channels,
+                                              host=transfer_host(config))
 
     def pool(self, role: str) -> PoolSection:
         return self.config.prefill if role == "prefill" else self.config.decode
@@ -96,7 +118,21 @@ class WorkerFactory:
             options["accelerator_type"] = pool.accelerator_type
         actor_cls = ray.remote(self._worker_class(role)).options(**options)
         actor = actor_cls.remote(*args, **kwargs)
-        await actor.health.remote()  # raises if the constructor failed
+        timeout = self.config.ray.worker_start_timeout_s
+        try:  # health() answers once the actor is placed and its constructor succeeded
+            await asyncio.wait_for(asyncio.wrap_future(actor.health.remote().future()), timeout)
+        except asyncio.TimeoutError:
+            ray.kill(actor, no_restart=True)  # else it stays pending, holding its request
+            self.start_timeouts[role] += 1
+            asked = {k: v for k, v in options.items() if k in _RESOURCE_OPTIONS and v}
+            log.error("%s worker %s was not placed and ready within %.0f s; gave it up. It "
+                      "asked for %s: check that a node offers that (or raise "
+                      "ray.worker_start_timeout_s)", role, worker_id, timeout, asked)
+            raise WorkerStartTimeout(f"{role} worker not ready within {timeout:.0f} s "
+                                     f"(asked for {asked})") from None
+        except BaseException:  # constructor failed, or cancelled: leave nothing pending
+            ray.kill(actor, no_restart=True)
+            raise
         self._objects[worker_id] = actor
         return RayHandle(worker_id, role, actor)
 

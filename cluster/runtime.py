@@ -5,13 +5,21 @@
     backend = cluster.backend            # a ServingBackend for the router
     await cluster.scale("prefill", +1)   # what the autoscaler calls
     await cluster.shutdown()
+
+A lost worker is replaced, and the replacement goes first: losing a worker cancels the
+autoscaler's pending scale-ups (their Ray actors are killed, freeing what they held or were
+about to take), the autoscaler adds nothing to a pool while its replacement is pending, and a
+pending replacement counts as a starting replica of its pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 
 from cluster.cluster_backend import ClusterBackend
 from cluster.config import ClusterConfig
@@ -36,7 +44,9 @@ class Cluster:
         self.backend = ClusterBackend(self.scheduler)
         self._owns_ray = False
         self._starting = {"prefill": 0, "decode": 0, "colocated": 0}  # workers being created
+        self._replacing = {"prefill": 0, "decode": 0, "colocated": 0}  # lost, not yet replaced
         self._replacements: set[asyncio.Task] = set()
+        self._growth: set[asyncio.Task] = set()  # scale-ups in flight (cancelled on a loss)
         self._losses: list[float] = []  # monotonic times of lost workers (crash-loop backoff)
         self._stopping = False
         self.backend.on_worker_lost = self._on_worker_lost
@@ -46,9 +56,20 @@ class Cluster:
         return ("colocated",) if self.config.colocated else ("prefill", "decode")
 
     def replicas(self, role: str, include_starting: bool = False) -> int:
-        """Registered workers of a role (plus those still starting, if asked)."""
+        """Registered workers of a role (plus, if asked, those starting: being created or
+        lost and awaiting their replacement)."""
         ready = sum(1 for h in self.backend.workers.values() if h.role == role)
-        return ready + (self._starting[role] if include_starting else 0)
+        pending = self._starting[role] + self._replacing[role]
+        return ready + (pending if include_starting else 0)
+
+    def replacement_pending(self, role: str) -> bool:
+        """Whether a lost worker of this pool is still being replaced."""
+        return self._replacing[role] > 0
+
+    @property
+    def start_timeouts(self) -> dict[str, int]:
+        """Workers given up per pool because they were not ready in time (a counter)."""
+        return dict(self.factory.start_timeouts)
 
     async def start(self) -> None:
         if self.mode == "ray":
@@ -70,17 +91,23 @@ class Cluster:
         else:  # a local node offers the pools' custom resources (a cluster's nodes would)
             resources = {name: 1000.0 for pool in (self.config.prefill, self.config.decode)
                          for name in pool.resources}
-            ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
-                     log_to_driver=False, resources=resources or None)
+            node_ip = rc.node_ip or "127.0.0.1"
+            with _ray_local_only(node_ip):
+                ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
+                         log_to_driver=False, resources=resources or None,
+                         _node_ip_address=node_ip)
         self._owns_ray = True
 
     async def add_worker(self, role: str) -> str:
         self._starting[role] += 1
         try:
-            handle = await self.factory.create(role)
-            await self.backend.add_worker(handle)
+            return await self._start_worker(role)
         finally:
             self._starting[role] -= 1
+
+    async def _start_worker(self, role: str) -> str:
+        handle = await self.factory.create(role)
+        await self.backend.add_worker(handle)
         return handle.worker_id
 
     async def remove_worker(self, worker_id: str) -> None:
@@ -91,21 +118,48 @@ class Cluster:
     async def scale(self, role: str, delta: int) -> list[str]:
         """Add ``delta`` workers (> 0) or drain and remove ``-delta`` (< 0, newest first)."""
         if delta > 0:
-            return list(await asyncio.gather(*(self.add_worker(role) for _ in range(delta))))
+            return await self._grow(role, delta)
         victims = [w for w, h in self.backend.workers.items() if h.role == role][delta:]
         await asyncio.gather(*(self.remove_worker(w) for w in victims))
         return victims
 
+    async def _grow(self, role: str, n: int) -> list[str]:
+        """Start ``n`` workers; those cancelled by a worker loss are left out of the result.
+        Other failures are raised once all attempts have ended."""
+        tasks = [asyncio.ensure_future(self.add_worker(role)) for _ in range(n)]
+        self._growth.update(tasks)
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._growth.difference_update(tasks)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        return [r for r in results if isinstance(r, str)]
+
     def _on_worker_lost(self, worker_id: str, role: str) -> None:
-        """A worker died: start a replacement (the pool keeps its size; the autoscaler
-        counts it as starting meanwhile)."""
+        """A worker died: cancel pending scale-ups (so they cannot take what the replacement
+        needs) and start a replacement (counted as a starting worker of its pool)."""
         if self._stopping:
             return
+        pending = [t for t in self._growth if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d pending scale-up(s): the replacement of lost %s worker "
+                        "%s goes first", len(pending), role, worker_id)
+        self._replacing[role] += 1
         task = asyncio.get_running_loop().create_task(self._replace(worker_id, role))
         self._replacements.add(task)
         task.add_done_callback(self._replacements.discard)
 
     async def _replace(self, worker_id: str, role: str) -> None:
+        try:
+            await self._replace_with_retries(worker_id, role)
+        finally:
+            self._replacing[role] -= 1
+
+    async def _replace_with_retries(self, worker_id: str, role: str) -> None:
         now = time.monotonic()  # workers that keep dying (bad node, OOM at load) back off
         self._losses = [t for t in self._losses if now - t < LOSS_MEMORY_S] + [now]
         await asyncio.sleep(min(REPLACE_MAX_BACKOFF_S, 2.0 ** (len(self._losses) - 1) - 1))
@@ -115,7 +169,7 @@ class Cluster:
             log.info("cleaning up lost worker %s: %s", worker_id, exc)
         for attempt in range(REPLACE_ATTEMPTS):
             try:
-                new_id = await self.add_worker(role)
+                new_id = await self._start_worker(role)  # counted in _replacing meanwhile
             except Exception as exc:  # e.g. no node fits yet: back off and retry
                 delay = min(REPLACE_MAX_BACKOFF_S, 2.0**attempt)
                 log.warning("replacing %s worker %s failed (%s); retry in %.0f s", role,
@@ -129,12 +183,44 @@ class Cluster:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        for task in list(self._replacements):
+        tasks = [*self._replacements, *self._growth]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._replacements, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.shutdown()
         await self.factory.destroy_all()
         if self._owns_ray:
             import ray
 
             ray.shutdown()
+
+
+_RAY_CLUSTER_MODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _ray_local_only(node_ip: str) -> Iterator[None]:
+    """Let a local Ray keep a loopback node IP, so that all its servers (GCS, raylet, workers'
+    gRPC, agents, metrics export) listen on loopback only.
+
+    On Linux ``ray.init`` replaces a loopback node IP by the machine's address (its "cluster
+    mode"); with that mode off, as it is by default on macOS and Windows, it keeps it. The
+    mode is read from the environment by Ray's processes at start (the ones started here
+    inherit it) and from a constant in this one, so both are switched for ``ray.init`` only.
+    Ray's token authentication is left as it is."""
+    if node_ip not in ("127.0.0.1", "localhost", "::1"):
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved_env, saved_const = os.environ.get(_RAY_CLUSTER_MODE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_MODE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_MODE, None)
+        else:
+            os.environ[_RAY_CLUSTER_MODE] = saved_env

@@ -3,6 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+
+class PortInUseError(OSError):
+    """A server could not listen on its configured port (another process holds it)."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS for the gRPC and HTTP servers, from PEM files (read when the servers start)."""
+
+    cert_file: str
+    """Server certificate, or a chain starting with it."""
+    key_file: str
+    """Private key of ``cert_file``."""
+    client_ca_file: str | None = None
+    """When set, mutual TLS: clients must present a certificate signed by this CA bundle."""
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS {name.removesuffix('_file').replace('_', ' ')} file "
+                                 f"{path!r} does not exist or is not a file")
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """(certificate chain, private key, client CA or None) as PEM bytes."""
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        return Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes(), ca
 
 
 @dataclass(frozen=True)
@@ -26,6 +55,8 @@ class RouterConfig:
     """gRPC port (0 picks a free one)."""
     http_port: int = 8000
     """OpenAI-compatible HTTP port (0 picks a free one)."""
+    tls: TLSConfig | None = None
+    """TLS (and, with a client CA, mutual TLS) for both servers; None: plaintext."""
 
     def __post_init__(self) -> None:
         if not self.model_name:

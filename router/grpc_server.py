@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router import convert
+from router.config import PortInUseError, TLSConfig
 from router.errors import UnauthenticatedError, grpc_status
 from router.service import GenerationService
 
@@ -168,22 +169,39 @@ class GrpcServer:
 
 
 async def start_grpc_server(service: GenerationService, host: str = "127.0.0.1",
-                            port: int = 0, *, api_key: str | None = None) -> GrpcServer:
+                            port: int = 0, *, api_key: str | None = None,
+                            tls: TLSConfig | None = None) -> GrpcServer:
     """Start the Generation service, health checking and reflection on host:port.
 
-    ``api_key`` defaults to ``service.config.api_key``; health and reflection stay open."""
+    ``api_key`` defaults to ``service.config.api_key``; health and reflection stay open.
+    ``tls`` (default ``service.config.tls``) serves over TLS, with a client CA mutual TLS.
+    A port another process listens on is a ``PortInUseError``: SO_REUSEPORT, which grpcio
+    sets by default, would let a second server share the port and take half its clients."""
     key = api_key if api_key is not None else service.config.api_key
-    server = grpc.aio.server()
+    tls = tls if tls is not None else service.config.tls
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     convert.add_generation_servicer(GenerationServicer(service, key), server)
     health_servicer = LiveHealthServicer(service)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (convert.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(service_names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, private_key, client_ca = tls.read()
+            creds = grpc.ssl_server_credentials([(private_key, cert)], client_ca,
+                                                require_client_auth=client_ca is not None)
+            bound = server.add_secure_port(address, creds)
+    except RuntimeError:  # grpcio's "Failed to bind": the port is taken (or not ours)
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+        raise PortInUseError(f"gRPC port {port} on {host} is already in use (or not "
+                             "available to this process): stop what holds it or choose "
+                             "another port (--grpc-port, router.grpc_port)")
     await server.start()
     await health_servicer.refresh()
     health_servicer.start()
-    logger.info("gRPC server listening on %s:%d", host, bound)
+    logger.info("gRPC server listening on %s:%d%s", host, bound, " (TLS)" if tls else "")
     return GrpcServer(server, bound, health_servicer)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.errors import SplitServeError
 from router import openai_protocol as oai
+from router.config import PortInUseError, TLSConfig
 from router.errors import (
     ClientCancelledError,
     ErrorInfo,
@@ -241,20 +244,46 @@ async def _stop_sse_watcher() -> None:
 
 async def start_http_server(service: GenerationService, host: str = "127.0.0.1",
                             port: int = 0, *, api_key: str | None = None,
-                            log_level: str = "warning") -> HttpServer:
+                            log_level: str = "warning",
+                            tls: TLSConfig | None = None) -> HttpServer:
     """Serve ``create_app(service)`` with uvicorn on the running loop.
 
     The listening socket is made here so the port is known at once. It is created with an
     explicit IPPROTO_TCP: asyncio only sets TCP_NODELAY on sockets whose ``proto`` says TCP,
-    and without it every response waits ~40 ms for a delayed ACK (Nagle)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    and without it every response waits ~40 ms for a delayed ACK (Nagle). A port another
+    process listens on is a ``PortInUseError``. ``tls`` (default ``service.config.tls``)
+    serves HTTPS; with a client CA, clients must present a certificate it signed."""
+    tls = tls if tls is not None else service.config.tls
+    sock = _listen(host, port)
+    ssl_options: dict[str, Any] = {}
+    if tls is not None:
+        ssl_options = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+        if tls.client_ca_file:
+            ssl_options.update(ssl_ca_certs=tls.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
     config = uvicorn.Config(create_app(service, api_key=api_key), log_level=log_level,
-                            lifespan="off", timeout_graceful_shutdown=2)
+                            lifespan="off", timeout_graceful_shutdown=2, **ssl_options)
+    try:
+        config.load()  # reads the certificate now: a bad one fails here, not per connection
+    except BaseException:
+        sock.close()
+        raise
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     return HttpServer(server, task, sock.getsockname()[1])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not REUSEPORT: no sharing
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortInUseError(f"HTTP port {port} on {host} is already in use: stop what holds "
+                             "it or choose another port (--http-port, router.http_port)") from None
+    return sock
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster.autoscaling import AutoscalingLoop
 from cluster.config import ClusterConfig
 from cluster.runtime import Cluster
-from router.config import RouterConfig
+from router.config import RouterConfig, TLSConfig
 from router.grpc_server import GrpcServer, start_grpc_server
 from router.openai_server import HttpServer, start_http_server
 from router.service import GenerationService
@@ -36,11 +36,12 @@ class RunningServer:
 
     def endpoints(self) -> dict[str, str]:
         host = self.service.config.host
+        web = f"{'https' if self.service.config.tls else 'http'}://{host}:{self.http.port}"
         return {
             "grpc": f"{host}:{self.grpc.port}",
-            "http": f"http://{host}:{self.http.port}/v1",
-            "metrics": f"http://{host}:{self.http.port}/metrics",
-            "health": f"http://{host}:{self.http.port}/health",
+            "http": f"{web}/v1",
+            "metrics": f"{web}/metrics",
+            "health": f"{web}/health",
         }
 
     async def stop(self) -> None:
@@ -60,27 +61,32 @@ def router_config(config: ClusterConfig) -> RouterConfig:
 
     model = ModelConfig.from_pretrained(config.model.path)
     rc = config.router
+    tls = TLSConfig(rc.tls_cert, rc.tls_key, rc.tls_client_ca) if rc.tls_cert else None
     return RouterConfig(
         model_name=config.model.name or Path(config.model.path).name,
         max_model_len=min(config.decode.engine.max_model_len, model.max_position_embeddings),
         max_inflight_requests=rc.max_inflight_requests, api_key=rc.api_key, host=rc.host,
-        grpc_port=rc.grpc_port, http_port=rc.http_port,
+        grpc_port=rc.grpc_port, http_port=rc.http_port, tls=tls,
     )
 
 
 async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServer:
     from engine.tokenizer import Tokenizer
 
+    rc = router_config(config)  # before the cluster: a bad TLS path fails at once
     cluster = Cluster(config, mode)
     await cluster.start()
+    grpc = None
     try:
-        rc = router_config(config)
         service = GenerationService(cluster.backend, Tokenizer(config.model.path), rc)
         service.metrics.transfer_backend = config.transfer.backend
         await service.start()
-        grpc = await start_grpc_server(service, rc.host, rc.grpc_port)
-        http = await start_http_server(service, rc.host, rc.http_port, api_key=rc.api_key)
+        grpc = await start_grpc_server(service, rc.host, rc.grpc_port, tls=rc.tls)
+        http = await start_http_server(service, rc.host, rc.http_port, api_key=rc.api_key,
+                                       tls=rc.tls)
     except BaseException:
+        if grpc is not None:  # the HTTP port was taken: free the gRPC one too
+            await grpc.stop(grace=None)
         await cluster.shutdown()
         raise
     task = asyncio.create_task(_sync_metrics(cluster, service))
@@ -97,30 +103,38 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
 
 
 async def _sync_metrics(cluster: Cluster, service: GenerationService) -> None:
-    """Copy the workers' latest stats into the router's Prometheus metrics (cumulative
-    worker counters become counter increments)."""
-    m = service.metrics
+    """Copy the workers' latest stats into the router's Prometheus metrics, every period."""
     seen: dict[tuple[str, str], int] = {}
+    while True:
+        sync_metrics_once(cluster, service.metrics, seen)
+        await asyncio.sleep(METRICS_SYNC_S)  # the scrape-facing refresh period
 
+
+def sync_metrics_once(cluster: Cluster, m, seen: dict[tuple[str, str], int]) -> None:
+    """One copy of the cluster's state into the metrics ``m`` (cumulative counters become
+    increments; ``seen`` holds the totals already counted)."""
     def advance(counter, key: tuple[str, str], total: int, **labels) -> None:
         delta = total - seen.get(key, 0)
         if delta > 0:
             counter.labels(**labels).inc(delta)
         seen[key] = total
 
-    while True:
-        for role in ("prefill", "decode", "colocated"):
-            m.pool_replicas.labels(pool=role).set(cluster.replicas(role))
-        for wid, stats in list(cluster.backend.last_stats.items()):
-            labels = {"worker": wid, "pool": stats.role}
-            m.worker_requests_running.labels(**labels).set(stats.num_running)
-            m.worker_requests_waiting.labels(**labels).set(stats.num_waiting)
-            m.kv_blocks_used.labels(**labels).set(stats.total_blocks - stats.free_blocks)
-            m.kv_blocks_free.labels(**labels).set(stats.free_blocks)
-            if stats.prefix_cache_queries:
-                m.prefix_cache_hit_rate.labels(**labels).set(
-                    stats.prefix_cache_hits / stats.prefix_cache_queries)
-            advance(m.preemptions, (wid, "preempt"), stats.num_preemptions, **labels)
-            advance(m.kv_transfer_bytes, (wid, "kv"), stats.kv_bytes_sent,
-                    backend=cluster.config.transfer.backend)
-        await asyncio.sleep(METRICS_SYNC_S)  # the scrape-facing refresh period
+    for role in ("prefill", "decode", "colocated"):  # "ready or starting", as its help says
+        m.pool_replicas.labels(pool=role).set(cluster.replicas(role, include_starting=True))
+    # splitserve_worker_start_timeouts_total{pool}; exported once router.metrics declares it
+    timeouts = getattr(m, "worker_start_timeouts", None)
+    if timeouts is not None:
+        for role, total in cluster.start_timeouts.items():
+            advance(timeouts, (role, "start_timeout"), total, pool=role)
+    for wid, stats in list(cluster.backend.last_stats.items()):
+        labels = {"worker": wid, "pool": stats.role}
+        m.worker_requests_running.labels(**labels).set(stats.num_running)
+        m.worker_requests_waiting.labels(**labels).set(stats.num_waiting)
+        m.kv_blocks_used.labels(**labels).set(stats.total_blocks - stats.free_blocks)
+        m.kv_blocks_free.labels(**labels).set(stats.free_blocks)
+        if stats.prefix_cache_queries:
+            m.prefix_cache_hit_rate.labels(**labels).set(
+                stats.prefix_cache_hits / stats.prefix_cache_queries)
+        advance(m.preemptions, (wid, "preempt"), stats.num_preemptions, **labels)
+        advance(m.kv_transfer_bytes, (wid, "kv"), stats.kv_bytes_sent,
+                backend=cluster.config.transfer.backend)

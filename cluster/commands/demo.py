@@ -56,6 +56,7 @@ def _config(model: str, kv_backend: str):
         "decode": {"replicas": 1, "num_cpus": 1, "engine": engine},
         "transfer": {"backend": kv_backend},
         "router": {"grpc_port": 0, "http_port": 0},
+        "autoscaler": {"enabled": False},  # the demo's 1P+1D is fixed, as `serve` pools are
         "ray": {"num_cpus": 4},
     })
 

@@ -1,8 +1,12 @@
 """`splitserve serve`: a disaggregated cluster and its router, until Ctrl-C / SIGTERM.
 
-    splitserve serve --model DIR [--config FILE] [--prefill N] [--decode M]
+    splitserve serve --model DIR [--config FILE] [--prefill N] [--decode M] [--autoscale]
                      [--grpc-port 50051] [--http-port 8000] [--kv-backend torch_dist|ray]
                      [--ray-address ADDR] [--colocated]
+                     [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
+
+Pools are fixed at their sizes unless autoscaling is asked for: ``--autoscale``, or
+``autoscaler.enabled`` set explicitly in the config file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="pool config YAML (see deploy/examples/pool.yaml)")
     p.add_argument("--prefill", type=int, help="prefill workers to start")
     p.add_argument("--decode", type=int, help="decode workers to start")
+    p.add_argument("--autoscale", action="store_true", default=None,
+                   help="let the autoscaler resize the pools (default: fixed pools, unless "
+                   "the config file sets autoscaler.enabled)")
     p.add_argument("--colocated", action="store_true", default=None,
                    help="baseline: decode workers prefill themselves, no prefill pool")
     p.add_argument("--kv-backend", choices=["torch_dist", "ray"], help="KV transfer backend")
@@ -29,6 +36,10 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address the servers bind to")
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--http-port", type=int)
+    p.add_argument("--tls-cert", help="serve gRPC and HTTP over TLS with this PEM certificate")
+    p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA "
+                   "(mutual TLS)")
     p.add_argument("--api-key", help="require this bearer token (default: $SPLITSERVE_API_KEY "
                    "or router.api_key; keep it in a Secret, not the config file)")
 
@@ -43,6 +54,10 @@ def load_config(args: argparse.Namespace):
         "ray.address": args.ray_address, "router.host": args.host,
         "router.grpc_port": args.grpc_port, "router.http_port": args.http_port,
         "router.api_key": getattr(args, "api_key", None) or os.environ.get("SPLITSERVE_API_KEY"),
+        "router.tls_cert": getattr(args, "tls_cert", None),
+        "router.tls_key": getattr(args, "tls_key", None),
+        "router.tls_client_ca": getattr(args, "tls_client_ca", None),
+        "autoscaler.enabled": _autoscaling_wanted(args, base),
     }
     for role in ("prefill", "decode"):
         n = getattr(args, role)
@@ -52,6 +67,14 @@ def load_config(args: argparse.Namespace):
             over[f"{role}.min_replicas"] = min(pool.min_replicas, n)
             over[f"{role}.max_replicas"] = max(pool.max_replicas, n)
     return base.with_overrides(**over)
+
+
+def _autoscaling_wanted(args: argparse.Namespace, base) -> bool:
+    """Autoscaling only when asked for: ``--autoscale``, or ``autoscaler.enabled`` written
+    in the config file (then as written). Otherwise the pools keep the sizes given."""
+    if getattr(args, "autoscale", None):
+        return True
+    return base.autoscaler.enabled if "enabled" in base.autoscaler.model_fields_set else False
 
 
 def register(subparsers) -> None:
@@ -73,7 +96,20 @@ def run(args: argparse.Namespace) -> int:
         print("splitserve serve: no model: pass --model DIR (or model.path in --config)",
               file=sys.stderr)
         return 2
-    return asyncio.run(_serve(config))
+    from router.config import PortInUseError, TLSConfig
+
+    rc = config.router
+    try:  # the files exist: checked now, not after the workers have loaded
+        if rc.tls_cert:
+            TLSConfig(rc.tls_cert, rc.tls_key, rc.tls_client_ca)
+    except ValueError as exc:
+        print(f"splitserve serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(config))
+    except PortInUseError as exc:
+        print(f"splitserve serve: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _serve(config) -> int:

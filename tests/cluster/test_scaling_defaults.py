@@ -1,0 +1,229 @@
+"""Safe scaling defaults: fixed pools unless autoscaling is asked for, a lost worker's
+replacement before any growth, pool_replicas counting what its help says, and (on Ray) a
+worker that cannot be placed given up after the start timeout instead of pending forever."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+import pytest
+
+from cluster.commands.serve import add_cluster_flags, load_config
+from cluster.config import ClusterConfig
+from cluster.handles import WorkerHandle
+from cluster.runtime import Cluster
+from engine.worker_stats import WorkerStats
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_cluster_flags(parser)
+    return parser.parse_args(["--model", "m", *argv])
+
+
+def test_serve_pool_sizes_mean_fixed_pools_unless_autoscaling_is_asked(tmp_path):
+    assert not load_config(_args("--prefill", "1", "--decode", "1")).autoscaler.enabled
+    assert not load_config(_args()).autoscaler.enabled
+    assert load_config(_args("--prefill", "1", "--decode", "1", "--autoscale")).autoscaler.enabled
+    written = tmp_path / "pool.yaml"
+    written.write_text("autoscaler:\n  enabled: true\n")
+    assert load_config(_args("--config", str(written), "--prefill", "2")).autoscaler.enabled
+    silent = tmp_path / "silent.yaml"  # an autoscaler section that does not say "enabled"
+    silent.write_text("autoscaler:\n  interval_s: 5\n")
+    assert not load_config(_args("--config", str(silent))).autoscaler.enabled
+
+
+# -- a cluster whose workers are fakes: creation can be held pending, like an unplaceable actor
+
+
+class FakeHandle(WorkerHandle):
+    async def call(self, method: str, *args):
+        if method == "stats":
+            return WorkerStats(self.worker_id, self.role, 0, 0, 0, 100, 100, 16, 0.0, 0.0,
+                               timestamp=time.time())
+        if method == "get_outputs":
+            await asyncio.sleep(args[0])
+            return []
+        return None  # endpoint, abort, shutdown
+
+
+class FakeFactory:
+    """Creates FakeHandles; while ``hold`` is set, creations wait (a pending Ray actor)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.hold: asyncio.Event | None = None
+        self.created: list[str] = []
+        self.cancelled: list[str] = []
+        self.start_timeouts = {"prefill": 0, "decode": 0, "colocated": 0}
+
+    async def create(self, role: str) -> WorkerHandle:
+        worker_id = f"{role}-{self.n}"
+        self.n += 1
+        self.created.append(worker_id)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(worker_id)  # the real factory kills the pending actor here
+            raise
+        return FakeHandle(worker_id, role)
+
+    async def destroy(self, worker_id: str) -> None:
+        return None
+
+    async def destroy_all(self) -> None:
+        return None
+
+
+def _fake_cluster(**autoscaler) -> Cluster:
+    config = ClusterConfig.model_validate({"model": {"path": "unused"},
+                                           "autoscaler": autoscaler})
+    cluster = Cluster(config, mode="local")
+    cluster.factory = FakeFactory()
+    return cluster
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_worker_loss_cancels_pending_growth_so_the_replacement_goes_first():
+    async def main():
+        cluster = _fake_cluster()
+        await cluster.start()
+        try:
+            factory = cluster.factory
+            factory.hold = asyncio.Event()  # from now on, new workers stay pending
+            growth = asyncio.ensure_future(cluster.scale("prefill", +1))
+            await _until(lambda: len(factory.created) == 3)
+            decode = next(w for w, h in cluster.backend.workers.items() if h.role == "decode")
+            cluster.backend.lose_worker(decode, "killed (test)")
+            added = await asyncio.wait_for(growth, 5)  # ends at once, adding nothing
+            assert added == [] and factory.cancelled == ["prefill-2"]
+            assert cluster.replacement_pending("decode")
+            assert cluster.replicas("decode", include_starting=True) == 1
+            factory.hold.set()  # the freed resources go to the replacement
+            await asyncio.wait_for(asyncio.gather(*cluster._replacements), 5)
+            roles = sorted(h.role for h in cluster.backend.workers.values())
+            assert roles == ["decode", "prefill"] and not cluster.replacement_pending("decode")
+        finally:
+            await cluster.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_autoscaler_does_not_grow_a_pool_while_its_replacement_is_pending():
+    from cluster.autoscaling import AutoscalingLoop
+
+    async def main():
+        cluster = _fake_cluster(enabled=True)
+        await cluster.start()
+        try:
+            loop = AutoscalingLoop(cluster, cluster.config.autoscaler_config(),
+                                   cluster.config.slo)
+            cluster.factory.hold = asyncio.Event()
+            prefill = next(w for w, h in cluster.backend.workers.items() if h.role == "prefill")
+            cluster.backend.lose_worker(prefill, "killed (test)")
+            await _until(lambda: len(cluster.factory.created) == 3)  # replacement pending
+            for _ in range(5):  # TTFT far over the SLO: prefill pressure
+                loop.window.add_ttft(time.time(), 100.0)
+            assert loop.sizes()["prefill"] == 1  # the pending replacement counts
+            decisions = await asyncio.wait_for(loop.tick(), 5)
+            assert decisions == [] and len(cluster.factory.created) == 3
+            cluster.factory.hold.set()
+            await asyncio.wait_for(asyncio.gather(*cluster._replacements), 5)
+            assert cluster.replicas("prefill") == 1
+        finally:
+            await cluster.shutdown()
+
+    asyncio.run(main())
+
+
+def test_pool_replicas_counts_ready_and_starting_workers():
+    from router.metrics import ServingMetrics
+    from router.server import sync_metrics_once
+
+    async def main():
+        cluster = _fake_cluster()
+        await cluster.start()
+        try:
+            cluster.factory.hold = asyncio.Event()
+            decode = next(w for w, h in cluster.backend.workers.items() if h.role == "decode")
+            cluster.backend.lose_worker(decode, "killed (test)")
+            growth = asyncio.ensure_future(cluster.scale("prefill", +1))
+            await _until(lambda: len(cluster.factory.created) == 4)
+            metrics = ServingMetrics()
+            sync_metrics_once(cluster, metrics, {})
+            value = {p: metrics.registry.get_sample_value("splitserve_pool_replicas",
+                                                          {"pool": p})
+                     for p in ("prefill", "decode")}
+            growth.cancel()
+            return value
+        finally:
+            await cluster.shutdown()
+
+    # decode: its replacement is starting; prefill: one ready, one starting
+    assert asyncio.run(main()) == {"prefill": 2.0, "decode": 1.0}
+
+
+# -- on Ray: a worker no node can take
+
+
+@pytest.mark.ray
+def test_an_unplaceable_worker_is_given_up_after_the_start_timeout(caplog):
+    """The actor asks for a resource no node has: after worker_start_timeout_s it is killed,
+    logged (pool and resources named) and counted; a cancelled start is killed as well."""
+    import ray
+
+    from cluster.pools import WorkerFactory, WorkerStartTimeout
+
+    config = ClusterConfig.model_validate({
+        "model": {"path": "unused", "device": "cpu"},
+        "prefill": {"num_cpus": 0.1, "resources": {"splitserve_no_such_node": 1}},
+        "ray": {"worker_start_timeout_s": 2, "namespace": "splitserve-test-timeout"},
+    })
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             namespace="splitserve-test-timeout")
+    try:
+        factory = WorkerFactory(config, "ray")
+
+        async def main():
+            t0 = time.monotonic()
+            with pytest.raises(WorkerStartTimeout, match="not ready within 2 s"):
+                await asyncio.wait_for(factory.create("prefill"), 20)
+            waited = time.monotonic() - t0
+            pending = asyncio.ensure_future(factory.create("prefill"))
+            await asyncio.sleep(0.5)
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            return waited
+
+        with caplog.at_level(logging.ERROR, logger="cluster.pools"):
+            waited = asyncio.run(main())
+        assert 2.0 <= waited < 10.0
+        assert factory.start_timeouts["prefill"] == 1
+        message = " ".join(r.getMessage() for r in caplog.records)
+        assert "prefill worker prefill-0" in message and "splitserve_no_such_node" in message
+        for name in ("prefill-0", "prefill-1"):  # both killed: nothing left pending
+            deadline = time.monotonic() + 10
+            while _named_actor_exists(ray, name, config.ray.namespace):
+                assert time.monotonic() < deadline, f"{name} still exists"
+                time.sleep(0.1)
+    finally:
+        ray.shutdown()
+
+
+def _named_actor_exists(ray, name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
