@@ -4,10 +4,13 @@
 (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``) and our engine load:
 
     config.json               transformers' own config class (LlamaConfig, MistralConfig,
-                              Qwen2Config, Qwen3Config); legacy ``rope_theta``/``rope_scaling``
+                              Qwen2Config, Qwen3Config, MixtralConfig, Qwen3MoeConfig,
+                              Qwen2MoeConfig); legacy ``rope_theta``/``rope_scaling``
                               keys are written beside transformers 5's ``rope_parameters``
     generation_config.json    bos / eos (a list: end-of-text and <|im_end|>) / pad ids
-    model.safetensors         or model-0000i-of-0000N.safetensors + model.safetensors.index.json
+    model.safetensors         or model-0000i-of-0000N.safetensors + model.safetensors.index.json;
+                              MoE experts one tensor per expert, as on the Hub and as
+                              transformers 5 saves them (it stacks them only in memory)
     tokenizer.json            byte-level BPE trained here (make_model_tokenizer.py)
     tokenizer_config.json     + special_tokens_map.json, ChatML chat template
     splitserve_model.json     what built it (arch, preset, seed, dtype, format version)
@@ -99,6 +102,26 @@ ARCHS: dict[str, ArchSpec] = {
         "Qwen3Config", False, {"rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                                "tie_word_embeddings": False},
     ),
+    # Mixtral: Mistral's attention, every layer's MLP top-2 of 8 experts (always renormalised);
+    # intermediate_size is one expert's width.
+    "mixtral": ArchSpec(
+        "MixtralConfig", True, {"rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
+                                "sliding_window": None, "tie_word_embeddings": False,
+                                "num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
+    # Qwen3-MoE: Qwen3's attention, top-2 of 8 experts renormalised (as Qwen3-30B-A3B).
+    "qwen3_moe": ArchSpec(
+        "Qwen3MoeConfig", False, {"rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                                  "tie_word_embeddings": False, "num_experts": 8,
+                                  "num_experts_per_tok": 2, "norm_topk_prob": True},
+    ),
+    # Qwen2-MoE: Qwen2's attention (q/k/v bias), routed experts not renormalised (as
+    # Qwen1.5-MoE) plus a shared expert behind a sigmoid gate.
+    "qwen2_moe": ArchSpec(
+        "Qwen2MoeConfig", False, {"rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                                  "tie_word_embeddings": False, "num_experts": 8,
+                                  "num_experts_per_tok": 2, "norm_topk_prob": False},
+    ),
 }
 
 
@@ -120,8 +143,14 @@ _LLAMA3_VOCAB = 128256
 _QWEN_VOCAB = 151936
 
 PRESETS: dict[str, Preset] = {
-    # Tests: a few hundred thousand parameters. Qwen3 gets head_dim 32 != 64 / 4 on purpose.
-    "tiny": Preset(_TINY, 1024, per_arch={"qwen3": {"head_dim": 32}}),
+    # Tests: a few hundred thousand parameters. Qwen3 gets head_dim 32 != 64 / 4 on purpose;
+    # tiny qwen2_moe has a dense layer (mlp_only_layers), as Qwen's MoE configs allow.
+    "tiny": Preset(_TINY, 1024, per_arch={
+        "qwen3": {"head_dim": 32},
+        "qwen3_moe": {"head_dim": 32, "moe_intermediate_size": 64},
+        "qwen2_moe": {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 128,
+                      "mlp_only_layers": [1]},
+    }),
     "tiny-llama3.1": Preset(
         {**_TINY, "max_position_embeddings": 131072, "rope_scaling": LLAMA31_ROPE_SCALING},
         1024, arch="llama",
@@ -132,7 +161,11 @@ PRESETS: dict[str, Preset] = {
         {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
          "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 768,
          "max_position_embeddings": 4096},
-        4096,
+        4096, per_arch={
+            "mixtral": {"intermediate_size": 384},
+            "qwen3_moe": {"moe_intermediate_size": 192},
+            "qwen2_moe": {"moe_intermediate_size": 192, "shared_expert_intermediate_size": 384},
+        },
     ),
     # Real shapes of public models (GPU use); big files.
     "llama-3.2-1b": Preset(
@@ -237,7 +270,7 @@ def make_model(
     import torch
     import transformers
 
-    from engine.make_model_weights import init_description, write_weights
+    from engine.make_model_weights import checkpoint_shapes, init_description, write_weights
 
     arch, spec = resolve(arch, preset)
     if dtype not in DTYPES:
@@ -250,6 +283,7 @@ def make_model(
         model = transformers.AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied: once
     config.architectures = [type(model).__name__]
+    shapes = checkpoint_shapes(shapes, config.architectures[0])  # MoE: one tensor per expert
     config.dtype = dtype
     out = _prepare_dir(Path(out_dir), overwrite)
     save_tokenizer(tokenizer, out, add_bos, config.max_position_embeddings)

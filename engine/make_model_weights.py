@@ -113,3 +113,36 @@ def write_weights(out: Path, shapes: dict[str, tuple[int, ...]], config: Any, se
                               "total_parameters": sum(math.prod(s) for s in shapes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def checkpoint_shapes(shapes: dict[str, tuple[int, ...]],
+                      architecture: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of ``architecture`` holds, from transformers' in-memory
+    parameter shapes. Identical for dense models. For MoE models transformers 5 stacks the
+    experts (``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj [E, H, I]``) but
+    saves, as real checkpoints hold, one tensor per expert and projection under the
+    architecture's names (Mixtral: ``block_sparse_moe.experts.{e}.w1/w3/w2.weight``)."""
+    from engine.models.registry import get_arch_spec
+
+    moe = get_arch_spec(architecture).moe
+    if moe is None:
+        return shapes
+    gate, up, down = moe.expert_names
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        layer, sep, rest = name.partition(".mlp.")
+        if not sep:
+            out[name] = shape
+        elif rest == "experts.gate_up_proj":  # [E, 2I, H]: gate rows, then up rows
+            num, inter = shape[0], shape[1] // 2
+            for e in range(num):
+                out[f"{layer}.{moe.block_name}.experts.{e}.{gate}.weight"] = (inter, shape[2])
+                out[f"{layer}.{moe.block_name}.experts.{e}.{up}.weight"] = (inter, shape[2])
+        elif rest == "experts.down_proj":  # [E, H, I]
+            for e in range(shape[0]):
+                out[f"{layer}.{moe.block_name}.experts.{e}.{down}.weight"] = shape[1:]
+        elif rest.startswith(("gate.", "shared_expert")):  # router, shared expert
+            out[f"{layer}.{moe.block_name}.{rest}"] = shape
+        else:  # a dense layer's MLP (Qwen's mlp_only_layers)
+            out[name] = shape
+    return out

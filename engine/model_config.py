@@ -2,8 +2,9 @@
 
 Plain Python (no torch). Accepts both the classic Hugging Face keys (``rope_theta`` +
 ``rope_scaling``) and the transformers-5 ``rope_parameters`` dict. Traits that the
-architecture fixes rather than the config file (Qwen2's q/k/v bias, Qwen3's q/k norm) come
-from the model registry.
+architecture fixes rather than the config file (Qwen2's q/k/v bias, Qwen3's q/k norm, the
+config keys and checkpoint names of a mixture-of-experts block) come from the model
+registry. Mixture-of-experts models get a ``MoeConfig`` (``moe``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.models.registry import get_arch_spec
+from engine.models.registry import MoeSpec, get_arch_spec
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    num_experts: int
+    """Routed experts per sparse layer."""
+    top_k: int
+    """Experts each token is routed to."""
+    intermediate_size: int
+    """Width of one routed expert's gated MLP."""
+    renormalize: bool
+    """The top-k routing weights are divided by their sum (Mixtral always; Qwen when
+    ``norm_topk_prob``), else they stay softmax probabilities over all experts."""
+    sparse_layers: tuple[int, ...]
+    """Layers with the sparse block; the others have a dense MLP of
+    ``ModelConfig.intermediate_size`` (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``)."""
+    shared_expert_intermediate_size: int = 0
+    """Width of the shared expert every token also goes through (Qwen2-MoE); 0 = none."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +54,8 @@ class ModelConfig:
     head_dim: int
     """Width of one attention head (explicit in Qwen3, else hidden_size // num_heads)."""
     intermediate_size: int
-    """Width of the gated MLP."""
+    """Width of the dense gated MLP (MoE models: of their dense layers, if any; the experts'
+    width is ``moe.intermediate_size``)."""
     vocab_size: int
     """Rows of the embedding and of the LM head."""
     rms_norm_eps: float = 1e-6
@@ -63,6 +85,8 @@ class ModelConfig:
     """Dtype the checkpoint was saved in (``"bfloat16"``, ...), None if unrecorded."""
     sliding_window: int | None = None
     """Attention window; only None or >= max_position_embeddings (i.e. none) is supported."""
+    moe: MoeConfig | None = None
+    """The mixture-of-experts MLP; None for dense models."""
 
     @property
     def q_size(self) -> int:
@@ -122,6 +146,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
             sliding_window=_parse_sliding_window(raw, max_pos, source),
+            moe=None if spec.moe is None else _parse_moe(raw, spec.moe, source),
         )
 
 
@@ -146,6 +171,30 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
     if rope_type == "default":
         return theta, None
     return theta, {"rope_type": rope_type, **params}
+
+
+def _parse_moe(raw: dict[str, Any], spec: MoeSpec, source: str) -> MoeConfig:
+    num_experts = next((raw[k] for k in spec.num_experts_keys if k in raw), None)
+    if num_experts is None:
+        raise ValueError(f"{source} has none of {', '.join(spec.num_experts_keys)}: "
+                         "cannot tell the number of experts")
+    num_layers, top_k = raw["num_hidden_layers"], raw["num_experts_per_tok"]
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in 1..{num_experts} "
+                         f"({spec.num_experts_key})")
+    # As transformers' Qwen MoE layers: sparse unless listed in mlp_only_layers, and only
+    # every decoder_sparse_step-th layer (both absent in Mixtral: every layer is sparse).
+    dense, step = set(raw.get("mlp_only_layers") or ()), raw.get("decoder_sparse_step", 1)
+    sparse = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    return MoeConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        intermediate_size=raw[spec.intermediate_key],
+        renormalize=spec.always_renormalize or bool(raw.get("norm_topk_prob", False)),
+        sparse_layers=sparse,
+        shared_expert_intermediate_size=(
+            raw["shared_expert_intermediate_size"] if spec.shared_expert else 0),
+    )
 
 
 def _parse_sliding_window(raw: dict[str, Any], max_pos: int, source: str) -> int | None:

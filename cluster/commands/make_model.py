@@ -2,6 +2,7 @@
 
     splitserve make-model --arch qwen3 --preset tiny --seed 0 --out /tmp/qwen3-tiny
     splitserve make-model --preset small            # into ~/.cache/splitserve/models/...
+    splitserve make-model --arch mixtral --out /tmp/mixtral-tiny   # 8 experts, top-2
     splitserve make-model --preset llama-3.2-1b --dtype bfloat16 --out /data/llama-1b
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 # Kept in sync with engine.make_model (which imports torch lazily; this list keeps --help light).
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

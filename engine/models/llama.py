@@ -8,9 +8,14 @@ sequence, K/V go to the paged cache through the attention backend.
 Parameter names follow Hugging Face's, except the packed projections: ``qkv_proj`` holds
 q_proj, k_proj, v_proj stacked along the output dim, ``gate_up_proj`` holds gate_proj and
 up_proj (see ``packed_modules``; the loader fills them).
+
+Each layer's MLP comes from a factory (``make_mlp``): dense ``GatedMLP`` here, a sparse
+mixture-of-experts block in some layers of ``engine.models.moe_model``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -73,15 +78,24 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(T, H * D))  # out: [T, H, D]
 
 
+MlpFactory = Callable[[ModelConfig, int], nn.Module]
+"""(config, layer index) -> that layer's MLP, a [T, hidden] -> [T, hidden] module."""
+
+
+def dense_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+    return GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+        mlp: nn.Module,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, rotary, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.mlp = mlp  # dense GatedMLP, or a MoE model's sparse block
 
     def forward(
         self,
@@ -103,14 +117,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend,
+                 make_mlp: MlpFactory = dense_mlp) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary_emb, backend) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, self.rotary_emb, backend, make_mlp(config, i))
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.config = config
@@ -142,8 +158,9 @@ class LlamaModel(nn.Module):
 
     def _compiled_decode_step(self) -> tuple | None:
         """(kernels, per-layer weights) when ``decode_step`` of the compiled CPU kernels runs
-        this model's decode-only steps: CPU paged attention, the fused ops on, no biases and
-        no q/k norm (Llama, Mistral). Checked once."""
+        this model's decode-only steps: CPU paged attention, the fused ops on, no biases,
+        no q/k norm and dense MLPs (Llama, Mistral; MoE models run the Python layers, whose
+        sparse blocks route per token). Checked once."""
         if not self._decode_step_checked:
             self._decode_step_checked = True
             from engine import fused_ops
@@ -156,7 +173,8 @@ class LlamaModel(nn.Module):
                 kernels is not None and fused_ops.load() is not None and not c.qk_norm
                 and all(isinstance(layer.self_attn.backend, CpuPagedAttentionBackend)
                         and layer.self_attn.qkv_proj.bias is None
-                        and layer.self_attn.o_proj.bias is None and layer.mlp._no_bias
+                        and layer.self_attn.o_proj.bias is None
+                        and isinstance(layer.mlp, GatedMLP) and layer.mlp._no_bias
                         for layer in layers)
             )
             if fits:
@@ -177,10 +195,11 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend,
+                 make_mlp: MlpFactory = dense_mlp) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, backend)
+        self.model = LlamaModel(config, backend, make_mlp)
         # Tied models have no lm_head: the logits reuse the embedding matrix.
         self.lm_head = (
             None

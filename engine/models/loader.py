@@ -6,7 +6,9 @@
 3. Map checkpoint names to destinations. Names are Hugging Face's except the packed
    projections: ``...self_attn.q_proj.weight`` lands in rows ``[0, q_size)`` of
    ``...self_attn.qkv_proj.weight``, ``k_proj`` in the next ``kv_size`` rows, and so on
-   (the model's ``packed_modules`` and each ``PackedLinear.output_sizes`` say how).
+   (the model's ``packed_modules`` and each ``PackedLinear.output_sizes`` say how). A module
+   with ``checkpoint_views`` (MoE block: per-expert tensors stacked in one parameter) maps
+   its own tensors, and may mark some as held by another rank (skipped).
 4. Check before copying anything: every destination has a tensor of the right shape, and
    every tensor in the files has a destination (except known-ignorable ones). Problems are
    reported together, naming tensors and files.
@@ -59,8 +61,10 @@ def load_model(
 def load_weights(model: nn.Module, model_dir: Path) -> None:
     """Fill every parameter of ``model`` from the safetensors files in ``model_dir``."""
     files = checkpoint_files(model_dir)  # tensor name -> file
-    destinations = weight_destinations(model)  # tensor name -> view of a parameter
-    ignored = _ignored_names(model, files)
+    views = weight_destinations(model)  # tensor name -> view of a parameter, or None
+    destinations = {name: view for name, view in views.items() if view is not None}
+    # Tensors another rank holds (other experts) may be in the files and are not read.
+    ignored = _ignored_names(model, files) | (views.keys() - destinations.keys())
     _check(files, destinations, ignored)
     by_file: dict[Path, list[str]] = {}
     for name in destinations:
@@ -99,11 +103,23 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     )
 
 
-def weight_destinations(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the parameter (or slice of a packed one) it fills."""
+def weight_destinations(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Checkpoint tensor name -> the parameter (or slice of a packed one) it fills.
+
+    A module with a ``checkpoint_views(module_path)`` method (a MoE block: one checkpoint
+    tensor per expert, stacked here) names the destinations of all its parameters itself;
+    a None there is a checkpoint tensor this model does not hold (another rank's expert)."""
     packed = getattr(model, "packed_modules", {})
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | None] = {}
+    self_mapped: set[int] = set()  # ids of parameters a checkpoint_views already covers
+    for path, module in model.named_modules():
+        views = getattr(module, "checkpoint_views", None)
+        if callable(views):
+            out.update(views(path))
+            self_mapped.update(id(p) for p in module.parameters())
     for name, param in model.named_parameters():  # tied parameters appear once
+        if id(param) in self_mapped:
+            continue
         module_path, _, leaf = name.rpartition(".")
         sizes = getattr(model.get_submodule(module_path), "output_sizes", None)
         if sizes is None:

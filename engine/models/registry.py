@@ -8,8 +8,37 @@ architecture is one entry here, never an ``if model_type == ...`` branch in the 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """How an architecture's sparse (mixture-of-experts) block is configured and named."""
+
+    block_name: str
+    """The sparse block's module in a checkpoint layer: ``block_sparse_moe`` (Mixtral) or
+    ``mlp`` (Qwen)."""
+    expert_names: tuple[str, str, str]
+    """One expert's gate, up and down projections in the checkpoint:
+    ``experts.{e}.{name}.weight``."""
+    num_experts_keys: tuple[str, ...]
+    """config.json keys of the number of routed experts, the first present wins
+    (transformers 5 writes Qwen's ``num_experts`` as ``num_local_experts``)."""
+    intermediate_key: str
+    """config.json key of one expert's intermediate width."""
+    always_renormalize: bool
+    """The top-k weights are always renormalised to sum to 1 (Mixtral); otherwise the
+    config's ``norm_topk_prob`` says (Qwen, default False as in transformers)."""
+    shared_expert: bool = False
+    """Every token also goes through a shared expert scaled by a sigmoid gate (Qwen2-MoE)."""
+
+
+MIXTRAL_MOE = MoeSpec("block_sparse_moe", ("w1", "w3", "w2"), ("num_local_experts",),
+                      "intermediate_size", always_renormalize=True)
+QWEN_MOE = MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"),
+                   ("num_experts", "num_local_experts"),
+                   "moe_intermediate_size", always_renormalize=False)
 
 
 @dataclass(frozen=True)
@@ -23,9 +52,12 @@ class ArchSpec:
     """The output projection carries a bias: same convention as ``qkv_bias``."""
     qk_norm: bool = False
     """Per-head RMSNorm on queries and keys before the rotary embedding (Qwen3)."""
+    moe: MoeSpec | None = None
+    """The sparse MLP of mixture-of-experts architectures; None for dense ones."""
 
 
 _LLAMA = "engine.models.llama:LlamaForCausalLM"
+_MOE = "engine.models.moe_model:MoeForCausalLM"
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # Llama 2, 3, 3.1, 3.2 (rope_scaling "llama3"); attention_bias from the config.
@@ -36,6 +68,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": ArchSpec(_LLAMA, qkv_bias=True, o_proj_bias=False),
     # Qwen3 dense: per-head q/k RMSNorm, explicit head_dim, attention_bias from the config.
     "Qwen3ForCausalLM": ArchSpec(_LLAMA, qk_norm=True),
+    # Mixtral 8x7B / 8x22B (no sliding window): Mistral's attention, top-2 of 8 experts.
+    "MixtralForCausalLM": ArchSpec(_MOE, qkv_bias=False, o_proj_bias=False, moe=MIXTRAL_MOE),
+    # Qwen3-MoE (30B-A3B, 235B-A22B): Qwen3's attention, top-k routed experts, no shared one.
+    "Qwen3MoeForCausalLM": ArchSpec(_MOE, qk_norm=True, moe=QWEN_MOE),
+    # Qwen1.5/Qwen2-MoE: Qwen2's attention (q/k/v bias), routed experts plus a gated shared one.
+    "Qwen2MoeForCausalLM": ArchSpec(
+        _MOE, qkv_bias=True, o_proj_bias=False,
+        moe=replace(QWEN_MOE, shared_expert=True),
+    ),
 }
 
 

@@ -230,3 +230,28 @@ def test_ensure_model_builds_once_atomically(tmp_path):
     marker.write_text(json.dumps(stale))
     ensure_model("qwen3", "tiny", 3, cache_dir=tmp_path)
     assert json.loads(marker.read_text())["format_version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize(("arch", "expert_tensor"), [
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.7.w3.weight"),
+    ("qwen3_moe", "model.layers.1.mlp.experts.7.up_proj.weight"),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert.up_proj.weight"),
+])
+def test_cli_writes_moe_checkpoints_transformers_loads(tmp_path, capsys, arch, expert_tensor):
+    """MoE checkpoints hold one tensor per expert, as on the Hub and as transformers 5 saves
+    them (it stacks experts only in memory), and transformers loads every one of them."""
+    out = tmp_path / arch
+    assert cli_main(["make-model", "--arch", arch, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    names = weight_names(out)
+    assert expert_tensor in names
+    assert not any(name.endswith(("gate_up_proj", "experts.down_proj")) for name in names)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}  # no missing/unexpected/mismatched keys
+    assert type(model).__name__ == json.loads((out / "config.json").read_text())[
+        "architectures"][0]
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The scheduler reads the prompt", return_tensors="pt").input_ids
+    new = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[
+        0, ids.shape[1]:].tolist()
+    assert len(set(new)) >= 8, new  # the random experts do not collapse into one token
