@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.batch import SchedulerOutput
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockPool, NoFreeBlocksError
 from engine.config import CacheConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
 from engine.kv_cache_manager import KVCacheManager, cdiv
@@ -298,6 +298,32 @@ class Engine:
         self._num_reported[request_id] = request.num_output_tokens
         self._text.check_stop_strings(request)
         return self._output(request) if request.is_finished else None
+
+    def fork(self, request_id: str, child_id: str, params: SamplingParams) -> Request | None:
+        """n > 1: start a sibling of a running request whose prompt KV is computed (e.g. on
+        the decode side right after ``activate``). The sibling has the same prompt, shares
+        its KV blocks by reference (the block it first writes is copied: copy-on-write)
+        and samples its own tokens with ``params`` (e.g. ``seed + i``): it recomputes the
+        prompt's last token for its first sample, so it gives what the same request run
+        alone with ``params`` gives. Its outputs stream under ``child_id``; aborting one
+        sibling leaves the others running. None when there is no seat or free block."""
+        parent = self.scheduler.requests.get(request_id)
+        if parent is None:
+            raise InvalidRequestError(f"request {request_id!r} is not running here")
+        self._validate(list(parent.prompt_token_ids), params)
+        child = Request(child_id, list(parent.prompt_token_ids), params, self.eos_token_ids,
+                        arrival_time=parent.arrival_time)
+        if not self.scheduler.has_seat():
+            return None
+        try:
+            copy = self.scheduler.fork(parent, child)
+        except NoFreeBlocksError:
+            return None
+        if copy is not None:
+            self.runner.copy_blocks([copy])
+        self._text.add(child)
+        self._num_reported[child_id] = 0
+        return child
 
     def _output(self, request: Request) -> RequestOutput:
         generated = request.output_token_ids

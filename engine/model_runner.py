@@ -41,6 +41,14 @@ class ModelRunner:
         tokens, logprobs = self.sampler(logits, requests)
         return ModelRunnerOutput(tokens, logprobs)
 
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: each ``(src, dst)`` block's KV (every layer) from src to dst."""
+        if copies:
+            src, dst = (torch.tensor(ids, dtype=torch.long, device=self.device)
+                        for ids in zip(*copies, strict=True))
+            self.kv_cache.index_copy_(0, dst, self.kv_cache.index_select(0, src))
+
     def _prepare(self, batch: SchedulerOutput):
         """(input_ids, positions, metadata, sample_rows) for one step, from two host lists:
         every int64 and every int32 tensor is a slice of one of two tensors (per-tensor

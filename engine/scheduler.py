@@ -90,6 +90,35 @@ class Scheduler:
             self.finish(request_id, status)
         return request
 
+    # -- n > 1: siblings sharing a prompt -----------------------------------------------------
+    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Start ``child`` (same prompt as ``parent``, its own params) from the parent's
+        computed prompt KV, shared by reference: it joins the running batch with the last
+        prompt token left to compute, so its first sample is its own. Returns the block
+        copy the runner must do first (copy-on-write), or None. Raises NoFreeBlocksError
+        / ValueError (nothing changed) when there is no block for it or no seat."""
+        if child.request_id in self.requests:
+            raise ValueError(f"request id {child.request_id!r} is already in use")
+        if (parent.status != RequestStatus.RUNNING
+                or parent.num_computed_tokens < parent.num_prompt_tokens):
+            raise ValueError(f"request {parent.request_id!r} has no computed prompt to fork")
+        if not self.has_seat():
+            raise ValueError("no seat in the running batch for a forked request")
+        if child.num_prompt_tokens == 1:  # nothing to share: an ordinary admission
+            self.requests[child.request_id] = child
+            self.waiting.appendleft(child)
+            return None
+        copy = self.kv.fork(parent, child, child.num_prompt_tokens - 1)
+        self.requests[child.request_id] = child
+        child.status = RequestStatus.RUNNING
+        child.first_scheduled_time = time.monotonic()
+        self.running.append(child)
+        return copy
+
+    def has_seat(self) -> bool:
+        """Room for one more request in the running batch (reserved ones count)."""
+        return len(self.running) + self.num_reserved < self.config.max_num_seqs
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
