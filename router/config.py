@@ -55,6 +55,19 @@ class RouterConfig:
     """gRPC port (0 picks a free one)."""
     http_port: int = 8000
     """OpenAI-compatible HTTP port (0 picks a free one)."""
+
+    # ---- what one client may send, and how a refusal asks it to come back ----------------
+    max_request_body_bytes: int = 8 << 20
+    """Largest HTTP request body accepted; larger ones get 413 before they are read. (gRPC
+    messages are capped by grpcio's own 4 MiB receive limit.)"""
+    max_prompt_chars: int = 1_000_000
+    """Longest text prompt (or rendered chat) in characters, refused with 400 before it is
+    tokenized; what passes is then held to ``max_model_len`` tokens."""
+    tokenizer_threads: int = 2
+    """Threads that tokenize large prompts off the event loop (other streams keep flowing)."""
+    retry_after_s: int = 1
+    """Seconds a client is told to wait (HTTP ``Retry-After``, gRPC trailing metadata
+    ``retry-after``) when refused for overload or while no worker is ready."""
     tls: TLSConfig | None = None
     """TLS (and, with a client CA, mutual TLS) for both servers; None: plaintext."""
 
@@ -67,6 +80,10 @@ class RouterConfig:
             raise ValueError("RouterConfig.max_inflight_requests must be >= 1")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError("RouterConfig.default_max_tokens must be >= 1 or None")
+        for name in ("max_request_body_bytes", "max_prompt_chars", "tokenizer_threads",
+                     "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RouterConfig.{name} must be >= 1")
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"RouterConfig.{name} must be in [0, 65535]")

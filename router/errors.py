@@ -5,6 +5,12 @@ router-only classes add what the edge needs: ``InvalidParamError`` names the off
 request field (OpenAI's ``param``), ``UnauthenticatedError`` is a missing or wrong API key.
 A ``ValueError`` raised by ``SamplingParams`` validation is an INVALID_ARGUMENT naming its
 field; any other unexpected exception is INTERNAL with a message that leaks nothing.
+
+Every message that reaches a client goes through ``client_message``: errors raised inside
+workers arrive wrapped by Ray (``ray::DecodeWorker.reserve() (pid=…, ip=…, actor_id=…)``
+followed by a traceback), and transfer errors name peer addresses. The client gets the
+error's own last line, with addresses, pids, actor/node ids, namespaces and file paths
+removed; the server log keeps the original.
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class UnauthenticatedError(SplitServeError):
     code = "UNAUTHENTICATED"
 
 
+class RequestTooLargeError(InvalidParamError):
+    """The HTTP body is larger than the server accepts (413)."""
+
+    code = "REQUEST_TOO_LARGE"
+
+
 class ClientCancelledError(SplitServeError):
     """The client went away (closed the stream or cancelled the call)."""
 
@@ -60,6 +72,7 @@ class ErrorInfo:
 # code -> (gRPC status, HTTP status, OpenAI error type)
 _TABLE: dict[str, tuple[grpc.StatusCode, int, str]] = {
     "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    "REQUEST_TOO_LARGE": (grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
     "NOT_FOUND": (grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error"),
     "UNAUTHENTICATED": (grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
     "RESOURCE_EXHAUSTED": (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
@@ -71,6 +84,8 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, str]] = {
 # OpenAI's machine-readable `code` for the cases its clients look for.
 _OPENAI_CODES = {"NOT_FOUND": "model_not_found", "UNAUTHENTICATED": "invalid_api_key",
                  "RESOURCE_EXHAUSTED": "rate_limit_exceeded"}
+# Codes whose refusals tell the client to come back (HTTP Retry-After, gRPC "retry-after").
+RETRYABLE_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
 
 _SAMPLING_FIELD = re.compile(r"^SamplingParams\.(\w+)=")
 
@@ -79,13 +94,66 @@ def classify(exc: BaseException) -> ErrorInfo:
     """Map any exception to an ErrorInfo; unexpected ones are logged and become INTERNAL."""
     if isinstance(exc, SplitServeError):
         code = exc.code if exc.code in _TABLE else "INTERNAL"
-        return ErrorInfo(code, str(exc) or type(exc).__name__, getattr(exc, "param", None))
+        message = client_message(str(exc)) or type(exc).__name__
+        if message != str(exc):
+            logger.warning("%s error sent to the client as %r: %s", code, message, exc)
+        return ErrorInfo(code, message, getattr(exc, "param", None))
     if isinstance(exc, ValueError) and (m := _SAMPLING_FIELD.match(str(exc))):
-        return ErrorInfo("INVALID_ARGUMENT", str(exc), m.group(1))
+        return ErrorInfo("INVALID_ARGUMENT", client_message(str(exc)), m.group(1))
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return ErrorInfo("DEADLINE_EXCEEDED", "the request's deadline passed")
     logger.error("internal error", exc_info=exc)
     return ErrorInfo("INTERNAL", "internal server error; the server log has the details")
+
+
+# What a client must never see (issue 12: a Ray traceback with actor id, pid, node IP and
+# namespace reached clients). Applied to the error's last line, in this order.
+_SCRUB = (
+    (re.compile(r"\bray::\S+"), "a worker call"),
+    (re.compile(r"\(pid=[^)]*\)"), ""),  # Ray's "(pid=1, ip=10.0.0.5, actor_id=…, repr=<…>)"
+    (re.compile(r"\b(pid|ip|node_ip|actor_id|node_id|worker_id|job_id|task_id|namespace"
+                r"|class_name|repr)\s*[=:]\s*(<[^>]*>|[^\s,;)]+)", re.I), "<hidden>"),
+    (re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>", re.I), "<hidden>"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I),
+     "<id>"),
+    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"), "<address>"),
+    (re.compile(r"\[?\b(?:[0-9a-f]{1,4}:){2,7}[0-9a-f]{1,4}\b\]?(?::\d+)?"
+                r"|\[?(?:\b[0-9a-f]{1,4})?::(?:[0-9a-f]{1,4}\b:?)+\]?(?::\d+)?", re.I),
+     "<address>"),
+    (re.compile(r"\blocalhost:\d+\b"), "<address>"),
+    (re.compile(r"\b(?:0x)?[0-9a-f]{16,}\b", re.I), "<id>"),
+    (re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?"), "<path>"),
+)
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Z]\w*(?:Error|Exception|Exit|Closed|"
+                             r"Timeout|Aborted|Mismatch|Gone)):\s*(.*)$")
+
+
+def client_message(text: str) -> str:
+    """``text`` made safe for a client: a traceback or a multi-line Ray error is reduced to
+    its final "Class: message" line, then identifiers of processes, hosts and files are
+    replaced by placeholders. Idempotent; short plain messages pass unchanged."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[0]
+    if len(lines) > 1:
+        # A traceback or Ray's format: the exception's own line is the last "Class: message"
+        # line; without one, the first line says what happened.
+        for candidate in reversed(lines):
+            if (m := _EXCEPTION_LINE.match(candidate)) is not None:
+                line = m.group(2) or m.group(1)
+                break
+    elif (m := _EXCEPTION_LINE.match(line)) is not None and "." in line.split(":", 1)[0]:
+        line = m.group(2) or m.group(1)  # "engine.errors.X: msg" -> "msg"
+    for pattern, repl in _SCRUB:
+        line = pattern.sub(repl, line)
+    return _valid_unicode(" ".join(line.split()))
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates escaped: they cannot be encoded as UTF-8, so an error
+    body echoing one (a client's bad input) would fail to serialize."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def outcome_code(exc: BaseException | None) -> str:
@@ -110,9 +178,9 @@ def http_status(info: ErrorInfo) -> int:
 def openai_error_body(info: ErrorInfo) -> dict:
     """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {
-        "message": info.message,
+        "message": _valid_unicode(info.message),
         "type": _TABLE[info.code][2],
-        "param": info.param,
+        "param": _valid_unicode(info.param) if info.param is not None else None,
         "code": _OPENAI_CODES.get(info.code, info.code.lower()),
     }}
 
@@ -121,6 +189,13 @@ def http_error(exc: BaseException) -> tuple[int, dict]:
     """The HTTP status and OpenAI error body for an exception."""
     info = classify(exc)
     return http_status(info), openai_error_body(info)
+
+
+def retry_after(code: str, seconds: int) -> str | None:
+    """The Retry-After value (HTTP header, gRPC trailing metadata) for a refusal with status
+    ``code`` (ours, or a grpc.StatusCode's name) that the client should retry: overload, no
+    ready worker. None for the others."""
+    return str(seconds) if code in RETRYABLE_CODES else None
 
 
 def error_from_grpc(code: grpc.StatusCode, details: str | None) -> SplitServeError:

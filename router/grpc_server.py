@@ -1,7 +1,9 @@
 """The gRPC edge: the splitserve.v1.Generation service, grpc.health.v1 and reflection.
 
 Errors: every handler is wrapped by ``grpc_errors``, which maps exceptions to status codes
-through ``router.errors`` (the one mapping). Deadlines: the call's remaining time becomes
+through ``router.errors`` (the one mapping); refusals worth retrying (RESOURCE_EXHAUSTED,
+UNAVAILABLE) carry trailing metadata ``retry-after`` (seconds), and a refusal always comes
+before the first response message. Deadlines: the call's remaining time becomes
 the request's deadline, so the router aborts the backend request when it passes.
 Cancellation: a cancelled call cancels the handler task, which closes the request's stream
 (aborting it in the backend); a done-callback on the call context aborts it as well, for
@@ -26,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from router import convert
 from router.config import PortInUseError, TLSConfig
-from router.errors import UnauthenticatedError, grpc_status
+from router.errors import UnauthenticatedError, grpc_status, retry_after
 from router.service import GenerationService
 
 logger = logging.getLogger(__name__)
@@ -35,9 +37,11 @@ logger = logging.getLogger(__name__)
 def grpc_errors(handler):
     """Decorator for servicer methods (unary or server-streaming): exceptions -> status."""
 
-    async def fail(context, exc: Exception) -> None:
+    async def fail(self, context, exc: Exception) -> None:
         code, message = grpc_status(exc)
-        await context.abort(code, message)
+        after = retry_after(code.name, self.retry_after_s)
+        await context.abort(code, message,
+                            trailing_metadata=(("retry-after", after),) if after else ())
 
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
@@ -50,7 +54,7 @@ def grpc_errors(handler):
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
-                await fail(context, exc)
+                await fail(self, context, exc)
         return stream_wrapper
 
     @functools.wraps(handler)
@@ -61,7 +65,7 @@ def grpc_errors(handler):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await fail(context, exc)
+            await fail(self, context, exc)
     return unary_wrapper
 
 
@@ -69,6 +73,7 @@ class GenerationServicer(convert.GenerationServicer):
     def __init__(self, service: GenerationService, api_key: str | None = None) -> None:
         self._service = service
         self._api_key = api_key
+        self.retry_after_s = service.config.retry_after_s
 
     def authorize(self, context) -> None:
         """With an API key configured, calls must send ``authorization: Bearer <key>``."""
@@ -77,6 +82,7 @@ class GenerationServicer(convert.GenerationServicer):
         metadata = dict(context.invocation_metadata() or ())
         scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self._api_key):
+            self._service.metrics.requests.labels(code="UNAUTHENTICATED").inc()
             raise UnauthenticatedError("missing or wrong API key; send the metadata "
                                        "'authorization: Bearer <key>'")
 
@@ -84,7 +90,7 @@ class GenerationServicer(convert.GenerationServicer):
     async def Generate(self, request, context):
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None
-        prep = self._service.prepare(convert.input_from_proto(request, deadline))
+        prep = await self._service.prepare(convert.input_from_proto(request, deadline))
         context.add_done_callback(functools.partial(self._on_done, prep.request_id))
         if not convert.wants_stream(request):
             yield convert.chunk_to_proto(await self._service.complete(prep))

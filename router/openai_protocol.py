@@ -5,7 +5,9 @@ Requests: pydantic models accepting OpenAI's fields plus vLLM's extra sampling f
 ``min_tokens``, ``skip_special_tokens``, ``request_id``); unknown fields are ignored, as
 OpenAI clients send vendor extras. ``to_input`` turns one into a ``GenerateInput``.
 Responses: plain dicts in OpenAI's shapes; the final ones carry a non-standard
-``"splitserve": {"request_id", "timing"}`` extension.
+``"splitserve": {"request_id", "timing"}`` extension. The ``*_RESPONSES`` tables declare, for
+the OpenAPI schema, every status and content type the routes answer with (the schemathesis
+test holds the server to them).
 """
 
 from __future__ import annotations
@@ -137,6 +139,55 @@ def _single_prompt(prompt) -> tuple[str | None, list[int] | None]:
         raise InvalidParamError(f"a batch of {len(prompt)} prompts is not supported; send one "
                                 "prompt per request", "prompt")
     return _single_prompt(prompt[0])
+
+
+# ---- OpenAPI declarations of what the routes answer ---------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, for every non-2xx answer."""
+
+    error: ErrorDetail
+
+
+def _error(description: str, retry: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if retry:
+        out["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
+                                          "schema": {"type": "integer"}}}
+    return out
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("Invalid request; error.param names the field"),
+    401: _error("Missing or wrong API key"),
+    404: _error("Unknown model"),
+    413: _error("Request body larger than the server accepts"),
+    429: _error("Over capacity; retry after Retry-After seconds", retry=True),
+    500: _error("Internal error (the server log has the details)"),
+    503: _error("No worker is ready; retry after Retry-After seconds", retry=True),
+    504: _error("The request's deadline passed"),
+}
+JSON_OK: dict[int | str, dict[str, Any]] = {200: {"description": "OK"}}
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "The completion (JSON), or with stream=true server-sent events ending "
+                   "with data: [DONE]",
+    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Ready"},
+    500: _error("Internal error"),
+    503: {"description": "Not ready (same body, status unavailable)",
+          "content": {"application/json": {}}}}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text exposition",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    500: _error("Internal error")}
 
 
 # ---- response bodies ---------------------------------------------------------------------

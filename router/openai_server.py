@@ -6,6 +6,13 @@ ready, 503 otherwise), GET /metrics (Prometheus text). With an API key configure
 needs ``Authorization: Bearer <key>`` (401 otherwise). Errors are OpenAI-style bodies built
 by ``router.errors``. A client that disconnects aborts its request: streaming through the
 SSE task's cancellation, non-streaming through a watcher on the ASGI disconnect message.
+
+Every refusal is an HTTP status before the response starts, streaming included: a streaming
+request is prepared, admitted and run to its first chunk before the 200 and the event
+stream go out, so an overloaded server answers 429 (with ``Retry-After``, as 503 does), never
+a 200 followed by an in-band error. Errors after the first chunk are reported in-band, as
+OpenAI does. ``router.http_edge`` bounds the body size (413) and answers any exception no
+handler took (500) without dropping the connection.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import sse_starlette.sse
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from engine.errors import SplitServeError
@@ -36,11 +43,14 @@ from router.errors import (
     ClientCancelledError,
     ErrorInfo,
     UnauthenticatedError,
+    classify,
     http_error,
     http_status,
     openai_error_body,
     outcome_code,
+    retry_after,
 )
+from router.http_edge import EdgeMiddleware
 from router.service import GenerationService
 from router.types import GenerateChunk, PreparedRequest
 
@@ -49,33 +59,36 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
     """The HTTP app for one service. ``api_key`` defaults to ``service.config.api_key``."""
     key = api_key if api_key is not None else service.config.api_key
     app = FastAPI(title="splitserve", summary="OpenAI-compatible LLM serving")
-    _install_error_handlers(app)
-    api = APIRouter(dependencies=[Depends(_auth_dependency(key))])
+    _install_error_handlers(app, service)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=service.config.max_request_body_bytes,
+                       on_error=lambda exc: _count(service, exc))
+    api = APIRouter(dependencies=[Depends(_auth_dependency(key, service))],
+                    responses=oai.ERROR_RESPONSES)
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=oai.JSON_OK)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by,
              "max_model_len": c.max_model_len} for c in service.list_models()]}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=oai.GENERATE_RESPONSES)
     async def completions(body: oai.CompletionRequest, request: Request) -> Response:
         return await _generate(service, request, body, _CompletionFormat)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=oai.GENERATE_RESPONSES)
     async def chat(body: oai.ChatCompletionRequest, request: Request) -> Response:
         return await _generate(service, request, body, _ChatFormat)
 
     app.include_router(api)
 
-    @app.get("/health")
+    @app.get("/health", responses=oai.HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         ready = service.is_ready()
         body = {"status": "ok" if ready else "unavailable",
                 "requests_in_flight": service.num_inflight, "backend": service.backend.stats()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=oai.METRICS_RESPONSES)
     async def metrics() -> Response:
         data, content_type = service.metrics.exposition()
         return Response(content=data, media_type=content_type)
@@ -83,34 +96,45 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
     return app
 
 
-def _auth_dependency(key: str | None):
+def _count(service: GenerationService, exc: BaseException) -> None:
+    service.metrics.requests.labels(code=outcome_code(exc)).inc()
+
+
+def _auth_dependency(key: str | None, service: GenerationService):
     async def check(request: Request) -> None:
         if key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key):
+            service.metrics.requests.labels(code="UNAUTHENTICATED").inc()
             raise UnauthenticatedError("missing or wrong API key; send 'Authorization: Bearer "
                                        "<key>'")
     return check
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
+    """Classified errors -> OpenAI-style bodies; refusals worth retrying carry Retry-After.
+    Anything else is answered by ``EdgeMiddleware`` (500)."""
+    wait_s = service.config.retry_after_s
+
     async def on_error(_request: Request, exc: Exception) -> JSONResponse:
-        status, body = http_error(exc)
-        return JSONResponse(body, status_code=status)
+        info = classify(exc)
+        after = retry_after(info.code, wait_s)
+        return JSONResponse(openai_error_body(info), status_code=http_status(info),
+                            headers={"Retry-After": after} if after else None)
 
     async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         info = ErrorInfo("INVALID_ARGUMENT", f"{'.'.join(loc) or 'body'}: "
                          f"{first.get('msg', 'invalid request')}", loc[0] if loc else None)
+        service.metrics.requests.labels(code=info.code).inc()
         return JSONResponse(openai_error_body(info), status_code=http_status(info))
 
     app.add_exception_handler(SplitServeError, on_error)
     app.add_exception_handler(ValueError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(Exception, on_error)
 
 
 async def _generate(service: GenerationService, request: Request, body, fmt_cls) -> Response:
@@ -119,13 +143,42 @@ async def _generate(service: GenerationService, request: Request, body, fmt_cls)
     except SplitServeError as exc:
         service.metrics.requests.labels(code=outcome_code(exc)).inc()
         raise
-    prep = service.prepare(inp)
+    prep = await _until_disconnect(request, service.prepare(inp))
     fmt = fmt_cls(prep.request_id, body.model or service.config.model_name)
     if body.stream:
-        events = _sse_events(service, prep, fmt, body.include_usage)
-        return EventSourceResponse(events, sep="\n", ping=15)
+        return await _start_stream(service, request, prep, fmt, body.include_usage)
     chunk = await _until_disconnect(request, service.complete(prep))
     return JSONResponse(fmt.full(chunk))
+
+
+async def _start_stream(service: GenerationService, request: Request, prep: PreparedRequest,
+                        fmt, include_usage: bool) -> Response:
+    """Admit ``prep`` and wait for its first chunk, then answer 200 with the event stream.
+    A refusal before that (admission, the backend's own overload, a failure) raises here,
+    and the error handlers answer it with its own status."""
+    chunks = service.stream(prep)
+    try:
+        first = await _until_disconnect(request, anext(chunks))
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return _EventStream(_sse_events(chunks, first, fmt, include_usage), chunks.aclose)
+
+
+class _EventStream(EventSourceResponse):
+    """The SSE response, closing the request's chunk stream however the response ends, even
+    when the client left before the stream's first event (then the event generator never
+    started, and closing it would not reach the chunk stream)."""
+
+    def __init__(self, events: AsyncIterator[str], close) -> None:
+        super().__init__(events, sep="\n", ping=15)
+        self._close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
 
 
 async def _until_disconnect(request: Request, work) -> GenerateChunk:
@@ -150,15 +203,15 @@ async def _wait_disconnect(request: Request) -> None:
         continue
 
 
-async def _sse_events(service: GenerationService, prep: PreparedRequest, fmt,
+async def _sse_events(chunks: AsyncIterator[GenerateChunk], first: GenerateChunk, fmt,
                       include_usage: bool) -> AsyncIterator[str]:
     try:
-        async with contextlib.aclosing(service.stream(prep)) as chunks:
-            first = True
+        async with contextlib.aclosing(chunks):
+            for event in fmt.stream(first, True, include_usage):
+                yield json.dumps(event)
             async for chunk in chunks:
-                for event in fmt.stream(chunk, first, include_usage):
+                for event in fmt.stream(chunk, False, include_usage):
                     yield json.dumps(event)
-                first = False
     except Exception as exc:  # after the 200 header: report in-band, as OpenAI does
         yield json.dumps(http_error(exc)[1])
     yield "[DONE]"

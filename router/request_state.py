@@ -21,6 +21,10 @@ from router.errors import outcome_code
 from router.metrics import ServingMetrics
 from router.types import GenerateChunk, LogprobEntry, PreparedRequest, TopToken, Usage
 
+DEADLINE_SLACK_S = 0.05
+"""A cancellation this close to the request's deadline is counted as the deadline: the
+client's clock and ours read the same deadline a little apart."""
+
 
 class RequestState:
     def __init__(self, prep: PreparedRequest, tokenizer, metrics: ServingMetrics,
@@ -58,7 +62,15 @@ class RequestState:
                      else self._metrics.requests_waiting)
             gauge.dec()
         code = "OK" if self.finished else outcome_code(error or GeneratorExit())
+        if code == "CANCELLED" and self._deadline_passed():
+            # gRPC cancels the handler when the call's deadline passes, often just before
+            # the router's own deadline fires: that is a deadline, not a client cancel.
+            code = "DEADLINE_EXCEEDED"
         self._metrics.requests.labels(code=code).inc()
+
+    def _deadline_passed(self) -> bool:
+        deadline = self.prep.deadline
+        return deadline is not None and self._clock() >= deadline - DEADLINE_SLACK_S
 
     # ---- outputs ---------------------------------------------------------------------
 

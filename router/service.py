@@ -1,11 +1,14 @@
 """The request lifecycle shared by the gRPC and HTTP edges.
 
 Life of a request in the router:
-  1. prepare   check the model name (NOT_FOUND), the prompt (empty, token ids out of range,
-               longer than the context minus max_tokens) and the sampling values
-               (INVALID_ARGUMENT naming the field), readiness (UNAVAILABLE); tokenize. Holds
-               nothing yet, so an edge can answer an HTTP error before streaming starts.
-  2. admit     at most ``max_inflight_requests`` in flight (RESOURCE_EXHAUSTED beyond).
+  1. prepare   check the model name (NOT_FOUND), every client field's size and form (request
+               id, valid Unicode, prompt length: INVALID_ARGUMENT naming the field), readiness
+               (UNAVAILABLE) and capacity (RESOURCE_EXHAUSTED); tokenize (large prompts on the
+               tokenizer threads, so the event loop keeps streaming); check the token ids
+               against the model's vocabulary, the context and the sampling values. Holds
+               nothing afterwards, so an edge can answer an HTTP error before streaming starts.
+  2. admit     at most ``max_inflight_requests`` in flight (RESOURCE_EXHAUSTED beyond); the
+               requests being prepared count too, so tokenization work is bounded as well.
   3. submit    hand a BackendRequest to the ServingBackend.
   4. stream    each BackendOutput -> RequestState -> GenerateChunk (text deltas, stop
                strings). A matched stop string ends the request at once ("stop").
@@ -15,16 +18,21 @@ Life of a request in the router:
                router aborts it there; the admission slot is released; the outcome is counted.
 
 Consumers must close the stream when they stop early (``contextlib.aclosing``), or let
-cancellation of their task reach it; both run step 5.
+cancellation of their task reach it; both run step 5. Step 5's backend clean-up (abort, then
+closing the backend's stream) runs in a task of its own: an HTTP disconnect cancels the
+consumer's task again at every await (anyio's cancel scopes), which used to cut the clean-up
+short and leave the backend's entry for the request behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from cluster.backend import BackendOutput, BackendRequest, ServingBackend
 from engine.errors import (
@@ -46,9 +54,13 @@ from router.types import (
     PreparedRequest,
     merge_chunks,
 )
-from router.validation import build_prepared
+from router.validation import build_prepared, check_input, prompt_chars, tokenize_prompt
 
 logger = logging.getLogger(__name__)
+
+# Prompts up to this many characters are tokenized on the event loop: that takes less
+# (~0.1 ms) than handing the work to a thread and back.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 class GenerationService:
@@ -63,6 +75,10 @@ class GenerationService:
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self._clock = clock
         self._inflight: set[str] = set()
+        self._preparing = 0  # requests in prepare(): they hold tokenizer time and memory
+        self._cleanups: set[asyncio.Task] = set()  # step 5's backend clean-ups still running
+        self._tokenize_pool = ThreadPoolExecutor(self.config.tokenizer_threads,
+                                                 thread_name_prefix="router-tokenize")
         self._created = int(clock())
 
     # ---- service-level ---------------------------------------------------------------
@@ -74,7 +90,9 @@ class GenerationService:
         """Abort every in-flight request (their streams end with "abort"), then the backend."""
         for request_id in list(self._inflight):
             await self.backend.abort(request_id)
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self.backend.shutdown()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def is_ready(self) -> bool:
         return self.backend.is_ready()
@@ -116,25 +134,41 @@ class GenerationService:
 
     # ---- one request -----------------------------------------------------------------
 
-    def prepare(self, inp: GenerateInput) -> PreparedRequest:
+    async def prepare(self, inp: GenerateInput) -> PreparedRequest:
         """Step 1. Raises a classified error (and counts it) when the request is refused."""
+        now = self._clock()
         try:
             self.resolve_model(inp.model)
+            check_input(inp, self.config)
             request_id = inp.request_id or f"req-{uuid.uuid4().hex}"
-            prep = build_prepared(inp, request_id, self.tokenizer, self.config, self._clock())
             if request_id in self._inflight:
                 raise _duplicate_id(request_id)
             if not self.is_ready():
                 raise UnavailableError("no worker is ready to serve requests yet; retry later")
             self._check_capacity()
-            return prep
+            self._preparing += 1
+            try:
+                prompt = await self._tokenize(inp)
+            finally:
+                self._preparing -= 1
+            return build_prepared(inp, request_id, prompt, self.config, now)
         except (SplitServeError, ValueError) as exc:
             self.metrics.requests.labels(code=outcome_code(exc)).inc()
             raise
 
-    def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
+    async def _tokenize(self, inp: GenerateInput) -> tuple[list[int], str]:
+        if prompt_chars(inp) <= INLINE_TOKENIZE_CHARS:
+            return tokenize_prompt(inp, self.tokenizer)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, tokenize_prompt, inp,
+                                          self.tokenizer)
+
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
         """prepare + stream, for callers that need no error before the first chunk."""
-        return self.stream(self.prepare(inp))
+        prep = await self.prepare(inp)
+        async with contextlib.aclosing(self.stream(prep)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def complete(self, prep: PreparedRequest) -> GenerateChunk:
         """Run a prepared request to the end and return one merged chunk."""
@@ -145,11 +179,11 @@ class GenerationService:
         """Steps 2-5 for a prepared request: yields chunks, the last one final."""
         self._admit(prep.request_id)
         state = RequestState(prep, self.tokenizer, self.metrics, self._clock)
-        outputs: AsyncIterator[BackendOutput] | None = None
+        outputs: _BackendStream | None = None
         backend_done = False
         error: BaseException | None = None
         try:
-            outputs = aiter(self.backend.submit(_backend_request(prep)))
+            outputs = _BackendStream(aiter(self.backend.submit(_backend_request(prep))))
             state.on_submit()
             while not state.finished:
                 out = await self._next_output(outputs, prep.deadline)
@@ -171,9 +205,10 @@ class GenerationService:
 
     # ---- helpers ---------------------------------------------------------------------
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, preparing: int | None = None) -> None:
         limit = self.config.max_inflight_requests
-        if len(self._inflight) >= limit:
+        busy = len(self._inflight) + (self._preparing if preparing is None else preparing)
+        if busy >= limit:
             raise ResourceExhaustedError(
                 f"the server is at its limit of {limit} requests in flight; retry later")
 
@@ -181,36 +216,82 @@ class GenerationService:
         try:
             if request_id in self._inflight:
                 raise _duplicate_id(request_id)
-            self._check_capacity()
+            self._check_capacity(preparing=0)  # the requests being prepared come later
         except SplitServeError as exc:
             self.metrics.requests.labels(code=exc.code).inc()
             raise
         self._inflight.add(request_id)
 
-    async def _next_output(self, outputs: AsyncIterator[BackendOutput],
+    async def _next_output(self, outputs: _BackendStream,
                            deadline: float | None) -> BackendOutput:
         try:
             if deadline is None:
-                return await anext(outputs)
+                return await outputs.next(None)
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(anext(outputs), remaining)
+            return await outputs.next(remaining)
         except asyncio.TimeoutError:
             raise DeadlineExceededError("the request's deadline passed before it finished; "
                                         "it was aborted") from None
         except StopAsyncIteration:
             raise SplitServeError("the backend stream ended without a final output") from None
 
-    async def _release(self, request_id: str, outputs: AsyncIterator[BackendOutput] | None,
+    async def _release(self, request_id: str, outputs: _BackendStream | None,
                        backend_done: bool) -> None:
-        """Abort the backend request unless it finished there, then close its stream."""
-        if outputs is not None and not backend_done:
-            # Shielded: a second cancellation of this task must not lose the abort.
-            await asyncio.shield(self.backend.abort(request_id))
-        aclose = getattr(outputs, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        """Abort the backend request unless it finished there, then close its stream, in a
+        task of its own: cancelling this one (again and again, as anyio does) cannot cut
+        it short."""
+        if outputs is None:
+            return
+        abort = None if backend_done else (lambda: self.backend.abort(request_id))
+        task = asyncio.get_running_loop().create_task(outputs.close(abort))
+        self._cleanups.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
+    @property
+    def num_cleanups(self) -> int:
+        """Backend clean-ups of ended requests still running (0 when the router is idle)."""
+        return len(self._cleanups)
+
+
+class _BackendStream:
+    """A backend's output stream for one request, read so that cancelling the reader never
+    reaches the backend's generator: each read runs as a task of its own and the reader
+    waits on it shielded. The generator sees one cancellation at most, from ``close``, in a
+    task nobody else cancels, so its clean-up (finally blocks that await) runs to the end."""
+
+    def __init__(self, outputs: AsyncIterator[BackendOutput]) -> None:
+        self._outputs = outputs
+        self._step: asyncio.Future | None = None  # the read in progress
+
+    async def next(self, timeout: float | None) -> BackendOutput:
+        """The next output; ``asyncio.TimeoutError`` after ``timeout`` seconds (the read
+        goes on, for ``close`` to end)."""
+        if self._step is None:
+            self._step = asyncio.ensure_future(anext(self._outputs))
+        step = self._step
+        try:
+            if timeout is None:
+                return await asyncio.shield(step)
+            return await asyncio.wait_for(asyncio.shield(step), timeout)
+        finally:
+            if step.done():
+                self._step = None
+
+    async def close(self, abort: Callable[[], Awaitable[None]] | None) -> None:
+        """Abort (when given), end a read in progress, then close the stream."""
+        try:
+            if abort is not None:
+                await abort()
+        finally:
+            if self._step is not None:
+                self._step.cancel()
+                await asyncio.gather(self._step, return_exceptions=True)
+            aclose = getattr(self._outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _backend_request(prep: PreparedRequest) -> BackendRequest:

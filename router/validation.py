@@ -2,10 +2,17 @@
 
 Every refusal is an ``InvalidParamError`` whose message says what is wrong and whose
 ``param`` names the field as the client spelled it (OpenAI's error ``param``).
+
+Two steps, so that no client field can cost other requests anything: ``check_input`` bounds
+every client-supplied field (request id length and charset, text that is valid Unicode,
+prompt size) in time proportional to the request's size, on the event loop;
+``tokenize_prompt`` is the expensive part, which the service runs off the loop for large
+prompts. Text prompts are tokenized with special-token text as plain text.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from typing import Any
 
@@ -16,10 +23,80 @@ from router.types import GenerateInput, PreparedRequest
 
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
+MAX_REQUEST_ID_LEN = 128
+"""Longest client request id. Ids travel to the workers and in every KV transfer header, and
+appear in logs and metrics' exemplars: they must be short and printable."""
+REQUEST_ID_CHARS = "letters, digits and - _ . : @ = +"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@=+-]+")
 
-def build_prepared(inp: GenerateInput, request_id: str, tokenizer, config: RouterConfig,
-                   now: float) -> PreparedRequest:
-    prompt_ids, prompt_param = tokenize_prompt(inp, tokenizer)
+
+def check_request_id(request_id: str) -> None:
+    """Refuse a client request id that is too long or has other characters (400)."""
+    if len(request_id) > MAX_REQUEST_ID_LEN or not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidParamError(
+            f"request_id must be 1 to {MAX_REQUEST_ID_LEN} characters of {REQUEST_ID_CHARS} "
+            f"(got {len(request_id)} characters); send another id, or none to have the server "
+            "choose one", "request_id")
+
+
+def check_input(inp: GenerateInput, config: RouterConfig) -> None:
+    """Bound and check every client-supplied field before any expensive work."""
+    if inp.request_id:
+        check_request_id(inp.request_id)
+    check_text(inp.model, "model")
+    if inp.prompt is not None:
+        check_text(inp.prompt, "prompt")
+        _check_prompt_chars(len(inp.prompt), "prompt", config)
+    if inp.prompt_token_ids is not None and len(inp.prompt_token_ids) >= config.max_model_len:
+        raise InvalidParamError(
+            f"the prompt is {len(inp.prompt_token_ids)} tokens, which leaves no room to generate "
+            f"in the model's context of {config.max_model_len} tokens; shorten it", "prompt")
+    if inp.messages is not None:
+        size = 0
+        for message in inp.messages:
+            for key, value in message.items():
+                if isinstance(value, str):
+                    check_text(value, "messages")
+                    size += len(value)
+                check_text(str(key), "messages")
+        _check_prompt_chars(size, "messages", config)
+    stop = inp.sampling.get("stop") or ()
+    for value in (stop,) if isinstance(stop, str) else stop:
+        if isinstance(value, str):
+            check_text(value, inp.param_aliases.get("stop", "stop"))
+
+
+def check_text(value: str, param: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as JSON's "\\ud800"):
+    no tokenizer can encode it and no response can echo it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParamError(
+            f"{param} is not valid Unicode: it has a lone surrogate (U+{ord(value[exc.start]):04X})"
+            f" at character {exc.start}; send well-formed UTF-8 text", param) from None
+
+
+def _check_prompt_chars(size: int, param: str, config: RouterConfig) -> None:
+    if size > config.max_prompt_chars:
+        raise InvalidParamError(
+            f"the {param} is {size} characters, more than this server's limit of "
+            f"{config.max_prompt_chars}; shorten it", param)
+
+
+def prompt_chars(inp: GenerateInput) -> int:
+    """Characters the tokenizer will read for ``inp`` (0 for a token-id prompt)."""
+    if inp.prompt is not None:
+        return len(inp.prompt)
+    if inp.messages is not None:
+        return sum(len(v) for m in inp.messages for v in m.values() if isinstance(v, str))
+    return 0
+
+
+def build_prepared(inp: GenerateInput, request_id: str, prompt: tuple[list[int], str],
+                   config: RouterConfig, now: float) -> PreparedRequest:
+    """The prepared request from ``tokenize_prompt``'s result ``prompt``."""
+    prompt_ids, prompt_param = prompt
     params = build_sampling(inp, len(prompt_ids), prompt_param, config)
     return PreparedRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, params=params, arrival_time=now,
@@ -40,7 +117,10 @@ def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:
     elif inp.prompt is not None:
         if not inp.prompt:
             raise InvalidParamError("the prompt is empty", "prompt")
-        ids = list(tokenizer.encode(inp.prompt, add_special_tokens=True))
+        # Special-token text is text: a prompt cannot forge control tokens (vLLM's and HF's
+        # split_special_tokens).
+        ids = list(tokenizer.encode(inp.prompt, add_special_tokens=True,
+                                    split_special_tokens=True))
         param = "prompt"
     else:
         ids = [int(t) for t in inp.prompt_token_ids]

@@ -4,11 +4,19 @@ Output: the ``reply`` token ids in order, ``tokens_per_step`` per output (coales
 the end-of-sequence id with finish "stop" (unless ignore_eos: the reply repeats); "length"
 at max_tokens; "stop" on a stop token id. Faults, keyed by words in the decoded prompt:
 
-  fail   one output, then finish "error" with a KVTransferError (UNAVAILABLE)
-  slow   ``slow_step_s`` between outputs (cancellation and deadlines mid-stream)
-  hang   no output at all until aborted
+  fail      one output, then finish "error" with a KVTransferError (UNAVAILABLE)
+  busy      no output: finish "error" at once with ResourceExhaustedError, as the cluster
+            backend refuses a request no worker can take (RESOURCE_EXHAUSTED)
+  raytrace  no output: finish "error" with a worker's error as Ray wraps it (pid, node IP,
+            actor id, file paths and a traceback in the message)
+  slow      ``slow_step_s`` between outputs (cancellation and deadlines mid-stream)
+  hang      no output at all until aborted
 
 Every abort is recorded; tests on another thread wait for one with ``wait_aborted``.
+``stats()["running"]`` counts the requests whose stream has not ended. With
+``cleanup_s`` > 0 a stream that ends unfinished awaits that long (the cluster backend's
+abort call to its workers) before it forgets the request, as the cluster backend does: a
+consumer that cancels the stream again during that await leaks the entry.
 """
 
 from __future__ import annotations
@@ -18,7 +26,21 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from cluster.backend import BackendOutput, BackendRequest, ServingBackend, TokenLogprob
-from engine.errors import KVTransferError
+from engine.errors import KVTransferError, ResourceExhaustedError, SplitServeError
+
+# str() of a RayTaskError for an InvalidRequestError raised in a decode worker: what reached
+# clients before (issue 12, item 6).
+RAY_TASK_ERROR_TEXT = (
+    "ray::DecodeWorker.reserve() (pid=48213, ip=10.128.0.7, "
+    "actor_id=5e4f6b1a2c3d4e5f6a7b8c9d01000000, "
+    "repr=<decode_worker.worker.DecodeWorker object at 0x7f3a2b1c4d50>)\n"
+    '  File "/home/ops/splitserve/.venv/lib/python3.11/site-packages/ray/_private/worker.py",'
+    " line 917, in main_loop\n"
+    "    return method(__ray_actor, *args, **kwargs)\n"
+    '  File "/home/ops/splitserve/decode_worker/worker.py", line 88, in reserve\n'
+    "    self.engine.reserve(request_id, prompt_token_ids, params)\n"
+    "engine.errors.InvalidRequestError: prompt token ids must be in [0, 1024) "
+    "(namespace=7c1e0d6a-3f6b-4b0e-9d5e-2c7d7f5e9a11, node 10.128.0.7:6379)")
 
 FAKE_TIMING = {"prefill_queue": 0.001, "prefill_compute": 0.002, "kv_transfer": 0.003,
                "decode_queue": 0.004, "decode": 0.005}
@@ -27,13 +49,14 @@ FAKE_TIMING = {"prefill_queue": 0.001, "prefill_compute": 0.002, "kv_transfer": 
 class FakeBackend(ServingBackend):
     def __init__(self, decode: Callable[[list[int]], str], reply: list[int],
                  eos_token_id: int, *, tokens_per_step: int = 2, step_s: float = 0.0,
-                 slow_step_s: float = 0.2) -> None:
+                 slow_step_s: float = 0.2, cleanup_s: float = 0.0) -> None:
         self.decode = decode
         self.reply = list(reply)
         self.eos_token_id = eos_token_id
         self.tokens_per_step = tokens_per_step
         self.step_s = step_s
         self.slow_step_s = slow_step_s
+        self.cleanup_s = cleanup_s
         self.ready = True
         self.started = False
         self.submitted: list[BackendRequest] = []
@@ -93,27 +116,40 @@ class FakeBackend(ServingBackend):
     async def _run(self, req: BackendRequest) -> AsyncIterator[BackendOutput]:
         rid, prompt = req.request_id, self.decode(req.prompt_token_ids)
         aborted = self._abort_events[rid]
+        finished = False
         try:
+            if "busy" in prompt or "raytrace" in prompt:
+                finished = True
+                error = (ResourceExhaustedError("decode workers have no free KV blocks; retry "
+                                                "later") if "busy" in prompt
+                         else SplitServeError(RAY_TASK_ERROR_TEXT))
+                yield BackendOutput(rid, [], "error", error=error)
+                return
             step_s = self.slow_step_s if "slow" in prompt else self.step_s
             if "hang" in prompt:
                 step_s = None  # wait for the abort, however long
             produced: list[int] = []
             while True:
                 if await _aborted_within(aborted, step_s):
+                    finished = True
                     yield self._final(req, [], "abort")
                     return
                 if "fail" in prompt and produced:
+                    finished = True
                     yield BackendOutput(rid, [], "error", error=KVTransferError(
                         "fake KV transfer failed: peer died"))
                     return
                 ids, finish = self._step(req, produced)
                 produced += ids
                 if finish is not None:
+                    finished = True
                     yield self._final(req, ids, finish)
                     return
                 yield BackendOutput(rid, ids, logprobs=self._logprobs(req, ids),
                                     num_prompt_tokens=len(req.prompt_token_ids))
         finally:
+            if not finished and self.cleanup_s > 0:
+                await asyncio.sleep(self.cleanup_s)  # the cluster backend's abort RPCs
             self._abort_events.pop(rid, None)
 
     def _step(self, req: BackendRequest, produced: list[int]) -> tuple[list[int], str | None]:

@@ -132,7 +132,8 @@ def test_every_exit_path_aborts_unfinished_requests_and_counts_once(tokenizer):
         # consumer task cancelled while waiting
         task = asyncio.ensure_future(_drain(service.generate(
             GenerateInput(prompt="hang", request_id="cancelled"))))
-        await asyncio.sleep(0)  # one loop step: the task reaches the backend and waits there
+        for _ in range(10):  # a few loop steps: the task reaches the backend and waits there
+            await asyncio.sleep(0)
         assert service.is_inflight("cancelled")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -158,10 +159,11 @@ def test_chat_template_and_default_max_tokens(tokenizer):
     backend = make_backend(tokenizer)
     service = GenerationService(backend, tokenizer,
                                 RouterConfig(max_model_len=64, default_max_tokens=5))
-    prep = service.prepare(GenerateInput(messages=[{"role": "user", "content": "Hi"}]))
+    prep = asyncio.run(service.prepare(GenerateInput(messages=[{"role": "user",
+                                                                "content": "Hi"}])))
     assert prep.prompt_token_ids == tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}])
     assert prep.params.max_tokens == 5
     with pytest.raises(InvalidParamError) as err:
-        service.prepare(GenerateInput(messages=[]))
+        asyncio.run(service.prepare(GenerateInput(messages=[])))
     assert err.value.param == "messages"
