@@ -43,7 +43,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cluster.placement import PlacementPolicy, PrefixIndex, RequestInfo, WorkerState, make_policy
+from cluster.placement import (
+    PlacementPolicy,
+    PrefixIndex,
+    RequestInfo,
+    RolePool,
+    WorkerState,
+    make_policy,
+)
 from cluster.policy_config import SchedulerConfig
 from engine.errors import ResourceExhaustedError, UnavailableError
 from engine.prefix_hash import block_hashes as compute_block_hashes
@@ -95,12 +102,20 @@ class GlobalScheduler:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self._clock = clock
         self._workers: dict[str, WorkerState] = {}
-        self._by_role: dict[str, list[WorkerState]] = {"prefill": [], "decode": [], "colocated": []}
+        # colocated workers are ranked like prefill workers (then need decode room too)
+        self._pools = {
+            "prefill": RolePool("prefill", self.policy),
+            "decode": RolePool("decode", self.policy),
+            "colocated": RolePool("prefill", self.policy, colocated=True),
+        }
         self._index = PrefixIndex()
         self._partners: dict[str, list[str]] = {}  # prefill id -> decode partners (bounded)
         self._queue: OrderedDict[str, _Waiting] = OrderedDict()
         self._speeds_changed = True
         self._default_speed = 1.0
+        self._stale: dict[str, WorkerState] = {}
+        """Workers changed since the pools' indexes last saw them: re-keyed once before the
+        next placement (a worker often changes several times between two placements)."""
 
     # ---- worker membership and stats -------------------------------------------------------
 
@@ -117,14 +132,13 @@ class GlobalScheduler:
         if state is None:
             state = WorkerState(stats, self.config.decode_free_blocks_watermark)
             self._workers[stats.worker_id] = state
-            members = self._by_role[stats.role]
-            members.append(state)
-            members.sort(key=lambda s: s.worker_id)
+            self._pools[stats.role].add(state)
             self._speeds_changed = True
         else:
             if stats.prefill_tokens_per_s != state.prefill_speed:
                 self._speeds_changed = True
             state.replace_stats(stats)
+            self._stale[stats.worker_id] = state
         if stats.cache_snapshot:
             self._index.reset(stats.worker_id, stats.cached_block_hashes_added)
         else:
@@ -139,7 +153,8 @@ class GlobalScheduler:
         state = self._workers.pop(worker_id, None)
         if state is None:
             return
-        self._by_role[state.stats.role].remove(state)
+        self._stale.pop(worker_id, None)
+        self._pools[state.stats.role].remove(state)
         self._index.remove_worker(worker_id)
         self._speeds_changed = True
         self._partners.pop(worker_id, None)
@@ -151,7 +166,7 @@ class GlobalScheduler:
                 partners.remove(decode_id)
 
     def worker_ids(self, role: str) -> list[str]:
-        return [s.worker_id for s in self._by_role[role]]
+        return list(self._pools[role].ids)
 
     def partners(self, prefill_id: str) -> list[str]:
         return list(self._partners.get(prefill_id, ()))
@@ -224,9 +239,12 @@ class GlobalScheduler:
         return self._queue.pop(request_id, None) is not None
 
     def _has_workers(self) -> bool:
-        pairs = self._by_role["prefill"] and self._by_role["decode"]
-        local = self._by_role["decode"] and self.config.local_prefill_threshold_tokens > 0
-        return bool(pairs or local or self._by_role["colocated"])
+        pools = self._pools
+        decode = bool(pools["decode"].members)
+        local = decode and self.config.local_prefill_threshold_tokens > 0
+        return (decode and bool(pools["prefill"].members)) or local or bool(
+            pools["colocated"].members
+        )
 
     def _request_info(self, request_id: str, n: int, hashes: tuple[int, ...]) -> RequestInfo:
         bs = self.config.block_size
@@ -239,71 +257,82 @@ class GlobalScheduler:
         return RequestInfo(request_id, n, hashes, cached, self._default_speed)
 
     def _try_place(self, request_id: str, n: int, hashes: tuple[int, ...]) -> Placement | None:
+        if self._stale:
+            pools = self._pools
+            for state in self._stale.values():
+                pools[state.stats.role].touch(state)
+            self._stale.clear()
         req = self._request_info(request_id, n, hashes)
         need = math.ceil(n / self.config.block_size)
-        decodes = decode_with_room(self._by_role["decode"], need)
-        placement = self._try_local(req, decodes, need)
+        placement = self._try_local(req, need)
         if placement is None:
-            placement = self._try_pair(req, decodes, need)
+            placement = self._try_pair(req, need)
         if placement is None:
             placement = self._try_colocated(req, need)
         if placement is not None:
             self.policy.on_placed(placement.prefill_worker_id, placement.decode_worker_id)
         return placement
 
-    def _best_decode(self, workers: list[WorkerState], req: RequestInfo) -> WorkerState:
-        return workers[_argmin(self.policy.decode_keys(workers, req))]
+    def _best_of(self, workers: list[WorkerState], req: RequestInfo) -> WorkerState | None:
+        """The best decode worker of a short explicit list (lowest key, then id)."""
+        key = self.policy.decode_key
+        return min(workers, key=lambda w: (key(w, req), w.worker_id), default=None)
 
-    def _try_local(
-        self, req: RequestInfo, decodes: list[WorkerState], need: int
-    ) -> Placement | None:
+    def _try_local(self, req: RequestInfo, need: int) -> Placement | None:
         cfg = self.config
-        if cfg.local_prefill_threshold_tokens <= 0:
+        limit = cfg.local_prefill_threshold_tokens
+        pool = self._pools["decode"]
+        if limit <= 0 or not any_decode_room(pool, need):
             return None
-        local = [
-            d
-            for d in decodes
-            if req.uncached(d.worker_id) <= cfg.local_prefill_threshold_tokens
-            and d.queued_tokens <= cfg.local_prefill_max_queued_tokens
-        ]
-        if not local:
-            return None
-        return self._commit(req, None, self._best_decode(local, req), need)
 
-    def _try_pair(
-        self, req: RequestInfo, decodes: list[WorkerState], need: int
-    ) -> Placement | None:
-        if not decodes:
-            return None
+        def local(d: WorkerState) -> bool:
+            return (decode_room(d, need) and req.uncached(d.worker_id) <= limit
+                    and d.queued_tokens <= cfg.local_prefill_max_queued_tokens)
+
+        if req.num_prompt_tokens > limit:  # only workers caching part of the prompt qualify
+            holders = [pool.by_id[i] for i in req.cached_tokens if i in pool.by_id]
+            d = self._best_of([d for d in holders if local(d)], req)
+        else:
+            d = next((d for d in self.policy.ranked("decode", pool, req) if local(d)), None)
+        return None if d is None else self._commit(req, None, d, need)
+
+    def _try_pair(self, req: RequestInfo, need: int) -> Placement | None:
+        decodes, prefills = self._pools["decode"], self._pools["prefill"]
         cap = self.config.max_queued_prefill_tokens
-        prefills = prefill_with_room(self._by_role["prefill"], req, cap)
-        if not prefills:
+        if not any_decode_room(decodes, need) or not any_prefill_room(prefills, req, cap):
             return None
-        keys = self.policy.prefill_keys(prefills, req)
+        best_d = next(
+            (d for d in self.policy.ranked("decode", decodes, req) if decode_room(d, need)), None
+        )
+        if best_d is None:
+            return None
+        ranked = (
+            p for p in self.policy.ranked("prefill", prefills, req) if prefill_room(p, req, cap)
+        )
         bound = self.config.max_decode_partners_per_prefill
         if bound == 0:
-            return self._commit(req, prefills[_argmin(keys)], self._best_decode(decodes, req), need)
-        for i in sorted(range(len(prefills)), key=keys.__getitem__):
-            p = prefills[i]
+            p = next(ranked, None)
+            return None if p is None else self._commit(req, p, best_d, need)
+        for p in ranked:
             partners = self._partners.setdefault(p.worker_id, [])
-            allowed = (
-                decodes if len(partners) < bound
-                else [d for d in decodes if d.worker_id in partners]
-            )
-            if allowed:
-                d = self._best_decode(allowed, req)
+            d: WorkerState | None = best_d
+            if len(partners) >= bound:
+                mine = [decodes.by_id[i] for i in partners if i in decodes.by_id]
+                d = self._best_of([x for x in mine if decode_room(x, need)], req)
+            if d is not None:
                 if d.worker_id not in partners:
                     partners.append(d.worker_id)
                 return self._commit(req, p, d, need)
         return None
 
     def _try_colocated(self, req: RequestInfo, need: int) -> Placement | None:
+        pool = self._pools["colocated"]
         cap = self.config.max_queued_prefill_tokens
-        workers = prefill_with_room(decode_with_room(self._by_role["colocated"], need), req, cap)
-        if not workers:
+        if not any_decode_room(pool, need) or not any_prefill_room(pool, req, cap):
             return None
-        w = workers[_argmin(self.policy.prefill_keys(workers, req))]
-        return self._commit(req, None, w, need)
+        w = next((w for w in self.policy.ranked("prefill", pool, req)
+                  if decode_room(w, need) and prefill_room(w, req, cap)), None)
+        return None if w is None else self._commit(req, None, w, need)
 
     def _commit(
         self, req: RequestInfo, p: WorkerState | None, d: WorkerState, need: int
@@ -315,8 +344,10 @@ class GlobalScheduler:
         if p is not None:
             p.add_pending(now, req.num_prompt_tokens - cached, 0)
             d.add_pending(now, 0, need)
+            self._stale[p.worker_id] = p
         else:
             d.add_pending(now, req.num_prompt_tokens - cached, need)
+        self._stale[d.worker_id] = d
         if req.block_hashes:
             self._index.add(pid, req.block_hashes)  # it is about to cache them
         return Placement(
@@ -324,36 +355,38 @@ class GlobalScheduler:
         )
 
 
-# ---- "room": the one definition of where a request may go (hot path: list comprehensions) --
+# ---- "room": the one definition of where a request may go ---------------------------------
 
 
-def prefill_with_room(workers: list[WorkerState], req: RequestInfo, cap: int) -> list[WorkerState]:
-    """Workers that may prefill ``req``: not draining, and idle or with backlog + the
-    request's uncached tokens <= ``cap``."""
-    n, cached = req.num_prompt_tokens, req.cached_tokens
-    if not cached:  # fast path: no prefix known anywhere
-        return [
-            w for w in workers
-            if not w.draining and (w.queued_tokens == 0 or w.queued_tokens + n <= cap)
-        ]
-    return [
-        w for w in workers
-        if not w.draining
-        and (w.queued_tokens == 0 or w.queued_tokens + n - cached.get(w.worker_id, 0) <= cap)
-    ]
+def prefill_room(w: WorkerState, req: RequestInfo, cap: int) -> bool:
+    """``w`` may prefill ``req``: not draining, and idle or with backlog + the request's
+    uncached tokens <= ``cap``."""
+    q = w.queued_tokens
+    return not w.draining and (q == 0 or q + req.uncached(w.worker_id) <= cap)
 
 
-def decode_with_room(workers: list[WorkerState], need_blocks: int) -> list[WorkerState]:
-    """Workers that may decode a request needing ``need_blocks``: not draining, under their
-    batch cap, and with the blocks free beyond the watermark headroom."""
-    return [
-        w for w in workers
-        if not w.draining
+def decode_room(w: WorkerState, need_blocks: int) -> bool:
+    """``w`` may decode a request needing ``need_blocks``: not draining, under its batch cap,
+    and with the blocks free beyond the watermark headroom."""
+    return (
+        not w.draining
         and (not w.max_num_seqs or w.num_requests < w.max_num_seqs)
         and w.free_blocks >= need_blocks + w.headroom_blocks
-    ]
+    )
 
 
-def _argmin(keys: list) -> int:
-    """Index of the smallest key; the first (lowest worker id) on ties."""
-    return min(range(len(keys)), key=keys.__getitem__)
+def any_decode_room(pool: RolePool, need_blocks: int) -> bool:
+    """Exact, O(1): the worker with the most spare blocks (under its cap) has enough."""
+    top = pool.spare.first()
+    return top is not None and top.free_blocks >= need_blocks + top.headroom_blocks
+
+
+def any_prefill_room(pool: RolePool, req: RequestInfo, cap: int) -> bool:
+    """O(1) and never False when some worker has room: the smallest backlog with the largest
+    cache hit of the request (so a True may still find no worker)."""
+    top = pool.backlog.first()
+    if top is None:
+        return False
+    q = top.queued_tokens
+    hit = max(req.cached_tokens.values(), default=0)
+    return q == 0 or q + req.num_prompt_tokens - hit <= cap

@@ -13,8 +13,11 @@ looked up by name in ``POLICIES`` (a registry), so adding one is adding a class.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -96,16 +99,62 @@ class RequestInfo:
 
 class PlacementPolicy:
     """Ranks workers that have room: one key per worker, lower is better; ties go to the
-    lower worker id. Keys are computed for a whole list at once (placement runs for every
-    request over every worker, so no per-worker call)."""
+    lower worker id.
+
+    ``prefill_key`` / ``decode_key`` give a worker's key for a request. A policy whose keys
+    order workers the same way for every request (within a *group*: see ``index_key``) sets
+    ``indexed`` and the scheduler keeps its workers in heaps by that order, so a placement
+    looks at a few workers instead of all of them (``ranked``); otherwise every worker is
+    scored per request.
+    """
 
     name = "base"
+    indexed = False
+    """True: ``index_key`` orders workers as the keys do (for every request)."""
+    cache_sensitive = False
+    """True: the prefill key depends on the tokens a worker caches (ranked apart)."""
+
+    def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        raise NotImplementedError
+
+    def decode_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        raise NotImplementedError
 
     def prefill_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        raise NotImplementedError
+        return [self.prefill_key(w, req) for w in workers]
 
     def decode_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
+        return [self.decode_key(w, req) for w in workers]
+
+    def index_key(self, kind: str, w: WorkerState) -> tuple[object, Key]:
+        """(group, order key) of a worker for ``kind`` ("prefill" or "decode"), independent
+        of the request: within a group, a lower order key means a lower key for every request
+        (for workers not caching the request's prefix when ``cache_sensitive``)."""
         raise NotImplementedError
+
+    def ranked(self, kind: str, pool: RolePool, req: RequestInfo) -> Iterator[WorkerState]:
+        """The pool's non-draining workers, best first, by (key, worker id)."""
+        key = self.prefill_key if kind == "prefill" else self.decode_key
+        if not self.indexed:  # score every worker
+            live = [w for w in pool.members if not w.draining]
+            keys = [key(w, req) for w in live]
+            return (live[i] for i in sorted(range(len(live)), key=keys.__getitem__))
+        apart = self.cache_sensitive and kind == "prefill" and req.cached_tokens
+        streams: list[Iterable[WorkerState]] = []
+        for index in pool.groups.values():
+            stream = index.ordered()
+            if apart:
+                cached = req.cached_tokens
+                stream = (w for w in stream if w.worker_id not in cached)
+            streams.append(stream)
+        if apart:  # workers caching the prefix: scored one by one
+            holders = [pool.by_id[i] for i in req.cached_tokens if i in pool.by_id]
+            holders = [w for w in holders if not w.draining]
+            holders.sort(key=lambda w: (key(w, req), w.worker_id))
+            streams.append(holders)
+        if len(streams) == 1:
+            return iter(streams[0])
+        return heapq.merge(*streams, key=lambda w: (key(w, req), w.worker_id))
 
     def on_placed(self, prefill_id: str | None, decode_id: str) -> None:
         """Called after every placement (stateful policies advance here)."""
@@ -119,15 +168,22 @@ class RoundRobinPolicy(PlacementPolicy):
     def __init__(self) -> None:
         self._last: dict[str, str] = {}  # "prefill"/"decode" -> last id picked
 
-    def _keys(self, role: str, workers: list[WorkerState]) -> list[Key]:
+    def _key(self, role: str, w: WorkerState) -> Key:
         last = self._last.get(role)
-        return [(0 if last is None or w.worker_id > last else 1, w.worker_id) for w in workers]
+        return (0 if last is None or w.worker_id > last else 1, w.worker_id)
 
-    def prefill_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        return self._keys("prefill", workers)
+    def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        return self._key("prefill", w)
 
-    def decode_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        return self._keys("decode", workers)
+    def decode_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        return self._key("decode", w)
+
+    def ranked(self, kind: str, pool: RolePool, req: RequestInfo) -> Iterator[WorkerState]:
+        """Members in id order, starting after the last pick (a rotation, no scoring)."""
+        last = self._last.get("prefill" if kind == "prefill" else "decode")
+        members = pool.members
+        start = 0 if last is None else bisect.bisect_right(pool.ids, last)
+        return (w for w in itertools.chain(members[start:], members[:start]) if not w.draining)
 
     def on_placed(self, prefill_id: str | None, decode_id: str) -> None:
         if prefill_id is not None:
@@ -139,15 +195,17 @@ class LeastLoadedPolicy(PlacementPolicy):
     """Prefill: fewest backlog tokens. Decode: fewest requests held (then lower KV usage)."""
 
     name = "least_loaded"
+    indexed = True
 
-    def prefill_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        return [w.queued_tokens + 1e-3 * w.num_requests for w in workers]
+    def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        return w.queued_tokens + 1e-3 * w.num_requests
 
-    def decode_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        return [
-            w.num_requests + 1e-3 * (1.0 - w.free_blocks / (w.total_blocks or 1))
-            for w in workers
-        ]
+    def decode_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        return w.num_requests + 1e-3 * (1.0 - w.free_blocks / (w.total_blocks or 1))
+
+    def index_key(self, kind: str, w: WorkerState) -> tuple[object, Key]:
+        # keys do not depend on the request: one group, ordered by the key itself
+        return None, (self.prefill_key if kind == "prefill" else self.decode_key)(w, _NO_REQUEST)
 
 
 class KVAwarePolicy(PlacementPolicy):
@@ -155,21 +213,24 @@ class KVAwarePolicy(PlacementPolicy):
     Decode: KV usage + running-batch occupancy (both in [0, 1])."""
 
     name = "kv_aware"
+    indexed = True
+    cache_sensitive = True
 
-    def prefill_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        n, cached, default = req.num_prompt_tokens, req.cached_tokens, req.default_prefill_speed
-        if not cached:  # fast path: no prefix known anywhere
-            return [(w.queued_tokens + n) / (w.prefill_speed or default) for w in workers]
-        return [
-            (w.queued_tokens + n - cached.get(w.worker_id, 0)) / (w.prefill_speed or default)
-            for w in workers
-        ]
+    def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        cached = req.cached_tokens.get(w.worker_id, 0) if req.cached_tokens else 0
+        speed = w.prefill_speed or req.default_prefill_speed
+        return (w.queued_tokens + req.num_prompt_tokens - cached) / speed
 
-    def decode_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
-        return [
-            1.0 - w.free_blocks / (w.total_blocks or 1) + w.num_requests / (w.max_num_seqs or 256)
-            for w in workers
-        ]
+    def decode_key(self, w: WorkerState, req: RequestInfo) -> Key:
+        usage = 1.0 - w.free_blocks / (w.total_blocks or 1)
+        return usage + w.num_requests / (w.max_num_seqs or 256)
+
+    def index_key(self, kind: str, w: WorkerState) -> tuple[object, Key]:
+        if kind == "prefill":
+            # among workers of one speed that cache nothing of the prompt, (q + n) / speed
+            # grows strictly with the backlog q (integers), whatever n is
+            return w.prefill_speed, w.queued_tokens
+        return None, self.decode_key(w, _NO_REQUEST)
 
 
 POLICIES: dict[str, type[PlacementPolicy]] = {
@@ -184,6 +245,152 @@ def make_policy(name: str) -> PlacementPolicy:
         raise ValueError(
             f"unknown placement policy {name!r}; choose from {sorted(POLICIES)}"
         ) from None
+
+
+_NO_REQUEST = RequestInfo("", 0, (), {})  # for keys that do not look at the request
+
+
+class RankIndex:
+    """Workers ordered by a key (then worker id), with lazy invalidation.
+
+    A binary heap of ``(key, worker id, seq, state)`` entries; a worker's newest entry is its
+    live one and older ones are skipped when met (and dropped when they reach the top, or in
+    a rebuild once they outnumber the live ones). ``set`` is O(log n); ``ordered`` walks the
+    heap in key order without popping (a frontier heap over array positions), so reading the
+    best k workers costs O(k log k) plus the stale entries among them.
+    """
+
+    __slots__ = ("_heap", "_live", "_seq")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple] = []
+        self._live: dict[str, tuple] = {}  # worker id -> its live entry
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def set(self, w: WorkerState, key: Key | None) -> None:
+        """``w``'s key is now ``key`` (None: leave it out)."""
+        live = self._live
+        wid = w.worker_id
+        old = live.get(wid)
+        if old is not None and old[0] == key:
+            return
+        if key is None:
+            if old is not None:
+                del live[wid]
+            return
+        entry = (key, wid, next(self._seq), w)
+        live[wid] = entry
+        heap = self._heap
+        heapq.heappush(heap, entry)
+        if len(heap) > 2 * len(live) + 32:  # stale entries dominate: rebuild, O(n) per n sets
+            self._heap = list(live.values())
+            heapq.heapify(self._heap)
+
+    def _clean_top(self) -> list[tuple]:
+        heap, live = self._heap, self._live
+        while heap and live.get(heap[0][1]) is not heap[0]:
+            heapq.heappop(heap)
+        return heap
+
+    def first(self) -> WorkerState | None:
+        """The live worker with the lowest (key, id), O(1) amortised."""
+        heap = self._clean_top()
+        return heap[0][3] if heap else None
+
+    def ordered(self) -> Iterator[WorkerState]:
+        """Live workers by (key, id), lazily. Do not ``set`` while iterating."""
+        heap, live = self._clean_top(), self._live
+        if not heap:
+            return
+        yield heap[0][3]  # live after the clean-up
+        n = len(heap)
+        frontier = [(heap[c], c) for c in (1, 2) if c < n]
+        heapq.heapify(frontier)
+        while frontier:
+            entry, i = heapq.heappop(frontier)
+            if live.get(entry[1]) is entry:
+                yield entry[3]
+            for c in (2 * i + 1, 2 * i + 2):
+                if c < n:
+                    heapq.heappush(frontier, (heap[c], c))
+
+
+class RolePool:
+    """The workers of one role, as placement reads them.
+
+    ``members`` in id order (listing, round robin); when the policy is ``indexed``, one
+    ``RankIndex`` per policy group by its order key; and two room bounds that answer "does
+    any worker have room?" in O(1): ``spare`` (most blocks free beyond the watermark among
+    workers under their batch cap, negated) and ``backlog`` (least prefill backlog).
+    Draining workers are in ``members`` only.
+    """
+
+    def __init__(self, kind: str, policy: PlacementPolicy, colocated: bool = False) -> None:
+        self.kind = kind  # "prefill" (prefill and colocated pools) or "decode": their ranking
+        self.policy = policy
+        self.members: list[WorkerState] = []
+        self.ids: list[str] = []
+        self.by_id: dict[str, WorkerState] = {}
+        self.groups: dict[object, RankIndex] = {}
+        self._group_of: dict[str, object] = {}
+        self.spare = RankIndex()
+        self.backlog = RankIndex()
+        self._decodes = kind == "decode" or colocated
+        self._prefills = kind == "prefill"
+        self._index_key = policy.index_key if policy.indexed else None
+
+    def add(self, w: WorkerState) -> None:
+        i = bisect.bisect_left(self.ids, w.worker_id)
+        self.ids.insert(i, w.worker_id)
+        self.members.insert(i, w)
+        self.by_id[w.worker_id] = w
+        self.touch(w)
+
+    def remove(self, w: WorkerState) -> None:
+        i = bisect.bisect_left(self.ids, w.worker_id)
+        del self.ids[i], self.members[i]
+        del self.by_id[w.worker_id]
+        self._drop(w)
+
+    def touch(self, w: WorkerState) -> None:
+        """``w``'s state changed: re-key it everywhere (O(log n))."""
+        if w.draining:  # never has room: only listed
+            self._drop(w)
+            return
+        if self._decodes:
+            capped = w.max_num_seqs and w.num_requests >= w.max_num_seqs
+            self.spare.set(w, None if capped else w.headroom_blocks - w.free_blocks)
+        if self._prefills:
+            self.backlog.set(w, w.queued_tokens)
+        if self._index_key is not None:
+            group, key = self._index_key(self.kind, w)
+            if self._group_of.get(w.worker_id, _UNSET) != group:
+                self._ungroup(w)
+                self._group_of[w.worker_id] = group
+            index = self.groups.get(group)
+            if index is None:
+                index = self.groups[group] = RankIndex()
+            index.set(w, key)
+
+    def _drop(self, w: WorkerState) -> None:
+        self._ungroup(w)
+        self.spare.set(w, None)
+        self.backlog.set(w, None)
+
+    def _ungroup(self, w: WorkerState) -> None:
+        group = self._group_of.pop(w.worker_id, _UNSET)
+        if group is _UNSET:
+            return
+        index = self.groups[group]
+        index.set(w, None)
+        if not len(index):
+            del self.groups[group]
+
+
+_UNSET = object()
 
 
 class PrefixIndex:

@@ -23,6 +23,7 @@ is accepted and the blocks it fills are cached when its prefill completes.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections import OrderedDict, deque
@@ -265,10 +266,9 @@ class SimWorker:
             added, evicted = tuple(self._added), tuple(self._evicted)
             self._added.clear()
             self._evicted.clear()
-        # positional (hot path): the field order of WorkerStats
-        return WorkerStats(
+        return _snapshot(
             self.wid,
-            self.role,  # type: ignore[arg-type]
+            self.role,
             len(self.prefill_q) + len(self.decode_wait) + self.expecting,  # num_waiting
             len(self.heap),  # num_running
             self.queued_tokens,  # queued_prefill_tokens
@@ -283,6 +283,29 @@ class SimWorker:
             self.draining,
             self.max_seqs,  # max_num_seqs
         )
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(WorkerStats))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(WorkerStats)
+             if f.default is not dataclasses.MISSING}
+
+
+def _snapshot(*values: object) -> WorkerStats:
+    """A ``WorkerStats`` from its leading fields in order, the rest at their defaults.
+
+    The hot path of the simulator (one per worker change): the frozen dataclass's own
+    ``__init__`` sets fields one ``object.__setattr__`` at a time and re-validates values
+    that come from the simulator's own counters; filling ``__dict__`` builds the same object
+    (equal, same type; ``tests/cluster/test_sim_speed.py`` checks it) about 2.5x faster.
+    """
+    stats = _new(WorkerStats)
+    fields = dict(_DEFAULTS)
+    fields.update(zip(_FIELDS, values, strict=False))  # the leading fields
+    stats.__dict__.update(fields)
+    return stats
+
+
+_new = object.__new__
 
 
 def _run_time(m: int, a: float, c: float, k0: int, batch: int) -> float:

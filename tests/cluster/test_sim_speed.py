@@ -1,0 +1,104 @@
+"""What keeps the simulator fast at 1,000 workers: indexed placement and cheap snapshots.
+
+(That the indexed placement decides exactly as the scanning one did is
+``test_sim_placement_equivalence.py``.)
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster import global_scheduler
+from cluster.global_scheduler import GlobalScheduler, Placement
+from cluster.placement import RankIndex, WorkerState
+from cluster.policy_config import SchedulerConfig
+from cluster.simulator import SimConfig, Simulation, synthetic
+from engine.worker_stats import WorkerStats
+
+
+def _stats(wid: str, role: str = "decode", **kw) -> WorkerStats:
+    fields = dict(num_waiting=0, num_running=0, queued_prefill_tokens=0, free_blocks=1000,
+                  total_blocks=1000, block_size=16, prefill_tokens_per_s=1000.0,
+                  decode_tokens_per_s=0.0, max_num_seqs=64)
+    fields.update(kw)
+    return WorkerStats(wid, role, **fields)  # type: ignore[arg-type]
+
+
+def test_rank_index_walks_live_workers_in_key_order():
+    rng = random.Random(0)
+    index = RankIndex()
+    states = {f"w{i:03d}": WorkerState(_stats(f"w{i:03d}")) for i in range(60)}
+    keys: dict[str, int] = {}
+    for step in range(3000):
+        wid = rng.choice(list(states))
+        key = None if rng.random() < 0.15 else rng.randint(0, 20)  # many ties
+        index.set(states[wid], key)
+        if key is None:
+            keys.pop(wid, None)
+        else:
+            keys[wid] = key
+        if step % 97 == 0:
+            expected = sorted(keys, key=lambda w: (keys[w], w))
+            assert [w.worker_id for w in index.ordered()] == expected
+            assert (index.first().worker_id if keys else None) == (
+                expected[0] if expected else None)
+            assert len(index) == len(keys)
+    assert len(index._heap) <= 2 * len(keys) + 33  # stale entries are bounded
+
+
+def _big_cluster(n: int, policy: str) -> tuple[GlobalScheduler, list[float]]:
+    now = [0.0]
+    sched = GlobalScheduler(SchedulerConfig(), policy=policy, clock=lambda: now[0])
+    rng = random.Random(1)
+    for i in range(n):
+        backlog = rng.randint(0, 9000)
+        sched.update_stats(_stats(f"p{i:04d}", "prefill", queued_prefill_tokens=backlog))
+        sched.update_stats(_stats(f"d{i:04d}", free_blocks=rng.randint(100, 1000),
+                                  num_running=rng.randint(0, 40)))
+    return sched, now
+
+
+@pytest.mark.parametrize("policy", ["kv_aware", "least_loaded", "round_robin"])
+def test_a_placement_looks_at_a_few_workers_not_all(monkeypatch, policy):
+    """1,000 prefill + 1,000 decode workers: each placement checks room on a handful."""
+    checks = {"n": 0}
+    for name in ("decode_room", "prefill_room"):
+        real = getattr(global_scheduler, name)
+
+        def counted(*args, _real=real):
+            checks["n"] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(global_scheduler, name, counted)
+    sched, now = _big_cluster(1000, policy)
+    rng = random.Random(2)
+    placed = 0
+    for i in range(300):
+        now[0] += 0.01
+        if i % 3 == 0:  # a worker reports in between
+            k = rng.randrange(1000)
+            sched.update_stats(_stats(f"d{k:04d}", free_blocks=rng.randint(100, 1000),
+                                      timestamp=now[0]))
+        placed += isinstance(sched.place(f"r{i}", rng.randint(10, 4000)), Placement)
+    assert placed == 300
+    assert checks["n"] / placed < 8  # scanning would check ~2,000 per placement
+
+
+def test_simulator_snapshots_equal_validated_worker_stats():
+    """The simulator's fast snapshot builds exactly the dataclass the constructor builds."""
+    sim = Simulation(SimConfig(num_prefill=2, num_decode=2), synthetic(30, 5, seed=3))
+    seen = []
+    real = sim.sched.update_stats
+
+    def check(stats):
+        assert type(stats) is WorkerStats
+        rebuilt = WorkerStats(**{k: getattr(stats, k) for k in WorkerStats.__dataclass_fields__})
+        assert stats == rebuilt
+        seen.append(stats)
+        real(stats)
+
+    sim.sched.update_stats = check  # type: ignore[method-assign]
+    assert sim.run()["finished"] == len(sim.trace)
+    assert len(seen) > 100
