@@ -122,7 +122,9 @@ _SCRUB = (
      "<address>"),
     (re.compile(r"\blocalhost:\d+\b"), "<address>"),
     (re.compile(r"\b(?:0x)?[0-9a-f]{16,}\b", re.I), "<id>"),
-    (re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?"), "<path>"),
+    # file system paths (a directory or more deep, or ending in a file name), not API routes
+    (re.compile(r"(?<![\w/])(?!/v1/)(?:[A-Za-z]:)?(?:(?:[/\\][\w.@+-]+){3,}[/\\]?"
+                r"|(?:[/\\][\w@+-]+)+[/\\][\w@+-]+\.\w+)"), "<path>"),
 )
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Z]\w*(?:Error|Exception|Exit|Closed|"
                              r"Timeout|Aborted|Mismatch|Gone)):\s*(.*)$")

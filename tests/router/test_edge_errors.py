@@ -1,0 +1,96 @@
+"""Internal errors reach clients without traceback, actor id, pid, address, namespace or path
+(issue 12, item 6: a Ray traceback with all of those reached a client)."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from engine.errors import KVTransferError, SplitServeError
+from router import convert
+from router.errors import classify, client_message, grpc_status, http_error
+from tests.router.fake_backend import RAY_TASK_ERROR_TEXT
+
+# str() of a RayActorError when a worker process died (Ray 2.x's format).
+RAY_ACTOR_DIED_TEXT = (
+    "The actor died unexpectedly before finishing this task.\n"
+    "\tclass_name: DecodeWorker\n"
+    "\tactor_id: 5e4f6b1a2c3d4e5f6a7b8c9d01000000\n"
+    "\tpid: 48213\n"
+    "\tname: decode-1\n"
+    "\tnamespace: 7c1e0d6a-3f6b-4b0e-9d5e-2c7d7f5e9a11\n"
+    "\tip: 10.128.0.7\n"
+    "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR "
+    "Worker exit detail: Worker unexpectedly exits with a connection error code 2.")
+
+FORBIDDEN = ("48213", "10.128.0.7", "5e4f6b1a2c3d4e5f6a7b8c9d01000000", "pid", "actor_id",
+             "7c1e0d6a", "namespace", "/home/ops", "worker.py", "Traceback", "File ",
+             "0x7f3a2b1c4d50", "ray::", "6379")
+
+
+def assert_clean(message: str) -> None:
+    leaked = [f for f in FORBIDDEN if f in message]
+    assert not leaked, f"{leaked} in {message!r}"
+    assert "\n" not in message
+
+
+def test_a_ray_task_error_becomes_its_own_message():
+    message = client_message(RAY_TASK_ERROR_TEXT)
+    assert_clean(message)
+    assert message.startswith("prompt token ids must be in [0, 1024)")
+
+
+def test_a_ray_actor_error_keeps_what_happened_only():
+    message = client_message(RAY_ACTOR_DIED_TEXT)
+    assert_clean(message)
+    assert message == "The actor died unexpectedly before finishing this task."
+
+
+@pytest.mark.parametrize("exc", [
+    SplitServeError(RAY_TASK_ERROR_TEXT),
+    SplitServeError(f"decode worker decode-1 failed: {RAY_ACTOR_DIED_TEXT}"),
+    KVTransferError("request r7: KV transfer with decode-2 (10.128.0.7:41231) failed: timed "
+                    "out after 30.0 s waiting for the payload"),
+    KVTransferError("request r7: KV transfer with decode-2 ([fd00::17]:41231) failed"),
+    RuntimeError(RAY_TASK_ERROR_TEXT),  # unexpected: INTERNAL, nothing of it shown
+])
+def test_every_edge_message_is_clean(exc):
+    assert_clean(classify(exc).message)
+    assert_clean(grpc_status(exc)[1])
+    assert_clean(http_error(exc)[1]["error"]["message"])
+
+
+def test_transfer_errors_keep_their_meaning():
+    message = classify(KVTransferError(
+        "request r7: KV transfer with decode-2 (10.128.0.7:41231) failed: timed out after "
+        "30.0 s waiting for the payload")).message
+    assert message == ("request r7: KV transfer with decode-2 (<address>) failed: timed out "
+                       "after 30.0 s waiting for the payload")
+
+
+@pytest.mark.parametrize("message", [
+    "temperature=-1.0 must be >= 0", "the prompt is empty",
+    "model 'x' does not exist; this server serves 'fake-model' (see /v1/models or ListModels)",
+    "request_id must be 1 to 128 characters of letters, digits and - _ . : @ = + (got 600 "
+    "characters)"])
+def test_plain_messages_pass_unchanged(message):
+    assert client_message(message) == message
+
+
+def test_a_worker_traceback_does_not_reach_http_or_grpc_clients(stack):
+    resp = httpx.post(f"{stack.base_url}/v1/completions", timeout=10,
+                      json={"model": "fake-model", "prompt": "raytrace", "max_tokens": 2})
+    assert resp.status_code == 500
+    assert_clean(resp.json()["error"]["message"])
+    assert "prompt token ids must be in [0, 1024)" in resp.json()["error"]["message"]
+    stream = httpx.post(f"{stack.base_url}/v1/completions", timeout=10, json={
+        "model": "fake-model", "prompt": "raytrace", "max_tokens": 2, "stream": True})
+    assert stream.status_code == 500  # before the response started: a status, not in-band
+    assert_clean(stream.text)
+    with grpc.insecure_channel(stack.grpc_address) as channel:
+        stub = convert.GenerationStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(convert.build_request("raytrace"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert_clean(err.value.details())
