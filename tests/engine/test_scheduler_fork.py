@@ -25,7 +25,7 @@ def _step_checked(scheduler) -> None:
 
 
 def _child(parent: Request, rid: str) -> Request:
-    return Request(rid, list(parent.prompt_token_ids), SamplingParams(max_tokens=6), (2,))
+    return Request(rid, list(parent.prompt_token_ids), SamplingParams(max_tokens=12), (2,))
 
 
 def test_fork_shares_the_prompt_and_frees_with_the_last_sibling():
@@ -46,7 +46,7 @@ def test_fork_shares_the_prompt_and_frees_with_the_last_sibling():
 @given(st.lists(st.tuples(st.sampled_from(["add", "fork", "abort", "step"]),
                           st.integers(1, 30)), max_size=40))
 def test_random_forks_aborts_and_steps_keep_the_pool_sound(ops):
-    scheduler = make_scheduler(num_blocks=20, block_size=4, max_num_batched_tokens=16,
+    scheduler = make_scheduler(num_blocks=14, block_size=4, max_num_batched_tokens=16,
                                max_num_seqs=6)
     ids = 0
     for op, n in ops:
@@ -54,7 +54,8 @@ def test_random_forks_aborts_and_steps_keep_the_pool_sound(ops):
         running = [r for r in scheduler.running
                    if r.num_computed_tokens >= r.num_prompt_tokens]
         if op == "add":
-            scheduler.add_request(make_request(f"r{ids}", n, max_tokens=1 + n % 7))
+            # at most 30 + 20 tokens: 13 blocks, so every request fits alone
+            scheduler.add_request(make_request(f"r{ids}", n, max_tokens=1 + 3 * n % 20))
         elif op == "fork" and running and scheduler.has_seat():
             parent = running[n % len(running)]
             try:
