@@ -31,6 +31,7 @@ import datetime
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -84,17 +85,42 @@ def _td(seconds: float) -> datetime.timedelta:
 def tcp_store(host: str, port: int, is_master: bool, timeout_s: float) -> Any:
     """A TCPStore server (``is_master``; port 0 = any free port) or client.
 
+    The server listens on ``host`` only: c10d's own server binds every interface (``::``),
+    so it is handed a socket bound here instead (the store owns and closes it).
+
     Keep ``timeout_s`` well above 5 s: c10d's sockets reverse-resolve peer addresses
     (``::ffff:127.0.0.1`` too), and where DNS drops a query that lookup stalls 5 s (seen on
     the development VMs, about once in 50 lookups)."""
-    return dist.TCPStore(
-        host, port, is_master=is_master, wait_for_workers=False, timeout=_td(timeout_s)
-    )
+    if not is_master:
+        return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                             timeout=_td(timeout_s))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, port))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+    except OSError:
+        listener.close()
+        raise
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                         timeout=_td(timeout_s), master_listen_fd=listener.detach())
+
+
+def bind_host(host: str) -> str:
+    """The configured address, or if "" this Ray node's IP inside a Ray worker (so nothing
+    listens on other interfaces), else "" (gloo: its default device)."""
+    if host:
+        return host
+    ray = sys.modules.get("ray")  # imported by a Ray worker; never imported here for this
+    if ray is not None and ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return ""
 
 
 def resolve_host(host: str) -> str:
-    """The address to bind and advertise: ``host``, or this machine's resolved name if ""."""
-    return host or socket.gethostbyname(socket.gethostname())
+    """The address to bind and advertise: ``bind_host``, or this machine's resolved name."""
+    return bind_host(host) or socket.gethostbyname(socket.gethostname())
 
 
 def choose_wire(config: TransferConfig, kv_cache: torch.Tensor, peer: Endpoint) -> str:
@@ -137,7 +163,8 @@ class PairGroup:
         except RuntimeError as e:
             raise PeerClosed(None, peer, f"cannot connect (store handshake): {e}") from e
         prefix = dist.PrefixStore(_pair_key(n) + "/", store)
-        return cls._join(prefix, 0, wire, config.host, config.connect_timeout_s, cache_device, peer)
+        return cls._join(prefix, 0, wire, bind_host(config.host), config.connect_timeout_s,
+                         cache_device, peer)
 
     @classmethod
     def accept(
@@ -150,7 +177,7 @@ class PairGroup:
         config = server.config
         prefix = dist.PrefixStore(_pair_key(n) + "/", server.client())
         idle_s = config.idle_timeout_s + config.timeout_s
-        return cls._join(prefix, 1, wire, config.host, idle_s, cache_device, peer)
+        return cls._join(prefix, 1, wire, bind_host(config.host), idle_s, cache_device, peer)
 
     @classmethod
     def _join(
