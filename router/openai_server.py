@@ -82,10 +82,14 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
     app.include_router(api)
 
     @app.get("/health", responses=oai.HEALTH_RESPONSES)
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
+        # Liveness/readiness stay open (probes send no key); the detail (workers, counts)
+        # describes the deployment, so with an API key set only a caller holding it sees it.
         ready = service.is_ready()
-        body = {"status": "ok" if ready else "unavailable",
-                "requests_in_flight": service.num_inflight, "backend": service.backend.stats()}
+        body: dict[str, Any] = {"status": "ok" if ready else "unavailable"}
+        if key is None or _holds_key(request, key):
+            body.update(requests_in_flight=service.num_inflight,
+                        backend=service.backend.stats())
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=oai.METRICS_RESPONSES)
@@ -94,6 +98,12 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
         return Response(content=data, media_type=content_type)
 
     return app
+
+
+def _holds_key(request: Request, key: str) -> bool:
+    """Whether the request sends ``Authorization: Bearer <key>`` (constant-time compare)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
 
 
 def _count(service: GenerationService, exc: BaseException) -> None:
