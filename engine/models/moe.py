@@ -8,7 +8,7 @@ Experts (``MoeExperts``): the ``T * k`` (token, expert) assignments are sorted b
 each expert's tokens form one contiguous slice of a gathered copy of x; each expert runs its
 gated MLP as two GEMMs over its slice (one Python iteration per expert that got tokens,
 never one per token); the results are scaled by the routing weights and summed back into
-their tokens' rows with one ``index_add_``.
+their tokens' rows (each token's k results summed in a fixed order: deterministic).
 
 Expert parallelism (for tensor parallelism, later): a rank holds only experts
 ``[expert_start, expert_end)``; assignments to other experts are skipped here and the
@@ -32,15 +32,16 @@ from engine.models.layers import GatedMLP
 from engine.models.registry import MoeSpec
 
 
-def route(router_logits: torch.Tensor, top_k: int,
-          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k] int64),
-    highest probability first."""
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          float32_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k], expert ids [T, k] int64), highest
+    probability first. The weights are float32 when ``float32_weights`` (Mixtral), else in
+    the logits' dtype (Qwen), as transformers leaves them."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)  # [T, E] float32
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights /= weights.sum(dim=-1, keepdim=True)
-    return weights.to(router_logits.dtype), ids
+    return (weights if float32_weights else weights.to(router_logits.dtype)), ids
 
 
 class MoeExperts(nn.Module):
@@ -65,16 +66,15 @@ class MoeExperts(nn.Module):
         weights: torch.Tensor,  # [T, k] routing weights
         ids: torch.Tensor,  # [T, k] int64 expert ids in [0, num_experts)
     ) -> torch.Tensor:  # [T, H]: sum over this rank's experts of weight * expert(x)
-        k = ids.shape[1]
-        flat_ids = ids.reshape(-1)  # [T * k], assignment a = token a // k
-        order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
+        T, k = ids.shape
+        flat_ids = ids.reshape(-1)  # [T * k], assignment (slot) a = token a // k, choice a % k
+        order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
         # One host sync per layer: the slice bounds of each expert.
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        lo = sum(counts[: self.expert_start])  # sorted assignments of this rank's experts:
+        lo = sum(counts[: self.expert_start])  # sorted slots of this rank's experts:
         hi = lo + sum(counts[self.expert_start : self.expert_end])  # [lo, hi)
-        mine = order[lo:hi]  # [N] flat assignment indices
-        tokens = mine // k  # [N] token row of each
-        xs = x.index_select(0, tokens)  # [N, H], grouped by expert
+        mine = order[lo:hi]  # [N] slots
+        xs = x.index_select(0, mine // k)  # [N, H], grouped by expert
         ys = torch.empty_like(xs)  # [N, H]
         pos = 0
         for e, n in enumerate(counts[self.expert_start : self.expert_end]):
@@ -82,8 +82,15 @@ class MoeExperts(nn.Module):
                 act = fused.silu_and_mul(torch.mm(xs[pos : pos + n], self.w13[e].t()))  # [n, I]
                 torch.mm(act, self.w2[e].t(), out=ys[pos : pos + n])
                 pos += n
-        ys *= weights.reshape(-1).index_select(0, mine).unsqueeze(1)
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+        # Weighted outputs back in slot order, then each token's k summed in a fixed order
+        # (transformers' grouped path does the same; index_add_ would be non-deterministic on
+        # CUDA). Float32 weights (Mixtral) make the products and the sum float32.
+        weighted = ys * weights.reshape(-1).index_select(0, mine).unsqueeze(1)  # [N, H]
+        held_all = hi - lo == T * k
+        slots = weighted.new_empty(T * k, x.shape[1]) if held_all else weighted.new_zeros(
+            T * k, x.shape[1])  # slots of other ranks' experts add 0 here
+        slots.index_copy_(0, mine, weighted)
+        return slots.view(T, k, -1).sum(dim=1).to(x.dtype)
 
     def expert_views(self, prefix: str,
                          names: tuple[str, str, str]) -> dict[str, torch.Tensor | None]:
@@ -118,7 +125,8 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)  # [T, k] each
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize,
+                             self.spec.float32_weights)  # [T, k] each
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             out += F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -32,10 +32,14 @@ class MoeSpec:
     config's ``norm_topk_prob`` says (Qwen, default False as in transformers)."""
     shared_expert: bool = False
     """Every token also goes through a shared expert scaled by a sigmoid gate (Qwen2-MoE)."""
+    float32_weights: bool = False
+    """The routing weights stay float32, so expert outputs are weighted and summed in
+    float32 before the cast back (Mixtral); otherwise they are cast to the activations'
+    dtype first (Qwen). The same in a float32 model."""
 
 
 MIXTRAL_MOE = MoeSpec("block_sparse_moe", ("w1", "w3", "w2"), ("num_local_experts",),
-                      "intermediate_size", always_renormalize=True)
+                      "intermediate_size", always_renormalize=True, float32_weights=True)
 QWEN_MOE = MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"),
                    ("num_experts", "num_local_experts"),
                    "moe_intermediate_size", always_renormalize=False)

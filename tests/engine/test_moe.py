@@ -146,6 +146,20 @@ def test_sparse_block_matches_transformers(arch, top_k):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_block_in_bfloat16_is_bitwise_transformers(arch):
+    """Where rounding shows, the dtypes must be transformers' too: Mixtral weights and sums
+    its experts' outputs in float32, Qwen in the activations' dtype."""
+    hf_block, ours = _hf_block_and_ours(arch, 3)
+    hf_block.to(torch.bfloat16)
+    ours.to(torch.bfloat16)
+    x = torch.randn(37, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        expected, got = hf_block(x[None])[0], ours(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected), (got - expected).abs().max()
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_expert_ranges_sum_to_the_whole_block(arch):
     """Under tensor parallelism each rank will hold a range of experts and the layer's
