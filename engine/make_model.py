@@ -206,6 +206,19 @@ PRESETS: dict[str, Preset] = {
          "tie_word_embeddings": True},
         8192, arch="qwen3",
     ),
+    "mixtral-8x7b": Preset(  # 46.7 B parameters, 12.9 B active per token (top-2 of 8)
+        {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000,
+         "max_position_embeddings": 32768},
+        8192, arch="mixtral",
+    ),
+    "qwen3-30b-a3b": Preset(  # 30.5 B parameters, 3.3 B active per token (top-8 of 128)
+        {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+         "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+         "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+         "vocab_size": _QWEN_VOCAB, "max_position_embeddings": 40960},
+        8192, arch="qwen3_moe",
+    ),
     "qwen3-8b": Preset(
         {"hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
          "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,

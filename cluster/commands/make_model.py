@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default="tiny",
                         help="tiny, tiny-llama3.1, small, or a real model's shape: "
                         "llama-3.2-1b, llama-3.1-8b, mistral-7b, qwen2.5-0.5b, qwen2.5-7b, "
-                        "qwen3-0.6b, qwen3-8b (default: tiny)")
+                        "qwen3-0.6b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b (default: tiny)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     parser.add_argument("--out", default=None,
                         help="output directory (default: the cache, "

@@ -176,7 +176,8 @@ def test_unknown_config_field_and_bad_arguments(tmp_path):
 
 @pytest.mark.parametrize(
     ("preset", "expected_billions"),
-    [("qwen2.5-0.5b", 0.494), ("llama-3.2-1b", 1.236), ("qwen3-0.6b", 0.596)],
+    [("qwen2.5-0.5b", 0.494), ("llama-3.2-1b", 1.236), ("qwen3-0.6b", 0.596),
+     ("mixtral-8x7b", 46.703), ("qwen3-30b-a3b", 30.532)],
 )
 def test_real_shape_presets_have_the_public_parameter_counts(preset, expected_billions):
     config = build_config(None, preset, tokenizer_size=8192)
