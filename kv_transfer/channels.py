@@ -95,6 +95,8 @@ class SendJob:
     wire: _PayloadSend | None = None  # its messages once posted
     post_on: Any = None  # the pair group its submitter is to post it on (see SenderChannel)
     post_error: TransferError | None = None  # posting from the submitting thread failed
+    peer: Endpoint | None = None  # where it goes (a resend opens a new channel there)
+    resent: bool = False  # already sent again after a broken channel (once at most)
     _started: bool = False  # on the wire: an abort can no longer drop it
     _dropped: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -224,11 +226,15 @@ class SenderChannel:
         kv_cache: torch.Tensor,
         config: TransferConfig,
         on_exit: Callable[[SenderChannel], None],
+        resend: Callable[[SendJob], bool] = lambda job: False,
     ) -> None:
         self.peer = peer  # "decode-2 (10.0.0.5:41231)"
         self._open_group = open_group  # () -> PairGroup; runs on the channel thread
         self.kv, self.views, self.config = kv_cache, blocks.BlockViews(kv_cache), config
         self._on_exit = on_exit
+        # A payload this channel could not deliver because the link broke: the sender may
+        # take it over (send it on a new channel); True if it did.
+        self._resend = resend
         self._cond = threading.Condition()  # guards everything below
         self._jobs: deque[Any] = deque()  # SendJob or _CLOSE, in submit order
         self._group: Any = None  # the open pair group (None before connect and after exit)
@@ -330,7 +336,7 @@ class SenderChannel:
             group = self._open_group()
         except Exception as e:  # TransferError, or a bug: either way no queued send may hang
             error = e if isinstance(e, TransferError) else PeerClosed(None, self.peer, repr(e))
-            self._fail_queued(error)
+            self._fail_queued(error, resend=False)  # unreachable: a new channel would be too
         else:
             with self._cond:
                 self._group = group
@@ -381,7 +387,8 @@ class SenderChannel:
                 if error is not None:  # a broken pair: nothing more is posted on it
                     self._closed, self._group = True, None
             if error is not None:
-                job.handle.fail(error)
+                if not (isinstance(error, PeerClosed) and self._resend(job)):
+                    job.handle.fail(error)
                 return error
             if stats is not None:
                 job.handle.succeed(stats)
@@ -397,12 +404,12 @@ class SenderChannel:
         except TransferError as error:
             log.info("kv_transfer: closing channel to %s: %s", self.peer, error)
 
-    def _fail_queued(self, error: TransferError) -> None:
+    def _fail_queued(self, error: TransferError, resend: bool = True) -> None:
         with self._cond:
             self._closed, self._group = True, None
             jobs, self._jobs = list(self._jobs), deque()
-        for job in jobs:
-            if job is not _CLOSE:
+        for job in jobs:  # never on the wire: each may go on a new channel
+            if job is not _CLOSE and not (resend and self._resend(job)):
                 job.handle.fail(
                     PeerClosed(
                         job.header.request_id,
@@ -476,6 +483,7 @@ class ReceiverChannel:
         self._on_exit = on_exit
         self._staging: Staging | None = None
         self._announced: dict[int, _BlockReceives] = {}  # tag -> receives posted ahead
+        self._closed_by_sender = False  # a CLOSE header ended it (else the link broke)
         self.thread = threading.Thread(target=self._run, name=f"kv-recv {peer}", daemon=True)
         self.thread.start()
 
@@ -512,9 +520,12 @@ class ReceiverChannel:
         try:
             group.wait(group.recv_ctrl(buf), None, "the next header")
         except PeerClosed:
-            return None  # the sender went away between messages: a normal end
+            return None  # the sender (or the link) went away between messages
         header = TransferHeader.decode(buf)
-        return None if header.kind == CLOSE else header
+        if header.kind == CLOSE:
+            self._closed_by_sender = True
+            return None
+        return header
 
     def _handle(self, group: Any, h: TransferHeader, current: list[_BlockReceives]) -> None:
         if h.kind != DATA and h.tag == DATA_TAG or h.kind == DATA and h.tag < DATA_TAG:
@@ -573,15 +584,18 @@ class ReceiverChannel:
     def _drop_all(self, group: Any, current: list[_BlockReceives], error: TransferError) -> None:
         """The channel ends: drop every posted receive with the pair group (then nothing
         writes into the blocks any more), then release their blocks and fail the payload
-        that was being received with ``error``. Announced requests stay expected: their
-        sender may send them on a new channel (else the decode side's deadline fails them)."""
+        that was being received with ``error``. Announced requests fail too when the channel
+        broke (no CLOSE from the sender: it died, or the link did), so the router retries
+        them at once instead of after the KV deadline; after a clean CLOSE they stay
+        expected (their sender sends them plainly on a new channel)."""
         receives = [*current, *self._announced.values()]
         self._announced.clear()
         claims = [r.drop_pending() for r in receives]
         group.close()
+        broken = not self._closed_by_sender
         for r, claimed in zip(receives, claims, strict=True):
             r.release(claimed)
-            if r.entry is not None and r in current:
+            if r.entry is not None and (r in current or broken):
                 self._table.fail(r.entry, error.for_request(r.h.request_id))
 
 
