@@ -375,7 +375,7 @@ class TorchDistSender(KVSender):
                 header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers, runs)
             except TransferError as error:
                 return fail_fast(handle, error)
-        job = SendJob(header, src_ids, handle, encoded=encoded)
+        job = SendJob(header, src_ids, handle, encoded=encoded, peer=peer)
         with self._lock:
             if self._closed:
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
@@ -499,8 +499,34 @@ class TorchDistSender(KVSender):
             peer, self.config, self.name, wire, self.kv_cache.device
         )
         return SenderChannel(
-            peer.describe(), open_group, self.kv_cache, self.config, self._lru.drop
+            peer.describe(), open_group, self.kv_cache, self.config, self._lru.drop,
+            resend=self._resend,
         )
+
+    def _resend(self, job: SendJob) -> bool:
+        """A payload whose channel broke (its link closed under it, or it failed before the
+        payload went out) goes once more, unannounced, on a new channel to the same peer.
+        The receiver's end of a broken channel fails what it was receiving there, so the
+        payload lands at most once: either the old channel had delivered it, or the new
+        one does, or the receiver already failed the request and drains the new copy.
+        False (the job fails) for control messages, a second break, an aborted or finished
+        job, or a closed sender."""
+        if job.header.kind != DATA or job.resent or job.peer is None:
+            return False
+        again = SendJob(dataclasses.replace(job.header, tag=DATA_TAG), job.src_ids,
+                        job.handle, peer=job.peer, resent=True)
+        with self._lock:
+            jobs = self._queued.get(job.header.request_id, [])
+            if self._closed or job not in jobs or job.handle.done():
+                return False
+            jobs[jobs.index(job)] = again
+            self._lru.drop(job.channel)
+            if not self._lru.get(job.peer).submit(again):
+                return False
+        log.warning("kv_transfer: the channel to %s broke; sending %s again on a new one",
+                    job.peer.describe(), job.header.request_id)
+        self._post(again)
+        return True
 
     def _forget(self, handle: TransferHandle) -> None:
         with self._lock:
