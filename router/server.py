@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.autoscaling import AutoscalingLoop
 from cluster.config import ClusterConfig
 from cluster.runtime import Cluster
-from router.config import RouterConfig, TLSConfig
+from router.config import PortInUseError, RouterConfig, TLSConfig
 from router.grpc_server import GrpcServer, start_grpc_server
 from router.openai_server import HttpServer, start_http_server
 from router.service import GenerationService
@@ -73,7 +75,8 @@ def router_config(config: ClusterConfig) -> RouterConfig:
 async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServer:
     from engine.tokenizer import Tokenizer
 
-    rc = router_config(config)  # before the cluster: a bad TLS path fails at once
+    check_ports_free(config)  # before the cluster: no waiting for workers to learn this
+    rc = router_config(config)  # before the cluster too: a bad TLS path fails at once
     cluster = Cluster(config, mode)
     await cluster.start()
     grpc = None
@@ -100,6 +103,27 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
         autoscaling = AutoscalingLoop(cluster, config.autoscaler_config(), config.slo, count)
         autoscaling.start()
     return RunningServer(cluster, service, grpc, http, task, autoscaling)
+
+
+def check_ports_free(config: ClusterConfig) -> None:
+    """Raise ``PortInUseError`` if another process listens on the gRPC or HTTP port. The
+    servers' own binds report the same (this only tells before the workers start)."""
+    rc = config.router
+    family = socket.AF_INET6 if ":" in rc.host else socket.AF_INET
+    for what, port, flag in (("gRPC", rc.grpc_port, "--grpc-port"),
+                             ("HTTP", rc.http_port, "--http-port")):
+        if port == 0:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+            try:
+                probe.bind((rc.host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise PortInUseError(f"{what} port {port} on {rc.host} is already in use: "
+                                     f"stop what holds it or choose another port ({flag})"
+                                     ) from None
 
 
 async def _sync_metrics(cluster: Cluster, service: GenerationService) -> None:

@@ -114,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(config) -> int:
     from engine.cpu_kernels_build import prebuild_for_cli
-    from router.server import start_server
+    from router.server import check_ports_free, start_server
 
+    check_ports_free(config)  # a taken port is told at once, not after a kernel build
     if not config.ray.address:  # local workers share this machine's kernel cache
         prebuild_for_cli(config.model.device)
 

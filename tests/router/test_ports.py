@@ -5,8 +5,10 @@ and said nothing, and the kernel then split new connections between the two proc
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -62,3 +64,26 @@ def test_http_on_a_used_port_fails_naming_the_port(service):
             await first.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("which", ["grpc", "http"])
+def test_serve_reports_a_used_port_at_once_without_a_traceback(which, capsys):
+    """`splitserve serve` checks its ports before starting anything: exit 1 and one line
+    naming the port (before the kernel build, Ray and the workers)."""
+    from cluster.commands.serve import add_cluster_flags, run
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        parser = argparse.ArgumentParser()
+        add_cluster_flags(parser)
+        ports = {"grpc": ["--grpc-port", str(port), "--http-port", "0"],
+                 "http": ["--grpc-port", "0", "--http-port", str(port)]}[which]
+        t0 = time.monotonic()
+        code = run(parser.parse_args(["--model", "unused", *ports]))
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - t0 < 5
+    what = "gRPC" if which == "grpc" else "HTTP"
+    assert f"{what} port {port} on 127.0.0.1 is already in use" in err
+    assert "Traceback" not in err
