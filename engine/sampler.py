@@ -7,12 +7,15 @@ only when some request in the batch uses it. Sampling uses the exponential race
 
 Seeded requests: a request's random stream is a function of (seed, output position) only.
 Its q for the token at output index k (0 for the first generated token) comes from a
-counter-based hash (splitmix64) of (seed, k, token id), computed for all seeded rows at
-once as integer tensor ops. Nothing is kept per request, so the same tokens come out
-whatever else is in the batch, and also when the request is sampled on another engine: the
-first token on a prefill worker and the rest on a decode worker, after preemption
-(recompute), and after a resume (prompt + tokens already generated re-prefilled: the
-output index continues from there). Unseeded rows draw from the engine's generator.
+counter-based hash of (seed, k, token id): a 64-bit row key from splitmix64 of (seed, k),
+then a 32-bit integer hash per token id, for all seeded rows at once as int32 tensor ops
+(32-bit: CPUs multiply int32 vectors ~100x faster than int64 ones, which AVX2 lacks;
+23 uniform bits per token are all the sampler uses). Nothing is kept per request, so the
+same tokens come out whatever else is in the batch, and also when the request is sampled
+on another engine: the first token on a prefill worker and the rest on a decode worker,
+after preemption (recompute), and after a resume (prompt + tokens already generated
+re-prefilled: the output index continues from there). Unseeded rows draw from the
+engine's generator.
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ from engine import fused_ops
 from engine.batch import TokenLogprobs
 from engine.request import Request
 
-# splitmix64 constants, as signed int64 (torch has no uint64 arithmetic): int64 add and
-# multiply wrap like uint64 ones, and logical shifts are arithmetic shifts masked.
-_U64 = 1 << 64
+# Hash constants. Python ints for the per-row splitmix64; signed int32 for the tensors (int32
+# add and multiply wrap like uint32; logical shifts are arithmetic shifts masked).
+_M64 = (1 << 64) - 1
+_M32 = (1 << 32) - 1
 
 
-def _i64(x: int) -> int:
-    x %= _U64
-    return x - _U64 if x >= 1 << 63 else x
+def _i32(x: int) -> int:
+    x &= _M32
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
-_GAMMA = _i64(0x9E3779B97F4A7C15)
-_MIX1 = _i64(0xBF58476D1CE4E5B9)
-_MIX2 = _i64(0x94D049BB133111EB)
+_GAMMA64 = 0x9E3779B97F4A7C15
+_GAMMA32 = _i32(0x9E3779B9)
+_LOWBIAS = (_i32(0x7FEB352D), _i32(0x846CA68B))  # Wellons' lowbias32 multipliers
 _UNIFORM_BITS = 23  # u = (top 23 bits + 0.5) / 2**23: exact in float32, strictly in (0, 1)
 
 
@@ -46,7 +50,7 @@ class Sampler:
         self.device = device
         self._default = torch.Generator(device=device)  # unseeded requests
         self._default.manual_seed(seed)
-        self._columns: torch.Tensor | None = None  # (v + 1) * GAMMA for v < vocab, [1, V]
+        self._columns: torch.Tensor | None = None  # v * GAMMA32 for v < vocab, [1, V] int32
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[Request]
@@ -113,45 +117,57 @@ class Sampler:
 
     def _column_keys(self, vocab: int) -> torch.Tensor:
         if self._columns is None or self._columns.shape[1] != vocab:
-            cols = torch.arange(1, vocab + 1, dtype=torch.int64, device=self.device)
-            self._columns = (cols * _GAMMA).unsqueeze(0)
+            self._columns = column_keys(vocab, self.device)
         return self._columns
 
 
-def _srl(z: torch.Tensor, shift: int) -> torch.Tensor:
-    """Logical right shift of int64 values seen as uint64."""
-    return (z >> shift) & ((1 << (64 - shift)) - 1)
+def column_keys(vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, vocab] int32 ``v * GAMMA32`` (mod 2**32): the per-token counters of the hash."""
+    cols = torch.arange(vocab, dtype=torch.int32, device=device)
+    return cols.mul_(_GAMMA32).unsqueeze(0)
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser, in place on an int64 tensor (wrapping arithmetic); one
-    scratch tensor, so a [rows, vocab] pass allocates once."""
-    tmp = torch.empty_like(z)
-    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+def _splitmix64(x: int) -> int:
+    z = (x + _GAMMA64) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def row_key(seed: int, position: int) -> tuple[int, int]:
+    """The 64-bit key of (seed, output position), as two signed 32-bit halves."""
+    key = _splitmix64(_splitmix64(seed) ^ position)
+    return _i32(key), _i32(key >> 32)
+
+
+def _lowbias32_(z: torch.Tensor, tmp: torch.Tensor) -> None:
+    """Wellons' lowbias32 integer hash, in place on int32 ``z`` (``tmp``: scratch)."""
+    for shift, mult in ((16, _LOWBIAS[0]), (15, _LOWBIAS[1]), (16, None)):
         torch.bitwise_right_shift(z, shift, out=tmp)
-        tmp &= (1 << (64 - shift)) - 1
+        tmp &= (1 << (32 - shift)) - 1  # logical shift
         z ^= tmp
         if mult is not None:
             z *= mult
-    return z
 
 
 def seeded_exponentials(seeds: Sequence[int], positions: Sequence[int],
-                        column_keys: torch.Tensor) -> torch.Tensor:
+                        columns: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise [rows, vocab] float32, a pure function of (seed, position, token id).
 
-    ``column_keys``: [1, vocab] int64 ``(v + 1) * GAMMA``. Row key
-    ``k = mix(mix(seed + GAMMA) + (position + 1) * GAMMA)``; the entry for token v is the
-    v-th value of a splitmix64 stream from k: ``mix(k + (v + 1) * GAMMA)`` (mod 2**64).
+    ``columns``: ``column_keys(vocab)``. With ``(lo, hi) = row_key(seed, position)``, the
+    entry for token v hashes ``h = H(H(v * GAMMA32 + lo) ^ hi)`` (H = lowbias32, mod
+    2**32), takes its top 23 bits as u in (0, 1) and returns -log(u).
     """
-    device = column_keys.device
-    key = torch.tensor(seeds, dtype=torch.int64, device=device) + _GAMMA
-    key = _mix64(key)
-    pos = torch.tensor(positions, dtype=torch.int64, device=device) + 1
-    key += pos * _GAMMA
-    bits = _mix64(_mix64(key).unsqueeze(1) + column_keys)  # [rows, vocab]
-    u = _srl(bits, 64 - _UNIFORM_BITS).to(torch.float32)
-    u.add_(0.5).mul_(1.0 / (1 << _UNIFORM_BITS))
+    keys = [row_key(seed, pos) for seed, pos in zip(seeds, positions, strict=True)]
+    halves = torch.tensor(keys, dtype=torch.int32).to(columns.device)  # [rows, 2]
+    z = columns + halves[:, :1]  # [rows, vocab]
+    tmp = torch.empty_like(z)
+    _lowbias32_(z, tmp)
+    z ^= halves[:, 1:]
+    _lowbias32_(z, tmp)
+    torch.bitwise_right_shift(z, 32 - _UNIFORM_BITS, out=tmp)
+    tmp &= (1 << _UNIFORM_BITS) - 1
+    u = tmp.to(torch.float32).add_(0.5).mul_(1.0 / (1 << _UNIFORM_BITS))
     return u.log_().neg_()
 
 

@@ -15,57 +15,70 @@ import torch
 
 from engine import Engine, SamplingParams
 from engine.errors import InvalidRequestError
-from engine.sampler import seeded_exponentials
+from engine.sampler import column_keys, seeded_exponentials
 
 MAX_TOKENS = 12
 SEEDED = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.95, seed=1234,
                         ignore_eos=True)
 
-# -- the hash against a plain-Python splitmix64 ------------------------------------------------
-M64 = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15
+# -- the hash against plain Python integers ----------------------------------------------------
+M64, M32 = (1 << 64) - 1, (1 << 32) - 1
 
 
-def _mix(z: int) -> int:
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
     return z ^ (z >> 31)
 
 
+def _lowbias32(x: int) -> int:
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
 def _reference_exponential(seed: int, position: int, token: int) -> float:
-    key = _mix(_mix((seed + GAMMA) & M64) + (position + 1) * GAMMA & M64)
-    bits = _mix((key + (token + 1) * GAMMA) & M64) >> (64 - 23)
-    u = torch.tensor((bits + 0.5) / (1 << 23), dtype=torch.float32)
+    key = _splitmix64(_splitmix64(seed) ^ position)
+    lo, hi = key & M32, key >> 32
+    h = _lowbias32(_lowbias32((token * 0x9E3779B9 + lo) & M32) ^ hi)
+    u = torch.tensor(((h >> 9) + 0.5) / (1 << 23), dtype=torch.float32)
     return float(-torch.log(u))
-
-
-def _columns(vocab: int) -> torch.Tensor:
-    from engine.sampler import _GAMMA
-
-    return (torch.arange(1, vocab + 1, dtype=torch.int64) * _GAMMA).unsqueeze(0)
 
 
 def test_noise_equals_a_plain_python_splitmix64():
     """int64 tensor arithmetic must wrap like uint64 (and the shifts be logical)."""
     seeds, positions = [0, 1234, 2**63 - 1, 99], [0, 7, 3, 100_000]
-    q = seeded_exponentials(seeds, positions, _columns(300))
+    q = seeded_exponentials(seeds, positions, column_keys(300))
     for row, (seed, pos) in enumerate(zip(seeds, positions, strict=True)):
-        for token in (0, 1, 17, 299):
+        for token in (0, 1, 17, 200, 299):
             assert q[row, token].item() == pytest.approx(
                 _reference_exponential(seed, pos, token), rel=1e-6)
 
 
 def test_noise_depends_only_on_seed_and_position():
-    cols = _columns(1000)
+    cols = column_keys(1000)
     a = seeded_exponentials([5, 6, 5], [0, 0, 1], cols)
     b = seeded_exponentials([5, 9], [1, 0], cols)
     assert torch.equal(a[2], b[0])  # same (seed, position), another row and batch
     assert not torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
     assert (a > 0).all() and torch.isfinite(a).all()
     # Exp(1): mean and variance 1 (2,000 draws per row: loose bounds)
-    big = seeded_exponentials([1, 2], [0, 0], _columns(2000))
+    big = seeded_exponentials([1, 2], [0, 0], column_keys(2000))
     assert big.mean().item() == pytest.approx(1.0, abs=0.1)
     assert big.var().item() == pytest.approx(1.0, abs=0.2)
+
+
+def test_the_race_draws_from_p_and_positions_are_uncorrelated():
+    """argmax(p / q) over many output positions of one seed has p's frequencies."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 20_000
+    q = seeded_exponentials([42] * n, list(range(n)), column_keys(4))
+    counts = torch.bincount((p / q).argmax(dim=-1), minlength=4).float() / n
+    assert torch.allclose(counts, p, atol=0.015), counts
+    u = torch.exp(-seeded_exponentials([42] * n, list(range(n)), column_keys(2)))
+    for a, b in ((u[:-1, 0], u[1:, 0]), (u[:, 0], u[:, 1])):  # next position, next token
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03
 
 
 # -- the engine ---------------------------------------------------------------------------
