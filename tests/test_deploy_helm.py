@@ -182,7 +182,22 @@ def test_fractional_gpus_per_worker_add_up_per_pod(chart):
     ({"workerGroups": {"decode": {"minReplicas": 5}}},
      "need minReplicas <= replicas <= maxReplicas"),
     ({"workerGroups": {"decode": {"replicas": 2, "maxReplicas": 3}}}, "raise maxReplicas"),
+    ({"kind": "RayService", "rayService": {"servePort": 8000}}, "is a router port"),
 ])
 def test_chart_refuses_groups_that_cannot_hold_the_pool(chart, values, message):
     with pytest.raises(helm.HelmRenderError, match=message):
         chart.render(values, name="splitserve", namespace="serving")
+
+
+def test_rayservice_follows_the_router_ports(chart):
+    docs = _render(chart, {"kind": "RayService", "pool": {"router": {"http_port": 9000}},
+                           "rayService": {"servePort": 9001}})
+    spec = docs["RayService"]["spec"]
+    serve = yaml.safe_load(spec["serveConfigV2"])
+    assert serve["applications"][0]["args"]["health_url"] == "http://127.0.0.1:9000/health"
+    assert serve["http_options"]["port"] == 9001
+    head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert (ports["http"], ports["serve"]) == (9000, 9001)
+    _check_groups({"metadata": docs["RayService"]["metadata"], "spec": spec["rayClusterConfig"]},
+                  _pool(docs))
