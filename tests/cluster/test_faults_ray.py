@@ -152,3 +152,49 @@ def test_kill_9_of_the_prefill_worker_retries_prefills_and_spares_decodes(server
     assert backend.migrations["decode"] == before["decode"]  # decodes untouched
     assert backend.migrations["prefill"] - before["prefill"] == half
     _back_to_baseline(server)
+
+
+def test_a_broken_pair_channel_is_rebuilt_and_its_requests_complete(server, expected):
+    """Really shut down the sockets of the prefill→decode channel while prompts are in
+    flight: the requests whose transfer broke are retried, every stream completes."""
+    import ray
+
+    def _break_pair_sockets(d_pid: int, store_port: int) -> int:
+        """In the prefill worker: shut down its TCP connections to the decode worker's process
+        (the gloo pair channels; the TCPStore connection is left alone). Returns how many."""
+        import socket
+
+        import psutil
+
+        theirs = {c.laddr.port for c in psutil.Process(d_pid).net_connections("tcp")
+                  if c.status == psutil.CONN_ESTABLISHED}
+        broken = 0
+        for conn in psutil.Process().net_connections("tcp"):
+            if conn.raddr and conn.raddr.port in theirs and conn.raddr.port != store_port:
+                sock = socket.socket(fileno=os.dup(conn.fd))
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                broken += 1
+        return broken
+
+    cluster = server.server.cluster
+    backend = cluster.backend
+    before = dict(backend.migrations)
+    p, d = _worker_of(server, "prefill"), _worker_of(server, "decode")
+    warm = _Streams(server, PROMPTS[:1])  # the channel exists
+    warm.join()
+    store_port = backend._endpoints[d].port
+    d_pid = _pid(server, d)
+    streams = _Streams(server, PROMPTS)
+    actor = cluster.factory._objects[p]
+    broken = ray.get(actor.__ray_call__.remote(
+        lambda self: _break_pair_sockets(d_pid, store_port)), timeout=30)
+    t0 = time.monotonic()
+    streams.join()
+    assert broken >= 1
+    # Under the KV deadline (20 s): a broken link is noticed, not waited out.
+    assert time.monotonic() - t0 < 15
+    assert streams.tokens == expected
+    after = backend.migrations
+    print(f"broke {broken} sockets; transfer retries {after['transfer'] - before['transfer']}")
+    _back_to_baseline(server)
