@@ -187,10 +187,11 @@ def apply_logit_bias_and_min_tokens(logits: torch.Tensor,
     mask_rows: list[int] = []
     mask_cols: list[int] = []
     for i, request in enumerate(requests):
-        for token, bias in request.params.logit_bias:
-            rows.append(i)
-            cols.append(token)
-            vals.append(bias)
+        params = request.params
+        if params.logit_bias:  # list-level extends: no per-entry Python work
+            rows += [i] * len(params.logit_bias)
+            cols += params.logit_bias_ids
+            vals += params.logit_bias_values
         if _masks_stops(request):
             stops = [t for t in request.stop_ids if t < vocab]  # ids past the vocab never occur
             mask_rows += [i] * len(stops)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100] (OpenAI's range)
 
@@ -74,6 +75,14 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {why}")
+
+    @cached_property
+    def logit_bias_ids(self) -> tuple[int, ...]:
+        return tuple(t for t, _ in self.logit_bias)
+
+    @cached_property
+    def logit_bias_values(self) -> tuple[float, ...]:
+        return tuple(b for _, b in self.logit_bias)
 
     @property
     def greedy(self) -> bool:
