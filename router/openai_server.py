@@ -35,6 +35,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import SplitServeError
 from router import openai_protocol as oai
@@ -142,9 +143,18 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
         service.metrics.requests.labels(code=info.code).inc()
         return JSONResponse(openai_error_body(info), status_code=http_status(info))
 
+    async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's and FastAPI's own refusals (unknown route, wrong method, a body that
+        # is not JSON) in the same OpenAI shape as ours.
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None,
+                          "code": f"http_{exc.status_code}"}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     app.add_exception_handler(SplitServeError, on_error)
     app.add_exception_handler(ValueError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
 
 
 async def _generate(service: GenerationService, request: Request, body, fmt_cls) -> Response:

@@ -49,7 +49,8 @@ FAKE_TIMING = {"prefill_queue": 0.001, "prefill_compute": 0.002, "kv_transfer": 
 class FakeBackend(ServingBackend):
     def __init__(self, decode: Callable[[list[int]], str], reply: list[int],
                  eos_token_id: int, *, tokens_per_step: int = 2, step_s: float = 0.0,
-                 slow_step_s: float = 0.2, cleanup_s: float = 0.0) -> None:
+                 slow_step_s: float = 0.2, cleanup_s: float = 0.0,
+                 faults: bool = True) -> None:
         self.decode = decode
         self.reply = list(reply)
         self.eos_token_id = eos_token_id
@@ -57,6 +58,7 @@ class FakeBackend(ServingBackend):
         self.step_s = step_s
         self.slow_step_s = slow_step_s
         self.cleanup_s = cleanup_s
+        self.faults = faults  # False: prompt words trigger nothing (fuzzing: random text)
         self.ready = True
         self.started = False
         self.submitted: list[BackendRequest] = []
@@ -114,7 +116,8 @@ class FakeBackend(ServingBackend):
     # ---- the fake engine -------------------------------------------------------------
 
     async def _run(self, req: BackendRequest) -> AsyncIterator[BackendOutput]:
-        rid, prompt = req.request_id, self.decode(req.prompt_token_ids)
+        rid = req.request_id
+        prompt = self.decode(req.prompt_token_ids) if self.faults else ""
         aborted = self._abort_events[rid]
         finished = False
         try:
