@@ -5,6 +5,8 @@ code as the live one) and report TTFT / ITL / goodput.
     splitserve simulate --synthetic --rate 200 --duration 600 --prefill 64 --decode 64
     splitserve simulate --config sim.yaml --synthetic --plot out.png --output out.json
     splitserve simulate --synthetic --rate 40 --sweep --gpus 8 --chunks 512,2048,8192
+    splitserve simulate --synthetic --rate 10 --duration 60 --model llama-3-70b --sweep \
+        --gpus 16 --tp-choices 2,4,8 --ttft-slo 1.0 --itl-slo 0.05
     splitserve simulate --calibrate points.json --hardware H100 --save-profile my.json
 """
 
@@ -45,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cl.add_argument("--decode", type=int, help="decode workers")
     cl.add_argument("--colocated", type=int, help="colocated workers")
     cl.add_argument("--hardware", help="H100 | H200 | A100 | path to a profile JSON")
-    cl.add_argument("--model", help="model spec (llama-3-8b, llama-3-70b, qwen2.5-7b)")
+    cl.add_argument("--model", help="model spec (llama-3-8b, llama-3-70b, qwen2.5-7b, "
+                    "mixtral-8x7b, qwen3-30b-a3b)")
+    cl.add_argument("--tp", type=int, help="GPUs per worker (tensor parallel)")
+    cl.add_argument("--prefill-tp", type=int, help="GPUs per prefill worker (default --tp)")
+    cl.add_argument("--decode-tp", type=int, help="GPUs per decode worker (default --tp)")
     cl.add_argument("--policy", help="placement policy (round_robin, least_loaded, kv_aware)")
     cl.add_argument("--ttft-slo", type=float, help="seconds")
     cl.add_argument("--itl-slo", type=float, help="seconds")
@@ -54,8 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--plot", help="write a PNG here")
     sw = p.add_argument_group("sweep")
     sw.add_argument("--sweep", action="store_true",
-                    help="try every prefill:decode split of --gpus (and --chunks)")
+                    help="search (prefill TP, decode TP, prefill workers, decode workers) on "
+                    "--gpus for the highest rate meeting the SLOs (DistServe goodput); with "
+                    "--chunks: every prefill:decode split at --tp and chunk size instead")
     sw.add_argument("--gpus", type=int, default=8, help="GPU budget of the sweep")
+    sw.add_argument("--tp-choices", default="1,2,4,8", help="TP sizes the sweep tries")
     sw.add_argument("--chunks", default="", help="comma-separated chunk sizes to sweep")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calibrate", help="measured points JSON (splitserve-sim-points/v1)")
@@ -70,7 +79,8 @@ def build_config(args: argparse.Namespace):
     data = base.model_dump()
     for flag, key in (("mode", "mode"), ("prefill", "num_prefill"), ("decode", "num_decode"),
                       ("colocated", "num_colocated"), ("hardware", "hardware"),
-                      ("model", "model")):
+                      ("model", "model"), ("tp", "tp"), ("prefill_tp", "prefill_tp"),
+                      ("decode_tp", "decode_tp")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
     if args.policy:
@@ -137,19 +147,50 @@ def print_summary(r: dict) -> None:
     print(f"GPU utilisation: {util}; prefix hit rate {r['prefix_hit_rate']:.1%}")
 
 
+def print_tp_sweep(result: dict, top: int = 10) -> None:
+    slo = result["slo"]
+    print(f"{result['model']} on {result['gpus']} x {result['hardware']}: highest rate with "
+          f"{result['attainment_target']:.0%} of requests within TTFT {slo['ttft_s']} s and "
+          f"TPOT {slo['itl_s'] * 1e3:g} ms")
+    print(" P TP  D TP   P   D  GPUs  goodput req/s  per GPU  TTFT p90 ms  ITL p90 ms")
+    for r in result["rows"][:top]:
+        ttft = f"{r['ttft_p90_s'] * 1e3:11.0f}" if r["ttft_p90_s"] is not None else " " * 11
+        itl = f"{r['itl_p90_s'] * 1e3:10.1f}" if r["itl_p90_s"] is not None else " " * 10
+        print(f"{r['prefill_tp']:5d} {r['decode_tp']:5d} {r['prefill']:3d} {r['decode']:3d} "
+              f"{r['gpus']:5d} {r['goodput_req_s']:14.2f} {r['goodput_req_s_per_gpu']:8.3f} "
+              f"{ttft}  {itl}")
+    best, equal = result["best"], result["best_equal_tp"]
+    print(f"best: prefill TP {best['prefill_tp']} x {best['prefill']}, decode TP "
+          f"{best['decode_tp']} x {best['decode']}: {best['goodput_req_s']:.2f} req/s")
+    if equal is not None:
+        gain = result["gain_over_equal_tp"]
+        print(f"best with one TP size: TP {equal['prefill_tp']}, {equal['prefill']} prefill + "
+              f"{equal['decode']} decode: {equal['goodput_req_s']:.2f} req/s"
+              + (f"; gain {gain:+.0%}" if gain is not None else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster.simulator.loop import Simulation
-    from cluster.simulator.sweep import sweep
+    from cluster.simulator.sweep import sweep, sweep_tp
 
     cfg = build_config(args)
     if args.calibrate:
         return _calibrate(args, cfg)
     reqs = build_trace(args)
     if args.sweep:
+        progress = lambda i, n, row: print(f"[{i}/{n}] {row}", file=sys.stderr)  # noqa: E731
         chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
-        result = sweep(cfg, reqs, args.gpus, chunks, policy=args.policy,
-                       progress=lambda i, n, row: print(f"[{i}/{n}] {row}", file=sys.stderr))
-        print(json.dumps(result["best"], indent=2))
+        if chunks:
+            result = sweep(cfg, reqs, args.gpus, chunks, policy=args.policy, progress=progress)
+            print(json.dumps(result["best"], indent=2))
+        else:
+            tps = [int(t) for t in args.tp_choices.split(",") if t.strip()]
+            try:
+                result = sweep_tp(cfg, reqs, args.gpus, tps, policy=args.policy,
+                                  progress=progress)
+            except ValueError as e:
+                raise SystemExit(f"splitserve simulate --sweep: {e}") from None
+            print_tp_sweep(result)
     else:
         t0 = time.perf_counter()
         sim = Simulation(cfg, reqs, policy=args.policy)

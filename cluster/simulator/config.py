@@ -27,7 +27,14 @@ class SimConfig(BaseModel):
         "H100", description="H100 | H200 | A100 (profile from specs) or a profile JSON path."
     )
     model: str = Field("llama-3-8b", description="Model spec name (see profiles.MODELS).")
-    tp: int = Field(1, ge=1, description="GPUs per worker (tensor parallel).")
+    tp: int = Field(1, ge=1, description="GPUs per worker (tensor parallel), for pools "
+                    "without their own size below.")
+    prefill_tp: int | None = Field(
+        None, ge=1, description="GPUs per prefill worker (None: tp)."
+    )
+    decode_tp: int | None = Field(
+        None, ge=1, description="GPUs per decode worker (None: tp)."
+    )
     prefill_chunk_tokens: int = Field(
         8192, gt=0, description="Token budget of one prefill-worker step (chunked prefill)."
     )
@@ -65,10 +72,15 @@ class SimConfig(BaseModel):
             raise ValueError("colocated mode needs num_colocated >= 1")
         return self
 
+    def tp_of(self, role: str) -> int:
+        """GPUs per worker of ``role`` (the autoscaler's and the GPU budget's unit)."""
+        own = {"prefill": self.prefill_tp, "decode": self.decode_tp}.get(role)
+        return own or self.tp
+
     @property
     def num_gpus(self) -> int:
         if self.mode == "disaggregated":
-            return (self.num_prefill + self.num_decode) * self.tp
+            return self.num_prefill * self.tp_of("prefill") + self.num_decode * self.tp_of("decode")
         return self.num_colocated * self.tp
 
     @classmethod

@@ -51,6 +51,10 @@ class Simulation:
         self.cfg = cfg
         self.trace = trace
         self.prof = profile or resolve_profile(cfg.hardware, cfg.model, cfg.tp)
+        # per role: workers of a pool with its own TP size run that size's cost model
+        self.profs = {role: profile or self._profile(role) for role in
+                      ("prefill", "decode", "colocated")}
+        self._transfer = transfer_profile(self.profs["prefill"], self.profs["decode"])
         self.now = 0.0
         self.sched = GlobalScheduler(cfg.scheduler, policy=policy, clock=lambda: self.now)
         self.autoscaler = Autoscaler(cfg.autoscaler, cfg.slo) if cfg.autoscaler else None
@@ -93,8 +97,8 @@ class Simulation:
             self.finished(r, t)
             return
         start = max(t, worker.link_free)
-        dur = self.prof.transfer_s(r.prompt)
-        worker.link_free = start + dur - self.prof.transfer_latency_s
+        dur = self._transfer.transfer_s(r.prompt)
+        worker.link_free = start + dur - self._transfer.transfer_latency_s
         heapq.heappush(self._heap, (start + dur, next(self._seq), _TRANSFER, r, 0))
 
     def finished(self, r: SimRequest, t: float) -> None:
@@ -109,12 +113,18 @@ class Simulation:
     # ---- workers ---------------------------------------------------------------------------
 
     def _new_worker(self, role: str, record: bool = True) -> SimWorker:
-        w = SimWorker(f"{role}-{next(self._ids)}", role, self.prof, self.cfg, self, self.now)
+        prof = self.profs[role]
+        w = SimWorker(f"{role}-{next(self._ids)}", role, prof, self.cfg, self, self.now)
         self.workers[w.wid] = w
         self._push(w)
         if record:
             self._record_replicas()
         return w
+
+    def _profile(self, role: str) -> CostProfile:
+        tp = self.cfg.tp_of(role)
+        return self.prof if tp == self.cfg.tp else resolve_profile(
+            self.cfg.hardware, self.cfg.model, tp)
 
     def _push(self, w: SimWorker) -> None:
         """``w`` changed: its stats reach the scheduler before the next placement (changes
@@ -309,6 +319,9 @@ class Simulation:
             "num_colocated": self.cfg.num_colocated,
             "policy": self.sched.policy.name,
             "profile": self.prof.name,
+            "prefill_tp": self.cfg.tp_of("prefill"),
+            "decode_tp": self.cfg.tp_of("decode"),
+            "profiles": {role: self.profs[role].name for role in roles},
             "prefill_chunk_tokens": self.cfg.prefill_chunk_tokens,
             "colocated_chunk_tokens": self.cfg.colocated_chunk_tokens,
         }
@@ -322,6 +335,14 @@ class Simulation:
         edges = [i * step for i in range(int(span // step) + 2)]
         summary["timeline"] = self.rec.attainment_by_window(self.cfg.slo, edges)
         return summary
+
+
+def transfer_profile(prefill: CostProfile, decode: CostProfile) -> CostProfile:
+    """The KV link between the pools: each side's ranks ship their own heads in parallel,
+    so the narrower side's aggregate bandwidth bounds the transfer."""
+    if decode.transfer_bandwidth_bytes_per_s >= prefill.transfer_bandwidth_bytes_per_s:
+        return prefill
+    return prefill.with_(transfer_bandwidth_bytes_per_s=decode.transfer_bandwidth_bytes_per_s)
 
 
 def simulate(
