@@ -13,12 +13,15 @@ its prefill and decode workers are ready. So:
 
 1. the constructor waits until ``/health`` is 200 (Serve shows the app DEPLOYING meanwhile,
    and KubeRay keeps the traffic on the old cluster);
-2. ``check_health`` (every ``health_check_period_s``) raises while ``/health`` is not 200, so
-   Serve marks the replica unhealthy and restarts it, which waits again in (1);
+2. ``check_health`` (every ``health_check_period_s``) raises while ``/health`` is not 200;
+   after three failures in a row Serve marks the app UNHEALTHY and restarts the replica,
+   which waits again in (1);
 3. a GET on the Serve proxy (``<name>-serve-svc``, port ``serve``) answers with the router's
    own ``/health`` reply, for humans.
 
-The image copies this file onto the Python path (deploy/docker/Dockerfile).
+The image copies this file onto the Python path (deploy/docker/Dockerfile). Checked under
+real Ray Serve 2.60 (by hand, a fake /health on loopback): DEPLOYING while it answers 503,
+RUNNING within a second of 200, UNHEALTHY about 30 s after it turns 503, RUNNING again after.
 """
 
 from __future__ import annotations
