@@ -128,8 +128,10 @@ class WorkerFactory:
             log.error("%s worker %s was not placed and ready within %.0f s; gave it up. It "
                       "asked for %s: check that a node offers that (or raise "
                       "ray.worker_start_timeout_s)", role, worker_id, timeout, asked)
-            raise WorkerStartTimeout(f"{role} worker not ready within {timeout:.0f} s "
-                                     f"(asked for {asked})") from None
+            raise WorkerStartTimeout(f"a {role} worker was not placed and ready within "
+                                     f"{timeout:.0f} s (it asked for {asked}): check that a "
+                                     "node offers that, or raise ray.worker_start_timeout_s"
+                                     ) from None
         except BaseException:  # constructor failed, or cancelled: leave nothing pending
             ray.kill(actor, no_restart=True)
             raise

@@ -77,8 +77,15 @@ class Cluster:
         await self.backend.start()
         counts = {"colocated": self.config.decode.replicas} if self.config.colocated else {
             "prefill": self.config.prefill.replicas, "decode": self.config.decode.replicas}
-        await asyncio.gather(*(self.add_worker(role) for role, n in counts.items()
-                               for _ in range(n)))
+        tasks = [asyncio.ensure_future(self.add_worker(role)) for role, n in counts.items()
+                 for _ in range(n)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:  # one failed (e.g. not placed in time): stop the others' starts
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def _init_ray(self) -> None:
         import ray

@@ -78,7 +78,11 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
     check_ports_free(config)  # before the cluster: no waiting for workers to learn this
     rc = router_config(config)  # before the cluster too: a bad TLS path fails at once
     cluster = Cluster(config, mode)
-    await cluster.start()
+    try:
+        await cluster.start()
+    except BaseException:  # e.g. a worker not placed in time: stop the others and Ray
+        await cluster.shutdown()
+        raise
     grpc = None
     try:
         service = GenerationService(cluster.backend, Tokenizer(config.model.path), rc)

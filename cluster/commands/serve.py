@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print("splitserve serve: no model: pass --model DIR (or model.path in --config)",
               file=sys.stderr)
         return 2
+    from cluster.pools import WorkerStartTimeout
     from router.config import PortInUseError, TLSConfig
 
     rc = config.router
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_serve(config))
-    except PortInUseError as exc:
+    except (PortInUseError, WorkerStartTimeout) as exc:
         print(f"splitserve serve: {exc}", file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 psutil = pytest.importorskip("psutil")
@@ -78,7 +79,13 @@ def test_a_default_local_cluster_has_no_listener_on_every_interface(tmp_path):
 
     async def main():
         server = await start_server(config)
-        try:
+        try:  # a request crosses the loopback-bound KV store: serving works as before
+            async with httpx.AsyncClient(timeout=60) as http:
+                reply = await http.post(f"http://127.0.0.1:{server.http.port}/v1/completions",
+                                        json={"model": "llama", "prompt": [5, 6, 7, 8, 9],
+                                              "max_tokens": 4, "ignore_eos": True})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["completion_tokens"] == 4
             me = psutil.Process()
             found = _listeners([me, *me.children(recursive=True)])
             ports = {server.grpc.port, server.http.port}

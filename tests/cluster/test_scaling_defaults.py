@@ -196,7 +196,7 @@ def test_an_unplaceable_worker_is_given_up_after_the_start_timeout(caplog):
 
         async def main():
             t0 = time.monotonic()
-            with pytest.raises(WorkerStartTimeout, match="not ready within 2 s"):
+            with pytest.raises(WorkerStartTimeout, match="not placed and ready within 2 s"):
                 await asyncio.wait_for(factory.create("prefill"), 20)
             waited = time.monotonic() - t0
             pending = asyncio.ensure_future(factory.create("prefill"))
@@ -227,3 +227,33 @@ def _named_actor_exists(ray, name: str, namespace: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_server_whose_pool_cannot_be_placed_fails_to_start_and_leaves_nothing(tmp_path):
+    """start_server with a prefill pool no node can hold: a clear WorkerStartTimeout after
+    the timeout, the decode worker's start stopped, and the local Ray shut down."""
+    import ray
+
+    from cluster.pools import WorkerStartTimeout
+    from engine.make_model import make_model
+    from router.server import start_server
+
+    model = make_model(tmp_path / "llama", "llama", "tiny", seed=0, progress=False)
+    engine = {"block_size": 4, "max_num_batched_tokens": 64, "max_num_seqs": 4,
+              "max_model_len": 128, "num_threads": 1}
+    config = ClusterConfig.model_validate({
+        "model": {"path": str(model), "device": "cpu"},
+        "prefill": {"num_cpus": 0.5, "accelerator_type": "NoSuchAccelerator", "engine": engine},
+        "decode": {"num_cpus": 0.5, "engine": engine},
+        "scheduler": {"block_size": 4},
+        "router": {"grpc_port": 0, "http_port": 0},
+        "ray": {"num_cpus": 2, "worker_start_timeout_s": 3},
+    })
+    t0 = time.monotonic()
+    with pytest.raises(WorkerStartTimeout, match="prefill worker was not placed and ready "
+                       "within 3 s .*NoSuchAccelerator"):
+        asyncio.run(asyncio.wait_for(start_server(config), 90))
+    assert time.monotonic() - t0 < 60
+    assert not ray.is_initialized()  # the cluster owned its Ray and shut it down
