@@ -44,6 +44,17 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     return (weights if float32_weights else weights.to(router_logits.dtype)), ids
 
 
+def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous experts ``[start, end)`` rank ``rank`` of ``world_size`` holds:
+    ``num_experts / world_size`` each, the first ranks one more when it does not divide."""
+    if not 0 <= rank < world_size <= num_experts:
+        raise ValueError(f"cannot split {num_experts} experts over {world_size} ranks "
+                         f"(rank {rank}): each rank needs at least one expert")
+    base, extra = divmod(num_experts, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
 class MoeExperts(nn.Module):
     """The routed experts ``[expert_start, expert_end)`` of one layer, stacked:
     ``w13 [E_local, 2 * I, H]`` (gate rows, then up rows, as ``GatedMLP.gate_up_proj``) and

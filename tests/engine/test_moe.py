@@ -160,19 +160,29 @@ def test_sparse_block_in_bfloat16_is_bitwise_transformers(arch):
     assert torch.equal(got, expected), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_expert_ranges_sum_to_the_whole_block(arch):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_expert_ranges_sum_to_the_whole_block(arch, world_size):
     """Under tensor parallelism each rank will hold a range of experts and the layer's
-    all-reduce will sum their outputs: the split must add up to the unsplit block."""
+    all-reduce will sum their outputs: the split must add up to the unsplit block. (The
+    shared expert is not split here: only rank 0 keeps it in this check.)"""
+    from engine.models.moe import expert_range
+
+    ranges = [expert_range(8, rank, world_size) for rank in range(world_size)]
+    assert ranges == ([(0, 4), (4, 8)] if world_size == 2 else [(0, 3), (3, 6), (6, 8)])
     _, whole = _hf_block_and_ours(arch, 2)
     x = torch.randn(23, 32, generator=torch.Generator().manual_seed(5))
-    parts = [_hf_block_and_ours(arch, 2, r)[1] for r in ((0, 3), (3, 8))]
+    parts = [_hf_block_and_ours(arch, 2, r)[1] for r in ranges]
+    for part in parts[1:]:
+        part.shared_expert = None
     with torch.no_grad():
-        total = parts[0](x) + parts[1](x)
+        total = sum(part(x) for part in parts)
         torch.testing.assert_close(total, whole(x), rtol=1e-5, atol=1e-5)
-    assert parts[0].experts.w13.shape[0] == 3 and parts[1].experts.w13.shape[0] == 5
+    assert [p.experts.w13.shape[0] for p in parts] == [end - start for start, end in ranges]
     with pytest.raises(ValueError, match="expert range"):
         _hf_block_and_ours(arch, 2, (4, 9))
+    with pytest.raises(ValueError, match="at least one expert"):
+        expert_range(8, 0, 9)
 
 
 def test_loading_a_range_of_experts_reads_only_those(moe_model_dir):
@@ -192,6 +202,25 @@ def test_loading_a_range_of_experts_reads_only_those(moe_model_dir):
         assert torch.equal(experts_part.w13, experts_full.w13[2:6])
         assert torch.equal(experts_part.w2, experts_full.w2[2:6])
         assert torch.equal(layer_part.mlp.gate.weight, layer_full.mlp.gate.weight)
+
+
+def test_a_missing_expert_tensor_is_named(moe_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.attention.torch_ref import TorchAttentionBackend
+    from engine.models.loader import CheckpointError, load_model
+
+    src = moe_model_dir("qwen3_moe")
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.mlp.experts.5.down_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts"
+                       r"\.5\.down_proj\.weight' \(expected shape \(64, 64\)\)"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"), TorchAttentionBackend())
 
 
 def test_config_traits_are_read_per_architecture(moe_model_dir):
@@ -244,21 +273,29 @@ def test_preemption_under_memory_pressure_is_exact(reference, arch):
     engine.check_integrity()
 
 
-def test_moe_decode_steps_run_the_python_layers(reference):
+@pytest.mark.parametrize(("arch", "chunk"), [("mixtral", None), ("qwen3_moe", 7)])
+def test_moe_decode_steps_run_the_python_layers(reference, arch, chunk):
     """The compiled CPU ``decode_step`` has no sparse MLP: a MoE model must decide, once,
-    not to use it (and must not trip over its dense-MLP checks) even where it builds."""
+    not to use it where it builds. Mixtral (no bias, no q/k norm) gets as far as the MLP
+    check; qwen3_moe (head_dim 32, blocks of 16) takes the compiled paged-attention
+    kernels, prefill and decode, which serve MoE models as they serve dense ones."""
     from engine import fused_ops
     from engine.attention import cpu_kernels
     from engine.models.moe import SparseMoeBlock
 
-    model_dir, prompts, expected = reference("mixtral")
-    engine = _engine(model_dir, block_size=16)  # the compiled paged kernels' block size
-    outs = engine.generate(prompts, GREEDY)
-    assert [o.token_ids for o in outs] == expected
+    kernels = cpu_kernels.load()
+    assert kernels is not None and fused_ops.load() is not None, (
+        "no C++ compiler here: the compiled decode step was not in the running")
+    model_dir, prompts, expected = reference(arch)
+    engine = _engine(model_dir, block_size=16, max_num_batched_tokens=chunk or 512)
+    cfg = engine.model_config
+    if arch == "qwen3_moe":
+        assert kernels.prefill_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16)
+    for _ in range(2):  # the second pass hits the prefix cache
+        outs = engine.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+    assert sum(o.num_cached_tokens for o in outs) > 0
     model = engine.model.model
     assert model._decode_step_checked and model._decode_step is None
     assert all(isinstance(layer.mlp, SparseMoeBlock) for layer in model.layers)
-    # Where the kernels build, the check above looked at these layers and said no (a dense
-    # model of this shape takes the compiled step: test_engine_vs_transformers checks that).
-    assert cpu_kernels.load() is not None and fused_ops.load() is not None, (
-        "no C++ compiler here: the compiled decode step was not in the running")
+    engine.check_integrity()
