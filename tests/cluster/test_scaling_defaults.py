@@ -146,7 +146,9 @@ def test_the_autoscaler_does_not_grow_a_pool_while_its_replacement_is_pending():
     asyncio.run(main())
 
 
-def test_pool_replicas_counts_ready_and_starting_workers():
+def test_pool_replicas_counts_ready_and_starting_workers_and_start_timeouts_are_counted():
+    from prometheus_client import Counter
+
     from router.metrics import ServingMetrics
     from router.server import sync_metrics_once
 
@@ -160,17 +162,26 @@ def test_pool_replicas_counts_ready_and_starting_workers():
             growth = asyncio.ensure_future(cluster.scale("prefill", +1))
             await _until(lambda: len(cluster.factory.created) == 4)
             metrics = ServingMetrics()
-            sync_metrics_once(cluster, metrics, {})
+            if not hasattr(metrics, "worker_start_timeouts"):  # until router.metrics has it
+                metrics.worker_start_timeouts = Counter(
+                    "splitserve_worker_start_timeouts_total", "Workers given up.", ["pool"],
+                    registry=metrics.registry)
+            cluster.factory.start_timeouts["prefill"] = 2
+            seen: dict = {}
+            sync_metrics_once(cluster, metrics, seen)
+            sync_metrics_once(cluster, metrics, seen)  # totals are counted once
             value = {p: metrics.registry.get_sample_value("splitserve_pool_replicas",
                                                           {"pool": p})
                      for p in ("prefill", "decode")}
+            timeouts = metrics.registry.get_sample_value(
+                "splitserve_worker_start_timeouts_total", {"pool": "prefill"})
             growth.cancel()
-            return value
+            return value, timeouts
         finally:
             await cluster.shutdown()
 
     # decode: its replacement is starting; prefill: one ready, one starting
-    assert asyncio.run(main()) == {"prefill": 2.0, "decode": 1.0}
+    assert asyncio.run(main()) == ({"prefill": 2.0, "decode": 1.0}, 2.0)
 
 
 # -- on Ray: a worker no node can take
