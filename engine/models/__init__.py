@@ -1,4 +1,5 @@
-"""Model definitions (Llama family), their registry and the safetensors loader.
+"""Model definitions (Llama family; Mixtral / Qwen MoE on top of it), their registry and the
+safetensors loader.
 
 ``load_model`` is re-exported lazily so that importing ``engine.models.registry`` (pure
 Python, used by ``engine.model_config``) does not import torch.
