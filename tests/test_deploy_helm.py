@@ -183,6 +183,10 @@ def test_fractional_gpus_per_worker_add_up_per_pod(chart):
      "need minReplicas <= replicas <= maxReplicas"),
     ({"workerGroups": {"decode": {"replicas": 2, "maxReplicas": 3}}}, "raise maxReplicas"),
     ({"kind": "RayService", "rayService": {"servePort": 8000}}, "is a router port"),
+    ({"kind": "RayService", "pool": {"router": {"tls_cert": "/tls/tls.crt",
+                                                "tls_key": "/tls/tls.key",
+                                                "tls_client_ca": "/tls/ca.crt"}}},
+     "cannot present a client certificate"),
 ])
 def test_chart_refuses_groups_that_cannot_hold_the_pool(chart, values, message):
     with pytest.raises(helm.HelmRenderError, match=message):
@@ -195,6 +199,10 @@ def test_rayservice_follows_the_router_ports(chart):
     spec = docs["RayService"]["spec"]
     serve = yaml.safe_load(spec["serveConfigV2"])
     assert serve["applications"][0]["args"]["health_url"] == "http://127.0.0.1:9000/health"
+    tls = _render(chart, {"kind": "RayService", "pool": {"router": {
+        "tls_cert": "/tls/tls.crt", "tls_key": "/tls/tls.key"}}})["RayService"]["spec"]
+    assert (yaml.safe_load(tls["serveConfigV2"])["applications"][0]["args"]["health_url"]
+            == "https://127.0.0.1:8000/health")
     assert serve["http_options"]["port"] == 9001
     head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}

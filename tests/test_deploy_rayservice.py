@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.util
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,9 +129,9 @@ def _gate_module():
 
 
 class _Health:
-    """A /health endpoint on loopback whose status the test sets."""
+    """A /health endpoint on loopback whose status the test sets (TLS with a context)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.status = 503
         health = self
 
@@ -145,7 +147,10 @@ class _Health:
                 pass  # keep the test output clean
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/health"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -186,3 +191,43 @@ def test_gate_health_check_fails_when_the_router_is_gone(health):
     with pytest.raises(RuntimeError, match="router not reachable"):
         gate.check_health()
     assert module.router_health(health.url, timeout_s=0.5)[0] == 0
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a certificate for the Service's name, not 127.0.0.1 (as the
+    router's certificate would be)."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "splitserve-head-svc")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return context
+
+
+def test_gate_checks_a_router_serving_tls(tmp_path):
+    """router.tls_cert set: /health is https, with a certificate that does not name
+    127.0.0.1; the gate still reads its status."""
+    server = _Health(tls=_self_signed(tmp_path))
+    try:
+        module = _gate_module()
+        assert module.router_health(server.url)[0] == 503
+        server.status = 200
+        gate = module.RouterGate(server.url, poll_s=0.02)
+        gate.check_health()
+        # plain http against the TLS port is no answer, not a pass
+        assert module.router_health(server.url.replace("https:", "http:"))[0] != 200
+    finally:
+        server.close()

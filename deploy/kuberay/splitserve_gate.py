@@ -26,6 +26,7 @@ RUNNING within a second of 200, UNHEALTHY about 30 s after it turns 503, RUNNING
 
 from __future__ import annotations
 
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -36,14 +37,28 @@ from ray import serve
 DEFAULT_HEALTH_URL = "http://127.0.0.1:8000/health"
 
 
+def _tls_context(url: str) -> ssl.SSLContext | None:
+    """For an https URL (router.tls_cert set): the router on this very pod is asked whether
+    it answers, not who it is — its certificate names the Service, not 127.0.0.1 — so, like
+    Kubernetes' HTTPS probes, no verification. (Mutual TLS, router.tls_client_ca, would also
+    want a client certificate: not supported, the gate then never turns ready.)"""
+    if not url.startswith("https:"):
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def router_health(url: str, timeout_s: float = 2.0) -> tuple[int, str]:
     """(HTTP status, body) of the router's /health; status 0 when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=timeout_s,  # noqa: S310 (loopback)
+                                    context=_tls_context(url)) as response:
             return response.status, response.read(4096).decode("utf-8", "replace")
     except urllib.error.HTTPError as err:  # 503 while workers are starting
         return err.code, err.read(4096).decode("utf-8", "replace")
-    except OSError as err:  # not listening yet, or timed out
+    except OSError as err:  # not listening yet, timed out, or a TLS handshake refused
         return 0, f"router not reachable: {err.__class__.__name__}"
 
 
@@ -67,7 +82,8 @@ class RouterGate:
 
 def build(args: dict) -> serve.Application:
     """Serve's application builder (``import_path: splitserve_gate:build``); ``args`` come
-    from serveConfigV2: ``health_url`` (default: the router on 127.0.0.1:8000)."""
+    from serveConfigV2: ``health_url`` (default: the router on 127.0.0.1:8000; https:// when
+    the router serves TLS)."""
     deployment = serve.deployment(
         RouterGate,
         name="RouterGate",
