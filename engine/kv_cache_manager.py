@@ -9,6 +9,14 @@ Block/slot arithmetic, for block_size 4 and a request holding blocks [7, 2]::
 
 A request's ``block_hashes`` are the chained hashes of its full blocks (prompt and output);
 ``block_ids[:k]`` for the first k full, computed blocks are registered in the prefix cache.
+
+n > 1 siblings share blocks through ``fork``: the child's table starts with the parent's
+blocks (one more reference each) and the block its next write lands in is copied at once
+(copy-on-write), so both only ever write blocks they hold alone::
+
+    parent [7, 2, 5]: block 5 holds positions 8 and 9; the parent writes 10 next.
+    fork of its first 9 tokens: child [7, 2, 5'], 5' a copy of 5 (7 and 2: two refs each);
+    the child writes position 9 into 5', the parent writes 10 into 5.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    """Per-request seed: its random stream is a function of (seed, output position), so the
+    same seed gives the same tokens whatever else is in the batch and wherever the request
+    is sampled (split prefill/decode, after preemption or a resume). n > 1 siblings use
+    seed + i."""
     stop: tuple[str, ...] = ()
     """Stop strings: generation ends when the text contains one (it is not included)."""
     stop_token_ids: tuple[int, ...] = ()
