@@ -49,3 +49,18 @@ def test_build_check_imports_our_packages_not_proto_plus():
         source = _source_of(module, package_dir)
         assert source.is_dir() or source.with_suffix(".py").is_file(), (
             f"{module}: no such module in the repository ({source})")
+
+
+def test_image_puts_the_rayservice_gate_on_the_python_path():
+    """serveConfigV2 imports ``splitserve_gate`` (deploy/kuberay/rayservice.yaml): the
+    runtime stage must have that file in a directory on PYTHONPATH (Ray's workers inherit
+    the container's environment)."""
+    text = DOCKERFILE.read_text().replace("\\\n", "")
+    runtime = text.split("\nFROM ")[-1]  # the last stage is the image
+    copied = re.search(r"^COPY deploy/kuberay/splitserve_gate\.py (\S+)/$", text, re.M)
+    assert copied, "the build stage does not copy the gate"
+    directory = copied.group(1)
+    assert re.search(rf"^COPY --from=build {re.escape(directory)} {re.escape(directory)}$",
+                     runtime, re.M), "the runtime stage does not take the gate over"
+    pythonpath = re.search(r"\bPYTHONPATH=(\S+)", runtime)
+    assert pythonpath and directory in pythonpath.group(1).split(":")
