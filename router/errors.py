@@ -121,7 +121,9 @@ _SCRUB = (
                 r"|\[?(?:\b[0-9a-f]{1,4})?::(?:[0-9a-f]{1,4}\b:?)+\]?(?::\d+)?", re.I),
      "<address>"),
     (re.compile(r"\blocalhost:\d+\b"), "<address>"),
-    (re.compile(r"\b(?:0x)?[0-9a-f]{16,}\b", re.I), "<id>"),
+    # Ray's hex ids (actor, node, task: 32 to 56 digits), with letters and digits both and
+    # longer than any float's digits, so numbers in messages stay
+    (re.compile(r"\b(?:0x)?(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{20,}\b", re.I), "<id>"),
     # file system paths (a directory or more deep, or ending in a file name), not API routes
     (re.compile(r"(?<![\w/])(?!/v1/)(?:[A-Za-z]:)?(?:(?:[/\\][\w.@+-]+){3,}[/\\]?"
                 r"|(?:[/\\][\w@+-]+)+[/\\][\w@+-]+\.\w+)"), "<path>"),
