@@ -163,7 +163,7 @@ async def _generate(service: GenerationService, request: Request, body, fmt_cls)
     except SplitServeError as exc:
         service.metrics.requests.labels(code=outcome_code(exc)).inc()
         raise
-    prep = await _until_disconnect(request, service.prepare(inp))
+    prep = await service.prepare(inp)  # large prompts: on the tokenizer threads
     fmt = fmt_cls(prep.request_id, body.model or service.config.model_name)
     if body.stream:
         return await _start_stream(service, request, prep, fmt, body.include_usage)

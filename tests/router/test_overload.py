@@ -63,7 +63,20 @@ def test_backend_refusal_of_a_stream_is_a_429_not_a_200(busy):
     assert resp.status_code == 429, resp.text
     assert resp.headers["retry-after"] == "3"
     assert resp.json()["error"]["code"] == "rate_limit_exceeded"
+    with grpc.insecure_channel(busy.grpc_address) as channel:
+        call = convert.GenerationStub(channel).Generate(
+            convert.build_request("busy"), timeout=10, metadata=GRPC_AUTH)
+        assert list(_until_error(call)) == []  # no message before the status
+        assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("retry-after", "3") in tuple(call.trailing_metadata())
     _wait_idle(busy)
+
+
+def _until_error(call):
+    try:
+        yield from call
+    except grpc.RpcError:
+        return
 
 
 def test_admission_refusals_carry_retry_after(busy):
