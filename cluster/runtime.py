@@ -46,7 +46,8 @@ class Cluster:
         self._starting = {"prefill": 0, "decode": 0, "colocated": 0}  # workers being created
         self._replacing = {"prefill": 0, "decode": 0, "colocated": 0}  # lost, not yet replaced
         self._replacements: set[asyncio.Task] = set()
-        self._growth: set[asyncio.Task] = set()  # scale-ups in flight (cancelled on a loss)
+        self._placing: set[asyncio.Task] = set()  # scale-ups waiting for their worker to be
+        # placed and ready: cancelled on a loss (not once registering: that leaves no trace)
         self._losses: list[float] = []  # monotonic times of lost workers (crash-loop backoff)
         self._stopping = False
         self.backend.on_worker_lost = self._on_worker_lost
@@ -105,15 +106,23 @@ class Cluster:
                          _node_ip_address=node_ip)
         self._owns_ray = True
 
-    async def add_worker(self, role: str) -> str:
+    async def add_worker(self, role: str, growth: bool = False) -> str:
+        """Start a worker of ``role``; a ``growth`` one yields to replacements while it waits
+        to be placed (a worker loss cancels it, and the factory kills its pending actor)."""
         self._starting[role] += 1
         try:
-            return await self._start_worker(role)
+            return await self._start_worker(role, growth)
         finally:
             self._starting[role] -= 1
 
-    async def _start_worker(self, role: str) -> str:
-        handle = await self.factory.create(role)
+    async def _start_worker(self, role: str, growth: bool = False) -> str:
+        task = asyncio.current_task()
+        if growth and task is not None:
+            self._placing.add(task)
+        try:
+            handle = await self.factory.create(role)
+        finally:
+            self._placing.discard(task)
         await self.backend.add_worker(handle)
         return handle.worker_id
 
@@ -133,12 +142,9 @@ class Cluster:
     async def _grow(self, role: str, n: int) -> list[str]:
         """Start ``n`` workers; those cancelled by a worker loss are left out of the result.
         Other failures are raised once all attempts have ended."""
-        tasks = [asyncio.ensure_future(self.add_worker(role)) for _ in range(n)]
-        self._growth.update(tasks)
-        try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            self._growth.difference_update(tasks)
+        # (cancelling the caller cancels the gather, and with it every start)
+        results = await asyncio.gather(*(self.add_worker(role, growth=True) for _ in range(n)),
+                                       return_exceptions=True)
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise errors[0]
@@ -149,7 +155,7 @@ class Cluster:
         needs) and start a replacement (counted as a starting worker of its pool)."""
         if self._stopping:
             return
-        pending = [t for t in self._growth if not t.done()]
+        pending = list(self._placing)
         for task in pending:
             task.cancel()
         if pending:
@@ -190,7 +196,7 @@ class Cluster:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        tasks = [*self._replacements, *self._growth]
+        tasks = [*self._replacements, *self._placing]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
