@@ -76,6 +76,11 @@ class ServingBackend(ABC):
     def is_ready(self) -> bool:
         """True when at least one worker of each needed role can take requests."""
 
+    def can_accept(self) -> bool:
+        """True when a new request may be submitted: ready now, or a lost worker's
+        replacement is on its way (the request then waits for it, within its deadline)."""
+        return self.is_ready()
+
     def watch_readiness(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` whenever ``is_ready()`` may have changed (from the thread that
         changed it; keep it short); returns the function that stops the watch."""

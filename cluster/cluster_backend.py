@@ -77,6 +77,8 @@ class ClusterBackend(ServingBackend):
         # Requests moved to another attempt, by why (cumulative; metrics read it).
         self.migrations: dict[str, int] = dict.fromkeys(MIGRATION_KINDS, 0)
         self.migrations_failed = 0  # requests that ran out of migrations or time
+        # Roles of lost workers whose replacement has not joined yet (role -> count).
+        self._awaited: dict[str, int] = {}
 
     # -- membership ------------------------------------------------------------------------
     async def add_worker(self, handle: WorkerHandle) -> None:
@@ -88,7 +90,9 @@ class ClusterBackend(ServingBackend):
                 self._endpoints[handle.worker_id] = await handle.call("endpoint")
             self._tasks[handle.worker_id] = asyncio.create_task(self._pump(handle))
         await self._report(handle)
-        if self._membership is not None:  # wake requests waiting to migrate
+        if self._awaited.get(handle.role):
+            self._awaited[handle.role] -= 1
+        if self._membership is not None:  # wake requests waiting for a worker
             self._membership.set()
             self._membership = None
 
@@ -123,6 +127,8 @@ class ClusterBackend(ServingBackend):
             return  # already lost (several calls can fail at once)
         log.error("worker %s is gone: %s", worker_id, why)
         self._migrate_worker_requests(worker_id, handle.role, why)
+        if self.on_worker_lost is not None and not self._closed:
+            self._awaited[handle.role] = self._awaited.get(handle.role, 0) + 1
         self.remove_worker(worker_id)
         if self.on_worker_lost is not None and not self._closed:
             self.on_worker_lost(worker_id, handle.role)
@@ -165,7 +171,15 @@ class ClusterBackend(ServingBackend):
         self._stats_task = None
 
     def is_ready(self) -> bool:
+        return self._ready_with(set())
+
+    def can_accept(self) -> bool:
+        """Ready, or ready once the replacements being started have joined."""
+        return self._ready_with({role for role, n in self._awaited.items() if n > 0})
+
+    def _ready_with(self, extra_roles: set[str]) -> bool:
         roles = {h.role for wid, h in self.workers.items() if wid not in self._draining}
+        roles |= extra_roles
         return "colocated" in roles or {"prefill", "decode"} <= roles
 
     def stats(self) -> dict:
@@ -347,9 +361,9 @@ class ClusterBackend(ServingBackend):
                 result = self.scheduler.place(rid, len(prompt), prompt_token_ids=prompt)
                 break
             except UnavailableError:
-                if not flight.num_migrations:
-                    raise  # a new request is refused at once; a migrating one waits
-                await self._wait_for_workers(flight)
+                if not (flight.num_migrations or self.can_accept()):
+                    raise  # nothing is coming back: refused at once
+                await self._wait_for_workers(flight)  # a replacement is on its way
         if isinstance(result, Placement):
             return result
         assert isinstance(result, Queued)
@@ -358,10 +372,10 @@ class ClusterBackend(ServingBackend):
         return await fut  # resolved by _poll_admission (or refused with an exception)
 
     async def _wait_for_workers(self, flight: Flight) -> None:
-        """A migrating request waits for a worker to join (a replacement), up to its
-        deadline (or ``RESUME_WAIT_S``)."""
-        deadline = flight.req.deadline or (flight.timing.get("migration_start", time.time())
-                                           + RESUME_WAIT_S)
+        """A migrating request (or a new one while a lost worker is being replaced) waits
+        for a worker to join, up to its deadline (or ``RESUME_WAIT_S``)."""
+        deadline = flight.req.deadline or (flight.timing.get("migration_start")
+                                           or flight.timing["router_queue_start"]) + RESUME_WAIT_S
         left = deadline - time.time()
         if left <= 0:
             raise UnavailableError("no worker came back in time to resume the request; "

@@ -143,7 +143,7 @@ class GenerationService:
             request_id = inp.request_id or f"req-{uuid.uuid4().hex}"
             if request_id in self._inflight:
                 raise _duplicate_id(request_id)
-            if not self.is_ready():
+            if not self.backend.can_accept():  # a lost worker's replacement: wait for it
                 raise UnavailableError("no worker is ready to serve requests yet; retry later")
             self._check_capacity()
             self._preparing += 1

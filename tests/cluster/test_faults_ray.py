@@ -198,3 +198,32 @@ def test_a_broken_pair_channel_is_rebuilt_and_its_requests_complete(server, expe
     after = backend.migrations
     print(f"broke {broken} sockets; transfer retries {after['transfer'] - before['transfer']}")
     _back_to_baseline(server)
+
+
+def test_short_soak_accounts_for_every_request_and_leaks_nothing(server, model_dir):
+    """A short soak (the long one is benchmarks/soak.py): gRPC and HTTP streams, cancels
+    and disconnects, hostile requests, and a kill -9 of each worker midway."""
+    from router.loadgen.soak import SoakPlan, run_soak
+
+    engine = Engine.from_pretrained(model_dir, block_size=4)
+
+    def expected_tokens(items):
+        longest = max(n for _, n in items)
+        params = SamplingParams(max_tokens=longest, temperature=0.0, ignore_eos=True)
+        outs = engine.generate([p for p, _ in items], params)
+        return [o.token_ids[:n] for o, (_, n) in zip(outs, items, strict=True)]
+
+    plan = SoakPlan(num_requests=120, concurrency=12, seed=1, max_tokens=(4, 32),
+                    prompt_len=(4, 60), hostile_fraction=0.05, request_timeout_s=90,
+                    settle_timeout_s=90)
+    summary = server.run(run_soak(server.server, plan, expected_tokens), timeout=400)
+    print(summary)
+    assert sum(summary.outcomes.values()) == plan.num_requests
+    assert summary.outcomes["missing"] == 0
+    assert summary.outcomes["errored"] == 0, summary.errors
+    assert summary.outcomes["rejected"] >= 1 and summary.outcomes["cancelled"] >= 1
+    assert summary.mismatched == 0
+    assert len(summary.killed) == 2
+    assert not any(summary.leaked_blocks.values()), summary.leaked_blocks
+    assert summary.router_entries == 0 and summary.backend_entries == 0
+    assert summary.pool_sizes == {"prefill": 1, "decode": 1}
