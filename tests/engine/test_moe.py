@@ -299,3 +299,29 @@ def test_moe_decode_steps_run_the_python_layers(reference, arch, chunk):
     assert model._decode_step_checked and model._decode_step is None
     assert all(isinstance(layer.mlp, SparseMoeBlock) for layer in model.layers)
     engine.check_integrity()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_cuda_greedy_matches_transformers(moe_model_dir, arch):
+    """On CUDA (skipped without it): the same expert code path, float32 without TF32, gives
+    transformers' greedy tokens on CUDA, with chunked prefill."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model_dir = moe_model_dir(arch)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32).cuda().eval()
+        prompts = _prompts(hf.config.vocab_size)[:6]
+        expected = []
+        for p in prompts:
+            with torch.inference_mode():
+                out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=MAX_TOKENS,
+                                  min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+            expected.append(out[0, len(p):].tolist())
+        engine = Engine.from_pretrained(model_dir, device="cuda", block_size=16,
+                                        max_num_batched_tokens=16, load_tokenizer=False,
+                                        kv_cache_memory_bytes=64 << 20)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
