@@ -174,14 +174,15 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
 
 
 def _parse_moe(raw: dict[str, Any], spec: MoeSpec, source: str) -> MoeConfig:
-    num_experts = next((raw[k] for k in spec.num_experts_keys if k in raw), None)
-    if num_experts is None:
+    key = next((k for k in spec.num_experts_keys if k in raw), None)
+    if key is None:
         raise ValueError(f"{source} has none of {', '.join(spec.num_experts_keys)}: "
                          "cannot tell the number of experts")
-    num_layers, top_k = raw["num_hidden_layers"], raw["num_experts_per_tok"]
+    num_experts, num_layers = raw[key], raw["num_hidden_layers"]
+    top_k = raw["num_experts_per_tok"]
     if not 0 < top_k <= num_experts:
         raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in 1..{num_experts} "
-                         f"({spec.num_experts_key})")
+                         f"({key})")
     # As transformers' Qwen MoE layers: sparse unless listed in mlp_only_layers, and only
     # every decoder_sparse_step-th layer (both absent in Mixtral: every layer is sparse).
     dense, step = set(raw.get("mlp_only_layers") or ()), raw.get("decoder_sparse_step", 1)

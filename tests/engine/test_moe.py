@@ -235,6 +235,40 @@ def test_config_traits_are_read_per_architecture(moe_model_dir):
     assert qwen3.qk_norm and qwen3.moe.renormalize and qwen3.moe.intermediate_size == 64
 
 
+_HUB_BASE = {"hidden_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 16,
+             "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 151936,
+             "hidden_act": "silu", "max_position_embeddings": 8192}
+
+
+def test_hub_spellings_of_moe_configs():
+    """Hub config.json files spell Qwen's expert count ``num_experts`` (transformers 5 writes
+    ``num_local_experts``); sparse layers follow mlp_only_layers and decoder_sparse_step."""
+    qwen15 = ModelConfig.from_dict({
+        **_HUB_BASE, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 60,
+        "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "norm_topk_prob": False,
+        "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "sliding_window": 32768, "use_sliding_window": False}).moe
+    assert (qwen15.num_experts, qwen15.top_k, qwen15.intermediate_size) == (60, 4, 1408)
+    assert not qwen15.renormalize and qwen15.shared_expert_intermediate_size == 5632
+    assert qwen15.sparse_layers == (0, 1, 2, 3, 4, 5)
+    qwen3 = ModelConfig.from_dict({
+        **_HUB_BASE, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "decoder_sparse_step": 2, "mlp_only_layers": [3]}).moe
+    assert qwen3.renormalize and qwen3.shared_expert_intermediate_size == 0
+    assert qwen3.sparse_layers == (1, 5)  # every 2nd layer, minus the listed dense one
+    mixtral = ModelConfig.from_dict({
+        **_HUB_BASE, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": False}).moe
+    assert mixtral.renormalize  # Mixtral renormalises whatever the config says
+    with pytest.raises(ValueError, match="num_experts, num_local_experts"):
+        ModelConfig.from_dict({**_HUB_BASE, "architectures": ["Qwen3MoeForCausalLM"],
+                               "num_experts_per_tok": 8, "moe_intermediate_size": 768})
+    with pytest.raises(ValueError, match="num_experts_per_tok=9 must be in 1..8"):
+        ModelConfig.from_dict({**_HUB_BASE, "architectures": ["MixtralForCausalLM"],
+                               "num_local_experts": 8, "num_experts_per_tok": 9})
+
+
 # --- whole models through the Engine --------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHS)
