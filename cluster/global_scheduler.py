@@ -282,7 +282,7 @@ class GlobalScheduler:
         cfg = self.config
         limit = cfg.local_prefill_threshold_tokens
         pool = self._pools["decode"]
-        if limit <= 0 or not any_decode_room(pool, need):
+        if limit <= 0:
             return None
 
         def local(d: WorkerState) -> bool:
@@ -293,27 +293,27 @@ class GlobalScheduler:
             holders = [pool.by_id[i] for i in req.cached_tokens if i in pool.by_id]
             d = self._best_of([d for d in holders if local(d)], req)
         else:
-            d = next((d for d in self.policy.ranked("decode", pool, req) if local(d)), None)
+            d = self.policy.best("decode", pool, req, local, lambda: any_decode_room(pool, need))
         return None if d is None else self._commit(req, None, d, need)
 
     def _try_pair(self, req: RequestInfo, need: int) -> Placement | None:
         decodes, prefills = self._pools["decode"], self._pools["prefill"]
         cap = self.config.max_queued_prefill_tokens
-        if not any_decode_room(decodes, need) or not any_prefill_room(prefills, req, cap):
-            return None
-        best_d = next(
-            (d for d in self.policy.ranked("decode", decodes, req) if decode_room(d, need)), None
-        )
+        policy = self.policy
+        best_d = policy.best("decode", decodes, req, lambda d: decode_room(d, need),
+                             lambda: any_decode_room(decodes, need))
         if best_d is None:
             return None
-        ranked = (
-            p for p in self.policy.ranked("prefill", prefills, req) if prefill_room(p, req, cap)
-        )
         bound = self.config.max_decode_partners_per_prefill
         if bound == 0:
-            p = next(ranked, None)
+            p = policy.best("prefill", prefills, req, lambda p: prefill_room(p, req, cap),
+                            lambda: any_prefill_room(prefills, req, cap))
             return None if p is None else self._commit(req, p, best_d, need)
-        for p in ranked:
+        if not any_prefill_room(prefills, req, cap):
+            return None
+        for p in policy.ranked("prefill", prefills, req):
+            if not prefill_room(p, req, cap):
+                continue
             partners = self._partners.setdefault(p.worker_id, [])
             d: WorkerState | None = best_d
             if len(partners) >= bound:
@@ -328,10 +328,12 @@ class GlobalScheduler:
     def _try_colocated(self, req: RequestInfo, need: int) -> Placement | None:
         pool = self._pools["colocated"]
         cap = self.config.max_queued_prefill_tokens
-        if not any_decode_room(pool, need) or not any_prefill_room(pool, req, cap):
+        if not pool.members:
             return None
-        w = next((w for w in self.policy.ranked("prefill", pool, req)
-                  if decode_room(w, need) and prefill_room(w, req, cap)), None)
+        w = self.policy.best(
+            "prefill", pool, req, lambda w: decode_room(w, need) and prefill_room(w, req, cap),
+            lambda: any_decode_room(pool, need) and any_prefill_room(pool, req, cap),
+        )
         return None if w is None else self._commit(req, None, w, need)
 
     def _commit(
@@ -377,14 +379,14 @@ def decode_room(w: WorkerState, need_blocks: int) -> bool:
 
 def any_decode_room(pool: RolePool, need_blocks: int) -> bool:
     """Exact, O(1): the worker with the most spare blocks (under its cap) has enough."""
-    top = pool.spare.first()
+    top = pool.spare_top()
     return top is not None and top.free_blocks >= need_blocks + top.headroom_blocks
 
 
 def any_prefill_room(pool: RolePool, req: RequestInfo, cap: int) -> bool:
     """O(1) and never False when some worker has room: the smallest backlog with the largest
     cache hit of the request (so a True may still find no worker)."""
-    top = pool.backlog.first()
+    top = pool.backlog_top()
     if top is None:
         return False
     q = top.queued_tokens

@@ -17,7 +17,7 @@ import bisect
 import heapq
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -43,6 +43,7 @@ class WorkerState:
         self.pending: list[tuple[float, int, int]] = []
         """(placement time, prefill tokens, decode blocks) of placements the stats do not show."""
         self.pending_tokens = self.pending_blocks = self.pending_seqs = 0
+        self.total_blocks = -1  # set from the first snapshot
         self.watermark = watermark
         """Fraction of blocks a decode placement must leave free (``headroom_blocks``)."""
         self.replace_stats(stats)
@@ -63,11 +64,15 @@ class WorkerState:
             self.pending_blocks = sum(p[2] for p in self.pending)
             self.pending_seqs = len(self.pending)
         self.draining = stats.draining
-        self.total_blocks = stats.total_blocks
-        self.headroom_blocks = math.ceil(self.watermark * stats.total_blocks)
+        if stats.total_blocks != self.total_blocks:
+            self.total_blocks = stats.total_blocks
+            self.headroom_blocks = math.ceil(self.watermark * stats.total_blocks)
         self.max_num_seqs = stats.max_num_seqs
         self.prefill_speed = stats.prefill_tokens_per_s
-        self._refresh()
+        # _refresh, inlined: this runs once per worker report
+        self.queued_tokens = stats.queued_prefill_tokens + self.pending_tokens
+        self.free_blocks = stats.free_blocks - self.pending_blocks
+        self.num_requests = stats.num_running + stats.num_waiting + self.pending_seqs
 
     def _refresh(self) -> None:
         s = self.stats
@@ -155,6 +160,30 @@ class PlacementPolicy:
         if len(streams) == 1:
             return iter(streams[0])
         return heapq.merge(*streams, key=lambda w: (key(w, req), w.worker_id))
+
+    def best(
+        self,
+        kind: str,
+        pool: RolePool,
+        req: RequestInfo,
+        ok: Callable[[WorkerState], bool],
+        maybe: Callable[[], bool],
+    ) -> WorkerState | None:
+        """The first of ``ranked`` for which ``ok`` holds. Usually that is the top of one
+        index; otherwise the walk down the ranking happens only if ``maybe()`` (a cheap
+        bound: False means no worker can be ``ok``)."""
+        if self.indexed and len(pool.groups) == 1 and not (
+            self.cache_sensitive and kind == "prefill" and req.cached_tokens
+        ):
+            for index in pool.groups.values():
+                top = index.first()
+                if top is None:
+                    return None
+                if ok(top):
+                    return top
+        if not maybe():
+            return None
+        return next((w for w in self.ranked(kind, pool, req) if ok(w)), None)
 
     def on_placed(self, prefill_id: str | None, decode_id: str) -> None:
         """Called after every placement (stateful policies advance here)."""
@@ -323,9 +352,10 @@ class RolePool:
 
     ``members`` in id order (listing, round robin); when the policy is ``indexed``, one
     ``RankIndex`` per policy group by its order key; and two room bounds that answer "does
-    any worker have room?" in O(1): ``spare`` (most blocks free beyond the watermark among
-    workers under their batch cap, negated) and ``backlog`` (least prefill backlog).
-    Draining workers are in ``members`` only.
+    any worker have room?" in O(1) (``spare_top``: most blocks free beyond the watermark
+    among workers under their batch cap; ``backlog_top``: least prefill backlog). The bounds
+    are consulted only when the best-ranked worker has no room, so they are re-keyed lazily,
+    when read. Draining workers are in ``members`` only.
     """
 
     def __init__(self, kind: str, policy: PlacementPolicy, colocated: bool = False) -> None:
@@ -336,8 +366,9 @@ class RolePool:
         self.by_id: dict[str, WorkerState] = {}
         self.groups: dict[object, RankIndex] = {}
         self._group_of: dict[str, object] = {}
-        self.spare = RankIndex()
-        self.backlog = RankIndex()
+        self._spare = RankIndex()
+        self._backlog = RankIndex()
+        self._bounds_stale: dict[str, WorkerState] = {}
         self._decodes = kind == "decode" or colocated
         self._prefills = kind == "prefill"
         self._index_key = policy.index_key if policy.indexed else None
@@ -360,11 +391,7 @@ class RolePool:
         if w.draining:  # never has room: only listed
             self._drop(w)
             return
-        if self._decodes:
-            capped = w.max_num_seqs and w.num_requests >= w.max_num_seqs
-            self.spare.set(w, None if capped else w.headroom_blocks - w.free_blocks)
-        if self._prefills:
-            self.backlog.set(w, w.queued_tokens)
+        self._bounds_stale[w.worker_id] = w
         if self._index_key is not None:
             group, key = self._index_key(self.kind, w)
             if self._group_of.get(w.worker_id, _UNSET) != group:
@@ -377,8 +404,31 @@ class RolePool:
 
     def _drop(self, w: WorkerState) -> None:
         self._ungroup(w)
-        self.spare.set(w, None)
-        self.backlog.set(w, None)
+        self._bounds_stale.pop(w.worker_id, None)
+        self._spare.set(w, None)
+        self._backlog.set(w, None)
+
+    def _rekey_bounds(self) -> None:
+        for w in self._bounds_stale.values():
+            if self._decodes:
+                capped = w.max_num_seqs and w.num_requests >= w.max_num_seqs
+                self._spare.set(w, None if capped else w.headroom_blocks - w.free_blocks)
+            if self._prefills:
+                self._backlog.set(w, w.queued_tokens)
+        self._bounds_stale.clear()
+
+    def spare_top(self) -> WorkerState | None:
+        """The non-draining worker under its batch cap with the most blocks free beyond its
+        watermark headroom."""
+        if self._bounds_stale:
+            self._rekey_bounds()
+        return self._spare.first()
+
+    def backlog_top(self) -> WorkerState | None:
+        """The non-draining worker with the least prefill backlog."""
+        if self._bounds_stale:
+            self._rekey_bounds()
+        return self._backlog.first()
 
     def _ungroup(self, w: WorkerState) -> None:
         group = self._group_of.pop(w.worker_id, _UNSET)
