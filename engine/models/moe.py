@@ -104,7 +104,7 @@ class MoeExperts(nn.Module):
         return slots.view(T, k, -1).sum(dim=1).to(x.dtype)
 
     def expert_views(self, prefix: str,
-                         names: tuple[str, str, str]) -> dict[str, torch.Tensor | None]:
+                     names: tuple[str, str, str]) -> dict[str, torch.Tensor | None]:
         """``{prefix}.{e}.{gate|up|down}.weight`` -> its slice of w13 / w2, for every expert
         of the model; None for experts another rank holds (the loader skips those)."""
         gate, up, down = names
