@@ -13,7 +13,10 @@ their tokens' rows (each token's k results summed in a fixed order: deterministi
 Expert parallelism (for tensor parallelism, later): a rank holds only experts
 ``[expert_start, expert_end)``; assignments to other experts are skipped here and the
 layer's one all-reduce over the TP group sums the ranks' partial outputs, as it does for a
-row-parallel down projection. With the full range (TP = 1) nothing is skipped.
+row-parallel down projection. With the full range (TP = 1) nothing is skipped. The router
+is replicated (every rank routes the same tokens the same way); Qwen2-MoE's shared expert is
+a dense MLP, to be split column/row-parallel like the others (every rank holds it whole
+today, so a TP split must shard it or keep it on one rank).
 
 Checkpoints store one tensor per expert and projection (Hugging Face's layout, also what
 transformers 5 writes): ``{block}.experts.{e}.{gate|up|down}.weight``. ``checkpoint_views``
