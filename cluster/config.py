@@ -125,10 +125,27 @@ class ClusterConfig(_Frozen):
                             "themselves (no prefill pool, no transfer).")
     transfer: TransferSection = Field(default_factory=TransferSection)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
+    autoscaler: AutoscalerConfig = Field(
+        default_factory=lambda: AutoscalerConfig(enabled=False),
+        description="Pool sizing from SLOs. Off unless autoscaler.enabled is written: pools "
+        "keep the sizes given unless autoscaling is asked for.")
     slo: SLOConfig = Field(default_factory=SLOConfig)
     router: RouterSection = Field(default_factory=RouterSection)
     ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _autoscaling_only_when_asked(cls, data: Any) -> Any:
+        """A config that does not write autoscaler.enabled gets fixed pools (issue #12: an
+        autoscaler nobody asked for grew a pool while a lost worker waited for room)."""
+        if not isinstance(data, dict):
+            return data
+        section = data.get("autoscaler")
+        if section is None:
+            return {**data, "autoscaler": {"enabled": False}}
+        if isinstance(section, dict) and "enabled" not in section:
+            return {**data, "autoscaler": {**section, "enabled": False}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterConfig:

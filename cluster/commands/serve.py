@@ -57,7 +57,7 @@ def load_config(args: argparse.Namespace):
         "router.tls_cert": getattr(args, "tls_cert", None),
         "router.tls_key": getattr(args, "tls_key", None),
         "router.tls_client_ca": getattr(args, "tls_client_ca", None),
-        "autoscaler.enabled": _autoscaling_wanted(args, base),
+        "autoscaler.enabled": _autoscaling_wanted(args),
     }
     for role in ("prefill", "decode"):
         n = getattr(args, role)
@@ -69,12 +69,10 @@ def load_config(args: argparse.Namespace):
     return base.with_overrides(**over)
 
 
-def _autoscaling_wanted(args: argparse.Namespace, base) -> bool:
-    """Autoscaling only when asked for: ``--autoscale``, or ``autoscaler.enabled`` written
-    in the config file (then as written). Otherwise the pools keep the sizes given."""
-    if getattr(args, "autoscale", None):
-        return True
-    return base.autoscaler.enabled if "enabled" in base.autoscaler.model_fields_set else False
+def _autoscaling_wanted(args: argparse.Namespace) -> bool | None:
+    """``--autoscale`` turns the autoscaler on; else the config decides, and a config that
+    does not write ``autoscaler.enabled`` keeps fixed pools (``ClusterConfig``)."""
+    return True if getattr(args, "autoscale", None) else None
 
 
 def register(subparsers) -> None:

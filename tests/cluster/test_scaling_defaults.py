@@ -36,6 +36,15 @@ def test_serve_pool_sizes_mean_fixed_pools_unless_autoscaling_is_asked(tmp_path)
     assert not load_config(_args("--config", str(silent))).autoscaler.enabled
 
 
+def test_a_cluster_config_autoscales_only_when_it_says_so():
+    """Every entry point (serve, demo, start_server, the load generator) builds one."""
+    assert not ClusterConfig().autoscaler.enabled
+    assert not ClusterConfig.model_validate({"autoscaler": {"interval_s": 5}}).autoscaler.enabled
+    on = ClusterConfig.model_validate({"autoscaler": {"enabled": True, "interval_s": 5}})
+    assert on.autoscaler.enabled and on.autoscaler.interval_s == 5
+    assert on.with_overrides(**{"prefill.replicas": 1}).autoscaler.enabled  # kept when copied
+
+
 # -- a cluster whose workers are fakes: creation can be held pending, like an unplaceable actor
 
 
