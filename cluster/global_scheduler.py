@@ -113,6 +113,7 @@ class GlobalScheduler:
         self._queue: OrderedDict[str, _Waiting] = OrderedDict()
         self._speeds_changed = True
         self._default_speed = 1.0
+        self._bs = self.config.block_size
         self._stale: dict[str, WorkerState] = {}
         """Workers changed since the pools' indexes last saw them: re-keyed once before the
         next placement (a worker often changes several times between two placements)."""
@@ -120,34 +121,38 @@ class GlobalScheduler:
     # ---- worker membership and stats -------------------------------------------------------
 
     def update_stats(self, stats: WorkerStats) -> None:
+        wid = stats.worker_id
+        state = self._workers.get(wid)
+        if state is None or state.stats.role != stats.role or stats.block_size != self._bs:
+            self._join(stats)
+        else:  # the hot path: a known worker's newer snapshot
+            if stats.prefill_tokens_per_s != state.prefill_speed:
+                self._speeds_changed = True
+            state.replace_stats(stats)
+            self._stale[wid] = state
+        if stats.cache_snapshot:
+            self._index.reset(wid, stats.cached_block_hashes_added)
+        else:
+            if stats.cached_block_hashes_evicted:
+                self._index.evict(wid, stats.cached_block_hashes_evicted)
+            if stats.cached_block_hashes_added:
+                self._index.add(wid, stats.cached_block_hashes_added)
+        if stats.draining and stats.role == "decode":
+            self._drop_partner(wid)
+
+    def _join(self, stats: WorkerStats) -> None:
+        """A new worker, or one that changed role (it starts afresh)."""
         if stats.block_size != self.config.block_size:
             raise ValueError(
                 f"worker {stats.worker_id} reports block_size {stats.block_size}, scheduler "
                 f"hashes blocks of {self.config.block_size}: set SchedulerConfig.block_size"
             )
-        state = self._workers.get(stats.worker_id)
-        if state is not None and state.stats.role != stats.role:
-            self.remove_worker(stats.worker_id)  # role change: start afresh
-            state = None
-        if state is None:
-            state = WorkerState(stats, self.config.decode_free_blocks_watermark)
-            self._workers[stats.worker_id] = state
-            self._pools[stats.role].add(state)
-            self._speeds_changed = True
-        else:
-            if stats.prefill_tokens_per_s != state.prefill_speed:
-                self._speeds_changed = True
-            state.replace_stats(stats)
-            self._stale[stats.worker_id] = state
-        if stats.cache_snapshot:
-            self._index.reset(stats.worker_id, stats.cached_block_hashes_added)
-        else:
-            if stats.cached_block_hashes_evicted:
-                self._index.evict(stats.worker_id, stats.cached_block_hashes_evicted)
-            if stats.cached_block_hashes_added:
-                self._index.add(stats.worker_id, stats.cached_block_hashes_added)
-        if stats.draining and stats.role == "decode":
-            self._drop_partner(stats.worker_id)
+        if stats.worker_id in self._workers:
+            self.remove_worker(stats.worker_id)
+        state = WorkerState(stats, self.config.decode_free_blocks_watermark)
+        self._workers[stats.worker_id] = state
+        self._pools[stats.role].add(state)
+        self._speeds_changed = True
 
     def remove_worker(self, worker_id: str) -> None:
         state = self._workers.pop(worker_id, None)

@@ -134,8 +134,11 @@ class Simulation:
             self._retire(w)
 
     def _flush(self) -> None:
+        update, now = self.sched.update_stats, self.now
         for w in self._changed.values():
-            self.sched.update_stats(w.stats(self.now))
+            report = w.report(now)
+            if report is not None:  # None: nothing the scheduler reads has changed
+                update(report)
         self._changed.clear()
 
     def _retire(self, w: SimWorker) -> None:
@@ -211,12 +214,14 @@ class Simulation:
     def _dispatch(self, p: Placement) -> None:
         r = self.inflight[p.request_id]
         d = self.workers[p.decode_worker_id]
+        d.placed = True
         d.reserve(r)
         if p.prefill_worker_id is None:
             d.accept_prefill(r, self.now)
             self._push(d)
         else:
             pw = self.workers[p.prefill_worker_id]
+            pw.placed = True
             self._push(d)
             pw.accept_prefill(r, self.now)
             self._push(pw)

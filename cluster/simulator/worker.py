@@ -97,6 +97,8 @@ class SimWorker:
         self._evicted: set[int] = set()
         self.prefill_speed = prof.prefill_tokens_per_s(self.chunk)
         self._fields = _constant_fields(self)
+        self._reported: tuple | None = None  # the scheduler-visible fields last reported
+        self.placed = False  # a placement landed here since the last report
 
     # ---- requests arriving -----------------------------------------------------------------
 
@@ -260,7 +262,31 @@ class SimWorker:
 
     # ---- reporting -------------------------------------------------------------------------
 
+    def report(self, now: float) -> WorkerStats | None:
+        """The snapshot to send the scheduler, or None when its view is already exact: none
+        of the fields it reads changed since the last report and nothing was placed here
+        since (a placement waits as pending load until a newer snapshot replaces it)."""
+        view = (
+            len(self.prefill_q) + len(self.decode_wait) + self.expecting,  # num_waiting
+            len(self.heap),  # num_running
+            self.queued_tokens,
+            max(0, self.total_blocks - self.reserved),  # free_blocks
+            self.draining,
+        )
+        if view == self._reported and not (self.placed or self._added or self._evicted):
+            return None
+        self._reported = view
+        self.placed = False
+        return self._snapshot(now, view)
+
     def stats(self, now: float) -> WorkerStats:
+        """The worker's snapshot now (always)."""
+        self._reported = None
+        report = self.report(now)
+        assert report is not None
+        return report
+
+    def _snapshot(self, now: float, view: tuple) -> WorkerStats:
         added: tuple[int, ...] = ()
         evicted: tuple[int, ...] = ()
         if self._added or self._evicted:
@@ -272,14 +298,11 @@ class SimWorker:
         # object.__setattr__ at a time and re-validates what the counters guarantee; the
         # result is the same object (equal, same type: tests/cluster/test_sim_speed.py)
         fields = self._fields.copy()
-        fields["num_waiting"] = len(self.prefill_q) + len(self.decode_wait) + self.expecting
-        fields["num_running"] = len(self.heap)
-        fields["queued_prefill_tokens"] = self.queued_tokens
-        fields["free_blocks"] = max(0, self.total_blocks - self.reserved)
+        (fields["num_waiting"], fields["num_running"], fields["queued_prefill_tokens"],
+         fields["free_blocks"], fields["draining"]) = view
         fields["cached_block_hashes_added"] = added
         fields["cached_block_hashes_evicted"] = evicted
         fields["timestamp"] = now
-        fields["draining"] = self.draining
         stats = _new(WorkerStats)
         _set(stats, "__dict__", fields)
         return stats
