@@ -1,0 +1,141 @@
+"""The grammar engine (xgrammar) behind structured outputs: grammars, compilers, matchers.
+
+Three levels, each built once and reused:
+  ``build_grammar(kind, spec)``  tokenizer-independent grammar (validation; LRU per spec)
+  ``GrammarBackend``             one per tokenizer (model dir, logits width, stop ids): the
+                                 tokenizer's byte table, a compiler, an LRU of compiled grammars
+                                 per spec (so the cache is keyed by (tokenizer, spec))
+  ``GrammarState``               one per request: a matcher advanced by every output token
+
+The bitmask width is the model's logits width (its embedding rows, config.json's
+``vocab_size``), which may exceed the tokenizer's size: ids past the tokenizer are never
+allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from functools import lru_cache
+
+import xgrammar as xgr
+
+COMPILED_CACHE_SIZE = 256
+"""Compiled grammars kept per tokenizer (least recently used dropped first)."""
+
+# xgrammar prefixes C++ errors with "[hh:mm:ss] /path/file.cc:123: ": not for clients.
+_LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s*\S+:\d+:\s*")
+
+
+def clean_error(error: Exception) -> str:
+    """The grammar engine's message without its source path and line (safe for a client)."""
+    text = str(error).strip()
+    text = _LOG_PREFIX.sub("", text.splitlines()[0] if text else "")
+    return text or type(error).__name__
+
+
+def choice_ebnf(choices: Iterable[str]) -> str:
+    """EBNF matching exactly one of ``choices`` (JSON string escapes are EBNF escapes)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+@lru_cache(maxsize=256)
+def build_grammar(kind: str, spec: str | tuple[str, ...]) -> xgr.Grammar:
+    """The tokenizer-independent grammar of a (normalised) spec; raises on an invalid one."""
+    if kind == "json_object":
+        return xgr.Grammar.from_json_schema('{"type":"object"}', any_whitespace=False,
+                                            strict_mode=False)
+    if kind == "json_schema":
+        return xgr.Grammar.from_json_schema(spec, any_whitespace=False, strict_mode=True)
+    if kind == "regex":
+        return xgr.Grammar.from_regex(spec)
+    if kind == "choice":
+        return xgr.Grammar.from_ebnf(choice_ebnf(spec))
+    if kind == "grammar":
+        return xgr.Grammar.from_ebnf(spec) if "::=" in spec else xgr.Grammar.from_lark(spec)
+    raise ValueError(f"unknown structured-output kind {kind!r}")
+
+
+class GrammarState:
+    """A request's position in its grammar. ``accept`` each output token in order; the
+    engine masks the next token with ``fill``'s row of the batch bitmask."""
+
+    __slots__ = ("matcher", "error")
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.error: str | None = None  # set once a token was refused; nothing is accepted after
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one output token. False (and ``error`` set) when the grammar refuses it:
+        a token that was not masked (e.g. generated elsewhere without the grammar)."""
+        if self.error is not None:
+            return False
+        if self.matcher.is_terminated() or not self.matcher.accept_token(token_id):
+            self.error = (f"token {token_id} does not follow the structured-output spec; "
+                          "the tokens before it were generated without it")
+            return False
+        return True
+
+    def advance(self, token_ids: Iterable[int]) -> bool:
+        """Accept tokens generated before this engine saw the request (a resume)."""
+        return all(self.accept(t) for t in token_ids)
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar is complete and its stop token was accepted: the output is done."""
+        return self.matcher.is_terminated()
+
+
+class GrammarBackend:
+    """Compiles specs for one tokenizer and hands out per-request states."""
+
+    def __init__(self, tokenizer_info: xgr.TokenizerInfo) -> None:
+        self.tokenizer_info = tokenizer_info
+        threads = max(1, min(8, os.cpu_count() or 1))
+        # Our own LRU holds what is compiled; xgrammar's unbounded cache would duplicate it.
+        self.compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=threads,
+                                            cache_enabled=False)
+        self._compiled: OrderedDict[tuple, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self.num_compiled = 0  # compilations done (cache misses): tests and stats
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer_info.vocab_size
+
+    def compile(self, kind: str, spec: str | tuple[str, ...]) -> xgr.CompiledGrammar:
+        key = (kind, spec)
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
+                return compiled
+        compiled = self.compiler.compile_grammar(build_grammar(kind, spec))
+        with self._lock:
+            self.num_compiled += 1
+            self._compiled[key] = compiled
+            while len(self._compiled) > COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def new_state(self, kind: str, spec: str | tuple[str, ...]) -> GrammarState:
+        return GrammarState(self.compile(kind, spec))
+
+
+@lru_cache(maxsize=8)
+def backend_for(model_dir: str, vocab_size: int, stop_token_ids: tuple[int, ...]) -> GrammarBackend:
+    """The process's backend for a model's tokenizer (engines of one model share it: e.g. a
+    prefill and a decode engine in one process). Loads the Hugging Face tokenizer from
+    ``model_dir`` itself, so an engine built with ``load_tokenizer=False`` (workers that get
+    token ids) can still constrain its output. ``vocab_size``: the logits width."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    info = xgr.TokenizerInfo.from_huggingface(
+        hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None)
+    return GrammarBackend(info)
