@@ -35,7 +35,6 @@ from cluster.handles import WorkerGone, WorkerHandle
 from engine.errors import ResourceExhaustedError, SplitServeError, UnavailableError
 
 log = logging.getLogger(__name__)
-POLL_TIMEOUT_S = 0.5
 MAX_PLACE_ATTEMPTS = 3
 MAX_MIGRATIONS = 3  # per request, all kinds together
 MAX_TRANSFER_RETRIES = 1  # a failed KV transfer is retried once
@@ -462,23 +461,25 @@ class ClusterBackend(ServingBackend):
 
     # -- background tasks ---------------------------------------------------------------------
     async def _pump(self, handle: WorkerHandle) -> None:
-        """Long-poll one decode worker; hand every delta to its request's stream."""
-        while True:
-            try:
-                deltas = await handle.call("get_outputs", POLL_TIMEOUT_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # its streams would hang: treat it as gone
-                self.lose_worker(handle.worker_id, f"decode worker unreachable: {exc}")
-                return
-            finished = False
-            for delta in deltas:
-                flight = self._by_worker_rid.get(delta.request_id)
-                if flight is not None and flight.attempt.worker_rid == delta.request_id:
-                    flight.attempt.queue.put_nowait(delta)
-                finished |= delta.finish_reason is not None
-            if finished:
-                self._poll_admission()
+        """Follow one decode worker's output stream (one item per engine step, as each step
+        ends); hand every delta to its request's stream at once."""
+        try:
+            async for deltas in handle.stream_outputs():
+                finished = False
+                for delta in deltas:
+                    flight = self._by_worker_rid.get(delta.request_id)
+                    if flight is not None and flight.attempt.worker_rid == delta.request_id:
+                        flight.attempt.queue.put_nowait(delta)
+                    finished |= delta.finish_reason is not None
+                if finished:
+                    self._poll_admission()
+            why = "its output stream ended"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # its streams would hang: treat it as gone
+            why = f"decode worker unreachable: {exc}"
+        if handle.worker_id in self.workers and not self._closed:
+            self.lose_worker(handle.worker_id, why)
 
     async def _report(self, handle: WorkerHandle) -> None:
         try:

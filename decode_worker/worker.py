@@ -6,8 +6,9 @@ Life of a request on the decode side:
   2. Two things must happen, in either order: the KV lands (receiver callback) and the router
      calls ``start()`` with the first token that the prefill worker sampled.
   3. Both done → the request joins the running batch (``Engine.activate``).
-  4. Tokens stream out coalesced per engine step: the router long-polls ``get_outputs()``,
-     one call returning every request's new tokens (never one message per token).
+  4. Tokens stream out per engine step: ``stream_outputs()`` (a Ray streaming generator)
+     yields each step's deltas for every request as the step ends (never one message per
+     token, never several steps held back for a poll).
   5. One final delta per request: finished, aborted, or failed (transfer error or timeout),
      and every block is freed.
 ``generate()`` is the other entry: the worker prefills the prompt itself (conditional
@@ -20,6 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from decode_worker.deadlines import DeadlineTimer
@@ -53,8 +55,9 @@ class DecodeWorker(HostedWorker):
         self._lock = threading.Lock()
         self._incoming: dict[str, _Incoming] = {}
         self._times: dict[str, dict[str, float]] = {}  # stamps of requests being decoded
-        self._deltas: deque[TokenDelta] = deque()
+        self._steps: deque[list[TokenDelta]] = deque()  # one entry per engine step (or event)
         self._deltas_ready = threading.Condition(self._lock)
+        self._stopped = False
         self.host = EngineHost(worker_id, role, model_dir, engine_options or {},
                                self._on_outputs)
         if self.transfer_config.backend == "ray" and "actor" not in receiver_kwargs:
@@ -186,23 +189,38 @@ class DecodeWorker(HostedWorker):
             self._on_outputs([out])
         return out is not None
 
+    def stream_outputs(self) -> Iterator[list[TokenDelta]]:
+        """Every request's new tokens, one item per engine step, as soon as the step ends
+        (the router consumes it as a Ray streaming generator); ends at shutdown."""
+        while True:
+            with self._deltas_ready:
+                while not self._steps and not self._stopped:
+                    self._deltas_ready.wait()
+                if not self._steps:
+                    return
+                step = self._steps.popleft()
+            yield step
+
     def get_outputs(self, timeout_s: float = 1.0) -> list[TokenDelta]:
-        """Every delta produced since the last call; waits up to ``timeout_s`` for one."""
+        """Every delta produced since the last call; waits up to ``timeout_s`` for one
+        (tests and tools; the router streams)."""
         with self._deltas_ready:
-            if not self._deltas:
+            if not self._steps:
                 self._deltas_ready.wait(timeout_s)
-            deltas, self._deltas = list(self._deltas), deque()
-        return deltas
+            steps, self._steps = list(self._steps), deque()
+        return [delta for step in steps for delta in step]
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.time()
         with self._deltas_ready:
+            step = []
             for out in outputs:
                 times = None
                 if out.finish_reason is not None:
                     times = self._times.pop(out.request_id, {})
                     times["finished"] = now
-                self._deltas.append(TokenDelta.from_output(out, times))
+                step.append(TokenDelta.from_output(out, times))
+            self._steps.append(step)
             self._deltas_ready.notify_all()
 
     # -- reporting / lifecycle ----------------------------------------------------------------
@@ -211,6 +229,9 @@ class DecodeWorker(HostedWorker):
         return self.receiver.deliver(header, payload)
 
     def shutdown(self) -> None:
+        with self._deltas_ready:  # ends stream_outputs
+            self._stopped = True
+            self._deltas_ready.notify_all()
         self._kv_deadlines.stop()
         self.receiver.close()
         self.host.shutdown()
