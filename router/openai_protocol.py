@@ -24,12 +24,19 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
                   "repetition_penalty", "stop_token_ids", "min_tokens")
 
 
+# strict: a field's JSON type is the one the OpenAPI schema declares ("include_usage": 0 or
+# "max_tokens": "5" is a 400, not silently coerced); unknown fields are still ignored.
+_REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = _REQUEST_CONFIG
+
     include_usage: bool = False
 
 
 class _SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
 
     model: str
     max_tokens: int | None = None
@@ -87,7 +94,7 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -178,7 +185,10 @@ JSON_OK: dict[int | str, dict[str, Any]] = {200: {"description": "OK"}}
 GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "The completion (JSON), or with stream=true server-sent events ending "
                    "with data: [DONE]",
-    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+    "content": {"application/json": {}, "text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string",
+            "description": "a chunk as JSON (an error object after a failure), or [DONE]"}}}}}}}
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Ready"},
     500: _error("Internal error"),

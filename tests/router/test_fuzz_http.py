@@ -21,7 +21,7 @@ from schemathesis.checks import positive_data_acceptance
 from router.config import RouterConfig
 from tests.router.conftest import Stack, make_backend
 
-EXAMPLES = 30  # per operation and mode
+EXAMPLES = 50  # per operation and mode
 # Every check but positive_data_acceptance ("a schema-valid request gets 2xx"): validity
 # beyond a schema's reach is refused with a 400 naming the field (an empty prompt, max_tokens
 # past the context left by the prompt, an unknown model), which is the contract.
