@@ -69,6 +69,7 @@ class EngineHost:
             prefix_cache_hits=engine.kv_manager.num_prefix_hits,
             kv_bytes_sent=self.kv_bytes_sent,
             integrity_failures=counters.integrity_failures,
+            step_time_p50_s=counters.step_time_p50(),
         )
 
     def check_integrity(self) -> None:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.outputs import RequestOutput
 
@@ -35,12 +35,20 @@ class StepCounters:
     steps: int = 0
     integrity_checks: int = 0
     integrity_failures: int = 0
+    # Wall time of the most recent steps (seconds): what a client's inter-token gaps should
+    # look like on a decode worker.
+    recent_steps: deque = field(default_factory=lambda: deque(maxlen=512))
 
     def prefill_tokens_per_s(self) -> float:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def step_time_p50(self) -> float:
+        """Median wall time of the recent steps (0 before the first)."""
+        steps = sorted(self.recent_steps)
+        return steps[len(steps) // 2] if steps else 0.0
 
 
 class EngineLoop:
@@ -134,6 +142,7 @@ class EngineLoop:
     def _count(self, outputs: list[RequestOutput], elapsed: float) -> None:
         c = self.counters
         c.steps += 1
+        c.recent_steps.append(elapsed)
         batch = self.engine.last_batch
         if batch is None:
             return

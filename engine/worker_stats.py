@@ -70,6 +70,9 @@ class WorkerStats:
     """Of those, tokens found cached (cumulative): hit rate = hits / queries."""
     kv_bytes_sent: int = 0
     """KV cache bytes this worker shipped to decode workers since start (cumulative)."""
+    step_time_p50_s: float = 0.0
+    """Median wall time of the worker's recent engine steps (its last 512), seconds: on a
+    decode worker, the inter-token gap a client should see."""
     integrity_failures: int = 0
     """Block-pool integrity checks (run whenever the engine falls idle) that failed since
     start (cumulative; each is also logged as an error)."""
