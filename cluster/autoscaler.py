@@ -186,9 +186,18 @@ def weighted_percentile(
 
 
 class Autoscaler:
-    def __init__(self, config: AutoscalerConfig | None = None, slo: SLOConfig | None = None):
+    def __init__(
+        self,
+        config: AutoscalerConfig | None = None,
+        slo: SLOConfig | None = None,
+        gpus_per_worker: Mapping[str, int] | None = None,
+    ):
         self.config = config or AutoscalerConfig()
         self.slo = slo or SLOConfig()
+        self.gpus_per_worker = {p: 1 for p in POOLS} | dict(gpus_per_worker or {})
+        """GPUs one worker of each pool takes (its tensor-parallel size): pools are sized in
+        workers, the budget ``max_total_replicas`` counts GPUs; a role change moves a worker
+        only between pools of one size."""
         self._last_change: dict[str, tuple[float, bool]] = {}  # pool -> (time, was a scale-up)
         self._low_since: dict[str, float | None] = {p: None for p in POOLS}
 
@@ -328,10 +337,15 @@ class Autoscaler:
             return None
         step = max(1, math.ceil(cur * c.scale_up_fraction))
         target = min(hi, max(cur + step, want or 0))
-        room = (c.max_total_replicas - sizes[other] - cur) if c.max_total_replicas else None
+        g = self.gpus_per_worker
+        room = (
+            (c.max_total_replicas - sizes[other] * g[other] - cur * g[pool]) // g[pool]
+            if c.max_total_replicas else None
+        )
         other_lo, _ = self._bounds(other)
         can_move = (
             c.allow_role_change
+            and g[pool] == g[other]
             and sizes[other] > other_lo
             and self._ready(other, now, up=False)
             and signals[other][0] is None
