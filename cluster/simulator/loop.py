@@ -57,7 +57,9 @@ class Simulation:
         self._transfer = transfer_profile(self.profs["prefill"], self.profs["decode"])
         self.now = 0.0
         self.sched = GlobalScheduler(cfg.scheduler, policy=policy, clock=lambda: self.now)
-        self.autoscaler = Autoscaler(cfg.autoscaler, cfg.slo) if cfg.autoscaler else None
+        # the autoscaler sizes pools in workers of each pool's TP size; its budget is GPUs
+        tps = {role: cfg.tp_of(role) for role in ("prefill", "decode")}
+        self.autoscaler = Autoscaler(cfg.autoscaler, cfg.slo, tps) if cfg.autoscaler else None
         self.window = RollingWindow(cfg.autoscaler.window_s) if cfg.autoscaler else None
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = itertools.count()
@@ -250,32 +252,40 @@ class Simulation:
         if self.autoscaler is not None:
             self._after(cfg.autoscaler.interval_s, _AUTOSCALE, None)  # type: ignore[union-attr]
             self._after(cfg.gauge_interval_s, _GAUGE, None)
-        trace, n, i = self.trace, len(self.trace), 0
-        heap = self._heap
-        while True:
-            next_arrival = trace[i].arrival_s if i < n else math.inf
-            if heap and heap[0][0] <= next_arrival:
-                t, _, kind, payload, version = heapq.heappop(heap)
-                self.now = t
-                self.num_events += 1
-                if kind == _WORKER:
-                    self._on_worker(payload, version)  # type: ignore[arg-type]
-                elif not self._on_other(kind, payload, done=i >= n):
-                    break
-            elif i < n:
-                self.now = next_arrival
-                self._arrive(i, trace[i])
-                i += 1
-            else:
-                break
-            if self._changed and self.sched.queue_length:
-                self._poll()
+        self._loop()
         self._record_replicas()  # closes the timeline at the end time
         return self.result()
 
-    def _on_worker(self, w: SimWorker, version: int) -> None:
-        if w.on_event(self.now, version) and w.wid in self.workers:
-            self._push(w)
+    def _loop(self) -> None:
+        """The hot loop (one pass per event): names bound locally, worker events inlined."""
+        trace, n, i = self.trace, len(self.trace), 0
+        heap, pop, workers, changed, sched = (
+            self._heap, heapq.heappop, self.workers, self._changed, self.sched)
+        arrival = trace[0].arrival_s if n else math.inf
+        events = 0
+        while True:
+            if heap and heap[0][0] <= arrival:
+                t, _, kind, payload, version = pop(heap)
+                self.now = t
+                events += 1
+                if kind == _WORKER:
+                    w: SimWorker = payload  # type: ignore[assignment]
+                    if w.on_event(t, version) and w.wid in workers:
+                        changed[w.wid] = w  # = self._push(w)
+                        if w.draining and w.is_idle():
+                            self._retire(w)
+                elif not self._on_other(kind, payload, done=i >= n):
+                    break
+            elif i < n:
+                self.now = arrival
+                self._arrive(i, trace[i])
+                i += 1
+                arrival = trace[i].arrival_s if i < n else math.inf
+            else:
+                break
+            if changed and sched.queue_length:
+                self._poll()
+        self.num_events += events
 
     def _on_other(self, kind: int, payload: object, done: bool) -> bool:
         """Handle a non-worker event; False ends the simulation (only periodic events left)."""

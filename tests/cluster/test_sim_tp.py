@@ -144,3 +144,23 @@ def test_sweep_tp_reports_the_best_and_its_gain_over_one_tp_size(capsys):
                      "--ttft-slo", "0.3", "--itl-slo", "0.03"]) == 0
     printed = capsys.readouterr().out
     assert "best: prefill TP 1" in printed and "best with one TP size: TP 1" in printed
+
+
+def test_autoscaler_budget_counts_the_gpus_of_each_pools_workers():
+    from cluster.autoscaler import Autoscaler, WindowMetrics
+    from cluster.policy_config import AutoscalerConfig
+
+    cfg = AutoscalerConfig(max_total_replicas=16, scale_up_fraction=10.0, max_prefill=64)
+    slow_ttft = WindowMetrics(ttft_p=10.0, itl_p=0.001)
+    sizes = {"prefill": 2, "decode": 2}
+    # one GPU per worker: 12 GPUs left, the prefill pool may grow to 2 + 12
+    (one,) = Autoscaler(cfg, SLOConfig()).decide(0.0, slow_ttft, sizes)
+    assert one.target == 14
+    # TP 2 prefill, TP 4 decode: 2 * 2 + 2 * 4 = 12 GPUs used, room for 2 more prefill workers
+    (tp,) = Autoscaler(cfg, SLOConfig(), {"prefill": 2, "decode": 4}).decide(
+        0.0, slow_ttft, sizes)
+    assert (tp.pool, tp.target, tp.from_pool) == ("prefill", 4, None)
+    # at the budget with unequal sizes no worker changes role (it would not be one worker)
+    full = {"prefill": 4, "decode": 2}
+    assert Autoscaler(cfg, SLOConfig(), {"prefill": 2, "decode": 4}).decide(
+        0.0, slow_ttft, full) == []
