@@ -76,8 +76,8 @@ class ClusterBackend(ServingBackend):
         # Requests moved to another attempt, by why (cumulative; metrics read it).
         self.migrations: dict[str, int] = dict.fromkeys(MIGRATION_KINDS, 0)
         self.migrations_failed = 0  # requests that ran out of migrations or time
-        # Roles of lost workers whose replacement has not joined yet (role -> count).
-        self._awaited: dict[str, int] = {}
+        # Whether a lost worker of a role is being replaced; the cluster sets it.
+        self.replacement_pending: Callable[[str], bool] = lambda role: False
 
     # -- membership ------------------------------------------------------------------------
     async def add_worker(self, handle: WorkerHandle) -> None:
@@ -89,8 +89,6 @@ class ClusterBackend(ServingBackend):
                 self._endpoints[handle.worker_id] = await handle.call("endpoint")
             self._tasks[handle.worker_id] = asyncio.create_task(self._pump(handle))
         await self._report(handle)
-        if self._awaited.get(handle.role):
-            self._awaited[handle.role] -= 1
         if self._membership is not None:  # wake requests waiting for a worker
             self._membership.set()
             self._membership = None
@@ -126,8 +124,6 @@ class ClusterBackend(ServingBackend):
             return  # already lost (several calls can fail at once)
         log.error("worker %s is gone: %s", worker_id, why)
         self._migrate_worker_requests(worker_id, handle.role, why)
-        if self.on_worker_lost is not None and not self._closed:
-            self._awaited[handle.role] = self._awaited.get(handle.role, 0) + 1
         self.remove_worker(worker_id)
         if self.on_worker_lost is not None and not self._closed:
             self.on_worker_lost(worker_id, handle.role)
@@ -174,7 +170,10 @@ class ClusterBackend(ServingBackend):
 
     def can_accept(self) -> bool:
         """Ready, or ready once the replacements being started have joined."""
-        return self._ready_with({role for role, n in self._awaited.items() if n > 0})
+        if self._closed:
+            return False
+        return self._ready_with({r for r in ("prefill", "decode", "colocated")
+                                 if self.replacement_pending(r)})
 
     def _ready_with(self, extra_roles: set[str]) -> bool:
         roles = {h.role for wid, h in self.workers.items() if wid not in self._draining}

@@ -51,6 +51,7 @@ class Cluster:
         self._losses: list[float] = []  # monotonic times of lost workers (crash-loop backoff)
         self._stopping = False
         self.backend.on_worker_lost = self._on_worker_lost
+        self.backend.replacement_pending = self.replacement_pending  # new requests wait for it
 
     @property
     def roles(self) -> tuple[str, ...]:
