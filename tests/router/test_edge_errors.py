@@ -94,3 +94,35 @@ def test_a_worker_traceback_does_not_reach_http_or_grpc_clients(stack):
             list(stub.Generate(convert.build_request("raytrace"), timeout=10))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert_clean(err.value.details())
+
+
+def test_an_unexpected_exception_is_a_clean_500_on_a_kept_connection(tokenizer):
+    """An exception no handler classifies used to reach Starlette's last-resort handler,
+    which answers and re-raises; uvicorn then dropped the keep-alive connection."""
+    import http.client
+    import json
+
+    from router.config import RouterConfig
+    from tests.router.conftest import Stack, make_backend
+
+    s = Stack(make_backend(tokenizer), tokenizer, RouterConfig(model_name="boom"))
+    try:
+        def explode():
+            raise RuntimeError(RAY_TASK_ERROR_TEXT)
+
+        s.service.list_models = explode
+        conn = http.client.HTTPConnection("127.0.0.1", s.http.port, timeout=10)
+        conn.request("GET", "/v1/models")
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 500 and body["error"]["type"] == "internal_error"
+        assert body["error"]["message"] == (
+            "internal server error; the server log has the details")
+        sock = conn.sock
+        conn.request("GET", "/health")
+        again = conn.getresponse()
+        assert again.status == 200 and json.loads(again.read())["status"] == "ok"
+        assert conn.sock is sock  # the same connection
+        conn.close()
+    finally:
+        s.close()
