@@ -28,6 +28,9 @@ MAX_REQUEST_ID_LEN = 128
 appear in logs and metrics' exemplars: they must be short and printable."""
 REQUEST_ID_CHARS = "letters, digits and - _ . : @ = +"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@=+-]+")
+MAX_STOP_STRINGS = 16  # OpenAI accepts 4
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 
 def check_request_id(request_id: str) -> None:
@@ -60,10 +63,28 @@ def check_input(inp: GenerateInput, config: RouterConfig) -> None:
                     size += len(value)
                 check_text(str(key), "messages")
         _check_prompt_chars(size, "messages", config)
+    _check_stops(inp)
+
+
+def _check_stops(inp: GenerateInput) -> None:
+    """Stop strings are matched against every generated token on the event loop, and stop
+    token ids travel to the workers and are looked up each step: both are bounded."""
     stop = inp.sampling.get("stop") or ()
-    for value in (stop,) if isinstance(stop, str) else stop:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    param = inp.param_aliases.get("stop", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidParamError(f"{param} has {len(stops)} strings; at most "
+                                f"{MAX_STOP_STRINGS} are accepted", param)
+    for value in stops:
         if isinstance(value, str):
-            check_text(value, inp.param_aliases.get("stop", "stop"))
+            check_text(value, param)
+            if len(value) > MAX_STOP_CHARS:
+                raise InvalidParamError(f"a {param} string is {len(value)} characters; at most "
+                                        f"{MAX_STOP_CHARS} are accepted", param)
+    ids = inp.sampling.get("stop_token_ids") or ()
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidParamError(f"stop_token_ids has {len(ids)} ids; at most "
+                                f"{MAX_STOP_TOKEN_IDS} are accepted", "stop_token_ids")
 
 
 def check_text(value: str, param: str) -> None:

@@ -185,3 +185,21 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop(stack):
     assert "tokens" in resp.json()["error"]["message"]
     assert took > 0.2, "the prompt was not tokenized at all"
     assert max(lags) < max(0.25, took / 3), (max(lags), took)
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
+    ({"stop": "x" * 257}, "stop"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+])
+def test_stop_lists_are_bounded(edge, extra, param):
+    """Stop strings are matched per token on the event loop and stop ids looked up per step
+    on the workers: a client cannot make them unbounded."""
+    resp = _post(edge, {"model": "edge", "prompt": "hi", "max_tokens": 2, **extra})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_generate(edge, prompt="hi", sampling={"max_tokens": 2, **extra})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ok = {k: v[:4] for k, v in extra.items()}
+    assert _post(edge, {"model": "edge", "prompt": "hi", "max_tokens": 2, **ok}
+                 ).status_code == 200
