@@ -102,6 +102,9 @@ def test_burst_beyond_capacity(busy):
     """3x the admission limit at once, half HTTP streams and half gRPC streams: each one
     either finishes or is refused with 429 / RESOURCE_EXHAUSTED and a retry-after, nothing
     else; the router never tracks more than the limit and ends with nothing tracked."""
+    assert _http_stream(busy, "hi", 2) == ("length", 200)  # warm: per-loop helpers exist
+    _wait_idle(busy)
+    tasks_before = busy.call(_num_tasks())
     peak = {"inflight": 0}
     stop = threading.Event()
 
@@ -126,6 +129,11 @@ def test_burst_beyond_capacity(busy):
     assert peak["inflight"] <= LIMIT
     _wait_idle(busy)
     assert busy.service._preparing == 0
+    assert busy.call(_num_tasks()) <= tasks_before  # no task left behind by any request
+
+
+async def _num_tasks() -> int:
+    return len(asyncio.all_tasks()) - 1  # not counting the caller
 
 
 def test_grpc_deadline_is_counted_as_deadline_exceeded(busy):
