@@ -20,6 +20,8 @@ class AttentionBackend(ABC):
     """
 
     name: str = ""
+    # Device types ``auto`` may pick this backend for (None: wherever it is available).
+    auto_device_types: tuple[str, ...] | None = None
 
     @classmethod
     @abstractmethod

@@ -1,8 +1,11 @@
 """Attention backend registry: name -> ``"module:Class"``, imported only when selected.
 
 ``select_backend(None | "auto", device, block_size)`` picks by capability: flash-attn's
-kernels on CUDA when installed and the block size fits them; on CPU the compiled paged
-decode kernel when it builds; else the torch reference.
+kernels on CUDA when installed and the block size fits them (multiples of 256), else the
+Triton kernels on CUDA when triton is installed (power-of-two blocks >= 16); on CPU the
+compiled paged kernels when they build; else the torch reference. A backend may limit the
+devices ``auto`` considers it for (``auto_device_types``: Triton's CPU interpreter is a test
+tool, never a default).
 An explicit choice that cannot run raises ``ValueError`` saying what to change.
 """
 
@@ -18,9 +21,10 @@ BACKENDS: dict[str, str] = {
     "torch": "engine.attention.torch_ref:TorchAttentionBackend",
     "cpu_paged": "engine.attention.cpu_paged:CpuPagedAttentionBackend",
     "flash_attn": "engine.attention.flash_attn:FlashAttentionBackend",
+    "triton": "engine.attention.triton_backend:TritonAttentionBackend",
 }
 # Tried in order by "auto"; the last one must run anywhere.
-AUTO_ORDER = ("flash_attn", "cpu_paged", "torch")
+AUTO_ORDER = ("flash_attn", "triton", "cpu_paged", "torch")
 
 
 def backend_class(name: str) -> type[AttentionBackend]:
@@ -38,6 +42,9 @@ def select_backend(name: str | None, device: torch.device, block_size: int) -> A
     if name is None or name == "auto":
         for candidate in AUTO_ORDER:
             cls = backend_class(candidate)
+            auto_types = cls.auto_device_types
+            if auto_types is not None and device.type not in auto_types:
+                continue
             if cls.is_available(device) and cls.supports_block_size(block_size):
                 return cls()
         raise ValueError(f"no attention backend can run on {device} with block_size={block_size}")
