@@ -68,9 +68,12 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
 
     @api.get("/v1/models", responses=oai.JSON_OK)
     async def list_models() -> dict[str, Any]:
+        # vocab_size: the token ids a prompt may use, as gRPC ModelInfo reports it
+        vocab = int(service.tokenizer.vocab_size)
         return {"object": "list", "data": [
             {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by,
-             "max_model_len": c.max_model_len} for c in service.list_models()]}
+             "max_model_len": c.max_model_len, "vocab_size": vocab}
+            for c in service.list_models()]}
 
     @api.post("/v1/completions", responses=oai.GENERATE_RESPONSES)
     async def completions(body: oai.CompletionRequest, request: Request) -> Response:

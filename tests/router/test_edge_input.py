@@ -119,6 +119,8 @@ def test_token_ids_are_checked_against_the_vocabulary_modelinfo_reports(edge, to
     with SplitServeClient(edge.grpc_address, timeout=10) as client:
         vocab = client.model_info().vocab_size
     assert vocab == tokenizer.vocab_size
+    models = httpx.get(f"{edge.base_url}/v1/models").json()["data"]
+    assert [m["vocab_size"] for m in models] == [vocab]
     resp = _post(edge, {"model": "edge", "prompt": [5, vocab], "max_tokens": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
     assert f"[0, {vocab})" in resp.json()["error"]["message"]
