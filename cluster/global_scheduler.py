@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cluster.placement import (
+    WALK,
     PlacementPolicy,
     PrefixIndex,
     RequestInfo,
@@ -305,14 +306,18 @@ class GlobalScheduler:
         decodes, prefills = self._pools["decode"], self._pools["prefill"]
         cap = self.config.max_queued_prefill_tokens
         policy = self.policy
-        best_d = policy.best("decode", decodes, req, lambda d: decode_room(d, need),
-                             lambda: any_decode_room(decodes, need))
+        best_d = policy.top("decode", decodes, req)  # usually the answer: no closures
+        if best_d is WALK or (best_d is not None and not decode_room(best_d, need)):
+            best_d = policy.best("decode", decodes, req, lambda d: decode_room(d, need),
+                                 lambda: any_decode_room(decodes, need))
         if best_d is None:
             return None
         bound = self.config.max_decode_partners_per_prefill
         if bound == 0:
-            p = policy.best("prefill", prefills, req, lambda p: prefill_room(p, req, cap),
-                            lambda: any_prefill_room(prefills, req, cap))
+            p = policy.top("prefill", prefills, req)
+            if p is WALK or (p is not None and not prefill_room(p, req, cap)):
+                p = policy.best("prefill", prefills, req, lambda p: prefill_room(p, req, cap),
+                                lambda: any_prefill_room(prefills, req, cap))
             return None if p is None else self._commit(req, p, best_d, need)
         if not any_prefill_room(prefills, req, cap):
             return None

@@ -137,6 +137,10 @@ class PlacementPolicy:
         (for workers not caching the request's prefix when ``cache_sensitive``)."""
         raise NotImplementedError
 
+    def index_fn(self, kind: str) -> Callable[[WorkerState], tuple[object, Key]]:
+        """``index_key`` for one kind (a policy may return a faster function)."""
+        return lambda w: self.index_key(kind, w)
+
     def ranked(self, kind: str, pool: RolePool, req: RequestInfo) -> Iterator[WorkerState]:
         """The pool's non-draining workers, best first, by (key, worker id)."""
         key = self.prefill_key if kind == "prefill" else self.decode_key
@@ -161,6 +165,16 @@ class PlacementPolicy:
             return iter(streams[0])
         return heapq.merge(*streams, key=lambda w: (key(w, req), w.worker_id))
 
+    def top(self, kind: str, pool: RolePool, req: RequestInfo) -> WorkerState | None | object:
+        """The best-ranked worker (None: none) when one index ranks the pool; ``WALK`` when
+        the ranking has to be walked (several groups, cached prefixes, not indexed)."""
+        if self.indexed and len(pool.groups) == 1 and not (
+            self.cache_sensitive and kind == "prefill" and req.cached_tokens
+        ):
+            for index in pool.groups.values():
+                return index.first()
+        return WALK if pool.members else None
+
     def best(
         self,
         kind: str,
@@ -169,18 +183,12 @@ class PlacementPolicy:
         ok: Callable[[WorkerState], bool],
         maybe: Callable[[], bool],
     ) -> WorkerState | None:
-        """The first of ``ranked`` for which ``ok`` holds. Usually that is the top of one
-        index; otherwise the walk down the ranking happens only if ``maybe()`` (a cheap
-        bound: False means no worker can be ``ok``)."""
-        if self.indexed and len(pool.groups) == 1 and not (
-            self.cache_sensitive and kind == "prefill" and req.cached_tokens
-        ):
-            for index in pool.groups.values():
-                top = index.first()
-                if top is None:
-                    return None
-                if ok(top):
-                    return top
+        """The first of ``ranked`` for which ``ok`` holds. Usually that is ``top``;
+        otherwise the walk down the ranking happens only if ``maybe()`` (a cheap bound:
+        False means no worker can be ``ok``)."""
+        top = self.top(kind, pool, req)
+        if top is None or (top is not WALK and ok(top)):  # type: ignore[arg-type]
+            return top  # type: ignore[return-value]
         if not maybe():
             return None
         return next((w for w in self.ranked(kind, pool, req) if ok(w)), None)
@@ -261,6 +269,13 @@ class KVAwarePolicy(PlacementPolicy):
             return w.prefill_speed, w.queued_tokens
         return None, self.decode_key(w, _NO_REQUEST)
 
+    def index_fn(self, kind: str) -> Callable[[WorkerState], tuple[object, Key]]:
+        if kind == "prefill":
+            return lambda w: (w.prefill_speed, w.queued_tokens)
+        # decode_key, inlined (runs on every decode worker report): keep the two in step
+        return lambda w: (None, 1.0 - w.free_blocks / (w.total_blocks or 1)
+                          + w.num_requests / (w.max_num_seqs or 256))
+
 
 POLICIES: dict[str, type[PlacementPolicy]] = {
     p.name: p for p in (RoundRobinPolicy, LeastLoadedPolicy, KVAwarePolicy)
@@ -277,6 +292,7 @@ def make_policy(name: str) -> PlacementPolicy:
 
 
 _NO_REQUEST = RequestInfo("", 0, (), {})  # for keys that do not look at the request
+WALK = object()  # PlacementPolicy.top: walk the ranking
 
 
 class RankIndex:
@@ -365,13 +381,13 @@ class RolePool:
         self.ids: list[str] = []
         self.by_id: dict[str, WorkerState] = {}
         self.groups: dict[object, RankIndex] = {}
-        self._group_of: dict[str, object] = {}
+        self._slot: dict[str, tuple[object, RankIndex]] = {}  # worker id -> (group, index)
         self._spare = RankIndex()
         self._backlog = RankIndex()
         self._bounds_stale: dict[str, WorkerState] = {}
         self._decodes = kind == "decode" or colocated
         self._prefills = kind == "prefill"
-        self._index_key = policy.index_key if policy.indexed else None
+        self._index_fn = policy.index_fn(kind) if policy.indexed else None
 
     def add(self, w: WorkerState) -> None:
         i = bisect.bisect_left(self.ids, w.worker_id)
@@ -392,15 +408,16 @@ class RolePool:
             self._drop(w)
             return
         self._bounds_stale[w.worker_id] = w
-        if self._index_key is not None:
-            group, key = self._index_key(self.kind, w)
-            if self._group_of.get(w.worker_id, _UNSET) != group:
+        if self._index_fn is not None:
+            group, key = self._index_fn(w)
+            slot = self._slot.get(w.worker_id)
+            if slot is None or slot[0] != group:
                 self._ungroup(w)
-                self._group_of[w.worker_id] = group
-            index = self.groups.get(group)
-            if index is None:
-                index = self.groups[group] = RankIndex()
-            index.set(w, key)
+                index = self.groups.get(group)
+                if index is None:
+                    index = self.groups[group] = RankIndex()
+                slot = self._slot[w.worker_id] = (group, index)
+            slot[1].set(w, key)
 
     def _drop(self, w: WorkerState) -> None:
         self._ungroup(w)
@@ -431,16 +448,13 @@ class RolePool:
         return self._backlog.first()
 
     def _ungroup(self, w: WorkerState) -> None:
-        group = self._group_of.pop(w.worker_id, _UNSET)
-        if group is _UNSET:
+        slot = self._slot.pop(w.worker_id, None)
+        if slot is None:
             return
-        index = self.groups[group]
+        group, index = slot
         index.set(w, None)
         if not len(index):
             del self.groups[group]
-
-
-_UNSET = object()
 
 
 class PrefixIndex:
