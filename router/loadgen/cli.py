@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import sys
+import time
 
-from router.loadgen import launch, report, stats, workload
+from router.loadgen import delivery, launch, report, stats, workload
 from router.loadgen.runner import run_workload, warmup
 
 RAW = "_outcome"  # record key of the raw RunOutcome, dropped before the JSON is written
+WINDOW = "_window"  # record key of the measured run's (start, end), time.perf_counter()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "server's)")
     g.add_argument("--api-key", default=None, help="API key, when the server wants one")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--plot", metavar="DIR_OR_FILE", help="also draw TTFT/ITL/E2E CDFs and "
+                   "throughput over time as a PNG (a directory: <dir>/serving_<label>.png; "
+                   "needs matplotlib)")
 
 
 def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +61,9 @@ def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rate", type=float, default=None, help="mean request rate, req/s "
                    "(Poisson arrivals; 'inf' sends all at once; default 2; with --trace: "
                    "rescale the trace's arrivals to this mean rate)")
+    g.add_argument("--max-concurrency", type=int, default=None, metavar="N",
+                   help="at most N requests in flight: a due request waits for a free slot "
+                   "(with --rate inf: a closed loop of N users; default: no cap)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--prompt-len-range", type=int, nargs=2, default=(64, 512),
                    metavar=("A", "B"), help="uniform prompt lengths, tokens (inclusive)")
@@ -68,7 +77,7 @@ def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
                    "(> 1 slower), unless --rate is given")
     g.add_argument("--trace-offset", type=int, default=0, help="trace rows to skip")
     g.add_argument("--vocab-size", type=int, default=None, help="prompt ids are drawn below "
-                   "this (default: the server's vocabulary; 1000 over HTTP)")
+                   "this (default: the server's vocabulary, else 1000)")
     g.add_argument("--warmup", type=int, default=2, help="unmeasured requests sent first, "
                    "one at a time (default %(default)s)")
     g.add_argument("--slo-ttft-ms", type=float, default=500.0)
@@ -103,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of both commands; returns the exit status."""
     try:
         slo = stats.SLO(args.slo_ttft_ms / 1e3, args.slo_itl_ms / 1e3, args.slo_itl_stat)
+        if args.max_concurrency is not None and args.max_concurrency < 1:
+            raise ValueError("--max-concurrency must be at least 1")
+        if args.plot:
+            from router.loadgen import plot
+
+            plot.require_matplotlib()
         if args.launch or args.compare:
             return asyncio.run(_run_launched(args, slo))
         return asyncio.run(_run_external(args, slo))
@@ -137,15 +152,17 @@ def bench_fn(args: argparse.Namespace, slo: stats.SLO):
         if bad:
             print(f"warning: {len(bad)} warm-up request(s) failed: {bad[0]}", file=sys.stderr)
         load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
         outcome = await run_workload(specs, sender, timeout_s=args.timeout,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress,
+                                     max_concurrency=args.max_concurrency)
         record = {"summary": stats.summarize(outcome.results, slo, outcome.duration_s),
                   "timed_out": outcome.timed_out, "wall_s": outcome.wall_s,
                   "loadavg_1m": {"before": load_before, "after": os.getloadavg()[0],
                                  "cpus": os.cpu_count()},
                   "warmup_failed": len(bad), "server_model": limits.model,
                   "requests": report.request_records(outcome.results),
-                  RAW: outcome}
+                  RAW: outcome, WINDOW: (t0, time.perf_counter())}
         return specs, record
     return bench
 
@@ -164,22 +181,25 @@ def _label(text: str) -> str:
 
 def _workload_info(args: argparse.Namespace, specs) -> dict:
     info = workload.describe(specs)
-    info.update(seed=args.seed, warmup=args.warmup)
+    info.update(seed=args.seed, warmup=args.warmup, max_concurrency=args.max_concurrency)
     if args.trace:
         from cluster.simulator.trace import AZURE_ATTRIBUTION
 
         info.update(trace=args.trace, length_scale=args.length_scale,
                     output_scale=args.output_scale, time_scale=args.time_scale,
-                    trace_offset=args.trace_offset, rate=args.rate,
+                    trace_offset=args.trace_offset,
+                    rate="inf" if args.rate and math.isinf(args.rate) else args.rate,
                     attribution=AZURE_ATTRIBUTION if "azure" in args.trace.lower() else None)
     else:
-        info.update(rate=2.0 if args.rate is None else args.rate,
+        rate = 2.0 if args.rate is None else args.rate
+        info.update(rate="inf" if math.isinf(rate) else rate,  # JSON has no infinity
                     prompt_len_range=list(args.prompt_len_range),
                     output_len_range=list(args.output_len_range))
     return info
 
 
-def _finish(args, label: str, payload: dict, text: str) -> None:
+def _finish(args, label: str, payload: dict, text: str, results: dict | None = None) -> None:
+    """Print, write the JSON and (--plot) the PNG of ``results`` ({side label: results})."""
     trace = payload["workload"].get("trace")
     if trace:
         source = payload["workload"].get("attribution") or "see the trace's own license"
@@ -188,6 +208,11 @@ def _finish(args, label: str, payload: dict, text: str) -> None:
     out = report.write_json(args.out or f"results/serving_{_label(label)}.json",
                             {"label": label, **payload, "environment": report.environment()})
     print(f"wrote {out}", flush=True)
+    if args.plot and results:
+        from router.loadgen import plot
+
+        png = plot.write(plot.png_path(args.plot, _label(label)), results, label)
+        print(f"wrote {png}", flush=True)
 
 
 async def _run_external(args: argparse.Namespace, slo: stats.SLO) -> int:
@@ -205,10 +230,11 @@ async def _run_external(args: argparse.Namespace, slo: stats.SLO) -> int:
     finally:
         await sender.close()
     label = args.label or "server"
-    record.pop(RAW)
+    outcome = record.pop(RAW)
+    record.pop(WINDOW)
     record["target"] = {"api": api, "endpoint": endpoint}
     _finish(args, label, {"workload": _workload_info(args, specs), **record},
-            report.table(record["summary"], label))
+            report.table(record["summary"], label), {label: outcome.results})
     return 0 if record["summary"]["completed"] else 1
 
 
@@ -230,14 +256,20 @@ def _configs(args: argparse.Namespace, sides, model: str) -> list:
     return [launch.side_config(base, side, model, args.kv_backend) for side in sides]
 
 
-def _pool(records: list[dict], slo: stats.SLO) -> dict:
-    """One side's record: its only round's, or the rounds' requests pooled together."""
+def _pool(records: list[dict], slo: stats.SLO) -> tuple[dict, list]:
+    """(One side's record, its results): its only round's, or the rounds' requests pooled
+    together. Each record gets its token delivery figures (``delivery``)."""
     outcomes = [r.pop(RAW) for r in records]
+    steps = [delivery.steps_in_window(r.pop(launch.STEP_SAMPLES, []), r.pop(WINDOW))
+             for r in records]
+    for rec, outcome, st in zip(records, outcomes, steps, strict=True):
+        rec["delivery"] = delivery.delivery(outcome.results, st)
     if len(records) == 1:
-        return records[0]
+        return records[0], outcomes[0].results
     results = [res for o in outcomes for res in o.results]
     summary = stats.summarize(results, slo, sum(o.duration_s for o in outcomes))
-    return {"summary": summary, "rounds": records}
+    pooled = delivery.delivery(results, [x for st in steps for x in st])
+    return {"summary": summary, "delivery": pooled, "rounds": records}, results
 
 
 async def _run_launched(args: argparse.Namespace, slo: stats.SLO) -> int:
@@ -250,11 +282,12 @@ async def _run_launched(args: argparse.Namespace, slo: stats.SLO) -> int:
     specs, per_side = await launch.compare(sides, _configs(args, sides, model), args.api,
                                            sender_factory(args, args.api), bench_fn(args, slo),
                                            rounds=args.rounds)
-    records = [_pool(recs, slo) for recs in per_side]
+    records, results = zip(*(_pool(recs, slo) for recs in per_side), strict=True)
     summaries = [r["summary"] for r in records]
     pooled = f" ({args.rounds} rounds pooled)" if args.rounds > 1 else ""
-    text = "\n\n".join(report.table(s, side.label + pooled)
-                        for s, side in zip(summaries, sides, strict=True))
+    text = "\n\n".join(report.table(rec["summary"], side.label + pooled) + "\n"
+                        + delivery.text(rec["delivery"])
+                        for rec, side in zip(records, sides, strict=True))
     if args.rounds > 1:
         text += "\n\n== per round ==\n" + report.rounds_table(
             [side.label for side in sides], [rec["rounds"] for rec in records])
@@ -266,5 +299,6 @@ async def _run_launched(args: argparse.Namespace, slo: stats.SLO) -> int:
         text += "\n\n== side by side (ratios: first / other; < 1 means lower) ==\n" + table
         payload["comparison"] = data
     label = args.label or ("compare" if args.compare else sides[0].label)
-    _finish(args, label, payload, text)
+    _finish(args, label, payload, text,
+            {side.label: res for side, res in zip(sides, results, strict=True)})
     return 0 if all(s["completed"] for s in summaries) else 1

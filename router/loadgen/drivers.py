@@ -6,8 +6,12 @@ chunk the server sends), ``limits()`` (what the server accepts) and ``close()``:
 - ``GrpcSender``: the gRPC API through ``router.client.AsyncSplitServeClient``, prompts as
   token ids; each chunk says how many tokens it carries.
 - ``HttpSender``: OpenAI-compatible ``/v1/completions`` with SSE streaming (httpx), prompts
-  as token ids. It asks for ``logprobs: 0`` because that is the only way an OpenAI stream
-  says how many tokens each event carries (``logprobs.tokens``).
+  as token ids; any such server (vLLM, SGLang, ...), not only ours. It asks for
+  ``logprobs: 0`` because that is the only way an OpenAI stream says how many tokens each
+  event carries (``logprobs.tokens``); a server that sends no logprobs is counted one token
+  per event with text. The model is ``--model-name`` or else the first of ``/v1/models``;
+  ``max_model_len`` and ``vocab_size`` there and splitserve's ``timing`` extension are used
+  when present.
 
 Every request is greedy (temperature 0) with ``ignore_eos``, so its output length is exact.
 ``measure`` turns one request's events into a ``RequestResult``.
@@ -21,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.errors import SplitServeError
-from router.loadgen.stats import RequestResult, latencies
+from router.loadgen.stats import RequestResult, arrival_gaps, latencies
 from router.loadgen.workload import RequestSpec
 
 OK_FINISH = ("length", "stop")
@@ -65,6 +69,7 @@ async def measure(spec: RequestSpec, sender, start: float) -> RequestResult:
     except RequestFailed as exc:
         result.error = str(exc)
     result.ttft_s, result.itl_s = latencies(t0, stamps)
+    result.arrival_gaps_s = arrival_gaps(stamps)
     result.output_tokens = sum(n for _, n in stamps)
     if stamps:
         result.e2e_s = stamps[-1][0] - t0
@@ -116,27 +121,44 @@ class HttpSender:
     """Streams from OpenAI-compatible ``/v1/completions`` (``base_url`` ends in /v1)."""
 
     def __init__(self, base_url: str, *, model: str = "", timeout_s: float | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, transport=None) -> None:
         import httpx
 
         self.base_url = base_url.rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                       timeout=httpx.Timeout(timeout_s, connect=10.0))
+                                       timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                       transport=transport)  # tests: httpx.MockTransport
 
     async def limits(self) -> ServerLimits:
+        """The model to ask for and its context length: ``model`` (--model-name) when set,
+        else the first model ``/models`` lists; /models may be missing if a name is set."""
+        cards = await self._model_cards()
+        card = next((c for c in cards if c.get("id") == self.model),
+                    None if self.model else (cards[0] if cards else None))
+        if card is None and not self.model:
+            raise RequestFailed(f"{self.base_url}/models lists no model; name one with "
+                                "--model-name")
+        self.model = self.model or card["id"]
+        card = card or {}
+        max_len, vocab = card.get("max_model_len"), card.get("vocab_size")  # ours has both
+        return ServerLimits(vocab if isinstance(vocab, int) else None,
+                            max_len if isinstance(max_len, int) else None, self.model)
+
+    async def _model_cards(self) -> list[dict]:
         import httpx
 
         try:
             resp = await self._http.get("/models")
             resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise RequestFailed(f"cannot list models at {self.base_url}/models: {exc}") from exc
-        cards = resp.json()["data"]
-        card = next((c for c in cards if c["id"] == self.model), cards[0])
-        self.model = card["id"]
-        return ServerLimits(None, card.get("max_model_len"), card["id"])
+            cards = resp.json().get("data")
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            if self.model:  # the name is all we need
+                return []
+            raise RequestFailed(f"cannot list models at {self.base_url}/models ({exc}); "
+                                "name the model with --model-name") from exc
+        return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else []
 
     async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
         import httpx
@@ -175,6 +197,10 @@ def _sse_event(line: str) -> StreamEvent | None:
     if not body.get("choices"):
         return StreamEvent(0, completion_tokens=usage)
     choice = body["choices"][0]
-    tokens = len((choice.get("logprobs") or {}).get("tokens") or [])
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
+        tokens = len(logprobs["tokens"])
+    else:  # a server that streams no logprobs: one token per event with text
+        tokens = 1 if choice.get("text") else 0
     timing = (body.get("splitserve") or {}).get("timing")
     return StreamEvent(tokens, choice.get("finish_reason"), timing, usage)

@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
+from router.loadgen.delivery import StepProbe
+
+STEP_SAMPLES = "_step_samples"  # record key of the StepSamples (not JSON: the caller pops it)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ BenchFn = Callable[..., Awaitable[tuple[list, dict]]]
 async def bench_launched(side: Side, config: ClusterConfig, api: str, make_sender,
                          bench: BenchFn, specs=None, log=print):
     """Start ``config``, run ``bench`` against it through ``make_sender(endpoint)``, stop it.
-    Returns (specs, record) with the side's config in ``record["config"]``."""
+    Returns (specs, record) with the side's config in ``record["config"]`` and the decode
+    workers' step times, sampled all along, in ``record[STEP_SAMPLES]`` (``delivery``)."""
     from router.server import start_server
 
     log(f"[{side.label}] starting: {side.workers} worker(s)"
@@ -91,6 +95,8 @@ async def bench_launched(side: Side, config: ClusterConfig, api: str, make_sende
     startup = time.perf_counter() - t0
     endpoint = server.endpoints()[api]
     log(f"[{side.label}] up in {startup:.1f} s at {endpoint}")
+    probe = StepProbe(server.cluster.backend)
+    probe.start()
     try:
         sender = make_sender(endpoint)
         try:
@@ -98,8 +104,10 @@ async def bench_launched(side: Side, config: ClusterConfig, api: str, make_sende
         finally:
             await sender.close()
     finally:
+        samples = await probe.stop()
         await server.stop()
     record["config"] = side_record(side, config, startup)
+    record[STEP_SAMPLES] = samples
     return specs, record
 
 

@@ -1,7 +1,10 @@
 """Open-loop dispatch: send each request at its arrival time, whatever the server is doing.
 
 Requests are sent as independent tasks at ``start + spec.arrival_s`` (a slow server does not
-slow the arrivals down: queueing shows up in TTFT, as it would for real users). The run stops
+slow the arrivals down: queueing shows up in TTFT, as it would for real users). With
+``max_concurrency`` N, at most N requests are in flight: a request due while N are running
+waits for one of them to finish and is sent then (its TTFT counts from that send, as in
+vLLM's ``--max-concurrency``); with ``rate = inf`` this is a closed loop of N users. The run stops
 by itself when every request has finished, or at ``timeout_s`` after the start: requests
 still running then are cancelled (which aborts them on the server) and recorded as failed
 ("timeout"), and requests not sent yet are recorded as "not sent".
@@ -32,27 +35,43 @@ class RunOutcome:
 
 
 async def run_workload(specs: Sequence[RequestSpec], sender, *, timeout_s: float,
-                       progress: bool = True) -> RunOutcome:
-    """Send ``specs`` at their arrival times through ``sender``; see the module doc."""
+                       progress: bool = True,
+                       max_concurrency: int | None = None) -> RunOutcome:
+    """Send ``specs`` at their arrival times through ``sender``, at most ``max_concurrency``
+    at a time (None: no cap); see the module doc."""
     from tqdm import tqdm
 
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be at least 1 (got {max_concurrency})")
     start = time.perf_counter()
     deadline = start + timeout_s
     tasks: dict[int, asyncio.Task] = {}
+    slots = asyncio.Semaphore(max_concurrency or len(specs) or 1)
     with tqdm(total=len(specs), desc="requests", unit="req", file=sys.stderr,
               disable=not progress, leave=False) as bar:
         for spec in specs:
             if start + spec.arrival_s > deadline:
                 break
             await asyncio.sleep(max(0.0, start + spec.arrival_s - time.perf_counter()))
+            if not await _acquire_until(slots, deadline):
+                break
             task = asyncio.create_task(measure(spec, sender, start))
-            task.add_done_callback(lambda _t: bar.update())
+            task.add_done_callback(lambda _t: (slots.release(), bar.update()))
             tasks[spec.index] = task
         pending = await _wait_until(list(tasks.values()), deadline)
     results = [_result_of(spec, tasks.get(spec.index)) for spec in specs]
     wall = time.perf_counter() - start
     return RunOutcome(results, duration(results), wall,
                       timed_out=bool(pending) or len(tasks) < len(specs))
+
+
+async def _acquire_until(slots: asyncio.Semaphore, deadline: float) -> bool:
+    """Take a concurrency slot, or give up at ``deadline`` (False)."""
+    try:
+        await asyncio.wait_for(slots.acquire(), max(0.0, deadline - time.perf_counter()))
+    except asyncio.TimeoutError:  # noqa: UP041 (Python 3.10: not the builtin yet)
+        return False
+    return True
 
 
 async def _wait_until(tasks: list[asyncio.Task], deadline: float) -> set[asyncio.Task]:

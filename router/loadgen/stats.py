@@ -7,6 +7,9 @@ Definitions (client-side clocks; seconds internally, milliseconds in summaries):
   tokens per engine step, so a chunk may carry k > 1 tokens; its gap since the previous chunk
   is spread evenly over its k tokens (k samples of gap / k), as SGLang's bench_serving does.
   Extra tokens in the first chunk add no sample.
+- Arrival gaps: the same gaps without the spreading: a chunk of k tokens is one gap then
+  k − 1 zeros (its tokens arrived together), extra tokens of the first chunk are zeros. What
+  a reader of the stream sees; bursts show up here as near-zero gaps.
 - TPOT: per request, (E2E − TTFT) / (output tokens − 1); requests of one token have none.
 - E2E: send → final chunk.
 - Throughput: completed requests (and their output tokens) / duration, where duration runs
@@ -40,6 +43,7 @@ class RequestResult:
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)  # per-token gaps, see the module doc
+    arrival_gaps_s: list[float] = field(default_factory=list)  # unspread, see the module doc
     output_tokens: int = 0  # tokens received
     finish_reason: str | None = None
     timing: dict[str, float] | None = None  # the server's phase breakdown (final chunk), s
@@ -73,6 +77,20 @@ def latencies(start: float, stamps: Sequence[tuple[float, int]]) -> tuple[float 
     for (prev, _), (now, n) in zip(stamps, stamps[1:], strict=False):
         gaps.extend([(now - prev) / n] * n)
     return stamps[0][0] - start, gaps
+
+
+def arrival_gaps(stamps: Sequence[tuple[float, int]]) -> list[float]:
+    """Per-token gaps as they arrived (see the module doc): ``output tokens - 1`` of them."""
+    gaps: list[float] = []
+    prev = None
+    for t, n in stamps:
+        if n <= 0:
+            continue
+        if prev is not None:
+            gaps.append(t - prev)
+        gaps.extend([0.0] * (n - 1))
+        prev = t
+    return gaps
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
