@@ -51,3 +51,32 @@ def test_a_600_byte_request_id_fails_alone_and_other_requests_flow():
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.timeout(60)
+def test_requests_queued_beside_a_600_byte_id_all_land():
+    """The issue's case: sends queued on the same channel before and after the bad one.
+    Before, the requests behind it never reached the receiver (they timed out)."""
+    sender = TorchDistSender(CONFIG, make_cache(3), name="sender")
+    receiver = TorchDistReceiver(CONFIG, make_cache(None), name="receiver")
+    try:
+        done, ep = Completions(), receiver.endpoint()
+        receiver.expect("warm", [0], done)
+        sender.send("warm", ep, [0]).result(timeout=10)  # the channel is open
+        rids = [f"n{i}" for i in range(6)]
+        for i, rid in enumerate(rids):
+            receiver.expect(rid, [2 + i], done)
+        handles = []
+        for i, rid in enumerate(rids):  # queued without waiting, the bad one in the middle
+            handles.append(sender.send(rid, ep, [2 + i]))
+            if i == 2:
+                bad = sender.send("x" * 600, ep, [20])
+        with pytest.raises(RequestIdTooLong):
+            bad.result(timeout=1)
+        for handle in handles:
+            handle.result(timeout=10)
+        done.wait_for(*rids, timeout=15)
+        assert all(done.errors[r] is None for r in rids)
+    finally:
+        sender.close()
+        receiver.close()
