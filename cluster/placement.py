@@ -59,10 +59,14 @@ class WorkerState:
         """Take a newer snapshot; placements made at or before it are now inside it."""
         self.stats = stats
         if self.pending:
-            self.pending = [p for p in self.pending if p[0] > stats.timestamp]
-            self.pending_tokens = sum(p[1] for p in self.pending)
-            self.pending_blocks = sum(p[2] for p in self.pending)
-            self.pending_seqs = len(self.pending)
+            ts = stats.timestamp
+            pending = self.pending = [p for p in self.pending if p[0] > ts]
+            if pending:
+                self.pending_tokens = sum(p[1] for p in pending)
+                self.pending_blocks = sum(p[2] for p in pending)
+            else:  # the usual case: the snapshot covers every placement
+                self.pending_tokens = self.pending_blocks = 0
+            self.pending_seqs = len(pending)
         self.draining = stats.draining
         if stats.total_blocks != self.total_blocks:
             self.total_blocks = stats.total_blocks

@@ -96,6 +96,7 @@ class SimWorker:
         self._added: set[int] = set()
         self._evicted: set[int] = set()
         self.prefill_speed = prof.prefill_tokens_per_s(self.chunk)
+        self._kv_c = prof.decode_per_kv_byte_s * prof.kv_bytes_per_token  # s per KV token read
         self._fields = _constant_fields(self)
         self._reported: tuple | None = None  # the scheduler-visible fields last reported
         self.placed = False  # a placement landed here since the last report
@@ -156,12 +157,15 @@ class SimWorker:
     # ---- segments --------------------------------------------------------------------------
 
     def _start(self, now: float) -> None:
-        while self.decode_wait and (len(self.heap) < self.max_seqs):
-            r = self.decode_wait.popleft()
-            r.ctx_join, r.join_step = r.prompt + 1, self.steps
-            heapq.heappush(self.heap, (self.steps + r.output - 1, r.idx, r))
-            self.sum_ctx += r.ctx_join
-        batch = len(self.heap)
+        heap = self.heap
+        if self.decode_wait:
+            wait, steps = self.decode_wait, self.steps
+            while wait and len(heap) < self.max_seqs:
+                r = wait.popleft()
+                r.ctx_join, r.join_step = r.prompt + 1, steps
+                heapq.heappush(heap, (steps + r.output - 1, r.idx, r))
+                self.sum_ctx += r.ctx_join
+        batch = len(heap)
         self.chunks = self._take_chunks(self.chunk - batch) if self.prefill_q else []
         p = self.prof
         if self.chunks:
@@ -171,16 +175,18 @@ class SimWorker:
             dur = base + p.prefill_per_token_s * n + p.prefill_per_attn_pair_s * attn
             self.seg = (now, 1, batch, self.sum_ctx, dur, 0.0, dur)
         elif batch:
-            m = self.heap[0][0] - self.steps
+            m = heap[0][0] - self.steps
             a = p.decode_fixed_s + p.decode_per_seq_s * batch
-            c = p.decode_per_kv_byte_s * p.kv_bytes_per_token
-            self.seg = (now, m, batch, self.sum_ctx, a, c, _run_time(m, a, c, self.sum_ctx, batch))
+            c, k0 = self._kv_c, self.sum_ctx
+            # _run_time(m, a, c, k0, batch), inlined (once per decode run)
+            dur = m * a + c * (m * k0 + batch * m * (m - 1) / 2)
+            self.seg = (now, m, batch, k0, a, c, dur)
         else:
             self.busy = False
             return
         self.busy = True
         self.version += 1
-        self.host.schedule(now + self.seg[6], self)
+        self.host.schedule(now + dur, self)
 
     def _take_chunks(self, budget: int) -> list[tuple[SimRequest, int]]:
         chunks = []
@@ -210,24 +216,29 @@ class SimWorker:
         t0, m, batch, k0, a, c, dur = self.seg
         self.busy_s += now - t0
         self.busy = False
+        chunks = self.chunks
         if batch:
-            first = a + c * k0 if not self.chunks else dur
-            last = a + c * (k0 + (m - 1) * batch) if not self.chunks else dur
-            self.host.decode_steps(now, first, last, m, batch)
-            self.steps += m
+            first = a + c * k0 if not chunks else dur
+            last = a + c * (k0 + (m - 1) * batch) if not chunks else dur
+            host = self.host
+            host.decode_steps(now, first, last, m, batch)
+            steps = self.steps = self.steps + m
             self.sum_ctx += batch * m
-            while self.heap and self.heap[0][0] <= self.steps:
-                _, _, r = heapq.heappop(self.heap)
-                self.sum_ctx -= r.ctx_join + self.steps - r.join_step
+            heap = self.heap
+            while heap and heap[0][0] <= steps:
+                _, _, r = heapq.heappop(heap)
+                self.sum_ctx -= r.ctx_join + steps - r.join_step
                 self.reserved -= r.blocks
-                self.host.finished(r, now)
-        for r, n in self.chunks:
-            r.prefill_left -= n
-            r.computed += n
-            self.queued_tokens -= n
-        while self.prefill_q and self.prefill_q[0].prefill_left == 0:
-            self._prefill_complete(self.prefill_q.popleft(), now)
-        self.chunks = []
+                host.finished(r, now)
+        if chunks:
+            for r, n in chunks:
+                r.prefill_left -= n
+                r.computed += n
+                self.queued_tokens -= n
+            q = self.prefill_q
+            while q and q[0].prefill_left == 0:
+                self._prefill_complete(q.popleft(), now)
+            self.chunks = []
 
     def _prefill_complete(self, r: SimRequest, now: float) -> None:
         self._cache(r.hashes)
