@@ -67,6 +67,7 @@ class Engine:
         self._prefilled: dict[str, Request] = {}  # prefill-only requests holding their blocks
         self.last_batch: SchedulerOutput | None = None  # the latest step's batch (stats)
         self._ids = itertools.count()
+        self._grammar_backend = None  # structured outputs: built on the first such request
         # Prefill side: called (on the engine thread) with each prefill-only request whose
         # last prompt chunk was just scheduled, before the step runs: its blocks are final,
         # its KV is one forward pass away (the prefill worker announces the transfer).
@@ -154,6 +155,7 @@ class Engine:
         self._validate(token_ids, params, resumed)
         request = Request(request_id, token_ids, params, self.eos_token_ids,
                           prefill_only=prefill_only, resumed_token_ids=resumed)
+        self._attach_grammar(request)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.scheduler.add_request(request)
@@ -196,6 +198,23 @@ class Engine:
                 f"request needs more KV blocks than this engine has ({self.num_blocks}); "
                 "shorten it or give the engine more KV cache memory"
             )
+
+    def _attach_grammar(self, request: Request) -> None:
+        """Structured output: the request's grammar state, advanced by the output tokens it
+        already has (a resume), before it can be scheduled."""
+        spec = request.params.structured
+        if spec is not None:
+            request.grammar = self.grammar_backend().new_state(spec, request.output_token_ids)
+
+    def grammar_backend(self):
+        """This model's structured-output backend (``engine.structured.grammar``), built on
+        first use from the tokenizer files (also with load_tokenizer=False)."""
+        if self._grammar_backend is None:
+            from engine.structured.grammar import backend_for
+
+            self._grammar_backend = backend_for(
+                str(self.model_dir.resolve()), self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammar_backend
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request; returns its final output, or None if it was not running."""
@@ -285,6 +304,7 @@ class Engine:
         self._validate(token_ids, params, resumed)
         request = Request(request_id, token_ids, params, self.eos_token_ids,
                           resumed_token_ids=resumed)
+        self._attach_grammar(request)
         if not self.scheduler.reserve(request):
             return None
         self._text.add(request)
@@ -313,6 +333,7 @@ class Engine:
         self._validate(list(parent.prompt_token_ids), params)
         child = Request(child_id, list(parent.prompt_token_ids), params, self.eos_token_ids,
                         arrival_time=parent.arrival_time)
+        self._attach_grammar(child)
         if not self.scheduler.has_seat():
             return None
         try:
@@ -338,6 +359,8 @@ class Engine:
             logprobs=request.logprobs,
         )
         self._num_reported[request.request_id] = len(generated)
+        if request.error is not None:
+            out.error = request.error
         if request.is_finished:
             out.text, out.stop_reason = self._text.finish(request)
             self._num_reported.pop(request.request_id, None)

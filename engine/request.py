@@ -16,6 +16,10 @@ already generated elsewhere (``resumed_token_ids``): they are part of ``output_t
 from the start, so counting towards max_tokens / min_tokens, penalties and the seeded random
 stream's output index continue where they were, and they are prefilled with the prompt
 (like a preempted request's recompute).
+
+A structured-output request carries a ``grammar`` state (``engine.structured``): every
+output token goes through ``append_token``, which advances it (resumed tokens are
+accepted by the engine when it attaches the state); a recompute appends nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -78,6 +83,10 @@ class Request:
     logprobs: list = field(default_factory=list)  # per output token, when requested
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Structured output: the grammar state (engine.structured.GrammarState: accept(token),
+    # is_terminated, error) attached by the engine; None when unconstrained.
+    grammar: Any = None
+    error: str | None = None  # client-safe message when it ends with FINISHED_ERROR
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)
@@ -113,15 +122,24 @@ class Request:
         return self.status.finished
 
     def append_token(self, token_id: int) -> None:
+        """Add one output token; a constrained request's grammar advances with it."""
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)  # a refusal is reported by check_stop
 
     def check_stop(self) -> RequestStatus | None:
         """Terminal status implied by the last generated token, if any (strings: elsewhere)."""
         params = self.params
         if self.prefill_only:
             return RequestStatus.FINISHED_PREFILLED
+        grammar = self.grammar
+        if grammar is not None and grammar.error is not None:
+            self.error = grammar.error
+            return RequestStatus.FINISHED_ERROR
         n_out = len(self.token_ids) - self.num_prompt_tokens
         if self.token_ids[-1] in self.stop_ids and n_out >= params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if grammar is not None and grammar.is_terminated:  # complete, its stop token taken
             return RequestStatus.FINISHED_STOPPED
         if n_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH

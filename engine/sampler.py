@@ -1,5 +1,5 @@
-"""Batched sampling: logit bias, min_tokens, penalties, temperature, top-k, top-p, min-p,
-seeds and logprobs.
+"""Batched sampling: logit bias, min_tokens, grammar masks, penalties, temperature, top-k,
+top-p, min-p, seeds and logprobs.
 
 One pass over the ``[num_samples, vocab]`` logits of a step; work a feature needs is done
 only when some request in the batch uses it. Sampling uses the exponential race
@@ -51,6 +51,7 @@ class Sampler:
         self._default = torch.Generator(device=device)  # unseeded requests
         self._default.manual_seed(seed)
         self._columns: torch.Tensor | None = None  # v * GAMMA32 for v < vocab, [1, V] int32
+        self._masker = None  # structured outputs' GrammarMasker, built on first use
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[Request]
@@ -59,7 +60,8 @@ class Sampler:
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
         biased = any(p.logit_bias for p in params) or any(_masks_stops(r) for r in requests)
-        if (not all(greedy) or biased
+        constrained = any(r.grammar is not None for r in requests)
+        if (not all(greedy) or biased or constrained
                 or any(p.logprobs is not None or p.needs_penalties for p in params)):
             # The model may hand over a transposed view (see compute_logits); argmax reads
             # it as is, the rest wants rows contiguous.
@@ -69,6 +71,8 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # before any processing (vLLM)
         if biased:
             logits = apply_logit_bias_and_min_tokens(logits.clone(), requests)
+        if constrained:  # after the bias (vLLM's order): a bias cannot lift a banned token
+            self._grammar_masker().apply(logits, [r.grammar for r in requests])
         if any(p.needs_penalties for p in params):
             logits = apply_penalties(logits.clone(), requests)
         if all(greedy):
@@ -77,6 +81,13 @@ class Sampler:
             tokens = self._sample(logits, requests, greedy)
         token_list = tokens.tolist()
         return token_list, _logprobs(raw_logprobs, token_list, params)
+
+    def _grammar_masker(self):
+        if self._masker is None:
+            from engine.structured.masking import GrammarMasker
+
+            self._masker = GrammarMasker(self.device)
+        return self._masker
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request], greedy: list[bool]):
         params = [r.params for r in requests]

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
+from engine.structured.spec import StructuredSpec
+
 LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100] (OpenAI's range)
 
 
@@ -47,6 +49,10 @@ class SamplingParams:
     """Added to the logits of the given token ids before sampling (greedy included): a
     mapping or pairs {token id: bias}, stored as sorted (id, bias) pairs, each bias clamped to
     [-100, 100]. +100 all but forces a token, -100 all but bans it."""
+    structured: StructuredSpec | None = None
+    """Constrain the output to a JSON schema / JSON object / regex / choice / grammar
+    (``engine.structured``); validated when the spec is built. The grammar decides where the
+    output ends, so min_tokens and ignore_eos cannot be combined with it."""
 
     def __post_init__(self) -> None:
         # Accept any iterable of stops (a list from JSON, a single string) and freeze it.
@@ -74,6 +80,12 @@ class SamplingParams:
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("logit_bias", all(t >= 0 for t, _ in self.logit_bias),
              "token ids must be >= 0"),
+            ("structured", self.structured is None
+             or isinstance(self.structured, StructuredSpec), "must be a StructuredSpec"),
+            ("min_tokens", self.structured is None or self.min_tokens == 0,
+             "cannot be combined with structured output (the grammar decides where it ends)"),
+            ("ignore_eos", self.structured is None or not self.ignore_eos,
+             "cannot be combined with structured output (the grammar decides where it ends)"),
         ]
         for name, ok, why in checks:
             if not ok:

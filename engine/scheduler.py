@@ -82,7 +82,7 @@ class Scheduler:
                 f"request {request_id!r} is {request.status.value}, not waiting for KV")
         self.num_reserved -= 1
         request.num_computed_tokens = request.num_tokens  # every token's KV has landed
-        request.token_ids.append(first_token)
+        request.append_token(first_token)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         status = request.check_stop()
@@ -216,7 +216,7 @@ class Scheduler:
                 self.kv.cache_computed_blocks(request)
             if not entry.sample:
                 continue
-            request.token_ids.append(next(sampled))
+            request.append_token(next(sampled))
             lp = next(logprobs) if logprobs is not None else None
             if request.params.logprobs is not None:
                 request.logprobs.append(lp)

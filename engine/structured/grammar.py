@@ -19,10 +19,13 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import xgrammar as xgr
+
+from engine.errors import InvalidRequestError
+from engine.structured.spec import StructuredSpec
 
 COMPILED_CACHE_SIZE = 256
 """Compiled grammars kept per tokenizer (least recently used dropped first)."""
@@ -43,14 +46,28 @@ def choice_ebnf(choices: Iterable[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+# xgrammar (0.2.9) writes a string with minLength / maxLength as characters of
+# [^"\\\r\n]: raw control characters (U+0000-U+001F) pass, which JSON forbids in strings
+# (json.loads and JSON.parse refuse them). Its unbounded strings use the right class.
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def _json_grammar(schema: str, strict: bool) -> xgr.Grammar:
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+
+
 @lru_cache(maxsize=256)
 def build_grammar(kind: str, spec: str | tuple[str, ...]) -> xgr.Grammar:
     """The tokenizer-independent grammar of a (normalised) spec; raises on an invalid one."""
     if kind == "json_object":
-        return xgr.Grammar.from_json_schema('{"type":"object"}', any_whitespace=False,
-                                            strict_mode=False)
+        return _json_grammar('{"type":"object"}', strict=False)
     if kind == "json_schema":
-        return xgr.Grammar.from_json_schema(spec, any_whitespace=False, strict_mode=True)
+        return _json_grammar(spec, strict=True)  # type: ignore[arg-type]
     if kind == "regex":
         return xgr.Grammar.from_regex(spec)
     if kind == "choice":
@@ -123,8 +140,14 @@ class GrammarBackend:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def new_state(self, kind: str, spec: str | tuple[str, ...]) -> GrammarState:
-        return GrammarState(self.compile(kind, spec))
+    def new_state(self, spec: StructuredSpec, generated: Sequence[int] = ()) -> GrammarState:
+        """A request's state, advanced by the tokens it has already generated (a resume)."""
+        state = GrammarState(self.compile(spec.kind, spec.spec))
+        if not state.advance(generated):
+            raise InvalidRequestError(
+                "output_token_ids do not follow the structured-output spec: resume only a "
+                "stream that was generated with the same spec")
+        return state
 
 
 @lru_cache(maxsize=8)
@@ -135,7 +158,12 @@ def backend_for(model_dir: str, vocab_size: int, stop_token_ids: tuple[int, ...]
     token ids) can still constrain its output. ``vocab_size``: the logits width."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        hf = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        raise InvalidRequestError(
+            "structured output needs the model's tokenizer and this model directory has "
+            "none; send the request without a structured-output spec") from None
     info = xgr.TokenizerInfo.from_huggingface(
         hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None)
     return GrammarBackend(info)

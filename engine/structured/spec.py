@@ -27,15 +27,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from engine.errors import InvalidRequestError
+
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 200_000
 """Longest spec accepted (schema / regex / grammar text, all choices together)."""
 
 
-class InvalidStructuredSpec(ValueError):
-    """A structured-output spec the grammar engine refuses. ``kind`` names which field of the
-    request was wrong (the router maps it to ``response_format`` / ``guided_regex`` / ...),
-    ``reason`` says why, safe to show a client."""
+class InvalidStructuredSpec(InvalidRequestError):
+    """A structured-output spec the grammar engine refuses (a ValueError; INVALID_ARGUMENT).
+    ``kind`` names which field of the request was wrong (the router maps it to
+    ``response_format`` / ``guided_regex`` / ...), ``reason`` says why, safe for a client."""
 
     def __init__(self, kind: str, reason: str) -> None:
         self.kind = kind
