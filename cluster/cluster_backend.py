@@ -26,12 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from cluster.backend import BackendOutput, BackendRequest, ServingBackend, TokenLogprob
 from cluster.flight import MIGRATION_KINDS, Attempt, Flight, Migrate
 from cluster.global_scheduler import GlobalScheduler, Placement, Queued
-from cluster.handles import WorkerGone, WorkerHandle
+from cluster.handles import DecodeHandle, WorkerGone, WorkerHandle
 from engine.errors import ResourceExhaustedError, SplitServeError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class ClusterBackend(ServingBackend):
         self.window = window
         self.stats_interval_s = stats_interval_s
         self.max_migrations = max_migrations
-        self.workers: dict[str, WorkerHandle] = {}
+        self.workers: dict[str, WorkerHandle] = {}  # PrefillHandle / DecodeHandle
         self._endpoints: dict[str, object] = {}  # decode worker id -> KV endpoint
         self._flights: dict[str, Flight] = {}  # client request id -> its record
         self._by_worker_rid: dict[str, Flight] = {}  # current attempt's worker-side id
@@ -86,7 +86,7 @@ class ClusterBackend(ServingBackend):
         self.readiness_may_have_changed()
         if handle.role in ("decode", "colocated"):
             if handle.role == "decode":
-                self._endpoints[handle.worker_id] = await handle.call("endpoint")
+                self._endpoints[handle.worker_id] = await handle.endpoint()
             self._tasks[handle.worker_id] = asyncio.create_task(self._pump(handle))
         await self._report(handle)
         if self._membership is not None:  # wake requests waiting for a worker
@@ -101,7 +101,7 @@ class ClusterBackend(ServingBackend):
         handle = self.workers[worker_id]
         idle = self._draining.setdefault(worker_id, asyncio.Event())
         self.readiness_may_have_changed()
-        self.scheduler.update_stats(await handle.call("stats", True))
+        self.scheduler.update_stats(await handle.stats(True))
         self._check_drained(worker_id)
         try:
             await asyncio.wait_for(idle.wait(), timeout_s)
@@ -201,7 +201,7 @@ class ClusterBackend(ServingBackend):
         if fut is not None:
             self.scheduler.cancel(attempt.worker_rid)
             fut.cancel()
-        calls = [self.workers[w].call("abort", attempt.worker_rid) for w in attempt.workers()
+        calls = [self.workers[w].abort(attempt.worker_rid) for w in attempt.workers()
                  if w in self.workers]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
@@ -286,18 +286,17 @@ class ClusterBackend(ServingBackend):
         attempt.decode_id = placement.decode_worker_id
         d = self._worker(attempt.decode_id, "decode")
         if attempt.prefill_id is None:
-            await self._call(d, "decode", "generate", attempt.worker_rid,
-                             flight.req.prompt_token_ids, flight.req.params, flight.generated)
+            await self._call(d, "decode", d.generate(attempt.worker_rid,
+                             flight.req.prompt_token_ids, flight.req.params, flight.generated))
         else:
             attempt.phase = "prefill"
             first = await self._remote_prefill(flight, blocks)
             attempt.phase = "kv"
             # Tell D the first token (or that it is done) while the client gets it:
             # TTFT waits for neither that call nor the KV transfer.
-            verb = "abort" if first.finish_reason is not None else "start"
-            args = (attempt.worker_rid,) if verb == "abort" else (
-                attempt.worker_rid, first.new_token_ids[0])
-            handoff = asyncio.ensure_future(self._call(d, "decode", verb, *args))
+            call = (d.abort(attempt.worker_rid) if first.finish_reason is not None
+                    else d.start(attempt.worker_rid, first.new_token_ids[0]))
+            handoff = asyncio.ensure_future(self._call(d, "decode", call))
             handoff.add_done_callback(_log_handoff_failure)
             if first.finish_reason is not None:
                 first = self._final(flight, first, {})
@@ -309,16 +308,17 @@ class ClusterBackend(ServingBackend):
         async for out in self._stream(flight, attempt):
             yield out
 
-    def _worker(self, worker_id: str | None, kind: str) -> WorkerHandle:
+    def _worker(self, worker_id: str | None, kind: str):
+        """The attempt's live worker (a ``PrefillHandle`` or ``DecodeHandle``)."""
         handle = self.workers.get(worker_id) if worker_id is not None else None
         if handle is None:
             raise Migrate(kind, f"{kind} worker {worker_id} is gone")
         return handle
 
-    async def _call(self, handle: WorkerHandle, kind: str, method: str, *args):
-        """A call whose worker's death migrates the request."""
+    async def _call(self, handle: WorkerHandle, kind: str, call: Awaitable):
+        """Await a call to ``handle``; its worker's death migrates the request."""
         try:
-            return await handle.call(method, *args)
+            return await call
         except WorkerGone as exc:
             self.lose_worker(handle.worker_id, str(exc))
             raise Migrate(kind, str(exc)) from exc
@@ -344,9 +344,9 @@ class ClusterBackend(ServingBackend):
             d = self._worker(placement.decode_worker_id, "decode")
             if placement.prefill_worker_id is None:
                 return placement, None
-            blocks = await self._call(d, "decode", "reserve", attempt.worker_rid,
-                                      flight.req.prompt_token_ids, flight.req.params,
-                                      flight.generated)
+            blocks = await self._call(d, "decode", d.reserve(
+                attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
+                flight.generated))
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again
@@ -407,8 +407,8 @@ class ClusterBackend(ServingBackend):
         if endpoint is None:
             raise Migrate("decode", f"decode worker {attempt.decode_id} is gone")
         try:
-            result = await p.call("prefill", attempt.worker_rid, req.prompt_token_ids,
-                                  req.params, endpoint, blocks, None, flight.generated)
+            result = await p.prefill(attempt.worker_rid, req.prompt_token_ids, req.params,
+                                     endpoint, blocks, flight.generated)
         except SplitServeError:
             raise
         except WorkerGone as exc:
@@ -459,7 +459,7 @@ class ClusterBackend(ServingBackend):
         return out
 
     # -- background tasks ---------------------------------------------------------------------
-    async def _pump(self, handle: WorkerHandle) -> None:
+    async def _pump(self, handle: DecodeHandle) -> None:
         """Follow one decode worker's output stream (one item per engine step, as each step
         ends); hand every delta to its request's stream at once."""
         try:
@@ -482,7 +482,7 @@ class ClusterBackend(ServingBackend):
 
     async def _report(self, handle: WorkerHandle) -> None:
         try:
-            stats = await handle.call("stats", handle.worker_id in self._draining)
+            stats = await handle.stats(handle.worker_id in self._draining)
         except WorkerGone as exc:  # else the scheduler would go on placing on it
             self.lose_worker(handle.worker_id, str(exc))
             raise

@@ -1,47 +1,49 @@
-"""Worker handles: call a worker's methods the same way whether it is a Ray actor or a plain
-object in this process (tests, the simulator-free local mode)."""
+"""Worker handles: typed calls to a worker, whether it is a Ray actor or a plain object in
+this process (tests, the local mode).
+
+A handle is the worker's role API (``PrefillHandle.prefill``, ``DecodeHandle.reserve`` ...)
+over a *transport* that carries the calls (``RayTransport``: actor method calls and a Ray
+streaming generator; ``LocalTransport``: a thread pool). The cluster backend speaks only the
+typed methods; ``call`` stays as the one untyped door, for tools and tests.
+
+A worker that is gone for good (its actor died or was killed) raises ``WorkerGone`` from
+every call, in flight or later.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-POLL_TIMEOUT_S = 0.5  # the long-poll fallback's wait (a worker without stream_outputs)
+POLL_TIMEOUT_S = 0.5  # the long-poll fallback's wait (a transport that cannot stream)
 
 
 class WorkerGone(RuntimeError):
     """The worker is gone for good (its actor died or was killed): no call will succeed."""
 
 
-class WorkerHandle:
-    def __init__(self, worker_id: str, role: str) -> None:
-        self.worker_id = worker_id
-        self.role = role
+class Transport:
+    """Carries method calls to one worker."""
 
     async def call(self, method: str, *args: Any) -> Any:
         raise NotImplementedError
 
-    async def stream_outputs(self) -> AsyncIterator[list]:
-        """A decode worker's token deltas, one item per engine step, as each step ends.
-        This fallback long-polls ``get_outputs``; the handles below stream for real."""
+    async def stream(self, method: str) -> AsyncIterator[Any]:
+        """Items of the worker's generator ``method``. This fallback long-polls the worker's
+        ``get_outputs`` (the only stream workers have); real transports stream."""
         while True:
-            deltas = await self.call("get_outputs", POLL_TIMEOUT_S)
-            if deltas:
-                yield deltas
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.worker_id}, {self.role})"
+            items = await self.call("get_outputs", POLL_TIMEOUT_S)
+            if items:
+                yield items
 
 
-class LocalHandle(WorkerHandle):
+class LocalTransport(Transport):
     """A worker object in this process; blocking methods run on a thread pool."""
 
-    def __init__(self, worker_id: str, role: str, worker: Any,
-                 executor: ThreadPoolExecutor) -> None:
-        super().__init__(worker_id, role)
+    def __init__(self, worker: Any, executor: ThreadPoolExecutor) -> None:
         self.worker = worker
         self._executor = executor
 
@@ -49,34 +51,34 @@ class LocalHandle(WorkerHandle):
         fn = getattr(self.worker, method)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def stream_outputs(self) -> AsyncIterator[list]:
-        """The worker's ``stream_outputs`` generator, run on a thread of its own and handed
-        over item by item (ends when the worker shuts down)."""
+    async def stream(self, method: str) -> AsyncIterator[Any]:
+        """The worker's generator, run on a thread of its own and handed over item by item
+        (it ends when the worker shuts down)."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         done = object()
 
         def pump() -> None:
             try:
-                for item in self.worker.stream_outputs():
+                for item in getattr(self.worker, method)():
                     loop.call_soon_threadsafe(items.put_nowait, item)
             except BaseException as exc:  # handed to the consumer, never lost
                 loop.call_soon_threadsafe(items.put_nowait, exc)
             finally:
                 loop.call_soon_threadsafe(items.put_nowait, done)
 
-        threading.Thread(target=pump, name=f"{self.worker_id}-outputs", daemon=True).start()
+        threading.Thread(target=pump, name=f"{method}-stream", daemon=True).start()
         while (item := await items.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item
 
 
-class RayHandle(WorkerHandle):
+class RayTransport(Transport):
     """A worker running as a Ray actor (``ray.remote(cls)`` with its pool's resources)."""
 
-    def __init__(self, worker_id: str, role: str, actor: Any) -> None:
-        super().__init__(worker_id, role)
+    def __init__(self, worker_id: str, actor: Any) -> None:
+        self.worker_id = worker_id
         self.actor = actor
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -89,19 +91,96 @@ class RayHandle(WorkerHandle):
         except ray.exceptions.RayActorError as e:
             raise WorkerGone(f"worker {self.worker_id} died: {_first_line(e)}") from e
 
-    async def stream_outputs(self) -> AsyncIterator[list]:
-        """A Ray streaming generator: each engine step's deltas reach the router as the
-        step ends, not when a poll comes round (which delivered several steps at once)."""
+    async def stream(self, method: str) -> AsyncIterator[Any]:
+        """A Ray streaming generator: each item reaches the caller as the worker yields it,
+        not when a poll comes round (which delivered several engine steps at once)."""
         import ray.exceptions
 
         try:
-            gen = self.actor.stream_outputs.options(num_returns="streaming").remote()
+            gen = getattr(self.actor, method).options(num_returns="streaming").remote()
             async for ref in gen:
                 yield await ref
         except ray.exceptions.RayActorError as e:
             raise WorkerGone(f"worker {self.worker_id} died: {_first_line(e)}") from e
 
 
+class WorkerHandle:
+    """What every worker answers, whatever its role."""
+
+    def __init__(self, worker_id: str, role: str, transport: Transport) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.transport = transport
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """An untyped call (tools and tests); the cluster uses the typed methods."""
+        return await self.transport.call(method, *args)
+
+    async def stats(self, draining: bool = False):
+        """The worker's ``WorkerStats`` (``draining``: it is being drained)."""
+        return await self.call("stats", draining)
+
+    async def abort(self, request_id: str) -> bool:
+        """Free the request's resources on this worker; False if it did not know it."""
+        return await self.call("abort", request_id)
+
+    async def free_blocks(self) -> int:
+        return await self.call("free_blocks")
+
+    async def check_integrity(self) -> None:
+        await self.call("check_integrity")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.worker_id}, {self.role})"
+
+
+class PrefillHandle(WorkerHandle):
+    async def prefill(self, request_id: str, prompt_token_ids: Sequence[int], params, peer,
+                      dst_block_ids: Sequence[int] | None,
+                      output_token_ids: Sequence[int] = ()):
+        """Prefill and return a ``PrefillResult`` (the next token); the KV goes to ``peer``
+        into ``dst_block_ids`` in the background. ``output_token_ids``: a resumed request's
+        tokens already streamed."""
+        return await self.call("prefill", request_id, prompt_token_ids, params, peer,
+                               dst_block_ids, None, list(output_token_ids))
+
+
+class DecodeHandle(WorkerHandle):
+    """A decode worker (or a colocated one: the same class, prefilling locally)."""
+
+    async def endpoint(self):
+        """Where prefill workers send it KV (a ``kv_transfer.Endpoint``)."""
+        return await self.call("endpoint")
+
+    async def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params,
+                      output_token_ids: Sequence[int] = ()) -> list[int] | None:
+        """Blocks for the request's KV, or None when the worker has no room."""
+        return await self.call("reserve", request_id, prompt_token_ids, params,
+                               list(output_token_ids))
+
+    async def start(self, request_id: str, first_token: int) -> bool:
+        """The prefill's token is known: decode once the KV lands. False if the worker no
+        longer knows the request (it failed or was aborted)."""
+        return await self.call("start", request_id, first_token)
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params,
+                       output_token_ids: Sequence[int] = ()) -> None:
+        """Prefill here and decode (conditional disaggregation, colocated workers)."""
+        await self.call("generate", request_id, prompt_token_ids, params,
+                        list(output_token_ids))
+
+    def stream_outputs(self) -> AsyncIterator[list]:
+        """Every request's ``TokenDelta``s, one item per engine step, as each step ends."""
+        return self.transport.stream("stream_outputs")
+
+
+def make_handle(worker_id: str, role: str, transport: Transport) -> WorkerHandle:
+    """The typed handle of a worker of ``role``."""
+    cls = PrefillHandle if role == "prefill" else DecodeHandle
+    return cls(worker_id, role, transport)
+
+
 def _first_line(exc: BaseException) -> str:
     """Ray's actor errors run to many lines (class, actor id, pid, node...): the gist."""
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cluster.config import ClusterConfig, PoolSection
-from cluster.handles import LocalHandle, RayHandle, WorkerHandle
+from cluster.handles import LocalTransport, RayTransport, WorkerHandle, make_handle
 from kv_transfer.base import TransferConfig
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class WorkerFactory:
         loop = asyncio.get_running_loop()
         worker = await loop.run_in_executor(self._executor, lambda: cls(*args, **kwargs))
         self._objects[worker_id] = worker
-        return LocalHandle(worker_id, role, worker, self._executor)
+        return make_handle(worker_id, role, LocalTransport(worker, self._executor))
 
     async def _create_actor(self, role, worker_id, args, kwargs) -> WorkerHandle:
         import ray
@@ -136,7 +136,7 @@ class WorkerFactory:
             ray.kill(actor, no_restart=True)
             raise
         self._objects[worker_id] = actor
-        return RayHandle(worker_id, role, actor)
+        return make_handle(worker_id, role, RayTransport(worker_id, actor))
 
     async def destroy(self, worker_id: str) -> None:
         obj = self._objects.pop(worker_id, None)

@@ -57,10 +57,12 @@ def _config(model_dir, prefill=1, decode=1) -> ClusterConfig:
 
 
 def _make_killable(cluster: Cluster) -> None:
-    """Wrap every current worker's calls so that ``_kill`` can end them as a death would."""
-    for worker_id, handle in cluster.backend.workers.items():
+    """Wrap every current worker's transport so that ``_kill`` can end its calls as a death
+    would."""
+    for handle in cluster.backend.workers.values():
         handle.dead = asyncio.Event()
-        handle.call = _dying_call(worker_id, handle.call, handle.dead)
+        handle.transport.call = _dying_call(handle.worker_id, handle.transport.call,
+                                            handle.dead)
 
 
 def _dying_call(worker_id, original, dead: asyncio.Event):
@@ -81,7 +83,7 @@ def _kill(cluster: Cluster, worker_id: str) -> None:
     """The worker dies: its in-flight and later calls fail with WorkerGone, it stops."""
     handle = cluster.backend.workers[worker_id]
     handle.dead.set()
-    handle.worker.host.loop.stop(timeout=0)  # what is left of it computes nothing more
+    handle.transport.worker.host.loop.stop(timeout=0)  # it computes nothing more
 
 
 async def _stream(backend, rid, prompt, params, seen: list[int] | None = None):

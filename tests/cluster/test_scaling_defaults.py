@@ -13,7 +13,7 @@ import pytest
 
 from cluster.commands.serve import add_cluster_flags, load_config
 from cluster.config import ClusterConfig
-from cluster.handles import WorkerHandle
+from cluster.handles import Transport, WorkerHandle, make_handle
 from cluster.runtime import Cluster
 from engine.worker_stats import WorkerStats
 
@@ -48,7 +48,10 @@ def test_a_cluster_config_autoscales_only_when_it_says_so():
 # -- a cluster whose workers are fakes: creation can be held pending, like an unplaceable actor
 
 
-class FakeHandle(WorkerHandle):
+class FakeTransport(Transport):
+    def __init__(self, worker_id: str, role: str) -> None:
+        self.worker_id, self.role = worker_id, role
+
     async def call(self, method: str, *args):
         if method == "stats":
             return WorkerStats(self.worker_id, self.role, 0, 0, 0, 100, 100, 16, 0.0, 0.0,
@@ -57,6 +60,10 @@ class FakeHandle(WorkerHandle):
             await asyncio.sleep(args[0])
             return []
         return None  # endpoint, abort, shutdown
+
+
+def FakeHandle(worker_id: str, role: str) -> WorkerHandle:  # noqa: N802 (reads as a class)
+    return make_handle(worker_id, role, FakeTransport(worker_id, role))
 
 
 class FakeFactory:
