@@ -229,9 +229,9 @@ class ClusterBackend(ServingBackend):
             finished = True
             yield self._final(flight, BackendOutput(rid, [], "error", error=exc), {})
         finally:
-            if not finished:
-                await self._abort_attempt(flight.attempt)
-            self._forget(flight)
+            self._forget(flight)  # first: a second cancellation cannot leave it behind
+            if not finished:  # shielded: a client that cancels twice still frees the workers
+                await asyncio.shield(self._abort_attempt(flight.attempt))
 
     def _forget(self, flight: Flight) -> None:
         self._flights.pop(flight.request_id, None)
