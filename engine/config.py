@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The names accepted by CacheConfig.kv_cache_dtype (torch dtypes: engine.attention.kv_quant;
+# kept here as names so that the config imports without torch).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -22,6 +26,13 @@ class CacheConfig:
     """Reuse KV blocks of identical prompt prefixes (chained block hashes, LRU eviction)."""
     num_blocks_override: int | None = None
     """Exact number of KV blocks (tests and memory-pressure experiments)."""
+    kv_cache_dtype: str = "auto"
+    """KV cache element type: auto (the model's dtype), fp8_e4m3 or fp8_e5m2 (one byte a
+    value: twice a 16-bit cache's blocks in the same memory; see engine.attention.kv_quant)."""
+    k_scale: float = 1.0
+    """fp8 caches store K / k_scale (one scale for every layer's K: a per-tensor scale)."""
+    v_scale: float = 1.0
+    """fp8 caches store V / v_scale."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -32,6 +43,11 @@ class CacheConfig:
             raise ValueError("kv_cache_memory_bytes must be positive")
         if self.num_blocks_override is not None and self.num_blocks_override < 2:
             raise ValueError("num_blocks_override must be >= 2")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of: "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
+        if not (self.k_scale > 0 and self.v_scale > 0):
+            raise ValueError("k_scale and v_scale must be positive")
 
 
 @dataclass(frozen=True)

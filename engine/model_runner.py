@@ -47,7 +47,9 @@ class ModelRunner:
         if copies:
             src, dst = (torch.tensor(ids, dtype=torch.long, device=self.device)
                         for ids in zip(*copies, strict=True))
-            self.kv_cache.index_copy_(0, dst, self.kv_cache.index_select(0, src))
+            # as bytes when the cache is fp8: torch has no index_copy_ for fp8 on CPU
+            kv = self.kv_cache.view(torch.uint8) if self.kv_cache.itemsize == 1 else self.kv_cache
+            kv.index_copy_(0, dst, kv.index_select(0, src))
 
     def _prepare(self, batch: SchedulerOutput):
         """(input_ids, positions, metadata, sample_rows) for one step, from two host lists:

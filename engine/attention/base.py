@@ -22,6 +22,14 @@ class AttentionBackend(ABC):
     name: str = ""
     # Device types ``auto`` may pick this backend for (None: wherever it is available).
     auto_device_types: tuple[str, ...] | None = None
+    # Whether it reads an fp8 KV cache (``kv_quant``); the registry refuses the others then.
+    supports_fp8_kv: bool = False
+    # (k_scale, v_scale) of an fp8 cache: it stores x / scale (see ``kv_quant``).
+    kv_scales: tuple[float, float] = (1.0, 1.0)
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """The per-tensor scales of an fp8 cache (unused for a float cache)."""
+        self.kv_scales = (float(k_scale), float(v_scale))
 
     @classmethod
     @abstractmethod

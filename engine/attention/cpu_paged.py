@@ -8,7 +8,8 @@ after a cached prefix needed a gathered copy of its context and a mask). Both ar
 which stores the new tokens' K/V. float32 only; other dtypes, and shapes the prefill kernel
 does not take (``prefill_supported``: AVX2, head_dim 32/64/128, a block size multiple of
 8), fall back to the torch path for that part.
-Available when the kernels build on this machine (see ``cpu_kernels``).
+Available when the kernels build on this machine (see ``cpu_kernels``). An fp8 KV cache is
+refused (by the registry, and here should one reach it): the kernels read float32 caches.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engine.attention.torch_ref import TorchAttentionBackend
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
     name = "cpu_paged"
+    supports_fp8_kv = False  # the compiled kernels read float32 caches
     requirements = "a CPU device and a C++ compiler to build the paged attention kernels"
 
     @classmethod
@@ -30,6 +32,10 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
 
     def forward(self, query, key, value, key_cache, value_cache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        if key_cache.dtype != query.dtype and query.dtype == torch.float32:
+            raise ValueError(
+                f"the compiled CPU attention kernels read float32 KV caches, not "
+                f"{key_cache.dtype}; use --attention-backend torch for an fp8 KV cache")
         kernels, nd, num_seqs = cpu_kernels.load(), metadata.num_decodes, metadata.num_seqs
         if query.dtype != torch.float32:
             return super().forward(query, key, value, key_cache, value_cache, metadata, scale)

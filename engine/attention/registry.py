@@ -5,7 +5,8 @@ kernels on CUDA when installed and the block size fits them (multiples of 256), 
 Triton kernels on CUDA when triton is installed (power-of-two blocks >= 16); on CPU the
 compiled paged kernels when they build; else the torch reference. A backend may limit the
 devices ``auto`` considers it for (``auto_device_types``: Triton's CPU interpreter is a test
-tool, never a default).
+tool, never a default). For an fp8 KV cache only backends that read it
+(``supports_fp8_kv``: torch, triton) are considered.
 An explicit choice that cannot run raises ``ValueError`` saying what to change.
 """
 
@@ -37,16 +38,22 @@ def backend_class(name: str) -> type[AttentionBackend]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def select_backend(name: str | None, device: torch.device, block_size: int) -> AttentionBackend:
-    """An instance of the named backend (or the best available for ``None``/``"auto"``)."""
+def select_backend(name: str | None, device: torch.device, block_size: int,
+                   kv_cache_dtype: str = "auto",
+                   kv_scales: tuple[float, float] = (1.0, 1.0)) -> AttentionBackend:
+    """An instance of the named backend (or the best available for ``None``/``"auto"``),
+    able to read a cache of ``kv_cache_dtype`` (``kv_quant``) with these per-tensor scales."""
+    fp8 = kv_cache_dtype != "auto"
     if name is None or name == "auto":
         for candidate in AUTO_ORDER:
             cls = backend_class(candidate)
             auto_types = cls.auto_device_types
             if auto_types is not None and device.type not in auto_types:
                 continue
+            if fp8 and not cls.supports_fp8_kv:
+                continue
             if cls.is_available(device) and cls.supports_block_size(block_size):
-                return cls()
+                return _configured(cls(), kv_scales)
         raise ValueError(f"no attention backend can run on {device} with block_size={block_size}")
     cls = backend_class(name)
     if not cls.supports_block_size(block_size):
@@ -54,13 +61,24 @@ def select_backend(name: str | None, device: torch.device, block_size: int) -> A
             f"{name}'s paged KV path needs {cls.block_size_requirement()} (got {block_size}); "
             f"use --block-size {_example_block_size(cls)} or --attention-backend torch"
         )
+    if fp8 and not cls.supports_fp8_kv:
+        fp8_backends = ", ".join(n for n in BACKENDS if backend_class(n).supports_fp8_kv)
+        raise ValueError(
+            f"attention backend {name!r} cannot read an fp8 KV cache (its kernels take float "
+            f"caches only); use --kv-cache-dtype auto, or one of: {fp8_backends}"
+        )
     if not cls.is_available(device):
         needs = getattr(cls, "requirements", "its kernels")
         raise ValueError(
             f"attention backend {name!r} is not available on {device} (it needs {needs}); "
             "use --attention-backend torch or auto"
         )
-    return cls()
+    return _configured(cls(), kv_scales)
+
+
+def _configured(backend: AttentionBackend, kv_scales: tuple[float, float]) -> AttentionBackend:
+    backend.set_kv_scales(*kv_scales)
+    return backend
 
 
 def _example_block_size(cls: type[AttentionBackend]) -> int:

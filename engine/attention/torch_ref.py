@@ -19,6 +19,10 @@ Contract with the model runner:
   identity, so one mutated in place between steps would reuse a stale plan;
 * keep the whole KV cache finite (allocate it with ``torch.zeros``, not ``torch.empty``):
   decodes read padded slots past ``seq_len`` and mask them, and ``0 * NaN`` is still NaN.
+
+An fp8 cache (``kv_quant``) is quantised on write and dequantised after each gather; prefill
+chunks then read their own K/V back from the cache too, so a chunk attends to exactly the
+values later steps will see (as the Triton kernels do).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.attention import kv_quant
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
 
@@ -38,14 +43,25 @@ def write_kv_cache(
     key_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any block stride
     value_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any block stride
     slot_index: tuple[torch.Tensor, torch.Tensor],  # (block, offset) per token, int64
+    kv_scales: tuple[float, float] = (1.0, 1.0),  # an fp8 cache's (k_scale, v_scale)
 ) -> None:
     """Write the new tokens' K/V into their cache slots: one indexed copy per tensor.
 
     A layer's cache is a strided view of the block-major cache (a block holds every layer),
     so slots are addressed as (block, offset) pairs (``AttentionMetadata.slot_index``)
     rather than through a flat view."""
+    if kv_quant.is_fp8(key_cache.dtype):
+        key = kv_quant.quantize(key, key_cache.dtype, kv_scales[0])
+        value = kv_quant.quantize(value, value_cache.dtype, kv_scales[1])
     key_cache.index_put_(slot_index, key)
     value_cache.index_put_(slot_index, value)
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype,
+                  scale: float) -> torch.Tensor:  # [len(blocks), block_size, KVH, D]
+    """Blocks of one layer's cache, as ``dtype`` (dequantised when the cache is fp8)."""
+    x = cache.index_select(0, blocks)
+    return x if not kv_quant.is_fp8(x.dtype) else kv_quant.dequantize(x, dtype, scale)
 
 
 @dataclass
@@ -90,6 +106,7 @@ MIN_GROUP_ROWS = 8
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    supports_fp8_kv = True
 
     def __init__(self) -> None:
         # The plan of the step being run, and the metadata object it was built from.
@@ -116,38 +133,42 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, H, D]
         write_kv_cache(key, value, key_cache, value_cache,
-                       metadata.slot_index(key_cache.shape[1]))
-        plan = self._get_plan(metadata, key_cache.shape[1], query.dtype)
+                       metadata.slot_index(key_cache.shape[1]), self.kv_scales)
+        plan = self._get_plan(metadata, key_cache.shape[1], query.dtype,
+                              gather_all=kv_quant.is_fp8(key_cache.dtype))
         pieces = []
         if plan.num_decodes:
             pieces.append(self._decodes(query[: plan.num_decodes], key_cache, value_cache,
-                                        plan.decode_groups, scale))
+                                        plan.decode_groups, scale, self.kv_scales))
         pieces += self._prefills(query, key, value, key_cache, value_cache, plan, scale)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _get_plan(self, md: AttentionMetadata, block_size: int, dtype: torch.dtype,
-                  with_decodes: bool = True) -> _StepPlan:
+                  with_decodes: bool = True, gather_all: bool = False) -> _StepPlan:
         """The step's plan, built at its first layer. ``with_decodes=False`` leaves out the
-        decode groups (for backends that attend decodes themselves)."""
+        decode groups (for backends that attend decodes themselves); ``gather_all``: every
+        chunk reads its context from the cache (an fp8 cache)."""
         if self._plan_source is not md or self._plan is None or with_decodes != self._plan_decodes:
-            self._plan = build_plan(md, block_size, dtype, with_decodes)
+            self._plan = build_plan(md, block_size, dtype, with_decodes, gather_all)
             self._plan_source, self._plan_decodes = md, with_decodes
         return self._plan
 
     def _prefills(self, query, key, value, key_cache, value_cache, plan: _StepPlan,
                   scale: float) -> list[torch.Tensor]:
         """Outputs of the plan's prefill chunks, in batch order ([q_len, H, D] each)."""
-        return [self._prefill(query, key, value, key_cache, value_cache, p, scale)
-                for p in plan.prefills]
+        return [self._prefill(query, key, value, key_cache, value_cache, p, scale,
+                              self.kv_scales) for p in plan.prefills]
 
     @classmethod
     def _decodes(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 groups: list[_DecodeGroup], scale: float) -> torch.Tensor:  # [B, H, D]
+                 groups: list[_DecodeGroup], scale: float,
+                 kv_scales: tuple[float, float]) -> torch.Tensor:  # [B, H, D]
         if len(groups) == 1 and groups[0].rows is None:
-            return cls._decode(query, key_cache, value_cache, groups[0], scale)
+            return cls._decode(query, key_cache, value_cache, groups[0], scale, kv_scales)
         out = torch.empty_like(query)
         for g in groups:
-            part = cls._decode(query.index_select(0, g.rows), key_cache, value_cache, g, scale)
+            part = cls._decode(query.index_select(0, g.rows), key_cache, value_cache, g, scale,
+                               kv_scales)
             out.index_copy_(0, g.rows, part)
         return out
 
@@ -158,12 +179,14 @@ class TorchAttentionBackend(AttentionBackend):
         value_cache: torch.Tensor,
         group: _DecodeGroup,
         scale: float,
+        kv_scales: tuple[float, float],
     ) -> torch.Tensor:  # [B, H, D]
         B, H, D = query.shape
         KVH = key_cache.shape[2]
         # [B, S, KVH, D] with S = max_blocks * block_size (padded past each seq_len)
-        k = key_cache.index_select(0, group.blocks).view(B, -1, KVH, D)
-        v = value_cache.index_select(0, group.blocks).view(B, -1, KVH, D)
+        k = gather_blocks(key_cache, group.blocks, query.dtype, kv_scales[0]).view(B, -1, KVH, D)
+        v = gather_blocks(value_cache, group.blocks, query.dtype, kv_scales[1]).view(
+            B, -1, KVH, D)
         q = query.view(B, KVH, H // KVH, D)  # the group of queries sharing a KV head
         out = F.scaled_dot_product_attention(
             q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=group.mask, scale=scale
@@ -179,14 +202,16 @@ class TorchAttentionBackend(AttentionBackend):
         value_cache: torch.Tensor,
         p: _PrefillPlan,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:  # [q_len, H, D]
         q = query[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         if p.blocks is None:  # no cached prefix: the chunk's own K/V are the whole context
             k, v = key[p.start : p.end], value[p.start : p.end]  # [q_len, KVH, D]
         else:
             KVH, D = key_cache.shape[2:]
-            k = key_cache.index_select(0, p.blocks).view(-1, KVH, D)[: p.seq_len]
-            v = value_cache.index_select(0, p.blocks).view(-1, KVH, D)[: p.seq_len]
+            k = gather_blocks(key_cache, p.blocks, q.dtype, kv_scales[0]).view(-1, KVH, D)
+            v = gather_blocks(value_cache, p.blocks, q.dtype, kv_scales[1]).view(-1, KVH, D)
+            k, v = k[: p.seq_len], v[: p.seq_len]
         out = F.scaled_dot_product_attention(
             q,
             k.transpose(0, 1).unsqueeze(0),  # [1, KVH, seq_len, D]
@@ -200,8 +225,9 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype,
-               with_decodes: bool = True) -> _StepPlan:
-    """Gather indices and masks for one step, from host-side lengths (no device sync)."""
+               with_decodes: bool = True, gather_all: bool = False) -> _StepPlan:
+    """Gather indices and masks for one step, from host-side lengths (no device sync).
+    ``gather_all``: chunks without a cached prefix read their context from the cache too."""
     device = md.block_tables.device
     nd = md.num_decodes
     groups = _decode_groups(md, block_size, dtype) if nd and with_decodes else []
@@ -210,8 +236,9 @@ def build_plan(md: AttentionMetadata, block_size: int, dtype: torch.dtype,
     for i in range(nd, md.num_seqs):
         q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
         blocks = mask = None
-        if seq_len > q_len:
+        if seq_len > q_len or gather_all:
             blocks = md.block_tables[i, : -(-seq_len // block_size)].long()
+        if seq_len > q_len:  # else plain causal (square)
             mask = _shifted_causal_mask(q_len, seq_len, dtype, device)
         prefills.append(_PrefillPlan(start, start + q_len, seq_len, blocks, mask))
         start += q_len

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention import kv_quant
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
 
@@ -53,6 +54,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     requirements = "the triton package and CUDA (on CPU: TRITON_INTERPRET=1, for tests)"
     auto_device_types = ("cuda",)  # on CPU the interpreter is a test tool, never a default
+    supports_fp8_kv = True
 
     def __init__(self, *, num_sms: int | None = None,
                  split_tokens: int = DEFAULT_SPLIT_TOKENS, block_n: int = 64) -> None:
@@ -96,7 +98,7 @@ class TritonAttentionBackend(AttentionBackend):
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous()
                              for t in (query, key, value))
         kern, md = self._kernels, metadata
-        scales = self.kv_scales(key_cache)
+        scales = self._scales_for(key_cache)
         kern.write_kv(key, value, key_cache, value_cache, md.slot_mapping, *scales)
         plan = self._get_plan(md, query.shape[1], key_cache.shape[2], query.device)
         out = torch.empty_like(query)
@@ -113,9 +115,9 @@ class TritonAttentionBackend(AttentionBackend):
                                k_scale=scales[0], v_scale=scales[1])
         return out
 
-    def kv_scales(self, key_cache: torch.Tensor) -> tuple[float | None, float | None]:
-        """(k_scale, v_scale) of a quantised cache, (None, None) for a full-precision one."""
-        return None, None
+    def _scales_for(self, key_cache: torch.Tensor) -> tuple[float | None, float | None]:
+        """(k_scale, v_scale) of an fp8 cache, (None, None) for a float one."""
+        return self.kv_scales if kv_quant.is_fp8(key_cache.dtype) else (None, None)
 
     def _get_plan(self, md: AttentionMetadata, num_heads: int, kv_heads: int,
                   device: torch.device) -> _TritonPlan:

@@ -17,7 +17,8 @@ each K/V row is loaded once for all of them. Softmax runs online in base 2 (``ex
 fp32 accumulators; fp32 inputs use IEEE dots (no TF32), so fp32 results match the torch
 reference to rounding.
 
-An fp8 cache stores ``x / scale`` (one float per tensor and layer); loads multiply back.
+An fp8 cache stores ``x / scale`` (per-tensor scales, see ``kv_quant``), saturated and
+rounded to nearest-even exactly as ``kv_quant.quantize`` does; loads multiply back.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# fp8 formats: mantissa bits, smallest normal exponent, largest finite value
+FP8_GRID = {torch.float8_e4m3fn: {"MANT": 3, "EMIN": -6, "LIMIT": 448.0},
+            torch.float8_e5m2: {"MANT": 2, "EMIN": -14, "LIMIT": 57344.0}}
+
+
+@triton.jit
+def _round_to_fp8_grid(x, MANT: tl.constexpr, EMIN: tl.constexpr, LIMIT: tl.constexpr):
+    """fp32 x saturated to +-LIMIT and rounded to nearest-even on the grid of an fp8 format
+    with MANT mantissa bits and smallest normal exponent EMIN, still in fp32: the cast to fp8
+    after it is exact. (Triton's interpreter rounds fp8 casts wrongly when rounding carries
+    into the exponent; this way every platform stores the same bytes as torch.)"""
+    negative = x.to(tl.int32, bitcast=True) < 0  # the sign bit (-0.0 included)
+    x = tl.minimum(tl.abs(x), LIMIT)
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
+    ulp = ((exponent - MANT + 127) << 23).to(tl.float32, bitcast=True)  # a power of two
+    steps = x / ulp  # exact; steps < 2^(MANT + 1)
+    x = ((steps + 12582912.0) - 12582912.0) * ulp  # + 1.5 * 2^23: rint, ties to even
+    return tl.where(negative, -x, x)
 
 
 @triton.jit
@@ -39,7 +58,7 @@ def _write_kv_kernel(
     stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
     KVH, D,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, LIMIT: tl.constexpr,
 ):
     t = tl.program_id(0)  # one new token, all its KV heads
     slot = tl.load(slot_ptr + t)
@@ -52,8 +71,8 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask, other=0.0)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask, other=0.0)
     if QUANT:
-        k = k.to(tl.float32) / k_scale
-        v = v.to(tl.float32) / v_scale
+        k = _round_to_fp8_grid(k.to(tl.float32) / k_scale, MANT, EMIN, LIMIT)
+        v = _round_to_fp8_grid(v.to(tl.float32) / v_scale, MANT, EMIN, LIMIT)
     tl.store(kc_ptr + blk * stride_cb + off * stride_cs + h * stride_ch + d,
              k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d,
@@ -250,7 +269,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
         key, value, key_cache, value_cache, slot_mapping, ks, vs,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         *key_cache.stride()[:3], *value_cache.stride()[:3], KVH, D,
-        BLOCK_SIZE=key_cache.shape[1], BLOCK_H=_pow2(KVH), BLOCK_D=_pow2(D), QUANT=quant)
+        BLOCK_SIZE=key_cache.shape[1], BLOCK_H=_pow2(KVH), BLOCK_D=_pow2(D), QUANT=quant,
+        **FP8_GRID.get(key_cache.dtype, FP8_GRID[torch.float8_e4m3fn]))
 
 
 def decode_num_splits(num_decodes: int, kv_heads: int, max_seq_len: int, split_tokens: int,

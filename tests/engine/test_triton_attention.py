@@ -82,10 +82,10 @@ def _triton(**kw):
 
 
 def run_both(block_size, cached, new, dims, seed=0, dtype=torch.float32, device="cpu",
-             reference=None, **triton_kw):
+             reference=None, cache_dtype=None, kv_scales=(1.0, 1.0), **triton_kw):
     """One step on a random paged cache with the triton and the reference (default: torch)
-    backends, same inputs. -> (triton out, reference out, triton cache, reference cache,
-    the triton backend)."""
+    backends, same inputs; ``cache_dtype``: an fp8 cache with these scales. -> (triton out,
+    reference out, triton cache, reference cache, the triton backend)."""
     H, KVH, D = dims
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
@@ -93,7 +93,8 @@ def run_both(block_size, cached, new, dims, seed=0, dtype=torch.float32, device=
     tables = random_block_tables([-(-s // block_size) for s in seq_lens], num_blocks,
                                  random.Random(seed))
     # Garbage everywhere (finite): padded and stale slots must be masked, not read as zero.
-    kv = torch.randn(num_blocks, 2, 2, block_size, KVH, D, generator=gen).to(device, dtype)
+    kv = torch.randn(num_blocks, 2, 2, block_size, KVH, D, generator=gen).to(
+        device, cache_dtype or dtype)
     k_cache, v_cache = kv[:, 1, 0], kv[:, 1, 1]  # one layer's strided views
     for table, c in zip(tables, cached, strict=True):  # the cached prefixes
         if c:
@@ -101,14 +102,17 @@ def run_both(block_size, cached, new, dims, seed=0, dtype=torch.float32, device=
             slots = tuple(t.to(device) for t in slots)
             write_kv_cache(torch.randn(c, KVH, D, generator=gen).to(device, dtype),
                            torch.randn(c, KVH, D, generator=gen).to(device, dtype),
-                           k_cache, v_cache, slots)
+                           k_cache, v_cache, slots, kv_scales)
     T = sum(new)
     q, k, v = (torch.randn(T, n, D, generator=gen).to(device, dtype) for n in (H, KVH, KVH))
     backend = _triton(**triton_kw)
+    reference = reference or TorchAttentionBackend()
+    for b in (backend, reference):
+        b.set_kv_scales(*kv_scales)
     kv_ref = kv.clone()
     out = backend.forward(q, k, v, k_cache, v_cache,
                           build_metadata(tables, cached, new, block_size, device), D**-0.5)
-    ref = (reference or TorchAttentionBackend()).forward(
+    ref = reference.forward(
         q, k, v, kv_ref[:, 1, 0], kv_ref[:, 1, 1],
         build_metadata(tables, cached, new, block_size, device), D**-0.5)
     return out, ref, kv, kv_ref, backend
@@ -161,6 +165,20 @@ def test_half_precision_matches_torch_reference(dtype):
     out, ref, _, _, _ = run_both(16, [20, 0], [1, 19], (4, 2, 32), seed=4, dtype=dtype)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_cache_matches_torch_reference(cache_dtype):
+    """Same bytes written as torch's quantisation (saturation and subnormals included: the
+    scales put K/V / scale over ~1e-3 .. 1e3), same attention to fp32 tolerance: decodes,
+    split-K decodes and chunks after a cached prefix."""
+    for cached, new, kw in (([40, 100], [1, 1], {"num_sms": 64, "split_tokens": 32}),
+                            ([33, 0, 17], [1, 21, 9], {})):
+        for scales in ((1.0, 1.0), (1e-3, 30.0)):
+            out, ref, kv, kv_ref, _ = run_both(16, cached, new, (4, 1, 32), seed=5,
+                                               cache_dtype=cache_dtype, kv_scales=scales, **kw)
+            assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+            torch.testing.assert_close(out, ref, **FP32)
 
 
 def test_write_kv_kernel_skips_negative_slots(interpreted):
