@@ -19,10 +19,11 @@ import torch
 from engine.batch import SchedulerOutput
 from engine.block_pool import BlockPool, NoFreeBlocksError
 from engine.config import CacheConfig, SchedulerConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, WorkerFatalError
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
+from engine.parallel.shard import kv_heads_per_rank
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -33,7 +34,8 @@ class Engine:
     def __init__(self, model_dir: str | Path, *, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, dtype: str = "float32",
                  device: str = "cpu", attention_backend: str | None = None, seed: int = 0,
-                 load_tokenizer: bool = True) -> None:
+                 load_tokenizer: bool = True, tensor_parallel_size: int = 1,
+                 parallel: dict | None = None) -> None:
         from engine.attention.registry import select_backend
         from engine.model_config import ModelConfig
         from engine.models.loader import load_model
@@ -49,13 +51,22 @@ class Engine:
             sched.max_num_batched_tokens, sched.max_num_seqs, max_len
         )
         self.attn_backend = select_backend(attention_backend, self.device, cache_config.block_size)
-        self.model = load_model(self.model_dir, self.dtype, self.device, self.attn_backend)
-        self.num_blocks = self._num_kv_blocks()
-        kv_cache = self._allocate_kv_cache(self.num_blocks)
+        self.kv_heads_per_rank = kv_heads_per_rank(self.model_config, tensor_parallel_size)
+        if tensor_parallel_size == 1:
+            self.model = load_model(self.model_dir, self.dtype, self.device, self.attn_backend)
+            self.num_blocks = self._num_kv_blocks()
+            self.runner = ModelRunner(self.model, self._allocate_kv_cache(self.num_blocks),
+                                      cache_config.block_size, self.device, seed)
+        else:  # starts ranks 1..N-1; sets self.model (rank 0's shard) and self.num_blocks
+            from engine.parallel.launch import ParallelConfig, start_tensor_parallel
+
+            options = dict(parallel or {})
+            launcher = options.pop("launcher", None)
+            self.runner = start_tensor_parallel(
+                self, ParallelConfig(tensor_parallel_size, **options), launcher, seed)
         self.pool = BlockPool(self.num_blocks, cache_config.enable_prefix_caching)
         self.kv_manager = KVCacheManager(self.pool, cache_config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
-        self.runner = ModelRunner(self.model, kv_cache, cache_config.block_size, self.device, seed)
         self.tokenizer = None
         if load_tokenizer:
             from engine.tokenizer import Tokenizer
@@ -79,7 +90,9 @@ class Engine:
                         max_num_seqs: int = 64, kv_cache_memory_bytes: int | None = None,
                         enable_prefix_caching: bool = True, **kwargs) -> Engine:
         """vLLM-style constructor. Extra kwargs: max_model_len, num_blocks,
-        attention_backend, seed, load_tokenizer, gpu_memory_utilization."""
+        attention_backend, seed, load_tokenizer, gpu_memory_utilization,
+        tensor_parallel_size (N > 1 starts N - 1 more ranks: call ``close()``), parallel
+        (``engine.parallel.launch.ParallelConfig`` fields, and ``launcher``)."""
         cache = CacheConfig(
             block_size=block_size,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -99,7 +112,9 @@ class Engine:
     @property
     def bytes_per_block(self) -> int:
         cfg = self.model_config
-        elems = cfg.num_layers * 2 * self.cache_config.block_size * cfg.num_kv_heads * cfg.head_dim
+        # One rank's share: its KV heads only under tensor parallelism.
+        elems = (cfg.num_layers * 2 * self.cache_config.block_size * self.kv_heads_per_rank
+                 * cfg.head_dim)
         return elems * torch.empty((), dtype=self.dtype).element_size()
 
     def _num_kv_blocks(self) -> int:
@@ -132,7 +147,7 @@ class Engine:
         # Block-major: one block holds every layer's K and V contiguously, so a KV transfer
         # moves a block as one message straight from/to the cache (no gather, no scatter).
         shape = (num_blocks, cfg.num_layers, 2, self.cache_config.block_size,
-                 cfg.num_kv_heads, cfg.head_dim)
+                 self.kv_heads_per_rank, cfg.head_dim)
         # Zeros, not empty: masked-out padding slots are read by batched attention.
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
@@ -254,7 +269,10 @@ class Engine:
             for scheduled in batch.scheduled[batch.num_decodes :]:
                 if scheduled.sample and scheduled.request.prefill_only:
                     self.on_last_chunk_scheduled(scheduled.request)
-        out = self.runner.execute(batch)
+        try:
+            out = self.runner.execute(batch)
+        except WorkerFatalError as e:  # e.g. a tensor-parallel rank died: fail, never hang
+            return self._fail_all(str(e))
         touched = self.scheduler.update(batch, out)
         outputs = []
         for request in touched:
@@ -267,6 +285,11 @@ class Engine:
             else:
                 outputs.append(self._output(request))
         return outputs
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        """The model cannot run any more: every unfinished request ends with ``message``."""
+        outputs = [self.fail(request_id, message) for request_id in list(self.scheduler.requests)]
+        return [out for out in outputs if out is not None]
 
     # -- disaggregation hooks --------------------------------------------------------------
     def prefilled_block_ids(self, request_id: str) -> list[int]:
@@ -391,6 +414,12 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do at TP=1). Idempotent."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
 
 def _progress(total: int):

@@ -79,7 +79,7 @@ class ModelRunner:
             tables.append(table)
             if entry.sample:
                 sample_rows.append(len(input_ids) - 1)
-        T, S = len(input_ids), len(tables)
+        T = len(input_ids)
         max_blocks = max(map(len, tables))
         ints = input_ids + positions + slots + sample_rows
         ints32 = [*accumulate(query_lens, initial=0), *accumulate(seq_lens, initial=0), *seq_lens]
@@ -88,6 +88,16 @@ class ModelRunner:
             ints32 += [0] * (max_blocks - len(t))
         longs = _to_tensor(ints, "q", torch.long, self.device)
         int32s = _to_tensor(ints32, "i", torch.int32, self.device)
+        return self._inputs(longs, int32s, T, query_lens, seq_lens, batch.num_decodes)
+
+    def _inputs(self, longs: torch.Tensor, int32s: torch.Tensor, T: int, query_lens: list[int],
+                seq_lens: list[int], num_decodes: int):
+        """The step's inputs as views of its two packed tensors: ``longs`` = input ids,
+        positions, slots [T] each, then the sample rows; ``int32s`` = cu_seqlens_q,
+        cu_seqlens_k [S + 1] each, seq_lens [S], block tables [S, max_blocks]. (Tensor-
+        parallel ranks other than 0 receive these two tensors from rank 0 and call this.)"""
+        S = len(query_lens)
+        max_blocks = (int32s.numel() - 3 * S - 2) // S
         metadata = AttentionMetadata(
             slot_mapping=longs[2 * T : 3 * T],
             cu_seqlens_q=int32s[: S + 1],
@@ -96,7 +106,7 @@ class ModelRunner:
             block_tables=int32s[3 * S + 2 :].view(S, max_blocks),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
-            num_decodes=batch.num_decodes,
+            num_decodes=num_decodes,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )

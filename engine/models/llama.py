@@ -206,6 +206,9 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        # Tensor parallelism: this rank's logits [V / tp, n] -> rank 0's [n, vocab] (None on
+        # the other ranks); set by engine.parallel.sharding, None at TP=1.
+        self.gather_logits: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(
         self,
@@ -216,12 +219,15 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         return self.model(input_ids, positions, kv_cache, metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden] (only the rows sampled from) -> float32 logits [n, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [n, hidden] (only the rows sampled from) -> float32 logits [n, vocab]
+        (under tensor parallelism: on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         # weight @ hidden.T, returned as a transposed view: the same product, but CPU BLAS
         # runs this [vocab, hidden] x [hidden, n] layout ~1.5x faster than F.linear's at
         # decode batch sizes; argmax and softmax over dim -1 read the view as is.
+        if self.gather_logits is not None:  # TP: this rank's vocabulary rows, gathered
+            return self.gather_logits(torch.mm(weight, hidden.t()))
         return torch.mm(weight, hidden.t()).t().float()
 
     def reset_buffers(self) -> None:

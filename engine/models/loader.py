@@ -13,6 +13,11 @@
    every tensor in the files has a destination (except known-ignorable ones). Problems are
    reported together, naming tensors and files.
 5. Copy, converting dtype and device, with a progress bar for big models or a terminal.
+
+Tensor parallelism (``tp``): the model is split on the meta device first
+(``engine.parallel.sharding``); sharded modules name the slice of each checkpoint tensor
+they hold (``tp_sources``), which is read alone (safetensors ``get_slice``), so a rank
+reads only its part of the files. With ``tp=None`` every tensor is read whole, as before.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -29,6 +35,10 @@ from tqdm import tqdm
 from engine.attention.base import AttentionBackend
 from engine.model_config import ModelConfig
 from engine.models.registry import model_class
+
+if TYPE_CHECKING:
+    from engine.parallel.shard import SourceSlice
+    from engine.parallel.sharding import TPContext
 
 # Checkpoint tensors we know we do not need (buffers some exporters save).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,13 +55,19 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     attn_backend: AttentionBackend,
+    tp: TPContext | None = None,
 ) -> nn.Module:
-    """Build the model described by ``model_dir/config.json`` and load its safetensors."""
+    """Build the model described by ``model_dir/config.json`` and load its safetensors
+    (``tp``: only this tensor-parallel rank's shard)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     cls = model_class(config.architecture)
     with torch.device("meta"):
         model = cls(config, attn_backend)
+        if tp is not None:
+            from engine.parallel.sharding import shard_model
+
+            shard_model(model, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.reset_buffers()
     load_weights(model, model_dir)
@@ -62,10 +78,13 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     """Fill every parameter of ``model`` from the safetensors files in ``model_dir``."""
     files = checkpoint_files(model_dir)  # tensor name -> file
     views = weight_destinations(model)  # tensor name -> view of a parameter, or None
-    destinations = {name: view for name, view in views.items() if view is not None}
+    sources = weight_sources(model, views)  # tensor name -> this rank's slice (TP only)
+    zeros = [name for name, src in sources.items() if src.zero]
+    destinations = {name: view for name, view in views.items()
+                    if view is not None and name not in zeros}
     # Tensors another rank holds (other experts) may be in the files and are not read.
     ignored = _ignored_names(model, files) | (views.keys() - destinations.keys())
-    _check(files, destinations, ignored)
+    _check(files, destinations, ignored, sources)
     by_file: dict[Path, list[str]] = {}
     for name in destinations:
         by_file.setdefault(files[name], []).append(name)
@@ -80,8 +99,23 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         for path, names in by_file.items():
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in names:
-                    destinations[name].copy_(f.get_tensor(name))
+                    _read(f, name, destinations[name], sources.get(name))
                     bar.update(1)
+        for name in zeros:
+            views[name].zero_()
+
+
+def _read(f, name: str, dest: torch.Tensor, src: SourceSlice | None) -> None:
+    """Copy tensor ``name`` (or only the slice ``src`` of it) into ``dest``."""
+    if src is None:
+        dest.copy_(f.get_tensor(name))
+        return
+    tensor = f.get_slice(name)
+    stop = min(src.stop, tensor.get_shape()[src.dim])  # past the end: padding rows
+    index = (slice(None),) * src.dim + (slice(src.start, stop),)
+    dest.narrow(src.dim, 0, stop - src.start).copy_(tensor[index])
+    if stop < src.stop:
+        dest.narrow(src.dim, stop - src.start, src.stop - stop).zero_()
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -133,6 +167,34 @@ def weight_destinations(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return out
 
 
+def weight_sources(model: nn.Module,
+                   views: dict[str, torch.Tensor | None]) -> dict[str, SourceSlice]:
+    """Checkpoint tensor name -> the slice this tensor-parallel rank reads, for every
+    sharded tensor (empty for an unsharded model). Modules name their slices in
+    ``tp_sources`` (leaf -> slice, or one slice per packed part); a module mapping its own
+    checkpoint names lists them by name suffix in ``tp_checkpoint_sources``."""
+    packed = getattr(model, "packed_modules", {})
+    out: dict[str, SourceSlice] = {}
+    for path, module in model.named_modules():
+        by_suffix = getattr(module, "tp_checkpoint_sources", None)
+        if by_suffix:
+            parent = path.rpartition(".")[0]  # the layer: the block's checkpoint names start so
+            for name in views:
+                for suffix, src in by_suffix.items():
+                    if name.startswith(parent + ".") and name.endswith("." + suffix):
+                        out[name] = src
+        for leaf, src in getattr(module, "tp_sources", {}).items():
+            if src is None:
+                continue
+            if isinstance(src, tuple):  # a packed projection: one slice per part
+                parent, _, packed_name = path.rpartition(".")
+                for part, part_src in zip(packed[packed_name], src, strict=True):
+                    out[f"{parent}.{part}.{leaf}"] = part_src
+            else:
+                out[f"{path}.{leaf}"] = src
+    return {name: src for name, src in out.items() if name in views}
+
+
 def _ignored_names(model: nn.Module, files: dict[str, Path]) -> set[str]:
     ignored = {name for name in files if name.endswith(IGNORED_SUFFIXES)}
     config = getattr(model, "config", None)
@@ -142,7 +204,8 @@ def _ignored_names(model: nn.Module, files: dict[str, Path]) -> set[str]:
 
 
 def _check(
-    files: dict[str, Path], destinations: dict[str, torch.Tensor], ignored: set[str]
+    files: dict[str, Path], destinations: dict[str, torch.Tensor], ignored: set[str],
+    sources: dict[str, SourceSlice],
 ) -> None:
     """Raise CheckpointError listing missing, unexpected and mis-shaped tensors."""
     paths = sorted({str(p) for p in files.values()})
@@ -159,7 +222,7 @@ def _check(
         for name in files
         if name not in destinations and name not in ignored
     ]
-    problems += _shape_problems(files, destinations)
+    problems += _shape_problems(files, destinations, sources)
     if problems:
         shown = problems[:MAX_LISTED]
         more = (
@@ -170,7 +233,8 @@ def _check(
         )
 
 
-def _shape_problems(files: dict[str, Path], destinations: dict[str, torch.Tensor]) -> list[str]:
+def _shape_problems(files: dict[str, Path], destinations: dict[str, torch.Tensor],
+                    sources: dict[str, SourceSlice]) -> list[str]:
     by_file: dict[Path, list[str]] = {}
     for name in destinations:
         if name in files:
@@ -181,8 +245,24 @@ def _shape_problems(files: dict[str, Path], destinations: dict[str, torch.Tensor
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
                 expected = tuple(destinations[name].shape)
+                src = sources.get(name)
+                if src is not None:  # a shard: compare the full tensor's expected shape
+                    expected = _full_shape(expected, src, shape)
                 if shape != expected:
                     problems.append(
                         f"tensor {name!r} in {path} has shape {shape}, expected {expected}"
                     )
     return problems
+
+
+def _full_shape(shard_shape: tuple[int, ...], src: SourceSlice,
+                file_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint shape a shard of ``shard_shape`` read as ``src`` implies: the split
+    dimension must cover ``src`` (padding may run past its end)."""
+    shape = list(shard_shape)
+    if src.dim >= len(shape):
+        return tuple(shape)
+    full = file_shape[src.dim] if src.dim < len(file_shape) else 0
+    fits = src.start < full and (src.stop <= full or src.pad)
+    shape[src.dim] = full if fits else src.stop
+    return tuple(shape)

@@ -1,0 +1,103 @@
+"""Rank 0's model runner under tensor parallelism.
+
+The same ``ModelRunner`` (inputs, forward, sampling), plus: each step's packed inputs are
+broadcast to the other ranks before the forward (``_inputs``), copy-on-write block copies
+are sent to them too, and a broken group becomes a ``TensorParallelError`` — raised at once
+by every later call, so nothing waits on a dead rank. ``close`` stops the ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from engine.model_runner import ModelRunner
+from engine.parallel.comm import OP_COPY, OP_STEP, OP_STOP, TPComm
+from engine.parallel.errors import TensorParallelError, describe_exit
+
+log = logging.getLogger(__name__)
+
+STOP_JOIN_S = 10.0  # how long close() lets each rank exit before killing it
+
+
+class TPModelRunner(ModelRunner):
+    def __init__(self, model, kv_cache: torch.Tensor, block_size: int, device: torch.device,
+                 seed: int, comm: TPComm, handles: list, restore_threads: int) -> None:
+        super().__init__(model, kv_cache, block_size, device, seed)
+        self.comm, self.handles = comm, handles
+        self.error: TensorParallelError | None = None
+        self._restore_threads = restore_threads
+        # Stop the ranks when the engine is collected or the interpreter exits, too.
+        self._finalizer = weakref.finalize(self, _shutdown, comm, handles, restore_threads)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.comm.size
+
+    def execute(self, batch):
+        self._raise_if_broken()
+        try:
+            return super().execute(batch)
+        except Exception as e:  # the ranks may be mid-step: the group cannot go on
+            raise self._broken(e) from e
+
+    def _inputs(self, longs, int32s, T, query_lens, seq_lens, num_decodes):
+        self.comm.send(OP_STEP, longs, int32s, len(query_lens), num_decodes)
+        return super()._inputs(longs, int32s, T, query_lens, seq_lens, num_decodes)
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        self._raise_if_broken()
+        try:
+            src, dst = zip(*copies, strict=True)
+            self.comm.send(OP_COPY, torch.tensor(src + dst, dtype=torch.long))
+        except Exception as e:
+            raise self._broken(e) from e
+        super().copy_blocks(copies)
+
+    def close(self) -> None:
+        """Stop every rank (idempotent)."""
+        self._finalizer()
+
+    def _raise_if_broken(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self._finalizer.alive:
+            raise TensorParallelError("this engine was closed; create a new one")
+
+    def _broken(self, cause: Exception) -> TensorParallelError:
+        """The error every later call raises; which rank stopped, in words."""
+        log.error("tensor-parallel step failed: %s", cause)
+        size = self.comm.size
+        dead = [(rank, h.exitcode()) for rank, h in enumerate(self.handles, start=1)]
+        dead = [(rank, code) for rank, code in dead if code is not None]
+        if dead:
+            rank, code = dead[0]
+            what = f"tensor-parallel rank {rank} of {size} {describe_exit(code)}"
+        else:
+            what = f"a tensor-parallel step failed on rank 0 of {size} ({type(cause).__name__})"
+        self.error = TensorParallelError(
+            f"{what}; this engine cannot run its model any more: restart it")
+        if self._finalizer.detach() is not None:  # out of step: no goodbye, just stop them
+            _shutdown(self.comm, self.handles, self._restore_threads, graceful=False)
+        return self.error
+
+
+def _shutdown(comm: TPComm, handles: list, restore_threads: int, graceful: bool = True) -> None:
+    if graceful:
+        try:
+            comm.send(OP_STOP)
+        except Exception as e:  # a rank is already gone: the kills below end the others
+            log.warning("tensor-parallel stop message not delivered: %s", e)
+            graceful = False
+    for handle in handles:
+        if graceful:
+            handle.join(STOP_JOIN_S)
+        handle.kill()
+        handle.join(STOP_JOIN_S)
+    comm.close()
+    torch.set_num_threads(restore_threads)
