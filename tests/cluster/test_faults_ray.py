@@ -31,10 +31,20 @@ def model_dir(tmp_path_factory):
                       progress=False)
 
 
+SEEDED = {"temperature": 0.9, "top_k": 50, "seed": 77}  # a seeded stream, sampled
+
+
 @pytest.fixture(scope="module")
 def expected(model_dir):
     engine = Engine.from_pretrained(model_dir, block_size=4)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def expected_seeded(model_dir):
+    engine = Engine.from_pretrained(model_dir, block_size=4)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED)
     return [o.token_ids for o in engine.generate(PROMPTS, params)]
 
 
@@ -62,9 +72,10 @@ def _worker_of(server: ServerThread, role: str) -> str:
 class _Streams:
     """Clients streaming over gRPC on threads; ``tokens[i]`` grows as tokens arrive."""
 
-    def __init__(self, server: ServerThread, prompts) -> None:
+    def __init__(self, server: ServerThread, prompts, sampling: dict | None = None) -> None:
         from router.client import SplitServeClient
 
+        self.sampling = sampling or {"temperature": 0.0}
         self.client = SplitServeClient(server.server.endpoints()["grpc"], timeout=120)
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.finish: list[str | None] = [None] * len(prompts)
@@ -76,8 +87,8 @@ class _Streams:
 
     def _run(self, i: int, prompt) -> None:
         try:
-            for chunk in self.client.stream(prompt, max_tokens=MAX_TOKENS, temperature=0.0,
-                                            ignore_eos=True):
+            for chunk in self.client.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                            **self.sampling):
                 self.tokens[i].extend(chunk.token_ids)
                 self.finish[i] = chunk.finish_reason or self.finish[i]
         except BaseException as exc:  # reported by the test, never swallowed
@@ -110,18 +121,23 @@ def _back_to_baseline(server: ServerThread, timeout: float = 90.0) -> None:
         time.sleep(0.2)
 
 
-def test_kill_9_of_the_decode_worker_mid_stream_resumes_every_stream(server, expected):
+def test_kill_9_of_the_decode_worker_mid_stream_resumes_every_stream(server, expected,
+                                                                     expected_seeded):
+    """Greedy and seeded streams: each continues on the replacement exactly as an
+    undisturbed colocated engine gives it."""
     backend = server.server.cluster.backend
     before = dict(backend.migrations)
     victim = _worker_of(server, "decode")
-    streams = _Streams(server, PROMPTS)
-    streams.wait_until(lambda: all(len(t) >= 3 for t in streams.tokens))
+    greedy, seeded = _Streams(server, PROMPTS), _Streams(server, PROMPTS, SEEDED)
+    greedy.wait_until(lambda: all(len(t) >= 3 for t in greedy.tokens + seeded.tokens))
     os.kill(_pid(server, victim), signal.SIGKILL)
-    streams.join()
-    assert streams.tokens == expected
-    assert streams.finish == ["length"] * len(PROMPTS)
+    greedy.join()
+    seeded.join()
+    assert greedy.tokens == expected
+    assert seeded.tokens == expected_seeded
+    assert greedy.finish == seeded.finish == ["length"] * len(PROMPTS)
     resumed = backend.migrations["decode"] - before["decode"]
-    assert 1 <= resumed <= len(PROMPTS)  # those not yet finished when it died
+    assert 1 <= resumed <= 2 * len(PROMPTS)  # those not yet finished when it died
     _back_to_baseline(server)
     assert victim not in backend.workers
 
