@@ -54,6 +54,7 @@ from router.errors import (
 from router.http_edge import EdgeMiddleware
 from router.service import GenerationService
 from router.types import GenerateChunk, PreparedRequest
+from router.utility_routes import utility_router
 
 
 def create_app(service: GenerationService, *, api_key: str | None = None) -> FastAPI:
@@ -84,6 +85,8 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
         return await _generate(service, request, body, _ChatFormat)
 
     app.include_router(api)
+    # /version, /v1/models/{id}, /tokenize, /detokenize: behind the same key as /v1/*
+    app.include_router(utility_router(service), dependencies=api.dependencies)
 
     @app.get("/health", responses=oai.HEALTH_RESPONSES)
     async def health(request: Request) -> JSONResponse:
