@@ -87,6 +87,7 @@ async def start_server(config: ClusterConfig, mode: str = "ray") -> RunningServe
     try:
         service = GenerationService(cluster.backend, Tokenizer(config.model.path), rc)
         service.metrics.transfer_backend = config.transfer.backend
+        service.metrics.model_name = rc.model_name  # the vllm:* families' label
         await service.start()
         grpc = await start_grpc_server(service, rc.host, rc.grpc_port, tls=rc.tls)
         http = await start_http_server(service, rc.host, rc.http_port, api_key=rc.api_key,
@@ -144,25 +145,40 @@ def sync_metrics_once(cluster: Cluster, m, seen: dict[tuple[str, str], int]) -> 
     def advance(counter, key: tuple[str, str], total: int, **labels) -> None:
         delta = total - seen.get(key, 0)
         if delta > 0:
-            counter.labels(**labels).inc(delta)
+            (counter.labels(**labels) if labels else counter).inc(delta)
         seen[key] = total
 
     for role in ("prefill", "decode", "colocated"):  # "ready or starting", as its help says
         m.pool_replicas.labels(pool=role).set(cluster.replicas(role, include_starting=True))
-    # splitserve_worker_start_timeouts_total{pool}; exported once router.metrics declares it
-    timeouts = getattr(m, "worker_start_timeouts", None)
-    if timeouts is not None:
-        for role, total in cluster.start_timeouts.items():
-            advance(timeouts, (role, "start_timeout"), total, pool=role)
-    for wid, stats in list(cluster.backend.last_stats.items()):
-        labels = {"worker": wid, "pool": stats.role}
-        m.worker_requests_running.labels(**labels).set(stats.num_running)
-        m.worker_requests_waiting.labels(**labels).set(stats.num_waiting)
-        m.kv_blocks_used.labels(**labels).set(stats.total_blocks - stats.free_blocks)
-        m.kv_blocks_free.labels(**labels).set(stats.free_blocks)
-        if stats.prefix_cache_queries:
-            m.prefix_cache_hit_rate.labels(**labels).set(
-                stats.prefix_cache_hits / stats.prefix_cache_queries)
-        advance(m.preemptions, (wid, "preempt"), stats.num_preemptions, **labels)
-        advance(m.kv_transfer_bytes, (wid, "kv"), stats.kv_bytes_sent,
-                backend=cluster.config.transfer.backend)
+    for role, total in cluster.start_timeouts.items():
+        advance(m.worker_start_timeouts, (role, "start_timeout"), total, pool=role)
+    backend = cluster.backend
+    for kind, total in backend.migrations.items():
+        advance(m.request_migrations, ("migration", kind), total, kind=kind)
+    advance(m.request_migrations_failed, ("migration", "failed"), backend.migrations_failed)
+    stats_now = dict(backend.last_stats)
+    for wid in [w for w in m.workers if w not in stats_now]:  # left the cluster
+        m.remove_worker(wid)
+        for key in [k for k in seen if k[0] == wid]:  # a reused id counts from its own 0
+            del seen[key]
+    for wid, stats in stats_now.items():
+        _sync_worker(m, advance, wid, stats, cluster.config.transfer.backend)
+
+
+def _sync_worker(m, advance, wid: str, stats, transfer_backend: str) -> None:
+    """One worker's latest ``WorkerStats`` into its series."""
+    labels = {"worker": wid, "pool": stats.role}
+    m.add_worker(wid, stats.role)
+    m.worker_requests_running.labels(**labels).set(stats.num_running)
+    m.worker_requests_waiting.labels(**labels).set(stats.num_waiting)
+    m.kv_blocks_used.labels(**labels).set(stats.total_blocks - stats.free_blocks)
+    m.kv_blocks_free.labels(**labels).set(stats.free_blocks)
+    if stats.prefix_cache_queries:
+        m.prefix_cache_hit_rate.labels(**labels).set(
+            stats.prefix_cache_hits / stats.prefix_cache_queries)
+    advance(m.prefix_cache_queries, (wid, "prefix_queries"), stats.prefix_cache_queries,
+            **labels)
+    advance(m.prefix_cache_hits, (wid, "prefix_hits"), stats.prefix_cache_hits, **labels)
+    advance(m.preemptions, (wid, "preempt"), stats.num_preemptions, **labels)
+    advance(m.integrity_failures, (wid, "integrity"), stats.integrity_failures, **labels)
+    advance(m.kv_transfer_bytes, (wid, "kv"), stats.kv_bytes_sent, backend=transfer_backend)
