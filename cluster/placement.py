@@ -53,7 +53,9 @@ class WorkerState:
         self.pending_tokens += tokens
         self.pending_blocks += blocks
         self.pending_seqs += 1
-        self._refresh()
+        self.queued_tokens += tokens  # = _refresh()
+        self.free_blocks -= blocks
+        self.num_requests += 1
 
     def replace_stats(self, stats: WorkerStats) -> None:
         """Take a newer snapshot; placements made at or before it are now inside it."""
@@ -172,11 +174,11 @@ class PlacementPolicy:
     def top(self, kind: str, pool: RolePool, req: RequestInfo) -> WorkerState | None | object:
         """The best-ranked worker (None: none) when one index ranks the pool; ``WALK`` when
         the ranking has to be walked (several groups, cached prefixes, not indexed)."""
-        if self.indexed and len(pool.groups) == 1 and not (
+        index = pool.single
+        if index is not None and not (
             self.cache_sensitive and kind == "prefill" and req.cached_tokens
         ):
-            for index in pool.groups.values():
-                return index.first()
+            return index.first()
         return WALK if pool.members else None
 
     def best(
@@ -346,8 +348,13 @@ class RankIndex:
 
     def first(self) -> WorkerState | None:
         """The live worker with the lowest (key, id), O(1) amortised."""
-        heap = self._clean_top()
-        return heap[0][3] if heap else None
+        heap, live = self._heap, self._live
+        while heap:
+            top = heap[0]
+            if live.get(top[1]) is top:
+                return top[3]
+            heapq.heappop(heap)  # a stale top
+        return None
 
     def ordered(self) -> Iterator[WorkerState]:
         """Live workers by (key, id), lazily. Do not ``set`` while iterating."""
@@ -385,6 +392,7 @@ class RolePool:
         self.ids: list[str] = []
         self.by_id: dict[str, WorkerState] = {}
         self.groups: dict[object, RankIndex] = {}
+        self.single: RankIndex | None = None  # the index, when the workers form one group
         self._slot: dict[str, tuple[object, RankIndex]] = {}  # worker id -> (group, index)
         self._spare = RankIndex()
         self._backlog = RankIndex()
@@ -420,6 +428,7 @@ class RolePool:
                 index = self.groups.get(group)
                 if index is None:
                     index = self.groups[group] = RankIndex()
+                    self._regrouped()
                 slot = self._slot[w.worker_id] = (group, index)
             slot[1].set(w, key)
 
@@ -459,6 +468,10 @@ class RolePool:
         index.set(w, None)
         if not len(index):
             del self.groups[group]
+            self._regrouped()
+
+    def _regrouped(self) -> None:
+        self.single = next(iter(self.groups.values())) if len(self.groups) == 1 else None
 
 
 class PrefixIndex:
