@@ -198,6 +198,23 @@ def test_registry_offers_triton_by_name_but_never_by_auto_on_cpu():
         select_backend("triton", cpu, 8)
 
 
+def test_auto_on_cuda_prefers_flash_attn_then_triton_then_torch(monkeypatch):
+    """Capability order on a CUDA device (availability faked: no GPU here)."""
+    from engine.attention.flash_attn import FlashAttentionBackend
+    from engine.attention.triton_backend import TritonAttentionBackend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(TritonAttentionBackend, "is_available", classmethod(lambda c, d: True))
+    monkeypatch.setattr(FlashAttentionBackend, "is_available", classmethod(lambda c, d: True))
+    monkeypatch.setattr(FlashAttentionBackend, "__init__", lambda self: None)
+    assert type(select_backend("auto", cuda, 16)) is TritonAttentionBackend
+    assert type(select_backend("auto", cuda, 256)) is FlashAttentionBackend
+    assert type(select_backend("auto", cuda, 256, "fp8_e4m3")) is TritonAttentionBackend
+    assert type(select_backend("auto", cuda, 8)) is TorchAttentionBackend  # < 16: torch
+    monkeypatch.setattr(TritonAttentionBackend, "is_available", classmethod(lambda c, d: False))
+    assert type(select_backend("auto", cuda, 16)) is TorchAttentionBackend
+
+
 def test_without_triton_cpu_selection_is_unchanged_and_triton_refused_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
     cpu = torch.device("cpu")
