@@ -2,8 +2,8 @@
 
 ``train_tokenizer(vocab_size, add_bos)`` trains it (well under a second, deterministic: same
 corpus and size give the same tokenizer.json); ``save_tokenizer`` writes tokenizer.json,
-tokenizer_config.json (ChatML chat template, class ``PreTrainedTokenizerFast`` so transformers
-4 and 5 both load it) and special_tokens_map.json.
+tokenizer_config.json (ChatML chat template with Qwen-style tool calling, class
+``PreTrainedTokenizerFast`` so transformers 4 and 5 both load it) and special_tokens_map.json.
 
 Special tokens take ids 0..4 (``SPECIAL_TOKENS`` order); the 256 byte symbols follow; merges
 after. Llama/Mistral-style tokenizers prepend <|begin_of_text|>, Qwen-style ones do not.
@@ -28,16 +28,48 @@ from pathlib import Path
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 """bos, eos, chat turn start, chat turn end, padding: ids 0..4 in every generated tokenizer."""
 
-# ChatML; `bos` is prepended for tokenizers that add it (the template's text is encoded with
-# add_special_tokens=False, as transformers' apply_chat_template does). Content may be a string
-# or a list of OpenAI-style parts ({"type": "text", "text": ...}).
+# ChatML with Qwen2.5-style tool calling; `bos` is prepended for tokenizers that add it (the
+# template's text is encoded with add_special_tokens=False, as transformers'
+# apply_chat_template does). Content may be a string or a list of OpenAI-style parts
+# ({"type": "text", "text": ...}). With `tools`, a system turn lists them (JSON, one per line)
+# and asks for Hermes-style calls; an assistant's `tool_calls` are written as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks and a `tool` message as a
+# <tool_response> in a user turn, so a conversation with calls round-trips.
 _CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}{{- part['text'] }}{%- endfor %}"
+    "{%- macro text(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- elif content %}{%- for part in content %}{{- part['text'] }}{%- endfor %}"
     "{%- endif %}"
+    "{%- endmacro %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- text(messages[0]['content']) + '\\n\\n' }}"
+    "{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.'"
+    " + '\\n\\nYou are provided with function signatures within <tools></tools> XML tags:'"
+    " + '\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name'"
+    " + ' and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
+    " + '{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call>'"
+    " + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + text(message['content'])"
+    " + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + text(message['content']) }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}"
+    "{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
     "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

@@ -1,9 +1,17 @@
 """OpenAI-compatible request models and response bodies (completions and chat).
 
-Requests: pydantic models accepting OpenAI's fields plus vLLM's extra sampling fields
-(``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
-``min_tokens``, ``skip_special_tokens``, ``request_id``); unknown fields are ignored, as
-OpenAI clients send vendor extras. ``to_input`` turns one into a ``GenerateInput``.
+Requests: pydantic models accepting OpenAI's fields plus vLLM's extras (``top_k``,
+``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``,
+``skip_special_tokens``, ``include_stop_str_in_output``, ``guided_json`` / ``guided_regex``
+/ ``guided_choice`` / ``guided_grammar``, ``structured_outputs``, ``request_id``). Nothing
+is silently ignored: an unknown field is a 400 naming it (``extra="forbid"``); a known field
+this server cannot honour is a 400 naming it when set to anything but its no-op value
+(``router.request_fields.REFUSED``: ``n`` > 1, ``best_of`` > 1, ``suffix``,
+``prompt_logprobs``, ``echo`` with ``logprobs``, ``audio``, ...). Accepted with no effect,
+by nature: ``user``, ``safety_identifier``, ``metadata``, ``prompt_cache_key``,
+``prompt_cache_retention`` (``request_fields.NO_EFFECT``; docs/api.md has the whole table).
+``to_inputs`` turns a request into one ``GenerateInput`` per prompt (a completions prompt
+may be a batch: one choice per prompt, with its ``index``).
 Responses: plain dicts in OpenAI's shapes; the final ones carry a non-standard
 ``"splitserve": {"request_id", "timing"}`` extension. The ``*_RESPONSES`` tables declare, for
 the OpenAPI schema, every status and content type the routes answer with (the schemathesis
@@ -12,12 +20,14 @@ test holds the server to them).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from router.chat import ChatMessage, ToolSpec
 from router.errors import InvalidParamError
-from router.types import GenerateChunk, GenerateInput, LogprobEntry, Usage
+from router.request_fields import check_refused, structured_spec
+from router.types import GenerateInput
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                   "ignore_eos", "presence_penalty", "frequency_penalty",
@@ -25,14 +35,21 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
 
 
 # strict: a field's JSON type is the one the OpenAPI schema declares ("include_usage": 0 or
-# "max_tokens": "5" is a 400, not silently coerced); unknown fields are still ignored.
-_REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+# "max_tokens": "5" is a 400, not silently coerced); forbid: an unknown field is a 400 that
+# names it, never silently dropped.
+_REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
     model_config = _REQUEST_CONFIG
 
     include_usage: bool = False
+    include_obfuscation: bool = False
+
+    def check(self) -> None:
+        if self.include_obfuscation:
+            raise InvalidParamError("stream_options.include_obfuscation is not supported",
+                                    "stream_options")
 
 
 class _SamplingRequest(BaseModel):
@@ -46,10 +63,22 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
-    n: int = 1
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # accepted with no effect, by nature (request_fields.NO_EFFECT)
     user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    # refused unless a no-op (request_fields.REFUSED)
+    n: Any = None
+    best_of: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_logprobs: Any = None
     # vLLM-style extras
     top_k: int | None = None
     min_p: float | None = None
@@ -58,58 +87,75 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
     request_id: str | None = None
 
     def sampling(self) -> dict[str, Any]:
-        if self.n != 1:
-            raise InvalidParamError(f"n={self.n} is not supported; only n=1", "n")
+        check_refused({name: getattr(self, name) for name in type(self).model_fields})
+        if self.stream_options is not None:
+            self.stream_options.check()
         out = {k: getattr(self, k) for k in _SAMPLING_KEYS if getattr(self, k) is not None}
         if self.stop is not None:
             out["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if self.logit_bias:
+            out["logit_bias"] = _logit_bias(self.logit_bias)
+        spec, _ = structured_spec({name: getattr(self, name) for name in type(self).model_fields})
+        if spec is not None:
+            out["structured"] = spec
         return out
+
+    def _input(self, deadline: float | None, **kwargs: Any) -> GenerateInput:
+        return GenerateInput(model=self.model, request_id=self.request_id or "",
+                             deadline=deadline, skip_special_tokens=self.skip_special_tokens,
+                             include_stop_str_in_output=self.include_stop_str_in_output,
+                             **kwargs)
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise InvalidParamError(f"logit_bias keys must be token ids (got {key[:20]!r})",
+                                    "logit_bias")
+        out[int(key)] = value
+    return out
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Any = None
 
-    def to_input(self, deadline: float | None) -> GenerateInput:
-        if self.echo or self.suffix:
-            raise InvalidParamError("echo and suffix are not supported",
-                                    "echo" if self.echo else "suffix")
+    def to_inputs(self, deadline: float | None) -> list[GenerateInput]:
+        """One input per prompt of the batch (request ids ``<request_id>-<i>`` past one)."""
         sampling = self.sampling()
+        if self.echo and self.logprobs is not None:
+            raise InvalidParamError("echo with logprobs needs prompt logprobs, which this "
+                                    "server does not compute yet; send one or the other",
+                                    "echo")
         sampling.setdefault("max_tokens", 16)  # OpenAI's default for /v1/completions
         if self.logprobs is not None:
             sampling["logprobs"] = self.logprobs
-        text, ids = _single_prompt(self.prompt)
-        return GenerateInput(model=self.model, prompt=text, prompt_token_ids=ids,
-                             sampling=sampling, request_id=self.request_id or "",
-                             deadline=deadline, skip_special_tokens=self.skip_special_tokens)
-
-
-class ChatMessage(BaseModel):
-    model_config = _REQUEST_CONFIG
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise InvalidParamError("only text content parts are supported", "messages")
-            content = "".join(str(part.get("text", "")) for part in content)
-        out = {"role": self.role, "content": content or ""}
-        if self.name:
-            out["name"] = self.name
-        return out
+        prompts = _prompts(self.prompt)
+        inputs = []
+        for i, (text, ids) in enumerate(prompts):
+            inp = self._input(deadline, prompt=text, prompt_token_ids=ids,
+                              sampling=dict(sampling), echo=self.echo)
+            if len(prompts) > 1 and inp.request_id:
+                inp.request_id = f"{inp.request_id}-{i}"
+            inputs.append(inp)
+        return inputs
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -117,8 +163,25 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # refused unless a no-op (request_fields.REFUSED)
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
+    functions: Any = None
+    function_call: Any = None
 
-    def to_input(self, deadline: float | None) -> GenerateInput:
+    def tool_spec(self) -> ToolSpec:
+        return ToolSpec(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def to_inputs(self, deadline: float | None) -> list[GenerateInput]:
         sampling = self.sampling()
         aliases = {}
         if self.max_completion_tokens is not None:
@@ -128,24 +191,36 @@ class ChatCompletionRequest(_SamplingRequest):
             sampling["logprobs"] = self.top_logprobs or 0
         elif self.top_logprobs:
             raise InvalidParamError("top_logprobs needs logprobs=true", "top_logprobs")
-        return GenerateInput(model=self.model, messages=[m.as_dict() for m in self.messages],
-                             sampling=sampling, request_id=self.request_id or "",
-                             deadline=deadline, skip_special_tokens=self.skip_special_tokens,
-                             param_aliases=aliases)
+        tools = self.tool_spec()
+        forced = tools.structured()
+        if forced is not None:
+            if "structured" in sampling:
+                raise InvalidParamError("tool_choice 'required' or a named function is "
+                                        "enforced with structured output: it cannot be "
+                                        "combined with response_format or guided_*",
+                                        "tool_choice")
+            sampling["structured"] = forced
+        return [self._input(deadline, messages=[m.as_dict() for m in self.messages],
+                            tools=tools.template_tools, sampling=sampling,
+                            param_aliases=aliases)]
 
 
-def _single_prompt(prompt) -> tuple[str | None, list[int] | None]:
-    """(text, token ids) of a completions prompt; batches of more than one are refused."""
+def _prompts(prompt) -> list[tuple[str | None, list[int] | None]]:
+    """(text, token ids) of each prompt of a completions request."""
     if isinstance(prompt, str):
-        return prompt, None
+        return [(prompt, None)]
     if not prompt:
         raise InvalidParamError("the prompt is empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
-        return None, list(prompt)
-    if len(prompt) != 1:
-        raise InvalidParamError(f"a batch of {len(prompt)} prompts is not supported; send one "
-                                "prompt per request", "prompt")
-    return _single_prompt(prompt[0])
+        return [(None, list(prompt))]
+    if len(prompt) > MAX_BATCH_PROMPTS:
+        raise InvalidParamError(f"a batch of {len(prompt)} prompts is more than this server "
+                                f"takes in one request ({MAX_BATCH_PROMPTS})", "prompt")
+    return [(p, None) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+
+MAX_BATCH_PROMPTS = 64
+"""Most prompts in one completions request (each is a request in flight of its own)."""
 
 
 # ---- OpenAPI declarations of what the routes answer ---------------------------------------
@@ -198,53 +273,3 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Prometheus text exposition",
           "content": {"text/plain": {"schema": {"type": "string"}}}},
     500: _error("Internal error")}
-
-
-# ---- response bodies ---------------------------------------------------------------------
-
-def usage_body(usage: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
-
-
-def extension_body(chunk: GenerateChunk) -> dict[str, Any]:
-    return {"request_id": chunk.request_id, "timing": chunk.timing or {}}
-
-
-def completion_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
-    if entries is None:
-        return None
-    return {"tokens": [e.token for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
-            "text_offset": []}
-
-
-def chat_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
-    if entries is None:
-        return None
-
-    def item(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    return {"content": [{**item(e.token, e.logprob),
-                         "top_logprobs": [item(t.token, t.logprob) for t in e.top]}
-                        for e in entries]}
-
-
-def completion_choice(chunk: GenerateChunk) -> dict[str, Any]:
-    return {"index": 0, "text": chunk.text, "logprobs": completion_logprobs(chunk.logprobs),
-            "finish_reason": chunk.finish_reason, "stop_reason": chunk.stop_reason}
-
-
-def chat_choice(chunk: GenerateChunk, kind: Literal["message", "delta"],
-                first: bool = False) -> dict[str, Any]:
-    if kind == "message":
-        body = {"role": "assistant", "content": chunk.text}
-    else:
-        body = {"role": "assistant", "content": chunk.text} if first else (
-            {"content": chunk.text} if chunk.text else {})
-    return {"index": 0, kind: body, "logprobs": chat_logprobs(chunk.logprobs),
-            "finish_reason": chunk.finish_reason, "stop_reason": chunk.stop_reason}

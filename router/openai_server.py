@@ -24,7 +24,6 @@ import hmac
 import json
 import socket
 import ssl
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import SplitServeError
+from router import openai_format as oaf
 from router import openai_protocol as oai
 from router.config import PortInUseError, TLSConfig
 from router.errors import (
@@ -53,6 +53,7 @@ from router.errors import (
 )
 from router.http_edge import EdgeMiddleware
 from router.service import GenerationService
+from router.tool_parsers import DEFAULT_PARSER, get_parser
 from router.types import GenerateChunk, PreparedRequest
 from router.utility_routes import utility_router
 
@@ -78,11 +79,11 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
 
     @api.post("/v1/completions", responses=oai.GENERATE_RESPONSES)
     async def completions(body: oai.CompletionRequest, request: Request) -> Response:
-        return await _generate(service, request, body, _CompletionFormat)
+        return await _generate(service, request, body, chat=False)
 
     @api.post("/v1/chat/completions", responses=oai.GENERATE_RESPONSES)
     async def chat(body: oai.ChatCompletionRequest, request: Request) -> Response:
-        return await _generate(service, request, body, _ChatFormat)
+        return await _generate(service, request, body, chat=True)
 
     app.include_router(api)
     # /version, /v1/models/{id}, /tokenize, /detokenize: behind the same key as /v1/*
@@ -163,38 +164,118 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
 
 
-async def _generate(service: GenerationService, request: Request, body, fmt_cls) -> Response:
+async def _generate(service: GenerationService, request: Request, body, chat: bool) -> Response:
     try:
-        inp = body.to_input(deadline=None)
+        inputs = body.to_inputs(deadline=None)
+        tools = body.tool_spec() if chat else None
+        parser = get_parser(_tool_parser_name(service)) if tools and tools.functions else None
     except SplitServeError as exc:
         service.metrics.requests.labels(code=outcome_code(exc)).inc()
         raise
-    prep = await service.prepare(inp)  # large prompts: on the tokenizer threads
-    fmt = fmt_cls(prep.request_id, body.model or service.config.model_name)
+    preps = [await service.prepare(inp) for inp in inputs]  # large prompts: tokenizer threads
+    model = body.model or service.config.model_name
+    if chat:
+        fmt: oaf.CompletionFormat = oaf.ChatFormat(
+            preps[0].request_id, model, [tools.stream(parser) if parser else None])
+    else:
+        echo = [_echo_text(service, inp, prep) for inp, prep in zip(inputs, preps, strict=True)] \
+            if body.echo else None
+        fmt = oaf.CompletionFormat(preps[0].request_id, model, echo)
     if body.stream:
-        return await _start_stream(service, request, prep, fmt, body.include_usage)
-    chunk = await _until_disconnect(request, service.complete(prep))
-    return JSONResponse(fmt.full(chunk))
+        return await _start_stream(service, request, preps, fmt, body.include_usage)
+    chunks = await _until_disconnect(request, _complete_all(service, preps))
+    return JSONResponse(fmt.full(chunks))
 
 
-async def _start_stream(service: GenerationService, request: Request, prep: PreparedRequest,
-                        fmt, include_usage: bool) -> Response:
-    """Admit ``prep`` and wait for its first chunk, then answer 200 with the event stream.
-    A refusal before that (admission, the backend's own overload, a failure) raises here,
-    and the error handlers answer it with its own status."""
-    chunks = service.stream(prep)
+def _tool_parser_name(service: GenerationService) -> str:
+    # RouterConfig.tool_call_parser (requested; see docs/api.md) picks the registry entry.
+    return getattr(service.config, "tool_call_parser", DEFAULT_PARSER)
+
+
+def _echo_text(service: GenerationService, inp, prep: PreparedRequest) -> str:
+    if inp.prompt is not None:
+        return inp.prompt
+    return service.tokenizer.decode(prep.prompt_token_ids,
+                                    skip_special_tokens=prep.skip_special_tokens)
+
+
+async def _complete_all(service: GenerationService,
+                        preps: list[PreparedRequest]) -> list[GenerateChunk]:
+    """Every prompt's merged chunk; one failure cancels (aborts) the others."""
+    if len(preps) == 1:
+        return [await service.complete(preps[0])]
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(service.complete(p)) for p in preps]
+    return [t.result() for t in tasks]
+
+
+async def _start_stream(service: GenerationService, request: Request,
+                        preps: list[PreparedRequest], fmt, include_usage: bool) -> Response:
+    """Admit every prompt and wait for each one's first chunk, then answer 200 with the event
+    stream. A refusal before that (admission, the backend's own overload, a failure) raises
+    here, and the error handlers answer it with its own status."""
+    streams = [service.stream(p) for p in preps]
+
+    async def close_all() -> None:
+        for stream in streams:
+            await stream.aclose()
+
     try:
-        first = await _until_disconnect(request, anext(chunks))
+        firsts = await _until_disconnect(request, _firsts(streams))
     except BaseException:
-        await chunks.aclose()
+        await close_all()
         raise
-    return _EventStream(_sse_events(chunks, first, fmt, include_usage), chunks.aclose)
+    return _EventStream(_sse_events(_merged(streams, firsts), fmt, include_usage), close_all)
+
+
+async def _firsts(streams: list[AsyncIterator[GenerateChunk]]) -> list[GenerateChunk]:
+    if len(streams) == 1:
+        return [await anext(streams[0])]
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(anext(s)) for s in streams]
+    return [t.result() for t in tasks]
+
+
+async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[GenerateChunk],
+                  ) -> AsyncIterator[tuple[int, GenerateChunk, bool]]:
+    """(choice index, chunk, whether it is the choice's first) as the choices produce them."""
+    for index, chunk in enumerate(firsts):
+        yield index, chunk, True
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk, False
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[GenerateChunk]) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk, None))
+            queue.put_nowait((index, None, None))
+        except Exception as exc:  # handed to the reader, which reports it in-band
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, chunk, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if chunk is None:
+                running -= 1
+                continue
+            yield index, chunk, False
+    finally:  # the reader left early or failed: end the other choices (aborts them)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _EventStream(EventSourceResponse):
-    """The SSE response, closing the request's chunk stream however the response ends, even
+    """The SSE response, closing the request's chunk streams however the response ends, even
     when the client left before the stream's first event (then the event generator never
-    started, and closing it would not reach the chunk stream)."""
+    started, and closing it would not reach the chunk streams)."""
 
     def __init__(self, events: AsyncIterator[str], close) -> None:
         super().__init__(events, sep="\n", ping=15)
@@ -229,64 +310,21 @@ async def _wait_disconnect(request: Request) -> None:
         continue
 
 
-async def _sse_events(chunks: AsyncIterator[GenerateChunk], first: GenerateChunk, fmt,
+async def _sse_events(chunks: AsyncIterator[tuple[int, GenerateChunk, bool]], fmt,
                       include_usage: bool) -> AsyncIterator[str]:
+    usages = []
     try:
         async with contextlib.aclosing(chunks):
-            for event in fmt.stream(first, True, include_usage):
-                yield json.dumps(event)
-            async for chunk in chunks:
-                for event in fmt.stream(chunk, False, include_usage):
+            async for index, chunk, first in chunks:
+                for event in fmt.events(index, chunk, first, include_usage):
                     yield json.dumps(event)
+                if chunk.usage is not None:
+                    usages.append(chunk.usage)
+        if include_usage:
+            yield json.dumps(fmt.usage_event(oaf.total_usage(usages)))
     except Exception as exc:  # after the 200 header: report in-band, as OpenAI does
         yield json.dumps(http_error(exc)[1])
     yield "[DONE]"
-
-
-class _CompletionFormat:
-    object_full, object_chunk = "text_completion", "text_completion"
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.id = f"cmpl-{request_id}"
-        self.model = model
-        self.created = int(time.time())
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def choice(self, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
-        return oai.completion_choice(chunk)
-
-    def full(self, chunk: GenerateChunk) -> dict[str, Any]:
-        return {**self._base(self.object_full), "choices": [oai.completion_choice(chunk)],
-                "usage": oai.usage_body(chunk.usage), "splitserve": oai.extension_body(chunk)}
-
-    def stream(self, chunk: GenerateChunk, first: bool, include_usage: bool) -> list[dict]:
-        event = {**self._base(self.object_chunk), "choices": [self.choice(chunk, first)]}
-        if include_usage:
-            event["usage"] = None
-        events = [event]
-        if chunk.finish_reason is not None:
-            event["splitserve"] = oai.extension_body(chunk)
-            if include_usage:
-                events.append({**self._base(self.object_chunk), "choices": [],
-                               "usage": oai.usage_body(chunk.usage)})
-        return events
-
-
-class _ChatFormat(_CompletionFormat):
-    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
-
-    def __init__(self, request_id: str, model: str) -> None:
-        super().__init__(request_id, model)
-        self.id = f"chatcmpl-{request_id}"
-
-    def choice(self, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
-        return oai.chat_choice(chunk, "delta", first)
-
-    def full(self, chunk: GenerateChunk) -> dict[str, Any]:
-        return {**self._base(self.object_full), "choices": [oai.chat_choice(chunk, "message")],
-                "usage": oai.usage_body(chunk.usage), "splitserve": oai.extension_body(chunk)}
 
 
 @dataclass

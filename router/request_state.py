@@ -38,7 +38,8 @@ class RequestState:
         # stop-string starts; the prompt's last tokens give it decoding context.
         self._detok = tokenizer.detokenizer(
             prep.params.stop, prompt_ids=prep.prompt_token_ids,
-            skip_special_tokens=prep.skip_special_tokens) if want_text else None
+            skip_special_tokens=prep.skip_special_tokens,
+            include_stop=prep.include_stop_str_in_output) if want_text else None
         self.num_generated = 0
         self.num_cached = 0
         self.finished = False  # the final chunk has been produced

@@ -54,7 +54,13 @@ from router.types import (
     PreparedRequest,
     merge_chunks,
 )
-from router.validation import build_prepared, check_input, prompt_chars, tokenize_prompt
+from router.validation import (
+    build_prepared,
+    check_input,
+    check_token_ids,
+    prompt_chars,
+    tokenize_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +157,9 @@ class GenerationService:
                 prompt = await self._tokenize(inp)
             finally:
                 self._preparing -= 1
-            return build_prepared(inp, request_id, prompt, self.config, now)
+            prep = build_prepared(inp, request_id, prompt, self.config, now)
+            check_token_ids(prep.params, int(self.tokenizer.vocab_size))
+            return prep
         except (SplitServeError, ValueError) as exc:
             self.metrics.requests.labels(code=outcome_code(exc)).inc()
             raise

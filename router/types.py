@@ -24,7 +24,11 @@ class GenerateInput:
     prompt_token_ids: list[int] | None = None
     """Pre-tokenized prompt."""
     messages: list[dict[str, Any]] | None = None
-    """Chat messages ({"role", "content"}), rendered with the model's chat template."""
+    """Chat messages ({"role", "content"}, assistant "tool_calls", tool "tool_call_id"),
+    rendered with the model's chat template."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI function tools ({"type": "function", "function": {...}}) for the chat
+    template; None: the template gets none."""
     sampling: dict[str, Any] = field(default_factory=dict)
     """The SamplingParams fields the client set (unset ones take the server's defaults)."""
     request_id: str = ""
@@ -35,6 +39,10 @@ class GenerateInput:
     """Detokenize and return text deltas (stop strings are applied either way)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    include_stop_str_in_output: bool = False
+    """Keep a matched stop string at the end of the text (it is cut by default)."""
+    echo: bool = False
+    """Completions: the response's text starts with the prompt's text."""
     param_aliases: dict[str, str] = field(default_factory=dict)
     """SamplingParams field -> the name the client used (max_tokens -> max_completion_tokens),
     so error messages name the field the client sent."""
@@ -51,6 +59,7 @@ class PreparedRequest:
     deadline: float | None
     return_text: bool
     skip_special_tokens: bool
+    include_stop_str_in_output: bool = False
 
 
 @dataclass

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Any
 
 from engine.sampling_params import SamplingParams
+from router.chat import render_chat
 from router.config import RouterConfig
 from router.errors import InvalidParamError
 from router.types import GenerateInput, PreparedRequest
@@ -122,7 +122,8 @@ def build_prepared(inp: GenerateInput, request_id: str, prompt: tuple[list[int],
     return PreparedRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, params=params, arrival_time=now,
         deadline=inp.deadline, return_text=inp.return_text,
-        skip_special_tokens=inp.skip_special_tokens)
+        skip_special_tokens=inp.skip_special_tokens,
+        include_stop_str_in_output=inp.include_stop_str_in_output)
 
 
 def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:
@@ -133,7 +134,7 @@ def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:
         raise InvalidParamError("give exactly one of a text prompt, prompt token ids or chat "
                                 f"messages (got {len(given)})", "prompt")
     if inp.messages is not None:
-        ids = _render_chat(inp.messages, tokenizer)
+        ids = render_chat(tokenizer, inp.messages, inp.tools)
         param = "messages"
     elif inp.prompt is not None:
         if not inp.prompt:
@@ -156,14 +157,12 @@ def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:
     return ids, param
 
 
-def _render_chat(messages: list[dict[str, Any]], tokenizer) -> list[int]:
-    if not messages:
-        raise InvalidParamError("messages is empty; send at least one message", "messages")
-    try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    except Exception as exc:  # template errors come as jinja, KeyError, ValueError, ...
-        raise InvalidParamError(f"the chat template could not render the messages: {exc}",
-                                "messages") from exc
+def check_token_ids(params: SamplingParams, vocab: int) -> None:
+    """logit_bias ids index the logits row: each must be a token of the model."""
+    bad = next((t for t in params.logit_bias_ids if t >= vocab), None)
+    if bad is not None:
+        raise InvalidParamError(f"logit_bias token id {bad} is outside the vocabulary "
+                                f"[0, {vocab})", "logit_bias")
 
 
 def build_sampling(inp: GenerateInput, prompt_len: int, prompt_param: str,

@@ -1,0 +1,229 @@
+"""Chat messages and tools: the request side of OpenAI tool calling.
+
+``ChatMessage`` keeps what a multi-turn tool conversation needs in the history: an
+assistant's ``tool_calls`` (their JSON-text arguments become objects, as chat templates
+expect) and a ``tool`` message's ``tool_call_id``. ``ToolSpec`` checks ``tools`` and
+``tool_choice`` and says what the request becomes:
+
+  tool_choice  template gets tools   output constrained by              reply parsed by
+  none         no                    -                                  -
+  auto         yes                   -                                  the tool parser
+  required     yes                   JSON: a non-empty array of          the array itself
+                                     {"name", "parameters"}, one of the tools each
+  named        yes                   JSON: the function's parameters     the object itself
+
+(the default is ``auto`` with tools, ``none`` without). ``render_chat`` renders messages and
+tools with the model's chat template (transformers' ``apply_chat_template(tools=...)``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.structured import StructuredSpec
+from router.errors import InvalidParamError
+from router.tool_parsers import ToolCall, ToolCallStream, ToolParser
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    model_config = _STRICT
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.role not in ROLES:
+            raise InvalidParamError(f"messages: unknown role {self.role!r}; use one of "
+                                    f"{', '.join(ROLES)}", "messages")
+        out: dict[str, Any] = {"role": self.role, "content": _text(self.content)}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise InvalidParamError("messages: only assistant messages carry tool_calls",
+                                        "messages")
+            out["tool_calls"] = [_call_for_template(c) for c in self.tool_calls]
+        if self.role == "tool":
+            if not self.tool_call_id:
+                raise InvalidParamError("messages: a tool message needs tool_call_id",
+                                        "messages")
+            out["tool_call_id"] = self.tool_call_id
+        elif self.tool_call_id is not None:
+            raise InvalidParamError("messages: only tool messages carry tool_call_id",
+                                    "messages")
+        return out
+
+
+def _text(content) -> str:
+    if isinstance(content, list):
+        if any(part.get("type") != "text" for part in content):
+            raise InvalidParamError("only text content parts are supported", "messages")
+        return "".join(str(part.get("text", "")) for part in content)
+    return content or ""
+
+
+def _call_for_template(call: MessageToolCall) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        raise InvalidParamError("messages: a tool call's function.arguments must be JSON "
+                                "text", "messages") from None
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": arguments}}
+
+
+class ToolSpec:
+    """Checked ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` of one chat request."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None, tool_choice: Any,
+                 parallel_tool_calls: bool | None) -> None:
+        self.functions = [_function(t, i) for i, t in enumerate(tools or [])]
+        names = [f["name"] for f in self.functions]
+        if len(set(names)) != len(names):
+            raise InvalidParamError("tools: function names must be unique", "tools")
+        self.choice = _choice(tool_choice, names)
+        self.max_calls = 1 if parallel_tool_calls is False else None
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        if self.choice == "none" or not self.functions:
+            return None
+        return [{"type": "function", "function": f} for f in self.functions]
+
+    @property
+    def named(self) -> dict[str, Any] | None:
+        """The function ``tool_choice`` names, if it names one."""
+        return next((f for f in self.functions if f["name"] == self.choice), None)
+
+    def structured(self) -> StructuredSpec | None:
+        """The output constraint that enforces ``required`` or a named function."""
+        named = self.named
+        if named is not None:
+            return StructuredSpec.json_schema(named.get("parameters") or {"type": "object"})
+        if self.choice != "required":
+            return None
+        item = {"anyOf": [{"type": "object", "properties": {
+            "name": {"const": f["name"]},
+            "parameters": f.get("parameters") or {"type": "object"}},
+            "required": ["name", "parameters"]} for f in self.functions]}
+        schema = {"type": "array", "items": item, "minItems": 1}
+        if self.max_calls == 1:
+            schema["maxItems"] = 1
+        return StructuredSpec.json_schema(schema)
+
+    def stream(self, parser: ToolParser) -> ToolCallStream | None:
+        """How the reply's text becomes content and calls (None: all content)."""
+        if self.choice == "none" or not self.functions:
+            return None
+        if self.choice == "auto":
+            return ToolCallStream(parser, self.max_calls)
+        return ToolCallStream(_ForcedCalls(self.named), self.max_calls)
+
+
+class _ForcedCalls(ToolParser):
+    """The reply of a constrained request: the named function's arguments object, or the
+    ``required`` array of {"name", "parameters"}. Everything is held to the end."""
+
+    def __init__(self, named: dict[str, Any] | None) -> None:
+        self._named = named
+
+    def hold_from(self, text: str, at_start: bool) -> tuple[int, bool]:
+        return 0, True
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:  # cut off by max_tokens: show what there is
+            return text, []
+        if self._named is not None:
+            return "", [ToolCall(self._named["name"], json.dumps(value, ensure_ascii=False))]
+        return "", [ToolCall(v["name"], json.dumps(v["parameters"], ensure_ascii=False))
+                    for v in value]
+
+
+def _function(tool: Any, i: int) -> dict[str, Any]:
+    if not isinstance(tool, dict) or tool.get("type") != "function" \
+            or not isinstance(tool.get("function"), dict):
+        raise InvalidParamError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                                "{...}} (only function tools are supported)", "tools")
+    fn = tool["function"]
+    unknown = sorted(set(fn) - {"name", "description", "parameters", "strict"})
+    if unknown:
+        raise InvalidParamError(f"tools[{i}].function has an unknown field {unknown[0]!r}",
+                                "tools")
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise InvalidParamError(f"tools[{i}].function.name must be a non-empty string", "tools")
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidParamError(f"tools[{i}].function.parameters must be a JSON schema object",
+                                "tools")
+    if params is not None:  # an invalid schema is a 400 now, not a failure in a worker
+        try:
+            StructuredSpec.json_schema(params)
+        except ValueError as exc:
+            raise InvalidParamError(f"tools[{i}].function.parameters: {exc}", "tools") from None
+    return dict(fn)
+
+
+def _choice(choice: Any, names: list[str]) -> str:
+    if choice is None:
+        return "auto" if names else "none"
+    if choice in ("none", "auto", "required"):
+        if choice != "none" and not names:
+            raise InvalidParamError(f"tool_choice={choice!r} needs tools", "tool_choice")
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" \
+            or not isinstance(name, str):
+        raise InvalidParamError("tool_choice must be 'none', 'auto', 'required' or "
+                                "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+                                "tool_choice")
+    if name not in names:
+        raise InvalidParamError(f"tool_choice names {name!r}, which is not in tools",
+                                "tool_choice")
+    return name
+
+
+def render_chat(tokenizer, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None) -> list[int]:
+    """Prompt ids of a chat (with the tools in the template when given)."""
+    if not messages:
+        raise InvalidParamError("messages is empty; send at least one message", "messages")
+    try:
+        if not tools:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if not tokenizer.has_chat_template:
+            raise InvalidParamError("this model has no chat template; use completions "
+                                    "instead", "messages")
+        # engine.tokenizer.Tokenizer.chat_template_text takes no tools yet: render through
+        # its transformers tokenizer, encoded as apply_chat_template does.
+        text = tokenizer._hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                 add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except InvalidParamError:
+        raise
+    except Exception as exc:  # template errors come as jinja, KeyError, ValueError, ...
+        raise InvalidParamError(f"the chat template could not render the messages: {exc}",
+                                "messages") from exc

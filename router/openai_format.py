@@ -1,0 +1,143 @@
+"""OpenAI response bodies for completions and chat: whole responses and stream events.
+
+A request has one choice per prompt (a completions batch: several, each with its
+``index``). A format object follows one HTTP request: ``full(chunks)`` builds the JSON
+response from each choice's merged chunk, ``events(index, chunk, first)`` the stream events
+for one chunk of one choice, ``usage_event(usage)`` the closing usage event
+(``stream_options.include_usage``). Final choices carry the non-standard
+``"splitserve": {"request_id", "timing"}`` extension.
+
+Completions with ``echo``: a choice's text starts with its prompt's text. Chat with tools:
+each choice's text goes through a ``ToolCallStream``; calls become ``tool_calls`` (whole, in
+the final delta when streaming) and the finish reason ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from router.tool_parsers import ToolCall, ToolCallStream
+from router.types import GenerateChunk, LogprobEntry, Usage
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def total_usage(usages: list[Usage]) -> Usage:
+    return Usage(sum(u.prompt_tokens for u in usages),
+                 sum(u.completion_tokens for u in usages),
+                 sum(u.cached_tokens for u in usages))
+
+
+def extension_body(chunk: GenerateChunk) -> dict[str, Any]:
+    return {"request_id": chunk.request_id, "timing": chunk.timing or {}}
+
+
+def completion_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": []}
+
+
+def chat_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**item(e.token, e.logprob),
+                         "top_logprobs": [item(t.token, t.logprob) for t in e.top]}
+                        for e in entries]}
+
+
+class CompletionFormat:
+    object_full, object_chunk, id_prefix = "text_completion", "text_completion", "cmpl"
+
+    def __init__(self, request_id: str, model: str, echo: list[str] | None = None) -> None:
+        self.id = f"{self.id_prefix}-{request_id}"
+        self.model = model
+        self.created = int(time.time())
+        self._echo = echo  # per choice: the prompt text to put first
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _choice(self, index: int, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
+        text = (self._echo[index] if self._echo and first else "") + chunk.text
+        out = {"index": index, "text": text, "logprobs": completion_logprobs(chunk.logprobs),
+               "finish_reason": chunk.finish_reason, "stop_reason": chunk.stop_reason}
+        return out
+
+    def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
+        return {**self._base(self.object_full),
+                "choices": [self._choice(i, c, True) for i, c in enumerate(chunks)],
+                "usage": usage_body(total_usage([c.usage for c in chunks])),
+                "splitserve": extension_body(chunks[0])}
+
+    def events(self, index: int, chunk: GenerateChunk, first: bool,
+               include_usage: bool) -> list[dict[str, Any]]:
+        event = {**self._base(self.object_chunk), "choices": [self._choice(index, chunk, first)]}
+        if include_usage:
+            event["usage"] = None
+        if chunk.finish_reason is not None:
+            event["splitserve"] = extension_body(chunk)
+        return [event]
+
+    def usage_event(self, usage: Usage) -> dict[str, Any]:
+        return {**self._base(self.object_chunk), "choices": [], "usage": usage_body(usage)}
+
+
+class ChatFormat(CompletionFormat):
+    object_full, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, request_id: str, model: str, tools: list[ToolCallStream | None]) -> None:
+        super().__init__(request_id, model)
+        self._tools = tools  # per choice; None: plain text
+
+    def _finish(self, index: int, chunk: GenerateChunk, text: str,
+                ) -> tuple[str, list[ToolCall], str | None]:
+        """(content, calls, finish reason) of one chunk of choice ``index``."""
+        tools = self._tools[index]
+        if tools is None:
+            return text, [], chunk.finish_reason
+        content = tools.feed(text)
+        if chunk.finish_reason is None:
+            return content, [], None
+        rest, calls = tools.finish()
+        reason = "tool_calls" if calls and chunk.finish_reason == "stop" else chunk.finish_reason
+        return content + rest, calls, reason
+
+    def _choice(self, index: int, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
+        content, calls, reason = self._finish(index, chunk, chunk.text)
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if content or first:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [c.as_delta(i) for i, c in enumerate(calls)]
+        out = {"index": index, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs),
+               "finish_reason": reason, "stop_reason": chunk.stop_reason}
+        return out
+
+    def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
+        choices = []
+        for index, chunk in enumerate(chunks):
+            content, calls, reason = self._finish(index, chunk, chunk.text)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = [c.as_dict() for c in calls]
+            choices.append({"index": index, "message": message,
+                            "logprobs": chat_logprobs(chunk.logprobs),
+                            "finish_reason": reason, "stop_reason": chunk.stop_reason})
+        return {**self._base(self.object_full), "choices": choices,
+                "usage": usage_body(total_usage([c.usage for c in chunks])),
+                "splitserve": extension_body(chunks[0])}
