@@ -85,8 +85,8 @@ def test_decode_side_kv_equals_prefill_side(model_dir, backend):
 
 def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir, monkeypatch):
     """On a warm channel an announced payload is written by the engine loop itself (no
-    hand-off, see kv_transfer.channels.SenderChannel), but only after the step's first
-    tokens are answered: TTFT does not wait for the write."""
+    hand-off, see kv_transfer.torch_dist.send_channel.SenderChannel), but only after the
+    step's first tokens are answered: TTFT does not wait for the write."""
     from kv_transfer.torch_dist import PairGroup
 
     config = TransferConfig(backend="torch_dist", timeout_s=20, host="127.0.0.1")

@@ -7,8 +7,7 @@ import os
 import torch
 
 from kv_transfer import TransferConfig
-from kv_transfer.channels import DATA_TAG
-from kv_transfer.header import DATA, TransferHeader
+from kv_transfer.header import DATA, DATA_TAG, TransferHeader
 from kv_transfer.torch_dist import PairGroup, TorchDistSender
 
 from .helpers import LAYERS, make_cache

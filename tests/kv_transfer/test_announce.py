@@ -1,5 +1,5 @@
 """torch_dist announced payloads: receives posted before the KV exists, settled exactly once
-by the payload or a retraction (see kv_transfer.channels)."""
+by the payload or a retraction (see kv_transfer.torch_dist.send_channel)."""
 
 from __future__ import annotations
 

@@ -17,8 +17,7 @@ from kv_transfer import (
     TransferTimeout,
     blocks,
 )
-from kv_transfer.channels import DATA_TAG
-from kv_transfer.header import DATA, TransferHeader
+from kv_transfer.header import DATA, DATA_TAG, TransferHeader
 from kv_transfer.torch_dist import PairGroup, TorchDistReceiver, TorchDistSender
 
 from .helpers import LAYERS, Completions, make_cache
@@ -107,11 +106,11 @@ def test_runs_contiguous_on_both_sides_move_as_one_message(make, monkeypatch):
 
 def test_runs_are_capped_in_bytes_and_drained_runs_leave_the_channel_working(
         make, monkeypatch):
-    import kv_transfer.torch_dist as torch_dist
+    import kv_transfer.torch_dist.sender as sender_module
 
     sender, receiver = make("sender", seed=15), make("receiver")
     block_bytes = sender.kv_cache[0].numel() * sender.kv_cache.element_size()
-    monkeypatch.setattr(torch_dist, "MAX_RUN_BYTES", 2 * block_bytes)
+    monkeypatch.setattr(sender_module, "MAX_RUN_BYTES", 2 * block_bytes)
     data_messages = []
     send = PairGroup.send
 
@@ -135,11 +134,11 @@ def test_runs_are_capped_in_bytes_and_drained_runs_leave_the_channel_working(
 def test_a_header_with_an_oversized_run_fails_its_request_and_the_channel(make, monkeypatch):
     """Such a payload could not be drained within bounded staging: the receiver refuses it
     (only a broken sender sends one) instead of allocating its size."""
-    import kv_transfer.channels as channels
+    import kv_transfer.torch_dist.recv_channel as recv_channel
 
     receiver = make("receiver")
     block_bytes = receiver.kv_cache[0].numel() * receiver.kv_cache.element_size()
-    monkeypatch.setattr(channels, "MAX_RUN_BYTES", block_bytes)
+    monkeypatch.setattr(recv_channel, "MAX_RUN_BYTES", block_bytes)
     done = Completions()
     receiver.expect("r1", [3, 4], done)
     group = PairGroup.connect(receiver.endpoint(), CONFIG, "bad", "gloo", torch.device("cpu"))
