@@ -9,6 +9,7 @@ touched.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +21,10 @@ from engine.structured.grammar import GrammarState
 class GrammarMasker:
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
+        # Filling a row takes microseconds (xgrammar caches most of each state's mask), so
+        # threads pay off only with cores to spare: at most half of them (torch has the
+        # rest); with two, waking a worker thread costs more than the fill.
+        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, _cpus() // 2)))
         self._bitmask: torch.Tensor | None = None  # host, [capacity, words] int32
 
     def _buffer(self, rows: int, vocab: int) -> torch.Tensor:
@@ -48,3 +52,10 @@ class GrammarMasker:
         if logits.device.type != "cpu":
             mask = mask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab, indices=rows)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

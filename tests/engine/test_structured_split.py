@@ -188,3 +188,37 @@ def test_the_mask_covers_the_model_vocabulary_not_the_tokenizer(padded_model_dir
         out = engine.generate([prompt], biased)[0]
         assert out.finish_reason == "stop" and max(out.token_ids) < 1024
     assert engine.grammar_backend().vocab_size == 1040
+
+
+def test_forked_siblings_each_follow_the_grammar(engines, prompt):
+    """n > 1 on the decode side: each sibling gets its own grammar state (from the start of
+    the output) and gives what its seed gives alone."""
+    colocated, prefill, decode = engines
+    seeds = (21, 22, 23)
+    alone = [colocated.generate([prompt], dataclasses.replace(JSON, seed=s))[0].token_ids
+             for s in seeds]
+    prefill.add_request("n3", prompt, JSON, prefill_only=True)
+    first = _drain(prefill, "n3")
+    dst = decode.reserve("n3", prompt, JSON)
+    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[prefill.prefilled_block_ids("n3")]
+    prefill.release("n3")
+    assert decode.activate("n3", first[0]) is None
+    for i, seed in enumerate(seeds[1:], 1):
+        assert decode.fork("n3", f"n3-{i}", dataclasses.replace(JSON, seed=seed)) is not None
+    tokens: dict[str, list[int]] = {}
+    while decode.has_unfinished_requests():
+        for out in decode.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    decode.check_integrity()
+    assert [first + tokens["n3"], tokens["n3-1"], tokens["n3-2"]] == alone
+    for ids in alone:
+        jsonschema.validate(json.loads(_text(decode, ids)), SCHEMA)
+
+
+@pytest.mark.gpu
+def test_cuda_masks_on_the_device(model_dir, prompt):
+    """On CUDA the bitmask is filled on the host and applied by xgrammar's GPU kernel."""
+    engine = _engine(model_dir, device="cuda")
+    outs = engine.generate([prompt, prompt], [JSON, REGEX])
+    assert [o.finish_reason for o in outs] == ["stop", "stop"]
+    jsonschema.validate(json.loads(_text(engine, outs[0].token_ids)), SCHEMA)
