@@ -52,8 +52,18 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    # An earlier response's message sent back as history carries these as null; anything
+    # else is refused (400) rather than dropped.
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
 
     def as_dict(self) -> dict[str, Any]:
+        for name in ("refusal", "annotations", "audio", "function_call"):
+            if getattr(self, name):
+                raise InvalidParamError(f"messages: {name} in a message is not supported",
+                                        "messages")
         if self.role not in ROLES:
             raise InvalidParamError(f"messages: unknown role {self.role!r}; use one of "
                                     f"{', '.join(ROLES)}", "messages")

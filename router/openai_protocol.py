@@ -98,6 +98,8 @@ class _SamplingRequest(BaseModel):
     def sampling(self) -> dict[str, Any]:
         check_refused({name: getattr(self, name) for name in type(self).model_fields})
         if self.stream_options is not None:
+            if not self.stream:
+                raise InvalidParamError("stream_options needs stream=true", "stream_options")
             self.stream_options.check()
         out = {k: getattr(self, k) for k in _SAMPLING_KEYS if getattr(self, k) is not None}
         if self.stop is not None:

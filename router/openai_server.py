@@ -145,8 +145,11 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
     async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        info = ErrorInfo("INVALID_ARGUMENT", f"{'.'.join(loc) or 'body'}: "
-                         f"{first.get('msg', 'invalid request')}", loc[0] if loc else None)
+        why = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":  # never silently ignored: see docs/api.md
+            why = "unknown field; this server does not implement it (docs/api.md lists the fields)"
+        info = ErrorInfo("INVALID_ARGUMENT", f"{'.'.join(loc) or 'body'}: {why}",
+                         loc[0] if loc else None)
         service.metrics.requests.labels(code=info.code).inc()
         return JSONResponse(openai_error_body(info), status_code=http_status(info))
 
