@@ -67,6 +67,7 @@ class Engine:
         self.pool = BlockPool(self.num_blocks, cache_config.enable_prefix_caching)
         self.kv_manager = KVCacheManager(self.pool, cache_config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.scheduler.on_prompt_done = self._start_siblings
         self.tokenizer = None
         if load_tokenizer:
             from engine.tokenizer import Tokenizer
@@ -155,21 +156,26 @@ class Engine:
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, *, prefill_only: bool = False,
                     arrival_time: float | None = None,
-                    output_token_ids: Sequence[int] = ()) -> Request:
+                    output_token_ids: Sequence[int] = (),
+                    siblings: Sequence[tuple[str, SamplingParams]] = ()) -> Request:
         """Queue a request. ``prompt`` is text (needs the tokenizer) or token ids.
 
         ``output_token_ids``: resume a request whose stream began elsewhere: the tokens it
         already generated (and streamed). They are prefilled after the prompt and count as
         output (max_tokens, min_tokens, penalties, the seeded stream's output index), so the
         continuation equals the undisturbed run's; outputs report only new tokens in
-        ``new_token_ids`` (``token_ids`` holds them all)."""
+        ``new_token_ids`` (``token_ids`` holds them all).
+
+        ``siblings``: n > 1, (child id, params) of the other samples of this prompt: forked
+        (``fork``) as soon as the prompt is computed, sharing its KV blocks."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         token_ids = self._tokenize(prompt)
         resumed = tuple(int(t) for t in output_token_ids)
         self._validate(token_ids, params, resumed)
         request = Request(request_id, token_ids, params, self.eos_token_ids,
-                          prefill_only=prefill_only, resumed_token_ids=resumed)
+                          prefill_only=prefill_only, resumed_token_ids=resumed,
+                          siblings=tuple(siblings))
         self._attach_grammar(request)
         if arrival_time is not None:
             request.arrival_time = arrival_time
@@ -314,19 +320,21 @@ class Engine:
 
     def reserve(self, request_id: str, prompt_token_ids: Sequence[int],
                 params: SamplingParams, *,
-                output_token_ids: Sequence[int] = ()) -> list[int] | None:
+                output_token_ids: Sequence[int] = (),
+                siblings: Sequence[tuple[str, SamplingParams]] = ()) -> list[int] | None:
         """Decode side: preallocate blocks for a prompt whose KV will be transferred.
         Returns the block ids, or None when there is no room (backpressure).
 
         ``output_token_ids``: a resumed request's tokens already generated before the
         prefill (see ``add_request``); their KV is transferred with the prompt's, so the
         blocks cover prompt + these tokens. ``activate`` then gets the token the prefill
-        side sampled after them."""
+        side sampled after them. ``siblings``: n > 1 (see ``add_request``), forked at
+        ``activate``, before the first token may finish this request."""
         token_ids = [int(t) for t in prompt_token_ids]
         resumed = tuple(int(t) for t in output_token_ids)
         self._validate(token_ids, params, resumed)
         request = Request(request_id, token_ids, params, self.eos_token_ids,
-                          resumed_token_ids=resumed)
+                          resumed_token_ids=resumed, siblings=tuple(siblings))
         self._attach_grammar(request)
         if not self.scheduler.reserve(request):
             return None
@@ -368,6 +376,16 @@ class Engine:
         self._text.add(child)
         self._num_reported[child_id] = 0
         return child
+
+    def _start_siblings(self, parent: Request) -> None:
+        """n > 1: fork the parent's siblings now that its prompt is computed (called by the
+        scheduler before the parent's first token may finish it). A sibling that finds no
+        seat or block is queued as a request of its own (it prefills the prompt itself,
+        reusing the prefix cache's full blocks): it waits, it never fails."""
+        for child_id, params in parent.siblings:
+            if self.fork(parent.request_id, child_id, params) is None:
+                self.add_request(child_id, list(parent.prompt_token_ids), params,
+                                 arrival_time=parent.arrival_time)
 
     def _output(self, request: Request) -> RequestOutput:
         generated = request.output_token_ids

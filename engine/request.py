@@ -70,6 +70,9 @@ class Request:
     prefill_only: bool = False  # stop after the first token, keep blocks (prefill worker)
     # Output tokens generated before this engine saw the request (a resume), in order.
     resumed_token_ids: tuple[int, ...] = ()
+    # n > 1: (child id, params) of the siblings to fork once the prompt is computed, before
+    # this request's first token may finish it (the scheduler's on_prompt_done).
+    siblings: tuple = ()
 
     # Progress (counters, no flags).
     token_ids: list[int] = field(init=False)  # prompt followed by generated tokens

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from engine.batch import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.config import SchedulerConfig
@@ -31,6 +32,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self.num_preemptions = 0
         self.num_reserved = 0  # decode side: requests holding blocks while their KV travels
+        # Called with a request whose prompt KV is computed and that has siblings to fork
+        # (n > 1), before its first token's stop check (the engine forks them).
+        self.on_prompt_done: Callable[[Request], None] | None = None
 
     # -- request intake / removal ----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -85,6 +89,7 @@ class Scheduler:
         request.append_token(first_token)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        self._start_siblings(request)
         status = request.check_stop()
         if status is not None:
             self.finish(request_id, status)
@@ -114,6 +119,11 @@ class Scheduler:
         child.first_scheduled_time = time.monotonic()
         self.running.append(child)
         return copy
+
+    def _start_siblings(self, request: Request) -> None:
+        if request.siblings and self.on_prompt_done is not None:
+            self.on_prompt_done(request)
+        request.siblings = ()
 
     def has_seat(self) -> bool:
         """Room for one more request in the running batch (reserved ones count)."""
@@ -222,6 +232,7 @@ class Scheduler:
                 request.logprobs.append(lp)
             if request.first_token_time is None:
                 request.first_token_time = now
+            self._start_siblings(request)
             status = request.check_stop()
             if status is not None:
                 self.finish(request.request_id, status)
