@@ -59,8 +59,15 @@ class TPComm:
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("tp/data/", store), rank, size,
                                               nccl)
         self._buf = torch.zeros(HEADER + INLINE, dtype=torch.long)
-        self.seconds_in_collectives = 0.0  # benchmarks: time inside all-reduce and gather
+        # Benchmarks: seconds spent inside each kind of collective, while ``count_time``
+        # (waiting for a slower rank counts here too: it is time the collective costs).
         self.count_time = False
+        self.seconds = {"all_reduce": 0.0, "gather": 0.0, "broadcast": 0.0}
+        self.calls = {"all_reduce": 0, "gather": 0, "broadcast": 0}
+
+    def _count(self, kind: str, t0: float) -> None:
+        self.seconds[kind] += time.perf_counter() - t0
+        self.calls[kind] += 1
 
     # -- collectives on activations (every rank, every layer) -------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,7 @@ class TPComm:
         if self.count_time:
             t0 = time.perf_counter()
             self.data.allreduce([x]).wait()
-            self.seconds_in_collectives += time.perf_counter() - t0
+            self._count("all_reduce", t0)
         else:
             self.data.allreduce([x]).wait()
         return x
@@ -88,7 +95,7 @@ class TPComm:
             self.data.gather([], [local], opts).wait()
             out = None
         if self.count_time:
-            self.seconds_in_collectives += time.perf_counter() - t0
+            self._count("gather", t0)
         return out
 
     # -- the step message (rank 0 -> others) ------------------------------------------------
@@ -131,7 +138,10 @@ class TPComm:
     def _broadcast(self, t: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
+        t0 = time.perf_counter()
         self.ctrl.broadcast([t], opts).wait()
+        if self.count_time:
+            self._count("broadcast", t0)
 
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` over the ranks (startup: KV blocks every rank can hold;
