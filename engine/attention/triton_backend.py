@@ -117,7 +117,16 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _scales_for(self, key_cache: torch.Tensor) -> tuple[float | None, float | None]:
         """(k_scale, v_scale) of an fp8 cache, (None, None) for a float one."""
-        return self.kv_scales if kv_quant.is_fp8(key_cache.dtype) else (None, None)
+        if not kv_quant.is_fp8(key_cache.dtype):
+            return None, None
+        if (key_cache.dtype == torch.float8_e4m3fn and key_cache.is_cuda
+                and torch.cuda.get_device_capability(key_cache.device) < (8, 9)):
+            # Triton has no e4m3 type before Ada/Hopper (checked: sm_80 refuses to compile)
+            raise ValueError(
+                "an fp8_e4m3 KV cache needs a GPU of compute capability 8.9 or newer (Ada, "
+                "Hopper) with the triton backend; use --kv-cache-dtype fp8_e5m2 or "
+                "--attention-backend torch")
+        return self.kv_scales
 
     def _get_plan(self, md: AttentionMetadata, num_heads: int, kv_heads: int,
                   device: torch.device) -> _TritonPlan:
