@@ -6,10 +6,15 @@ against a running server or against clusters this script starts itself.
         --prompt-len-range 64 512 --output-len-range 16 64
     # a running server (splitserve serve ...)
     python benchmarks/serving.py --grpc 127.0.0.1:50051 --rate 2 --label mine
+    # token delivery at 8 closed-loop users: client ITL vs decode step time, side by side
+    python benchmarks/serving.py --launch --api http --rate inf --max-concurrency 8 \
+        --num-requests 32 --prompt-len-range 64 256 --output-len-range 64 128 --plot results
 
 Open-loop Poisson arrivals (fixed --seed), random token-id prompts, greedy with ignore_eos so
-output lengths are exact. Prints the tables and writes results/serving_<label>.json. Same
-code and flags as `splitserve bench` (router/loadgen).
+output lengths are exact. Prints the tables and writes results/serving_<label>.json (and a
+PNG with --plot). For launched clusters it prints the client-side ITL p50 next to the decode
+workers' median step time and the share of gaps under 10 % of a step (router/loadgen/
+delivery.py). Same code and flags as `splitserve bench` (router/loadgen).
 """
 
 from __future__ import annotations
