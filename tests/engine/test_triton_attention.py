@@ -285,12 +285,12 @@ def test_cuda_kernels_match_torch_reference(dtype, block_size, dims):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_cuda_engine_on_triton_matches_transformers(tiny_model_dir, arch):
+def test_cuda_engine_on_triton_matches_transformers(tiny_model_dir, arch, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from engine import Engine, SamplingParams
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 exact, as in test_gpu.py
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 exact
     model_dir = tiny_model_dir(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     rng = random.Random(0)
@@ -307,6 +307,22 @@ def test_cuda_engine_on_triton_matches_transformers(tiny_model_dir, arch):
     outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0,
                                                    ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cuda_fp8_cache_matches_torch_reference(cache_dtype):
+    if (cache_dtype == torch.float8_e4m3fn
+            and torch.cuda.get_device_capability() < (8, 9)):
+        with pytest.raises(ValueError, match="compute capability 8.9"):
+            run_both(16, [40], [1], (8, 1, 128), device="cuda", cache_dtype=cache_dtype)
+        return
+    for cached, new in (([700, 5, 2000], [1, 1, 1]), ([33, 0, 300], [1, 300, 129])):
+        out, ref, kv, kv_ref, _ = run_both(16, cached, new, (8, 1, 128), dtype=torch.bfloat16,
+                                           device="cuda", cache_dtype=cache_dtype,
+                                           kv_scales=(0.5, 2.0), split_tokens=128)
+        assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
