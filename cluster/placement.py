@@ -53,7 +53,7 @@ class WorkerState:
         self.pending_tokens += tokens
         self.pending_blocks += blocks
         self.pending_seqs += 1
-        self.queued_tokens += tokens  # = _refresh()
+        self.queued_tokens += tokens  # the derived fields, kept in step
         self.free_blocks -= blocks
         self.num_requests += 1
 
@@ -75,17 +75,10 @@ class WorkerState:
             self.headroom_blocks = math.ceil(self.watermark * stats.total_blocks)
         self.max_num_seqs = stats.max_num_seqs
         self.prefill_speed = stats.prefill_tokens_per_s
-        # _refresh, inlined: this runs once per worker report
+        # the derived fields (placement reads these); runs once per worker report
         self.queued_tokens = stats.queued_prefill_tokens + self.pending_tokens
         self.free_blocks = stats.free_blocks - self.pending_blocks
         self.num_requests = stats.num_running + stats.num_waiting + self.pending_seqs
-
-    def _refresh(self) -> None:
-        s = self.stats
-        self.queued_tokens = s.queued_prefill_tokens + self.pending_tokens
-        self.free_blocks = s.free_blocks - self.pending_blocks
-        # requests held: running + waiting + placed since the snapshot
-        self.num_requests = s.num_running + s.num_waiting + self.pending_seqs
 
 
 # A policy's ranking key: lower is better (floats, or tuples for round robin).
@@ -113,7 +106,7 @@ class PlacementPolicy:
     lower worker id.
 
     ``prefill_key`` / ``decode_key`` give a worker's key for a request. A policy whose keys
-    order workers the same way for every request (within a *group*: see ``index_key``) sets
+    order workers the same way for every request (within a *group*: see ``index_fn``) sets
     ``indexed`` and the scheduler keeps its workers in heaps by that order, so a placement
     looks at a few workers instead of all of them (``ranked``); otherwise every worker is
     scored per request.
@@ -121,7 +114,7 @@ class PlacementPolicy:
 
     name = "base"
     indexed = False
-    """True: ``index_key`` orders workers as the keys do (for every request)."""
+    """True: ``index_fn`` orders workers as the keys do (for every request)."""
     cache_sensitive = False
     """True: the prefill key depends on the tokens a worker caches (ranked apart)."""
 
@@ -137,15 +130,11 @@ class PlacementPolicy:
     def decode_keys(self, workers: list[WorkerState], req: RequestInfo) -> list[Key]:
         return [self.decode_key(w, req) for w in workers]
 
-    def index_key(self, kind: str, w: WorkerState) -> tuple[object, Key]:
-        """(group, order key) of a worker for ``kind`` ("prefill" or "decode"), independent
-        of the request: within a group, a lower order key means a lower key for every request
-        (for workers not caching the request's prefix when ``cache_sensitive``)."""
-        raise NotImplementedError
-
     def index_fn(self, kind: str) -> Callable[[WorkerState], tuple[object, Key]]:
-        """``index_key`` for one kind (a policy may return a faster function)."""
-        return lambda w: self.index_key(kind, w)
+        """For ``kind`` ("prefill" or "decode"): a worker's (group, order key), independent
+        of the request. Within a group a lower order key means a lower key for every request
+        (for workers not caching the request's prefix, when ``cache_sensitive``)."""
+        raise NotImplementedError
 
     def ranked(self, kind: str, pool: RolePool, req: RequestInfo) -> Iterator[WorkerState]:
         """The pool's non-draining workers, best first, by (key, worker id)."""
@@ -246,9 +235,10 @@ class LeastLoadedPolicy(PlacementPolicy):
     def decode_key(self, w: WorkerState, req: RequestInfo) -> Key:
         return w.num_requests + 1e-3 * (1.0 - w.free_blocks / (w.total_blocks or 1))
 
-    def index_key(self, kind: str, w: WorkerState) -> tuple[object, Key]:
+    def index_fn(self, kind: str) -> Callable[[WorkerState], tuple[object, Key]]:
         # keys do not depend on the request: one group, ordered by the key itself
-        return None, (self.prefill_key if kind == "prefill" else self.decode_key)(w, _NO_REQUEST)
+        key = self.prefill_key if kind == "prefill" else self.decode_key
+        return lambda w: (None, key(w, _NO_REQUEST))
 
 
 class KVAwarePolicy(PlacementPolicy):
@@ -268,15 +258,10 @@ class KVAwarePolicy(PlacementPolicy):
         usage = 1.0 - w.free_blocks / (w.total_blocks or 1)
         return usage + w.num_requests / (w.max_num_seqs or 256)
 
-    def index_key(self, kind: str, w: WorkerState) -> tuple[object, Key]:
-        if kind == "prefill":
-            # among workers of one speed that cache nothing of the prompt, (q + n) / speed
-            # grows strictly with the backlog q (integers), whatever n is
-            return w.prefill_speed, w.queued_tokens
-        return None, self.decode_key(w, _NO_REQUEST)
-
     def index_fn(self, kind: str) -> Callable[[WorkerState], tuple[object, Key]]:
         if kind == "prefill":
+            # among workers of one speed that cache nothing of the prompt, (q + n) / speed
+            # grows strictly with the backlog q (integers), whatever n is: group by speed
             return lambda w: (w.prefill_speed, w.queued_tokens)
         # decode_key, inlined (runs on every decode worker report): keep the two in step
         return lambda w: (None, 1.0 - w.free_blocks / (w.total_blocks or 1)
