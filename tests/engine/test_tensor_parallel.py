@@ -96,13 +96,20 @@ def _two_passes(engine: Engine, prompts) -> tuple[list, list]:
 
 
 # -- greedy equality -------------------------------------------------------------------------
+# Blocks of 4 tokens, except qwen3: blocks of 16 let each rank's shapes (2 query heads, 1 KV
+# head of 32) take the compiled paged-prefill kernel. Either way ~100 tokens of KV for 8
+# requests needing ~200: preemption.
+KV_LAYOUT = {"qwen3": dict(block_size=16, num_blocks=7)}
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "qwen2_moe"])
 def test_tp2_greedy_equals_tp1_and_transformers(model_dir, arch):
-    """Chunks of 16 tokens (prompts of 17..70 are chunked), 24 blocks of 4 tokens for 8
-    requests (preemption), prefix caching on (the second pass hits)."""
+    """Chunks of 16 tokens (prompts of 17..70 are chunked), too few KV blocks for the 8
+    requests (preemption), prefix caching on (the second pass hits). qwen2_moe: the
+    shared expert split like a dense MLP."""
     path = model_dir(arch)
-    config = dict(num_blocks=24, max_num_batched_tokens=16)
+    config = dict(KV_LAYOUT.get(arch, dict(num_blocks=24)), max_num_batched_tokens=16)
     one = _engine(path, **config)
     prompts = _prompts(one.model_config.vocab_size)
     expected = _hf_greedy(path, prompts)
@@ -110,6 +117,7 @@ def test_tp2_greedy_equals_tp1_and_transformers(model_dir, arch):
     two = _engine(path, tp=2, **config)
     try:
         assert two.kv_heads_per_rank == one.kv_heads_per_rank // 2
+        _check_prefill_kernel(two)
         runs[2] = _two_passes(two, prompts)
         assert two.scheduler.num_preemptions == one.scheduler.num_preemptions > 0
     finally:
@@ -120,6 +128,19 @@ def test_tp2_greedy_equals_tp1_and_transformers(model_dir, arch):
         assert sum(o.num_cached_tokens for o in second) > 0
     assert ([o.num_cached_tokens for o in runs[2][1]]
             == [o.num_cached_tokens for o in runs[1][1]])
+
+
+def _check_prefill_kernel(engine: Engine) -> None:
+    """With blocks of 16 on an AVX2 machine, the per-rank shapes take paged_prefill."""
+    from engine.attention import cpu_kernels
+
+    kernels, cfg = cpu_kernels.load(), engine.model_config
+    if kernels is None or engine.cache_config.block_size != 16:
+        return
+    local = (cfg.num_heads // 2, engine.kv_heads_per_rank, cfg.head_dim, 16)
+    assert engine.attn_backend.name == "cpu_paged"
+    assert kernels.prefill_supported(*local) == kernels.prefill_supported(
+        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16)
 
 
 @pytest.fixture(scope="module")
