@@ -1,19 +1,27 @@
 """Protobuf <-> router dataclasses. The only module that imports generated ``*_pb2`` code.
 
-Server side: ``GenerateRequest`` -> ``GenerateInput``, ``GenerateChunk`` -> ``GenerateResponse``,
-model cards and info. Client side: keyword sampling arguments -> ``GenerateRequest``,
-``GenerateResponse`` -> ``GenerateChunk``. The gRPC stub, servicer base class and registration
-function are re-exported from here so no other module touches generated code.
+Server side: ``GenerateRequest`` -> ``GenerateInput`` (a chat's messages and tools through
+``router.chat``, the structured-output spec checked by the grammar engine, ``n`` > 1 and
+``prompt_logprobs`` refused), ``GenerateChunk`` (+ parsed tool calls) -> ``GenerateResponse``,
+model cards and info. Client side: keyword sampling arguments, text / token-id / chat prompts
+-> ``GenerateRequest``, ``GenerateResponse`` -> ``GenerateChunk`` and tool calls. The gRPC
+stub, servicer base class and registration function are re-exported from here so no other
+module touches generated code.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from splitserve_proto.splitserve.v1 import generate_pb2 as pb
 from splitserve_proto.splitserve.v1 import generate_pb2_grpc as pb_grpc
 
+from engine.structured import StructuredSpec
+from router.chat import ChatMessage, ToolSpec
+from router.errors import InvalidParamError
+from router.tool_parsers import ToolCall
 from router.types import (
     GenerateChunk,
     GenerateInput,
@@ -45,32 +53,111 @@ _TIMING_FIELDS = tuple(f.name for f in pb.Timing.DESCRIPTOR.fields)
 # ---- server side -------------------------------------------------------------------------
 
 def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
-    """The fields the client set (proto3 presence), as SamplingParams keyword arguments."""
+    """The fields the client set (proto3 presence), as SamplingParams keyword arguments.
+    ``n`` > 1 and ``prompt_logprobs`` are refused (INVALID_ARGUMENT naming them)."""
+    if msg.HasField("n") and msg.n != 1:
+        raise InvalidParamError(f"n={msg.n}: several completions per prompt are not "
+                                "supported yet; send n=1", "n")
+    if msg.HasField("prompt_logprobs"):
+        raise InvalidParamError("prompt_logprobs: prompt logprobs are not computed by this "
+                                "server yet", "prompt_logprobs")
     out: dict[str, Any] = {name: getattr(msg, name) for name in _SCALAR_SAMPLING
                            if msg.HasField(name)}
     for name in _REPEATED_SAMPLING:
         values = list(getattr(msg, name))
         if values:
             out[name] = tuple(values)
+    if msg.logit_bias:
+        out["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured"):
+        out["structured"] = structured_from_proto(msg.structured)
     return out
+
+
+def structured_from_proto(msg: pb.StructuredOutput) -> StructuredSpec:
+    """The spec, checked by the grammar engine now (INVALID_ARGUMENT naming the field)."""
+    which = msg.WhichOneof("kind")
+    if which is None:
+        raise InvalidParamError("sampling.structured: set one kind", "structured")
+    value: Any = getattr(msg, which)
+    kind = which
+    if which == "json_object":
+        kind, value = "json_object", ""
+    elif which == "choice":
+        value = tuple(value.choices)
+    try:
+        return StructuredSpec(kind, value)
+    except ValueError as exc:
+        raise InvalidParamError(f"sampling.structured: {exc}", "structured") from None
+
+
+def tool_spec_from_proto(req: pb.GenerateRequest) -> ToolSpec | None:
+    """A chat request's checked tools and tool choice (None for other prompts)."""
+    if req.WhichOneof("prompt") != "chat":
+        return None
+    chat = req.chat
+    tools = [{"type": "function", "function": _function_from_proto(t)} for t in chat.tools]
+    choice: Any = chat.tool_choice or None
+    if chat.tool_choice_function:
+        choice = {"type": "function", "function": {"name": chat.tool_choice_function}}
+    parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else None
+    return ToolSpec(tools, choice, parallel)
+
+
+def _function_from_proto(tool: pb.Tool) -> dict[str, Any]:
+    fn: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        fn["description"] = tool.description
+    if tool.parameters_json:
+        try:
+            fn["parameters"] = json.loads(tool.parameters_json)
+        except json.JSONDecodeError:
+            raise InvalidParamError(f"tools: {tool.name!r} parameters_json is not JSON",
+                                    "tools") from None
+    return fn
+
+
+def _messages_from_proto(chat: pb.ChatPrompt) -> list[dict[str, Any]]:
+    messages = []
+    for m in chat.messages:
+        calls = [{"id": c.id, "type": "function",
+                  "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                 for c in m.tool_calls]
+        messages.append(ChatMessage.model_validate({
+            "role": m.role, "content": m.content, "name": m.name or None,
+            "tool_calls": calls or None, "tool_call_id": m.tool_call_id or None}).as_dict())
+    return messages
 
 
 def _option(options: pb.OutputOptions, name: str, default: bool) -> bool:
     return getattr(options, name) if options.HasField(name) else default
 
 
-def input_from_proto(req: pb.GenerateRequest, deadline: float | None) -> GenerateInput:
-    """A GenerateRequest as the service's GenerateInput (validation happens in the service)."""
+def input_from_proto(req: pb.GenerateRequest, deadline: float | None,
+                     tools: ToolSpec | None = None) -> GenerateInput:
+    """A GenerateRequest as the service's GenerateInput (validation happens in the service);
+    ``tools``: ``tool_spec_from_proto(req)`` for a chat."""
     which = req.WhichOneof("prompt")
+    sampling = sampling_from_proto(req.sampling)
+    forced = tools.structured() if tools is not None else None
+    if forced is not None:
+        if "structured" in sampling:
+            raise InvalidParamError("a required or named tool choice is enforced with "
+                                    "structured output: it cannot be combined with "
+                                    "sampling.structured", "tool_choice")
+        sampling["structured"] = forced
     return GenerateInput(
         model=req.model,
         prompt=req.text if which == "text" else None,
         prompt_token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-        sampling=sampling_from_proto(req.sampling),
+        messages=_messages_from_proto(req.chat) if which == "chat" else None,
+        tools=tools.template_tools if tools is not None else None,
+        sampling=sampling,
         request_id=req.request_id,
         deadline=deadline,
         return_text=_option(req.options, "return_text", True),
         skip_special_tokens=_option(req.options, "skip_special_tokens", True),
+        include_stop_str_in_output=_option(req.options, "include_stop_str_in_output", False),
     )
 
 
@@ -86,10 +173,13 @@ def _logprobs_to_proto(entries: list[LogprobEntry]) -> list[pb.TokenLogprob]:
     ) for e in entries]
 
 
-def chunk_to_proto(chunk: GenerateChunk) -> pb.GenerateResponse:
+def chunk_to_proto(chunk: GenerateChunk,
+                   tool_calls: list[ToolCall] | None = None) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
         request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text,
-        finish_reason=_FINISH_TO_PROTO[chunk.finish_reason])
+        finish_reason=_FINISH_TO_PROTO[chunk.finish_reason],
+        tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                    for c in tool_calls or ()])
     if chunk.logprobs:
         msg.logprobs.extend(_logprobs_to_proto(chunk.logprobs))
     if isinstance(chunk.stop_reason, str):
@@ -126,28 +216,66 @@ def abort_to_proto(aborted: bool) -> pb.AbortResponse:
 
 # ---- client side -------------------------------------------------------------------------
 
-def build_request(prompt: str | list[int], *, model: str = "", request_id: str = "",
-                  stream: bool = True, return_text: bool = True,
+def build_request(prompt: str | list[int] | list[dict[str, Any]], *, model: str = "",
+                  request_id: str = "", stream: bool = True, return_text: bool = True,
                   skip_special_tokens: bool = True,
-                  sampling: Mapping[str, Any] | None = None) -> pb.GenerateRequest:
-    """A GenerateRequest from a text or token-id prompt and SamplingParams keyword values."""
+                  sampling: Mapping[str, Any] | None = None,
+                  tools: list[dict[str, Any]] | None = None,
+                  tool_choice: str | None = None) -> pb.GenerateRequest:
+    """A GenerateRequest from a text, token-id or chat prompt (OpenAI-style message dicts,
+    with OpenAI-style ``tools``; ``tool_choice`` "none" / "auto" / "required" or a function
+    name) and SamplingParams keyword values (``structured``: a StructuredSpec,
+    ``logit_bias``: {token id: bias})."""
     sampling = dict(sampling or {})
-    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS) - {"logit_bias", "structured"})
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
-                        f"known: {', '.join(SAMPLING_FIELDS)}")
+                        f"known: {', '.join(SAMPLING_FIELDS)}, logit_bias, structured")
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    structured = sampling.pop("structured", None)
     msg = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    if structured is not None:
+        msg.structured.CopyFrom(structured_to_proto(structured))
     req = pb.GenerateRequest(
         request_id=request_id, model=model, sampling=msg,
         options=pb.OutputOptions(stream=stream, return_text=return_text,
                                  skip_special_tokens=skip_special_tokens))
     if isinstance(prompt, str):
         req.text = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        req.chat.CopyFrom(_chat_to_proto(prompt, tools or [], tool_choice))
     else:
         req.token_ids.ids.extend(prompt)
     return req
+
+
+def structured_to_proto(spec: StructuredSpec) -> pb.StructuredOutput:
+    if spec.kind == "json_object":
+        return pb.StructuredOutput(json_object=True)
+    if spec.kind == "choice":
+        return pb.StructuredOutput(choice=pb.Choices(choices=list(spec.spec)))
+    return pb.StructuredOutput(**{spec.kind: spec.spec})
+
+
+def _chat_to_proto(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                   tool_choice: str | None) -> pb.ChatPrompt:
+    chat = pb.ChatPrompt(
+        messages=[pb.ChatMessage(
+            role=m["role"], content=m.get("content") or "", name=m.get("name") or "",
+            tool_call_id=m.get("tool_call_id") or "",
+            tool_calls=[pb.ToolCall(id=c["id"], name=c["function"]["name"],
+                                    arguments=c["function"]["arguments"])
+                        for c in m.get("tool_calls") or ()]) for m in messages],
+        tools=[pb.Tool(name=t["function"]["name"],
+                       description=t["function"].get("description", ""),
+                       parameters_json=json.dumps(t["function"].get("parameters") or {}))
+               for t in tools])
+    if tool_choice in ("none", "auto", "required"):
+        chat.tool_choice = tool_choice
+    elif tool_choice:
+        chat.tool_choice_function = tool_choice
+    return chat
 
 
 def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
@@ -166,6 +294,10 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
                     msg.usage.cached_tokens) if msg.HasField("usage") else None,
         timing={f: getattr(msg.timing, f) for f in _TIMING_FIELDS} if final else None,
     )
+
+
+def tool_calls_from_proto(msg: pb.GenerateResponse) -> list[ToolCall]:
+    return [ToolCall(c.name, c.arguments, c.id) for c in msg.tool_calls]
 
 
 def model_card_from_proto(msg: pb.ModelCard) -> ModelCard:

@@ -26,10 +26,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.errors import SplitServeError
 from router import convert
 from router.config import PortInUseError, TLSConfig
-from router.errors import UnauthenticatedError, grpc_status, retry_after
+from router.errors import UnauthenticatedError, grpc_status, outcome_code, retry_after
 from router.service import GenerationService
+from router.tool_parsers import DEFAULT_PARSER, ToolCallStream, get_parser
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +92,23 @@ class GenerationServicer(convert.GenerationServicer):
     async def Generate(self, request, context):
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None
-        prep = await self._service.prepare(convert.input_from_proto(request, deadline))
+        try:
+            tools = convert.tool_spec_from_proto(request)
+            inp = convert.input_from_proto(request, deadline, tools)
+        except SplitServeError as exc:  # refused before prepare: count it as prepare does
+            self._service.metrics.requests.labels(code=outcome_code(exc)).inc()
+            raise
+        # a chat with tools: its text goes through the configured tool-call parser
+        calls = tools.stream(get_parser(getattr(self._service.config, "tool_call_parser",
+                                                DEFAULT_PARSER))) if tools else None
+        prep = await self._service.prepare(inp)
         context.add_done_callback(functools.partial(self._on_done, prep.request_id))
         if not convert.wants_stream(request):
-            yield convert.chunk_to_proto(await self._service.complete(prep))
+            yield _with_calls(await self._service.complete(prep), calls)
             return
         async with contextlib.aclosing(self._service.stream(prep)) as chunks:
             async for chunk in chunks:
-                yield convert.chunk_to_proto(chunk)
+                yield _with_calls(chunk, calls)
 
     def _on_done(self, request_id: str, _context) -> None:
         # Runs when the call ends for any reason; aborts a request still in flight.
@@ -115,6 +126,19 @@ class GenerationServicer(convert.GenerationServicer):
     @grpc_errors
     async def ModelInfo(self, request, context):
         return convert.model_info_to_proto(self._service.model_info(request.model))
+
+
+def _with_calls(chunk, calls: ToolCallStream | None):
+    """The response for ``chunk``; with tools, calls are held out of the text and sent on
+    the last message."""
+    if calls is None:
+        return convert.chunk_to_proto(chunk)
+    chunk.text = calls.feed(chunk.text)
+    found = []
+    if chunk.finish_reason is not None:
+        rest, found = calls.finish()
+        chunk.text += rest
+    return convert.chunk_to_proto(chunk, found)
 
 
 class LiveHealthServicer(health.aio.HealthServicer):
