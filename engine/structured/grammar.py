@@ -28,7 +28,10 @@ from engine.errors import InvalidRequestError
 from engine.structured.spec import StructuredSpec
 
 COMPILED_CACHE_SIZE = 256
-"""Compiled grammars kept per tokenizer (least recently used dropped first)."""
+"""Compiled grammars kept per tokenizer (least recently used dropped first)..."""
+COMPILED_CACHE_BYTES = 256 << 20
+"""... and at most this much memory of them (a grammar's token-mask cache grows with the
+vocabulary: a JSON schema over a 150k vocabulary can take megabytes)."""
 
 # xgrammar prefixes C++ errors with "[hh:mm:ss] /path/file.cc:123: ": not for clients.
 _LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s*\S+:\d+:\s*")
@@ -118,6 +121,7 @@ class GrammarBackend:
         self.compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=threads,
                                             cache_enabled=False)
         self._compiled: OrderedDict[tuple, xgr.CompiledGrammar] = OrderedDict()
+        self._compiled_bytes = 0
         self._lock = threading.Lock()
         self.num_compiled = 0  # compilations done (cache misses): tests and stats
 
@@ -135,9 +139,13 @@ class GrammarBackend:
         compiled = self.compiler.compile_grammar(build_grammar(kind, spec))
         with self._lock:
             self.num_compiled += 1
-            self._compiled[key] = compiled
-            while len(self._compiled) > COMPILED_CACHE_SIZE:
-                self._compiled.popitem(last=False)
+            if key not in self._compiled:  # (another thread may have compiled it meanwhile)
+                self._compiled[key] = compiled
+                self._compiled_bytes += compiled.memory_size_bytes
+            while len(self._compiled) > 1 and (len(self._compiled) > COMPILED_CACHE_SIZE
+                                               or self._compiled_bytes > COMPILED_CACHE_BYTES):
+                _, dropped = self._compiled.popitem(last=False)
+                self._compiled_bytes -= dropped.memory_size_bytes
         return compiled
 
     def new_state(self, spec: StructuredSpec, generated: Sequence[int] = ()) -> GrammarState:

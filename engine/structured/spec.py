@@ -30,7 +30,7 @@ from functools import lru_cache
 from engine.errors import InvalidRequestError
 
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
-MAX_SPEC_CHARS = 200_000
+MAX_SPEC_CHARS = 100_000
 """Longest spec accepted (schema / regex / grammar text, all choices together)."""
 
 
@@ -133,7 +133,7 @@ def check(spec: StructuredSpec) -> None:
         raise InvalidStructuredSpec(spec.kind, reason)
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _grammar_error(kind: str, spec: str | tuple[str, ...]) -> str | None:
     from engine.structured.grammar import build_grammar, clean_error
 

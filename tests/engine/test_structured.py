@@ -272,3 +272,25 @@ def test_bounded_json_strings_allow_no_control_characters(engine):
     texts = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in allowed]
     assert any(t.isalpha() for t in texts)  # ordinary characters still pass
     assert not [t for t in texts if any(ord(c) < 0x20 for c in t)]
+
+
+def test_the_compiled_cache_is_a_bounded_lru(engine, monkeypatch):
+    from engine.structured import grammar
+
+    backend = grammar.GrammarBackend(engine.grammar_backend().tokenizer_info)
+    specs = [StructuredSpec.regex(f"[0-9]{{{n}}}") for n in (1, 2, 3)]
+    monkeypatch.setattr(grammar, "COMPILED_CACHE_SIZE", 2)
+    for spec in specs[:2] + specs[:1] + specs[2:]:  # the first used again: the second goes
+        backend.compile(spec.kind, spec.spec)
+    assert backend.num_compiled == 3
+    backend.compile(specs[0].kind, specs[0].spec)
+    assert backend.num_compiled == 3
+    backend.compile(specs[1].kind, specs[1].spec)
+    assert backend.num_compiled == 4
+    monkeypatch.setattr(grammar, "COMPILED_CACHE_BYTES", 1)  # only the newest one stays
+    backend.compile(specs[2].kind, specs[2].spec)
+    assert backend.num_compiled == 5 and len(backend._compiled) == 1
+    backend.compile(specs[2].kind, specs[2].spec)
+    assert backend.num_compiled == 5
+    backend.compile(specs[0].kind, specs[0].spec)
+    assert backend.num_compiled == 6
