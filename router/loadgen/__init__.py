@@ -12,7 +12,8 @@
 
 Modules: ``workload`` (arrivals, lengths, random prompts, trace replay), ``drivers`` (gRPC
 and HTTP senders, per-request stamps), ``runner`` (open-loop dispatch with a time limit),
-``stats`` (percentiles, goodput, summaries), ``report`` (tables, JSON), ``launch`` (an
+``stats`` (percentiles, goodput, summaries), ``report`` (tables, JSON), ``plot`` (the
+``--plot`` PNG), ``delivery`` (client gaps vs the decode workers' step times), ``launch`` (an
 in-process cluster per configuration, the disaggregated vs colocated comparison) and
 ``cli`` (the flags both entry points share).
 """

@@ -7,7 +7,9 @@ Targets (exactly one):
                                     colocated clusters of --compare-colocated workers, in turn
 
 Prints a table per configuration (and a side-by-side table with ratios for --compare) and
-writes one JSON file (--out, default results/serving_<label>.json).
+writes one JSON file (--out, default results/serving_<label>.json); --plot adds a PNG
+(``plot``). For launched configurations each table ends with the token-delivery line: the
+client's inter-token gaps against the decode workers' median step time (``delivery``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Open-loop dispatch: send each request at its arrival time, whatever the server is doing.
+"""Open-loop dispatch: send each request at its arrival time, whatever the server is doing
+(optionally capped at N requests in flight).
 
 Requests are sent as independent tasks at ``start + spec.arrival_s`` (a slow server does not
 slow the arrivals down: queueing shows up in TTFT, as it would for real users). With
