@@ -50,11 +50,11 @@ class Simulation:
     ) -> None:
         self.cfg = cfg
         self.trace = trace
-        self.prof = profile or resolve_profile(cfg.hardware, cfg.model, cfg.tp)
         # per role: workers of a pool with its own TP size run that size's cost model
-        self.profs = {role: profile or self._profile(role) for role in
-                      ("prefill", "decode", "colocated")}
-        self._transfer = transfer_profile(self.profs["prefill"], self.profs["decode"])
+        self.profs = pool_profiles(cfg, profile)
+        self.prof = next(iter(self.profs.values()))  # prefill's (colocated's)
+        self._transfer = (transfer_profile(self.profs["prefill"], self.profs["decode"])
+                          if cfg.mode == "disaggregated" else self.prof)
         self.now = 0.0
         self.sched = GlobalScheduler(cfg.scheduler, policy=policy, clock=lambda: self.now)
         # the autoscaler sizes pools in workers of each pool's TP size; its budget is GPUs
@@ -122,11 +122,6 @@ class Simulation:
         if record:
             self._record_replicas()
         return w
-
-    def _profile(self, role: str) -> CostProfile:
-        tp = self.cfg.tp_of(role)
-        return self.prof if tp == self.cfg.tp else resolve_profile(
-            self.cfg.hardware, self.cfg.model, tp)
 
     def _push(self, w: SimWorker) -> None:
         """``w`` changed: its stats reach the scheduler before the next placement (changes
@@ -350,6 +345,15 @@ class Simulation:
         edges = [i * step for i in range(int(span // step) + 2)]
         summary["timeline"] = self.rec.attainment_by_window(self.cfg.slo, edges)
         return summary
+
+
+def pool_profiles(cfg: SimConfig, profile: CostProfile | None = None) -> dict[str, CostProfile]:
+    """The cost model of each pool the mode runs (``profile``, when given, for all)."""
+    roles = ("prefill", "decode") if cfg.mode == "disaggregated" else ("colocated",)
+    by_tp: dict[int, CostProfile] = {}
+    for tp in {cfg.tp_of(role) for role in roles}:
+        by_tp[tp] = profile or resolve_profile(cfg.hardware, cfg.model, tp)
+    return {role: by_tp[cfg.tp_of(role)] for role in roles}
 
 
 def transfer_profile(prefill: CostProfile, decode: CostProfile) -> CostProfile:

@@ -164,3 +164,16 @@ def test_autoscaler_budget_counts_the_gpus_of_each_pools_workers():
     full = {"prefill": 4, "decode": 2}
     assert Autoscaler(cfg, SLOConfig(), {"prefill": 2, "decode": 4}).decide(
         0.0, slow_ttft, full) == []
+
+
+def test_cli_simulate_takes_a_tp_size_per_pool(tmp_path):
+    out = tmp_path / "r.json"
+    assert cli_main(["simulate", "--synthetic", "--rate", "2", "--duration", "5",
+                     "--model", "llama-3-70b", "--prefill", "2", "--decode", "1",
+                     "--prefill-tp", "2", "--decode-tp", "8", "--output", str(out)]) == 0
+    import json
+
+    config = json.loads(out.read_text())["config"]
+    assert config["gpus"] == 2 * 2 + 8
+    assert config["profiles"] == {"prefill": "H100/llama-3-70b/tp2",
+                                  "decode": "H100/llama-3-70b/tp8"}
