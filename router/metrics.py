@@ -280,6 +280,11 @@ class VllmView:
         yield _histogram("vllm:e2e_request_latency_seconds",
                          "End-to-end latency of finished requests (seconds).",
                          m.e2e_request_latency, VLLM_E2E_BUCKETS, router)
+        for name, phase in (("vllm:request_queue_time_seconds", "prefill_queue"),
+                            ("vllm:request_prefill_time_seconds", "prefill_compute"),
+                            ("vllm:request_decode_time_seconds", "decode")):
+            yield _histogram(name, f"Per-request {phase} phase time (seconds).",
+                             m.request_phase, None, router, phase=phase)
         for name, doc, source in (
                 ("vllm:prompt_tokens", "Prompt tokens of admitted requests.", m.prompt_tokens),
                 ("vllm:generation_tokens", "Generated tokens.", m.generation_tokens)):
@@ -336,15 +341,18 @@ def _total(counter: Counter) -> float:
     return next(s.value for s in _samples(counter) if s.name.endswith("_total"))
 
 
-def _histogram(name: str, doc: str, source: Histogram, bounds: tuple[float, ...],
-               labels: tuple[str, str]) -> HistogramMetricFamily:
-    """An unlabelled splitserve histogram re-exposed with vLLM's ``bounds``."""
-    keep = set(bounds)
+def _histogram(name: str, doc: str, source: Histogram, bounds: tuple[float, ...] | None,
+               labels: tuple[str, str], **match: str) -> HistogramMetricFamily:
+    """The splitserve histogram ``source`` (its child with labels ``match``) re-exposed with
+    vLLM's ``bounds`` (None: our own boundaries, all of them)."""
+    keep = set(bounds) if bounds is not None else None
     buckets, total = [], 0.0
     for s in _samples(source):
+        if any(s.labels.get(k) != v for k, v in match.items()):
+            continue
         if s.name.endswith("_bucket"):
             le = s.labels["le"]
-            if le == "+Inf" or float(le) in keep:
+            if keep is None or le == "+Inf" or float(le) in keep:
                 buckets.append((le, s.value))
         elif s.name.endswith("_sum"):
             total = s.value
