@@ -165,7 +165,8 @@ def test_json_object_regex_choice_and_grammar_hold(engine):
         (StructuredSpec.grammar('start: "x" NUM\nNUM: /[0-9]{1,3}/'),
          lambda t: re.fullmatch(r"x\d{1,3}", t)),
     ]
-    for sampling in (GREEDY, SEEDED, {"temperature": 0.8, "top_k": 20}):
+    for sampling in (GREEDY, SEEDED, {"temperature": 0.8, "top_k": 20},
+                     {"temperature": 1.2, "top_p": 0.9, "min_p": 0.05, "seed": 4}):
         outs = engine.generate([f"case {i}" for i in range(len(cases))],
                                [_params(spec, **sampling) for spec, _ in cases])
         for (spec, holds), out in zip(cases, outs, strict=True):
