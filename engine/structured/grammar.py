@@ -82,7 +82,7 @@ def build_grammar(kind: str, spec: str | tuple[str, ...]) -> xgr.Grammar:
 
 class GrammarState:
     """A request's position in its grammar. ``accept`` each output token in order; the
-    engine masks the next token with ``fill``'s row of the batch bitmask."""
+    sampler masks the next token from ``matcher`` (one bitmask row: ``masking.py``)."""
 
     __slots__ = ("matcher", "error")
 
@@ -96,8 +96,8 @@ class GrammarState:
         if self.error is not None:
             return False
         if self.matcher.is_terminated() or not self.matcher.accept_token(token_id):
-            self.error = (f"token {token_id} does not follow the structured-output spec; "
-                          "the tokens before it were generated without it")
+            self.error = (f"token {token_id} does not follow the structured-output spec (it "
+                          "was generated without the spec); retry the request")
             return False
         return True
 
