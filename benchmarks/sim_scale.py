@@ -5,10 +5,10 @@ Goal: under 60 s on the development machine (2 shared CPU cores). The simulator 
 event-driven (arrivals, prefill steps, transfers, one event per decode *run* between batch
 changes), and the global scheduler it drives ranks workers through indexes (heaps keyed by the
 policy's order, lazily invalidated), so an event costs O(log workers), not O(workers): the
-per-request cost printed below should not grow with the cluster (compare ``--prefill 32
---decode 32``). Workload: synthetic conversation-like lengths (Splitwise conversation
-statistics), Poisson arrivals. Wall time depends on what else the machine runs: the CPU time
-is printed too.
+per-request CPU cost printed below grows only slowly with the cluster (compare ``--rate 200
+--prefill 64 --decode 64``). Workload: synthetic conversation-like lengths (Splitwise
+conversation statistics), Poisson arrivals. Wall time depends on what else the machine runs:
+the CPU time is printed too.
 
     .venv/bin/python benchmarks/sim_scale.py [--rate 2000] [--duration 600] \
         [--prefill 512] [--decode 512] [--out results/sim_scale.json]
