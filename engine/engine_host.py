@@ -6,6 +6,7 @@ plain, picklable options (they travel through Ray) and produces ``WorkerStats``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ from engine.engine_loop import EngineLoop
 from engine.outputs import RequestOutput
 from engine.worker_stats import WorkerStats
 
+log = logging.getLogger(__name__)
 STATS_TIMEOUT_S = 30.0
 
 
@@ -31,7 +33,15 @@ class EngineHost:
             torch.set_num_threads(threads)
         if options.get("device", "cpu") == "auto":  # resolved where the worker runs
             options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        warmup = options.pop("warmup", True)
+        t0 = time.perf_counter()
         self.engine = Engine.from_pretrained(model_dir, **options)
+        self.load_s = time.perf_counter() - t0  # weights, KV cache allocation, tokenizer
+        # Before the loop starts: the first requests then run at steady-state speed.
+        self.warmup_s = self.engine.warmup() if warmup else None
+        log.info("%s: KV cache %d blocks of %d tokens; loaded in %.1f s, warm-up %s s",
+                 worker_id, self.engine.num_blocks, self.engine.cache_config.block_size,
+                 self.load_s, "off" if self.warmup_s is None else f"{self.warmup_s:.2f}")
         self.loop = EngineLoop(self.engine, on_outputs, name=f"{worker_id}-engine")
         self._sent_snapshot = False
         self.kv_bytes_sent = 0  # counted by the owning prefill worker
@@ -72,6 +82,14 @@ class EngineHost:
             step_time_p50_s=counters.step_time_p50(),
         )
 
+    def startup_report(self) -> dict:
+        """What start-up did, for the driver to print (workers' own logs may not reach it):
+        KV cache size, weight-loading and warm-up seconds. Static after construction."""
+        engine = self.engine
+        return {"num_blocks": engine.num_blocks, "block_size": engine.cache_config.block_size,
+                "kv_cache_bytes": engine.num_blocks * engine.bytes_per_block,
+                "load_s": self.load_s, "warmup_s": self.warmup_s}
+
     def check_integrity(self) -> None:
         self.call(lambda engine: engine.check_integrity(), timeout=STATS_TIMEOUT_S)
 
@@ -93,6 +111,9 @@ class HostedWorker:
 
     def free_blocks(self) -> int:
         return self.host.free_blocks()
+
+    def startup_report(self) -> dict:
+        return self.host.startup_report()
 
     def check_integrity(self) -> None:
         self.host.check_integrity()

@@ -2,7 +2,10 @@
 model, a handful of concurrent requests streamed over gRPC, and a latency table.
 
 Everything it needs is made on the spot: the model is generated once (random weights of a
-real architecture, cached under ~/.cache/splitserve/models) and Ray starts locally.
+real architecture, cached under ~/.cache/splitserve/models) and Ray starts locally. The
+weights are random, so the generated text is gibberish: the demo shows the serving path
+(prefill on one worker, KV cache shipped to the decode worker, tokens streamed back) and
+its latencies, not a model's answers. Pass --model DIR to serve a real checkpoint instead.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ PROMPTS = [
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="local 1P+1D cluster, a few streamed requests",
-                              description=__doc__.splitlines()[0])
+                              description=" ".join(__doc__.split("\n\n")[0].split()),
+                              epilog=" ".join(__doc__.split("\n\n")[1].split()))
     p.add_argument("--arch", default="llama", help="architecture of the generated model")
     p.add_argument("--preset", default="small", help="size preset of the generated model")
     p.add_argument("--model", help="use this checkpoint instead of generating one")
     p.add_argument("--requests", type=int, default=6, help="concurrent requests")
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--kv-backend", choices=["torch_dist", "ray"], default="torch_dist")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request")
+    p.add_argument("--kv-backend", choices=["torch_dist", "ray"], default="torch_dist",
+                   help="how the KV cache travels from the prefill to the decode worker")
     p.set_defaults(handler=run)
 
 
@@ -41,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or str(ensure_model(args.arch, args.preset, seed=0, progress=True))
     print(f"model: {model}", flush=True)
+    if not args.model:
+        print(f"note: this {args.arch} ({args.preset}) model has RANDOM weights, so its text "
+              "is gibberish. The demo shows disaggregated serving at work: each prompt is "
+              "prefilled on the prefill worker, its KV cache is shipped to the decode worker "
+              "(over " + args.kv_backend + "), and the tokens stream back over gRPC; the table "
+              "at the end gives each request's time to first token, inter-token latency and "
+              "end-to-end time.", flush=True)
     prebuild_for_cli("cpu")  # the demo's workers run on CPU
     return asyncio.run(_demo(model, args))
 
@@ -62,13 +74,16 @@ def _config(model: str, kv_backend: str):
 
 
 async def _demo(model: str, args: argparse.Namespace) -> int:
+    from cluster.commands.startup_report import report_workers, wait_ticker
     from router.client import AsyncSplitServeClient
     from router.server import start_server
 
     t0 = time.perf_counter()
-    server = await start_server(_config(model, args.kv_backend))
-    print(f"cluster up in {time.perf_counter() - t0:.1f} s: 1 prefill + 1 decode worker "
-          f"(KV over {args.kv_backend}); endpoints:", flush=True)
+    config = _config(model, args.kv_backend)
+    async with wait_ticker(config):
+        server = await start_server(config)
+    await report_workers(server.cluster, time.perf_counter() - t0)
+    print(f"1 prefill + 1 decode worker (KV over {args.kv_backend}); endpoints:", flush=True)
     for name, url in server.endpoints().items():
         print(f"  {name:8s} {url}", flush=True)
     try:

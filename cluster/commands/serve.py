@@ -1,12 +1,21 @@
 """`splitserve serve`: a disaggregated cluster and its router, until Ctrl-C / SIGTERM.
 
     splitserve serve --model DIR [--config FILE] [--prefill N] [--decode M] [--autoscale]
+                     [--served-model-name NAME] [--max-model-len N] [--dtype DTYPE]
+                     [--block-size N] [--max-num-seqs N] [--max-num-batched-tokens N]
+                     [--gpu-memory-utilization F] [--[no-]enable-prefix-caching]
                      [--grpc-port 50051] [--http-port 8000] [--kv-backend torch_dist|ray]
-                     [--ray-address ADDR] [--colocated]
+                     [--ray-address ADDR] [--colocated] [--api-key KEY]
                      [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
 
-Pools are fixed at their sizes unless autoscaling is asked for: ``--autoscale``, or
-``autoscaler.enabled`` set explicitly in the config file.
+Precedence: a flag given on the command line wins over the --config YAML, which wins over
+the built-in defaults. Engine flags (--max-model-len ... --enable-prefix-caching) set both
+pools' ``engine`` sections; per-pool values go in the YAML. Pools are fixed at their sizes
+unless autoscaling is asked for: ``--autoscale``, or ``autoscaler.enabled`` set explicitly in
+the config file.
+
+Before Ray starts, the config, the ports and the model directory are checked: a problem is
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,11 +26,16 @@ import logging
 import os
 import signal
 import sys
+import time
+
+ENGINE_FLAGS = ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                "gpu_memory_utilization", "enable_prefix_caching")
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face checkpoint directory (overrides model.path)")
-    p.add_argument("--config", help="pool config YAML (see deploy/examples/pool.yaml)")
+    p.add_argument("--config", help="pool config YAML (see deploy/examples/pool.yaml); flags "
+                   "override it")
     p.add_argument("--prefill", type=int, help="prefill workers to start")
     p.add_argument("--decode", type=int, help="decode workers to start")
     p.add_argument("--autoscale", action="store_true", default=None,
@@ -32,7 +46,6 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-backend", choices=["torch_dist", "ray"], help="KV transfer backend")
     p.add_argument("--ray-address", help="join an existing Ray cluster (default: start one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="worker device")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--host", help="address the servers bind to")
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--http-port", type=int)
@@ -40,8 +53,34 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA "
                    "(mutual TLS)")
-    p.add_argument("--api-key", help="require this bearer token (default: $SPLITSERVE_API_KEY "
-                   "or router.api_key; keep it in a Secret, not the config file)")
+    p.add_argument("--api-key", help="require this bearer token on /v1/*, /tokenize, "
+                   "/detokenize, /version (default: $SPLITSERVE_API_KEY or router.api_key; "
+                   "keep it in a Secret, not the config file)")
+    add_model_flags(p)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM's names for the model and engine settings (both pools)."""
+    g = p.add_argument_group("model and engine (vLLM's flag names; both pools)")
+    g.add_argument("--served-model-name", metavar="NAME", help="the name clients pass as "
+                   "`model` (model.name; default: the model folder's name)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weights and KV cache dtype (model.dtype)")
+    g.add_argument("--max-model-len", type=int, metavar="N", help="longest prompt + output "
+                   "in tokens (engine.max_model_len; capped by the model's own context)")
+    g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block "
+                   "(engine.block_size and scheduler.block_size)")
+    g.add_argument("--max-num-seqs", type=int, metavar="N", help="most requests in a "
+                   "worker's running batch (engine.max_num_seqs)")
+    g.add_argument("--max-num-batched-tokens", type=int, metavar="N", help="token budget of "
+                   "one engine step, the chunked-prefill chunk (engine.max_num_batched_tokens)")
+    g.add_argument("--gpu-memory-utilization", type=float, metavar="F", help="share of each "
+                   "GPU a CUDA worker may fill with weights and KV cache, 0 < F <= 1 "
+                   "(engine.gpu_memory_utilization). CUDA workers only: refused with "
+                   "--device cpu, where engine.kv_cache_memory_bytes sizes the KV cache")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="reuse the KV of shared prompt prefixes "
+                   "(engine.enable_prefix_caching; default on)")
 
 
 def load_config(args: argparse.Namespace):
@@ -50,6 +89,7 @@ def load_config(args: argparse.Namespace):
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     over = {
         "model.path": args.model, "model.device": args.device, "model.dtype": args.dtype,
+        "model.name": getattr(args, "served_model_name", None),
         "colocated": args.colocated, "transfer.backend": args.kv_backend,
         "ray.address": args.ray_address, "router.host": args.host,
         "router.grpc_port": args.grpc_port, "router.http_port": args.http_port,
@@ -58,8 +98,11 @@ def load_config(args: argparse.Namespace):
         "router.tls_key": getattr(args, "tls_key", None),
         "router.tls_client_ca": getattr(args, "tls_client_ca", None),
         "autoscaler.enabled": _autoscaling_wanted(args),
+        "scheduler.block_size": getattr(args, "block_size", None),
     }
     for role in ("prefill", "decode"):
+        for name in ENGINE_FLAGS:
+            over[f"{role}.engine.{name}"] = getattr(args, name, None)
         n = getattr(args, role)
         if n is not None:
             pool = getattr(base, role)
@@ -76,8 +119,11 @@ def _autoscaling_wanted(args: argparse.Namespace) -> bool | None:
 
 
 def register(subparsers) -> None:
+    paragraphs = __doc__.split("\n\n")  # title, synopsis, then the notes below --help
     p = subparsers.add_parser("serve", help="run a cluster and its gRPC + HTTP router",
-                              description=__doc__.splitlines()[0])
+                              description=paragraphs[0],
+                              epilog="\n\n".join(paragraphs[2:]).strip(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cluster_flags(p)
     p.set_defaults(handler=run)
 
@@ -85,37 +131,51 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args)
-    except ValueError as exc:
-        print(f"splitserve serve: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    if not config.model.path:
-        print("splitserve serve: no model: pass --model DIR (or model.path in --config)",
-              file=sys.stderr)
+    config = _checked_config(args)
+    if config is None:
         return 2
     from cluster.pools import WorkerStartTimeout
-    from router.config import PortInUseError, TLSConfig
+    from router.config import PortInUseError
 
-    rc = config.router
-    try:  # the files exist: checked now, not after the workers have loaded
-        if rc.tls_cert:
-            TLSConfig(rc.tls_cert, rc.tls_key, rc.tls_client_ca)
-    except ValueError as exc:
-        print(f"splitserve serve: invalid configuration: {exc}", file=sys.stderr)
-        return 2
     try:
         return asyncio.run(_serve(config))
-    except (PortInUseError, WorkerStartTimeout) as exc:
+    except (PortInUseError, WorkerStartTimeout) as exc:  # lost a race after the checks
         print(f"splitserve serve: {exc}", file=sys.stderr)
         return 1
 
 
+def _checked_config(args: argparse.Namespace):
+    """The config, or None after printing one line saying what is wrong (before Ray)."""
+    from cluster.commands.preflight import PreflightError, check_all, config_error_line
+    from router.config import PortInUseError, TLSConfig
+
+    try:
+        config = load_config(args)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        print(f"splitserve serve: invalid configuration: {config_error_line(exc)}",
+              file=sys.stderr)
+        return None
+    rc = config.router
+    try:
+        if rc.tls_cert:  # the files exist: checked now, not after the workers have loaded
+            TLSConfig(rc.tls_cert, rc.tls_key, rc.tls_client_ca)
+        check_all(config, gpu_memory_flag=getattr(args, "gpu_memory_utilization", None)
+                  is not None)
+    except (PreflightError, PortInUseError) as exc:
+        print(f"splitserve serve: {exc}", file=sys.stderr)
+        return None
+    except ValueError as exc:
+        print(f"splitserve serve: invalid configuration: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
 async def _serve(config) -> int:
+    from cluster.commands.startup_report import report_workers, wait_ticker
     from engine.cpu_kernels_build import prebuild_for_cli
     from router.server import check_ports_free, start_server
 
-    check_ports_free(config)  # a taken port is told at once, not after a kernel build
+    check_ports_free(config)  # again: the kernel build below may take a while
     if not config.ray.address:  # local workers share this machine's kernel cache
         prebuild_for_cli(config.model.device)
 
@@ -123,9 +183,13 @@ async def _serve(config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await start_server(config)
+    t0 = time.perf_counter()
+    async with wait_ticker(config):
+        server = await start_server(config)
+    await report_workers(server.cluster, time.perf_counter() - t0)
     pools = ", ".join(f"{r}={server.cluster.replicas(r)}" for r in server.cluster.roles)
-    print(f"splitserve ready ({pools}, kv={config.transfer.backend})", flush=True)
+    print(f"splitserve ready ({pools}, kv={config.transfer.backend}, model "
+          f"{server.service.config.model_name!r})", flush=True)
     for name, url in server.endpoints().items():
         print(f"  {name:8s} {url}", flush=True)
     await stop.wait()
