@@ -78,6 +78,7 @@ class Simulation:
         self._use_hashes = any(r.prefix_group >= 0 for r in trace)
         self.num_events = 0  # heap events processed (arrivals not counted)
         self._changed: dict[str, SimWorker] = {}  # workers whose stats the scheduler lacks
+        self._bs = cfg.scheduler.block_size
 
     # ---- the Host interface used by workers ------------------------------------------------
 
@@ -211,14 +212,17 @@ class Simulation:
     def _dispatch(self, p: Placement) -> None:
         r = self.inflight[p.request_id]
         d = self.workers[p.decode_worker_id]
-        d.placed = True
+        # what the scheduler now counts as pending on each worker (its _commit)
+        tokens, blocks = r.prompt - p.num_cached_tokens_expected, -(-r.prompt // self._bs)
         d.reserve(r)
         if p.prefill_worker_id is None:
+            d.placed(tokens, blocks)
             d.accept_prefill(r, self.now)
             self._push(d)
         else:
             pw = self.workers[p.prefill_worker_id]
-            pw.placed = True
+            d.placed(0, blocks)
+            pw.placed(tokens, 0)
             self._push(d)
             pw.accept_prefill(r, self.now)
             self._push(pw)

@@ -98,8 +98,8 @@ class SimWorker:
         self.prefill_speed = prof.prefill_tokens_per_s(self.chunk)
         self._kv_c = prof.decode_per_kv_byte_s * prof.kv_bytes_per_token  # s per KV token read
         self._fields = _constant_fields(self)
-        self._reported: tuple | None = None  # the scheduler-visible fields last reported
-        self.placed = False  # a placement landed here since the last report
+        self._believed: tuple | None = None
+        """(requests held, backlog, free blocks, draining) as the scheduler derives them."""
 
     # ---- requests arriving -----------------------------------------------------------------
 
@@ -274,30 +274,35 @@ class SimWorker:
     # ---- reporting -------------------------------------------------------------------------
 
     def report(self, now: float) -> WorkerStats | None:
-        """The snapshot to send the scheduler, or None when its view is already exact: none
-        of the fields it reads changed since the last report and nothing was placed here
-        since (a placement waits as pending load until a newer snapshot replaces it)."""
-        view = (
-            len(self.prefill_q) + len(self.decode_wait) + self.expecting,  # num_waiting
-            len(self.heap),  # num_running
-            self.queued_tokens,
-            max(0, self.total_blocks - self.reserved),  # free_blocks
-            self.draining,
-        )
-        if view == self._reported and not (self.placed or self._added or self._evicted):
+        """The snapshot to send the scheduler, or None when what it believes is already
+        exact: the requests held, backlog, free blocks and draining flag it derives from the
+        last report plus the placements made since (``placed``) equal the worker's, and no
+        cache change is due. (Placement reads only those; pending placements it keeps are
+        replaced by the next snapshot sent.)"""
+        waiting = len(self.prefill_q) + len(self.decode_wait) + self.expecting
+        running = len(self.heap)
+        free = max(0, self.total_blocks - self.reserved)
+        view = (waiting + running, self.queued_tokens, free, self.draining)
+        if view == self._believed and not (self._added or self._evicted):
             return None
-        self._reported = view
-        self.placed = False
-        return self._snapshot(now, view)
+        self._believed = view
+        return self._snapshot(now, waiting, running, free)
+
+    def placed(self, tokens: int, blocks: int) -> None:
+        """The scheduler placed a request here, counting ``tokens`` of backlog and ``blocks``
+        of KV as pending until the next snapshot (``GlobalScheduler._commit``)."""
+        if self._believed is not None:
+            held, queued, free, draining = self._believed
+            self._believed = (held + 1, queued + tokens, free - blocks, draining)
 
     def stats(self, now: float) -> WorkerStats:
         """The worker's snapshot now (always)."""
-        self._reported = None
+        self._believed = None
         report = self.report(now)
         assert report is not None
         return report
 
-    def _snapshot(self, now: float, view: tuple) -> WorkerStats:
+    def _snapshot(self, now: float, waiting: int, running: int, free: int) -> WorkerStats:
         added: tuple[int, ...] = ()
         evicted: tuple[int, ...] = ()
         if self._added or self._evicted:
@@ -309,8 +314,11 @@ class SimWorker:
         # object.__setattr__ at a time and re-validates what the counters guarantee; the
         # result is the same object (equal, same type: tests/cluster/test_sim_speed.py)
         fields = self._fields.copy()
-        (fields["num_waiting"], fields["num_running"], fields["queued_prefill_tokens"],
-         fields["free_blocks"], fields["draining"]) = view
+        fields["num_waiting"] = waiting
+        fields["num_running"] = running
+        fields["queued_prefill_tokens"] = self.queued_tokens
+        fields["free_blocks"] = free
+        fields["draining"] = self.draining
         fields["cached_block_hashes_added"] = added
         fields["cached_block_hashes_evicted"] = evicted
         fields["timestamp"] = now
