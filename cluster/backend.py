@@ -10,12 +10,15 @@ Life of a request as the router sees it:
      step, never one message per token when several are ready).
   3. Exactly one item has ``finish_reason`` set; it is the last one. Failures end the stream
      with ``finish_reason == "error"`` and ``error`` set (a ``RequestError``), never a hang.
+     With ``n > 1`` each item carries its sample's ``index``: exactly one item per index has
+     ``finish_reason`` set, and the stream ends after the last of them.
   4. ``abort(request_id)`` frees the request's resources everywhere; the stream then ends
      with ``finish_reason == "abort"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ class BackendRequest:
     params: SamplingParams
     arrival_time: float  # time.time() when the router accepted the request
     deadline: float | None = None  # absolute time.time() after which the request is aborted
+    n: int = 1  # samples of the prompt (sample i uses seed + i when seeded); share its KV
 
 
 @dataclass
@@ -51,6 +55,15 @@ class BackendOutput:
     # prefill_queue, prefill_compute, kv_transfer, decode_queue, decode).
     timing: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None  # set when finish_reason == "error"
+    index: int = 0  # which of the request's n samples this output belongs to
+
+
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of sample ``index`` of an n > 1 request: seeded requests use
+    ``seed + index`` (so sample i equals the same request run alone with seed + i)."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
 
 
 class ServingBackend(ABC):

@@ -24,11 +24,18 @@ Migration (``cluster.flight``): a worker that dies under a request does not fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from cluster.backend import BackendOutput, BackendRequest, ServingBackend, TokenLogprob
+from cluster.backend import (
+    BackendOutput,
+    BackendRequest,
+    ServingBackend,
+    TokenLogprob,
+    sample_params,
+)
 from cluster.flight import MIGRATION_KINDS, Attempt, Flight, Migrate
 from cluster.global_scheduler import GlobalScheduler, Placement, Queued
 from cluster.handles import DecodeHandle, WorkerGone, WorkerHandle
@@ -193,7 +200,8 @@ class ClusterBackend(ServingBackend):
     async def abort(self, request_id: str) -> None:
         flight = self._flights.get(request_id)
         if flight is not None:
-            await self._abort_attempt(flight.attempt)
+            for one in (flight, *flight.children):  # n > 1: samples that went on alone
+                await self._abort_attempt(one.attempt)
 
     async def _abort_attempt(self, attempt: Attempt) -> None:
         """Free the attempt's resources on every worker of it that is still alive."""
@@ -211,31 +219,39 @@ class ClusterBackend(ServingBackend):
         return self._run(request)
 
     # -- one request ---------------------------------------------------------------------
-    async def _run(self, req: BackendRequest) -> AsyncIterator[BackendOutput]:
+    async def _run(self, req: BackendRequest,
+                   flight: Flight | None = None) -> AsyncIterator[BackendOutput]:
+        """One request to its end (``flight``: a prepared record, for an n > 1 sample that
+        goes on alone)."""
         rid = req.request_id
-        flight = Flight(req, Attempt(rid))
-        flight.timing["router_queue_start"] = time.time()
+        fresh = flight is None
+        flight = flight or Flight(req, Attempt(rid))
+        flight.timing.setdefault("router_queue_start", time.time())
         self._flights[rid] = flight
-        finished = False
         try:
-            if self.window is not None:
+            if self.window is not None and fresh:
                 self.window.add_arrival(time.time(), len(req.prompt_token_ids))
             async for out in self._serve(flight):
-                finished = out.finish_reason is not None
-                flight.generated.extend(out.new_token_ids)
+                flight.outputs.setdefault(out.index, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    flight.finished.add(out.index)
                 self._observe(flight, out)
                 yield out
         except SplitServeError as exc:
-            finished = True
-            yield self._final(flight, BackendOutput(rid, [], "error", error=exc), {})
+            for index in range(req.n):  # one final per sample still open
+                if index not in flight.finished:
+                    flight.finished.add(index)
+                    yield self._final(flight, BackendOutput(rid, [], "error", error=exc,
+                                                            index=index), {})
         finally:
             self._forget(flight)  # first: a second cancellation cannot leave it behind
-            if not finished:  # shielded: a client that cancels twice still frees the workers
+            if not flight.done():  # shielded: a client that cancels twice still frees workers
                 await asyncio.shield(self._abort_attempt(flight.attempt))
 
     def _forget(self, flight: Flight) -> None:
         self._flights.pop(flight.request_id, None)
-        self._by_worker_rid.pop(flight.attempt.worker_rid, None)
+        for worker_rid in flight.attempt.members:
+            self._by_worker_rid.pop(worker_rid, None)
         for worker_id in flight.attempt.workers():
             self._check_drained(worker_id)
         self._poll_admission()
@@ -249,10 +265,51 @@ class ClusterBackend(ServingBackend):
                 return
             except Migrate as why:
                 await self._migrate(flight, why)
+                if flight.req.n > 1:  # each open sample goes on alone
+                    async for out in self._fan_out(flight):
+                        yield out
+                    return
                 if flight.remaining_tokens() <= 0:  # every token was out: only the end was lost
                     yield self._final(flight, BackendOutput(flight.request_id, [], "length"),
                                       {})
                     return
+
+    async def _fan_out(self, flight: Flight) -> AsyncIterator[BackendOutput]:
+        """n > 1 after a failed attempt: every open sample continues as a request of its
+        own (its seed, the tokens it streamed), concurrently; their outputs are merged
+        back under the request's id with their sample index."""
+        merged: asyncio.Queue = asyncio.Queue()
+        ended = object()
+
+        async def sample(index: int) -> None:
+            req = dataclasses.replace(flight.req, request_id=f"{flight.request_id}.{index}",
+                                      params=sample_params(flight.req.params, index), n=1)
+            child = Flight(req, Attempt(f"{req.request_id}#{flight.num_migrations}"),
+                           outputs={0: list(flight.outputs.get(index, []))},
+                           migrations=dict(flight.migrations), timing=dict(flight.timing),
+                           last_token_time=time.time())
+            flight.children.append(child)
+            try:
+                if child.remaining_tokens() <= 0:  # all its tokens were out; its end was lost
+                    merged.put_nowait((index, self._final(child, BackendOutput(
+                        req.request_id, [], "length"), {})))
+                    return
+                async for out in self._run(req, child):
+                    merged.put_nowait((index, out))
+            finally:
+                merged.put_nowait((index, ended))
+
+        tasks = [asyncio.create_task(sample(i)) for i in range(flight.req.n)
+                 if i not in flight.finished]
+        try:
+            for _ in tasks:
+                while (item := await merged.get())[1] is not ended:
+                    index, out = item
+                    yield dataclasses.replace(out, request_id=flight.request_id, index=index)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _migrate(self, flight: Flight, why: Migrate) -> None:
         """End the failed attempt everywhere and prepare the next one (or give up)."""
@@ -277,8 +334,10 @@ class ClusterBackend(ServingBackend):
     async def _attempt(self, flight: Flight) -> AsyncIterator[BackendOutput]:
         """One placement of the request, from placing it to its last token."""
         attempt = flight.attempt
-        self._by_worker_rid[attempt.worker_rid] = flight
-        placement, blocks = await self._place_and_reserve(flight)
+        siblings = self._siblings(flight)
+        for worker_rid in attempt.members:
+            self._by_worker_rid[worker_rid] = flight
+        placement, blocks = await self._place_and_reserve(flight, siblings)
         if "migration_start" in flight.timing:
             flight.migration_s += time.time() - flight.timing.pop("migration_start")
         flight.timing.setdefault("placed", time.time())
@@ -286,27 +345,41 @@ class ClusterBackend(ServingBackend):
         attempt.decode_id = placement.decode_worker_id
         d = self._worker(attempt.decode_id, "decode")
         if attempt.prefill_id is None:
-            await self._call(d, "decode", d.generate(attempt.worker_rid,
-                             flight.req.prompt_token_ids, flight.req.params, flight.generated))
+            await self._call(d, "decode", d.generate(
+                attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
+                flight.generated, siblings))
         else:
             attempt.phase = "prefill"
             first = await self._remote_prefill(flight, blocks)
             attempt.phase = "kv"
-            # Tell D the first token (or that it is done) while the client gets it:
+            # Tell D the first token (or that it is done: no KV to wait for, unless the
+            # other samples of an n > 1 request decode from it) while the client gets it:
             # TTFT waits for neither that call nor the KV transfer.
-            call = (d.abort(attempt.worker_rid) if first.finish_reason is not None
+            ended = first.finish_reason is not None and not siblings
+            call = (d.abort(attempt.worker_rid) if ended
                     else d.start(attempt.worker_rid, first.new_token_ids[0]))
             handoff = asyncio.ensure_future(self._call(d, "decode", call))
             handoff.add_done_callback(_log_handoff_failure)
             if first.finish_reason is not None:
                 first = self._final(flight, first, {})
             yield first
-            if first.finish_reason is not None:
+            if ended:
                 return
             if await handoff is False:  # D no longer knows it: its transfer failed
                 raise Migrate("transfer", "the decode worker dropped the request")
         async for out in self._stream(flight, attempt):
             yield out
+
+    def _siblings(self, flight: Flight) -> list[tuple]:
+        """n > 1 (on the first attempt): (worker-side id, params) of samples 1..n-1, which
+        the decode worker forks from sample 0's KV; registered as the attempt's members."""
+        if flight.req.n == 1 or flight.num_migrations:
+            return []
+        attempt = flight.attempt
+        siblings = [(f"{attempt.worker_rid}/{i}", sample_params(flight.req.params, i))
+                    for i in range(1, flight.req.n)]
+        attempt.members.update({rid: i for i, (rid, _) in enumerate(siblings, start=1)})
+        return siblings
 
     def _worker(self, worker_id: str | None, kind: str):
         """The attempt's live worker (a ``PrefillHandle`` or ``DecodeHandle``)."""
@@ -337,7 +410,8 @@ class ClusterBackend(ServingBackend):
             self.window.add_itl(now, (now - last) / n, weight=n)
         flight.last_token_time = now
 
-    async def _place_and_reserve(self, flight: Flight) -> tuple[Placement, list | None]:
+    async def _place_and_reserve(self, flight: Flight,
+                                 siblings: list[tuple]) -> tuple[Placement, list | None]:
         attempt = flight.attempt
         for _ in range(MAX_PLACE_ATTEMPTS):
             placement = await self._place(flight, flight.placement_tokens())
@@ -346,7 +420,7 @@ class ClusterBackend(ServingBackend):
                 return placement, None
             blocks = await self._call(d, "decode", d.reserve(
                 attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
-                flight.generated))
+                flight.generated, siblings))
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again
@@ -408,7 +482,8 @@ class ClusterBackend(ServingBackend):
             raise Migrate("decode", f"decode worker {attempt.decode_id} is gone")
         try:
             result = await p.prefill(attempt.worker_rid, req.prompt_token_ids, req.params,
-                                     endpoint, blocks, flight.generated)
+                                     endpoint, blocks, flight.generated,
+                                     ship_always=req.n > 1)
         except SplitServeError:
             raise
         except WorkerGone as exc:
@@ -427,8 +502,10 @@ class ClusterBackend(ServingBackend):
         return out
 
     async def _stream(self, flight: Flight, attempt: Attempt) -> AsyncIterator[BackendOutput]:
+        """The decode worker's deltas of the attempt's samples, until each has ended."""
         req = flight.req
-        while True:
+        open_samples = set(attempt.members.values()) - flight.finished
+        while open_samples:
             delta = await attempt.queue.get()
             if isinstance(delta, _WorkerLost):
                 raise Migrate(delta.kind, delta.why)
@@ -436,9 +513,12 @@ class ClusterBackend(ServingBackend):
                 # Failed before decoding anything: its KV never landed (transfer failure).
                 raise Migrate("transfer", delta.error or "KV transfer failed")
             attempt.phase = "decode"
+            index = attempt.members.get(delta.request_id, 0)
+            if index not in open_samples:  # n > 1: sample 0 ended with the prefill's token
+                continue
             out = BackendOutput(req.request_id, delta.new_token_ids, delta.finish_reason,
                                 num_prompt_tokens=len(req.prompt_token_ids),
-                                num_cached_tokens=delta.num_cached_tokens)
+                                num_cached_tokens=delta.num_cached_tokens, index=index)
             if delta.logprobs:
                 out.logprobs = [TokenLogprob(t, lp.logprob, list(lp.top)) if lp else
                                 TokenLogprob(t, 0.0) for t, lp in zip(delta.new_token_ids,
@@ -446,8 +526,9 @@ class ClusterBackend(ServingBackend):
             if delta.finish_reason == "error":
                 out.error = RequestFailed(delta.error or "request failed on a decode worker")
             if delta.finish_reason is not None:
+                open_samples.discard(index)
                 yield self._final(flight, out, delta.times)
-                return
+                continue
             yield out
 
     def _final(self, flight: Flight, out: BackendOutput, decode_times: dict) -> BackendOutput:
@@ -467,7 +548,7 @@ class ClusterBackend(ServingBackend):
                 finished = False
                 for delta in deltas:
                     flight = self._by_worker_rid.get(delta.request_id)
-                    if flight is not None and flight.attempt.worker_rid == delta.request_id:
+                    if flight is not None and delta.request_id in flight.attempt.members:
                         flight.attempt.queue.put_nowait(delta)
                     finished |= delta.finish_reason is not None
                 if finished:

@@ -12,6 +12,12 @@ missing or repeated:
 
 Worker-side ids differ per attempt (``rid``, ``rid#1``, ...), so a late delta of an
 abandoned attempt can never reach the new one's stream.
+
+n > 1: the first attempt serves every sample: one prefill, one KV transfer, and the decode
+worker forks the samples (``rid/1``, ``rid/2``, ...) from the same blocks. If it fails, each
+unfinished sample goes on as a request of its own (a child flight ``rid.i``, with the
+sample's seed and the tokens it already streamed): the samples no longer share KV then,
+but every stream continues exactly.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class Attempt:
     # side waiting for the KV) -> "decode" (decode worker streaming)
     phase: str = "placing"
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    members: dict[str, int] = field(default_factory=dict)  # worker-side id -> sample index
+
+    def __post_init__(self) -> None:
+        self.members.setdefault(self.worker_rid, 0)
 
     def workers(self) -> tuple[str, ...]:
         return tuple(w for w in (self.prefill_id, self.decode_id) if w is not None)
@@ -55,7 +65,9 @@ class Flight:
 
     req: BackendRequest
     attempt: Attempt
-    generated: list[int] = field(default_factory=list)  # token ids streamed to the client
+    outputs: dict[int, list[int]] = field(default_factory=dict)  # sample -> tokens streamed
+    finished: set[int] = field(default_factory=set)  # samples whose final output went out
+    children: list[Flight] = field(default_factory=list)  # n > 1 after a failed attempt
     migrations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MIGRATION_KINDS, 0))
     timing: dict[str, float] = field(default_factory=dict)  # wall-clock stamps
     migration_s: float = 0.0  # time spent between an attempt's failure and the next one's start
@@ -64,6 +76,14 @@ class Flight:
     @property
     def request_id(self) -> str:
         return self.req.request_id
+
+    @property
+    def generated(self) -> list[int]:
+        """The tokens of sample 0 streamed to the client (the whole request when n == 1)."""
+        return self.outputs.setdefault(0, [])
+
+    def done(self) -> bool:
+        return len(self.finished) >= self.req.n
 
     @property
     def num_migrations(self) -> int:

@@ -137,12 +137,13 @@ class WorkerHandle:
 class PrefillHandle(WorkerHandle):
     async def prefill(self, request_id: str, prompt_token_ids: Sequence[int], params, peer,
                       dst_block_ids: Sequence[int] | None,
-                      output_token_ids: Sequence[int] = ()):
+                      output_token_ids: Sequence[int] = (), ship_always: bool = False):
         """Prefill and return a ``PrefillResult`` (the next token); the KV goes to ``peer``
         into ``dst_block_ids`` in the background. ``output_token_ids``: a resumed request's
-        tokens already streamed."""
+        tokens already streamed. ``ship_always``: ship the KV even if that token ends the
+        request (n > 1: the siblings decode from it)."""
         return await self.call("prefill", request_id, prompt_token_ids, params, peer,
-                               dst_block_ids, None, list(output_token_ids))
+                               dst_block_ids, None, list(output_token_ids), ship_always)
 
 
 class DecodeHandle(WorkerHandle):
@@ -153,10 +154,12 @@ class DecodeHandle(WorkerHandle):
         return await self.call("endpoint")
 
     async def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params,
-                      output_token_ids: Sequence[int] = ()) -> list[int] | None:
-        """Blocks for the request's KV, or None when the worker has no room."""
+                      output_token_ids: Sequence[int] = (),
+                      siblings: Sequence[tuple] = ()) -> list[int] | None:
+        """Blocks for the request's KV, or None when the worker has no room. ``siblings``:
+        n > 1, (id, params) of the other samples, forked there from the same KV."""
         return await self.call("reserve", request_id, prompt_token_ids, params,
-                               list(output_token_ids))
+                               list(output_token_ids), list(siblings))
 
     async def start(self, request_id: str, first_token: int) -> bool:
         """The prefill's token is known: decode once the KV lands. False if the worker no
@@ -164,10 +167,11 @@ class DecodeHandle(WorkerHandle):
         return await self.call("start", request_id, first_token)
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params,
-                       output_token_ids: Sequence[int] = ()) -> None:
+                       output_token_ids: Sequence[int] = (),
+                       siblings: Sequence[tuple] = ()) -> None:
         """Prefill here and decode (conditional disaggregation, colocated workers)."""
         await self.call("generate", request_id, prompt_token_ids, params,
-                        list(output_token_ids))
+                        list(output_token_ids), list(siblings))
 
     def stream_outputs(self) -> AsyncIterator[list]:
         """Every request's ``TokenDelta``s, one item per engine step, as each step ends."""

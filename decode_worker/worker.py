@@ -54,6 +54,8 @@ class DecodeWorker(HostedWorker):
         self.transfer_config = transfer_config or TransferConfig()
         self._lock = threading.Lock()
         self._incoming: dict[str, _Incoming] = {}
+        # n > 1: request id -> the ids of its family (itself and its siblings) not finished
+        self._families: dict[str, set[str]] = {}
         self._times: dict[str, dict[str, float]] = {}  # stamps of requests being decoded
         self._steps: deque[list[TokenDelta]] = deque()  # one entry per engine step (or event)
         self._deltas_ready = threading.Condition(self._lock)
@@ -74,13 +76,18 @@ class DecodeWorker(HostedWorker):
         return self.receiver.endpoint()
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                output_token_ids: list[int] = ()) -> list[int] | None:
+                output_token_ids: list[int] = (),
+                siblings: list[tuple[str, SamplingParams]] = ()) -> list[int] | None:
         """``output_token_ids``: a resumed request's tokens already streamed (see
-        ``Engine.add_request``); their KV comes with the prompt's."""
+        ``Engine.add_request``); their KV comes with the prompt's. ``siblings``: n > 1,
+        (id, params) of the request's other samples, forked here once its KV landed (they
+        share its blocks; ``abort`` of the request aborts them too)."""
         blocks = self.host.call(lambda e: e.reserve(request_id, prompt_token_ids, params,
-                                                    output_token_ids=output_token_ids))
+                                                    output_token_ids=output_token_ids,
+                                                    siblings=siblings))
         if blocks is None:
             return None
+        self._add_family(request_id, siblings)
         with self._lock:
             self._incoming[request_id] = _Incoming(times={"reserved": time.time()})
         self.receiver.expect(request_id, blocks, on_done=self._kv_done)
@@ -165,29 +172,49 @@ class DecodeWorker(HostedWorker):
 
     # -- local path (conditional disaggregation, colocated) ----------------------------------
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 output_token_ids: list[int] = ()) -> None:
-        """Prefill here and decode; outputs stream through ``get_outputs``
-        (``output_token_ids``: a resumed request's tokens already streamed)."""
+                 output_token_ids: list[int] = (),
+                 siblings: list[tuple[str, SamplingParams]] = ()) -> None:
+        """Prefill here and decode; outputs stream through ``stream_outputs``
+        (``output_token_ids``: a resumed request's tokens already streamed; ``siblings``:
+        n > 1, forked once the prompt is computed)."""
         with self._lock:
             self._times[request_id] = {"local_arrival": time.time()}
         try:
             self.host.call(lambda e: e.add_request(request_id, prompt_token_ids, params,
-                                                   output_token_ids=output_token_ids))
+                                                   output_token_ids=output_token_ids,
+                                                   siblings=siblings))
         except Exception:
             with self._lock:
                 self._times.pop(request_id, None)
             raise
+        self._add_family(request_id, siblings)
+
+    def _add_family(self, request_id: str, siblings) -> None:
+        if siblings:
+            with self._lock:
+                self._families[request_id] = {request_id, *(child for child, _ in siblings)}
 
     # -- both --------------------------------------------------------------------------------------
     def abort(self, request_id: str) -> bool:
+        """End the request (and its n > 1 siblings) here, freeing its blocks."""
         self.receiver.abort(request_id)
         self._kv_deadlines.cancel(request_id)
         with self._lock:
             self._incoming.pop(request_id, None)
-        out = self.host.call(lambda e: e.abort(request_id))
-        if out is not None:
-            self._on_outputs([out])
-        return out is not None
+            members = sorted(self._families.pop(request_id, {request_id}))
+        outs = self.host.call(lambda e: [e.abort(rid) for rid in members])
+        outs = [out for out in outs if out is not None]
+        if outs:
+            self._on_outputs(outs)
+        return bool(outs)
+
+    def _forget_sibling(self, request_id: str) -> None:
+        """A finished member leaves its family; the last one takes the family along
+        (called with the lock held)."""
+        for parent, members in list(self._families.items()):
+            members.discard(request_id)
+            if not members:
+                del self._families[parent]
 
     def stream_outputs(self) -> Iterator[list[TokenDelta]]:
         """Every request's new tokens, one item per engine step, as soon as the step ends
@@ -219,6 +246,7 @@ class DecodeWorker(HostedWorker):
                 if out.finish_reason is not None:
                     times = self._times.pop(out.request_id, {})
                     times["finished"] = now
+                    self._forget_sibling(out.request_id)
                 step.append(TokenDelta.from_output(out, times))
             self._steps.append(step)
             self._deltas_ready.notify_all()

@@ -60,7 +60,9 @@ class PrefillWorker(HostedWorker):
     def __init__(self, worker_id: str, model_dir: str, engine_options: dict | None = None,
                  transfer_config: TransferConfig | None = None, **sender_kwargs) -> None:
         self.worker_id = worker_id
-        self._pending: dict[str, tuple[Future, Endpoint, list[int], dict, SamplingParams]] = {}
+        # request id -> (future, peer, reserved ids, time stamps, params, ship_always)
+        self._pending: dict[str, tuple[Future, Endpoint, list[int], dict, SamplingParams,
+                                       bool]] = {}
         self._lock = threading.Lock()
         self.host = EngineHost(worker_id, self.role, model_dir, engine_options or {},
                                self._on_outputs)
@@ -73,14 +75,16 @@ class PrefillWorker(HostedWorker):
     # -- called by the router (Ray actor methods) -------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 peer: Endpoint, dst_block_ids: list[int], timeout_s: float | None = None,
-                output_token_ids: list[int] = ()) -> PrefillResult:
+                output_token_ids: list[int] = (), ship_always: bool = False) -> PrefillResult:
         """Prefill, return the first token, and ship the KV to ``peer`` in the background.
         ``output_token_ids``: a resumed request's tokens already streamed (prefilled after
-        the prompt; the token returned is the one after them)."""
+        the prompt; the token returned is the one after them). ``ship_always``: ship the KV
+        even when that token ends the request (n > 1: its siblings decode from it)."""
         future: Future = Future()
         times = {"prefill_arrival": time.time()}
         with self._lock:
-            self._pending[request_id] = (future, peer, list(dst_block_ids), times, params)
+            self._pending[request_id] = (future, peer, list(dst_block_ids), times, params,
+                                         ship_always)
         try:
             self.host.call(_add_prefill, request_id, prompt_token_ids, params,
                            tuple(output_token_ids))
@@ -145,7 +149,7 @@ class PrefillWorker(HostedWorker):
                     ))
 
     def _complete(self, out: RequestOutput, future, peer: Endpoint, dst_blocks: list[int],
-                  times: dict, params: SamplingParams) -> None:
+                  times: dict, params: SamplingParams, ship_always: bool) -> None:
         """A finished prefill: answer with its first token and ship its KV (or free it)."""
         times["first_token"] = time.time()
         if out.finish_reason == "error":
@@ -159,7 +163,7 @@ class PrefillWorker(HostedWorker):
         first = out.token_ids[-1]
         finish = first_token_finish(first, params, self.host.engine.eos_token_ids,
                                     len(out.token_ids) - 1)
-        if finish is None:
+        if finish is None or ship_always:
             self._ship(out.request_id, peer, dst_blocks)
         else:  # nothing left to decode: no transfer
             self.sender.abort(out.request_id)

@@ -1,0 +1,117 @@
+"""n > 1 through the disaggregated path (in-process workers, loopback KV): the prompt is
+prefilled once and its KV shipped once; the decode worker forks the samples from the same
+blocks; sample i equals the request run alone with seed + i — also when the first token ends
+sample 0, and when the decode worker dies mid-stream (each sample then goes on alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from test_migration_local import _kill, _make_killable, _until
+
+from cluster.backend import BackendRequest, sample_params
+from cluster.config import ClusterConfig
+from cluster.runtime import Cluster
+from engine import Engine, SamplingParams
+
+ENGINE = {"block_size": 4, "max_num_batched_tokens": 64, "max_num_seqs": 16,
+          "max_model_len": 512}
+N = 4
+PROMPT = [(13 * j) % 390 + 5 for j in range(40)]  # 10 blocks of 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from engine.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
+                      progress=False)
+
+
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.9, top_k=50, seed=500,
+                          ignore_eos=True)
+
+
+def _alone(model_dir, params: SamplingParams) -> list[list[int]]:
+    engine = Engine.from_pretrained(model_dir, load_tokenizer=False, block_size=4)
+    return [engine.generate([PROMPT], sample_params(params, i))[0].token_ids
+            for i in range(N)]
+
+
+def _config(model_dir, decode: int = 1) -> ClusterConfig:
+    return ClusterConfig.model_validate({
+        "model": {"path": str(model_dir), "device": "cpu"},
+        "prefill": {"engine": ENGINE}, "decode": {"replicas": decode, "engine": ENGINE},
+        "transfer": {"backend": "loopback", "timeout_s": 5},
+        "scheduler": {"block_size": 4}, "autoscaler": {"enabled": False}})
+
+
+async def _collect(backend, rid, params, samples: dict[int, list[int]] | None = None):
+    samples = {} if samples is None else samples
+    finals = {}
+    async for out in backend.submit(BackendRequest(rid, PROMPT, params, time.time(), n=N)):
+        samples.setdefault(out.index, []).extend(out.new_token_ids)
+        if out.finish_reason is not None:
+            assert out.index not in finals, "two finals for one sample"
+            finals[out.index] = out
+    return [samples[i] for i in range(N)], finals
+
+
+@pytest.mark.parametrize("max_tokens", [24, 1])
+def test_n_samples_share_one_prefill_and_equal_their_seeds_alone(model_dir, max_tokens):
+    params = _params(max_tokens)
+
+    async def main():
+        cluster = Cluster(_config(model_dir), mode="local")
+        await cluster.start()
+        try:
+            decode = next(w for wid, w in cluster.factory._objects.items()
+                          if wid.startswith("decode"))
+            pool = decode.host.engine.pool
+            peak = []
+            samples: dict[int, list[int]] = {}
+            task = asyncio.create_task(_collect(cluster.backend, "n", params, samples))
+            if max_tokens > 1:  # while every sample decodes: how many blocks are held
+                await _until(lambda: len(samples) == N and all(samples.values()))
+                peak.append(pool.num_used)
+            result = await asyncio.wait_for(task, 60)
+            await _until(lambda: pool.num_free == pool.num_blocks, 5)
+            return result, peak
+        finally:
+            await cluster.shutdown()
+
+    (tokens, finals), peak = asyncio.run(main())
+    assert tokens == _alone(model_dir, params)
+    assert sorted(finals) == list(range(N))
+    assert all(f.finish_reason == "length" for f in finals.values())
+    if peak:  # the prompt's 10 blocks are held once (N separate requests would hold
+        # N * 11): shared 10, a copy of the last prompt block per forked sample (it
+        # recomputes that token), and each sample's own few blocks of generated tokens
+        assert peak[0] <= 10 + (N - 1) + N * 3 < N * 11, peak
+
+
+def test_n_samples_survive_their_decode_workers_death(model_dir):
+    params = _params(64)
+
+    async def main():
+        cluster = Cluster(_config(model_dir, decode=2), mode="local")
+        await cluster.start()
+        _make_killable(cluster)
+        try:
+            samples: dict[int, list[int]] = {}
+            task = asyncio.create_task(_collect(cluster.backend, "m", params, samples))
+            await _until(lambda: len(samples) == N and all(len(s) >= 3 for s in
+                                                             samples.values()))
+            _kill(cluster, cluster.backend._flights["m"].attempt.decode_id)
+            result = await asyncio.wait_for(task, 60)
+            return result, dict(cluster.backend.migrations)
+        finally:
+            await cluster.shutdown()
+
+    (tokens, finals), migrations = asyncio.run(main())
+    assert tokens == _alone(model_dir, params)
+    assert all(f.finish_reason == "length" for f in finals.values())
+    assert migrations["decode"] >= 1
