@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 HEADER = 8
 INLINE = 1024  # int64s of payload sent with the header (8 KiB: a decode step of ~100 seqs)
-OP_STEP, OP_COPY, OP_STOP, OP_SETUP = 1, 2, 3, 4
+OP_STEP, OP_COPY, OP_STOP = 1, 2, 3
+IDLE_WAIT_S = 365 * 24 * 3600.0
 
 
 def _td(seconds: float) -> datetime.timedelta:
@@ -46,19 +47,36 @@ class TPComm:
     the step message, and ``close``."""
 
     def __init__(self, store: Any, rank: int, size: int, host: str, timeout_s: float,
-                 device: torch.device) -> None:
-        self.rank, self.size, self.store = rank, size, store
+                 device: torch.device, startup_timeout_s: float = 600.0) -> None:
+        """``timeout_s``: longest wait of a step's collective; ``startup_timeout_s``: of
+        joining the group and of the agreement after loading (big checkpoints load for
+        minutes)."""
+        self.rank, self.size, self.store, self.timeout_s = rank, size, store, timeout_s
+        self.startup_timeout_s = startup_timeout_s
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        opts._timeout = _td(timeout_s)
+        opts._timeout = _td(startup_timeout_s)
         self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("tp/ctrl/", store), rank, size, opts)
         self.data = self.ctrl
         if device.type == "cuda":  # untested here (no multi-GPU machine): NCCL for tensors
             nccl = dist.ProcessGroupNCCL.Options()
-            nccl._timeout = _td(timeout_s)
+            nccl._timeout = _td(startup_timeout_s)
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("tp/data/", store), rank, size,
                                               nccl)
         self._buf = torch.zeros(HEADER + INLINE, dtype=torch.long)
+        # Options made once (not per call): every step collective waits at most timeout_s.
+        self._reduce_opts = dist.AllreduceOptions()
+        self._gather_opts = dist.GatherOptions()
+        self._gather_opts.rootRank = 0
+        self._bcast_opts = dist.BroadcastOptions()
+        self._bcast_opts.rootRank = 0
+        for o in (self._reduce_opts, self._gather_opts, self._bcast_opts):
+            o.timeout = _td(timeout_s)
+        # A rank >= 1 waits for the next step as long as rank 0 stays idle (no timeout in
+        # practice); rank 0 dying still ends the wait at once (its sockets close).
+        self._idle_opts = dist.BroadcastOptions()
+        self._idle_opts.rootRank = 0
+        self._idle_opts.timeout = _td(IDLE_WAIT_S)
         # Benchmarks: seconds spent inside each kind of collective, while ``count_time``
         # (waiting for a slower rank counts here too: it is time the collective costs).
         self.count_time = False
@@ -74,19 +92,17 @@ class TPComm:
         """Sum ``x`` over the ranks, in place; returns it."""
         if self.count_time:
             t0 = time.perf_counter()
-            self.data.allreduce([x]).wait()
+            self.data.allreduce([x], self._reduce_opts).wait()
             self._count("all_reduce", t0)
         else:
-            self.data.allreduce([x]).wait()
+            self.data.allreduce([x], self._reduce_opts).wait()
         return x
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
         """``local`` [V / tp, n] (this rank's vocabulary rows) -> on rank 0 all ranks' rows
         stacked [V_padded, n]; None on the others."""
         local = local.contiguous()
-        t0 = time.perf_counter()
-        opts = dist.GatherOptions()
-        opts.rootRank = 0
+        t0, opts = time.perf_counter(), self._gather_opts
         if self.rank == 0:
             parts = [torch.empty_like(local) for _ in range(self.size)]
             self.data.gather([parts], [local], opts).wait()
@@ -123,7 +139,7 @@ class TPComm:
     def receive(self) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
         """Other ranks: (op, longs, int32s, num_seqs, num_decodes) of the next message."""
         buf = self._buf
-        self._broadcast(buf)
+        self.ctrl.broadcast([buf], self._idle_opts).wait()
         op, n_longs, n_int32s, num_seqs, num_decodes = buf[:5].tolist()
         n = n_longs + (n_int32s + 1) // 2
         payload = torch.empty(n, dtype=torch.long)
@@ -136,10 +152,8 @@ class TPComm:
         return op, payload[:n_longs], int32s, num_seqs, num_decodes
 
     def _broadcast(self, t: torch.Tensor) -> None:
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
         t0 = time.perf_counter()
-        self.ctrl.broadcast([t], opts).wait()
+        self.ctrl.broadcast([t], self._bcast_opts).wait()
         if self.count_time:
             self._count("broadcast", t0)
 
@@ -149,8 +163,14 @@ class TPComm:
         t = torch.tensor([value], dtype=torch.long)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
+        opts.timeout = _td(self.startup_timeout_s)
         self.ctrl.allreduce([t], opts).wait()
         return int(t.item())
+
+    @staticmethod
+    def is_timeout(error: BaseException) -> bool:
+        """True for a collective that gave up waiting (gloo says "Timed out")."""
+        return "timed out" in str(error).lower()
 
     def close(self) -> None:
         for group in {id(self.ctrl): self.ctrl, id(self.data): self.data}.values():

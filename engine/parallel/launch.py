@@ -105,7 +105,9 @@ class ParallelConfig:
     host: str = "127.0.0.1"
     """Address rank 0's store and the gloo group listen on (local ranks: loopback)."""
     timeout_s: float = 60.0
-    """Longest wait for a collective or a rank's startup before the engine fails."""
+    """Longest wait of a step's collective (a rank silent that long fails the engine)."""
+    startup_timeout_s: float = 600.0
+    """Longest wait for the ranks to start and load their shards."""
     threads_per_rank: int | None = None
     """CPU: torch threads of each rank (rank 0 included, restored at close); None = this
     process's threads divided by the size, so the ranks share the cores, not fight."""
@@ -119,20 +121,22 @@ def start_tensor_parallel(engine: Any, config: ParallelConfig,
 
     size, launcher = config.tensor_parallel_size, launcher or LocalProcessLauncher()
     threads = config.threads_per_rank or max(1, torch.get_num_threads() // size)
-    store = host_store(config.host, config.timeout_s)
+    store = host_store(config.host, config.startup_timeout_s)
     base = RankSpec(str(engine.model_dir), str(engine.dtype).removeprefix("torch."),
                     str(engine.device), engine.attn_backend.name,
                     engine.cache_config.block_size, 0, size, config.host, store.port,
-                    config.timeout_s, threads if engine.device.type == "cpu" else None)
+                    config.timeout_s, config.startup_timeout_s,
+                    threads if engine.device.type == "cpu" else None)
     handles: list[RankHandle] = []
     previous_threads = torch.get_num_threads()
     try:
         for rank in range(1, size):
             handles.append(launcher.start(replace(base, rank=rank, device=_device(engine, rank))))
-        _wait_ready(store, handles, config.timeout_s)
+        _wait_ready(store, handles, config.startup_timeout_s)
         if base.num_threads:
             torch.set_num_threads(base.num_threads)
-        comm = TPComm(store, 0, size, config.host, config.timeout_s, engine.device)
+        comm = TPComm(store, 0, size, config.host, config.timeout_s, engine.device,
+                      config.startup_timeout_s)
         build = build_rank(base, comm, lambda: engine._num_kv_blocks())
         if build is None:
             raise TensorParallelError("a tensor-parallel rank could not load its shard of the "

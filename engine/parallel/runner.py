@@ -78,6 +78,9 @@ class TPModelRunner(ModelRunner):
         if dead:
             rank, code = dead[0]
             what = f"tensor-parallel rank {rank} of {size} {describe_exit(code)}"
+        elif self.comm.is_timeout(cause):
+            what = (f"a tensor-parallel rank of {size} did not answer within "
+                    f"{self.comm.timeout_s:.0f} s")
         else:
             what = f"a tensor-parallel step failed on rank 0 of {size} ({type(cause).__name__})"
         self.error = TensorParallelError(

@@ -37,7 +37,8 @@ class RankSpec:
     size: int
     host: str  # rank 0's store
     port: int
-    timeout_s: float
+    timeout_s: float  # a step's collectives
+    startup_timeout_s: float  # joining the group, loading the shards
     num_threads: int | None  # CPU: torch threads of this rank
 
 
@@ -84,10 +85,10 @@ def run_rank(spec: RankSpec) -> None:
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     store = dist.TCPStore(spec.host, spec.port, is_master=False, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=spec.timeout_s))
+                          timeout=datetime.timedelta(seconds=spec.startup_timeout_s))
     store.set(f"tp/ready/{spec.rank}", "1")
     comm = TPComm(store, spec.rank, spec.size, spec.host, spec.timeout_s,
-                  torch.device(spec.device))
+                  torch.device(spec.device), spec.startup_timeout_s)
     try:
         built = build_rank(spec, comm, lambda: ANY_BLOCKS)
         if built is not None:

@@ -8,7 +8,8 @@
   not split evenly (padded rows) and whose LM head is the embedding (tied).
 - Seeded sampling under TP=2 equals TP=1; a fork's copy-on-write reaches every rank.
 - Killing rank 1 fails every request in flight with a clear error, fast, and the engine
-  stays failed (no hang); ``close`` stops the ranks.
+  stays failed (no hang); so does a rank that stops answering, after the timeout;
+  ``close`` stops the ranks.
 """
 
 from __future__ import annotations
@@ -244,6 +245,28 @@ def test_killing_rank_1_fails_requests_with_a_clear_error(model_dir):
         engine.add_request("late", [5, 6, 7], params)
         late = engine.step()
         assert [o.finish_reason for o in late] == ["error"]
+    finally:
+        engine.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_stops_answering_fails_requests_after_the_timeout(model_dir):
+    """SIGSTOP: rank 1 is alive but silent; the step gives up after ``timeout_s``, says so,
+    and the silent rank is killed (it could not rejoin a group that moved on)."""
+    engine = _engine(model_dir("llama"), tp=2, parallel={"timeout_s": 3})
+    try:
+        engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
+        engine.step()
+        time.sleep(4)  # idle for longer than the timeout: the ranks wait for work, unharmed
+        assert engine.step()[0].error is None
+        rank1 = engine.runner.handles[0]
+        os.kill(rank1.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        outs = engine.step()
+        assert time.monotonic() - t0 < 10
+        assert [o.finish_reason for o in outs] == ["error"]
+        assert "a tensor-parallel rank of 2 did not answer within 3 s" in outs[0].error
+        assert rank1.exitcode() == -signal.SIGKILL
     finally:
         engine.close()
 
