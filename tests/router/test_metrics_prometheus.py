@@ -339,6 +339,13 @@ def test_every_dashboard_and_alert_expression_returns_a_series(server, tmp_path)
         time.sleep(2.5)  # two more scrapes: the traffic is inside every rate() window
         prom.wait(lambda: prom.query("splitserve_generation_tokens_total > 0"),
                   "the traffic in Prometheus")
+        for ours, theirs in (("splitserve_generation_tokens_total",
+                              "vllm:generation_tokens_total"),
+                             ("splitserve_time_to_first_token_seconds_count",
+                              "vllm:time_to_first_token_seconds_count")):
+            [a], [b] = prom.query(f"sum({ours})"), prom.query(
+                f'sum({theirs}{{model_name="{MODEL_NAME}"}})')
+            assert float(a["value"][1]) == float(b["value"][1]) > 0, (ours, a, b)
         empty = [f"{where}: {_as_query(expr)}" for where, expr in _expressions()
                  if not prom.query(_as_query(expr))]
         assert not empty, "expressions without a series:\n" + "\n".join(empty)
