@@ -12,6 +12,7 @@ prompts. Text prompts are tokenized with special-token text as plain text.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields
 
@@ -55,14 +56,12 @@ def check_input(inp: GenerateInput, config: RouterConfig) -> None:
             f"the prompt is {len(inp.prompt_token_ids)} tokens, which leaves no room to generate "
             f"in the model's context of {config.max_model_len} tokens; shorten it", "prompt")
     if inp.messages is not None:
-        size = 0
         for message in inp.messages:
             for key, value in message.items():
                 if isinstance(value, str):
                     check_text(value, "messages")
-                    size += len(value)
                 check_text(str(key), "messages")
-        _check_prompt_chars(size, "messages", config)
+        _check_prompt_chars(_chat_chars(inp), "messages", config)
     _check_stops(inp)
 
 
@@ -110,8 +109,15 @@ def prompt_chars(inp: GenerateInput) -> int:
     if inp.prompt is not None:
         return len(inp.prompt)
     if inp.messages is not None:
-        return sum(len(v) for m in inp.messages for v in m.values() if isinstance(v, str))
+        return _chat_chars(inp)
     return 0
+
+
+def _chat_chars(inp: GenerateInput) -> int:
+    """Characters of a chat's message texts, tool calls' arguments and tool definitions."""
+    size = sum(len(v) for m in inp.messages or () for v in m.values() if isinstance(v, str))
+    size += sum(len(json.dumps(c)) for m in inp.messages or () for c in m.get("tool_calls", ()))
+    return size + (len(json.dumps(inp.tools)) if inp.tools else 0)
 
 
 def build_prepared(inp: GenerateInput, request_id: str, prompt: tuple[list[int], str],

@@ -105,3 +105,10 @@ def test_an_old_clients_request_parses_unchanged():
     again = type(req).FromString(req.SerializeToString())
     assert convert.sampling_from_proto(again.sampling) == {"max_tokens": 4, "temperature": 0.0}
     assert not again.sampling.HasField("structured") and not again.sampling.logit_bias
+
+
+def test_include_stop_str_in_output_option(stub):
+    req = convert.build_request("hi", sampling={"max_tokens": 200, "stop": ["look"]})
+    assert "".join(m.text for m in _run(stub, req)) == "Let me "
+    req.options.include_stop_str_in_output = True
+    assert "".join(m.text for m in _run(stub, req)) == "Let me look"
