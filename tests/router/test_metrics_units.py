@@ -192,3 +192,34 @@ def test_promtool_lints_the_exposition():
     problems = (result.stdout + result.stderr).decode().splitlines()
     colon = [p for p in problems if p.startswith("vllm:") and "should not contain ':'" in p]
     assert len(colon) >= 15 and problems == colon, problems
+
+
+def test_a_lost_workers_series_go_with_it_in_a_real_cluster_backend():
+    """The cluster (fake workers, real ClusterBackend) loses a decode worker: its series
+    leave /metrics at the next sync, the others stay (they stayed forever before)."""
+    import asyncio
+
+    from tests.cluster.test_scaling_defaults import _fake_cluster
+
+    async def main():
+        cluster = _fake_cluster()
+        await cluster.start()
+        try:
+            backend, m, seen = cluster.backend, ServingMetrics(), {}
+            for wid, handle in backend.workers.items():  # as the workers' reports would
+                backend.last_stats[wid] = _stats(wid, handle.role)
+            sync_metrics_once(cluster, m, seen)
+            before = set(m.workers)
+            decode = next(w for w, h in backend.workers.items() if h.role == "decode")
+            backend.lose_worker(decode, "killed (test)")
+            sync_metrics_once(cluster, m, seen)
+            return before, decode, m
+        finally:
+            await cluster.shutdown()
+
+    before, decode, m = asyncio.run(asyncio.wait_for(main(), 30))
+    assert decode in before and len(before) == 2
+    assert set(m.workers) == before - {decode}
+    labels = [dict(key[1]) for key in _series(m)]
+    assert not [x for x in labels if decode in (x.get("worker"), x.get("engine"))]
+    assert [x for x in labels if x.get("worker") in m.workers]
