@@ -44,6 +44,9 @@ class GrammarMasker:
         rows = [i for i, s in enumerate(states) if s is not None]
         if not rows:
             return
+        # xgrammar's CPU kernel reads the logits as contiguous rows: on a strided view (the
+        # LM head's transposed output) it silently masks the wrong entries.
+        assert logits.is_contiguous(), "grammar masks need contiguous logits rows"
         n, vocab = logits.shape
         bitmask = self._buffer(n, vocab)
         matchers = [states[i].matcher for i in rows]  # type: ignore[union-attr]
