@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 import re
 import sys
 import time
 
-from router.loadgen import delivery, launch, report, stats, workload
+from router.loadgen import apart, delivery, launch, report, stats, workload
 from router.loadgen.runner import run_workload, warmup
 
 RAW = "_outcome"  # record key of the raw RunOutcome, dropped before the JSON is written
@@ -105,6 +106,9 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per worker without --config (default %(default)s)")
     g.add_argument("--api", choices=["grpc", "http"], default="grpc",
                    help="which endpoint of the launched server to drive")
+    g.add_argument("--same-process", action="store_true",
+                   help="run the load generator on the launched server's event loop (by "
+                        "default it runs in a process of its own, as a client would)")
     g.add_argument("--rounds", type=int, default=1,
                    help="run every configuration this many times, in alternating order "
                         "(A B, B A, ...); results are pooled per configuration")
@@ -167,6 +171,19 @@ def bench_fn(args: argparse.Namespace, slo: stats.SLO):
                   RAW: outcome, WINDOW: (t0, time.perf_counter())}
         return specs, record
     return bench
+
+
+def measure_apart(args: argparse.Namespace, slo: stats.SLO, api: str, endpoint: str,
+                  specs=None) -> tuple[list, dict]:
+    """One measurement against ``endpoint`` (``bench_fn``), run in a child process by
+    ``apart.bench_apart``."""
+    async def main():
+        sender = sender_factory(args, api)(endpoint)
+        try:
+            return await bench_fn(args, slo)(sender, specs)
+        finally:
+            await sender.close()
+    return asyncio.run(main())
 
 
 def sender_factory(args: argparse.Namespace, api: str):
@@ -281,9 +298,13 @@ async def _run_launched(args: argparse.Namespace, slo: stats.SLO) -> int:
         raise ValueError("--rounds must be at least 1")
     model = args.model or str(ensure_model(args.arch, args.preset, seed=0, progress=True))
     sides = _sides(args)
+    if args.same_process:
+        make_sender, bench = sender_factory(args, args.api), bench_fn(args, slo)
+    else:
+        make_sender = apart.Endpoint
+        bench = apart.bench_apart(functools.partial(measure_apart, args, slo, args.api))
     specs, per_side = await launch.compare(sides, _configs(args, sides, model), args.api,
-                                           sender_factory(args, args.api), bench_fn(args, slo),
-                                           rounds=args.rounds)
+                                           make_sender, bench, rounds=args.rounds)
     records, results = zip(*(_pool(recs, slo) for recs in per_side), strict=True)
     summaries = [r["summary"] for r in records]
     pooled = f" ({args.rounds} rounds pooled)" if args.rounds > 1 else ""

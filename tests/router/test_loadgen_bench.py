@@ -15,6 +15,8 @@ from router.loadgen.drivers import HttpSender, StreamEvent, measure
 from router.loadgen.runner import run_workload
 from router.loadgen.stats import RequestResult
 
+SLO_DEFAULT = stats.SLO()
+
 
 class CountingSender:
     """One token every ``gap`` s for ``output_len`` tokens; records the most requests it
@@ -203,3 +205,25 @@ def test_bench_command_end_to_end(quiet_stack, tmp_path, api):
     assert data["workload"]["max_concurrency"] == 2 and data["workload"]["rate"] == "inf"
     assert data["server_model"] == "fake-model"
     assert (tmp_path / "serving_server.png").stat().st_size > 20_000
+
+
+def test_the_load_generator_runs_in_a_process_of_its_own(quiet_stack):
+    """--launch measures from a child process; its window is on this process's clock."""
+    import functools
+    import time
+
+    from cluster.cli import build_parser
+    from router.loadgen import apart, cli
+
+    argv = ["bench", "--grpc", quiet_stack.grpc_address, "--num-requests", "4", "--rate",
+            "inf", "--output-len-range", "4", "8", "--prompt-len-range", "8", "32",
+            "--warmup", "0", "--no-progress"]
+    args = build_parser(argv).parse_args(argv)
+    bench = apart.bench_apart(functools.partial(cli.measure_apart, args, SLO_DEFAULT, "grpc"))
+    before = time.perf_counter()
+    specs, record = asyncio.run(bench(apart.Endpoint(quiet_stack.grpc_address)))
+    after = time.perf_counter()
+    assert len(specs) == 4 and record["summary"]["completed"] == 4
+    start, end = record[cli.WINDOW]
+    assert before < start < end < after
+    assert record[cli.RAW].results[0].ok
