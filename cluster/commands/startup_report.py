@@ -5,7 +5,7 @@ off), so what each worker did at start-up (weights loaded, KV cache sized, warm-
 asked of it once it is registered (``HostedWorker.startup_report``) and printed here, one
 line per worker:
 
-    decode-0   KV cache: 2048 blocks = 32768 tokens (256.0 MiB); weights 1.2 s, warm-up 0.4 s
+  decode-0  KV cache: 4096 blocks = 65536 tokens (128.0 MiB); engine loaded in 1.2 s, warm-up 0.6 s
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def worker_line(worker_id: str, report: dict) -> str:
     line = (f"  {worker_id:10s} KV cache: {blocks} blocks = {blocks * size} tokens "
             f"({report['kv_cache_bytes'] / 2**20:.1f} MiB)")
     if report.get("load_s") is not None:
-        line += f"; weights {report['load_s']:.1f} s"
+        line += f"; engine loaded in {report['load_s']:.1f} s"  # weights, KV cache, kernels
     if report.get("warmup_s") is not None:
         line += f", warm-up {report['warmup_s']:.2f} s"
     return line

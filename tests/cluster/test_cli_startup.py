@@ -151,3 +151,32 @@ def test_startup_report_line_and_warmup_leaves_no_trace():
         assert engine.pool.enable_prefix_caching  # switched back on after
     finally:
         host.shutdown()
+
+
+def test_report_workers_prints_one_line_per_worker(capsys, caplog):
+    """The driver asks each registered worker for its start-up report (Ray actors' logs do
+    not reach it); a worker lost meanwhile is a warning, not a failed start."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.commands.startup_report import report_workers
+
+    class Handle:
+        def __init__(self, report):
+            self.report = report
+
+        async def call(self, method):
+            assert method == "startup_report"
+            if self.report is None:
+                raise RuntimeError("worker prefill-1 is gone")
+            return self.report
+
+    good = {"num_blocks": 10, "block_size": 16, "kv_cache_bytes": 2**20, "load_s": 1.5,
+            "warmup_s": 0.25}
+    cluster = SimpleNamespace(backend=SimpleNamespace(workers={
+        "prefill-1": Handle(None), "decode-0": Handle(good)}))
+    asyncio.run(report_workers(cluster, 3.25))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["  decode-0   KV cache: 10 blocks = 160 tokens (1.0 MiB); engine loaded in "
+                   "1.5 s, warm-up 0.25 s", "cluster up in 3.2 s"]
+    assert "prefill-1 did not report its start-up" in caplog.text
