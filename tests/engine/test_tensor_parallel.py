@@ -43,6 +43,12 @@ def test_shard_ranges_and_errors():
         Shard(0, 6).kv_heads(4, 12)
 
 
+def test_a_size_that_does_not_split_the_model_fails_before_starting_ranks(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible by "
+                                         "tensor_parallel_size=3"):
+        _engine(tiny_model_dir("llama"), tp=3)
+
+
 # -- models and references -------------------------------------------------------------------
 def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
