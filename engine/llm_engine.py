@@ -435,31 +435,31 @@ class Engine:
 
     def warmup(self) -> float:
         """Run once, before serving, the steps a first real batch would meet for the first
-        time: a full prefill chunk (``max_num_batched_tokens`` tokens) over a batch of
-        requests, then decode steps of that batch. First-call costs (Triton's JIT on CUDA,
-        the allocator growing its heap to the largest activations on CPU, lazy inits) are
-        paid here instead of by the first requests. Leaves no trace a client or the
-        cluster sees: nothing enters the prefix cache, the counters are as they were.
-        Returns the seconds it took."""
+        time: a prompt of a full prefill chunk (``max_num_batched_tokens`` tokens, the
+        longest attention a step computes), then a full batch (``max_num_seqs``) of short
+        requests through prefill and decode. First-call costs (Triton's JIT on CUDA, the
+        allocator growing its heap to the largest activations on CPU, lazy inits) are paid
+        here instead of by the first requests. Leaves no trace a client or the cluster
+        sees: nothing enters the prefix cache, the counters are as they were, every block
+        is free again. Returns the seconds it took."""
         import time
 
         t0 = time.perf_counter()
         sched, pool, kv = self.scheduler_config, self.pool, self.kv_manager
-        chunk = min(sched.max_num_batched_tokens, sched.max_model_len - 4)
-        batch = max(1, min(sched.max_num_seqs, 32, chunk))
-        prompt_len = max(1, chunk // batch)
-        per_seq = cdiv(prompt_len + 4, self.cache_config.block_size)
-        batch = max(1, min(batch, pool.num_free // per_seq))  # a small cache: fewer requests
-        if per_seq > pool.num_free:  # not even one such prompt fits: a shorter one
-            prompt_len = max(1, pool.num_free * self.cache_config.block_size - 4)
-        vocab = self.model_config.vocab_size
-        prompts = [[(i * prompt_len + j) % vocab for j in range(prompt_len)]
-                   for i in range(batch)]
+        block, vocab = self.cache_config.block_size, self.model_config.vocab_size
+        gen = max(1, min(4, sched.max_model_len - 1))  # decode steps: the first few shapes
+        room = pool.num_free * block - gen  # prompt tokens the cache holds
+        long_len = max(1, min(sched.max_num_batched_tokens, sched.max_model_len - gen, room))
+        batch = max(1, min(sched.max_num_seqs, long_len))
+        short_len = max(1, long_len // batch)  # the batch's prompts fill one chunk
+        batch = max(1, min(batch, pool.num_free // cdiv(short_len + gen, block)))
+        params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
         counters = (kv.num_prefix_queries, kv.num_prefix_hits, self.scheduler.num_preemptions)
         caching, pool.enable_prefix_caching = pool.enable_prefix_caching, False
         try:
-            self.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0,
-                                                  ignore_eos=True))
+            self.generate([[j % vocab for j in range(long_len)]], params)
+            self.generate([[(i + j) % vocab for j in range(short_len)] for i in range(batch)],
+                          params)
         finally:
             pool.enable_prefix_caching = caching
             (kv.num_prefix_queries, kv.num_prefix_hits,
