@@ -1,7 +1,7 @@
 """Protobuf <-> router dataclasses. The only module that imports generated ``*_pb2`` code.
 
 Server side: ``GenerateRequest`` -> ``GenerateInput`` (a chat's messages and tools through
-``router.chat``, the structured-output spec checked by the grammar engine, ``n`` > 1 and
+``router.chat``, the structured-output spec checked by the grammar engine,
 ``prompt_logprobs`` refused), ``GenerateChunk`` (+ parsed tool calls) -> ``GenerateResponse``,
 model cards and info. Client side: keyword sampling arguments, text / token-id / chat prompts
 -> ``GenerateRequest``, ``GenerateResponse`` -> ``GenerateChunk`` and tool calls. The gRPC
@@ -53,11 +53,9 @@ _TIMING_FIELDS = tuple(f.name for f in pb.Timing.DESCRIPTOR.fields)
 # ---- server side -------------------------------------------------------------------------
 
 def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
-    """The fields the client set (proto3 presence), as SamplingParams keyword arguments.
-    ``n`` > 1 and ``prompt_logprobs`` are refused (INVALID_ARGUMENT naming them)."""
-    if msg.HasField("n") and msg.n != 1:
-        raise InvalidParamError(f"n={msg.n}: several completions per prompt are not "
-                                "supported yet; send n=1", "n")
+    """The fields the client set (proto3 presence), as SamplingParams keyword arguments
+    (``n`` is the request's, not a SamplingParams field). ``prompt_logprobs`` is refused
+    (INVALID_ARGUMENT naming it)."""
     if msg.HasField("prompt_logprobs"):
         raise InvalidParamError("prompt_logprobs: prompt logprobs are not computed by this "
                                 "server yet", "prompt_logprobs")
@@ -68,7 +66,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
         if values:
             out[name] = tuple(values)
     if msg.logit_bias:
-        out["logit_bias"] = dict(msg.logit_bias)
+        out["logit_bias"] = {b.token_id: b.bias for b in msg.logit_bias}
     if msg.HasField("structured"):
         out["structured"] = structured_from_proto(msg.structured)
     return out
@@ -158,6 +156,7 @@ def input_from_proto(req: pb.GenerateRequest, deadline: float | None,
         return_text=_option(req.options, "return_text", True),
         skip_special_tokens=_option(req.options, "skip_special_tokens", True),
         include_stop_str_in_output=_option(req.options, "include_stop_str_in_output", False),
+        n=req.sampling.n if req.sampling.HasField("n") else 1,
     )
 
 
@@ -177,7 +176,7 @@ def chunk_to_proto(chunk: GenerateChunk,
                    tool_calls: list[ToolCall] | None = None) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
         request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text,
-        finish_reason=_FINISH_TO_PROTO[chunk.finish_reason],
+        finish_reason=_FINISH_TO_PROTO[chunk.finish_reason], index=chunk.index,
         tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
                     for c in tool_calls or ()])
     if chunk.logprobs:
@@ -227,14 +226,17 @@ def build_request(prompt: str | list[int] | list[dict[str, Any]], *, model: str 
     name) and SamplingParams keyword values (``structured``: a StructuredSpec,
     ``logit_bias``: {token id: bias})."""
     sampling = dict(sampling or {})
-    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS) - {"logit_bias", "structured"})
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS) - {"logit_bias", "structured", "n"})
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
-                        f"known: {', '.join(SAMPLING_FIELDS)}, logit_bias, structured")
+                        f"known: {', '.join(SAMPLING_FIELDS)}, logit_bias, structured, n")
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
     structured = sampling.pop("structured", None)
+    bias = sampling.pop("logit_bias", None) or {}
     msg = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    msg.logit_bias.extend(pb.LogitBias(token_id=int(t), bias=float(b)) for t, b in
+                          (bias.items() if isinstance(bias, Mapping) else bias))
     if structured is not None:
         msg.structured.CopyFrom(structured_to_proto(structured))
     req = pb.GenerateRequest(
@@ -293,6 +295,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
         usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens,
                     msg.usage.cached_tokens) if msg.HasField("usage") else None,
         timing={f: getattr(msg.timing, f) for f in _TIMING_FIELDS} if final else None,
+        index=msg.index,
     )
 
 

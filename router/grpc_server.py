@@ -99,12 +99,13 @@ class GenerationServicer(convert.GenerationServicer):
             self._service.metrics.requests.labels(code=outcome_code(exc)).inc()
             raise
         # a chat with tools: its text goes through the configured tool-call parser
-        calls = tools.stream(get_parser(getattr(self._service.config, "tool_call_parser",
-                                                DEFAULT_PARSER))) if tools else None
+        parser = get_parser(getattr(self._service.config, "tool_call_parser", DEFAULT_PARSER))
+        calls = [tools.stream(parser) for _ in range(inp.n)] if tools else None
         prep = await self._service.prepare(inp)
         context.add_done_callback(functools.partial(self._on_done, prep.request_id))
         if not convert.wants_stream(request):
-            yield _with_calls(await self._service.complete(prep), calls)
+            for chunk in await self._service.complete(prep):  # one message per sample
+                yield _with_calls(chunk, calls)
             return
         async with contextlib.aclosing(self._service.stream(prep)) as chunks:
             async for chunk in chunks:
@@ -128,15 +129,16 @@ class GenerationServicer(convert.GenerationServicer):
         return convert.model_info_to_proto(self._service.model_info(request.model))
 
 
-def _with_calls(chunk, calls: ToolCallStream | None):
+def _with_calls(chunk, calls: list[ToolCallStream | None] | None):
     """The response for ``chunk``; with tools, calls are held out of the text and sent on
-    the last message."""
-    if calls is None:
+    the sample's last message."""
+    stream = calls[chunk.index] if calls is not None else None
+    if stream is None:
         return convert.chunk_to_proto(chunk)
-    chunk.text = calls.feed(chunk.text)
+    chunk.text = stream.feed(chunk.text)
     found = []
     if chunk.finish_reason is not None:
-        rest, found = calls.finish()
+        rest, found = stream.finish()
         chunk.text += rest
     return convert.chunk_to_proto(chunk, found)
 

@@ -1,10 +1,10 @@
 """OpenAI response bodies for completions and chat: whole responses and stream events.
 
-A request has one choice per prompt (a completions batch: several, each with its
-``index``). A format object follows one HTTP request: ``full(chunks)`` builds the JSON
-response from each choice's merged chunk, ``events(index, chunk, first)`` the stream events
-for one chunk of one choice, ``usage_event(usage)`` the closing usage event
-(``stream_options.include_usage``). Final choices carry the non-standard
+A request has n choices per prompt (a completions batch has several prompts): choice
+``index`` = prompt * n + sample. A format object follows one HTTP request: ``full(chunks)``
+builds the JSON response from each choice's merged chunk, ``events(index, chunk, first)``
+the stream events for one chunk of one choice, ``usage_event(usage)`` the closing usage
+event (``stream_options.include_usage``). Final choices carry the non-standard
 ``"splitserve": {"request_id", "timing"}`` extension.
 
 Completions with ``echo``: a choice's text starts with its prompt's text. Chat with tools:
@@ -28,10 +28,14 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-def total_usage(usages: list[Usage]) -> Usage:
-    return Usage(sum(u.prompt_tokens for u in usages),
+def total_usage(finals: list[GenerateChunk]) -> Usage:
+    """The usage of a request's final chunks: each prompt once (its sample 0), every
+    sample's completion."""
+    usages = [c.usage for c in finals if c.usage is not None]
+    firsts = [c.usage for c in finals if c.usage is not None and c.index == 0]
+    return Usage(sum(u.prompt_tokens for u in firsts),
                  sum(u.completion_tokens for u in usages),
-                 sum(u.cached_tokens for u in usages))
+                 sum(u.cached_tokens for u in firsts))
 
 
 def extension_body(chunk: GenerateChunk) -> dict[str, Any]:
@@ -66,7 +70,7 @@ class CompletionFormat:
         self.id = f"{self.id_prefix}-{request_id}"
         self.model = model
         self.created = int(time.time())
-        self._echo = echo  # per choice: the prompt text to put first
+        self._echo = echo  # per choice: its prompt's text, to put first
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -80,7 +84,7 @@ class CompletionFormat:
     def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
         return {**self._base(self.object_full),
                 "choices": [self._choice(i, c, True) for i, c in enumerate(chunks)],
-                "usage": usage_body(total_usage([c.usage for c in chunks])),
+                "usage": usage_body(total_usage(chunks)),
                 "splitserve": extension_body(chunks[0])}
 
     def events(self, index: int, chunk: GenerateChunk, first: bool,
@@ -139,5 +143,5 @@ class ChatFormat(CompletionFormat):
                             "logprobs": chat_logprobs(chunk.logprobs),
                             "finish_reason": reason, "stop_reason": chunk.stop_reason})
         return {**self._base(self.object_full), "choices": choices,
-                "usage": usage_body(total_usage([c.usage for c in chunks])),
+                "usage": usage_body(total_usage(chunks)),
                 "splitserve": extension_body(chunks[0])}

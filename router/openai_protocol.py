@@ -6,12 +6,12 @@ Requests: pydantic models accepting OpenAI's fields plus vLLM's extras (``top_k`
 / ``guided_choice`` / ``guided_grammar``, ``structured_outputs``, ``request_id``). Nothing
 is silently ignored: an unknown field is a 400 naming it (``extra="forbid"``); a known field
 this server cannot honour is a 400 naming it when set to anything but its no-op value
-(``router.request_fields.REFUSED``: ``n`` > 1, ``best_of`` > 1, ``suffix``,
+(``router.request_fields.REFUSED``: ``best_of`` > 1, ``suffix``,
 ``prompt_logprobs``, ``echo`` with ``logprobs``, ``audio``, ...). Accepted with no effect,
 by nature: ``user``, ``safety_identifier``, ``metadata``, ``prompt_cache_key``,
 ``prompt_cache_retention`` (``request_fields.NO_EFFECT``; docs/api.md has the whole table).
 ``to_inputs`` turns a request into one ``GenerateInput`` per prompt (a completions prompt
-may be a batch: one choice per prompt, with its ``index``).
+may be a batch); each has ``n`` samples, so choice ``index`` = prompt * n + sample.
 Responses: plain dicts in OpenAI's shapes; the final ones carry a non-standard
 ``"splitserve": {"request_id", "timing"}`` extension. The ``*_RESPONSES`` tables declare, for
 the OpenAPI schema, every status and content type the routes answer with (the schemathesis
@@ -73,8 +73,8 @@ class _SamplingRequest(BaseModel):
     metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+    n: int = 1
     # refused unless a no-op (request_fields.REFUSED)
-    n: Any = None
     best_of: Any = None
     store: Any = None
     service_tier: Any = None
@@ -115,7 +115,7 @@ class _SamplingRequest(BaseModel):
         return GenerateInput(model=self.model, request_id=self.request_id or "",
                              deadline=deadline, skip_special_tokens=self.skip_special_tokens,
                              include_stop_str_in_output=self.include_stop_str_in_output,
-                             **kwargs)
+                             n=self.n, **kwargs)
 
     @property
     def include_usage(self) -> bool:

@@ -177,12 +177,14 @@ async def _generate(service: GenerationService, request: Request, body, chat: bo
         raise
     preps = [await service.prepare(inp) for inp in inputs]  # large prompts: tokenizer threads
     model = body.model or service.config.model_name
+    n = body.n  # choice index = prompt * n + sample
     if chat:
         fmt: oaf.CompletionFormat = oaf.ChatFormat(
-            preps[0].request_id, model, [tools.stream(parser) if parser else None])
+            preps[0].request_id, model, [tools.stream(parser) if parser else None
+                                         for _ in range(n)])
     else:
-        echo = [_echo_text(service, inp, prep) for inp, prep in zip(inputs, preps, strict=True)] \
-            if body.echo else None
+        echo = [_echo_text(service, inp, prep) for inp, prep in zip(inputs, preps, strict=True)
+                for _ in range(n)] if body.echo else None
         fmt = oaf.CompletionFormat(preps[0].request_id, model, echo)
     if body.stream:
         return await _start_stream(service, request, preps, fmt, body.include_usage)
@@ -204,12 +206,13 @@ def _echo_text(service: GenerationService, inp, prep: PreparedRequest) -> str:
 
 async def _complete_all(service: GenerationService,
                         preps: list[PreparedRequest]) -> list[GenerateChunk]:
-    """Every prompt's merged chunk; one failure cancels (aborts) the others."""
+    """Every sample's merged chunk, prompt by prompt; one failure cancels (aborts) the
+    others."""
     if len(preps) == 1:
-        return [await service.complete(preps[0])]
+        return await service.complete(preps[0])
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(service.complete(p)) for p in preps]
-    return [t.result() for t in tasks]
+    return [chunk for t in tasks for chunk in t.result()]
 
 
 async def _start_stream(service: GenerationService, request: Request,
@@ -228,7 +231,8 @@ async def _start_stream(service: GenerationService, request: Request,
     except BaseException:
         await close_all()
         raise
-    return _EventStream(_sse_events(_merged(streams, firsts), fmt, include_usage), close_all)
+    events = _sse_events(_merged(streams, firsts), fmt, include_usage, preps[0].n)
+    return _EventStream(events, close_all)
 
 
 async def _firsts(streams: list[AsyncIterator[GenerateChunk]]) -> list[GenerateChunk]:
@@ -240,13 +244,13 @@ async def _firsts(streams: list[AsyncIterator[GenerateChunk]]) -> list[GenerateC
 
 
 async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[GenerateChunk],
-                  ) -> AsyncIterator[tuple[int, GenerateChunk, bool]]:
-    """(choice index, chunk, whether it is the choice's first) as the choices produce them."""
+                  ) -> AsyncIterator[tuple[int, GenerateChunk]]:
+    """(prompt index, chunk) as the prompts' requests produce them."""
     for index, chunk in enumerate(firsts):
-        yield index, chunk, True
+        yield index, chunk
     if len(streams) == 1:
         async for chunk in streams[0]:
-            yield 0, chunk, False
+            yield 0, chunk
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -268,7 +272,7 @@ async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[Gene
             if chunk is None:
                 running -= 1
                 continue
-            yield index, chunk, False
+            yield index, chunk
     finally:  # the reader left early or failed: end the other choices (aborts them)
         for task in tasks:
             task.cancel()
@@ -313,18 +317,22 @@ async def _wait_disconnect(request: Request) -> None:
         continue
 
 
-async def _sse_events(chunks: AsyncIterator[tuple[int, GenerateChunk, bool]], fmt,
-                      include_usage: bool) -> AsyncIterator[str]:
-    usages = []
+async def _sse_events(chunks: AsyncIterator[tuple[int, GenerateChunk]], fmt,
+                      include_usage: bool, n: int) -> AsyncIterator[str]:
+    finals: list[GenerateChunk] = []
+    started: set[int] = set()  # choices whose first event went out
     try:
         async with contextlib.aclosing(chunks):
-            async for index, chunk, first in chunks:
-                for event in fmt.events(index, chunk, first, include_usage):
+            async for prompt, chunk in chunks:
+                choice = prompt * n + chunk.index
+                first = choice not in started
+                started.add(choice)
+                for event in fmt.events(choice, chunk, first, include_usage):
                     yield json.dumps(event)
-                if chunk.usage is not None:
-                    usages.append(chunk.usage)
+                if chunk.finish_reason is not None:
+                    finals.append(chunk)
         if include_usage:
-            yield json.dumps(fmt.usage_event(oaf.total_usage(usages)))
+            yield json.dumps(fmt.usage_event(oaf.total_usage(finals)))
     except Exception as exc:  # after the 200 header: report in-band, as OpenAI does
         yield json.dumps(http_error(exc)[1])
     yield "[DONE]"

@@ -39,9 +39,8 @@ def _is(*allowed: Any) -> Callable[[Any], bool]:
 
 
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_is(1), "n > 1 (several choices per prompt) is not supported yet; send n=1 and "
-                  "repeat the request (with seed + i for reproducible samples)"),
-    "best_of": (_is(1), "best_of is not supported (vLLM dropped it too); send n=1"),
+    "best_of": (_is(1), "best_of is not supported (vLLM dropped it too); send n samples "
+                        "and pick among them"),
     "suffix": (lambda v: not v, "suffix (fill-in-the-middle) is not supported"),
     "prompt_logprobs": (_unset, "prompt logprobs are not computed by this server yet"),
     "store": (_is(False), "store=true: this server stores no completions"),

@@ -3,8 +3,13 @@
 One ``RequestState`` follows one admitted request. ``process(output)`` turns each
 ``BackendOutput`` into a ``GenerateChunk`` (or None when there is nothing to send yet):
 
-  token ids -> incremental detokenizer -> text delta; a stop string ends the request at the
+  token ids -> incremental detokenizer -> text delta; a stop string ends the sample at the
   token that completed it ("stop", the stop string as stop_reason; later ids are dropped).
+
+A request of n > 1 samples has one detokenizer per sample (``BackendOutput.index``); the
+request is finished when every sample has had its final chunk. A sample ended by a stop
+string here goes on in the backend until the request ends (its later outputs are dropped):
+the backend aborts whole requests only.
 
 It also keeps the latency metrics: TTFT at the first token, ITL between later outputs (the
 gap shared by the tokens of a coalesced output), E2E, the running/waiting gauges and the
@@ -26,6 +31,22 @@ DEADLINE_SLACK_S = 0.05
 client's clock and ours read the same deadline a little apart."""
 
 
+class _Sample:
+    """One sample's output state: its detokenizer and counts."""
+
+    def __init__(self, prep: PreparedRequest, tokenizer) -> None:
+        want_text = prep.return_text or bool(prep.params.stop)
+        # engine.tokenizer.IncrementalDetokenizer: withholds partial characters and possible
+        # stop-string starts; the prompt's last tokens give it decoding context.
+        self.detok = tokenizer.detokenizer(
+            prep.params.stop, prompt_ids=prep.prompt_token_ids,
+            skip_special_tokens=prep.skip_special_tokens,
+            include_stop=prep.include_stop_str_in_output) if want_text else None
+        self.num_generated = 0
+        self.last_token_id: int | None = None
+        self.finished = False  # its final chunk has been produced
+
+
 class RequestState:
     def __init__(self, prep: PreparedRequest, tokenizer, metrics: ServingMetrics,
                  clock: Callable[[], float] = time.time) -> None:
@@ -33,21 +54,21 @@ class RequestState:
         self._tokenizer = tokenizer
         self._metrics = metrics
         self._clock = clock
-        want_text = prep.return_text or bool(prep.params.stop)
-        # engine.tokenizer.IncrementalDetokenizer: withholds partial characters and possible
-        # stop-string starts; the prompt's last tokens give it decoding context.
-        self._detok = tokenizer.detokenizer(
-            prep.params.stop, prompt_ids=prep.prompt_token_ids,
-            skip_special_tokens=prep.skip_special_tokens,
-            include_stop=prep.include_stop_str_in_output) if want_text else None
-        self.num_generated = 0
+        self._samples = [_Sample(prep, tokenizer) for _ in range(prep.n)]
         self.num_cached = 0
-        self.finished = False  # the final chunk has been produced
-        self._last_token_id: int | None = None
         self._submit_time: float | None = None
         self._first_token_time: float | None = None
         self._last_output_time: float | None = None
         self._counted_running = False
+
+    @property
+    def finished(self) -> bool:
+        """Every sample's final chunk has been produced."""
+        return all(s.finished for s in self._samples)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(s.num_generated for s in self._samples)
 
     # ---- lifecycle hooks -------------------------------------------------------------
 
@@ -77,38 +98,44 @@ class RequestState:
 
     def process(self, out: BackendOutput) -> GenerateChunk | None:
         """The chunk to send for one backend output (call only for non-error outputs)."""
+        sample = self._samples[out.index]
+        if sample.finished:  # ended here by a stop string; the backend is still at it
+            return None
         self._observe_latency(len(out.new_token_ids))
         self.num_cached = max(self.num_cached, out.num_cached_tokens)
-        ids, text = self._detokenize(out.new_token_ids)
-        stopped_by_string = self._detok is not None and self._detok.stopped
+        ids, text = self._detokenize(sample, out.new_token_ids)
+        stopped_by_string = sample.detok is not None and sample.detok.stopped
         finish = "stop" if stopped_by_string else out.finish_reason
         if ids:
-            self._last_token_id = ids[-1]
-        self.num_generated += len(ids)
+            sample.last_token_id = ids[-1]
+        sample.num_generated += len(ids)
         self._metrics.generation_tokens.inc(len(ids))
         chunk = GenerateChunk(
             request_id=self.prep.request_id, token_ids=ids,
             text=text if self.prep.return_text else "",
-            logprobs=self._logprobs(out.logprobs[: len(ids)]) if out.logprobs else None)
+            logprobs=self._logprobs(out.logprobs[: len(ids)]) if out.logprobs else None,
+            index=out.index)
         if finish is None:
             return chunk if ids or chunk.text else None
-        return self._finish(chunk, finish, out.timing, stopped_by_string)
+        return self._finish(sample, chunk, finish, out.timing, stopped_by_string)
 
-    def _finish(self, chunk: GenerateChunk, finish: str, backend_timing: dict[str, float],
-                stopped_by_string: bool) -> GenerateChunk:
+    def _finish(self, sample: _Sample, chunk: GenerateChunk, finish: str,
+                backend_timing: dict[str, float], stopped_by_string: bool) -> GenerateChunk:
         if stopped_by_string:
-            chunk.stop_reason = self._detok.matched_stop
+            chunk.stop_reason = sample.detok.matched_stop
         else:
-            if self._detok is not None and self.prep.return_text:
-                chunk.text += self._detok.finish()
-            if finish == "stop" and self._last_token_id is not None:
-                chunk.stop_reason = self._last_token_id
+            if sample.detok is not None and self.prep.return_text:
+                chunk.text += sample.detok.finish()
+            if finish == "stop" and sample.last_token_id is not None:
+                chunk.stop_reason = sample.last_token_id
         chunk.finish_reason = finish
-        chunk.usage = Usage(len(self.prep.prompt_token_ids), self.num_generated,
+        chunk.usage = Usage(len(self.prep.prompt_token_ids), sample.num_generated,
                             self.num_cached)
         chunk.timing = self._timing(backend_timing)
-        self.finished = True
+        sample.finished = True
         self._metrics.finish_reasons.labels(reason=finish).inc()
+        if not self.finished:  # the request's latency is observed once, at its last sample
+            return chunk
         self._metrics.e2e_request_latency.observe(chunk.timing["e2e"])
         for phase, seconds in chunk.timing.items():
             self._metrics.request_phase.labels(phase=phase).observe(seconds)
@@ -117,17 +144,18 @@ class RequestState:
                 backend=self._metrics.transfer_backend).observe(chunk.timing["kv_transfer"])
         return chunk
 
-    def _detokenize(self, ids: list[int]) -> tuple[list[int], str]:
+    def _detokenize(self, sample: _Sample, ids: list[int]) -> tuple[list[int], str]:
         """(ids to send, text delta). With stop strings, tokens go in one by one so the ids
         can be cut right after the token that completed a stop string."""
-        if self._detok is None or not ids:
+        detok = sample.detok
+        if detok is None or not ids:
             return ids, ""
         if not self.prep.params.stop:
-            return ids, self._detok.append(ids)
+            return ids, detok.append(ids)
         parts = []
         for i, token_id in enumerate(ids):
-            parts.append(self._detok.append([token_id]))
-            if self._detok.stopped:
+            parts.append(detok.append([token_id]))
+            if detok.stopped:
                 return ids[: i + 1], "".join(parts)
         return ids, "".join(parts)
 

@@ -11,7 +11,9 @@ Life of a request in the router:
                requests being prepared count too, so tokenization work is bounded as well.
   3. submit    hand a BackendRequest to the ServingBackend.
   4. stream    each BackendOutput -> RequestState -> GenerateChunk (text deltas, stop
-               strings). A matched stop string ends the request at once ("stop").
+               strings). A matched stop string ends the request at once ("stop"). With
+               n > 1 samples (``BackendOutput.index`` / ``GenerateChunk.index``) the request
+               ends when every sample has its final chunk.
   5. end       exactly one terminal event: the final chunk (stop | length | abort) or an
                exception (backend error, DEADLINE_EXCEEDED, the consumer cancelling).
                On every exit path where the backend has not finished the request, the
@@ -52,7 +54,7 @@ from router.types import (
     ModelCard,
     ModelInfo,
     PreparedRequest,
-    merge_chunks,
+    merge_samples,
 )
 from router.validation import (
     build_prepared,
@@ -178,10 +180,10 @@ class GenerationService:
             async for chunk in chunks:
                 yield chunk
 
-    async def complete(self, prep: PreparedRequest) -> GenerateChunk:
-        """Run a prepared request to the end and return one merged chunk."""
+    async def complete(self, prep: PreparedRequest) -> list[GenerateChunk]:
+        """Run a prepared request to the end: one merged chunk per sample, in sample order."""
         chunks = [c async for c in self.stream(prep)]
-        return merge_chunks(chunks)
+        return merge_samples(chunks)
 
     async def stream(self, prep: PreparedRequest) -> AsyncIterator[GenerateChunk]:
         """Steps 2-5 for a prepared request: yields chunks, the last one final."""
@@ -189,13 +191,16 @@ class GenerationService:
         state = RequestState(prep, self.tokenizer, self.metrics, self._clock)
         outputs: _BackendStream | None = None
         backend_done = False
+        ended: set[int] = set()  # samples the backend has finished
         error: BaseException | None = None
         try:
             outputs = _BackendStream(aiter(self.backend.submit(_backend_request(prep))))
             state.on_submit()
             while not state.finished:
                 out = await self._next_output(outputs, prep.deadline)
-                backend_done = out.finish_reason is not None
+                if out.finish_reason is not None:
+                    ended.add(out.index)
+                backend_done = len(ended) == prep.n
                 if out.finish_reason == "error":
                     raise _backend_error(out)
                 chunk = state.process(out)
@@ -305,7 +310,7 @@ class _BackendStream:
 def _backend_request(prep: PreparedRequest) -> BackendRequest:
     return BackendRequest(request_id=prep.request_id, prompt_token_ids=prep.prompt_token_ids,
                           params=prep.params, arrival_time=prep.arrival_time,
-                          deadline=prep.deadline)
+                          deadline=prep.deadline, n=prep.n)
 
 
 def _backend_error(out: BackendOutput) -> BaseException:

@@ -41,6 +41,8 @@ class GenerateInput:
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
     """Keep a matched stop string at the end of the text (it is cut by default)."""
+    n: int = 1
+    """Samples of the prompt (sample i uses seed + i when seeded); they share its KV."""
     echo: bool = False
     """Completions: the response's text starts with the prompt's text."""
     param_aliases: dict[str, str] = field(default_factory=dict)
@@ -60,6 +62,7 @@ class PreparedRequest:
     return_text: bool
     skip_special_tokens: bool
     include_stop_str_in_output: bool = False
+    n: int = 1  # samples of the prompt
 
 
 @dataclass
@@ -102,6 +105,7 @@ class GenerateChunk:
     stop_reason: str | int | None = None  # matched stop string, or the stop token id
     usage: Usage | None = None  # final chunk only
     timing: dict[str, float] | None = None  # final chunk only; keys in metrics.TIMING_PHASES
+    index: int = 0  # which of the request's n samples this chunk belongs to
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,16 @@ class ModelInfo:
     ready: bool
 
 
+def merge_samples(chunks: list[GenerateChunk]) -> list[GenerateChunk]:
+    """One merged chunk per sample (by ``index``), in sample order."""
+    by_index: dict[int, list[GenerateChunk]] = {}
+    for chunk in chunks:
+        by_index.setdefault(chunk.index, []).append(chunk)
+    return [merge_chunks(by_index[i]) for i in sorted(by_index)]
+
+
 def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
-    """One chunk holding the concatenation of a request's chunks (the last one is final)."""
+    """One chunk holding the concatenation of one sample's chunks (the last one is final)."""
     last = chunks[-1]
     logprobs = [e for c in chunks for e in (c.logprobs or [])]
     return GenerateChunk(
@@ -130,4 +142,4 @@ def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
         text="".join(c.text for c in chunks),
         logprobs=logprobs or None,
         finish_reason=last.finish_reason, stop_reason=last.stop_reason,
-        usage=last.usage, timing=last.timing)
+        usage=last.usage, timing=last.timing, index=last.index)

@@ -32,6 +32,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@=+-]+")
 MAX_STOP_STRINGS = 16  # OpenAI accepts 4
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_SAMPLES = 16
+"""Most samples (``n``) of one prompt: they are decoded side by side in one worker."""
 
 
 def check_request_id(request_id: str) -> None:
@@ -45,6 +47,8 @@ def check_request_id(request_id: str) -> None:
 
 def check_input(inp: GenerateInput, config: RouterConfig) -> None:
     """Bound and check every client-supplied field before any expensive work."""
+    if not isinstance(inp.n, int) or isinstance(inp.n, bool) or not 1 <= inp.n <= MAX_SAMPLES:
+        raise InvalidParamError(f"n={inp.n!r} must be an integer in [1, {MAX_SAMPLES}]", "n")
     if inp.request_id:
         check_request_id(inp.request_id)
     check_text(inp.model, "model")
@@ -129,7 +133,7 @@ def build_prepared(inp: GenerateInput, request_id: str, prompt: tuple[list[int],
         request_id=request_id, prompt_token_ids=prompt_ids, params=params, arrival_time=now,
         deadline=inp.deadline, return_text=inp.return_text,
         skip_special_tokens=inp.skip_special_tokens,
-        include_stop_str_in_output=inp.include_stop_str_in_output)
+        include_stop_str_in_output=inp.include_stop_str_in_output, n=inp.n)
 
 
 def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:

@@ -43,6 +43,9 @@ class ClusterStack(Stack):
         super().__init__(cluster.backend, tokenizer,
                          RouterConfig(model_name="tiny", max_model_len=1024))
 
+    def call(self, coro, timeout: float = 120.0):
+        return super().call(coro, timeout)  # workers load a model: slower than the fake
+
     async def _start(self) -> None:
         await self.cluster.start()
         await super()._start()
@@ -173,3 +176,20 @@ def test_logit_bias_forces_and_bans_a_token(client, grpc_stub):
                                      temperature=0.0, logit_bias={"300": 100},
                                      extra_body={"ignore_eos": True}).choices[0].text
     assert text == _STACK[0].service.tokenizer.decode([300] * 4)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_samples_equal_their_seed_plus_i_runs(client, stream):
+    kwargs = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8,
+              "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    alone = [client.completions.create(seed=40 + i, **kwargs).choices[0].text
+             for i in range(3)]
+    if stream:
+        texts = ["", "", ""]
+        for event in client.completions.create(seed=40, n=3, stream=True, **kwargs):
+            for choice in event.choices:
+                texts[choice.index] += choice.text
+    else:
+        texts = [c.text for c in client.completions.create(seed=40, n=3, **kwargs).choices]
+    assert texts == alone
+    assert len(set(alone)) > 1  # the samples differ

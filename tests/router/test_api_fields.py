@@ -17,7 +17,8 @@ from openai.types.chat import completion_create_params as openai_chat
 from router import openai_protocol as oai
 from router.config import RouterConfig
 from router.request_fields import NO_EFFECT, REFUSED
-from tests.router.conftest import Stack, make_backend
+from tests.router.conftest import REPLY_TEXT, Stack
+from tests.router.test_api_n import NSamplesBackend
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
@@ -58,6 +59,8 @@ COMMON_WORKS = {
     "structured_outputs": ({"regex": "[0-9]+"},
                            _params(lambda p: p.structured.spec == "[0-9]+")),
     "request_id": ("walk-id", None),  # the walk sends its own ids this way
+    "n": (2, ("body", lambda text: [c["index"] for c in json.loads(text)["choices"]]
+              == [0, 1])),
 }
 COMPLETION_WORKS = {
     **COMMON_WORKS,
@@ -79,7 +82,7 @@ CHAT_WORKS = {
 }
 COMPANIONS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True},
               "tool_choice": {"tools": [TOOL]}, "parallel_tool_calls": {"tools": [TOOL]}}
-BAD = {"n": 2, "best_of": 3, "suffix": "tail", "prompt_logprobs": 1, "store": True,
+BAD = {"best_of": 3, "suffix": "tail", "prompt_logprobs": 1, "store": True,
        "service_tier": "flex", "audio": {"voice": "alloy", "format": "mp3"},
        "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
        "web_search_options": {}, "reasoning_effort": "low", "verbosity": "low",
@@ -111,8 +114,10 @@ CASES = [(ep, f) for ep, (_, _, fields, _) in ENDPOINTS.items() for f in sorted(
 @pytest.fixture(scope="module")
 def stack(tokenizer):
     """A stack whose context fits the tools' system prompt."""
-    s = Stack(make_backend(tokenizer), tokenizer,
-              RouterConfig(model_name="fake-model", max_model_len=1024))
+    reply = tokenizer.encode(REPLY_TEXT, add_special_tokens=False)
+    backend = NSamplesBackend(lambda ids: tokenizer.decode(ids), reply,
+                              tokenizer.eos_token_ids[0])
+    s = Stack(backend, tokenizer, RouterConfig(model_name="fake-model", max_model_len=1024))
     yield s
     s.close()
 
@@ -163,7 +168,7 @@ def test_an_unknown_field_is_refused_naming_it(stack, endpoint):
 
 
 def test_refused_fields_accept_their_no_op_values(stack):
-    body = {"model": "fake-model", "prompt": "hello", "max_tokens": 3, "n": 1, "best_of": 1,
+    body = {"model": "fake-model", "prompt": "hello", "max_tokens": 3, "best_of": 1,
             "store": False, "service_tier": "auto", "suffix": ""}
     assert httpx.post(stack.base_url + "/v1/completions", json=body, timeout=10).status_code \
         == 200

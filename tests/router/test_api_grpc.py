@@ -76,7 +76,8 @@ def test_structured_and_logit_bias_reach_sampling(stub, tool_stack):
 
 
 @pytest.mark.parametrize("field, value, param", [
-    ("n", 2, "n"),
+    ("n", 0, "n"),
+    ("n", 17, "n"),
     ("prompt_logprobs", 1, "prompt_logprobs"),
 ])
 def test_unsupported_fields_are_invalid_argument_naming_them(stub, field, value, param):

@@ -24,17 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"proto/splitserve/v1/generate.proto\x12\rsplitserve.v1\"\x87\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x19.splitserve.v1.ChatPromptH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12-\n\x07options\x18\x06 \x01(\x0b\x32\x1c.splitserve.v1.OutputOptionsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xcb\x01\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\x12\x1c\n\x14tool_choice_function\x18\x04 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x85\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12@\n\nlogit_bias\x18\x0f \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12\x33\n\nstructured\x18\x10 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\xdb\x01\n\rOutputOptions\x12\x13\n\x06stream\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x0breturn_text\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\t\n\x07_streamB\x0e\n\x0c_return_textB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xe2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12%\n\x06timing\x18\t \x01(\x0b\x32\x15.splitserve.v1.Timing\x12+\n\ntool_calls\x18\n \x03(\x0b\x32\x17.splitserve.v1.ToolCallB\r\n\x0bstop_reason\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xa4\x01\n\x06Timing\x12\x14\n\x0crouter_queue\x18\x01 \x01(\x01\x12\x15\n\rprefill_queue\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_compute\x18\x03 \x01(\x01\x12\x13\n\x0bkv_transfer\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_queue\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x06 \x01(\x01\x12\x0c\n\x04ttft\x18\x07 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\x08 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelCard\"Q\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"u\n\x11ModelInfoResponse\x12&\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x18.splitserve.v1.ModelCard\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\r\n\x05ready\x18\x04 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc2\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponse\x12N\n\tModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a .splitserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"proto/splitserve/v1/generate.proto\x12\rsplitserve.v1\"\x87\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x19.splitserve.v1.ChatPromptH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12-\n\x07options\x18\x06 \x01(\x0b\x32\x1c.splitserve.v1.OutputOptionsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xcb\x01\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\x12\x1c\n\x14tool_choice_function\x18\x04 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xbf\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12,\n\nlogit_bias\x18\x0f \x03(\x0b\x32\x18.splitserve.v1.LogitBias\x12\x33\n\nstructured\x18\x10 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\r\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\xdb\x01\n\rOutputOptions\x12\x13\n\x06stream\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x0breturn_text\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\t\n\x07_streamB\x0e\n\x0c_return_textB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xf1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12%\n\x06timing\x18\t \x01(\x0b\x32\x15.splitserve.v1.Timing\x12+\n\ntool_calls\x18\n \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\r\n\x05index\x18\x0b \x01(\rB\r\n\x0bstop_reason\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xa4\x01\n\x06Timing\x12\x14\n\x0crouter_queue\x18\x01 \x01(\x01\x12\x15\n\rprefill_queue\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_compute\x18\x03 \x01(\x01\x12\x13\n\x0bkv_transfer\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_queue\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x06 \x01(\x01\x12\x0c\n\x04ttft\x18\x07 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\x08 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelCard\"Q\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"u\n\x11ModelInfoResponse\x12&\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x18.splitserve.v1.ModelCard\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\r\n\x05ready\x18\x04 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc2\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponse\x12N\n\tModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a .splitserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve_proto.splitserve.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=3149
-  _globals['_FINISHREASON']._serialized_end=3269
+  _globals['_FINISHREASON']._serialized_start=3139
+  _globals['_FINISHREASON']._serialized_end=3259
   _globals['_GENERATEREQUEST']._serialized_start=54
   _globals['_GENERATEREQUEST']._serialized_end=317
   _globals['_TOKENIDS']._serialized_start=319
@@ -49,38 +47,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCALL']._serialized_end=800
   _globals['_STRUCTUREDOUTPUT']._serialized_start=803
   _globals['_STRUCTUREDOUTPUT']._serialized_end=953
-  _globals['_CHOICES']._serialized_start=955
-  _globals['_CHOICES']._serialized_end=981
-  _globals['_SAMPLINGPARAMS']._serialized_start=984
-  _globals['_SAMPLINGPARAMS']._serialized_end=1757
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1504
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1552
-  _globals['_OUTPUTOPTIONS']._serialized_start=1760
-  _globals['_OUTPUTOPTIONS']._serialized_end=1979
-  _globals['_GENERATERESPONSE']._serialized_start=1982
-  _globals['_GENERATERESPONSE']._serialized_end=2336
-  _globals['_TOKENLOGPROB']._serialized_start=2338
-  _globals['_TOKENLOGPROB']._serialized_end=2442
-  _globals['_TOPLOGPROB']._serialized_start=2444
-  _globals['_TOPLOGPROB']._serialized_end=2506
-  _globals['_USAGE']._serialized_start=2508
-  _globals['_USAGE']._serialized_end=2588
-  _globals['_TIMING']._serialized_start=2591
-  _globals['_TIMING']._serialized_end=2755
-  _globals['_ABORTREQUEST']._serialized_start=2757
-  _globals['_ABORTREQUEST']._serialized_end=2791
-  _globals['_ABORTRESPONSE']._serialized_start=2793
-  _globals['_ABORTRESPONSE']._serialized_end=2825
-  _globals['_LISTMODELSREQUEST']._serialized_start=2827
-  _globals['_LISTMODELSREQUEST']._serialized_end=2846
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2848
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2910
-  _globals['_MODELCARD']._serialized_start=2912
-  _globals['_MODELCARD']._serialized_end=2993
-  _globals['_MODELINFOREQUEST']._serialized_start=2995
-  _globals['_MODELINFOREQUEST']._serialized_end=3028
-  _globals['_MODELINFORESPONSE']._serialized_start=3030
-  _globals['_MODELINFORESPONSE']._serialized_end=3147
-  _globals['_GENERATION']._serialized_start=3272
-  _globals['_GENERATION']._serialized_end=3594
+  _globals['_LOGITBIAS']._serialized_start=955
+  _globals['_LOGITBIAS']._serialized_end=998
+  _globals['_CHOICES']._serialized_start=1000
+  _globals['_CHOICES']._serialized_end=1026
+  _globals['_SAMPLINGPARAMS']._serialized_start=1029
+  _globals['_SAMPLINGPARAMS']._serialized_end=1732
+  _globals['_OUTPUTOPTIONS']._serialized_start=1735
+  _globals['_OUTPUTOPTIONS']._serialized_end=1954
+  _globals['_GENERATERESPONSE']._serialized_start=1957
+  _globals['_GENERATERESPONSE']._serialized_end=2326
+  _globals['_TOKENLOGPROB']._serialized_start=2328
+  _globals['_TOKENLOGPROB']._serialized_end=2432
+  _globals['_TOPLOGPROB']._serialized_start=2434
+  _globals['_TOPLOGPROB']._serialized_end=2496
+  _globals['_USAGE']._serialized_start=2498
+  _globals['_USAGE']._serialized_end=2578
+  _globals['_TIMING']._serialized_start=2581
+  _globals['_TIMING']._serialized_end=2745
+  _globals['_ABORTREQUEST']._serialized_start=2747
+  _globals['_ABORTREQUEST']._serialized_end=2781
+  _globals['_ABORTRESPONSE']._serialized_start=2783
+  _globals['_ABORTRESPONSE']._serialized_end=2815
+  _globals['_LISTMODELSREQUEST']._serialized_start=2817
+  _globals['_LISTMODELSREQUEST']._serialized_end=2836
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2838
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2900
+  _globals['_MODELCARD']._serialized_start=2902
+  _globals['_MODELCARD']._serialized_end=2983
+  _globals['_MODELINFOREQUEST']._serialized_start=2985
+  _globals['_MODELINFOREQUEST']._serialized_end=3018
+  _globals['_MODELINFORESPONSE']._serialized_start=3020
+  _globals['_MODELINFORESPONSE']._serialized_end=3137
+  _globals['_GENERATION']._serialized_start=3262
+  _globals['_GENERATION']._serialized_end=3584
 # @@protoc_insertion_point(module_scope)
