@@ -76,7 +76,9 @@ class ServerThread:
         self._thread.start()
         from router.server import start_server
 
-        self.server = self._call(start_server(config, mode="local"), 90)
+        # The first start in a checkout also builds the CPU kernels (~1 min, more on a
+        # loaded machine); later starts take about a second.
+        self.server = self._call(start_server(config, mode="local"), 180)
 
     def _call(self, coro, timeout: float):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
