@@ -50,7 +50,9 @@ class Engine:
         self.scheduler_config = SchedulerConfig(
             sched.max_num_batched_tokens, sched.max_num_seqs, max_len
         )
-        self.attn_backend = select_backend(attention_backend, self.device, cache_config.block_size)
+        self.attn_backend = select_backend(attention_backend, self.device, cache_config.block_size,
+                                           cache_config.kv_cache_dtype,
+                                           (cache_config.k_scale, cache_config.v_scale))
         self.kv_heads_per_rank = kv_heads_per_rank(self.model_config, tensor_parallel_size)
         if tensor_parallel_size == 1:
             self.model = load_model(self.model_dir, self.dtype, self.device, self.attn_backend)
@@ -59,6 +61,10 @@ class Engine:
                                       cache_config.block_size, self.device, seed)
         else:  # starts ranks 1..N-1; sets self.model (rank 0's shard) and self.num_blocks
             from engine.parallel.launch import ParallelConfig, start_tensor_parallel
+
+            if cache_config.kv_cache_dtype != "auto":  # the ranks would allocate full width
+                raise ValueError("kv_cache_dtype fp8 with tensor_parallel_size > 1 is not "
+                                 "supported yet: use kv_cache_dtype auto, or TP 1")
 
             options = dict(parallel or {})
             launcher = options.pop("launcher", None)
@@ -91,7 +97,8 @@ class Engine:
                         max_num_seqs: int = 64, kv_cache_memory_bytes: int | None = None,
                         enable_prefix_caching: bool = True, **kwargs) -> Engine:
         """vLLM-style constructor. Extra kwargs: max_model_len, num_blocks,
-        attention_backend, seed, load_tokenizer, gpu_memory_utilization,
+        attention_backend, seed, load_tokenizer, gpu_memory_utilization, kv_cache_dtype,
+        k_scale, v_scale,
         tensor_parallel_size (N > 1 starts N - 1 more ranks: call ``close()``), parallel
         (``engine.parallel.launch.ParallelConfig`` fields, and ``launcher``)."""
         cache = CacheConfig(
@@ -100,6 +107,9 @@ class Engine:
             enable_prefix_caching=enable_prefix_caching,
             num_blocks_override=kwargs.pop("num_blocks", None),
             gpu_memory_utilization=kwargs.pop("gpu_memory_utilization", 0.9),
+            kv_cache_dtype=kwargs.pop("kv_cache_dtype", "auto"),
+            k_scale=kwargs.pop("k_scale", 1.0),
+            v_scale=kwargs.pop("v_scale", 1.0),
         )
         sched = SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens,
@@ -116,7 +126,14 @@ class Engine:
         # One rank's share: its KV heads only under tensor parallelism.
         elems = (cfg.num_layers * 2 * self.cache_config.block_size * self.kv_heads_per_rank
                  * cfg.head_dim)
-        return elems * torch.empty((), dtype=self.dtype).element_size()
+        return elems * self.kv_cache_dtype.itemsize
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type: the model's, or fp8 (``CacheConfig.kv_cache_dtype``)."""
+        from engine.attention.kv_quant import cache_dtype
+
+        return cache_dtype(self.cache_config.kv_cache_dtype, self.dtype)
 
     def _num_kv_blocks(self) -> int:
         cc = self.cache_config
@@ -150,7 +167,7 @@ class Engine:
         shape = (num_blocks, cfg.num_layers, 2, self.cache_config.block_size,
                  self.kv_heads_per_rank, cfg.head_dim)
         # Zeros, not empty: masked-out padding slots are read by batched attention.
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],

@@ -184,3 +184,19 @@ def test_fp8_cache_greedy_agreement_and_logprob_drift_vs_float32(tiny_model_dir)
         print(f"{name}: first tokens {first}/{len(prompts)}, tokens before divergence "
               f"{agree}/{len(prompts) * MAX_TOKENS}, max logprob drift {drift:.3f} nats")
         assert first >= min_first and agree >= min_agree and drift <= max_drift
+
+
+def test_engine_option_kv_cache_dtype_doubles_the_blocks_of_a_16_bit_cache(tiny_model_dir):
+    """``Engine.from_pretrained(kv_cache_dtype=...)``: the same KV memory holds twice the
+    blocks of a bfloat16 cache, the cache really is fp8, and greedy generation runs."""
+    from engine import Engine, SamplingParams
+
+    model = tiny_model_dir("llama")
+    make = lambda kv: Engine.from_pretrained(  # noqa: E731
+        model, dtype="bfloat16", attention_backend="torch", block_size=4,
+        kv_cache_memory_bytes=1 << 20, load_tokenizer=False, kv_cache_dtype=kv)
+    bf16, fp8 = make("auto"), make("fp8_e4m3")
+    assert fp8.num_blocks == 2 * bf16.num_blocks
+    assert fp8.runner.kv_cache.dtype == torch.float8_e4m3fn
+    out = fp8.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0].token_ids) == 4
