@@ -10,11 +10,13 @@ vocab-parallel embedding —, the logits gather, the step broadcast; waiting for
 rank counts there) and the rest ("compute": scheduling, inputs, the layers, sampling).
 Medians per step kind are printed and written to JSON.
 
-Configurations: ``tp1`` (today's engine: decode-only steps run the compiled CPU
-``decode_step``), ``tp1-layers`` (TP=1 with the Python layers, the path every TP rank takes:
-``decode_step`` has no all-reduce between layers, so TP falls back to the layers, with the
-compiled paged-attention kernels per rank), ``tp1-1thread`` (TP=1 on one core: what one
-rank's compute costs without communication), ``tp2`` (one core per rank).
+Configurations: ``tp1`` (today's engine, all cores: decode-only steps run the compiled CPU
+``decode_step``), ``tp1-1thread`` (the same on one core: one rank's share of the cores,
+no communication), ``tp1-layers-1thread`` (one core, the Python layers: the path every TP
+rank takes, since ``decode_step`` has no all-reduce between layers; the compiled
+paged-attention kernels and fused ops still run per rank), ``tp2`` (one core per rank).
+On a machine shared with other work, multi-threaded configurations also measure the
+contention (OpenMP threads waiting for descheduled siblings): compare one-core numbers.
 
 What two cores can and cannot show: TP=2 here gives each rank one core where TP=1 gives
 its one process both, so the arithmetic is the same and TP cannot be faster; what this
@@ -47,14 +49,14 @@ def run_config(model_dir: Path, name: str, args) -> dict:
 
     tp = 2 if name == "tp2" else 1
     threads = torch.get_num_threads()
-    if name == "tp1-1thread":
+    if name.endswith("-1thread"):
         torch.set_num_threads(1)
     engine = Engine.from_pretrained(
         model_dir, dtype="float32", device="cpu", block_size=16, load_tokenizer=False,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.batch,
         tensor_parallel_size=tp)
     try:
-        if name == "tp1-layers":  # as under TP: no compiled whole-step decode
+        if name.startswith("tp1-layers"):  # as under TP: no compiled whole-step decode
             engine.model.model._decode_step_checked = True
             engine.model.model._decode_step = None
         engine.warmup()
@@ -121,7 +123,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=48)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--configs", nargs="+", default=["tp1", "tp1-1thread", "tp1-layers", "tp2"])
+    ap.add_argument("--configs", nargs="+",
+                    default=["tp1", "tp1-1thread", "tp1-layers-1thread", "tp2"])
     ap.add_argument("--out", default="results/tensor_parallel.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,14 +148,14 @@ def main() -> None:
 
 
 def _print(results: dict) -> None:
-    head = (f"{'config':<11} {'step':<8} {'wall ms':>8} {'compute':>8} {'allreduce':>9} "
+    head = (f"{'config':<18} {'step':<8} {'wall ms':>8} {'compute':>8} {'allreduce':>9} "
             f"{'gather':>7} {'bcast':>6}")
     print(head)
     for name, res in results.items():
         for kind in ("prefill", "decode"):
             r = res.get(kind)
             if r:
-                print(f"{name:<11} {kind:<8} {r['wall_ms']:8.2f} {r['compute_ms']:8.2f} "
+                print(f"{name:<18} {kind:<8} {r['wall_ms']:8.2f} {r['compute_ms']:8.2f} "
                       f"{r['all_reduce_ms']:9.2f} {r['gather_ms']:7.2f} "
                       f"{r['broadcast_ms']:6.2f}")
 
