@@ -210,9 +210,25 @@ async def _complete_all(service: GenerationService,
     others."""
     if len(preps) == 1:
         return await service.complete(preps[0])
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(service.complete(p)) for p in preps]
-    return [chunk for t in tasks for chunk in t.result()]
+    results = await _all([service.complete(p) for p in preps])
+    return [chunk for chunks in results for chunk in chunks]
+
+
+async def _all(coros: list) -> list:
+    """Run ``coros`` together; the first failure cancels the others (which aborts their
+    requests) and is raised as itself, so the error handlers classify it as they would for
+    one prompt."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _start_stream(service: GenerationService, request: Request,
@@ -238,9 +254,7 @@ async def _start_stream(service: GenerationService, request: Request,
 async def _firsts(streams: list[AsyncIterator[GenerateChunk]]) -> list[GenerateChunk]:
     if len(streams) == 1:
         return [await anext(streams[0])]
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(anext(s)) for s in streams]
-    return [t.result() for t in tasks]
+    return await _all([anext(s) for s in streams])
 
 
 async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[GenerateChunk],

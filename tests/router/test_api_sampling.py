@@ -117,3 +117,26 @@ def test_response_format_json_schema_reaches_the_engine(stack):
     assert resp.status_code == 200
     spec = stack.backend.last_request("rf-schema").params.structured
     assert spec.kind == "json_schema" and json.loads(spec.spec) == schema
+
+
+@pytest.mark.parametrize("stream, word, status", [
+    (False, "fail", 503),  # the fake's KV transfer failure after one output: UNAVAILABLE
+    (True, "busy", 429),  # refused before any output: RESOURCE_EXHAUSTED, before the 200
+])
+def test_a_failing_prompt_in_a_batch_fails_the_request_and_aborts_the_others(
+        stack, stream, word, status):
+    rid = f"batch-fail-{stream}"
+    resp = _post(stack, "/v1/completions", prompt=["hang here", f"{word} here"],
+                 max_tokens=50, request_id=rid, stream=stream)
+    assert resp.status_code == status, resp.text  # as it would be for that prompt alone
+    assert stack.backend.wait_aborted(f"{rid}-0", timeout=5)
+
+
+def test_a_client_leaving_a_batch_stream_aborts_every_prompt(stack):
+    rid = "batch-leave"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.base_url + "/v1/completions", timeout=0.5, json={
+            "model": "fake-model", "prompt": ["hang a", "hang b"], "stream": True,
+            "request_id": rid})
+    assert stack.backend.wait_aborted(f"{rid}-0", timeout=5)
+    assert stack.backend.wait_aborted(f"{rid}-1", timeout=5)
