@@ -163,7 +163,6 @@ def test_the_autoscaler_does_not_grow_a_pool_while_its_replacement_is_pending():
 
 
 def test_pool_replicas_counts_ready_and_starting_workers_and_start_timeouts_are_counted():
-    from prometheus_client import Counter
 
     from router.metrics import ServingMetrics
     from router.server import sync_metrics_once
@@ -178,10 +177,6 @@ def test_pool_replicas_counts_ready_and_starting_workers_and_start_timeouts_are_
             growth = asyncio.ensure_future(cluster.scale("prefill", +1))
             await _until(lambda: len(cluster.factory.created) == 4)
             metrics = ServingMetrics()
-            if not hasattr(metrics, "worker_start_timeouts"):  # until router.metrics has it
-                metrics.worker_start_timeouts = Counter(
-                    "splitserve_worker_start_timeouts_total", "Workers given up.", ["pool"],
-                    registry=metrics.registry)
             cluster.factory.start_timeouts["prefill"] = 2
             seen: dict = {}
             sync_metrics_once(cluster, metrics, seen)
