@@ -29,6 +29,15 @@ class TPModelRunner(ModelRunner):
         self.comm, self.handles = comm, handles
         self.error: TensorParallelError | None = None
         self._restore_threads = restore_threads
+        self._mid_step = False  # between a step's message and its last collective
+        gather = model.gather_logits
+
+        def gather_then_mark(local: torch.Tensor):  # the step's last collective
+            out = gather(local)
+            self._mid_step = False
+            return out
+
+        model.gather_logits = gather_then_mark
         # Stop the ranks when the engine is collected or the interpreter exits, too.
         self._finalizer = weakref.finalize(self, _shutdown, comm, handles, restore_threads)
 
@@ -39,11 +48,16 @@ class TPModelRunner(ModelRunner):
     def execute(self, batch):
         self._raise_if_broken()
         try:
-            return super().execute(batch)
-        except Exception as e:  # the ranks may be mid-step: the group cannot go on
-            raise self._broken(e) from e
+            out = super().execute(batch)
+        except Exception as e:
+            if self._mid_step:  # the ranks are out of step: the group cannot go on
+                raise self._broken(e) from e
+            raise  # after the last collective (sampling): the ranks wait for the next step
+        self._mid_step = False
+        return out
 
     def _inputs(self, longs, int32s, T, query_lens, seq_lens, num_decodes):
+        self._mid_step = True
         self.comm.send(OP_STEP, longs, int32s, len(query_lens), num_decodes)
         return super()._inputs(longs, int32s, T, query_lens, seq_lens, num_decodes)
 

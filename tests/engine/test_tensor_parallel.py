@@ -278,9 +278,23 @@ def test_a_rank_that_stops_answering_fails_requests_after_the_timeout(model_dir)
 
 
 @pytest.mark.timeout(60)
-def test_close_stops_every_rank(model_dir):
+def test_a_sampling_error_is_not_fatal_and_close_stops_every_rank(model_dir):
+    """An error after the step's last collective (in the sampler, on rank 0 only) leaves
+    the ranks in step: it is raised as it is, and the next steps run."""
     engine = _engine(model_dir("llama"), tp=2)
     handles = list(engine.runner.handles)
+    sampler = engine.runner.sampler
+
+    def broken_sampler(logits, requests):
+        engine.runner.sampler = sampler  # once
+        raise RuntimeError("sampler bug")
+
+    engine.runner.sampler = broken_sampler
+    engine.add_request("r", [5, 6, 7], GREEDY)
+    with pytest.raises(RuntimeError, match="sampler bug"):
+        engine.step()
+    assert engine.runner.error is None
+    engine.abort("r")
     assert engine.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"
     engine.close()
     engine.close()  # idempotent
