@@ -21,10 +21,8 @@ import asyncio
 import contextlib
 import errno
 import hmac
-import json
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,28 +31,23 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import SplitServeError
-from router import openai_format as oaf
 from router import openai_protocol as oai
 from router.config import PortInUseError, TLSConfig
 from router.errors import (
-    ClientCancelledError,
     ErrorInfo,
     UnauthenticatedError,
     classify,
-    http_error,
     http_status,
     openai_error_body,
     outcome_code,
     retry_after,
 )
 from router.http_edge import EdgeMiddleware
+from router.openai_generate import generate
 from router.service import GenerationService
-from router.tool_parsers import DEFAULT_PARSER, get_parser
-from router.types import GenerateChunk, PreparedRequest
 from router.utility_routes import utility_router
 
 
@@ -79,11 +72,11 @@ def create_app(service: GenerationService, *, api_key: str | None = None) -> Fas
 
     @api.post("/v1/completions", responses=oai.GENERATE_RESPONSES)
     async def completions(body: oai.CompletionRequest, request: Request) -> Response:
-        return await _generate(service, request, body, chat=False)
+        return await generate(service, request, body, chat=False)
 
     @api.post("/v1/chat/completions", responses=oai.GENERATE_RESPONSES)
     async def chat(body: oai.ChatCompletionRequest, request: Request) -> Response:
-        return await _generate(service, request, body, chat=True)
+        return await generate(service, request, body, chat=True)
 
     app.include_router(api)
     # /version, /v1/models/{id}, /tokenize, /detokenize: behind the same key as /v1/*
@@ -165,191 +158,6 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
     app.add_exception_handler(ValueError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-
-
-async def _generate(service: GenerationService, request: Request, body, chat: bool) -> Response:
-    try:
-        inputs = body.to_inputs(deadline=None)
-        tools = body.tool_spec() if chat else None
-        parser = get_parser(_tool_parser_name(service)) if tools and tools.functions else None
-    except SplitServeError as exc:
-        service.metrics.requests.labels(code=outcome_code(exc)).inc()
-        raise
-    preps = [await service.prepare(inp) for inp in inputs]  # large prompts: tokenizer threads
-    model = body.model or service.config.model_name
-    n = body.n  # choice index = prompt * n + sample
-    if chat:
-        fmt: oaf.CompletionFormat = oaf.ChatFormat(
-            preps[0].request_id, model, [tools.stream(parser) if parser else None
-                                         for _ in range(n)])
-    else:
-        echo = [_echo_text(service, inp, prep) for inp, prep in zip(inputs, preps, strict=True)
-                for _ in range(n)] if body.echo else None
-        fmt = oaf.CompletionFormat(preps[0].request_id, model, echo)
-    if body.stream:
-        return await _start_stream(service, request, preps, fmt, body.include_usage)
-    chunks = await _until_disconnect(request, _complete_all(service, preps))
-    return JSONResponse(fmt.full(chunks))
-
-
-def _tool_parser_name(service: GenerationService) -> str:
-    # RouterConfig.tool_call_parser (requested; see docs/api.md) picks the registry entry.
-    return getattr(service.config, "tool_call_parser", DEFAULT_PARSER)
-
-
-def _echo_text(service: GenerationService, inp, prep: PreparedRequest) -> str:
-    if inp.prompt is not None:
-        return inp.prompt
-    return service.tokenizer.decode(prep.prompt_token_ids,
-                                    skip_special_tokens=prep.skip_special_tokens)
-
-
-async def _complete_all(service: GenerationService,
-                        preps: list[PreparedRequest]) -> list[GenerateChunk]:
-    """Every sample's merged chunk, prompt by prompt; one failure cancels (aborts) the
-    others."""
-    if len(preps) == 1:
-        return await service.complete(preps[0])
-    results = await _all([service.complete(p) for p in preps])
-    return [chunk for chunks in results for chunk in chunks]
-
-
-async def _all(coros: list) -> list:
-    """Run ``coros`` together; the first failure cancels the others (which aborts their
-    requests) and is raised as itself, so the error handlers classify it as they would for
-    one prompt."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _start_stream(service: GenerationService, request: Request,
-                        preps: list[PreparedRequest], fmt, include_usage: bool) -> Response:
-    """Admit every prompt and wait for each one's first chunk, then answer 200 with the event
-    stream. A refusal before that (admission, the backend's own overload, a failure) raises
-    here, and the error handlers answer it with its own status."""
-    streams = [service.stream(p) for p in preps]
-
-    async def close_all() -> None:
-        for stream in streams:
-            await stream.aclose()
-
-    try:
-        firsts = await _until_disconnect(request, _firsts(streams))
-    except BaseException:
-        await close_all()
-        raise
-    events = _sse_events(_merged(streams, firsts), fmt, include_usage, preps[0].n)
-    return _EventStream(events, close_all)
-
-
-async def _firsts(streams: list[AsyncIterator[GenerateChunk]]) -> list[GenerateChunk]:
-    if len(streams) == 1:
-        return [await anext(streams[0])]
-    return await _all([anext(s) for s in streams])
-
-
-async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[GenerateChunk],
-                  ) -> AsyncIterator[tuple[int, GenerateChunk]]:
-    """(prompt index, chunk) as the prompts' requests produce them."""
-    for index, chunk in enumerate(firsts):
-        yield index, chunk
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[GenerateChunk]) -> None:
-        try:
-            async for chunk in stream:
-                queue.put_nowait((index, chunk, None))
-            queue.put_nowait((index, None, None))
-        except Exception as exc:  # handed to the reader, which reports it in-band
-            queue.put_nowait((index, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            index, chunk, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if chunk is None:
-                running -= 1
-                continue
-            yield index, chunk
-    finally:  # the reader left early or failed: end the other choices (aborts them)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _EventStream(EventSourceResponse):
-    """The SSE response, closing the request's chunk streams however the response ends, even
-    when the client left before the stream's first event (then the event generator never
-    started, and closing it would not reach the chunk streams)."""
-
-    def __init__(self, events: AsyncIterator[str], close) -> None:
-        super().__init__(events, sep="\n", ping=15)
-        self._close = close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._close()
-
-
-async def _until_disconnect(request: Request, work) -> GenerateChunk:
-    """Await ``work`` unless the client disconnects first (then cancel it: the abort path)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise ClientCancelledError("the client disconnected")
-    return task.result()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        continue
-
-
-async def _sse_events(chunks: AsyncIterator[tuple[int, GenerateChunk]], fmt,
-                      include_usage: bool, n: int) -> AsyncIterator[str]:
-    finals: list[GenerateChunk] = []
-    started: set[int] = set()  # choices whose first event went out
-    try:
-        async with contextlib.aclosing(chunks):
-            async for prompt, chunk in chunks:
-                choice = prompt * n + chunk.index
-                first = choice not in started
-                started.add(choice)
-                for event in fmt.events(choice, chunk, first, include_usage):
-                    yield json.dumps(event)
-                if chunk.finish_reason is not None:
-                    finals.append(chunk)
-        if include_usage:
-            yield json.dumps(fmt.usage_event(oaf.total_usage(finals)))
-    except Exception as exc:  # after the 200 header: report in-band, as OpenAI does
-        yield json.dumps(http_error(exc)[1])
-    yield "[DONE]"
 
 
 @dataclass
