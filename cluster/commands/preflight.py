@@ -14,7 +14,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("float32", "float16", "bfloat16")
+# The names engine.llm_engine accepts (checked there again, after Ray has started).
+DTYPES = ("float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 

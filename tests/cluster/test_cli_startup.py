@@ -180,3 +180,13 @@ def test_report_workers_prints_one_line_per_worker(capsys, caplog):
     assert out == ["  decode-0   KV cache: 10 blocks = 160 tokens (1.0 MiB); engine loaded in "
                    "1.5 s, warm-up 0.25 s", "cluster up in 3.2 s"]
     assert "prefill-1 did not report its start-up" in caplog.text
+
+
+def test_model_dtype_names_the_engine_accepts_pass_and_others_do_not(tmp_path):
+    from cluster.commands.preflight import PreflightError, check_model_dir
+
+    folder = model_dir(tmp_path / "m")
+    for name in ("float32", "bf16", "half"):
+        check_model_dir(str(folder), name)
+    with pytest.raises(PreflightError, match="model.dtype='float8' is not supported"):
+        check_model_dir(str(folder), "float8")
