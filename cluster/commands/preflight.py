@@ -35,9 +35,11 @@ def config_error_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def check_model_dir(path: str, dtype: str) -> None:
-    """The checkpoint folder exists and holds what the workers and the router will read:
-    config.json of a supported architecture, safetensors weights, a tokenizer."""
+def check_model_dir(path: str, dtype: str, weights: bool = True) -> None:
+    """The checkpoint folder exists and holds what the router and the workers will read:
+    config.json of a supported architecture, a tokenizer and (``weights``) safetensors
+    weights. Workers on other nodes of a Ray cluster read the weights from their own mount,
+    which this machine may not have: the caller then passes ``weights=False``."""
     from engine.model_config import ModelConfig  # reads json and the registry: no torch
 
     model = Path(path).expanduser()
@@ -54,7 +56,8 @@ def check_model_dir(path: str, dtype: str) -> None:
         detail = f"missing key {exc}" if isinstance(exc, KeyError) else " ".join(
             str(exc).split())
         raise PreflightError(f"the model's config.json cannot be used: {detail}") from None
-    _check_weights(model, path)
+    if weights:
+        _check_weights(model, path)
     if not any((model / name).is_file() for name in TOKENIZER_FILES):
         raise PreflightError(f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}); "
                              "save the tokenizer next to the weights")
@@ -120,4 +123,4 @@ def check_all(config: Any, *, gpu_memory_flag: bool) -> None:
     rc = config.router
     check_ports(rc.host, [("gRPC", rc.grpc_port, "--grpc-port"),
                           ("HTTP", rc.http_port, "--http-port")])
-    check_model_dir(config.model.path, config.model.dtype)
+    check_model_dir(config.model.path, config.model.dtype, weights=not config.ray.address)

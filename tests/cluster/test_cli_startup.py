@@ -190,3 +190,23 @@ def test_model_dtype_names_the_engine_accepts_pass_and_others_do_not(tmp_path):
         check_model_dir(str(folder), name)
     with pytest.raises(PreflightError, match="model.dtype='float8' is not supported"):
         check_model_dir(str(folder), "float8")
+
+
+def test_weights_are_not_required_on_the_driver_of_a_remote_ray_cluster(tmp_path):
+    """Joining a Ray cluster, the workers read the weights on their own nodes; the router's
+    machine needs config.json and the tokenizer only."""
+    from types import SimpleNamespace
+
+    from cluster.commands.preflight import PreflightError, check_all
+
+    folder = model_dir(tmp_path / "m", weights=False)
+
+    def config(address):
+        return SimpleNamespace(
+            model=SimpleNamespace(path=str(folder), dtype="float32", device="auto"),
+            router=SimpleNamespace(host="127.0.0.1", grpc_port=0, http_port=0),
+            ray=SimpleNamespace(address=address))
+
+    check_all(config("ray://head:10001"), gpu_memory_flag=False)
+    with pytest.raises(PreflightError, match="no weights in"):
+        check_all(config(None), gpu_memory_flag=False)
