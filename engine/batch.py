@@ -44,6 +44,7 @@ class SchedulerOutput:
 class TokenLogprobs:
     logprob: float  # log-probability of the chosen token
     top: list[tuple[int, float]]  # top-n (token id, logprob), most likely first
+    rank: int | None = None  # the chosen token's rank (1 = most likely); prompt logprobs only
 
 
 @dataclass
@@ -52,3 +53,6 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Parallel to sampled_token_ids; None entries where logprobs were not requested.
     logprobs: list[TokenLogprobs | None] | None = None
+    # Prompt logprobs computed this step: request id -> (first position, entries), entry i
+    # for prompt token first + i (scored by the logits of the token before it).
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

@@ -51,8 +51,9 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks holding the request's leading tokens. Stops one token short of the
         end, so the last token is always recomputed (its logits are needed) and never lands
-        in a shared block."""
-        if not self.pool.enable_prefix_caching:
+        in a shared block. None for a request asking for prompt logprobs: every prompt
+        position's logits are needed."""
+        if not self.pool.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return []
         self.update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

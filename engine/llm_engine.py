@@ -217,6 +217,11 @@ class Engine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.prompt_logprobs is not None and not self.runner.supports_prompt_logprobs:
+            raise InvalidRequestError(
+                "prompt_logprobs is not supported with tensor parallelism "
+                "(tensor_parallel_size > 1): leave it out, or serve this model with "
+                "tensor_parallel_size 1")
         if resumed and (min(resumed) < 0 or max(resumed) >= vocab):
             raise InvalidRequestError(f"output_token_ids must be in [0, {vocab})")
         if len(resumed) >= params.max_tokens:
@@ -306,7 +311,7 @@ class Engine:
             if finished_only and not request.is_finished:
                 self._num_reported[request.request_id] = request.num_output_tokens
             else:
-                outputs.append(self._output(request))
+                outputs.append(self._output(request, whole=finished_only))
         return outputs
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
@@ -404,7 +409,9 @@ class Engine:
                 self.add_request(child_id, list(parent.prompt_token_ids), params,
                                  arrival_time=parent.arrival_time)
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _output(self, request: Request, whole: bool = False) -> RequestOutput:
+        """``whole``: the caller keeps only final outputs (``generate``), so this one carries
+        the prompt logprobs too; otherwise only a request's first output does."""
         generated = request.output_token_ids
         start = self._num_reported.get(request.request_id, 0)
         out = RequestOutput(
@@ -416,6 +423,9 @@ class Engine:
             num_cached_tokens=request.num_cached_tokens,
             logprobs=request.logprobs,
         )
+        if len(request.prompt_logprobs) == request.num_prompt_tokens and (
+                whole or start == len(request.resumed_token_ids)):
+            out.prompt_logprobs = request.prompt_logprobs
         self._num_reported[request.request_id] = len(generated)
         if request.error is not None:
             out.error = request.error

@@ -14,12 +14,18 @@ from itertools import accumulate
 import torch
 
 from engine.attention.metadata import AttentionMetadata
-from engine.batch import ModelRunnerOutput, SchedulerOutput
+from engine.batch import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from engine.cpu_kernels_build import load_cpu_kernels
 from engine.sampler import Sampler
 
+PROMPT_LOGPROBS_ROWS = 512  # prompt positions scored at once: bounds the [rows, vocab] logits
+
 
 class ModelRunner:
+    # Tensor parallelism's runner cannot score prompt rows (its logits are a collective
+    # every rank takes part in once per step): the engine refuses such requests there.
+    supports_prompt_logprobs = True
+
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
                  device: torch.device, seed: int = 0) -> None:
         self.model = model
@@ -34,12 +40,51 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:
         input_ids, positions, metadata, sample_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
+        prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if not sample_rows.numel():
-            return ModelRunnerOutput([], None)
+            return ModelRunnerOutput([], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
         requests = [e.request for e in batch.scheduled if e.sample]
         tokens, logprobs = self.sampler(logits, requests)
-        return ModelRunnerOutput(tokens, logprobs)
+        return ModelRunnerOutput(tokens, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor) -> dict:
+        """request id -> (first position, TokenLogprobs) for each chunk that computes prompt
+        positions of a request asking for them: position p's row scores token p + 1."""
+        out = {}
+        row = 0
+        for entry in batch.scheduled:
+            request, start, n = entry.request, entry.start, entry.num_new_tokens
+            k = request.params.prompt_logprobs
+            if k is not None:
+                stop = min(start + n, request.num_prompt_tokens - 1)
+                if start < stop:
+                    targets = request.token_ids[start + 1 : stop + 1]
+                    out[request.request_id] = (
+                        start + 1, self._score(hidden[row : row + stop - start], targets, k))
+            row += n
+        return out
+
+    def _score(self, hidden: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+        """Log-softmax of the logits of ``hidden`` [n, hidden]: the ``targets``' logprobs
+        and ranks and the top-k, in slices of PROMPT_LOGPROBS_ROWS rows (a [rows, vocab]
+        float32 block at a time, not the whole prompt's)."""
+        target = torch.tensor(targets, dtype=torch.long, device=self.device).unsqueeze(1)
+        entries: list[TokenLogprobs] = []
+        for i in range(0, len(targets), PROMPT_LOGPROBS_ROWS):
+            rows = slice(i, i + PROMPT_LOGPROBS_ROWS)
+            lp = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+            chosen = lp.gather(1, target[rows])
+            ranks = ((lp > chosen).sum(1) + 1).tolist()
+            chosen_list = chosen.squeeze(1).tolist()
+            if k > 0:
+                vals, ids = lp.topk(k, dim=-1)
+                tops = [list(zip(a, b, strict=True))
+                        for a, b in zip(ids.tolist(), vals.tolist(), strict=True)]
+            else:
+                tops = [[] for _ in chosen_list]
+            entries += map(TokenLogprobs, chosen_list, tops, ranks)
+        return entries
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -19,6 +19,9 @@ class RequestOutput:
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     error: str | None = None  # a client-safe message when finish_reason == "error"
+    # SamplingParams.prompt_logprobs: one per prompt token, None first; on the request's
+    # first output only (and on generate()'s final ones).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -36,6 +39,7 @@ class TokenDelta:
     error: str | None = None  # client-safe message when finish_reason == "error"
     logprobs: list[TokenLogprobs | None] | None = None  # parallel to new_token_ids
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # the first delta's, if asked
     # Wall-clock (time.time()) stamps on the final delta, for the timing breakdown.
     times: dict[str, float] = field(default_factory=dict)
 
@@ -44,4 +48,4 @@ class TokenDelta:
         n_new = len(out.new_token_ids)
         logprobs = out.logprobs[len(out.logprobs) - n_new :] if out.logprobs else None
         return cls(out.request_id, list(out.new_token_ids), out.finish_reason, out.error,
-                   logprobs, out.num_cached_tokens, times or {})
+                   logprobs, out.num_cached_tokens, out.prompt_logprobs, times or {})

@@ -84,6 +84,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     logprobs: list = field(default_factory=list)  # per output token, when requested
+    # SamplingParams.prompt_logprobs: one per prompt token computed so far, None first (the
+    # first token has no logits before it); complete at num_prompt_tokens entries.
+    prompt_logprobs: list = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     # Structured output: the grammar state (engine.structured.GrammarState: accept(token),
@@ -95,6 +98,8 @@ class Request:
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.resumed_token_ids = tuple(self.resumed_token_ids)
         self.token_ids = list(self.prompt_token_ids) + list(self.resumed_token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
         # Token ids that end generation once min_tokens are out (EOS unless ignored); the
         # sampler masks them before that.
         stop_ids = set(self.params.stop_token_ids)

@@ -43,6 +43,10 @@ class SamplingParams:
     """Divides positive / multiplies negative logits of tokens seen in prompt or output (HF)."""
     logprobs: int | None = None
     """Return the chosen token's logprob and the top-n alternatives (0 = chosen token only)."""
+    prompt_logprobs: int | None = None
+    """vLLM's extra: every prompt token's logprob (the first has none) and the top-n
+    alternatives at each position (0 = the prompt token only), from the raw logits. Such a
+    request takes no prefix-cache hits: every prompt position is computed."""
     min_tokens: int = 0
     """Do not stop before this many tokens: EOS and stop ids are masked out until then."""
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -74,6 +78,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "must be in [0, 20]"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),

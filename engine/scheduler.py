@@ -218,6 +218,11 @@ class Scheduler:
         logprobs = iter(out.logprobs) if out.logprobs is not None else None
         now = time.monotonic()
         block_size = self.kv.block_size
+        if out.prompt_logprobs:
+            for entry in batch.scheduled:
+                chunk = out.prompt_logprobs.get(entry.request.request_id)
+                if chunk is not None:
+                    _extend_prompt_logprobs(entry.request, *chunk)
         for entry in batch.scheduled:
             request = entry.request
             computed = entry.start + entry.num_new_tokens
@@ -238,3 +243,11 @@ class Scheduler:
                 self.finish(request.request_id, status)
             touched.append(request)
         return touched
+
+
+def _extend_prompt_logprobs(request: Request, first: int, entries: list) -> None:
+    """Append a chunk's prompt logprobs (entry i is for prompt token first + i); positions
+    already held are skipped (a preempted request recomputes its prompt)."""
+    held = len(request.prompt_logprobs)
+    if first <= held:
+        request.prompt_logprobs.extend(entries[held - first :])

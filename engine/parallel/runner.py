@@ -23,6 +23,8 @@ STOP_JOIN_S = 10.0  # how long close() lets each rank exit before killing it
 
 
 class TPModelRunner(ModelRunner):
+    supports_prompt_logprobs = False  # extra logits rows would need the ranks too
+
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int, device: torch.device,
                  seed: int, comm: TPComm, handles: list, restore_threads: int) -> None:
         super().__init__(model, kv_cache, block_size, device, seed)
