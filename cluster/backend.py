@@ -56,6 +56,9 @@ class BackendOutput:
     timing: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None  # set when finish_reason == "error"
     index: int = 0  # which of the request's n samples this output belongs to
+    # SamplingParams.prompt_logprobs, on the first output: per prompt token (None first) its
+    # logprob, rank and top alternatives (engine.batch.TokenLogprobs)
+    prompt_logprobs: list | None = None
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:

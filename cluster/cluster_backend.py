@@ -495,7 +495,8 @@ class ClusterBackend(ServingBackend):
             flight.timing.setdefault(key, stamp)  # the first attempt's phases count
         out = BackendOutput(req.request_id, [result.first_token], result.finish_reason,
                             num_prompt_tokens=len(req.prompt_token_ids),
-                            num_cached_tokens=result.num_cached_tokens)
+                            num_cached_tokens=result.num_cached_tokens,
+                            prompt_logprobs=result.prompt_logprobs)
         if result.logprob is not None:
             out.logprobs = [TokenLogprob(result.first_token, result.logprob.logprob,
                                          list(result.logprob.top))]
@@ -518,7 +519,8 @@ class ClusterBackend(ServingBackend):
                 continue
             out = BackendOutput(req.request_id, delta.new_token_ids, delta.finish_reason,
                                 num_prompt_tokens=len(req.prompt_token_ids),
-                                num_cached_tokens=delta.num_cached_tokens, index=index)
+                                num_cached_tokens=delta.num_cached_tokens, index=index,
+                                prompt_logprobs=delta.prompt_logprobs)
             if delta.logprobs:
                 out.logprobs = [TokenLogprob(t, lp.logprob, list(lp.top)) if lp else
                                 TokenLogprob(t, 0.0) for t, lp in zip(delta.new_token_ids,

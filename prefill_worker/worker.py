@@ -46,6 +46,8 @@ class PrefillResult:
     num_cached_tokens: int
     finish_reason: str | None  # "stop"/"length" when the first token already ends it
     times: dict[str, float] = field(default_factory=dict)  # wall-clock stamps
+    # SamplingParams.prompt_logprobs: one per prompt token, None first (computed here)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class PrefillFailed(SplitServeError):
@@ -170,7 +172,7 @@ class PrefillWorker(HostedWorker):
             self.host.engine.release(out.request_id)
         future.set_result(PrefillResult(
             out.request_id, first, out.logprobs[-1] if out.logprobs else None,
-            out.num_cached_tokens, finish, times,
+            out.num_cached_tokens, finish, times, out.prompt_logprobs,
         ))
 
     def _ship(self, request_id: str, peer: Endpoint, dst_blocks: list[int]) -> None:
