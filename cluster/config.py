@@ -91,6 +91,9 @@ class RouterSection(_Frozen):
     tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
     tls_client_ca: str | None = Field(None, description="PEM CA bundle: clients must present "
                                       "a certificate it signed (mutual TLS). Needs tls_cert.")
+    tool_call_parser: str = Field("hermes", description="How chat completions find tool "
+                                  "calls in generated text: hermes (Qwen-style <tool_call> "
+                                  "blocks) or llama3 (Llama 3 JSON calls).")
 
     @model_validator(mode="after")
     def _tls_complete(self) -> RouterSection:

@@ -118,21 +118,25 @@ class Tokenizer:
                                clean_up_tokenization_spaces=False)
 
     def chat_template_text(self, messages: list[dict[str, Any]],
-                           add_generation_prompt: bool = True) -> str:
-        """The prompt text the chat template renders for ``messages`` (role/content dicts)."""
+                           add_generation_prompt: bool = True,
+                           tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text the chat template renders for ``messages`` (role/content dicts)
+        and, when given, the tool definitions (OpenAI's ``tools`` list)."""
         if not self.has_chat_template:
             raise InvalidRequestError(
-                f"the model at {self.model_dir} has no chat template; use completions instead"
+                "this model has no chat template; use completions instead"
             )
         return self._hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools or None, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids for a chat. The template writes bos itself where the model uses one, so
         the text is encoded without adding special tokens (as transformers does)."""
-        text = self.chat_template_text(messages, add_generation_prompt)
+        text = self.chat_template_text(messages, add_generation_prompt, tools)
         return self.encode(text, add_special_tokens=False)
 
     def detokenizer(self, stop: Iterable[str] = (), *, prompt_ids: Sequence[int] = (),

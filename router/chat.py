@@ -222,16 +222,11 @@ def render_chat(tokenizer, messages: list[dict[str, Any]],
     if not messages:
         raise InvalidParamError("messages is empty; send at least one message", "messages")
     try:
-        if not tools:
-            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        if not tokenizer.has_chat_template:
+        if tools and not tokenizer.has_chat_template:
             raise InvalidParamError("this model has no chat template; use completions "
                                     "instead", "messages")
-        # engine.tokenizer.Tokenizer.chat_template_text takes no tools yet: render through
-        # its transformers tokenizer, encoded as apply_chat_template does.
-        text = tokenizer._hf.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                 add_generation_prompt=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tools=tools or None))
     except InvalidParamError:
         raise
     except Exception as exc:  # template errors come as jinja, KeyError, ValueError, ...

@@ -21,7 +21,7 @@ import grpc
 
 from router import convert
 from router.errors import error_from_grpc
-from router.types import GenerateChunk, ModelCard, ModelInfo, merge_chunks
+from router.types import GenerateChunk, ModelCard, ModelInfo, merge_samples
 
 
 def _request(prompt: str | list[int], model: str, request_id: str, stream: bool,
@@ -49,6 +49,13 @@ class SplitServeClient:
     def generate(self, prompt: str | list[int], *, timeout: float | None = None,
                  request_id: str = "", **sampling: Any) -> GenerateChunk:
         """The whole completion as one chunk (text, token_ids, usage, timing...)."""
+        return _single(self.samples(prompt, timeout=timeout, request_id=request_id,
+                                    **sampling))
+
+    def samples(self, prompt: str | list[int], *, timeout: float | None = None,
+                request_id: str = "", **sampling: Any) -> list[GenerateChunk]:
+        """Every sample of the completion (``n=`` of them), one merged chunk each, in
+        sample order (``index``)."""
         req = _request(prompt, self.model, request_id, False, sampling)
         try:
             chunks = [convert.chunk_from_proto(r)
@@ -56,7 +63,7 @@ class SplitServeClient:
                                                  metadata=self._metadata)]
         except grpc.RpcError as exc:
             raise error_from_grpc(exc.code(), exc.details()) from None
-        return merge_chunks(chunks)
+        return merge_samples(chunks)
 
     def stream(self, prompt: str | list[int], *, timeout: float | None = None,
                request_id: str = "", **sampling: Any) -> Iterator[GenerateChunk]:
@@ -122,8 +129,15 @@ class AsyncSplitServeClient:
 
     async def generate(self, prompt: str | list[int], *, timeout: float | None = None,
                        request_id: str = "", **sampling: Any) -> GenerateChunk:
+        """The whole completion as one chunk (text, token_ids, usage, timing...)."""
+        return _single(await self.samples(prompt, timeout=timeout, request_id=request_id,
+                                          **sampling))
+
+    async def samples(self, prompt: str | list[int], *, timeout: float | None = None,
+                      request_id: str = "", **sampling: Any) -> list[GenerateChunk]:
+        """Every sample of the completion (``n=`` of them), one merged chunk each."""
         chunks = [c async for c in self._call(prompt, timeout, request_id, False, sampling)]
-        return merge_chunks(chunks)
+        return merge_samples(chunks)
 
     def stream(self, prompt: str | list[int], *, timeout: float | None = None,
                request_id: str = "", **sampling: Any) -> AsyncIterator[GenerateChunk]:
@@ -167,3 +181,9 @@ class AsyncSplitServeClient:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
+
+
+def _single(samples: list[GenerateChunk]) -> GenerateChunk:
+    if len(samples) != 1:
+        raise ValueError(f"the request has {len(samples)} samples (n > 1): use samples()")
+    return samples[0]

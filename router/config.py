@@ -70,10 +70,18 @@ class RouterConfig:
     ``retry-after``) when refused for overload or while no worker is ready."""
     tls: TLSConfig | None = None
     """TLS (and, with a client CA, mutual TLS) for both servers; None: plaintext."""
+    tool_call_parser: str = "hermes"
+    """How chat completions find tool calls in generated text (``router.tool_parsers``:
+    ``hermes`` for Qwen-style ``<tool_call>`` blocks, ``llama3`` for Llama 3 JSON calls)."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ValueError("RouterConfig.model_name must be non-empty")
+        from router.tool_parsers import parser_names
+
+        if self.tool_call_parser not in parser_names():
+            raise ValueError(f"RouterConfig.tool_call_parser={self.tool_call_parser!r} must "
+                             f"be one of {', '.join(parser_names())}")
         if self.max_model_len < 2:
             raise ValueError(f"RouterConfig.max_model_len={self.max_model_len} must be >= 2")
         if self.max_inflight_requests < 1:

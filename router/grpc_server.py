@@ -31,7 +31,7 @@ from router import convert
 from router.config import PortInUseError, TLSConfig
 from router.errors import UnauthenticatedError, grpc_status, outcome_code, retry_after
 from router.service import GenerationService
-from router.tool_parsers import DEFAULT_PARSER, ToolCallStream, get_parser
+from router.tool_parsers import ToolCallStream, get_parser
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class GenerationServicer(convert.GenerationServicer):
             self._service.metrics.requests.labels(code=outcome_code(exc)).inc()
             raise
         # a chat with tools: its text goes through the configured tool-call parser
-        parser = get_parser(getattr(self._service.config, "tool_call_parser", DEFAULT_PARSER))
+        parser = get_parser(self._service.config.tool_call_parser)
         calls = [tools.stream(parser) for _ in range(inp.n)] if tools else None
         prep = await self._service.prepare(inp)
         context.add_done_callback(functools.partial(self._on_done, prep.request_id))

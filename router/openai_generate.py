@@ -25,7 +25,7 @@ from engine.errors import SplitServeError
 from router import openai_format as oaf
 from router.errors import ClientCancelledError, http_error, outcome_code
 from router.service import GenerationService
-from router.tool_parsers import DEFAULT_PARSER, get_parser
+from router.tool_parsers import get_parser
 from router.types import GenerateChunk, PreparedRequest
 
 
@@ -56,8 +56,8 @@ async def generate(service: GenerationService, request: Request, body, chat: boo
 
 
 def _tool_parser_name(service: GenerationService) -> str:
-    # RouterConfig.tool_call_parser (requested; see docs/api.md) picks the registry entry.
-    return getattr(service.config, "tool_call_parser", DEFAULT_PARSER)
+    # RouterConfig.tool_call_parser (router.tool_parsers) picks the registry entry.
+    return service.config.tool_call_parser
 
 
 def _echo_text(service: GenerationService, inp, prep: PreparedRequest) -> str:

@@ -69,6 +69,7 @@ def router_config(config: ClusterConfig) -> RouterConfig:
         max_model_len=min(config.decode.engine.max_model_len, model.max_position_embeddings),
         max_inflight_requests=rc.max_inflight_requests, api_key=rc.api_key, host=rc.host,
         grpc_port=rc.grpc_port, http_port=rc.http_port, tls=tls,
+        tool_call_parser=rc.tool_call_parser,
     )
 
 
