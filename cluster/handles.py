@@ -130,6 +130,10 @@ class WorkerHandle:
     async def check_integrity(self) -> None:
         await self.call("check_integrity")
 
+    async def startup_report(self) -> dict:
+        """What the worker's start-up did: KV cache size, load and warm-up seconds."""
+        return await self.call("startup_report")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.worker_id}, {self.role})"
 

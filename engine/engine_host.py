@@ -80,6 +80,7 @@ class EngineHost:
             kv_bytes_sent=self.kv_bytes_sent,
             integrity_failures=counters.integrity_failures,
             step_time_p50_s=counters.step_time_p50(),
+            step_interval_p50_s=counters.step_interval_p50(),
         )
 
     def startup_report(self) -> dict:
@@ -98,6 +99,7 @@ class EngineHost:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.engine.close()  # tensor parallelism: stops the other ranks (a no-op otherwise)
 
 
 class HostedWorker:
@@ -119,4 +121,7 @@ class HostedWorker:
         self.host.check_integrity()
 
     def health(self) -> bool:
-        return self.host.loop.is_alive()
+        """False once the engine cannot serve any more: its loop thread ended, or (tensor
+        parallelism) a rank died and the group failed for good."""
+        broken = getattr(self.host.engine.runner, "error", None)
+        return self.host.loop.is_alive() and not getattr(broken, "fatal", False)

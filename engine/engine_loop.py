@@ -38,6 +38,10 @@ class StepCounters:
     # Wall time of the most recent steps (seconds): what a client's inter-token gaps should
     # look like on a decode worker.
     recent_steps: deque = field(default_factory=lambda: deque(maxlen=512))
+    # (seconds from one step's start to the next's, decodes of the first) while requests
+    # kept running: the cadence at which a decoding stream's tokens come out, loop and
+    # RPC threads' time between steps included.
+    recent_intervals: deque = field(default_factory=lambda: deque(maxlen=512))
 
     def prefill_tokens_per_s(self) -> float:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
@@ -50,6 +54,18 @@ class StepCounters:
         steps = sorted(self.recent_steps)
         return steps[len(steps) // 2] if steps else 0.0
 
+    def step_interval_p50(self) -> float:
+        """Median time between consecutive steps' starts, weighted by the decoding streams
+        of each (the median gap a decoding stream sees between its tokens; 0 if none)."""
+        pairs = sorted(self.recent_intervals)
+        total = sum(w for _, w in pairs)
+        seen = 0
+        for interval, weight in pairs:
+            seen += weight
+            if 2 * seen >= total and total:
+                return interval
+        return 0.0
+
 
 class EngineLoop:
     def __init__(self, engine, on_outputs: Callable[[list[RequestOutput]], None],
@@ -61,6 +77,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._stopped = False
         self._checked_since_work = True  # nothing to check before the first call or step
+        self._last_step: tuple[float, int] | None = None  # (start, decodes) of the last step
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -129,6 +146,9 @@ class EngineLoop:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
+        previous, self._last_step = self._last_step, (t0, 0)
+        if previous is not None and previous[1]:
+            self.counters.recent_intervals.append((t0 - previous[0], previous[1]))
         try:
             outputs = self.engine.step()
         except Exception:
@@ -136,6 +156,11 @@ class EngineLoop:
             outputs = self._fail_all()
         elapsed = time.perf_counter() - t0
         self._count(outputs, elapsed)
+        batch = self.engine.last_batch
+        if batch is not None and self.engine.has_unfinished_requests():  # the cadence goes on
+            self._last_step = (t0, batch.num_decodes)
+        else:
+            self._last_step = None
         if outputs:
             self.on_outputs(outputs)
 

@@ -70,6 +70,10 @@ class WorkerStats:
     """Of those, tokens found cached (cumulative): hit rate = hits / queries."""
     kv_bytes_sent: int = 0
     """KV cache bytes this worker shipped to decode workers since start (cumulative)."""
+    step_interval_p50_s: float = 0.0
+    """Median time from one engine step's start to the next's while requests keep running,
+    weighted by each step's decoding streams, seconds: the token cadence a decoding stream
+    sees (step time plus the loop's work between steps)."""
     step_time_p50_s: float = 0.0
     """Median wall time of the worker's recent engine steps (its last 512), seconds: on a
     decode worker, the inter-token gap a client should see."""

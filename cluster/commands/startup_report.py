@@ -77,7 +77,7 @@ async def report_workers(cluster, elapsed_s: float, stream=None) -> None:
     stream = stream or sys.stdout
     for worker_id, handle in sorted(cluster.backend.workers.items()):
         try:
-            report = await handle.call("startup_report")
+            report = await handle.startup_report()
         except Exception as exc:  # a worker lost meanwhile: the cluster replaces it
             log.warning("worker %s did not report its start-up: %s", worker_id, exc)
             continue

@@ -6,8 +6,11 @@ delivered together show up as near-zero gaps (bursts) and a median gap well belo
 For a launched cluster (``--launch``, ``--compare``) the benchmark puts side by side, on
 the same run:
 
-- the decode workers' median step time: ``WorkerStats.step_time_p50_s`` (the median of each
-  worker's last 512 engine steps), sampled by ``StepProbe`` from the router's newest stats
+- the decode workers' median step cadence: ``WorkerStats.step_interval_p50_s`` (the median
+  time from one engine step's start to the next's, weighted by decoding streams, over each
+  worker's last 512 steps: what a stream's gap should be; ``step_time_p50_s``, the step's own
+  compute, leaves out the loop's work between steps), sampled by ``StepProbe`` from the
+  router's newest stats
   (``ClusterBackend.last_stats``, refreshed every 0.5 s) while the measured requests run; the
   median of those samples;
 - the client's inter-token gaps as they arrived (``RequestResult.arrival_gaps_s``: tokens of
@@ -77,8 +80,8 @@ class StepProbe:
             key = (wid, st.timestamp)
             if st.role in STEPPING_ROLES and key not in self._seen:
                 self._seen.add(key)
-                self.samples.append(StepSample(now, wid, st.step_time_p50_s,
-                                               st.num_running))
+                step = st.step_interval_p50_s or st.step_time_p50_s
+                self.samples.append(StepSample(now, wid, step, st.num_running))
 
 
 def steps_in_window(samples: Sequence[StepSample], window: tuple[float, float]) -> list[float]:

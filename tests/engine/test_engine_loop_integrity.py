@@ -56,3 +56,14 @@ def test_a_loop_that_never_worked_does_not_check():
         assert not engine.checks.wait(0.2)
     finally:
         loop.stop()
+
+
+def test_step_cadence_is_weighted_by_decoding_streams():
+    """The token cadence a stream sees: intervals between steps' starts, weighted by the
+    decodes of the step that began each interval."""
+    from engine.engine_loop import StepCounters
+
+    counters = StepCounters()
+    counters.recent_intervals.extend([(0.010, 1), (0.002, 30), (0.050, 1)])
+    assert counters.step_interval_p50() == 0.002  # 30 of 32 streams saw 2 ms
+    assert StepCounters().step_interval_p50() == 0.0
