@@ -110,12 +110,12 @@ def test_validation_names_the_field():
         SamplingParams(prompt_logprobs=-1)
 
 
-def test_refused_when_the_runner_cannot_score_prompts(model_dir):
-    """Tensor parallelism's runner says so (``supports_prompt_logprobs``): a clear 400."""
-    from engine.parallel.runner import TPModelRunner
-
-    assert TPModelRunner.supports_prompt_logprobs is False
-    engine = _engine(model_dir)
-    engine.runner.supports_prompt_logprobs = False
-    with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
-        engine.add_request("r", PROMPT, SamplingParams(prompt_logprobs=1))
+def test_refused_by_a_tensor_parallel_engine(model_dir):
+    engine = _engine(model_dir, tensor_parallel_size=2)
+    try:
+        with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
+            engine.add_request("r", PROMPT, SamplingParams(prompt_logprobs=0))
+        [out] = engine.generate([PROMPT], SamplingParams(max_tokens=2))  # it goes on serving
+        assert len(out.token_ids) == 2
+    finally:
+        engine.close()
