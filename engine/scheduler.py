@@ -249,5 +249,5 @@ def _extend_prompt_logprobs(request: Request, first: int, entries: list) -> None
     """Append a chunk's prompt logprobs (entry i is for prompt token first + i); positions
     already held are skipped (a preempted request recomputes its prompt)."""
     held = len(request.prompt_logprobs)
-    if first <= held:
-        request.prompt_logprobs.extend(entries[held - first :])
+    assert first <= held, "prompt chunks are computed in order, from a held position"
+    request.prompt_logprobs.extend(entries[held - first :])
