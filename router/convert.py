@@ -55,10 +55,11 @@ _TIMING_FIELDS = tuple(f.name for f in pb.Timing.DESCRIPTOR.fields)
 def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
     """The fields the client set (proto3 presence), as SamplingParams keyword arguments
     (``n`` is the request's, not a SamplingParams field). ``prompt_logprobs`` is refused
-    (INVALID_ARGUMENT naming it)."""
+    (INVALID_ARGUMENT naming it): the response has no field to carry them yet."""
     if msg.HasField("prompt_logprobs"):
-        raise InvalidParamError("prompt_logprobs: prompt logprobs are not computed by this "
-                                "server yet", "prompt_logprobs")
+        raise InvalidParamError("prompt_logprobs: GenerateResponse has no field for prompt "
+                                "logprobs yet; ask the OpenAI HTTP API (prompt_logprobs, or "
+                                "echo with logprobs on /v1/completions)", "prompt_logprobs")
     out: dict[str, Any] = {name: getattr(msg, name) for name in _SCALAR_SAMPLING
                            if msg.HasField(name)}
     for name in _REPEATED_SAMPLING:

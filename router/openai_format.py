@@ -15,6 +15,7 @@ the final delta when streaming) and the finish reason ``tool_calls``.
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from typing import Any
 
 from router.tool_parsers import ToolCall, ToolCallStream
@@ -42,13 +43,37 @@ def extension_body(chunk: GenerateChunk) -> dict[str, Any]:
     return {"request_id": chunk.request_id, "timing": chunk.timing or {}}
 
 
-def completion_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
+def completion_logprobs(entries: list[LogprobEntry] | None,
+                        prompt: list[LogprobEntry] | None = None) -> dict[str, Any] | None:
+    """OpenAI's legacy logprobs object. ``prompt``: echo, the prompt's entries go first (its
+    first token's logprob and top are None) and ``text_offset`` is filled for the prompt and
+    this chunk's tokens (it stays empty without echo)."""
     if entries is None:
         return None
+    if prompt:
+        entries = prompt + entries
     return {"tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
-            "text_offset": []}
+            "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top}
+                             for e in entries],
+            "text_offset": list(accumulate((len(e.token) for e in entries[:-1]), initial=0))
+            if prompt else []}
+
+
+def vllm_prompt_logprobs(entries: list[LogprobEntry] | None) -> list[dict | None] | None:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token
+    {token id: {logprob, rank, decoded_token}} for the prompt token and the top
+    alternatives (ranks 1, 2, ...)."""
+    if entries is None:
+        return None
+    out: list[dict | None] = [None]
+    for e in entries[1:]:
+        d = {e.token_id: {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}}
+        for rank, t in enumerate(e.top, start=1):
+            d.setdefault(t.token_id, {"logprob": t.logprob, "rank": rank,
+                                      "decoded_token": t.token})
+        out.append(d)
+    return out
 
 
 def chat_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
@@ -66,19 +91,25 @@ def chat_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
 class CompletionFormat:
     object_full, object_chunk, id_prefix = "text_completion", "text_completion", "cmpl"
 
-    def __init__(self, request_id: str, model: str, echo: list[str] | None = None) -> None:
+    def __init__(self, request_id: str, model: str, echo: list[str] | None = None,
+                 prompt_logprobs: bool = False) -> None:
         self.id = f"{self.id_prefix}-{request_id}"
         self.model = model
         self.created = int(time.time())
         self._echo = echo  # per choice: its prompt's text, to put first
+        self._prompt_logprobs = prompt_logprobs  # vLLM's extra: on each choice's first part
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def _choice(self, index: int, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
         text = (self._echo[index] if self._echo and first else "") + chunk.text
-        out = {"index": index, "text": text, "logprobs": completion_logprobs(chunk.logprobs),
+        prompt = chunk.prompt_logprobs if first else None
+        out = {"index": index, "text": text,
+               "logprobs": completion_logprobs(chunk.logprobs, prompt if self._echo else None),
                "finish_reason": chunk.finish_reason, "stop_reason": chunk.stop_reason}
+        if self._prompt_logprobs and first:
+            out["prompt_logprobs"] = vllm_prompt_logprobs(prompt)
         return out
 
     def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
@@ -103,8 +134,9 @@ class CompletionFormat:
 class ChatFormat(CompletionFormat):
     object_full, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def __init__(self, request_id: str, model: str, tools: list[ToolCallStream | None]) -> None:
-        super().__init__(request_id, model)
+    def __init__(self, request_id: str, model: str, tools: list[ToolCallStream | None],
+                 prompt_logprobs: bool = False) -> None:
+        super().__init__(request_id, model, prompt_logprobs=prompt_logprobs)
         self._tools = tools  # per choice; None: plain text
 
     def _finish(self, index: int, chunk: GenerateChunk, text: str,
@@ -131,6 +163,13 @@ class ChatFormat(CompletionFormat):
                "finish_reason": reason, "stop_reason": chunk.stop_reason}
         return out
 
+    def events(self, index: int, chunk: GenerateChunk, first: bool,
+               include_usage: bool) -> list[dict[str, Any]]:
+        [event] = super().events(index, chunk, first, include_usage)
+        if self._prompt_logprobs and first:  # vLLM's chat: beside the choices
+            event["prompt_logprobs"] = vllm_prompt_logprobs(chunk.prompt_logprobs)
+        return [event]
+
     def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
         choices = []
         for index, chunk in enumerate(chunks):
@@ -142,6 +181,9 @@ class ChatFormat(CompletionFormat):
             choices.append({"index": index, "message": message,
                             "logprobs": chat_logprobs(chunk.logprobs),
                             "finish_reason": reason, "stop_reason": chunk.stop_reason})
-        return {**self._base(self.object_full), "choices": choices,
+        body = {**self._base(self.object_full), "choices": choices,
                 "usage": usage_body(total_usage(chunks)),
                 "splitserve": extension_body(chunks[0])}
+        if self._prompt_logprobs:  # vLLM's chat: one prompt, beside the choices
+            body["prompt_logprobs"] = vllm_prompt_logprobs(chunks[0].prompt_logprobs)
+        return body

@@ -41,17 +41,21 @@ async def generate(service: GenerationService, request: Request, body, chat: boo
     preps = [await service.prepare(inp) for inp in inputs]  # large prompts: tokenizer threads
     model = body.model or service.config.model_name
     n = body.n  # choice index = prompt * n + sample
+    prompt_logprobs = body.prompt_logprobs is not None
     if chat:
         fmt: oaf.CompletionFormat = oaf.ChatFormat(
             preps[0].request_id, model, [tools.stream(parser) if parser else None
-                                         for _ in range(n)])
+                                         for _ in range(n)], prompt_logprobs)
     else:
         echo = [_echo_text(service, inp, prep) for inp, prep in zip(inputs, preps, strict=True)
                 for _ in range(n)] if body.echo else None
-        fmt = oaf.CompletionFormat(preps[0].request_id, model, echo)
+        fmt = oaf.CompletionFormat(preps[0].request_id, model, echo, prompt_logprobs)
     if body.stream:
         return await _start_stream(service, request, preps, fmt, body.include_usage)
     chunks = await _until_disconnect(request, _complete_all(service, preps))
+    for i, chunk in enumerate(chunks):  # a prompt's logprobs come with its sample 0 only
+        if chunk.prompt_logprobs is None:
+            chunk.prompt_logprobs = chunks[i - i % n].prompt_logprobs
     return JSONResponse(fmt.full(chunks))
 
 
@@ -198,12 +202,17 @@ async def _sse_events(chunks: AsyncIterator[tuple[int, GenerateChunk]], fmt,
                       include_usage: bool, n: int) -> AsyncIterator[str]:
     finals: list[GenerateChunk] = []
     started: set[int] = set()  # choices whose first event went out
+    prompt_logprobs: dict[int, list] = {}  # per prompt; they come with its sample 0 only
     try:
         async with contextlib.aclosing(chunks):
             async for prompt, chunk in chunks:
                 choice = prompt * n + chunk.index
                 first = choice not in started
                 started.add(choice)
+                if chunk.prompt_logprobs is not None:
+                    prompt_logprobs[prompt] = chunk.prompt_logprobs
+                elif first:
+                    chunk.prompt_logprobs = prompt_logprobs.get(prompt)
                 for event in fmt.events(choice, chunk, first, include_usage):
                     yield json.dumps(event)
                 if chunk.finish_reason is not None:

@@ -7,7 +7,7 @@ Requests: pydantic models accepting OpenAI's fields plus vLLM's extras (``top_k`
 is silently ignored: an unknown field is a 400 naming it (``extra="forbid"``); a known field
 this server cannot honour is a 400 naming it when set to anything but its no-op value
 (``router.request_fields.REFUSED``: ``best_of`` > 1, ``suffix``,
-``prompt_logprobs``, ``echo`` with ``logprobs``, ``audio``, ...). Accepted with no effect,
+``audio``, ...). Accepted with no effect,
 by nature: ``user``, ``safety_identifier``, ``metadata``, ``prompt_cache_key``,
 ``prompt_cache_retention`` (``request_fields.NO_EFFECT``; docs/api.md has the whole table).
 ``to_inputs`` turns a request into one ``GenerateInput`` per prompt (a completions prompt
@@ -31,7 +31,7 @@ from router.types import GenerateInput
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                   "ignore_eos", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "stop_token_ids", "min_tokens")
+                  "repetition_penalty", "stop_token_ids", "min_tokens", "prompt_logprobs")
 
 
 # strict: a field's JSON type is the one the OpenAPI schema declares ("include_usage": 0 or
@@ -78,8 +78,8 @@ class _SamplingRequest(BaseModel):
     best_of: Any = None
     store: Any = None
     service_tier: Any = None
-    prompt_logprobs: Any = None
     # vLLM-style extras
+    prompt_logprobs: int | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -142,13 +142,11 @@ class CompletionRequest(_SamplingRequest):
     def to_inputs(self, deadline: float | None) -> list[GenerateInput]:
         """One input per prompt of the batch (request ids ``<request_id>-<i>`` past one)."""
         sampling = self.sampling()
-        if self.echo and self.logprobs is not None:
-            raise InvalidParamError("echo with logprobs needs prompt logprobs, which this "
-                                    "server does not compute yet; send one or the other",
-                                    "echo")
         sampling.setdefault("max_tokens", 16)  # OpenAI's default for /v1/completions
         if self.logprobs is not None:
             sampling["logprobs"] = self.logprobs
+            if self.echo:  # the echoed prompt's tokens get logprobs too (OpenAI, vLLM)
+                sampling["prompt_logprobs"] = max(self.logprobs, self.prompt_logprobs or 0)
         prompts = _prompts(self.prompt)
         inputs = []
         for i, (text, ids) in enumerate(prompts):

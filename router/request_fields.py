@@ -42,7 +42,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_of": (_is(1), "best_of is not supported (vLLM dropped it too); send n samples "
                         "and pick among them"),
     "suffix": (lambda v: not v, "suffix (fill-in-the-middle) is not supported"),
-    "prompt_logprobs": (_unset, "prompt logprobs are not computed by this server yet"),
     "store": (_is(False), "store=true: this server stores no completions"),
     "service_tier": (_is("auto", "default"), "this server has one service tier; send 'auto' "
                                              "or leave service_tier out"),

@@ -56,6 +56,7 @@ class RequestState:
         self._clock = clock
         self._samples = [_Sample(prep, tokenizer) for _ in range(prep.n)]
         self.num_cached = 0
+        self._prompt_logprobs_sent = False  # a migrated request's re-prefill sends them again
         self._submit_time: float | None = None
         self._first_token_time: float | None = None
         self._last_output_time: float | None = None
@@ -115,6 +116,9 @@ class RequestState:
             text=text if self.prep.return_text else "",
             logprobs=self._logprobs(out.logprobs[: len(ids)]) if out.logprobs else None,
             index=out.index)
+        if out.prompt_logprobs and not self._prompt_logprobs_sent:
+            self._prompt_logprobs_sent = True
+            chunk.prompt_logprobs = self._prompt_logprobs(out.prompt_logprobs)
         if finish is None:
             return chunk if ids or chunk.text else None
         return self._finish(sample, chunk, finish, out.timing, stopped_by_string)
@@ -163,6 +167,17 @@ class RequestState:
         return [LogprobEntry(e.token_id, e.logprob, self.token_text(e.token_id),
                              [TopToken(t, lp, self.token_text(t)) for t, lp in e.top])
                 for e in entries]
+
+    def _prompt_logprobs(self, entries: list) -> list[LogprobEntry]:
+        """The backend's per-prompt-token logprobs (engine TokenLogprobs, None first) with the
+        prompt's token ids and texts."""
+        prompt = self.prep.prompt_token_ids
+        out = [LogprobEntry(prompt[0], None, self.token_text(prompt[0]))]
+        for token_id, e in zip(prompt[1:], entries[1:], strict=True):
+            out.append(LogprobEntry(token_id, e.logprob, self.token_text(token_id),
+                                    [TopToken(t, lp, self.token_text(t)) for t, lp in e.top],
+                                    e.rank))
+        return out
 
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)

@@ -74,12 +74,13 @@ class TopToken:
 
 @dataclass
 class LogprobEntry:
-    """Logprob of one generated token and its top alternatives (best first)."""
+    """Logprob of one generated (or prompt) token and its top alternatives (best first)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token (nothing comes before it)
     token: str
     top: list[TopToken] = field(default_factory=list)
+    rank: int | None = None  # prompt tokens: the token's rank among all (1 = most likely)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ class GenerateChunk:
     usage: Usage | None = None  # final chunk only
     timing: dict[str, float] | None = None  # final chunk only; keys in metrics.TIMING_PHASES
     index: int = 0  # which of the request's n samples this chunk belongs to
+    # SamplingParams.prompt_logprobs: one entry per prompt token (the first with logprob
+    # None), on the request's first chunk only
+    prompt_logprobs: list[LogprobEntry] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,12 @@ def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
     """One chunk holding the concatenation of one sample's chunks (the last one is final)."""
     last = chunks[-1]
     logprobs = [e for c in chunks for e in (c.logprobs or [])]
+    prompt_logprobs = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs), None)
     return GenerateChunk(
         request_id=last.request_id,
         token_ids=[t for c in chunks for t in c.token_ids],
         text="".join(c.text for c in chunks),
         logprobs=logprobs or None,
         finish_reason=last.finish_reason, stop_reason=last.stop_reason,
-        usage=last.usage, timing=last.timing, index=last.index)
+        usage=last.usage, timing=last.timing, index=last.index,
+        prompt_logprobs=prompt_logprobs)

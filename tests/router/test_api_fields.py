@@ -59,6 +59,7 @@ COMMON_WORKS = {
     "structured_outputs": ({"regex": "[0-9]+"},
                            _params(lambda p: p.structured.spec == "[0-9]+")),
     "request_id": ("walk-id", None),  # the walk sends its own ids this way
+    "prompt_logprobs": (2, _params(lambda p: p.prompt_logprobs == 2)),
     "n": (2, ("body", lambda text: [c["index"] for c in json.loads(text)["choices"]]
               == [0, 1])),
 }
@@ -82,7 +83,7 @@ CHAT_WORKS = {
 }
 COMPANIONS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True},
               "tool_choice": {"tools": [TOOL]}, "parallel_tool_calls": {"tools": [TOOL]}}
-BAD = {"best_of": 3, "suffix": "tail", "prompt_logprobs": 1, "store": True,
+BAD = {"best_of": 3, "suffix": "tail", "store": True,
        "service_tier": "flex", "audio": {"voice": "alloy", "format": "mp3"},
        "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
        "web_search_options": {}, "reasoning_effort": "low", "verbosity": "low",

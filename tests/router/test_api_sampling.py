@@ -67,11 +67,16 @@ def test_echo_puts_the_prompt_first(oai, tokenizer):
     assert "".join(e.choices[0].text for e in stream) == "Once upon" + REPLY_TEXT
 
 
-def test_echo_with_logprobs_is_refused_clearly(stack):
-    resp = _post(stack, "/v1/completions", prompt="hi", echo=True, logprobs=1)
+def test_echo_with_logprobs_asks_for_prompt_logprobs(stack):
+    """The values themselves: tests/router/test_prompt_logprobs_e2e.py (a real model)."""
+    resp = _post(stack, "/v1/completions", prompt="hi", echo=True, logprobs=2,
+                 request_id="echo-lp")
+    assert resp.status_code == 200
+    assert stack.backend.last_request("echo-lp").params.prompt_logprobs == 2
+    resp = _post(stack, "/v1/completions", prompt="hi", echo=True, logprobs=1,
+                 prompt_logprobs=21)
     assert resp.status_code == 400
-    assert resp.json()["error"]["param"] == "echo"
-    assert "prompt logprobs" in resp.json()["error"]["message"]
+    assert resp.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_stop_string_kept_when_asked(oai):
