@@ -13,8 +13,8 @@ against a running server or against clusters this script starts itself.
 Open-loop Poisson arrivals (fixed --seed), random token-id prompts, greedy with ignore_eos so
 output lengths are exact. Prints the tables and writes results/serving_<label>.json (and a
 PNG with --plot). For launched clusters it prints the client-side ITL p50 next to the decode
-workers' median step time and the share of gaps under 10 % of a step (router/loadgen/
-delivery.py). Same code and flags as `splitserve bench` (router/loadgen).
+workers' median step time and the share of gaps under 10 % of a step (app/loadgen/
+delivery.py). Same code and flags as `splitserve bench` (app/loadgen).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from router.loadgen.cli import add_arguments, run  # noqa: E402
+from app.loadgen.cli import add_arguments, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ In one run:
    per-request TTFT overhead (client TTFT minus modelled prefill + transfer: router placement,
    the reserve / prefill / start RPCs, gRPC) and a per-decode-step overhead (the decode
    worker's loop beyond ``Engine.step``: client-seen ITL minus the modelled step). Then the
-   measured workload: Poisson arrivals, uniform lengths, fixed seed (router/loadgen).
+   measured workload: Poisson arrivals, uniform lengths, fixed seed (app/loadgen).
 3. The SAME requests (arrival times and lengths taken from the specs the load generator
    sent) replayed by the simulator on 1P+1D with the calibrated profile and the cluster's
    scheduler config, twice: with the offline profile only ("offline"), and with the live
@@ -73,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- 2. live ---------------------------------------------------------------------------------
 
 async def run_live(args, config, model: str) -> dict:
-    from router.loadgen import launch, stats, workload
-    from router.loadgen.drivers import GrpcSender
-    from router.loadgen.runner import run_workload, warmup
+    from app.loadgen import launch, stats, workload
+    from app.loadgen.drivers import GrpcSender
+    from app.loadgen.runner import run_workload, warmup
 
     side = launch.disaggregated(1, 1)
 
@@ -158,6 +158,7 @@ def simulate(trace, prof, config, ttft_overhead_s: float | None) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from app.loadgen import launch
     from cluster.simulator.cpu_profile import (
         fit_cpu_profile,
         fit_error,
@@ -166,7 +167,6 @@ def main(argv=None) -> int:
         with_overheads,
     )
     from engine.make_model import ensure_model
-    from router.loadgen import launch
 
     t_start = time.perf_counter()
     model = str(ensure_model("llama", "small", seed=0))

@@ -21,9 +21,9 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from app.loadgen.soak import SoakPlan, run_soak, summary_json  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
-from router.loadgen.soak import SoakPlan, run_soak, summary_json  # noqa: E402
 
 ENGINE = {"block_size": 16, "max_num_batched_tokens": 512, "max_num_seqs": 64,
           "max_model_len": 1024, "num_threads": 1}
@@ -54,7 +54,7 @@ def _config(model_dir: Path) -> ClusterConfig:
 
 
 async def _main(args: argparse.Namespace, model_dir: Path) -> int:
-    from router.server import start_server
+    from app.server import start_server
 
     engine = Engine.from_pretrained(model_dir, block_size=16)
 

@@ -2,7 +2,7 @@
 
 Each router instance owns a ``ServingMetrics`` with its own ``CollectorRegistry`` (no global
 registry, so tests can run several servers in one process). The router's lifecycle sets the
-request metrics; the server's sync loop (router/server.py) copies the cluster's worker and pool
+request metrics; the server's sync loop (app/server.py) copies the cluster's worker and pool
 state onto the same object, so one ``/metrics`` endpoint shows both.
 
 Two sets of names, one set of measurements (docs/metrics.md has the full mapping):

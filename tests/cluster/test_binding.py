@@ -59,9 +59,9 @@ def test_a_default_local_cluster_has_no_listener_on_every_interface(tmp_path):
     socket of this process and its descendants (Ray's processes and the worker actors)."""
     import ray
 
+    from app.server import start_server
     from cluster.config import ClusterConfig
     from engine.make_model import make_model
-    from router.server import start_server
 
     model = make_model(tmp_path / "llama", "llama", "tiny", seed=0, progress=False)
     engine = {"block_size": 4, "max_num_batched_tokens": 64, "max_num_seqs": 4,

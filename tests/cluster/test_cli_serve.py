@@ -10,8 +10,8 @@ import io
 
 import pytest
 
-from cluster.cli import build_parser
-from cluster.commands.serve import add_cluster_flags, load_config
+from app.cli import build_parser
+from app.commands.serve import add_cluster_flags, load_config
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -26,7 +26,7 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_l
 # it imported ray.
 PROBE = """
 import sys, time
-from cluster.cli import main
+from app.cli import main
 rc = main(sys.argv[1:])
 print(f"cpu={time.process_time():.3f} ray={'ray' in sys.modules}")
 sys.exit(rc)
@@ -127,7 +127,7 @@ def test_the_same_port_twice(tmp_path):
 def test_startup_report_line_and_warmup_leaves_no_trace():
     """The worker's report gives the KV line the driver prints; warm-up caches no prefix,
     counts no query, and leaves every block free."""
-    from cluster.commands.startup_report import worker_line
+    from app.commands.startup_report import worker_line
     from engine.engine_host import EngineHost
     from engine.make_model import ensure_model
 
@@ -159,14 +159,13 @@ def test_report_workers_prints_one_line_per_worker(capsys, caplog):
     import asyncio
     from types import SimpleNamespace
 
-    from cluster.commands.startup_report import report_workers
+    from app.commands.startup_report import report_workers
 
     class Handle:
         def __init__(self, report):
             self.report = report
 
-        async def call(self, method):
-            assert method == "startup_report"
+        async def startup_report(self):
             if self.report is None:
                 raise RuntimeError("worker prefill-1 is gone")
             return self.report
@@ -183,7 +182,7 @@ def test_report_workers_prints_one_line_per_worker(capsys, caplog):
 
 
 def test_model_dtype_names_the_engine_accepts_pass_and_others_do_not(tmp_path):
-    from cluster.commands.preflight import PreflightError, check_model_dir
+    from app.commands.preflight import PreflightError, check_model_dir
 
     folder = model_dir(tmp_path / "m")
     for name in ("float32", "bf16", "half"):
@@ -197,7 +196,7 @@ def test_weights_are_not_required_on_the_driver_of_a_remote_ray_cluster(tmp_path
     machine needs config.json and the tokenizer only."""
     from types import SimpleNamespace
 
-    from cluster.commands.preflight import PreflightError, check_all
+    from app.commands.preflight import PreflightError, check_all
 
     folder = model_dir(tmp_path / "m", weights=False)
 

@@ -219,7 +219,7 @@ def test_a_broken_pair_channel_is_rebuilt_and_its_requests_complete(server, expe
 def test_short_soak_accounts_for_every_request_and_leaks_nothing(server, model_dir):
     """A short soak (the long one is benchmarks/soak.py): gRPC and HTTP streams, cancels
     and disconnects, hostile requests, and a kill -9 of each worker midway."""
-    from router.loadgen.soak import SoakPlan, run_soak
+    from app.loadgen.soak import SoakPlan, run_soak
 
     engine = Engine.from_pretrained(model_dir, block_size=4)
 

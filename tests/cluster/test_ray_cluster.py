@@ -46,7 +46,7 @@ class ServerThread:
         self.server = self.run(self._start(config))
 
     async def _start(self, config):
-        from router.server import start_server
+        from app.server import start_server
 
         return await start_server(config)
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cluster.commands.serve import add_cluster_flags, load_config
+from app.commands.serve import add_cluster_flags, load_config
 from cluster.config import ClusterConfig
 from cluster.handles import Transport, WorkerHandle, make_handle
 from cluster.runtime import Cluster
@@ -164,8 +164,8 @@ def test_the_autoscaler_does_not_grow_a_pool_while_its_replacement_is_pending():
 
 def test_pool_replicas_counts_ready_and_starting_workers_and_start_timeouts_are_counted():
 
+    from app.server import sync_metrics_once
     from router.metrics import ServingMetrics
-    from router.server import sync_metrics_once
 
     async def main():
         cluster = _fake_cluster()
@@ -258,9 +258,9 @@ def test_a_server_whose_pool_cannot_be_placed_fails_to_start_and_leaves_nothing(
     the timeout, the decode worker's start stopped, and the local Ray shut down."""
     import ray
 
+    from app.server import start_server
     from cluster.pools import WorkerStartTimeout
     from engine.make_model import make_model
-    from router.server import start_server
 
     model = make_model(tmp_path / "llama", "llama", "tiny", seed=0, progress=False)
     engine = {"block_size": 4, "max_num_batched_tokens": 64, "max_num_seqs": 4,

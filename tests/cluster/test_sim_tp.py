@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from cluster.policy_config import SLOConfig
 from cluster.simulator import SimConfig, Simulation, synthetic
 from cluster.simulator.loop import simulate

@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from cluster.global_scheduler import GlobalScheduler
 from cluster.policy_config import AutoscalerConfig, SchedulerConfig, SLOConfig
 from cluster.simulator import SimConfig, Simulation, simulate, synthetic

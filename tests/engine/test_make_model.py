@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from engine.make_model import (
     FORMAT_VERSION,
     MARKER_FILE,

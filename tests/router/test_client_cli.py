@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from cluster.cli import main
+from app.cli import main
 from engine.errors import UnavailableError
 from router.client import AsyncSplitServeClient, SplitServeClient
 from tests.router.conftest import REPLY_TEXT

@@ -10,11 +10,11 @@ import random
 import numpy as np
 import pytest
 
+from app.loadgen import report, stats, workload
+from app.loadgen.drivers import RequestFailed, StreamEvent, _sse_event, measure
+from app.loadgen.runner import NOT_SENT_ERROR, TIMEOUT_ERROR, run_workload
+from app.loadgen.stats import SLO, RequestResult
 from engine.errors import ResourceExhaustedError
-from router.loadgen import report, stats, workload
-from router.loadgen.drivers import RequestFailed, StreamEvent, _sse_event, measure
-from router.loadgen.runner import NOT_SENT_ERROR, TIMEOUT_ERROR, run_workload
-from router.loadgen.stats import SLO, RequestResult
 
 LIMITS = workload.LengthLimits(vocab_size=500, max_model_len=None)
 
@@ -223,7 +223,7 @@ def test_sse_lines():
 
 
 def test_bench_command_is_registered():
-    from cluster.cli import build_parser
+    from app.cli import build_parser
 
     args = build_parser(["bench"]).parse_args(["bench", "--grpc", "127.0.0.1:1", "--rate",
                                                 "3"])
@@ -231,7 +231,7 @@ def test_bench_command_is_registered():
 
 
 def test_compare_rounds_alternate_their_order():
-    from router.loadgen.launch import run_order
+    from app.loadgen.launch import run_order
 
     assert run_order(2, 1) == [(0, 0), (0, 1)]
     assert run_order(2, 3) == [(0, 0), (0, 1), (1, 1), (1, 0), (2, 0), (2, 1)]

@@ -9,11 +9,11 @@ import json
 import httpx
 import pytest
 
+from app.loadgen import delivery, plot, stats, workload
+from app.loadgen.drivers import HttpSender, StreamEvent, measure
+from app.loadgen.runner import run_workload
+from app.loadgen.stats import RequestResult
 from engine.worker_stats import WorkerStats
-from router.loadgen import delivery, plot, stats, workload
-from router.loadgen.drivers import HttpSender, StreamEvent, measure
-from router.loadgen.runner import run_workload
-from router.loadgen.stats import RequestResult
 
 SLO_DEFAULT = stats.SLO()
 
@@ -190,7 +190,7 @@ def quiet_stack(tokenizer):
 
 @pytest.mark.parametrize("api", ["grpc", "http"])
 def test_bench_command_end_to_end(quiet_stack, tmp_path, api):
-    from cluster.cli import build_parser
+    from app.cli import build_parser
 
     target = (["--grpc", quiet_stack.grpc_address] if api == "grpc"
               else ["--http", quiet_stack.base_url + "/v1"])
@@ -212,8 +212,8 @@ def test_the_load_generator_runs_in_a_process_of_its_own(quiet_stack):
     import functools
     import time
 
-    from cluster.cli import build_parser
-    from router.loadgen import apart, cli
+    from app.cli import build_parser
+    from app.loadgen import apart, cli
 
     argv = ["bench", "--grpc", quiet_stack.grpc_address, "--num-requests", "4", "--rate",
             "inf", "--output-len-range", "4", "8", "--prompt-len-range", "8", "32",

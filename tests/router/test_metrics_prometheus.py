@@ -74,7 +74,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        from router.server import start_server
+        from app.server import start_server
 
         # The first start in a checkout also builds the CPU kernels (~1 min, more on a
         # loaded machine); later starts take about a second.

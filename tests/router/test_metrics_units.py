@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.server import sync_metrics_once
 from engine.worker_stats import WorkerStats
 from router import metrics as M
 from router.metrics import ServingMetrics
-from router.server import sync_metrics_once
 
 
 def _series(m: ServingMetrics) -> dict[tuple[str, frozenset], float]:

@@ -70,7 +70,7 @@ def test_http_on_a_used_port_fails_naming_the_port(service):
 def test_serve_reports_a_used_port_at_once_without_a_traceback(which, capsys):
     """`splitserve serve` checks its ports before starting anything: exit 1 and one line
     naming the port (before the kernel build, Ray and the workers)."""
-    from cluster.commands.serve import add_cluster_flags, run
+    from app.commands.serve import add_cluster_flags, run
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -23,8 +23,8 @@ import re
 import sys
 import time
 
-from router.loadgen import apart, delivery, launch, report, stats, workload
-from router.loadgen.runner import run_workload, warmup
+from app.loadgen import apart, delivery, launch, report, stats, workload
+from app.loadgen.runner import run_workload, warmup
 
 RAW = "_outcome"  # record key of the raw RunOutcome, dropped before the JSON is written
 WINDOW = "_window"  # record key of the measured run's (start, end), time.perf_counter()
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if args.max_concurrency is not None and args.max_concurrency < 1:
             raise ValueError("--max-concurrency must be at least 1")
         if args.plot:
-            from router.loadgen import plot
+            from app.loadgen import plot
 
             plot.require_matplotlib()
         if args.launch or args.compare:
@@ -187,7 +187,7 @@ def measure_apart(args: argparse.Namespace, slo: stats.SLO, api: str, endpoint: 
 
 
 def sender_factory(args: argparse.Namespace, api: str):
-    from router.loadgen.drivers import GrpcSender, HttpSender
+    from app.loadgen.drivers import GrpcSender, HttpSender
 
     cls = GrpcSender if api == "grpc" else HttpSender
     return lambda endpoint: cls(endpoint, model=args.model_name,
@@ -228,15 +228,15 @@ def _finish(args, label: str, payload: dict, text: str, results: dict | None = N
                             {"label": label, **payload, "environment": report.environment()})
     print(f"wrote {out}", flush=True)
     if args.plot and results:
-        from router.loadgen import plot
+        from app.loadgen import plot
 
         png = plot.write(plot.png_path(args.plot, _label(label)), results, label)
         print(f"wrote {png}", flush=True)
 
 
 async def _run_external(args: argparse.Namespace, slo: stats.SLO) -> int:
+    from app.loadgen.drivers import RequestFailed
     from engine.errors import SplitServeError
-    from router.loadgen.drivers import RequestFailed
 
     api, endpoint = ("grpc", args.grpc) if args.grpc else ("http", args.http)
     sender = sender_factory(args, api)(endpoint)

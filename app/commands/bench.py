@@ -11,9 +11,9 @@ E2E percentiles, throughput and goodput under SLOs (printed, and written as JSON
 ``--max-concurrency N`` caps requests in flight (with ``--rate inf``: N closed-loop users);
 ``--plot`` draws TTFT/ITL/E2E CDFs and throughput over time (matplotlib). For a launched
 cluster the report also puts the client's inter-token gaps next to the decode workers' median
-step time (``router.loadgen.delivery``).
+step time (``app.loadgen.delivery``).
 
-The load generator itself is ``router.loadgen`` (also run by ``benchmarks/serving.py``).
+The load generator itself is ``app.loadgen`` (also run by ``benchmarks/serving.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ EXAMPLES = """examples:
 
 
 def register(subparsers) -> None:
-    from router.loadgen.cli import add_arguments
+    from app.loadgen.cli import add_arguments
 
     p = subparsers.add_parser(
         "bench", help="load generator: latency percentiles, throughput, goodput",
@@ -43,6 +43,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.loadgen.cli import run as run_bench
+    from app.loadgen.cli import run as run_bench
 
     return run_bench(args)

@@ -74,9 +74,9 @@ def _config(model: str, kv_backend: str):
 
 
 async def _demo(model: str, args: argparse.Namespace) -> int:
-    from cluster.commands.startup_report import report_workers, wait_ticker
+    from app.commands.startup_report import report_workers, wait_ticker
+    from app.server import start_server
     from router.client import AsyncSplitServeClient
-    from router.server import start_server
 
     t0 = time.perf_counter()
     config = _config(model, args.kv_backend)

@@ -1,7 +1,7 @@
 """Benchmarks that start the server themselves: one configuration (``--launch``) or the same
 workload against several, one after the other (``--compare``).
 
-Each configuration is a fresh in-process server (``router.server.start_server``: a local Ray
+Each configuration is a fresh in-process server (``app.server.start_server``: a local Ray
 cluster, the router, gRPC and HTTP on free ports of 127.0.0.1), warmed up, measured, stopped.
 The workload is built once, from the first server's limits, and replayed unchanged against
 every configuration. Without ``--config``, the engines are small CPU-friendly ones (as in
@@ -16,8 +16,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from app.loadgen.delivery import StepProbe
 from cluster.config import ClusterConfig
-from router.loadgen.delivery import StepProbe
 
 STEP_SAMPLES = "_step_samples"  # record key of the StepSamples (not JSON: the caller pops it)
 
@@ -86,7 +86,7 @@ async def bench_launched(side: Side, config: ClusterConfig, api: str, make_sende
     """Start ``config``, run ``bench`` against it through ``make_sender(endpoint)``, stop it.
     Returns (specs, record) with the side's config in ``record["config"]`` and the decode
     workers' step times, sampled all along, in ``record[STEP_SAMPLES]`` (``delivery``)."""
-    from router.server import start_server
+    from app.server import start_server
 
     log(f"[{side.label}] starting: {side.workers} worker(s)"
         + ("" if side.colocated else f", KV over {config.transfer.backend}") + " ...")

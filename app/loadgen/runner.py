@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from router.loadgen.drivers import measure
-from router.loadgen.stats import RequestResult, duration
-from router.loadgen.workload import RequestSpec
+from app.loadgen.drivers import measure
+from app.loadgen.stats import RequestResult, duration
+from app.loadgen.workload import RequestSpec
 
 TIMEOUT_ERROR = "timeout (benchmark time limit)"
 NOT_SENT_ERROR = "not sent (benchmark time limit)"

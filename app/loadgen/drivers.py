@@ -24,9 +24,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from app.loadgen.stats import RequestResult, arrival_gaps, latencies
+from app.loadgen.workload import RequestSpec
 from engine.errors import SplitServeError
-from router.loadgen.stats import RequestResult, arrival_gaps, latencies
-from router.loadgen.workload import RequestSpec
 
 OK_FINISH = ("length", "stop")
 

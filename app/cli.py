@@ -1,5 +1,5 @@
 """The `splitserve` command line. Each subcommand lives in its own module under
-``cluster/commands/`` exposing ``register(subparsers)``; this file only wires them up."""
+``app/commands/`` exposing ``register(subparsers)``; this file only wires them up."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 
 # Subcommand modules, imported lazily so `splitserve --help` stays fast and torch-free.
 COMMANDS = {
-    "make-model": "cluster.commands.make_model",
-    "generate-offline": "cluster.commands.generate_offline",
-    "simulate": "cluster.commands.simulate",
-    "serve": "cluster.commands.serve",
-    "demo": "cluster.commands.demo",
-    "generate": "cluster.commands.generate",
-    "bench": "cluster.commands.bench",
+    "make-model": "app.commands.make_model",
+    "generate-offline": "app.commands.generate_offline",
+    "simulate": "app.commands.simulate",
+    "serve": "app.commands.serve",
+    "demo": "app.commands.demo",
+    "generate": "app.commands.generate",
+    "bench": "app.commands.bench",
 }
 
 

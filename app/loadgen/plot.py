@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from router.loadgen.stats import RequestResult
+from app.loadgen.stats import RequestResult
 
 DPI = 100
 SIZE_IN = (12, 8)  # 1200 x 800 pixels

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_config(args: argparse.Namespace):
     """The config, or None after printing one line saying what is wrong (before Ray)."""
-    from cluster.commands.preflight import PreflightError, check_all, config_error_line
+    from app.commands.preflight import PreflightError, check_all, config_error_line
     from router.config import PortInUseError, TLSConfig
 
     try:
@@ -171,9 +171,9 @@ def _checked_config(args: argparse.Namespace):
 
 
 async def _serve(config) -> int:
-    from cluster.commands.startup_report import report_workers, wait_ticker
+    from app.commands.startup_report import report_workers, wait_ticker
+    from app.server import check_ports_free, start_server
     from engine.cpu_kernels_build import prebuild_for_cli
-    from router.server import check_ports_free, start_server
 
     check_ports_free(config)  # again: the kernel build below may take a while
     if not config.ray.address:  # local workers share this machine's kernel cache

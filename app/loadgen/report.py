@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from router.loadgen.stats import PERCENTILES, RequestResult
+from app.loadgen.stats import PERCENTILES, RequestResult
 
 _DISTS = (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms"))
 _PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from router.loadgen.stats import RequestResult, percentile
+from app.loadgen.stats import RequestResult, percentile
 
 BURST_FRACTION_OF_STEP = 0.1  # a gap under this fraction of a step is a burst
 GOAL_RATIO = 0.2  # goal: client ITL p50 within 20 % of the step median
