@@ -40,7 +40,7 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 # Optional scalar fields of the SamplingParams message, mapped 1:1 to SamplingParams fields.
 _SCALAR_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                     "ignore_eos", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "logprobs", "min_tokens")
+                    "repetition_penalty", "logprobs", "min_tokens", "prompt_logprobs")
 _REPEATED_SAMPLING = ("stop", "stop_token_ids")
 SAMPLING_FIELDS = _SCALAR_SAMPLING + _REPEATED_SAMPLING
 
@@ -54,12 +54,7 @@ _TIMING_FIELDS = tuple(f.name for f in pb.Timing.DESCRIPTOR.fields)
 
 def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
     """The fields the client set (proto3 presence), as SamplingParams keyword arguments
-    (``n`` is the request's, not a SamplingParams field). ``prompt_logprobs`` is refused
-    (INVALID_ARGUMENT naming it): the response has no field to carry them yet."""
-    if msg.HasField("prompt_logprobs"):
-        raise InvalidParamError("prompt_logprobs: GenerateResponse has no field for prompt "
-                                "logprobs yet; ask the OpenAI HTTP API (prompt_logprobs, or "
-                                "echo with logprobs on /v1/completions)", "prompt_logprobs")
+    (``n`` is the request's, not a SamplingParams field)."""
     out: dict[str, Any] = {name: getattr(msg, name) for name in _SCALAR_SAMPLING
                            if msg.HasField(name)}
     for name in _REPEATED_SAMPLING:
@@ -166,11 +161,12 @@ def wants_stream(req: pb.GenerateRequest) -> bool:
 
 
 def _logprobs_to_proto(entries: list[LogprobEntry]) -> list[pb.TokenLogprob]:
+    """Entries without a logprob (a prompt's first token) are left out."""
     return [pb.TokenLogprob(
-        token_id=e.token_id, logprob=e.logprob, token=e.token,
+        token_id=e.token_id, logprob=e.logprob, token=e.token, rank=e.rank,
         top=[pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=t.token)
              for t in e.top],
-    ) for e in entries]
+    ) for e in entries if e.logprob is not None]
 
 
 def chunk_to_proto(chunk: GenerateChunk,
@@ -182,6 +178,8 @@ def chunk_to_proto(chunk: GenerateChunk,
                     for c in tool_calls or ()])
     if chunk.logprobs:
         msg.logprobs.extend(_logprobs_to_proto(chunk.logprobs))
+    if chunk.prompt_logprobs:
+        msg.prompt_logprobs.extend(_logprobs_to_proto(chunk.prompt_logprobs))
     if isinstance(chunk.stop_reason, str):
         msg.stop_string = chunk.stop_reason
     elif isinstance(chunk.stop_reason, int):
@@ -288,9 +286,8 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
         request_id=msg.request_id,
         token_ids=list(msg.token_ids),
         text=msg.text,
-        logprobs=[LogprobEntry(e.token_id, e.logprob, e.token,
-                               [TopToken(t.token_id, t.logprob, t.token) for t in e.top])
-                  for e in msg.logprobs] or None,
+        logprobs=_logprobs_from_proto(msg.logprobs),
+        prompt_logprobs=_logprobs_from_proto(msg.prompt_logprobs),
         finish_reason=_FINISH_FROM_PROTO.get(msg.finish_reason, "stop"),
         stop_reason=getattr(msg, which) if which else None,
         usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens,
@@ -298,6 +295,13 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
         timing={f: getattr(msg.timing, f) for f in _TIMING_FIELDS} if final else None,
         index=msg.index,
     )
+
+
+def _logprobs_from_proto(entries) -> list[LogprobEntry] | None:
+    return [LogprobEntry(e.token_id, e.logprob, e.token,
+                         [TopToken(t.token_id, t.logprob, t.token) for t in e.top],
+                         e.rank if e.HasField("rank") else None)
+            for e in entries] or None
 
 
 def tool_calls_from_proto(msg: pb.GenerateResponse) -> list[ToolCall]:

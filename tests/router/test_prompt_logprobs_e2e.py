@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     stack = ClusterStack(Cluster(config, mode="local"), Tokenizer(model))
     with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0,
                        timeout=60) as client:
-        yield client, ref
+        yield client, ref, stack.grpc_address
     stack.close()
 
 
@@ -45,7 +45,7 @@ def _want(ref: torch.Tensor) -> list[float]:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_logprobs_gives_the_prompts_logprobs(setup, stream):
-    client, ref = setup
+    client, ref, _ = setup
     kwargs = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0.0,
               "echo": True, "logprobs": 1}
     if stream:
@@ -68,7 +68,7 @@ def test_echo_with_logprobs_gives_the_prompts_logprobs(setup, stream):
 def test_vllm_prompt_logprobs_extra_on_every_choice(setup, stream):
     """n = 2: the prompt's logprobs (computed once, with sample 0) on both choices; when
     streaming, in each choice's first event."""
-    client, ref = setup
+    client, ref, _ = setup
     kwargs = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "n": 2, "seed": 3,
               "extra_body": {"prompt_logprobs": 2}}
     if stream:
@@ -94,7 +94,7 @@ def test_vllm_prompt_logprobs_extra_on_every_choice(setup, stream):
 
 
 def test_chat_prompt_logprobs_beside_the_choices(setup):
-    client, _ = setup
+    client, _, _ = setup
     resp = client.chat.completions.create(model="tiny", max_tokens=2,
                                           messages=[{"role": "user", "content": "Hi."}],
                                           extra_body={"prompt_logprobs": 0})
@@ -103,3 +103,20 @@ def test_chat_prompt_logprobs_beside_the_choices(setup):
     assert prompt_logprobs[0] is None
     assert len(prompt_logprobs) == body["usage"]["prompt_tokens"]
     assert all(len(entry) == 1 for entry in prompt_logprobs[1:])  # the prompt token only
+
+
+def test_grpc_prompt_logprobs_on_the_first_message(setup):
+    """gRPC: GenerateResponse.prompt_logprobs of the first message, every prompt token after
+    the first, with ranks and alternatives, equal to transformers'."""
+    from router.client import SplitServeClient
+
+    _, ref, address = setup
+    with SplitServeClient(address, timeout=60) as grpc_client:
+        chunks = list(grpc_client.stream(PROMPT, max_tokens=2, temperature=0.0,
+                                         prompt_logprobs=1))
+    entries = chunks[0].prompt_logprobs
+    assert [e.token_id for e in entries] == PROMPT[1:]
+    torch.testing.assert_close(torch.tensor([e.logprob for e in entries]),
+                               torch.tensor(_want(ref)), atol=1e-4, rtol=0)
+    assert all(e.rank >= 1 and len(e.top) == 1 for e in entries)
+    assert all(c.prompt_logprobs is None for c in chunks[1:])

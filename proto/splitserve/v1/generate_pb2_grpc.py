@@ -5,7 +5,7 @@ import warnings
 
 from splitserve_proto.splitserve.v1 import generate_pb2 as proto_dot_splitserve_dot_v1_dot_generate__pb2
 
-GRPC_GENERATED_VERSION = '1.76.0'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class GenerationStub(object):
+class GenerationStub:
     """Text generation over the serving cluster.
     """
 
@@ -57,7 +57,7 @@ class GenerationStub(object):
                 _registered_method=True)
 
 
-class GenerationServicer(object):
+class GenerationServicer:
     """Text generation over the serving cluster.
     """
 
@@ -122,7 +122,7 @@ def add_GenerationServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Generation(object):
+class Generation:
     """Text generation over the serving cluster.
     """
 
