@@ -125,6 +125,12 @@ def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir,
             p.prefill(rid, prompt, params, d.endpoint(), dst, timeout_s=30)
             assert landed.wait(30), f"{rid}: KV never landed"
             assert d.abort(rid)
+            # The receiver can land the KV before the sender's channel thread has completed
+            # the job: "warm" means the channel is idle again (else it posts the next job).
+            deadline = time.monotonic() + 10
+            while not all(c.idle() for c in p.sender._lru.channels()):
+                assert time.monotonic() < deadline, "the sender's channel never went idle"
+                time.sleep(0.001)
         engine_thread = events[0][1]
         assert events[0][0] == "answered"
         data_threads = {thread for what, thread in events if what == "data"}
