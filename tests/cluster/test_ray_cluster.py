@@ -250,7 +250,9 @@ def test_load_spike_grows_prefill_pool_and_idleness_shrinks_it(model_dir, torch_
         async def spike():
             client = AsyncSplitServeClient(address, timeout=180)
             rng = random.Random(11)
-            prompts = [[rng.randrange(5, 400) for _ in range(200)] for _ in range(40)]
+            # Long enough to span several autoscaler ticks (0.5 s) even on a fast, idle host:
+            # a spike that ends between two ticks leaves no queue for them to see.
+            prompts = [[rng.randrange(5, 400) for _ in range(300)] for _ in range(160)]
             results = await asyncio.gather(*(client.generate(p, max_tokens=4, temperature=0.0,
                                                              ignore_eos=True) for p in prompts))
             await client.close()
@@ -258,9 +260,11 @@ def test_load_spike_grows_prefill_pool_and_idleness_shrinks_it(model_dir, torch_
 
         results = server.run(spike(), timeout=240)
         assert all(r.finish_reason == "length" and len(r.token_ids) == 4 for r in results)
-        grew = [d for _, d in server.server.autoscaling.history
-                if d.pool == "prefill" and d.delta > 0]
-        assert grew, "the TTFT spike did not grow the prefill pool"
+        deadline = time.monotonic() + 10  # the window still holds the spike's TTFTs
+        while not any(d.pool == "prefill" and d.delta > 0
+                      for _, d in server.server.autoscaling.history):
+            assert time.monotonic() < deadline, "the TTFT spike did not grow the prefill pool"
+            time.sleep(0.1)
         deadline = time.monotonic() + 90
         seen = set()
         while time.monotonic() < deadline:  # the new worker starts, then idleness removes it
@@ -276,3 +280,30 @@ def test_load_spike_grows_prefill_pool_and_idleness_shrinks_it(model_dir, torch_
     finally:
         server.run(server.server.stop())
         server.loop.call_soon_threadsafe(server.loop.stop)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schemas_hold_through_ray_with_the_openai_client(torch_dist_server, stream):
+    """Structured outputs across the real disaggregated path: the prefill actor masks the
+    first token, the decode actor's grammar state is advanced by it and masks the rest. A
+    random model's free text is never JSON; every one of these 12 schemas must validate."""
+    import json
+
+    import jsonschema
+    import openai
+
+    from tests.engine.test_structured import SCHEMAS
+
+    http = torch_dist_server.server.endpoints()["http"]
+    client = openai.OpenAI(base_url=http, api_key="unused", timeout=120, max_retries=0)
+    for i, schema in enumerate(SCHEMAS):
+        fmt = {"type": "json_schema",
+               "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+        kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me."}],
+                  "response_format": fmt, "max_tokens": 200, "seed": i, "temperature": 1.0}
+        if stream:
+            text = "".join(e.choices[0].delta.content or ""
+                           for e in client.chat.completions.create(stream=True, **kwargs))
+        else:
+            text = client.chat.completions.create(**kwargs).choices[0].message.content
+        jsonschema.validate(json.loads(text), schema)
