@@ -196,7 +196,7 @@ def test_gate_health_check_fails_when_the_router_is_gone(health):
 def _self_signed(tmp_path: Path) -> ssl.SSLContext:
     """A server context with a certificate for the Service's name, not 127.0.0.1 (as the
     router's certificate would be)."""
-    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 

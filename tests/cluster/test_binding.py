@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import psutil  # the dev extra installs it: a missing one is a failure, not a skip
 import pytest
-
-psutil = pytest.importorskip("psutil")
 
 WILDCARDS = ("0.0.0.0", "::", "")
 

@@ -11,15 +11,14 @@ import ssl
 import grpc
 import httpx
 import pytest
+from cryptography import x509  # the dev extra installs it: a missing one is a failure
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from router import convert
 from router.config import RouterConfig, TLSConfig
 from tests.router.conftest import MAX_MODEL_LEN, REPLY_TEXT, Stack, make_backend
-
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool = False,
@@ -83,7 +82,7 @@ def _grpc_generate(stack: Stack, credentials) -> str:
 
 
 def _openai_complete(stack: Stack, verify) -> str:
-    openai = pytest.importorskip("openai")
+    import openai
     base = f"https://127.0.0.1:{stack.http.port}/v1"
     with httpx.Client(verify=verify, timeout=5) as http:
         client = openai.OpenAI(base_url=base, api_key="unused", http_client=http,
