@@ -41,3 +41,13 @@ def run_to_completion(scheduler: Scheduler, token: int = 7, max_steps: int = 10_
         steps += 1
         assert steps < max_steps, "scheduler made no progress"
     return steps
+
+
+def ship_kv(prefill, decode, request_id: str, dst: list[int]) -> None:
+    """Disaggregation in one process: copy a prefill-only request's KV blocks into the
+    blocks the decode engine reserved for it (what the KV transfer does), then release the
+    prefill side's blocks."""
+    src = prefill.prefilled_block_ids(request_id)
+    assert dst is not None and len(src) == len(dst)
+    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[src]
+    prefill.release(request_id)

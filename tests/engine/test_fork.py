@@ -11,6 +11,7 @@ import pytest
 
 from engine import Engine, SamplingParams
 from engine.kv_cache_manager import cdiv
+from tests.engine.factories import ship_kv
 
 BS = 4
 N = 4
@@ -73,9 +74,7 @@ def test_fork_on_the_decode_side_after_activate(engines):
     prefill.add_request("d", prompt, _params(7), prefill_only=True)
     first = prefill.step()[0].new_token_ids
     dst = decode.reserve("d", prompt, _params(7))
-    src = prefill.prefilled_block_ids("d")
-    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[src]
-    prefill.release("d")
+    ship_kv(prefill, decode, "d", dst)
     assert decode.activate("d", first[0]) is None
     _fork_siblings(decode, "d", 7)
     # 5 prompt blocks held once; the siblings copied block 4 (positions 16-17) to write 17

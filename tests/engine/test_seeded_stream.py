@@ -16,6 +16,7 @@ import torch
 from engine import Engine, SamplingParams
 from engine.errors import InvalidRequestError
 from engine.sampler import column_keys, seeded_exponentials
+from tests.engine.factories import ship_kv
 
 MAX_TOKENS = 12
 SEEDED = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.95, seed=1234,
@@ -131,10 +132,7 @@ def _split(prefill: Engine, decode: Engine, request_id: str, prompt: list[int],
     first = _drain(prefill, request_id)
     assert len(first) == 1
     dst = decode.reserve(request_id, prompt, params, output_token_ids=done)
-    src = prefill.prefilled_block_ids(request_id)
-    assert dst is not None and len(src) == len(dst)
-    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[src]
-    prefill.release(request_id)
+    ship_kv(prefill, decode, request_id, dst)
     prefill.check_integrity()
     final = decode.activate(request_id, first[0])
     if final is not None:  # the first token ended it (max_tokens reached)

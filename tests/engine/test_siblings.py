@@ -10,6 +10,7 @@ import random
 import pytest
 
 from engine import Engine, SamplingParams
+from tests.engine.factories import ship_kv
 
 BS = 4
 N = 4
@@ -80,9 +81,7 @@ def test_decode_side_siblings_fork_at_activate(engines, max_tokens):
     first = prefill.step()[0].new_token_ids
     dst = decode.reserve("d", prompt, _params(7, max_tokens),
                          siblings=_siblings("d", 7, max_tokens))
-    src = prefill.prefilled_block_ids("d")
-    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[src]
-    prefill.release("d")
+    ship_kv(prefill, decode, "d", dst)
     final = decode.activate("d", first[0])
     assert (final is not None) == (max_tokens == 1)  # the first token may end the parent
     tokens = _drain(decode)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from engine import Engine, SamplingParams
 from engine.errors import InvalidRequestError
 from engine.structured import StructuredSpec
+from tests.engine.factories import ship_kv
 
 SCHEMA = {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0, "maximum": 9999},
@@ -82,8 +83,7 @@ def _split(prefill: Engine, decode: Engine, request_id: str, prompt: list[int],
     prefill.add_request(request_id, prompt, params, prefill_only=True, output_token_ids=done)
     first = _drain(prefill, request_id)
     dst = decode.reserve(request_id, prompt, params, output_token_ids=done)
-    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[prefill.prefilled_block_ids(request_id)]
-    prefill.release(request_id)
+    ship_kv(prefill, decode, request_id, dst)
     final = decode.activate(request_id, first[0])
     return first if final is not None else first + _drain(decode, request_id)
 
@@ -200,8 +200,7 @@ def test_forked_siblings_each_follow_the_grammar(engines, prompt):
     prefill.add_request("n3", prompt, JSON, prefill_only=True)
     first = _drain(prefill, "n3")
     dst = decode.reserve("n3", prompt, JSON)
-    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[prefill.prefilled_block_ids("n3")]
-    prefill.release("n3")
+    ship_kv(prefill, decode, "n3", dst)
     assert decode.activate("n3", first[0]) is None
     for i, seed in enumerate(seeds[1:], 1):
         assert decode.fork("n3", f"n3-{i}", dataclasses.replace(JSON, seed=seed)) is not None
