@@ -19,6 +19,7 @@ fits — one broadcast per step — else a second broadcast carries the rest.
 from __future__ import annotations
 
 import datetime
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 HEADER = 8
 INLINE = 1024  # int64s of payload sent with the header (8 KiB: a decode step of ~100 seqs)
-OP_STEP, OP_COPY, OP_STOP = 1, 2, 3
+OP_STEP, OP_COPY, OP_STOP, OP_CALL = 1, 2, 3, 4
 IDLE_WAIT_S = 365 * 24 * 3600.0
 
 
@@ -135,6 +136,19 @@ class TPComm:
         self._broadcast(buf)
         if n > INLINE:
             self._broadcast(payload[INLINE:].contiguous())
+
+    def send_call(self, fn: Callable, *args: Any) -> None:
+        """Rank 0: have every other rank run ``fn(runner, comm, *args)`` between two steps
+        (start-up work such as the KV-transfer agents; pickled, so rare and small)."""
+        data = pickle.dumps((fn, args))
+        padded = torch.zeros(-(-len(data) // 8) * 8, dtype=torch.uint8)
+        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.send(OP_CALL, padded.view(torch.long), num_seqs=len(data))
+
+    @staticmethod
+    def call_of(longs: torch.Tensor, nbytes: int) -> tuple[Callable, tuple]:
+        """The (fn, args) an OP_CALL message carries (``nbytes``: its num_seqs field)."""
+        return pickle.loads(longs.view(torch.uint8)[:nbytes].numpy().tobytes())
 
     def receive(self) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
         """Other ranks: (op, longs, int32s, num_seqs, num_decodes) of the next message."""

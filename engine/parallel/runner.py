@@ -75,6 +75,16 @@ class TPModelRunner(ModelRunner):
             raise self._broken(e) from e
         super().copy_blocks(copies)
 
+    def call_ranks(self, fn, *args) -> None:
+        """Have ranks 1..N-1 run ``fn(runner, comm, *args)`` (picklable) between steps.
+        On the engine thread, like every message to the ranks; returns once sent, not
+        once run (``fn`` reports back through whatever it sets up)."""
+        self._raise_if_broken()
+        try:
+            self.comm.send_call(fn, *args)
+        except Exception as e:
+            raise self._broken(e) from e
+
     def close(self) -> None:
         """Stop every rank (idempotent)."""
         self._finalizer()
