@@ -62,10 +62,6 @@ class Engine:
         else:  # starts ranks 1..N-1; sets self.model (rank 0's shard) and self.num_blocks
             from engine.parallel.launch import ParallelConfig, start_tensor_parallel
 
-            if cache_config.kv_cache_dtype != "auto":  # the ranks would allocate full width
-                raise ValueError("kv_cache_dtype fp8 with tensor_parallel_size > 1 is not "
-                                 "supported yet: use kv_cache_dtype auto, or TP 1")
-
             options = dict(parallel or {})
             launcher = options.pop("launcher", None)
             self.runner = start_tensor_parallel(

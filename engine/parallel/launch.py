@@ -126,7 +126,9 @@ def start_tensor_parallel(engine: Any, config: ParallelConfig,
                     str(engine.device), engine.attn_backend.name,
                     engine.cache_config.block_size, 0, size, config.host, store.port,
                     config.timeout_s, config.startup_timeout_s,
-                    threads if engine.device.type == "cpu" else None)
+                    threads if engine.device.type == "cpu" else None,
+                    engine.cache_config.kv_cache_dtype,
+                    (engine.cache_config.k_scale, engine.cache_config.v_scale))
     handles: list[RankHandle] = []
     previous_threads = torch.get_num_threads()
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.parallel.comm import OP_COPY, OP_STEP, OP_STOP, TPComm
+from engine.parallel.comm import OP_CALL, OP_COPY, OP_STEP, OP_STOP, TPComm
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,15 @@ class RankSpec:
     timeout_s: float  # a step's collectives
     startup_timeout_s: float  # joining the group, loading the shards
     num_threads: int | None  # CPU: torch threads of this rank
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "fp8_e4m3", "fp8_e5m2"
+    kv_scales: tuple[float, float] = (1.0, 1.0)  # an fp8 cache's per-tensor (k, v) scales
 
 
 def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[], int]):
     """Load this rank's shard and allocate its KV cache for the block count every rank
     agreed on. Returns (model, kv_cache, num_blocks), or None when some rank failed (rank 0
     re-raises its own failure: its message says what to change)."""
+    from engine.attention.kv_quant import cache_dtype
     from engine.attention.registry import select_backend
     from engine.models.loader import load_model
     from engine.parallel.shard import Shard
@@ -55,7 +58,8 @@ def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[], int]):
     shard = Shard(spec.rank, spec.size)
     error: Exception | None = None
     try:
-        backend = select_backend(spec.attention_backend, device, spec.block_size)
+        backend = select_backend(spec.attention_backend, device, spec.block_size,
+                                 spec.kv_cache_dtype, spec.kv_scales)
         model = load_model(spec.model_dir, dtype, device, backend, TPContext(shard, comm))
         mine = local_blocks()
     except Exception as e:  # every rank must still take part in the agreement below
@@ -71,7 +75,8 @@ def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[], int]):
     k0, k1 = shard.kv_heads(cfg.num_kv_heads, cfg.num_heads)
     # This rank's KV heads only; zeros, not empty (padding slots are read, see Engine).
     kv_cache = torch.zeros((num_blocks, cfg.num_layers, 2, spec.block_size, k1 - k0,
-                            cfg.head_dim), dtype=dtype, device=device)
+                            cfg.head_dim), dtype=cache_dtype(spec.kv_cache_dtype, dtype),
+                           device=device)
     return model, kv_cache, num_blocks
 
 
@@ -113,6 +118,14 @@ def serve(runner, comm: TPComm) -> None:
         if op == OP_COPY:  # copy-on-write of forked requests: src ids, then dst ids
             n = longs.numel() // 2
             runner.copy_blocks(list(zip(longs[:n].tolist(), longs[n:].tolist(), strict=True)))
+            continue
+        if op == OP_CALL:  # start-up work rank 0 asks for (see TPComm.send_call)
+            fn, args = comm.call_of(longs, S)
+            try:
+                fn(runner, comm, *args)
+            except Exception:  # rank 0 learns it from what fn was to do (it times out)
+                log.exception("tensor-parallel rank %d: %s failed", comm.rank,
+                              getattr(fn, "__name__", fn))
             continue
         if op != OP_STEP:
             raise RuntimeError(f"unknown tensor-parallel message {op}")

@@ -208,6 +208,28 @@ def test_tp2_seeded_sampling_logprobs_and_fork_equal_tp1(model_dir):
     assert fork2 == fork1
 
 
+@pytest.mark.timeout(120)
+def test_tp2_fp8_kv_cache_equals_tp1_fp8(model_dir):
+    """Each rank holds its heads in fp8 (half the bytes of a bf16 cache per head), and the
+    tokens and logprobs are those of a TP=1 fp8 engine: quantisation is per element, so
+    splitting the heads over ranks changes nothing."""
+    path = model_dir("llama")
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    runs = {}
+    for tp in (1, 2):
+        engine = _engine(path, tp=tp, kv_cache_dtype="fp8_e4m3", k_scale=0.5, v_scale=0.25)
+        try:
+            assert engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+            assert engine.runner.kv_cache.shape[4] == engine.model_config.num_kv_heads // tp
+            runs[tp] = engine.generate(_prompts(engine.model_config.vocab_size, seed=2), params)
+        finally:
+            engine.close()
+    assert [o.token_ids for o in runs[2]] == [o.token_ids for o in runs[1]]
+    for a, b in zip(runs[1], runs[2], strict=True):
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+
+
 def _forked(engine: Engine, prompt: list[int]) -> dict[str, list[int]]:
     """A request forked after its first token (its 31-token prompt ends inside a block:
     the child's first write copies that block, on every rank); both run to the end."""
