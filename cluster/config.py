@@ -48,7 +48,12 @@ class EngineSection(_Frozen):
     enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes.")
     attention_backend: str | None = Field(None, description="torch, flash_attn, or None "
                                           "(auto: flash_attn when installed on CUDA).")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker "
+                                    "(per rank under tensor parallelism).")
+    tensor_parallel_size: int = Field(1, ge=1, description="Devices one worker splits the "
+                                      "model over: a group of this many Ray actors on one "
+                                      "node, one per GPU (cluster.tp_group). The model's "
+                                      "attention heads must divide by it.")
 
     def engine_options(self, model: ModelSection, device: str) -> dict[str, Any]:
         opts = self.model_dump(exclude={"num_threads"})
@@ -59,11 +64,15 @@ class PoolSection(_Frozen):
     replicas: int = Field(1, ge=0, description="Workers started with the cluster.")
     min_replicas: int = Field(1, ge=0, description="Fewest workers the autoscaler keeps.")
     max_replicas: int = Field(8, ge=0, description="Most workers the autoscaler starts.")
-    num_gpus: float = Field(0, ge=0, description="GPUs per worker (tensor-parallel size).")
-    num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per worker.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per tensor-parallel rank: 1 on GPU "
+                            "(a worker takes engine.tensor_parallel_size of them), 0 on CPU, "
+                            "a fraction to share a GPU between workers of size 1.")
+    num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per rank (a worker of "
+                            "tensor-parallel size N reserves N times this).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray "
-                                        "resources per worker (e.g. a node label).")
+                                        "resources per worker (e.g. a node label; a "
+                                        "tensor-parallel worker asks once, with rank 0).")
     engine: EngineSection = Field(default_factory=EngineSection)
 
     @model_validator(mode="after")
@@ -72,6 +81,23 @@ class PoolSection(_Frozen):
             raise ValueError(f"need min_replicas <= replicas <= max_replicas, got "
                              f"{self.min_replicas} <= {self.replicas} <= {self.max_replicas}")
         return self
+
+    @model_validator(mode="after")
+    def _whole_gpu_per_rank(self) -> PoolSection:
+        if self.tensor_parallel_size > 1 and self.num_gpus not in (0, 1):
+            raise ValueError(f"num_gpus {self.num_gpus:g} with engine.tensor_parallel_size "
+                             f"{self.tensor_parallel_size}: each rank takes one whole GPU; "
+                             "set num_gpus: 1 (per rank), or 0 on CPU")
+        return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.engine.tensor_parallel_size
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs one worker (all its ranks) reserves."""
+        return self.num_gpus * self.tensor_parallel_size
 
 
 class TransferSection(_Frozen):
@@ -160,6 +186,32 @@ class ClusterConfig(_Frozen):
             raise ValueError("prefill and decode pools must use the same engine.block_size "
                              "(KV blocks are shipped as they are)")
         return self
+
+    def pools_in_use(self) -> dict[str, PoolSection]:
+        """role -> its pool section (colocated workers use the decode section)."""
+        if self.colocated:
+            return {"colocated": self.decode}
+        return {"prefill": self.prefill, "decode": self.decode}
+
+    def check_tensor_parallel(self) -> None:
+        """A ValueError, one line, when a pool's tensor_parallel_size cannot split the model
+        (read from its config.json: cheap, no torch), so it is said before Ray starts and not
+        by every worker as it loads. Nothing is read when no pool is tensor-parallel."""
+        sizes = {role: pool.tensor_parallel_size for role, pool in self.pools_in_use().items()
+                 if pool.tensor_parallel_size > 1}
+        if not sizes:
+            return
+        from engine.model_config import ModelConfig
+        from engine.parallel.shard import kv_heads_per_rank
+
+        model = ModelConfig.from_pretrained(self.model.path)
+        for role, size in sizes.items():
+            section = "decode" if role == "colocated" else role
+            try:
+                kv_heads_per_rank(model, size)
+            except ValueError as exc:
+                raise ValueError(f"{section}.engine.tensor_parallel_size={size} does not fit "
+                                 f"the model {self.model.path}: {exc}") from None
 
     def autoscaler_config(self) -> AutoscalerConfig:
         """The autoscaler section with its bounds taken from the pools (the pools'

@@ -8,6 +8,11 @@ resources it asked for, and counted in ``WorkerFactory.start_timeouts``. An acto
 creation is cancelled (the cluster cancels pending growth when a worker is lost, so that the
 replacement gets the freed resources) is killed as well: a cancelled start leaves nothing
 pending in Ray.
+
+A worker of a pool with ``engine.tensor_parallel_size`` N > 1 is a group of N actors in one
+STRICT_PACK placement group (``cluster.tp_group``): placed first, within the same start
+timeout; destroying the worker removes the group, and a rank lost while serving ends the
+worker actor, so the cluster replaces the whole group.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cluster import tp_group
 from cluster.config import ClusterConfig, PoolSection
 from cluster.handles import LocalTransport, RayTransport, WorkerHandle, make_handle
 from kv_transfer.base import TransferConfig
@@ -49,6 +55,7 @@ class WorkerFactory:
         self.mode = mode
         self._ids = {role: itertools.count() for role in ("prefill", "decode", "colocated")}
         self._objects: dict[str, Any] = {}  # worker id -> actor handle or object
+        self._groups: dict[str, Any] = {}  # worker id -> placement group (tensor parallel)
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-call")
         self._hub = None
         self.start_timeouts = {role: 0 for role in ("prefill", "decode", "colocated")}
@@ -116,27 +123,68 @@ class WorkerFactory:
         )
         if pool.accelerator_type:
             options["accelerator_type"] = pool.accelerator_type
-        actor_cls = ray.remote(self._worker_class(role)).options(**options)
-        actor = actor_cls.remote(*args, **kwargs)
         timeout = self.config.ray.worker_start_timeout_s
-        try:  # health() answers once the actor is placed and its constructor succeeded
-            await asyncio.wait_for(asyncio.wrap_future(actor.health.remote().future()), timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        worker_class, actor = self._worker_class(role), None
+        try:
+            if pool.tensor_parallel_size > 1:  # a group: placed first, the worker in bundle 0
+                worker_class = await self._place_group(role, worker_id, args[2], options)
+            actor = ray.remote(worker_class).options(**options).remote(*args, **kwargs)
+            # health() answers once the actor is placed and its constructor succeeded
+            await asyncio.wait_for(asyncio.wrap_future(actor.health.remote().future()),
+                                   deadline - asyncio.get_running_loop().time())
         except asyncio.TimeoutError:
-            ray.kill(actor, no_restart=True)  # else it stays pending, holding its request
-            self.start_timeouts[role] += 1
-            asked = {k: v for k, v in options.items() if k in _RESOURCE_OPTIONS and v}
-            log.error("%s worker %s was not placed and ready within %.0f s; gave it up. It "
-                      "asked for %s: check that a node offers that (or raise "
-                      "ray.worker_start_timeout_s)", role, worker_id, timeout, asked)
-            raise WorkerStartTimeout(f"a {role} worker was not placed and ready within "
-                                     f"{timeout:.0f} s (it asked for {asked}): check that a "
-                                     "node offers that, or raise ray.worker_start_timeout_s"
-                                     ) from None
+            self._kill(worker_id, actor)  # else it stays pending, holding its request
+            raise self._gave_up(role, worker_id, timeout, options) from None
         except BaseException:  # constructor failed, or cancelled: leave nothing pending
-            ray.kill(actor, no_restart=True)
+            self._kill(worker_id, actor)
             raise
         self._objects[worker_id] = actor
         return make_handle(worker_id, role, RayTransport(worker_id, actor))
+
+    async def _place_group(self, role: str, worker_id: str, engine_options: dict,
+                           options: dict) -> type:
+        """Reserve a tensor-parallel worker's placement group (``cluster.tp_group``) within
+        the start timeout, put the worker actor in its bundle 0 and give its engine the
+        launcher of the other ranks. Returns the worker class that watches its ranks."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pool = self.pool(role)
+        group = await tp_group.place_group(worker_id, pool,
+                                           self.config.ray.worker_start_timeout_s)
+        self._groups[worker_id] = group
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, 0)
+        host = tp_group.group_host(group, self.transfer_config.host)
+        engine_options["parallel"] = tp_group.parallel_options(group, worker_id, pool, host)
+        return tp_group.tensor_parallel_worker(self._worker_class(role))
+
+    def _gave_up(self, role: str, worker_id: str, timeout: float,
+                 options: dict) -> WorkerStartTimeout:
+        """Count and log a worker not ready in time; the error to raise."""
+        self.start_timeouts[role] += 1
+        asked = {k: v for k, v in options.items() if k in _RESOURCE_OPTIONS and v}
+        tp = self.pool(role).tensor_parallel_size
+        if tp > 1:
+            asked = {"tensor_parallel_size": tp, "per rank": asked}
+        log.error("%s worker %s was not placed and ready within %.0f s; gave it up. It "
+                  "asked for %s: check that a node offers that (or raise "
+                  "ray.worker_start_timeout_s)", role, worker_id, timeout, asked)
+        return WorkerStartTimeout(f"a {role} worker was not placed and ready within "
+                                  f"{timeout:.0f} s (it asked for {asked}): check that a "
+                                  "node offers that, or raise ray.worker_start_timeout_s")
+
+    def _kill(self, worker_id: str, actor: Any) -> None:
+        """Kill a worker's actor (if created) and, for a tensor-parallel worker, remove its
+        placement group (which kills its rank actors)."""
+        import ray
+
+        try:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        finally:
+            group = self._groups.pop(worker_id, None)
+            if group is not None:
+                tp_group.remove_group(group)
 
     async def destroy(self, worker_id: str) -> None:
         obj = self._objects.pop(worker_id, None)
@@ -145,12 +193,10 @@ class WorkerFactory:
         if self.mode == "local":
             obj.shutdown()
             return
-        import ray
-
         try:
             await obj.shutdown.remote()
         finally:
-            ray.kill(obj)
+            self._kill(worker_id, obj)
 
     async def destroy_all(self) -> None:
         for worker_id in list(self._objects):

@@ -37,6 +37,7 @@ class Cluster:
     def __init__(self, config: ClusterConfig, mode: str = "ray") -> None:
         if not config.model.path:
             raise ValueError("the pool config names no model: set model.path or pass --model")
+        config.check_tensor_parallel()  # a size that cannot split the model: said now
         self.config = config
         self.mode = mode
         self.factory = WorkerFactory(config, mode)

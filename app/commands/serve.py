@@ -1,6 +1,7 @@
 """`splitserve serve`: a disaggregated cluster and its router, until Ctrl-C / SIGTERM.
 
     splitserve serve --model DIR [--config FILE] [--prefill N] [--decode M] [--autoscale]
+                     [--prefill-tp N] [--decode-tp M] [--tensor-parallel-size N]
                      [--served-model-name NAME] [--max-model-len N] [--dtype DTYPE]
                      [--block-size N] [--max-num-seqs N] [--max-num-batched-tokens N]
                      [--gpu-memory-utilization F] [--[no-]enable-prefix-caching]
@@ -10,7 +11,8 @@
 
 Precedence: a flag given on the command line wins over the --config YAML, which wins over
 the built-in defaults. Engine flags (--max-model-len ... --enable-prefix-caching) set both
-pools' ``engine`` sections; per-pool values go in the YAML. Pools are fixed at their sizes
+pools' ``engine`` sections; per-pool values go in the YAML, or for tensor parallelism
+--prefill-tp / --decode-tp, which win over --tensor-parallel-size. Pools are fixed at their sizes
 unless autoscaling is asked for: ``--autoscale``, or ``autoscaler.enabled`` set explicitly in
 the config file.
 
@@ -38,6 +40,11 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    "override it")
     p.add_argument("--prefill", type=int, help="prefill workers to start")
     p.add_argument("--decode", type=int, help="decode workers to start")
+    p.add_argument("--prefill-tp", type=int, metavar="N", help="tensor-parallel size of each "
+                   "prefill worker: N ranks, one GPU each, on one node "
+                   "(prefill.engine.tensor_parallel_size)")
+    p.add_argument("--decode-tp", type=int, metavar="M", help="tensor-parallel size of each "
+                   "decode (or colocated) worker (decode.engine.tensor_parallel_size)")
     p.add_argument("--autoscale", action="store_true", default=None,
                    help="let the autoscaler resize the pools (default: fixed pools, unless "
                    "the config file sets autoscaler.enabled)")
@@ -78,6 +85,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    "GPU a CUDA worker may fill with weights and KV cache, 0 < F <= 1 "
                    "(engine.gpu_memory_utilization). CUDA workers only: refused with "
                    "--device cpu, where engine.kv_cache_memory_bytes sizes the KV cache")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="N", help="GPUs each "
+                   "worker splits the model over (engine.tensor_parallel_size of both "
+                   "pools; --prefill-tp / --decode-tp set one pool)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=None, help="reuse the KV of shared prompt prefixes "
                    "(engine.enable_prefix_caching; default on)")
@@ -103,6 +113,9 @@ def load_config(args: argparse.Namespace):
     for role in ("prefill", "decode"):
         for name in ENGINE_FLAGS:
             over[f"{role}.engine.{name}"] = getattr(args, name, None)
+        tp = getattr(args, f"{role}_tp", None)
+        over[f"{role}.engine.tensor_parallel_size"] = (
+            tp if tp is not None else getattr(args, "tensor_parallel_size", None))
         n = getattr(args, role)
         if n is not None:
             pool = getattr(base, role)
@@ -161,6 +174,7 @@ def _checked_config(args: argparse.Namespace):
             TLSConfig(rc.tls_cert, rc.tls_key, rc.tls_client_ca)
         check_all(config, gpu_memory_flag=getattr(args, "gpu_memory_utilization", None)
                   is not None)
+        config.check_tensor_parallel()
     except (PreflightError, PortInUseError) as exc:
         print(f"splitserve serve: {exc}", file=sys.stderr)
         return None
