@@ -6,6 +6,9 @@ actors (on KubeRay, pending actor resources make the Ray autoscaler add GPU node
 scale-down drains first so no request is lost, and a role change drains a worker of one
 pool and starts one in the other. A pool whose lost worker is being replaced does not grow
 until the replacement is in (``Cluster.replacement_pending``).
+
+The unit is a worker: a tensor-parallel worker of N devices is one replica of its pool and N
+devices of the budget ``max_total_replicas`` (``devices_per_worker``, from the pool config).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cluster.autoscaler import Autoscaler, RollingWindow, ScalingDecision, held_for_decode
 from cluster.policy_config import AutoscalerConfig, SLOConfig
@@ -22,13 +25,26 @@ from cluster.policy_config import AutoscalerConfig, SLOConfig
 log = logging.getLogger(__name__)
 
 
+def devices_per_worker(cluster_config) -> dict[str, int]:
+    """pool -> the devices one of its workers occupies: its tensor-parallel size (a worker
+    of a TP=N pool is N GPUs, or N CPU ranks)."""
+    return {role: getattr(cluster_config, role).tensor_parallel_size
+            for role in ("prefill", "decode")}
+
+
 class AutoscalingLoop:
     def __init__(self, cluster, config: AutoscalerConfig, slo: SLOConfig,
-                 on_decision: Callable[[ScalingDecision], None] | None = None) -> None:
+                 on_decision: Callable[[ScalingDecision], None] | None = None,
+                 gpus_per_worker: Mapping[str, int] | None = None) -> None:
+        """``gpus_per_worker``: default, ``devices_per_worker`` of the cluster's pool config
+        (a stand-in cluster without one counts one device per worker)."""
         self.cluster = cluster
         self.config = config
         self.slo = slo
-        self.autoscaler = Autoscaler(config, slo)
+        cluster_config = getattr(cluster, "config", None)
+        if gpus_per_worker is None and cluster_config is not None:
+            gpus_per_worker = devices_per_worker(cluster_config)
+        self.autoscaler = Autoscaler(config, slo, gpus_per_worker)
         self.window = RollingWindow(config.window_s)
         cluster.backend.window = self.window
         self.on_decision = on_decision
