@@ -123,6 +123,9 @@ def test_gpu_example_is_the_documented_deployment():
     c = ClusterConfig.from_yaml(POOL_GPU)
     assert (c.prefill.replicas, c.decode.replicas) == (2, 4)
     assert c.prefill.num_gpus >= 1 and c.decode.num_gpus >= 1
+    # A TP=2 prefill group beside TP=1 decode workers: 2 GPUs per prefill worker.
+    assert (c.prefill.tensor_parallel_size, c.decode.tensor_parallel_size) == (2, 1)
+    assert (c.prefill.gpus_per_worker, c.decode.gpus_per_worker) == (2, 1)
     assert c.transfer.backend == "torch_dist" and c.scheduler.policy == "kv_aware"
     assert (c.slo.ttft_s, c.slo.itl_s, c.slo.percentile) == (0.5, 0.05, 90)
     assert c.autoscaler.enabled
@@ -416,11 +419,14 @@ def _check_groups(raycluster: dict, config: ClusterConfig) -> None:
         gpus = int(limits.get("nvidia.com/gpu", 0))
         cpus = _k8s_cpu(limits["cpu"])
         per_pod = [offered[k] // v for k, v in pool.resources.items() if v > 0]
-        if pool.num_gpus:
-            per_pod.append(int(gpus // pool.num_gpus))
+        if pool.num_gpus:  # a worker: tensor_parallel_size ranks of num_gpus each
+            per_pod.append(int(gpus // pool.gpus_per_worker))
         workers_per_pod = min(per_pod) if per_pod else 1
         assert workers_per_pod >= 1, f"a {role} pod cannot hold one {role} worker"
-        assert workers_per_pod * pool.num_cpus <= cpus, f"{role}: not enough CPUs per pod"
+        assert workers_per_pod * pool.num_cpus * pool.tensor_parallel_size <= cpus, (
+            f"{role}: not enough CPUs per pod")
+        # Every GPU of a pod is one some rank of its workers uses.
+        assert gpus == workers_per_pod * pool.gpus_per_worker, (role, gpus, workers_per_pod)
         assert group["maxReplicas"] * workers_per_pod >= pool.max_replicas, (
             f"{role}: maxReplicas {group['maxReplicas']} x {workers_per_pod} workers per pod "
             f"< max_replicas {pool.max_replicas}")
@@ -475,11 +481,16 @@ def test_helm_values_groups_hold_the_pools():
     config = ClusterConfig.model_validate(values["pool"])
     for role in ROLES:
         pool, group = getattr(config, role), values["workerGroups"][role]
-        per_pod = group["workersPerPod"]
-        assert per_pod >= 1 and float(per_pod * pool.num_gpus).is_integer()
+        per_pod, tp = group["workersPerPod"], group["tensorParallelSize"]
+        assert per_pod >= 1 and float(per_pod * tp * pool.num_gpus).is_integer()
         assert group["maxReplicas"] * per_pod >= pool.max_replicas, role
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], role
-        assert per_pod * pool.num_cpus <= _k8s_cpu(group["resources"]["limits"]["cpu"]), role
+        assert per_pod * tp * pool.num_cpus <= _k8s_cpu(group["resources"]["limits"]["cpu"]), role
+    # The chart's default deployment is the example's: TP=2 prefill, TP=1 decode.
+    groups = values["workerGroups"]
+    assert (groups["prefill"]["tensorParallelSize"], groups["decode"]["tensorParallelSize"]) == (
+        ClusterConfig.from_yaml(POOL_GPU).prefill.tensor_parallel_size,
+        ClusterConfig.from_yaml(POOL_GPU).decode.tensor_parallel_size)
 
 
 def test_image_entrypoint_serves_the_mounted_config():

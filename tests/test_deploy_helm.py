@@ -74,6 +74,8 @@ def test_default_values_meet_the_schema(chart):
     ({"pool": {"decode": {"resources": {"splitserve_decode": 0.5}}}},
      "/pool/decode/resources/splitserve_decode"),
     ({"models": {"mountPath": "models"}}, "/models/mountPath"),
+    ({"workerGroups": {"prefill": {"tensorParallelSize": 0}}},
+     "/workerGroups/prefill/tensorParallelSize"),
 ])
 def test_schema_refuses_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as refused:
@@ -177,12 +179,38 @@ def test_fractional_gpus_per_worker_add_up_per_pod(chart):
     _check_groups(docs["RayCluster"], _pool(docs))
 
 
+def _gpus_per_pod(docs: dict) -> dict[str, int]:
+    return {g["groupName"]: int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                .get("nvidia.com/gpu", 0))
+            for g in docs["RayCluster"]["spec"]["workerGroupSpecs"]}
+
+
+def test_a_groups_tensor_parallel_size_sets_the_pool_and_the_gpus_per_pod(chart):
+    docs = _render(chart)  # the defaults: a TP=2 prefill group, a TP=1 decode group
+    pool = _pool(docs)
+    assert (pool.prefill.tensor_parallel_size, pool.decode.tensor_parallel_size) == (2, 1)
+    assert _gpus_per_pod(docs) == {"prefill": 2, "decode": 1}
+    docs = _render(chart, {
+        "pool": {"decode": {"max_replicas": 16, "engine": {"tensor_parallel_size": 4}}},
+        "workerGroups": {"decode": {"tensorParallelSize": 4, "workersPerPod": 2,
+                                    "minReplicas": 1, "replicas": 2, "maxReplicas": 8,
+                                    "resources": {"limits": {"cpu": "32"}}}}})
+    pool = _pool(docs)
+    assert pool.decode.tensor_parallel_size == 4 and pool.decode.gpus_per_worker == 4
+    assert _gpus_per_pod(docs) == {"prefill": 2, "decode": 8}  # 2 workers x 4 ranks
+    _check_groups(docs["RayCluster"], pool)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"pool": {"decode": {"num_gpus": 0.5}}}, "0.5 GPUs per pod; make it a whole number"),
     ({"workerGroups": {"decode": {"minReplicas": 5}}},
      "need minReplicas <= replicas <= maxReplicas"),
     ({"workerGroups": {"decode": {"replicas": 2, "maxReplicas": 3}}}, "raise maxReplicas"),
     ({"kind": "RayService", "rayService": {"servePort": 8000}}, "is a router port"),
+    ({"pool": {"prefill": {"engine": {"tensor_parallel_size": 4}}}},
+     "pool.prefill.engine.tensor_parallel_size 4 disagrees with "
+     "workerGroups.prefill.tensorParallelSize 2"),
+    ({"pool": {"prefill": {"num_gpus": 0.5}}}, "each rank takes one whole GPU"),
     ({"kind": "RayService", "pool": {"router": {"tls_cert": "/tls/tls.crt",
                                                 "tls_key": "/tls/tls.key",
                                                 "tls_client_ca": "/tls/ca.crt"}}},

@@ -29,7 +29,7 @@ headGroupSpec:
         app.kubernetes.io/component: router
       annotations:
         # A changed pool config changes the spec: a RayService rolls a new cluster out.
-        splitserve.io/pool-config: {{ toYaml $pool | sha256sum | trunc 16 | quote }}
+        splitserve.io/pool-config: {{ include "splitserve.pool" . | sha256sum | trunc 16 | quote }}
         {{- if .Values.metrics.scrapeAnnotations }}
         {{- include "splitserve.scrapeAnnotations" . | nindent 8 }}
         {{- end }}

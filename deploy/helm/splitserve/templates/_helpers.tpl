@@ -27,8 +27,30 @@ prometheus.io/path: /metrics
 {{- end -}}
 
 {{/*
+The pool config as rendered into pool.yaml: `pool` with each role's
+engine.tensor_parallel_size taken from workerGroups.<role>.tensorParallelSize (one place to
+set it; a different value written in the pool itself is refused).
+*/}}
+{{- define "splitserve.pool" -}}
+{{- $pool := deepCopy .Values.pool -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- $tp := int (index $.Values.workerGroups $role).tensorParallelSize -}}
+{{- $section := index $pool $role -}}
+{{- $engine := $section.engine | default dict -}}
+{{- if and (hasKey $engine "tensor_parallel_size") (ne (int $engine.tensor_parallel_size) $tp) -}}
+{{- fail (printf "pool.%s.engine.tensor_parallel_size %v disagrees with workerGroups.%s.tensorParallelSize %d: set it in workerGroups only" $role $engine.tensor_parallel_size $role $tp) -}}
+{{- end -}}
+{{- $_ := set $engine "tensor_parallel_size" $tp -}}
+{{- $_ := set $section "engine" $engine -}}
+{{- end -}}
+{{- toYaml $pool -}}
+{{- end -}}
+
+{{/*
 A worker group of the RayCluster. Called with (dict "root" $ "role" "prefill"); GPUs and Ray
-custom resources come from the pool config, so they always match what the actors ask for.
+custom resources come from the pool config and the group's tensorParallelSize, so they always
+match what the actors ask for: a worker is tensorParallelSize ranks of pool.<role>.num_gpus
+each, its custom resources asked for once.
 */}}
 {{- define "splitserve.workerGroup" -}}
 {{- $root := .root -}}
@@ -36,11 +58,15 @@ custom resources come from the pool config, so they always match what the actors
 {{- $group := index $root.Values.workerGroups $role -}}
 {{- $pool := index $root.Values.pool $role -}}
 {{- $perPod := int $group.workersPerPod -}}
+{{- $tp := int $group.tensorParallelSize -}}
 {{- $rayService := eq $root.Values.kind "RayService" -}}
 {{- /* mulf: `mul` truncates each factor to an integer (num_gpus 0.5 would give 0 GPUs). */ -}}
-{{- $gpusf := mulf $perPod ($pool.num_gpus | default 0) -}}
+{{- if and (gt $tp 1) (not (has (float64 ($pool.num_gpus | default 0)) (list 0.0 1.0))) -}}
+{{- fail (printf "pool.%s.num_gpus %v with workerGroups.%s.tensorParallelSize %d: each rank takes one whole GPU; set num_gpus: 1 (per rank), or 0 on CPU" $role $pool.num_gpus $role $tp) -}}
+{{- end -}}
+{{- $gpusf := mulf $perPod $tp ($pool.num_gpus | default 0) -}}
 {{- if ne $gpusf (floor $gpusf) -}}
-{{- fail (printf "workerGroups.%s: workersPerPod %d x pool.%s.num_gpus %v = %v GPUs per pod; make it a whole number" $role $perPod $role $pool.num_gpus $gpusf) -}}
+{{- fail (printf "workerGroups.%s: workersPerPod %d x tensorParallelSize %d x pool.%s.num_gpus %v = %v GPUs per pod; make it a whole number" $role $perPod $tp $role $pool.num_gpus $gpusf) -}}
 {{- end -}}
 {{- $gpus := int $gpusf -}}
 {{- if not (and (le (int $group.minReplicas) (int $group.replicas)) (le (int $group.replicas) (int $group.maxReplicas))) -}}
