@@ -169,3 +169,42 @@ def test_kill_9_of_rank_1_mid_stream_ends_every_stream_and_replaces_the_group(se
     again = _Streams(server)  # and it serves
     again.join()
     assert again.tokens == expected
+
+
+def test_a_group_that_cannot_be_placed_is_given_up_and_leaves_nothing_pending(server,
+                                                                             model_dir):
+    """Eight ranks of one CPU each on a 4-CPU node: never placed; given up at the start
+    timeout like a single worker, its placement group removed, not left pending."""
+    from ray.util.placement_group import placement_group_table
+
+    from cluster.pools import WorkerFactory, WorkerStartTimeout
+
+    config = _config(model_dir, "torch_dist", colocated=True,
+                     decode={"num_cpus": 1, "engine": {**ENGINE, "tensor_parallel_size": 8}},
+                     ray={"num_cpus": 4, "worker_start_timeout_s": 1.5})
+    factory = WorkerFactory(config, "ray")
+    factory._ids["colocated"] = iter(["unplaceable"])  # worker id colocated-unplaceable
+    with pytest.raises(WorkerStartTimeout, match="tensor_parallel_size"):
+        server.run(factory.create("colocated"), timeout=30)
+    assert factory.start_timeouts["colocated"] == 1
+    groups = [g for g in placement_group_table().values()
+              if g["name"] == "colocated-unplaceable"]
+    assert [g["state"] for g in groups] == ["REMOVED"]
+
+
+def test_removing_a_tp_worker_stops_its_ranks_and_removes_its_group(server):
+    """An orderly removal (drain, shutdown) is not a lost rank: the shutdown returns, the
+    rank ends, the group is removed. (Last: it leaves the pool empty.)"""
+    from ray.util.placement_group import placement_group_table
+
+    cluster = server.server.cluster
+    worker_id = _the_worker(server)
+    group = cluster.factory._groups[worker_id]
+    (rank1,) = _rank_pids(server, worker_id)
+    server.run(cluster.remove_worker(worker_id), timeout=60)  # raises if shutdown failed
+    assert placement_group_table(group)["state"] == "REMOVED"
+    deadline = time.monotonic() + 30
+    while _alive(rank1):
+        assert time.monotonic() < deadline, "rank 1 outlived its worker"
+        time.sleep(0.05)
+    assert cluster.backend.workers == {} and cluster.factory._groups == {}
