@@ -14,6 +14,11 @@ Life of a transfer:
           1. ``handle = send(rid, peer, src_blocks)`` after the last prefill chunk (or
           ``abort(rid)``: an announcement must be settled by one of the two)
           2. when ``handle.done()`` (success or error) free the source blocks
+  resharding (prefill TP=p, decode TP=d, see ``reshard``): each cache holds a range of the
+          model's KV heads (``heads=`` of the sender/receiver; None = all). A decode rank
+          expects ``parts=`` (one head range per prefill rank that sends to it); each prefill
+          rank sends ``heads=`` its route's range. The request completes when every part
+          (every layer of it) has arrived; an error on any part fails it once.
   abort: ``receiver.abort(rid)`` guarantees no later write into the request's dst blocks (a
           payload still on the wire is drained and discarded); ``sender.abort(rid)`` drops a
           transfer that has not started.
@@ -32,9 +37,11 @@ from typing import Any
 import torch
 
 from kv_transfer.errors import LayoutMismatch, TransferError
-from kv_transfer.header import TransferHeader
+from kv_transfer.header import STAGED, TransferHeader
 
 OnDone = Callable[[str, TransferError | None], None]  # (request_id, error or None)
+HeadRange = tuple[int, int]  # [first, last + 1) global KV head indices
+KVScales = tuple[float, float]  # (k_scale, v_scale): an fp8 cache stores x / scale
 
 
 @dataclass(frozen=True)
@@ -85,10 +92,16 @@ class Endpoint:
     port: int = 0  # torch_dist: port of the receiver's TCPStore
     actor: Any = None  # ray: actor handle of the receiving worker
     method: str = ""  # ray: that actor's method that hands (rid, header, buffer) to the receiver
+    heads: HeadRange | None = None  # the global KV heads the receiver's cache holds; None = all
+    kv_scales: KVScales = (1.0, 1.0)  # the receiver's fp8 scales (must equal the sender's)
 
     def describe(self) -> str:
         where = f" ({self.host}:{self.port})" if self.port else ""
         return f"{self.name}{where}"
+
+    def head_range(self) -> HeadRange:
+        """The receiver's heads, global indices (``(0, num_kv_heads)`` if it holds all)."""
+        return self.heads if self.heads is not None else (0, self.layout[3])
 
 
 def cache_layout(kv_cache: torch.Tensor) -> tuple[tuple[int, ...], str]:
@@ -101,25 +114,68 @@ def cache_layout(kv_cache: torch.Tensor) -> tuple[tuple[int, ...], str]:
     return tuple(kv_cache.shape[1:]), str(kv_cache.dtype).removeprefix("torch.")
 
 
-def check_layout(request_id: str, kv_cache: torch.Tensor, peer: Endpoint) -> None:
-    """Raise ``LayoutMismatch`` unless ``kv_cache`` and the peer's cache have the same layout."""
+def check_heads(kv_cache: torch.Tensor, heads: HeadRange | None) -> HeadRange:
+    """The global head range a cache holds (``heads``, or all of its heads from 0);
+    ``ValueError`` unless its width is the cache's ``num_kv_heads`` (constructors call it)."""
+    num_kv_heads = kv_cache.shape[4]
+    if heads is None:
+        return 0, num_kv_heads
+    lo, hi = (int(h) for h in heads)
+    if not 0 <= lo < hi or hi - lo != num_kv_heads:
+        raise ValueError(f"heads=[{lo}, {hi}) does not match a cache of {num_kv_heads} KV heads "
+                         f"{tuple(kv_cache.shape)}")
+    return lo, hi
+
+
+def check_layout(request_id: str, kv_cache: torch.Tensor, peer: Endpoint,
+                 own_heads: HeadRange | None = None, kv_scales: KVScales = (1.0, 1.0),
+                 heads: HeadRange | None = None) -> HeadRange:
+    """The global head range a send of ``kv_cache`` (holding ``own_heads``, None = all) to
+    ``peer`` carries: ``heads``, or (None) all the heads both caches hold. Raises
+    ``LayoutMismatch`` if the caches differ in dtype, fp8 scales or any dimension but the
+    heads, or (when neither names a head range) in the heads too, or if the range is not
+    held by both. This is the handshake: the receiver advertises its cache in its
+    ``Endpoint``, and the sender refuses before anything goes on a channel."""
     layout, dtype = cache_layout(kv_cache)
-    if (layout, dtype) != (tuple(peer.layout), peer.dtype):
-        raise LayoutMismatch(
-            request_id,
-            peer.describe(),
-            f"sender cache {layout} {dtype} != receiver cache {tuple(peer.layout)} {peer.dtype}",
-        )
+    who, mine = peer.describe(), check_heads(kv_cache, own_heads)
+    if dtype != peer.dtype:
+        raise LayoutMismatch(request_id, who, (
+            f"sender cache dtype {dtype} != receiver cache dtype {peer.dtype}: prefill and "
+            "decode pools must use the same kv_cache_dtype"))
+    if tuple(map(float, kv_scales)) != tuple(map(float, peer.kv_scales)):
+        raise LayoutMismatch(request_id, who, (
+            f"sender kv scales (k, v) {tuple(kv_scales)} != receiver's "
+            f"{tuple(peer.kv_scales)}: prefill and decode pools must use the same k_scale "
+            "and v_scale"))
+    theirs = peer.head_range()
+    same_model = layout[:3] + layout[4:] == tuple(peer.layout[:3]) + tuple(peer.layout[4:])
+    if not same_model or own_heads is None and peer.heads is None and mine != theirs:
+        raise LayoutMismatch(request_id, who, (
+            f"sender cache {layout} {dtype} != receiver cache {tuple(peer.layout)} "
+            f"{peer.dtype}"))
+    if heads is None:
+        heads = max(mine[0], theirs[0]), min(mine[1], theirs[1])
+    lo, hi = heads
+    if not (mine[0] <= lo < hi <= mine[1] and theirs[0] <= lo and hi <= theirs[1]):
+        raise LayoutMismatch(request_id, who, (
+            f"KV heads [{lo}, {hi}) are not held by both caches (sender holds "
+            f"[{mine[0]}, {mine[1]}), receiver [{theirs[0]}, {theirs[1]})); send the head "
+            "ranges kv_transfer.reshard.plan_routes gives"))
+    return lo, hi
 
 
 def send_header(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blocks: int,
-                layers: tuple[int, int] | None, runs: tuple[int, ...] = ()) -> TransferHeader:
+                layers: tuple[int, int] | None, runs: tuple[int, ...] = (),
+                own_heads: HeadRange | None = None, kv_scales: KVScales = (1.0, 1.0),
+                heads: HeadRange | None = None) -> TransferHeader:
     """The DATA header of a send to ``peer``, every backend's first step; raises
-    ``LayoutMismatch`` if the two caches disagree or the layer range is bad."""
-    check_layout(request_id, kv_cache, peer)
+    ``LayoutMismatch`` if the two caches disagree or the layer or head range is bad. The
+    payload is STAGED unless its heads are all that both caches hold."""
+    sent = check_layout(request_id, kv_cache, peer, own_heads, kv_scales, heads)
+    whole = sent == check_heads(kv_cache, own_heads) == peer.head_range()
     return TransferHeader.for_blocks(
-        request_id, kv_cache, num_blocks, layers, peer.describe(), runs
-    )
+        request_id, kv_cache, num_blocks, layers, peer.describe(), runs, sent, kv_scales,
+        0 if whole else STAGED)
 
 
 @dataclass(frozen=True)
@@ -204,6 +260,7 @@ class KVSender(ABC):
         src_block_ids: Sequence[int],
         layers: tuple[int, int] | None = None,
         dst_block_ids: Sequence[int] | None = None,
+        heads: HeadRange | None = None,
     ) -> TransferHandle:
         """Start pushing blocks ``src_block_ids`` (layers ``[start, end)``, default all) to
         ``peer``; returns without waiting for the receiver (a backend may write some or all
@@ -216,15 +273,18 @@ class KVSender(ABC):
         ``dst_block_ids``, the blocks the receiver reserved (when the caller knows them, as
         the prefill worker does), is a hint: a backend may then move spans contiguous in
         both caches as one message (torch_dist does). The receiver's ``expect`` still
-        decides where the KV lands."""
+        decides where the KV lands.
+
+        ``heads``: the global KV heads to send (a resharding route), which both caches must
+        hold; None = every head both hold (all of them when neither names a range)."""
 
     def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
-                 dst_block_ids: Sequence[int]) -> bool:
+                 dst_block_ids: Sequence[int], heads: HeadRange | None = None) -> bool:
         """Optional, before ``send``: tell ``peer`` now that blocks ``src_block_ids`` will
         go to its ``dst_block_ids``, so that it can prepare (torch_dist posts the receives
         into the reserved blocks) while the KV is being computed. Every announcement must
-        be settled by the request's ``send`` (same blocks) or ``abort``. True if announced;
-        the default announces nothing."""
+        be settled by the request's ``send`` (same blocks and heads) or ``abort``. True if
+        announced; the default announces nothing."""
         return False
 
     def deferred_writes(self) -> contextlib.AbstractContextManager[None]:
@@ -254,11 +314,14 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def expect(
-        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None
+        self, request_id: str, dst_block_ids: Sequence[int], on_done: OnDone | None = None,
+        parts: Sequence[HeadRange] | None = None,
     ) -> None:
         """Register reserved blocks for a request before its sender sends. ``on_done(rid,
         error)`` runs once, on a transfer thread (keep it short: enqueue); without it the
-        outcome is returned by ``poll``."""
+        outcome is returned by ``poll``. ``parts``: the head ranges that will arrive, one
+        payload (per layer range) each, tiling this receiver's heads (``reshard.parts_for``);
+        None = one part, all of them."""
 
     @abstractmethod
     def abort(self, request_id: str) -> bool:

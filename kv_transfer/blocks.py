@@ -10,7 +10,10 @@ sends and receives each block straight from and into the caches, with no copy. T
 store backends (ray, loopback) move a whole payload as one buffer: ``gather`` copies a
 request's blocks into ``[n, L, 2, block_size, num_kv_heads, head_dim]`` (block ``i`` of the
 buffer is physical block ``block_ids[i]``) and ``scatter`` writes such a buffer into (other)
-block ids of another cache. One index op each, never a Python loop over blocks.
+block ids of another cache. One index op each, never a Python loop over blocks. Both take
+a slice of the cache's KV heads too (resharding between TP sizes: a payload is the heads one
+route carries, ``[n, L, 2, block_size, heads, head_dim]``), which the torch_dist backend uses
+to stage a head slice through contiguous buffers.
 """
 
 from __future__ import annotations
@@ -101,10 +104,12 @@ class BlockViews:
         return self._flat[block_id, l0 * self._layer_nbytes : l1 * self._layer_nbytes]
 
 
-def gather_shape(kv_cache: torch.Tensor, num_blocks: int, layers: slice) -> tuple[int, ...]:
-    """Shape of ``gather``'s result: ``[n, L, 2, block_size, num_kv_heads, head_dim]``."""
+def gather_shape(kv_cache: torch.Tensor, num_blocks: int, layers: slice,
+                 heads: slice = slice(None)) -> tuple[int, ...]:
+    """Shape of ``gather``'s result: ``[n, L, 2, block_size, heads, head_dim]``."""
     num_layers = len(range(*layers.indices(kv_cache.shape[1])))
-    return (num_blocks, num_layers, *kv_cache.shape[2:])
+    num_heads = len(range(*heads.indices(kv_cache.shape[4])))
+    return (num_blocks, num_layers, 2, kv_cache.shape[3], num_heads, kv_cache.shape[5])
 
 
 def gather(
@@ -112,20 +117,22 @@ def gather(
     block_ids: BlockIds,
     layers: slice = slice(None),
     out: torch.Tensor | None = None,
+    heads: slice = slice(None),
 ) -> torch.Tensor:
-    """Copy blocks ``block_ids`` of layers ``layers`` into one contiguous buffer.
+    """Copy blocks ``block_ids`` of layers ``layers`` and KV heads ``heads`` (indices into
+    this cache) into one contiguous buffer.
 
-    Returns ``[n, L, 2, block_size, num_kv_heads, head_dim]`` (``out`` if given: it must have
-    that shape, the cache's dtype and device, and be contiguous).
+    Returns ``[n, L, 2, block_size, heads, head_dim]`` (``out`` if given: it must have that
+    shape, the cache's dtype and device, and be contiguous).
     """
     idx = block_index(block_ids, kv_cache.device)
     if out is None:
         out = torch.empty(
-            gather_shape(kv_cache, idx.numel(), layers),
+            gather_shape(kv_cache, idx.numel(), layers, heads),
             dtype=kv_cache.dtype,
             device=kv_cache.device,
         )
-    torch.index_select(_bits(kv_cache[:, layers]), 0, idx, out=_bits(out))
+    torch.index_select(_bits(kv_cache[:, layers, :, :, heads]), 0, idx, out=_bits(out))
     return out
 
 
@@ -134,30 +141,42 @@ def scatter(
     block_ids: BlockIds,
     buffer: torch.Tensor,
     layers: slice = slice(None),
+    heads: slice = slice(None),
 ) -> None:
-    """Write ``buffer`` ``[n, L, ...]`` into blocks ``block_ids`` of layers ``layers``.
+    """Write ``buffer`` ``[n, L, 2, block_size, heads, head_dim]`` into blocks ``block_ids``
+    of layers ``layers`` and KV heads ``heads`` (indices into this cache).
 
     ``buffer`` may live on another device (a CPU staging buffer for a GPU cache); it is moved
     first. ``block_ids`` must be distinct (a request never holds a block twice).
     """
     idx = block_index(block_ids, kv_cache.device)
-    expected = gather_shape(kv_cache, idx.numel(), layers)
+    expected = gather_shape(kv_cache, idx.numel(), layers, heads)
     if tuple(buffer.shape) != expected:
         raise ValueError(f"scatter: buffer shape {tuple(buffer.shape)} != expected {expected}")
     if buffer.device != kv_cache.device:
         buffer = buffer.to(kv_cache.device)  # blocking: the caller may reuse buffer at once
     if kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
-        _scatter_cpu(kv_cache, idx, buffer, layers)
+        _scatter_cpu(kv_cache, idx, buffer, layers, heads)
     else:
-        _bits(kv_cache[:, layers]).index_copy_(0, idx, _bits(buffer))
+        _bits(kv_cache[:, layers, :, :, heads]).index_copy_(0, idx, _bits(buffer))
 
 
 def _scatter_cpu(kv_cache: torch.Tensor, idx: torch.Tensor, buffer: torch.Tensor,
-                 layers: slice) -> None:
-    """``kv_cache[idx, layers] = buffer`` through numpy byte views: numpy copies each block
-    as contiguous rows (memcpy speed); torch's CPU ``index_copy_`` goes element by element
-    and took about twice as long on a 32 MiB bf16 layer (torch 2.13, dev VM). The cache is
-    contiguous, so the reshape below is a view and the write lands in the cache."""
-    rows = kv_cache.view(torch.uint8).numpy().reshape(*kv_cache.shape[:2], -1)  # [N, L, bytes]
-    src = buffer.contiguous().view(torch.uint8).numpy().reshape(*buffer.shape[:2], -1)
-    rows[idx.numpy(), layers] = src
+                 layers: slice, heads: slice) -> None:
+    """``kv_cache[idx, layers, :, :, heads] = buffer`` through numpy byte views: numpy
+    copies each block (each head slice of a token) as contiguous rows (memcpy speed);
+    torch's CPU ``index_copy_`` goes element by element and took about twice as long on a
+    32 MiB bf16 layer (torch 2.13, dev VM). The cache is contiguous, so the reshape below
+    is a view and the write lands in the cache."""
+    n, num_layers, _, block_size, num_heads, head_dim = kv_cache.shape
+    if heads == slice(None):  # whole blocks' layers: the longest contiguous rows
+        rows = kv_cache.view(torch.uint8).numpy().reshape(n, num_layers, -1)  # [N, L, bytes]
+        src = buffer.contiguous().view(torch.uint8).numpy().reshape(*buffer.shape[:2], -1)
+        rows[idx.numpy(), layers] = src
+        return
+    # [N, L, 2 * block_size, heads, head bytes]: a token's head slice is one row
+    rows = kv_cache.view(torch.uint8).numpy().reshape(n, num_layers, 2 * block_size,
+                                                      num_heads, -1)
+    src = buffer.contiguous().view(torch.uint8).numpy().reshape(
+        *buffer.shape[:2], 2 * block_size, buffer.shape[4], -1)
+    rows[idx.numpy(), layers, :, heads] = src

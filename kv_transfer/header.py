@@ -4,7 +4,7 @@ Wire format: a fixed-size ``uint8`` tensor of ``HEADER_BYTES`` bytes, so the rec
 posts the same receive. Little-endian::
 
     offset  size  field
-    0       4     magic b"KVH4"
+    0       4     magic b"KVH5"
     4       1     kind (1 = DATA, 2 = CLOSE, 3 = ANNOUNCE, 4 = RETRACT)
     5       1     dtype code (index into DTYPES)
     6       2     layer_start
@@ -12,15 +12,29 @@ posts the same receive. Little-endian::
     10      2     num_runs (0: one message per block)
     12      4     num_blocks
     16      4     block_size
-    20      4     num_kv_heads
+    20      4     num_kv_heads of the payload (the width of its head range)
     24      4     head_dim
     28      4     tag of the payload messages (1 = DATA_TAG: unannounced)
-    32      2     len(request_id utf-8)
-    34      ...   request_id utf-8 bytes
+    32      1     flags (1 = STAGED)
+    33      1     zero
+    34      2     head_start: the payload's first KV head, a global index
+    36      8     k_scale (float64; fp8 caches store x / scale)
+    44      8     v_scale (float64)
+    52      2     len(request_id utf-8)
+    54      ...   request_id utf-8 bytes
     ...     2*r   num_runs uint16 run lengths, then zero padding to HEADER_BYTES
 
 A run is a span of the request's blocks that is contiguous in both caches, so it moves as
 one message (``blocks.contiguous_runs``); without runs every block is its own message.
+
+Head ranges (KV resharding between TP sizes, see ``reshard``): a payload carries the heads
+``[head_start, head_start + num_kv_heads)`` of each block, laid out as a cache of that many
+heads (``[n, L, 2, block_size, heads, D]``). When they are all the heads of both caches the
+messages move straight between the caches as above; otherwise the payload is STAGED: the
+sender gathers a head slice into contiguous buffers (or sends whole source blocks when the
+slice is all its cache holds), and the receiver takes each message into a staging buffer
+and scatters it into its blocks' head slice, so a run need then be contiguous only in the
+caches it is read from or written to in place (none, on the receiving side).
 
 Announced payloads (see ``channels``): ANNOUNCE tells the receiver, before the KV exists,
 which messages will come on a tag of their own, so it posts their receives into the reserved
@@ -40,8 +54,8 @@ import torch
 from kv_transfer.errors import LayoutMismatch, TransferError
 
 HEADER_BYTES = 512
-_MAGIC = b"KVH4"  # 4: announced payloads (tags); 3: runs; block-major payload
-_FIXED = struct.Struct("<4sBBHHHIIIIIH")
+_MAGIC = b"KVH5"  # 5: head ranges, kv scales; 4: announced payloads (tags); 3: runs
+_FIXED = struct.Struct("<4sBBHHHIIIIIBxHddH")
 MAX_REQUEST_ID_BYTES = HEADER_BYTES - _FIXED.size
 MAX_RUN_BLOCKS = 2**16 - 1  # a run length is a uint16
 # A run message's bytes are capped: a payload nobody expects any more (aborted) is drained
@@ -89,6 +103,7 @@ ANNOUNCE = 3  # a payload will follow on ``tag`` (receives may be posted now); n
 RETRACT = 4  # an announcement is withdrawn: one 1-byte message per announced message follows
 KINDS = (DATA, CLOSE, ANNOUNCE, RETRACT)
 DATA_TAG = 1  # tag of unannounced payload messages (announced ones: their own tag, above it)
+STAGED = 1  # flag: the receiver takes each message into staging and scatters it (see above)
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -115,22 +130,40 @@ class TransferHeader:
     block_shape: tuple[int, int, int] = (0, 0, 0)  # (block_size, num_kv_heads, head_dim)
     runs: tuple[int, ...] = ()  # blocks per message, summing to num_blocks; () = 1 each
     tag: int = DATA_TAG  # tag of the payload's messages: DATA_TAG, or an announcement's
+    head_start: int = 0  # global index of the payload's first KV head
+    kv_scales: tuple[float, float] = (1.0, 1.0)  # (k_scale, v_scale) of the sender's cache
+    flags: int = 0  # STAGED or 0
 
     @classmethod
     def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
-                   layers: tuple[int, int] | None, peer: str,
-                   runs: tuple[int, ...] = ()) -> TransferHeader:
+                   layers: tuple[int, int] | None, peer: str, runs: tuple[int, ...] = (),
+                   heads: tuple[int, int] | None = None,
+                   kv_scales: tuple[float, float] = (1.0, 1.0), flags: int = 0,
+                   ) -> TransferHeader:
         """The DATA header of a send of ``num_blocks`` blocks, layers ``[l0, l1)`` (default
-        all) of the block-major ``kv_cache``, as messages of ``runs`` blocks each (default
-        one per block). Raises ``LayoutMismatch`` for a layer range outside the cache and
+        all) of the block-major ``kv_cache``, KV heads ``heads`` (global indices; default
+        all the cache's, from 0), as messages of ``runs`` blocks each (default one per
+        block). Raises ``LayoutMismatch`` for a layer range outside the cache and
         ``RequestIdTooLong`` for an id that does not fit."""
         check_request_id(request_id, peer)
         num_layers = kv_cache.shape[1]
         l0, l1 = layers if layers is not None else (0, num_layers)
         if not 0 <= l0 < l1 <= num_layers:
             raise LayoutMismatch(request_id, peer, f"bad layer range [{l0}, {l1})")
+        h0, h1 = heads if heads is not None else (0, kv_cache.shape[4])
+        block_size, head_dim = kv_cache.shape[3], kv_cache.shape[5]
         return cls(DATA, request_id, num_blocks, l0, l1, kv_cache.dtype,
-                   tuple(kv_cache.shape[3:]), runs)
+                   (block_size, h1 - h0, head_dim), runs, head_start=h0,
+                   kv_scales=(float(kv_scales[0]), float(kv_scales[1])), flags=flags)
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """The payload's KV heads ``[first, last + 1)``, global indices."""
+        return self.head_start, self.head_start + self.block_shape[1]
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.flags & STAGED)
 
     def largest_message_nbytes(self) -> int:
         """Bytes of the payload's largest message (what a staging slot must hold)."""
@@ -180,6 +213,9 @@ class TransferHeader:
             self.num_blocks,
             *self.block_shape,
             self.tag,
+            self.flags,
+            self.head_start,
+            *self.kv_scales,
             len(rid),
         )
         body = fixed + rid + struct.pack(f"<{len(self.runs)}H", *self.runs)
@@ -191,7 +227,8 @@ class TransferHeader:
     def decode(cls, buf: torch.Tensor) -> TransferHeader:
         """Parse a ``uint8`` tensor ``[HEADER_BYTES]``; raises ``ValueError`` if it is not one."""
         raw = buf.cpu().numpy().tobytes()
-        magic, kind, dt, l0, l1, num_runs, n, bs, kvh, hd, tag, rid_len = _FIXED.unpack_from(raw)
+        (magic, kind, dt, l0, l1, num_runs, n, bs, kvh, hd, tag, flags, h0, k_scale, v_scale,
+         rid_len) = _FIXED.unpack_from(raw)
         runs_at = _FIXED.size + rid_len
         if (magic != _MAGIC or kind not in KINDS or dt >= len(DTYPES)
                 or runs_at + 2 * num_runs > HEADER_BYTES):
@@ -200,7 +237,8 @@ class TransferHeader:
         runs = struct.unpack_from(f"<{num_runs}H", raw, runs_at)
         if runs and (sum(runs) != n or min(runs) == 0):
             raise ValueError(f"KV transfer header with bad runs for {n} blocks: {runs}")
-        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd), runs, tag)
+        return cls(kind, rid, n, l0, l1, DTYPES[dt], (bs, kvh, hd), runs, tag, h0,
+                   (k_scale, v_scale), flags)
 
 
 def empty_header(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -25,11 +25,14 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import (
     Endpoint,
+    HeadRange,
+    KVScales,
     KVSender,
     TransferConfig,
     TransferHandle,
     TransferStats,
     cache_layout,
+    check_heads,
     fail_fast,
     send_header,
 )
@@ -128,8 +131,7 @@ class LoopbackHub:
             job.handle.fail(PeerClosed(rid, peer, "hub closed"))
         else:
             start = time.perf_counter()
-            layers = slice(job.header.layer_start, job.header.layer_end)
-            payload = blocks.gather(job.sender.kv_cache, job.src_index, layers)
+            payload = job.sender.gather(job.header, job.src_index)
             receiver.table.deliver(job.header, payload, job.sender.name)
             nbytes = payload.numel() * payload.element_size()
             job.handle.succeed(TransferStats(nbytes, time.perf_counter() - start))
@@ -144,8 +146,12 @@ class LoopbackSender(KVSender):
         kv_cache: torch.Tensor,
         hub: LoopbackHub,
         name: str = "prefill",
+        heads: HeadRange | None = None,
+        kv_scales: KVScales = (1.0, 1.0),
     ) -> None:
         self.config, self.kv_cache, self.hub, self.name = config, kv_cache, hub, name
+        self.heads = check_heads(kv_cache, heads)  # the global KV heads the cache holds
+        self.kv_scales = kv_scales
         self._handles: dict[str, list[TransferHandle]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -157,12 +163,14 @@ class LoopbackSender(KVSender):
         src_block_ids: Sequence[int],
         layers: tuple[int, int] | None = None,
         dst_block_ids: Sequence[int] | None = None,  # unused: one buffer per payload anyway
+        heads: HeadRange | None = None,
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         if self._closed:
             return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
         try:
-            header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers)
+            header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers,
+                                 own_heads=self.heads, kv_scales=self.kv_scales, heads=heads)
         except TransferError as error:
             return fail_fast(handle, error)
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)
@@ -171,6 +179,13 @@ class LoopbackSender(KVSender):
         handle.add_done_callback(self._forget)
         self.hub.submit(_Job(self, peer, header, src_index, handle))
         return handle
+
+    def gather(self, header: TransferHeader, src_index: torch.Tensor) -> torch.Tensor:
+        """The payload of ``header``: its layers and heads of blocks ``src_index``."""
+        lo = self.heads[0]
+        return blocks.gather(self.kv_cache, src_index,
+                             slice(header.layer_start, header.layer_end),
+                             heads=slice(header.head_start - lo, header.heads[1] - lo))
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
@@ -198,16 +213,19 @@ class LoopbackReceiver(TableReceiver):
     """Receives through a ``LoopbackHub`` under ``name``."""
 
     def __init__(
-        self, config: TransferConfig, kv_cache: torch.Tensor, hub: LoopbackHub, name: str = "decode"
+        self, config: TransferConfig, kv_cache: torch.Tensor, hub: LoopbackHub,
+        name: str = "decode", heads: HeadRange | None = None, kv_scales: KVScales = (1.0, 1.0),
     ) -> None:
         self.config, self.hub, self.name = config, hub, name
-        self.table = ExpectTable(kv_cache)
+        self.table = ExpectTable(kv_cache, heads, kv_scales)
         self._layout, self._dtype = cache_layout(kv_cache)
         hub.register(self)
 
     def endpoint(self) -> Endpoint:
         return Endpoint(
-            "loopback", self.name, self._layout, self._dtype, device=self.table.kv_cache.device.type
+            "loopback", self.name, self._layout, self._dtype,
+            device=self.table.kv_cache.device.type, heads=self.table.heads,
+            kv_scales=self.table.kv_scales,
         )
 
     def close(self) -> None:

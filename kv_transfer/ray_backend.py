@@ -36,11 +36,14 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import (
     Endpoint,
+    HeadRange,
+    KVScales,
     KVSender,
     TransferConfig,
     TransferHandle,
     TransferStats,
     cache_layout,
+    check_heads,
     fail_fast,
     send_header,
 )
@@ -55,8 +58,11 @@ _Job = tuple[Endpoint, TransferHeader, torch.Tensor, TransferHandle]
 class RaySender(KVSender):
     """Gathers, puts and calls on one FIFO thread; completions come from Ray futures."""
 
-    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "prefill"):
+    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "prefill",
+                 heads: HeadRange | None = None, kv_scales: KVScales = (1.0, 1.0)):
         self.config, self.kv_cache, self.name = config, kv_cache, name
+        self.heads = check_heads(kv_cache, heads)  # the global KV heads the cache holds
+        self.kv_scales = kv_scales
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kv-ray-send", daemon=True)
@@ -71,12 +77,14 @@ class RaySender(KVSender):
         src_block_ids: Sequence[int],
         layers: tuple[int, int] | None = None,
         dst_block_ids: Sequence[int] | None = None,  # unused: one buffer per payload anyway
+        heads: HeadRange | None = None,
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         if self._closed:
             return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
         try:
-            header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers)
+            header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers,
+                                 own_heads=self.heads, kv_scales=self.kv_scales, heads=heads)
         except TransferError as error:
             return fail_fast(handle, error)
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)
@@ -114,8 +122,10 @@ class RaySender(KVSender):
         """Gather, put and call the receiver; arm the timeout. Completion is asynchronous."""
         rid, who, timeout = header.request_id, peer.describe(), self.config.timeout_s
         start = time.perf_counter()
-        layers = slice(header.layer_start, header.layer_end)
-        payload = blocks.gather(self.kv_cache, src_index, layers)
+        lo = self.heads[0]
+        payload = blocks.gather(self.kv_cache, src_index,
+                                slice(header.layer_start, header.layer_end),
+                                heads=slice(header.head_start - lo, header.heads[1] - lo))
         payload = payload.cpu().contiguous().view(torch.uint8).view(-1).numpy()
         try:
             ref = ray.put(payload)
@@ -151,11 +161,13 @@ class RayReceiver(TableReceiver):
         name: str = "decode",
         actor: Any = None,
         method: str = "receive_kv",
+        heads: HeadRange | None = None,
+        kv_scales: KVScales = (1.0, 1.0),
     ) -> None:
         self.config, self.name = config, name
         self.actor = actor  # handle of the actor that owns this receiver
         self.method = method  # that actor's method calling ``deliver``
-        self.table = ExpectTable(kv_cache)
+        self.table = ExpectTable(kv_cache, heads, kv_scales)
         self._layout, self._dtype = cache_layout(kv_cache)
 
     def endpoint(self) -> Endpoint:
@@ -167,6 +179,8 @@ class RayReceiver(TableReceiver):
             self._layout,
             self._dtype,
             device=self.table.kv_cache.device.type,
+            heads=self.table.heads,
+            kv_scales=self.table.kv_scales,
             actor=self.actor,
             method=self.method,
         )

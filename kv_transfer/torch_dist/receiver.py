@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from kv_transfer.base import Endpoint, TransferConfig, cache_layout
+from kv_transfer.base import Endpoint, HeadRange, KVScales, TransferConfig, cache_layout
 from kv_transfer.errors import PeerClosed
 from kv_transfer.receiving import ExpectTable, TableReceiver
 from kv_transfer.torch_dist.recv_channel import ReceiverChannel
@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 class TorchDistReceiver(TableReceiver):
     """Hosts a TCPStore that senders connect to; one receive thread per pair channel."""
 
-    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "decode"):
+    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "decode",
+                 heads: HeadRange | None = None, kv_scales: KVScales = (1.0, 1.0)):
         self.config, self.kv_cache, self.name = config, kv_cache, name
-        self.table = ExpectTable(kv_cache)
+        self.table = ExpectTable(kv_cache, heads, kv_scales)
         self._layout, self._dtype = cache_layout(kv_cache)
         self._lock = threading.Lock()
         self._channels: list[ReceiverChannel] = []
@@ -37,6 +38,8 @@ class TorchDistReceiver(TableReceiver):
             device=self.kv_cache.device.type,
             host=self._server.host,
             port=self._server.port,
+            heads=self.table.heads,
+            kv_scales=self.table.kv_scales,
         )
 
     def close(self) -> None:

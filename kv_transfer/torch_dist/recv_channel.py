@@ -117,7 +117,7 @@ class ReceiverChannel:
             current.append(posted)
             posted.complete(deadline=time.monotonic() + self._config.timeout_s)
             if h.kind == DATA and posted.entry is not None:
-                self._table.finish(posted.entry, (h.layer_start, h.layer_end))
+                self._table.finish(posted.entry, h)
             return
         if h.kind == RETRACT:  # nothing was posted for it: take its 1-byte messages
             self._drain_fills(group, h)
@@ -127,7 +127,7 @@ class ReceiverChannel:
         current.append(blocks_in)
         blocks_in.run()
         if entry is not None:
-            self._table.finish(entry, (h.layer_start, h.layer_end))
+            self._table.finish(entry, h)
 
     def _announce(self, group: Any, h: TransferHeader) -> None:
         """Post every receive of an announced payload straight into its reserved blocks,
@@ -135,8 +135,8 @@ class ReceiverChannel:
         DATA header is then handled like an unannounced one)."""
         if h.tag in self._announced:
             raise PeerClosed(None, self.peer, f"tag {h.tag} announced twice (bad sender)")
-        if self._table.kv_cache.device != group.data_device:
-            return  # through host staging: receive when the data comes
+        if self._table.kv_cache.device != group.data_device or not self._table.in_place(h):
+            return  # through staging: receive when the data comes
         entry = self._table.begin(h, self.peer)
         if entry is None:
             return
@@ -172,15 +172,15 @@ class ReceiverChannel:
 class _BlockReceives:
     """The receives of one payload, one per message (a block, or a run of blocks contiguous
     in both caches): ``inflight_messages`` posted ahead (every one, if announced), each
-    straight into its claimed blocks (or a staging slot: draining, or a CUDA cache over a
-    gloo wire)."""
+    straight into its claimed blocks (or a staging slot: draining, a CUDA cache over a
+    gloo wire, or a STAGED payload, a head slice scattered into the blocks from there)."""
 
     def __init__(self, group: Any, table: ExpectTable, entry: Any, h: TransferHeader,
                  config: TransferConfig, staging: Staging, post_all: bool = False) -> None:
         self.group, self.table, self.entry, self.h = group, table, entry, h
-        self.layers = (h.layer_start, h.layer_end)
         self.messages = h.messages()  # (first block index, block count), in wire order
-        self.in_place = table.kv_cache.device == group.data_device  # else via staging slots
+        # else via staging slots
+        self.in_place = table.kv_cache.device == group.data_device and table.in_place(h)
         if post_all:
             self.depth = max(1, len(self.messages))
         else:
@@ -236,7 +236,7 @@ class _BlockReceives:
         spans = self.messages[start:stop]
         targets = None
         if self.entry is not None:
-            targets = self.table.claim(self.entry, spans, self.layers)
+            targets = self.table.claim(self.entry, spans, self.h)
         for i in range(start, stop):
             count = spans[i - start][1]
             target = targets[i - start] if targets is not None else None
@@ -269,7 +269,7 @@ class _BlockReceives:
                 _work, target, landing, blocks_in = self.pending.popleft()
                 if target is not None:
                     landed += blocks_in
-                    if landing is not target:  # CUDA cache over a gloo wire
+                    if landing is not target:  # CUDA cache over a gloo wire, or staged
                         target.copy_(landing)
         finally:
             if landed:

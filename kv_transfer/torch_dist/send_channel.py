@@ -8,9 +8,12 @@ A channel owns a ``PairGroup`` (see ``torch_dist``) and moves messages in FIFO o
 
 Zero copy: the cache is block-major, so each message is sent straight from the sender's
 cache and received straight into the receiver's reserved block (``ExpectTable.claim``); no
-gather, no scatter, no staging. The sender posts a payload's messages at once; the receiver
-keeps ``inflight_messages`` receives posted ahead (what an abort may have to wait for).
-Staging is used only where the cache is not on the wire's
+gather, no scatter, no staging. A STAGED payload (a head slice, resharding between TP sizes:
+see ``header``) is the exception: the sender gathers a slice of its heads into host slots
+(``inflight_messages`` blocks' worth, each refilled once the receiver took it), the receiver
+scatters each message into its blocks' head slice. The sender posts a payload's messages
+at once; the receiver keeps ``inflight_messages`` receives posted ahead (what an abort may
+have to wait for). Otherwise staging is used only where the cache is not on the wire's
 device (CUDA caches over a gloo wire: through host slots) and to drain a payload nobody
 expects any more.
 
@@ -111,9 +114,15 @@ class _PayloadSend:
         self.kv = channel.kv
         self.deadline = time.monotonic() + channel.config.timeout_s
         self.via_host = group.data_device != self.kv.device  # CUDA cache over a gloo wire
+        # A head slice of the cache (STAGED, not all the heads it holds): gathered into slots
+        lo = channel.heads[0]
+        self.gather_heads = (slice(h.head_start - lo, h.heads[1] - lo)
+                             if h.kind == DATA and h.heads != channel.heads else None)
+        self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
+        self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
         self.messages = [] if h.kind == ANNOUNCE else h.messages()
-        if h.kind == DATA and self.via_host:
+        if h.kind == DATA and (self.via_host or self.gather_heads is not None):
             self.depth = run_window(channel.config.inflight_messages, h.runs)
             self.slots = channel.staging_slots(group, h, self.depth)
         else:
@@ -131,6 +140,8 @@ class _PayloadSend:
                 self._wait(self.pending.popleft())
             if self.fill is not None:
                 message = self.fill
+            elif self.gather_heads is not None:
+                message = self._gather(i)
             else:
                 first, count = self.messages[i]
                 message = self.views(self.src_ids[first], self.layers, count)
@@ -144,6 +155,20 @@ class _PayloadSend:
         self.post(len(self.messages))
         if self.header is None:
             self.header = self.group.send_ctrl(self.header_bytes)
+
+    def _gather(self, i: int) -> torch.Tensor:
+        """Message ``i`` of a head slice, gathered into its staging slot: ``uint8``."""
+        first, count = self.messages[i]
+        ids = self.src_ids[first : first + count]
+        slot = self.slots[i % self.depth][: count * self.block_nbytes]
+        shape, layers = (count, *self.block_shape), slice(*self.layers)
+        if slot.device == self.kv.device:
+            blocks.gather(self.kv, ids, layers, slot.view(self.dtype).view(shape),
+                          self.gather_heads)
+        else:  # CUDA cache over a gloo wire: gather there, then one copy to the host slot
+            slot.view(self.dtype).view(shape).copy_(
+                blocks.gather(self.kv, ids, layers, heads=self.gather_heads))
+        return slot
 
     def finish(self) -> TransferStats:
         """Post the rest (and a trailing header), then wait for every message to be taken."""
@@ -194,8 +219,10 @@ class SenderChannel:
         config: TransferConfig,
         on_exit: Callable[[SenderChannel], None],
         resend: Callable[[SendJob], bool] = lambda job: False,
+        heads: tuple[int, int] | None = None,
     ) -> None:
         self.peer = peer  # "decode-2 (10.0.0.5:41231)"
+        self.heads = heads or (0, kv_cache.shape[4])  # the global KV heads the cache holds
         self._open_group = open_group  # () -> PairGroup; runs on the channel thread
         self.kv, self.views, self.config = kv_cache, blocks.BlockViews(kv_cache), config
         self._on_exit = on_exit

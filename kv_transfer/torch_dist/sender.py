@@ -1,4 +1,12 @@
-"""TorchDistSender: pushes KV over pair channels, opened lazily per peer."""
+"""TorchDistSender: pushes KV over pair channels, opened lazily per peer.
+
+A tensor-parallel rank's sender holds a range of the model's KV heads (``heads=``) and sends
+each request the heads of its resharding routes (``send(..., heads=...)``), to one or
+several decode ranks' receivers, each over its own pair channel. A payload that is not all
+of both caches' heads is STAGED (see ``header``): when it is all the sender holds, its
+messages still go straight from the cache (runs of blocks contiguous in the source cache);
+otherwise the sender gathers the head slice into a few host buffers, ``STAGED_MESSAGE_BYTES``
+a message, each gathered while the previous one is on the wire."""
 
 from __future__ import annotations
 
@@ -13,9 +21,12 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import (
     Endpoint,
+    HeadRange,
+    KVScales,
     KVSender,
     TransferConfig,
     TransferHandle,
+    check_heads,
     fail_fast,
     send_header,
 )
@@ -36,12 +47,19 @@ from kv_transfer.torch_dist.wire import PairGroup, choose_wire
 
 log = logging.getLogger(__name__)
 
+# A message of a gathered head slice: small enough that gathering the next one overlaps this
+# one's trip, large enough that per-message costs stay small.
+STAGED_MESSAGE_BYTES = 1 << 20
+
 
 class TorchDistSender(KVSender):
     """Pushes KV over pair channels, opened lazily per peer and closed LRU-first over the cap."""
 
-    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "prefill"):
+    def __init__(self, config: TransferConfig, kv_cache: torch.Tensor, name: str = "prefill",
+                 heads: HeadRange | None = None, kv_scales: KVScales = (1.0, 1.0)):
         self.config, self.kv_cache, self.name = config, kv_cache, name
+        self.heads = check_heads(kv_cache, heads)  # the global KV heads the cache holds
+        self._own_heads, self.kv_scales = heads, kv_scales
         self._lock = threading.Lock()
         self._lru = ChannelLRU(config.max_channels, self._new_channel)
         self._queued: dict[str, list[SendJob]] = {}  # request id -> unfinished sends
@@ -52,15 +70,16 @@ class TorchDistSender(KVSender):
         self._deferred = threading.local()  # .jobs: this thread's posts held back, or None
 
     def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
-                 dst_block_ids: Sequence[int]) -> bool:
+                 dst_block_ids: Sequence[int], heads: HeadRange | None = None) -> bool:
         """Tell ``peer`` now how this request's KV will come (its runs, a tag of its own),
         so that it posts the receives before the KV is computed. Settled by the request's
         ``send`` or ``abort``. False (nothing announced) where it cannot help: an NCCL wire
         (ordered, no tags), a cache that is not on the gloo wire's device (its messages go
         through a few host staging slots, each reused only once the receiver has taken it,
         while an announced payload's header trails its messages: a receiver that did not
-        post its receives would never be told to), bad ids or a layout mismatch (``send``
-        reports those)."""
+        post its receives would never be told to), a STAGED payload (a head slice, see
+        ``header``: the receiver takes it through staging when it comes), bad ids or a
+        layout mismatch (``send`` reports those)."""
         if choose_wire(self.config, self.kv_cache, peer) != "gloo" or self.kv_cache.is_cuda:
             return False
         try:
@@ -68,9 +87,10 @@ class TorchDistSender(KVSender):
             dst_ids = [int(i) for i in dst_block_ids]
             if len(dst_ids) != len(src_ids):
                 return False
-            runs = self._runs(request_id, src_ids, None, dst_ids)
-            header = send_header(request_id, self.kv_cache, peer, len(src_ids), None, runs)
+            header = self._header(request_id, peer, src_ids, None, dst_ids, heads)
         except (TransferError, ValueError):
+            return False
+        if header.staged:
             return False
         with self._lock:
             if self._closed or request_id in self._announced:
@@ -93,6 +113,7 @@ class TorchDistSender(KVSender):
         src_block_ids: Sequence[int],
         layers: tuple[int, int] | None = None,
         dst_block_ids: Sequence[int] | None = None,
+        heads: HeadRange | None = None,
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
@@ -101,14 +122,13 @@ class TorchDistSender(KVSender):
         announced_on = ann.job.channel if ann is not None else None
         header, encoded = None, None
         if ann is not None:  # as announced (same blocks and peer), else retracted
-            if self._matches(ann, peer, src_ids, layers, dst_block_ids):
+            if self._matches(ann, peer, src_ids, layers, dst_block_ids, heads):
                 header, encoded = ann.data, ann.encoded
             else:
                 self._retract(announced_on, ann.job.header)
         if header is None:
-            runs = self._runs(request_id, src_ids, layers, dst_block_ids)
             try:
-                header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers, runs)
+                header = self._header(request_id, peer, src_ids, layers, dst_block_ids, heads)
             except TransferError as error:
                 return fail_fast(handle, error)
         job = SendJob(header, src_ids, handle, encoded=encoded, peer=peer)
@@ -178,13 +198,15 @@ class TorchDistSender(KVSender):
 
     @staticmethod
     def _matches(ann: _Announced, peer: Endpoint, src_ids: list[int],
-                 layers: tuple[int, int] | None, dst_block_ids: Sequence[int] | None) -> bool:
-        """Whether a send is the one announced: same peer, blocks and (all) layers."""
+                 layers: tuple[int, int] | None, dst_block_ids: Sequence[int] | None,
+                 heads: HeadRange | None) -> bool:
+        """Whether a send is the one announced: same peer, blocks, heads and (all) layers."""
         h, channel = ann.data, ann.job.channel
         return (
             channel is not None
             and channel.peer == peer.describe()
             and (layers is None or tuple(layers) == (h.layer_start, h.layer_end))
+            and (heads is None or tuple(heads) == h.heads)
             and src_ids == ann.job.src_ids
             and dst_block_ids is not None
             and [int(i) for i in dst_block_ids] == ann.dst_ids
@@ -193,8 +215,8 @@ class TorchDistSender(KVSender):
     def _plain(self, header: TransferHeader, src_ids: list[int],
                dst_block_ids: Sequence[int] | None) -> TransferHeader:
         """An announced DATA header made unannounced (for a channel that never saw it)."""
-        runs = self._runs(header.request_id, src_ids, None, dst_block_ids)
-        return dataclasses.replace(header, runs=tuple(runs), tag=DATA_TAG)
+        runs = self._runs(header, src_ids, dst_block_ids)
+        return dataclasses.replace(header, runs=runs, tag=DATA_TAG)
 
     def _retract(self, channel: SenderChannel | None, header: TransferHeader) -> None:
         """Settle an announcement without its payload (see ``channels``); nothing to do if
@@ -207,21 +229,38 @@ class TorchDistSender(KVSender):
             self._post(job)
             job.handle.add_done_callback(_log_control_failure)
 
-    def _runs(self, request_id: str, src_ids: list[int], layers: tuple[int, int] | None,
+    def _header(self, request_id: str, peer: Endpoint, src_ids: list[int],
+                layers: tuple[int, int] | None, dst_block_ids: Sequence[int] | None,
+                heads: HeadRange | None) -> TransferHeader:
+        """The DATA header of a send (``LayoutMismatch`` if the caches or heads disagree)."""
+        header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers,
+                             own_heads=self._own_heads, kv_scales=self.kv_scales, heads=heads)
+        return dataclasses.replace(header, runs=self._runs(header, src_ids, dst_block_ids))
+
+    def _runs(self, header: TransferHeader, src_ids: list[int],
               dst_block_ids: Sequence[int] | None) -> tuple[int, ...]:
         """Blocks per message: spans contiguous in both caches go as one message (fewer
         messages: each costs a gloo round of notices and ~100 us of CPU on a small host, or
         an NCCL kernel); () = one message per block (no hint, a layer range, nothing to
-        merge, or more runs than a header holds)."""
-        num_layers = self.kv_cache.shape[1]
-        if dst_block_ids is None or len(dst_block_ids) != len(src_ids):
-            return ()
-        if layers is not None and tuple(layers) != (0, num_layers):
+        merge, or more runs than a header holds). A STAGED payload's messages need be
+        contiguous only in the source cache (all its heads: sent from it in place), or not
+        at all (a head slice: gathered, ``STAGED_MESSAGE_BYTES`` a message)."""
+        if header.staged and header.heads != self.heads:
+            per = max(1, min(MAX_RUN_BLOCKS, STAGED_MESSAGE_BYTES // header.block_nbytes()))
+            n = header.num_blocks
+            runs = [per] * (n // per) + ([n % per] if n % per else [])
+        elif header.num_layers != self.kv_cache.shape[1]:
             return ()  # a layer range of adjacent blocks is not one contiguous span
-        dst_ids = [int(i) for i in dst_block_ids]
-        longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // self._block_bytes))
-        runs = blocks.contiguous_runs(src_ids, dst_ids, longest)
-        if len(runs) == len(src_ids) or len(runs) > max_runs(request_id):
+        else:
+            if header.staged:
+                dst_ids = src_ids  # in place on the source side only
+            elif dst_block_ids is None or len(dst_block_ids) != len(src_ids):
+                return ()
+            else:
+                dst_ids = [int(i) for i in dst_block_ids]
+            longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // self._block_bytes))
+            runs = blocks.contiguous_runs(src_ids, dst_ids, longest)
+        if len(runs) == len(src_ids) or len(runs) > max_runs(header.request_id):
             return ()
         return tuple(runs)
 
@@ -236,7 +275,7 @@ class TorchDistSender(KVSender):
         )
         return SenderChannel(
             peer.describe(), open_group, self.kv_cache, self.config, self._lru.drop,
-            resend=self._resend,
+            resend=self._resend, heads=self.heads,
         )
 
     def _resend(self, job: SendJob) -> bool:
