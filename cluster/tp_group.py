@@ -26,6 +26,7 @@ Life of a group (``cluster.pools.WorkerFactory``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -97,6 +98,13 @@ class _Rank:
         run_rank(spec)
 
 
+@functools.cache
+def _rank_actor_class():
+    import ray
+
+    return ray.remote(_Rank)
+
+
 class RayRankHandle:
     """``engine.parallel.launch.RankHandle`` of a rank actor. Its ``run`` task's state is
     the rank's: running (None), returned after rank 0's stop message (0), or ended any
@@ -147,15 +155,14 @@ class RayRankLauncher:
     num_gpus: float
 
     def start(self, spec) -> RayRankHandle:
-        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if spec.device.startswith("cuda"):  # Ray shows each rank only its own GPU
             spec = replace(spec, device="cuda:0")
         strategy = PlacementGroupSchedulingStrategy(self.group, spec.rank)
-        actor = ray.remote(_Rank).options(
+        actor = _rank_actor_class().options(
             name=f"{self.worker_id}-rank{spec.rank}", num_cpus=self.num_cpus,
-            num_gpus=self.num_gpus, scheduling_strategy=strategy, max_restarts=0,
+            num_gpus=self.num_gpus, scheduling_strategy=strategy,
         ).remote()
         pid = actor.pid.remote()  # queued before run: answers as soon as the actor is up
         return RayRankHandle(actor, actor.run.remote(spec), pid)
@@ -200,6 +207,7 @@ class RankWatch:
         os._exit(EXIT_RANK_LOST)  # a clean exit would wait on the engine thread, stuck mid-step
 
 
+@functools.cache  # one class per worker class: Ray exports each actor class once
 def tensor_parallel_worker(cls: type) -> type:
     """``cls`` (a prefill or decode worker class) whose actor watches its ranks once it is
     built (``RankWatch``): a rank lost while serving ends the worker, and with it the group.
