@@ -69,6 +69,9 @@ class ClusterBackend(ServingBackend):
         self.max_migrations = max_migrations
         self.workers: dict[str, WorkerHandle] = {}  # PrefillHandle / DecodeHandle
         self._endpoints: dict[str, object] = {}  # decode worker id -> KV endpoint
+        # prefill worker id -> KV heads of each of its tensor-parallel ranks (the decode
+        # side plans its receives from them)
+        self._kv_heads: dict[str, list[tuple[int, int]]] = {}
         self._flights: dict[str, Flight] = {}  # client request id -> its record
         self._by_worker_rid: dict[str, Flight] = {}  # current attempt's worker-side id
         self._queued: dict[str, asyncio.Future] = {}  # worker-side id -> placement
@@ -95,6 +98,8 @@ class ClusterBackend(ServingBackend):
             if handle.role == "decode":
                 self._endpoints[handle.worker_id] = await handle.endpoint()
             self._tasks[handle.worker_id] = asyncio.create_task(self._pump(handle))
+        elif handle.role == "prefill":
+            self._kv_heads[handle.worker_id] = await handle.kv_heads()
         await self._report(handle)
         if self._membership is not None:  # wake requests waiting for a worker
             self._membership.set()
@@ -150,6 +155,7 @@ class ClusterBackend(ServingBackend):
         self.workers.pop(worker_id, None)
         self.last_stats.pop(worker_id, None)
         self._endpoints.pop(worker_id, None)
+        self._kv_heads.pop(worker_id, None)
         self._draining.pop(worker_id, None)
         task = self._tasks.pop(worker_id, None)
         if task is not None:
@@ -420,7 +426,7 @@ class ClusterBackend(ServingBackend):
                 return placement, None
             blocks = await self._call(d, "decode", d.reserve(
                 attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
-                flight.generated, siblings))
+                flight.generated, siblings, self._kv_heads.get(placement.prefill_worker_id)))
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again

@@ -149,6 +149,10 @@ class PrefillHandle(WorkerHandle):
         return await self.call("prefill", request_id, prompt_token_ids, params, peer,
                                dst_block_ids, None, list(output_token_ids), ship_always)
 
+    async def kv_heads(self) -> list[tuple[int, int]]:
+        """The KV heads each of its tensor-parallel ranks holds (one range without TP)."""
+        return await self.call("kv_heads")
+
 
 class DecodeHandle(WorkerHandle):
     """A decode worker (or a colocated one: the same class, prefilling locally)."""
@@ -159,11 +163,15 @@ class DecodeHandle(WorkerHandle):
 
     async def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params,
                       output_token_ids: Sequence[int] = (),
-                      siblings: Sequence[tuple] = ()) -> list[int] | None:
+                      siblings: Sequence[tuple] = (),
+                      source_heads: Sequence[tuple[int, int]] | None = None
+                      ) -> list[int] | None:
         """Blocks for the request's KV, or None when the worker has no room. ``siblings``:
-        n > 1, (id, params) of the other samples, forked there from the same KV."""
+        n > 1, (id, params) of the other samples, forked there from the same KV.
+        ``source_heads``: the sending prefill worker's ``kv_heads()`` (TP resharding)."""
         return await self.call("reserve", request_id, prompt_token_ids, params,
-                               list(output_token_ids), list(siblings))
+                               list(output_token_ids), list(siblings),
+                               None if source_heads is None else list(source_heads))
 
     async def start(self, request_id: str, first_token: int) -> bool:
         """The prefill's token is known: decode once the KV lands. False if the worker no

@@ -29,7 +29,7 @@ from engine.engine_host import EngineHost, HostedWorker
 from engine.outputs import RequestOutput, TokenDelta
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import Endpoint, TransferConfig
-from kv_transfer.registry import make_receiver
+from kv_transfer.group import GroupReceiver
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,15 @@ class DecodeWorker(HostedWorker):
 
             receiver_kwargs.update(actor=ray.get_runtime_context().current_actor,
                                    method="receive_kv")
-        self.receiver = make_receiver(self.transfer_config, self.host.engine.runner.kv_cache,
-                                      name=worker_id, **receiver_kwargs)
+        engine = self.host.engine
+        # One receiver per tensor-parallel rank, each taking its own KV heads (one rank:
+        # today's receiver, unchanged); see kv_transfer.group.
+        self.receiver = GroupReceiver(
+            self.transfer_config, engine.runner.kv_cache, worker_id,
+            engine.kv_heads_of_ranks(), engine.model_config.num_kv_heads,
+            call_ranks=lambda fn, *args: self.host.call(lambda e: e.call_ranks(fn, *args)),
+            kv_scales=(engine.cache_config.k_scale, engine.cache_config.v_scale),
+            **receiver_kwargs)
         self._kv_deadlines = DeadlineTimer(self._kv_timed_out)
 
     # -- disaggregated path ---------------------------------------------------------------------
@@ -77,11 +84,14 @@ class DecodeWorker(HostedWorker):
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 output_token_ids: list[int] = (),
-                siblings: list[tuple[str, SamplingParams]] = ()) -> list[int] | None:
+                siblings: list[tuple[str, SamplingParams]] = (),
+                source_heads: list[tuple[int, int]] | None = None) -> list[int] | None:
         """``output_token_ids``: a resumed request's tokens already streamed (see
         ``Engine.add_request``); their KV comes with the prompt's. ``siblings``: n > 1,
         (id, params) of the request's other samples, forked here once its KV landed (they
-        share its blocks; ``abort`` of the request aborts them too)."""
+        share its blocks; ``abort`` of the request aborts them too). ``source_heads``: the
+        sending prefill worker's KV heads per tensor-parallel rank
+        (``PrefillWorker.kv_heads``; None: one rank with every head)."""
         blocks = self.host.call(lambda e: e.reserve(request_id, prompt_token_ids, params,
                                                     output_token_ids=output_token_ids,
                                                     siblings=siblings))
@@ -90,7 +100,8 @@ class DecodeWorker(HostedWorker):
         self._add_family(request_id, siblings)
         with self._lock:
             self._incoming[request_id] = _Incoming(times={"reserved": time.time()})
-        self.receiver.expect(request_id, blocks, on_done=self._kv_done)
+        self.receiver.expect(request_id, blocks, on_done=self._kv_done,
+                             source_heads=source_heads)
         return blocks
 
     def start(self, request_id: str, first_token: int) -> bool:

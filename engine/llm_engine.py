@@ -125,6 +125,21 @@ class Engine:
         return elems * self.kv_cache_dtype.itemsize
 
     @property
+    def tensor_parallel_size(self) -> int:
+        return getattr(self.runner, "tensor_parallel_size", 1)
+
+    def kv_heads_of_ranks(self) -> list[tuple[int, int]]:
+        """Each rank's KV heads (global indices), rank 0 first (one range without TP)."""
+        from engine.parallel.shard import kv_heads_of_ranks
+
+        return kv_heads_of_ranks(self.model_config, self.tensor_parallel_size)
+
+    def call_ranks(self, fn, *args) -> None:
+        """Tensor parallelism: run ``fn(runner, comm, *args)`` on ranks 1..N-1 between two
+        steps (on the engine thread; see ``TPModelRunner.call_ranks``)."""
+        self.runner.call_ranks(fn, *args)
+
+    @property
     def kv_cache_dtype(self) -> torch.dtype:
         """The KV cache's element type: the model's, or fp8 (``CacheConfig.kv_cache_dtype``)."""
         from engine.attention.kv_quant import cache_dtype

@@ -33,7 +33,7 @@ from engine.errors import InvalidRequestError, SplitServeError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import Endpoint, TransferConfig, TransferHandle
-from kv_transfer.registry import make_sender
+from kv_transfer.group import GroupSender
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,24 @@ class PrefillWorker(HostedWorker):
         self.host = EngineHost(worker_id, self.role, model_dir, engine_options or {},
                                self._on_outputs)
         self.transfer_config = transfer_config or TransferConfig()
-        self.sender = make_sender(self.transfer_config, self.host.engine.runner.kv_cache,
-                                  name=worker_id, **sender_kwargs)
+        engine = self.host.engine
+        # One sender per tensor-parallel rank, each shipping its own KV heads (one rank:
+        # today's sender, unchanged); see kv_transfer.group.
+        self.sender = GroupSender(
+            self.transfer_config, engine.runner.kv_cache, worker_id,
+            engine.kv_heads_of_ranks(), engine.model_config.num_kv_heads,
+            call_ranks=self._call_ranks,
+            kv_scales=(engine.cache_config.k_scale, engine.cache_config.v_scale), **sender_kwargs)
         self.num_transfers_failed = 0
         self.host.engine.on_last_chunk_scheduled = self._announce
+
+    def _call_ranks(self, fn, *args) -> None:
+        self.host.call(lambda engine: engine.call_ranks(fn, *args))
+
+    def kv_heads(self) -> list[tuple[int, int]]:
+        """The KV heads each of this worker's tensor-parallel ranks holds (the decode side
+        plans its receives from them: ``DecodeWorker.reserve(source_heads=)``)."""
+        return self.host.engine.kv_heads_of_ranks()
 
     # -- called by the router (Ray actor methods) -------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -86,3 +86,12 @@ def kv_heads_per_rank(config, tensor_parallel_size: int) -> int:
     start, stop = Shard(0, tensor_parallel_size).kv_heads(config.num_kv_heads,
                                                           config.num_heads)
     return stop - start
+
+
+def kv_heads_of_ranks(config, tensor_parallel_size: int) -> list[tuple[int, int]]:
+    """Each rank's KV heads ``[start, stop)`` (global head indices), rank by rank: what a
+    worker's KV transfer needs to know of its own ranks and of its peers'."""
+    if tensor_parallel_size == 1:
+        return [(0, config.num_kv_heads)]
+    return [Shard(rank, tensor_parallel_size).kv_heads(config.num_kv_heads, config.num_heads)
+            for rank in range(tensor_parallel_size)]

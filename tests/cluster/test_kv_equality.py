@@ -128,7 +128,7 @@ def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir,
             # The receiver can land the KV before the sender's channel thread has completed
             # the job: "warm" means the channel is idle again (else it posts the next job).
             deadline = time.monotonic() + 10
-            while not all(c.idle() for c in p.sender._lru.channels()):
+            while not all(c.idle() for c in p.sender.local._lru.channels()):
                 assert time.monotonic() < deadline, "the sender's channel never went idle"
                 time.sleep(0.001)
         engine_thread = events[0][1]
@@ -159,7 +159,7 @@ def test_a_request_without_a_transfer_withdraws_its_announcement(model_dir):
         aborted.join(timeout=5)
         assert not aborted.is_alive(), "the decode abort waited for a transfer that never comes"
         assert d.free_blocks() == free
-        assert d.receiver.table.claimed_blocks("r1") == 0
+        assert d.receiver.local.table.claimed_blocks("r1") == 0
     finally:
         p.shutdown()
         d.shutdown()

@@ -1,0 +1,178 @@
+"""Prefill and decode workers of different tensor-parallel sizes: each rank ships its own KV
+heads to the decode ranks that hold them (``kv_transfer.group``), over torch.distributed
+(gloo) pair channels between the ranks' processes.
+
+For P TP=p -> D TP=d in {2->1, 1->2, 2->2}: the decode worker's greedy tokens equal a TP=1
+engine's; every decode rank's blocks hold exactly the prefill ranks' KV of its heads (read
+out of each rank's process); every block is free on every worker afterwards. A rank that
+dies mid-transfer fails its requests with a clear error, and nothing hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from decode_worker import DecodeWorker
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from kv_transfer.base import TransferConfig
+from prefill_worker import PrefillWorker
+
+OPTIONS = {"block_size": 4, "max_num_batched_tokens": 16, "load_tokenizer": False,
+           "warmup": False}
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPTS = [list(range(7, 7 + n)) for n in (5, 23, 37)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """llama tiny: 4 query heads, 2 KV heads — TP=2 splits the KV heads one per rank."""
+    from engine.make_model import make_model
+
+    return str(make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
+                          progress=False))
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    engine = Engine.from_pretrained(model_dir, block_size=4, load_tokenizer=False)
+    return [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
+
+
+def _dump_blocks(runner, comm, block_ids, path_pattern):
+    """On a rank's process: save its cache's ``block_ids`` (test-only OP_CALL)."""
+    torch.save(runner.kv_cache[block_ids].clone(), path_pattern.format(rank=comm.rank))
+
+
+def _shards(worker, block_ids, tmp_path, tag) -> list[torch.Tensor]:
+    """Every rank's KV of ``block_ids`` (rank 0's read here, the others' from their
+    processes), rank by rank."""
+    engine = worker.host.engine
+    pattern = str(tmp_path / f"{tag}-{{rank}}.pt")
+    tp = engine.tensor_parallel_size
+    if tp > 1:
+        worker.host.call(lambda e: e.call_ranks(_dump_blocks, list(block_ids), pattern))
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(pattern.format(rank=r)) for r in range(1, tp)):
+            assert time.monotonic() < deadline, "a rank never dumped its blocks"
+            time.sleep(0.05)
+        time.sleep(0.2)  # torch.save finished writing (the file appears first)
+    own = worker.host.call(lambda e: e.runner.kv_cache[list(block_ids)].clone())
+    return [own] + [torch.load(pattern.format(rank=r)) for r in range(1, tp)]
+
+
+def _by_head(shards, heads) -> dict[int, torch.Tensor]:
+    """head -> its KV [n, L, 2, bs, D] from the first rank holding it."""
+    out = {}
+    for shard, (lo, hi) in zip(shards, heads, strict=True):
+        for h in range(lo, hi):
+            out.setdefault(h, shard[:, :, :, :, h - lo])
+    return out
+
+
+def _decode(d: DecodeWorker, rid: str, first: int) -> list[int]:
+    assert d.start(rid, first)
+    tokens, deadline = [first], time.monotonic() + 60
+    while True:
+        for delta in d.get_outputs(1.0):
+            assert delta.request_id == rid
+            tokens.extend(delta.new_token_ids)
+            if delta.finish_reason is not None:
+                assert delta.finish_reason == "length", delta.error
+                return tokens
+        assert time.monotonic() < deadline, "decode never finished"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("p_tp,d_tp", [(2, 1), (1, 2), (2, 2)])
+def test_resharded_kv_gives_tp1_tokens_and_exact_heads(model_dir, expected, tmp_path, p_tp,
+                                                         d_tp):
+    config = TransferConfig(backend="torch_dist", timeout_s=30, host="127.0.0.1")
+    p = PrefillWorker("p0", model_dir, {**OPTIONS, "tensor_parallel_size": p_tp}, config)
+    d = DecodeWorker("d0", model_dir, {**OPTIONS, "tensor_parallel_size": d_tp}, config)
+    sent: dict[str, list[int]] = {}
+    original_send = p.sender.send
+
+    def recording_send(request_id, peer, src_block_ids, layers=None, **hints):
+        sent[request_id] = list(src_block_ids)
+        return original_send(request_id, peer, src_block_ids, layers, **hints)
+
+    p.sender.send = recording_send
+    landed = {}
+    original_done = d._kv_done
+
+    def on_done(request_id, error):
+        landed[request_id] = error
+        original_done(request_id, error)
+
+    d._kv_done = on_done
+    try:
+        heads_p = p.kv_heads()
+        heads_d = d.host.engine.kv_heads_of_ranks()
+        assert len(heads_p) == p_tp and len(heads_d) == d_tp
+        for i, (prompt, want) in enumerate(zip(PROMPTS, expected, strict=True)):
+            rid = f"r{i}"
+            dst = d.reserve(rid, prompt, GREEDY, source_heads=heads_p)
+            result = p.prefill(rid, prompt, GREEDY, d.endpoint(), dst, timeout_s=60)
+            deadline = time.monotonic() + 30
+            while rid not in landed:
+                assert time.monotonic() < deadline, f"{rid}: KV never landed"
+                time.sleep(0.01)
+            assert landed[rid] is None, landed[rid]
+            if i == len(PROMPTS) - 1:  # the longest prompt: compare every head, exactly
+                # Before decoding: the decode step would write the next token's KV.
+                src = _by_head(_shards(p, sent[rid], tmp_path, f"p{i}"), heads_p)
+                got = _shards(d, dst, tmp_path, f"d{i}")
+                n = len(prompt)
+                for shard, (lo, hi) in zip(got, heads_d, strict=True):
+                    for h in range(lo, hi):
+                        a = src[h].permute(1, 2, 0, 3, 4).flatten(2, 3)[:, :, :n]
+                        b = shard[:, :, :, :, h - lo].permute(1, 2, 0, 3, 4).flatten(2, 3)
+                        assert torch.equal(a, b[:, :, :n]), f"head {h} differs"
+                        assert a.abs().sum() > 0
+            assert _decode(d, rid, result.first_token) == want
+        # every block back on both sides (the prefill side's are released once sent)
+        deadline = time.monotonic() + 10
+        while p.free_blocks() != p.host.engine.num_blocks:
+            assert time.monotonic() < deadline, "prefill blocks not released"
+            time.sleep(0.02)
+        assert d.free_blocks() == d.host.engine.num_blocks
+        d.check_integrity()
+        p.check_integrity()
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_a_decode_rank_killed_fails_its_incoming_requests_clearly(model_dir):
+    """kill -9 of the decode worker's rank 1 while a request waits for its KV: the request
+    fails (it does not wait for the transfer deadline), and the error says which rank."""
+    config = TransferConfig(backend="torch_dist", timeout_s=60, host="127.0.0.1")
+    p = PrefillWorker("p0", model_dir, {**OPTIONS, "tensor_parallel_size": 1}, config)
+    d = DecodeWorker("d0", model_dir, {**OPTIONS, "tensor_parallel_size": 2}, config)
+    failed = threading.Event()
+    errors = {}
+    original_done = d._kv_done
+
+    def on_done(request_id, error):
+        errors[request_id] = error
+        failed.set()
+        original_done(request_id, error)
+
+    d._kv_done = on_done
+    try:
+        rank1 = d.host.engine.runner.handles[0]
+        dst = d.reserve("doomed", PROMPTS[1], GREEDY, source_heads=p.kv_heads())
+        os.kill(rank1.pid, signal.SIGKILL)
+        assert failed.wait(30), "the request waited on a dead rank"
+        assert "rank 1" in str(errors["doomed"]) and "gone" in str(errors["doomed"])
+        assert dst  # reserved before the kill
+    finally:
+        p.shutdown()
+        d.shutdown()
