@@ -66,3 +66,17 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    enforce_eager: bool = False
+    """Run every step eagerly: no CUDA graphs. Graphs apply on CUDA only (a CPU engine's
+    decode fast path is the compiled ``decode_step``), so on CPU this changes nothing."""
+    max_capture_batch: int | None = None
+    """Largest decode batch captured as a CUDA graph (buckets 1, 2, 4, 8, 16, 24, ... up to
+    it; see engine.cuda_graphs); None: max_num_seqs. Larger decode steps run eagerly."""
+
+    def __post_init__(self) -> None:
+        if self.max_capture_batch is not None and self.max_capture_batch < 1:
+            raise ValueError(f"max_capture_batch={self.max_capture_batch} must be >= 1")

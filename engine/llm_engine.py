@@ -11,16 +11,26 @@ and the baseline disaggregation must beat. One step reads::
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from engine import cuda_graphs
 from engine.batch import SchedulerOutput
 from engine.block_pool import BlockPool, NoFreeBlocksError
-from engine.config import CacheConfig, SchedulerConfig
+from engine.config import CacheConfig, GraphConfig, SchedulerConfig
 from engine.errors import InvalidRequestError, WorkerFatalError
 from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.memory_budget import (
+    GIB,
+    CudaMemoryProfiler,
+    MemoryProfile,
+    MemoryProfiler,
+    budget_from_profile,
+    kv_cache_log_line,
+)
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.parallel.shard import kv_heads_per_rank
@@ -29,19 +39,22 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.text_output import TextTracker
 
+log = logging.getLogger(__name__)
+
 
 class Engine:
     def __init__(self, model_dir: str | Path, *, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, dtype: str = "float32",
                  device: str = "cpu", attention_backend: str | None = None, seed: int = 0,
                  load_tokenizer: bool = True, tensor_parallel_size: int = 1,
-                 parallel: dict | None = None) -> None:
+                 parallel: dict | None = None, graph_config: GraphConfig | None = None) -> None:
         from engine.attention.registry import select_backend
         from engine.model_config import ModelConfig
         from engine.models.loader import load_model
 
         self.model_dir = Path(model_dir)
         self.cache_config = cache_config = cache_config or CacheConfig()
+        self.graph_config = graph_config or GraphConfig()
         self.device = torch.device(device)
         self.dtype = _parse_dtype(dtype)
         self.model_config = ModelConfig.from_pretrained(self.model_dir)
@@ -56,9 +69,7 @@ class Engine:
         self.kv_heads_per_rank = kv_heads_per_rank(self.model_config, tensor_parallel_size)
         if tensor_parallel_size == 1:
             self.model = load_model(self.model_dir, self.dtype, self.device, self.attn_backend)
-            self.num_blocks = self._num_kv_blocks()
-            self.runner = ModelRunner(self.model, self._allocate_kv_cache(self.num_blocks),
-                                      cache_config.block_size, self.device, seed)
+            self.runner = self._single_device_runner(seed)  # sets self.num_blocks
         else:  # starts ranks 1..N-1; sets self.model (rank 0's shard) and self.num_blocks
             from engine.parallel.launch import ParallelConfig, start_tensor_parallel
 
@@ -94,7 +105,7 @@ class Engine:
                         enable_prefix_caching: bool = True, **kwargs) -> Engine:
         """vLLM-style constructor. Extra kwargs: max_model_len, num_blocks,
         attention_backend, seed, load_tokenizer, gpu_memory_utilization, kv_cache_dtype,
-        k_scale, v_scale,
+        k_scale, v_scale, enforce_eager (no CUDA graphs), max_capture_batch,
         tensor_parallel_size (N > 1 starts N - 1 more ranks: call ``close()``), parallel
         (``engine.parallel.launch.ParallelConfig`` fields, and ``launcher``)."""
         cache = CacheConfig(
@@ -112,8 +123,10 @@ class Engine:
             max_num_seqs=max_num_seqs,
             max_model_len=kwargs.pop("max_model_len", 1 << 20),
         )
+        graphs = GraphConfig(enforce_eager=kwargs.pop("enforce_eager", False),
+                             max_capture_batch=kwargs.pop("max_capture_batch", None))
         return cls(model_dir, cache_config=cache, scheduler_config=sched, dtype=dtype,
-                   device=device, **kwargs)
+                   device=device, graph_config=graphs, **kwargs)
 
     # -- memory ----------------------------------------------------------------------------
     @property
@@ -146,12 +159,56 @@ class Engine:
 
         return cache_dtype(self.cache_config.kv_cache_dtype, self.dtype)
 
-    def _num_kv_blocks(self) -> int:
+    def _single_device_runner(self, seed: int) -> ModelRunner:
+        """The runner of a one-device engine: the KV cache sized (on CUDA from a profiled
+        run: engine.memory_budget) and allocated; on CUDA the decode graphs captured, over
+        a cache with one scratch block past the pool's (engine.cuda_graphs)."""
+        cc, sched = self.cache_config, self.scheduler_config
+        sizes = self._graph_sizes()
+        profiler = None
+        if (self.device.type == "cuda" and cc.kv_cache_memory_bytes is None
+                and cc.num_blocks_override is None):
+            profiler = CudaMemoryProfiler(
+                self.model, self.device, self._allocate_kv_cache, cc.block_size,
+                min(sched.max_num_batched_tokens, sched.max_model_len), sched.max_num_seqs,
+                sched.max_model_len, max(sizes) if sizes else None)
+        self.num_blocks = n = self._num_kv_blocks(profiler)
+        if not sizes:
+            return ModelRunner(self.model, self._allocate_kv_cache(n), cc.block_size,
+                               self.device, seed)
+        kv_cache = self._allocate_kv_cache(n + 1)  # block n: the graphs' padding rows' scratch
+        runner = ModelRunner(self.model, kv_cache[:n], cc.block_size, self.device, seed)
+        runner.decode_graphs = cuda_graphs.capture_decode_graphs(
+            self.model, kv_cache, sizes, sched.max_model_len, cc.block_size, scratch_block=n)
+        return runner
+
+    def _graph_sizes(self) -> list[int]:
+        """The decode batch sizes to capture as CUDA graphs; none on CPU, with
+        ``enforce_eager``, or when the model or attention backend cannot be captured."""
+        if self.device.type != "cuda" or self.graph_config.enforce_eager:
+            return []
+        blocker = cuda_graphs.capture_blocker(self.model, self.attn_backend)
+        if blocker is not None:
+            log.info("CUDA graphs off: %s; decode steps run eagerly", blocker)
+            return []
+        max_seqs = self.scheduler_config.max_num_seqs
+        return cuda_graphs.capture_sizes(min(self.graph_config.max_capture_batch or max_seqs,
+                                             max_seqs))
+
+    def _num_kv_blocks(self, profiler: MemoryProfiler | None = None) -> int:
+        """KV blocks for this engine (this rank). ``profiler``: a one-device CUDA engine's
+        budget from ``gpu_memory_utilization`` and a measured profile (engine.memory_budget;
+        it logs what it gave); without one, CUDA (tensor-parallel ranks) takes its share
+        less what the process holds."""
         cc = self.cache_config
         if cc.num_blocks_override is not None:
             return cc.num_blocks_override
+        profile = None
         if cc.kv_cache_memory_bytes is not None:
             budget = cc.kv_cache_memory_bytes
+        elif profiler is not None:
+            profile = profiler.profile()
+            budget = budget_from_profile(profile, cc.gpu_memory_utilization)
         elif self.device.type == "cuda":
             # Our share of the card minus what this process already holds (weights), and
             # never more than is actually free (other processes may share the GPU).
@@ -164,6 +221,10 @@ class Engine:
         blocks_per_seq = cdiv(self.scheduler_config.max_model_len, cc.block_size)
         needed = self.scheduler_config.max_num_seqs * blocks_per_seq
         num_blocks = min(budget // self.bytes_per_block, needed)
+        if profile is not None:
+            _check_profiled_budget(num_blocks, profile, cc.gpu_memory_utilization)
+            log.info(kv_cache_log_line(num_blocks, cc.block_size, self.bytes_per_block, profile,
+                                       cc.gpu_memory_utilization))
         if num_blocks < blocks_per_seq and num_blocks < 2:
             raise ValueError(
                 f"KV cache budget of {budget} bytes holds {num_blocks} blocks of "
@@ -511,6 +572,19 @@ class Engine:
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()
+
+
+def _check_profiled_budget(num_blocks: int, profile: MemoryProfile,
+                           utilization: float) -> None:
+    """A CUDA budget that holds fewer than two blocks: say what took the memory."""
+    if num_blocks < 2:
+        raise ValueError(
+            f"no room for a KV cache on the GPU at gpu_memory_utilization {utilization:g}: "
+            f"{profile.total / GIB:.2f} GiB in all, {profile.free / GIB:.2f} GiB free, weights "
+            f"{profile.weights / GIB:.2f} GiB, activations peak "
+            f"{profile.activation_peak / GIB:.2f} GiB, CUDA graphs {profile.graphs / GIB:.2f} "
+            "GiB; raise gpu_memory_utilization, lower max_num_batched_tokens or max_num_seqs, "
+            "set enforce_eager, or free the GPU")
 
 
 def _progress(total: int):

@@ -3,7 +3,9 @@
 It owns the device state: the model, the paged KV cache
 ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` and the sampler.
 Inputs, slot mapping included, are built from Python ints in one pass per request (ranges
-per block, no per-token tensor ops), then moved to the device in two tensors.
+per block, no per-token tensor ops), then moved to the device in two tensors. On CUDA,
+decode-only steps that fit a captured bucket replay a CUDA graph instead
+(``decode_graphs``, set by the engine; see ``engine.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.batch import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from engine.cpu_kernels_build import load_cpu_kernels
+from engine.cuda_graphs import DecodeGraphs
 from engine.sampler import Sampler
 
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions scored at once: bounds the [rows, vocab] logits
@@ -33,20 +36,34 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(device, seed)
+        # CUDA graphs of decode-only steps (engine.cuda_graphs); None: every step eager.
+        self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cpu":  # a first build happens now, not in the first request
             load_cpu_kernels()
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, metadata, sample_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, metadata)
+        hidden, sample_rows = self._forward(batch)
         prompt_logprobs = self._prompt_logprobs(batch, hidden)
-        if not sample_rows.numel():
-            return ModelRunnerOutput([], None, prompt_logprobs)
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        if sample_rows is not None:
+            if not sample_rows.numel():
+                return ModelRunnerOutput([], None, prompt_logprobs)
+            hidden = hidden.index_select(0, sample_rows)
+        logits = self.model.compute_logits(hidden)
         requests = [e.request for e in batch.scheduled if e.sample]
         tokens, logprobs = self.sampler(logits, requests)
         return ModelRunnerOutput(tokens, logprobs, prompt_logprobs)
+
+    def _forward(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden [T, hidden], the rows sampled, None meaning every row): by a CUDA graph
+        replay when the step is decode-only and fits a captured bucket, else eagerly."""
+        graphs = self.decode_graphs
+        if graphs is not None and batch.num_decodes == len(batch.scheduled):
+            hidden = graphs.try_run(batch.scheduled)
+            if hidden is not None:
+                return hidden, _graph_sample_rows(batch, self.device)
+        input_ids, positions, metadata, sample_rows = self._prepare(batch)
+        return self.model(input_ids, positions, self.kv_cache, metadata), sample_rows
 
     def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor) -> dict:
         """request id -> (first position, TokenLogprobs) for each chunk that computes prompt
@@ -156,6 +173,15 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         return longs[:T], longs[T : 2 * T], metadata, longs[3 * T :]
+
+
+def _graph_sample_rows(batch: SchedulerOutput, device: torch.device) -> torch.Tensor | None:
+    """The sampled rows of a decode-only step: None when every row is (the common case:
+    only a one-token prompt chunk that is not the prompt's last is not sampled)."""
+    rows = [i for i, entry in enumerate(batch.scheduled) if entry.sample]
+    if len(rows) == len(batch.scheduled):
+        return None
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def _to_tensor(values: list[int], typecode: str, dtype: torch.dtype,

@@ -24,6 +24,10 @@ class AttentionBackend(ABC):
     auto_device_types: tuple[str, ...] | None = None
     # Whether it reads an fp8 KV cache (``kv_quant``); the registry refuses the others then.
     supports_fp8_kv: bool = False
+    # Whether its forward can be captured in a CUDA graph for decode-only steps planned
+    # from ``AttentionMetadata.static_shapes`` (no host sync, launch shapes from the batch
+    # size alone); the engine runs the others eagerly (engine.cuda_graphs).
+    supports_cuda_graphs: bool = False
     # (k_scale, v_scale) of an fp8 cache: it stores x / scale (see ``kv_quant``).
     kv_scales: tuple[float, float] = (1.0, 1.0)
 

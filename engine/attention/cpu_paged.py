@@ -24,6 +24,7 @@ from engine.attention.torch_ref import TorchAttentionBackend
 class CpuPagedAttentionBackend(TorchAttentionBackend):
     name = "cpu_paged"
     supports_fp8_kv = False  # the compiled kernels read float32 caches
+    supports_cuda_graphs = False  # CPU only (its decode fast path is decode_step)
     requirements = "a CPU device and a C++ compiler to build the paged attention kernels"
 
     @classmethod

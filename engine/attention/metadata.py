@@ -38,6 +38,11 @@ class AttentionMetadata:
     num_decodes: int  # leading sequences with exactly one query token
     max_query_len: int
     max_seq_len: int
+    # CUDA graph capture (engine.cuda_graphs): the step is recorded once and replayed with
+    # other values in the same buffers, so a backend must plan from shapes alone: the host
+    # lists hold upper bounds (seq_lens_cpu: the longest context a replay may have), and
+    # nothing may read device values on the host or size a tensor by them.
+    static_shapes: bool = False
     # (block_size, (blocks, offsets)) once ``slot_index`` computed it: shared by all layers.
     _slot_index: tuple | None = field(default=None, repr=False, compare=False)
 

@@ -20,6 +20,12 @@ Contract with the model runner:
 * keep the whole KV cache finite (allocate it with ``torch.zeros``, not ``torch.empty``):
   decodes read padded slots past ``seq_len`` and mask them, and ``0 * NaN`` is still NaN.
 
+CUDA graphs (``AttentionMetadata.static_shapes``): the decodes are one group gathering every
+row's whole block-table width (the longest context a replay may have), masked past each
+``seq_len`` on the device: the captured kernels then fit any step of that batch size, at
+the price of reading the full width every step (the Triton backend reads only up to each
+``seq_len``).
+
 An fp8 cache (``kv_quant``) is quantised on write and dequantised after each gather; prefill
 chunks then read their own K/V back from the cache too, so a chunk attends to exactly the
 values later steps will see (as the Triton kernels do).
@@ -107,6 +113,7 @@ MIN_GROUP_ROWS = 8
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     supports_fp8_kv = True
+    supports_cuda_graphs = True  # static plans read no device value on the host
 
     def __init__(self) -> None:
         # The plan of the step being run, and the metadata object it was built from.
@@ -249,7 +256,8 @@ def _decode_groups(md: AttentionMetadata, block_size: int,
                    dtype: torch.dtype) -> list[_DecodeGroup]:
     nd = md.num_decodes
     lens = md.seq_lens_cpu[:nd]
-    num_groups = min(MAX_DECODE_GROUPS, nd // MIN_GROUP_ROWS)
+    # A graph replays one plan for every step: no grouping by (changing) lengths.
+    num_groups = 1 if md.static_shapes else min(MAX_DECODE_GROUPS, nd // MIN_GROUP_ROWS)
     if num_groups <= 1:
         return [_decode_group(md, None, list(range(nd)), lens, block_size, dtype)]
     order = sorted(range(nd), key=lens.__getitem__)

@@ -55,6 +55,10 @@ class TritonAttentionBackend(AttentionBackend):
     requirements = "the triton package and CUDA (on CPU: TRITON_INTERPRET=1, for tests)"
     auto_device_types = ("cuda",)  # on CPU the interpreter is a test tool, never a default
     supports_fp8_kv = True
+    # Capturable: the kernels loop to each row's seq_len read on the device, and a static
+    # plan (AttentionMetadata.static_shapes) sizes the launch from the batch size and the
+    # longest context a replay may have.
+    supports_cuda_graphs = True
 
     def __init__(self, *, num_sms: int | None = None,
                  split_tokens: int = DEFAULT_SPLIT_TOKENS, block_n: int = 64) -> None:
