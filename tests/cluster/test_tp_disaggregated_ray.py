@@ -38,7 +38,7 @@ def expected(model_dir):
     return [o.token_ids for o in outs], [o.text for o in outs]
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (1, 2), (2, 2)], ids=lambda pd: "P%dD%d" % pd)
+@pytest.fixture(scope="module", params=[(2, 1), (1, 2), (2, 2)], ids=lambda pd: f"P{pd[0]}D{pd[1]}")
 def server(request, model_dir):
     import ray
 
