@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from kv_transfer.errors import LayoutMismatch, TransferError
-from kv_transfer.header import STAGED, TransferHeader
+from kv_transfer.header import REFUSE, STAGED, TransferHeader, check_request_id
 
 OnDone = Callable[[str, TransferError | None], None]  # (request_id, error or None)
 HeadRange = tuple[int, int]  # [first, last + 1) global KV head indices
@@ -176,6 +176,25 @@ def send_header(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blo
     return TransferHeader.for_blocks(
         request_id, kv_cache, num_blocks, layers, peer.describe(), runs, sent, kv_scales,
         0 if whole else STAGED)
+
+
+def refusal(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blocks: int,
+            layers: tuple[int, int] | None, own_heads: HeadRange | None,
+            kv_scales: KVScales, heads: HeadRange | None) -> TransferHeader | None:
+    """The REFUSE header of a send that ``send_header`` refused: the sender's side of it, so
+    that the receiver fails the request at once naming what differs. None if the request id
+    does not fit a header."""
+    try:
+        check_request_id(request_id, peer.describe())
+    except TransferError:
+        return None
+    mine, num_layers = check_heads(kv_cache, own_heads), kv_cache.shape[1]
+    h0, h1 = heads if heads is not None and 0 <= heads[0] < heads[1] < 2**16 else mine
+    l0, l1 = layers if layers is not None and 0 <= layers[0] < layers[1] < 2**16 \
+        else (0, num_layers)
+    return TransferHeader(REFUSE, request_id, num_blocks, l0, l1, kv_cache.dtype,
+                          (kv_cache.shape[3], h1 - h0, kv_cache.shape[5]), head_start=h0,
+                          kv_scales=(float(kv_scales[0]), float(kv_scales[1])))
 
 
 @dataclass(frozen=True)

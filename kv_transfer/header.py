@@ -5,7 +5,7 @@ posts the same receive. Little-endian::
 
     offset  size  field
     0       4     magic b"KVH5"
-    4       1     kind (1 = DATA, 2 = CLOSE, 3 = ANNOUNCE, 4 = RETRACT)
+    4       1     kind (1 = DATA, 2 = CLOSE, 3 = ANNOUNCE, 4 = RETRACT, 5 = REFUSE)
     5       1     dtype code (index into DTYPES)
     6       2     layer_start
     8       2     layer_end (exclusive)
@@ -101,7 +101,12 @@ DATA = 1  # a request's KV payload follows
 CLOSE = 2  # the sender closes the channel; no payload follows
 ANNOUNCE = 3  # a payload will follow on ``tag`` (receives may be posted now); nothing follows
 RETRACT = 4  # an announcement is withdrawn: one 1-byte message per announced message follows
-KINDS = (DATA, CLOSE, ANNOUNCE, RETRACT)
+# The sender refused to send a request (its cache does not match the receiver's): the
+# header describes the sender's side (dtype, scales, heads) so that the receiver fails the
+# request at once with what differs, instead of waiting for KV that never comes. Nothing
+# follows.
+REFUSE = 5
+KINDS = (DATA, CLOSE, ANNOUNCE, RETRACT, REFUSE)
 DATA_TAG = 1  # tag of unannounced payload messages (announced ones: their own tag, above it)
 STAGED = 1  # flag: the receiver takes each message into staging and scatters it (see above)
 

@@ -34,10 +34,17 @@ from kv_transfer.base import (
     cache_layout,
     check_heads,
     fail_fast,
+    refusal,
     send_header,
 )
-from kv_transfer.errors import PeerClosed, TransferAborted, TransferError, TransferTimeout
-from kv_transfer.header import TransferHeader
+from kv_transfer.errors import (
+    LayoutMismatch,
+    PeerClosed,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
+from kv_transfer.header import REFUSE, TransferHeader
 from kv_transfer.receiving import ExpectTable, TableReceiver
 
 
@@ -117,6 +124,9 @@ class LoopbackHub:
             receiver = self._receivers.get(job.peer.name)
         if receiver is None:
             job.handle.fail(PeerClosed(rid, peer, "no such receiver (closed or never opened)"))
+        elif job.header.kind == REFUSE:
+            receiver.table.refuse(job.header, job.sender.name)
+            job.handle.succeed(TransferStats(0, 0.0))
         elif fault is not None and fault.kind == "fail":
             error = PeerClosed(rid, peer, "injected failure")
             receiver.table.fail_id(rid, error)
@@ -172,6 +182,12 @@ class LoopbackSender(KVSender):
             header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers,
                                  own_heads=self.heads, kv_scales=self.kv_scales, heads=heads)
         except TransferError as error:
+            if isinstance(error, LayoutMismatch):  # tell the receiver, so that it fails too
+                notice = refusal(request_id, self.kv_cache, peer, len(src_block_ids), layers,
+                                 self.heads, self.kv_scales, heads)
+                if notice is not None:
+                    self.hub.submit(_Job(self, peer, notice, torch.empty(0, dtype=torch.long),
+                                         TransferHandle(request_id)))
             return fail_fast(handle, error)
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)
         with self._lock:

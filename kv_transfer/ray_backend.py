@@ -22,6 +22,7 @@ exposes the method the endpoint names::
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -45,10 +46,17 @@ from kv_transfer.base import (
     cache_layout,
     check_heads,
     fail_fast,
+    refusal,
     send_header,
 )
-from kv_transfer.errors import PeerClosed, TransferAborted, TransferError, TransferTimeout
-from kv_transfer.header import TransferHeader
+from kv_transfer.errors import (
+    LayoutMismatch,
+    PeerClosed,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
+from kv_transfer.header import REFUSE, TransferHeader
 from kv_transfer.receiving import ExpectTable, TableReceiver
 
 # (receiver endpoint, header, [n] int64 source block ids, handle)
@@ -86,6 +94,12 @@ class RaySender(KVSender):
             header = send_header(request_id, self.kv_cache, peer, len(src_block_ids), layers,
                                  own_heads=self.heads, kv_scales=self.kv_scales, heads=heads)
         except TransferError as error:
+            if isinstance(error, LayoutMismatch):  # tell the receiver, so that it fails too
+                notice = refusal(request_id, self.kv_cache, peer, len(src_block_ids), layers,
+                                 self.heads, self.kv_scales, heads)
+                if notice is not None:
+                    self._queue.put((peer, notice, torch.empty(0, dtype=torch.long),
+                                     TransferHandle(request_id)))
             return fail_fast(handle, error)
         src_index = blocks.check_ids(self.kv_cache, src_block_ids)
         with self._lock:
@@ -121,6 +135,11 @@ class RaySender(KVSender):
     ) -> None:
         """Gather, put and call the receiver; arm the timeout. Completion is asynchronous."""
         rid, who, timeout = header.request_id, peer.describe(), self.config.timeout_s
+        if header.kind == REFUSE:  # no payload, no answer awaited
+            with contextlib.suppress(Exception):  # the receiver times the request out
+                getattr(peer.actor, peer.method).remote(header.encode().numpy().tobytes(),
+                                                        np.empty(0, dtype=np.uint8))
+            return
         start = time.perf_counter()
         lo = self.heads[0]
         payload = blocks.gather(self.kv_cache, src_index,

@@ -34,7 +34,7 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import HeadRange, KVReceiver, KVScales, OnDone, check_heads
 from kv_transfer.errors import LayoutMismatch, TransferError
-from kv_transfer.header import TransferHeader
+from kv_transfer.header import REFUSE, TransferHeader
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,18 @@ class ExpectTable:
             return None
         return entry
 
+    def refuse(self, header: TransferHeader, peer: str) -> None:
+        """The sender refused to send a request (a REFUSE header: see ``header``): fail it
+        now with what differs between the two caches."""
+        with self._lock:
+            entry = self._expected.get(header.request_id)
+        if entry is None:
+            return
+        problem = self._mismatch(header, entry) or (
+            "the sender refused to send it: its KV cache does not match this receiver's "
+            "(see the sender's log)")
+        self.fail(entry, LayoutMismatch(header.request_id, peer, problem))
+
     def write(self, entry: Expected, h: TransferHeader, buffer: torch.Tensor) -> bool:
         """Scatter the payload ``buffer`` ``[n, l1 - l0, 2, bs, heads, D]`` of header ``h``
         into the entry's blocks (their head slice), unless it was aborted or failed
@@ -226,6 +238,9 @@ class ExpectTable:
 
     def deliver(self, header: TransferHeader, buffer: torch.Tensor, peer: str) -> bool:
         """Whole-payload delivery (loopback, ray): begin, write, finish. True if written."""
+        if header.kind == REFUSE:
+            self.refuse(header, peer)
+            return False
         entry = self.begin(header, peer)
         if entry is None:
             return False
@@ -237,8 +252,6 @@ class ExpectTable:
 
     def _mismatch(self, header: TransferHeader, entry: Expected) -> str:
         kv = self.kv_cache
-        if header.num_blocks != entry.dst_index.numel():
-            return f"{header.num_blocks} blocks sent, {entry.dst_index.numel()} reserved"
         if header.dtype != kv.dtype:
             return (f"payload dtype {str(header.dtype).removeprefix('torch.')} != receiver "
                     f"cache dtype {str(kv.dtype).removeprefix('torch.')}: prefill and decode "
@@ -251,6 +264,8 @@ class ExpectTable:
         if (bs, hd) != (kv.shape[3], kv.shape[5]):
             cache = tuple(kv.shape[3:])
             return f"payload blocks {header.block_shape} do not fit cache blocks {cache}"
+        if header.num_blocks != entry.dst_index.numel():
+            return f"{header.num_blocks} blocks sent, {entry.dst_index.numel()} reserved"
         if header.heads not in entry.parts:
             lo, hi = header.heads
             return (f"payload KV heads [{lo}, {hi}) are not a part this receiver expects "

@@ -19,6 +19,7 @@ from kv_transfer.header import (
     DATA,
     DATA_TAG,
     MAX_RUN_BYTES,
+    REFUSE,
     RETRACT,
     TransferHeader,
     empty_header,
@@ -98,6 +99,9 @@ class ReceiverChannel:
         return header
 
     def _handle(self, group: Any, h: TransferHeader, current: list[_BlockReceives]) -> None:
+        if h.kind == REFUSE:  # nothing follows
+            self._table.refuse(h, self.peer)
+            return
         if h.kind != DATA and h.tag == DATA_TAG or h.kind == DATA and h.tag < DATA_TAG:
             raise PeerClosed(None, self.peer, f"header kind {h.kind} with tag {h.tag} (bad sender)")
         if h.largest_message_nbytes() > max(MAX_RUN_BYTES, h.block_nbytes()):

@@ -46,7 +46,16 @@ import torch
 from kv_transfer import blocks
 from kv_transfer.base import Endpoint, TransferConfig, TransferHandle, TransferStats
 from kv_transfer.errors import PeerClosed, TransferError
-from kv_transfer.header import ANNOUNCE, CLOSE, DATA, DATA_TAG, RETRACT, TransferHeader, run_window
+from kv_transfer.header import (
+    ANNOUNCE,
+    CLOSE,
+    DATA,
+    DATA_TAG,
+    REFUSE,
+    RETRACT,
+    TransferHeader,
+    run_window,
+)
 from kv_transfer.torch_dist.announcements import _LAST_TAG, FIRST_ANNOUNCED_TAG
 from kv_transfer.torch_dist.staging import Staging
 
@@ -57,7 +66,7 @@ log = logging.getLogger(__name__)
 class SendJob:
     """One send, from ``submit`` until its handle completes."""
 
-    header: TransferHeader  # what goes on the wire first (DATA, ANNOUNCE or RETRACT)
+    header: TransferHeader  # what goes on the wire first (DATA, ANNOUNCE, RETRACT, REFUSE)
     src_ids: list[int]  # source block ids, in the request's order ([] for RETRACT)
     handle: TransferHandle  # completed by the channel thread
     channel: SenderChannel | None = None  # the channel it was submitted to
@@ -121,7 +130,7 @@ class _PayloadSend:
         self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
-        self.messages = [] if h.kind == ANNOUNCE else h.messages()
+        self.messages = [] if h.kind in (ANNOUNCE, REFUSE) else h.messages()
         if h.kind == DATA and (self.via_host or self.gather_heads is not None):
             self.depth = run_window(channel.config.inflight_messages, h.runs)
             self.slots = channel.staging_slots(group, h, self.depth)

@@ -28,9 +28,10 @@ from kv_transfer.base import (
     TransferHandle,
     check_heads,
     fail_fast,
+    refusal,
     send_header,
 )
-from kv_transfer.errors import PeerClosed, TransferAborted, TransferError
+from kv_transfer.errors import LayoutMismatch, PeerClosed, TransferAborted, TransferError
 from kv_transfer.header import (
     ANNOUNCE,
     DATA,
@@ -130,6 +131,8 @@ class TorchDistSender(KVSender):
             try:
                 header = self._header(request_id, peer, src_ids, layers, dst_block_ids, heads)
             except TransferError as error:
+                if isinstance(error, LayoutMismatch):
+                    self._refuse(request_id, peer, len(src_ids), layers, heads)
                 return fail_fast(handle, error)
         job = SendJob(header, src_ids, handle, encoded=encoded, peer=peer)
         with self._lock:
@@ -217,6 +220,21 @@ class TorchDistSender(KVSender):
         """An announced DATA header made unannounced (for a channel that never saw it)."""
         runs = self._runs(header, src_ids, dst_block_ids)
         return dataclasses.replace(header, runs=runs, tag=DATA_TAG)
+
+    def _refuse(self, request_id: str, peer: Endpoint, num_blocks: int,
+                layers: tuple[int, int] | None, heads: HeadRange | None) -> None:
+        """Tell the receiver that a request will not come and why (a REFUSE header), so that
+        it fails there at once too instead of timing out."""
+        notice = refusal(request_id, self.kv_cache, peer, num_blocks, layers,
+                         self._own_heads, self.kv_scales, heads)
+        if notice is None:
+            return
+        job = SendJob(notice, [], TransferHandle(request_id))
+        with self._lock:
+            if self._closed or not self._lru.get(peer).submit(job):
+                return
+        self._post(job)
+        job.handle.add_done_callback(_log_control_failure)
 
     def _retract(self, channel: SenderChannel | None, header: TransferHeader) -> None:
         """Settle an announcement without its payload (see ``channels``); nothing to do if

@@ -42,7 +42,8 @@ def backend(request):
         opened.extend([*senders, *receivers])
         return senders, receivers
 
-    build.name = request.param
+    build.name, build.extra, build.opened = request.param, (
+        {"hub": hub} if hub is not None else {}), opened
     yield build
     for obj in opened:  # senders first: their CLOSE ends the receivers' channel threads
         if not hasattr(obj, "expect"):
@@ -170,6 +171,33 @@ def test_dtype_and_scale_mismatches_fail_with_what_to_change(backend):
     sender.send("next", ep, SRC_IDS, dst_block_ids=DST_IDS).result(timeout=20)
     done.wait_for("next")
     assert done.errors["next"] is None
+    setup.check_landed()
+
+
+def test_a_refused_send_fails_the_request_on_the_receiver_too(backend):
+    """A prefill pool with an fp8 cache and a decode pool with a float32 one: the send is
+    refused at once, and the receiver fails that request at once with what to change (no
+    wait for KV that never comes); the sender's other requests are unaffected."""
+    setup = Setup((8, 8, 1, 1), seed=8)
+    (sender,), (receiver,) = backend(setup)
+    fp8_cache = torch.zeros_like(setup.dst_caches[0], dtype=torch.float8_e4m3fn)
+    fp8 = make_receiver(sender.config, fp8_cache, name="d-fp8", **backend.extra)
+    backend.opened.append(fp8)
+    done = Completions()
+    fp8.expect("mixed", DST_IDS, done)
+    handle = sender.send("mixed", fp8.endpoint(), SRC_IDS, dst_block_ids=DST_IDS)
+    with pytest.raises(LayoutMismatch, match="sender cache dtype float32 != receiver cache "
+                       "dtype float8_e4m3fn"):
+        handle.result(timeout=1)
+    done.wait_for("mixed")
+    assert isinstance(done.errors["mixed"], LayoutMismatch)
+    assert ("payload dtype float32 != receiver cache dtype float8_e4m3fn: prefill and "
+            "decode pools must use the same kv_cache_dtype") in str(done.errors["mixed"])
+    assert fp8_cache.view(torch.uint8).count_nonzero() == 0
+    receiver.expect("fine", DST_IDS, done)
+    sender.send("fine", receiver.endpoint(), SRC_IDS, dst_block_ids=DST_IDS).result(20)
+    done.wait_for("fine")
+    assert done.errors["fine"] is None
     setup.check_landed()
 
 

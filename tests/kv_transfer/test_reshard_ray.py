@@ -3,6 +3,7 @@ receiver in an actor of its own holding its heads."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,19 @@ def test_ray_decode_ranks_get_exactly_their_heads(cluster, case):
         assert rid == "bad" and f"payload KV heads [{half[0]}, {half[1]}) are not a part" in error
         with pytest.raises(LayoutMismatch, match="not held by both"):
             senders[0].send("x", endpoints[0], SRC_IDS, heads=(0, 9)).result(timeout=60)
+        # Refused at send (other fp8 scales): the receiver fails the request at once too.
+        ray.get(ranks[0].expect.remote("scaled", DST_IDS, None))
+        scaled = make_sender(CONFIG, setup.src_caches[0], name="scaled",
+                             heads=setup.src_heads[0], kv_scales=(0.5, 1.0))
+        senders.append(scaled)
+        with pytest.raises(LayoutMismatch, match="must use the same k_scale and v_scale"):
+            scaled.send("scaled", endpoints[0], SRC_IDS,
+                        heads=setup.routes[0].heads).result(timeout=60)
+        deadline = time.monotonic() + 30
+        while not (polled := ray.get(ranks[0].poll.remote())) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the refusal is a fire-and-forget actor call
+        [(rid, error)] = polled
+        assert rid == "scaled" and "payload kv scales (k, v) (0.5, 1.0)" in error
         assert torch.equal(blocks.gather(ray.get(ranks[0].cache.remote()), DST_IDS),
                            blocks.gather(setup.dst_caches[0], DST_IDS))  # nothing rewritten
     finally:
