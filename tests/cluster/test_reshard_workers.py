@@ -149,6 +149,30 @@ def test_resharded_kv_gives_tp1_tokens_and_exact_heads(model_dir, expected, tmp_
         d.shutdown()
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_prefill_tp2_to_decode_tp1_gives_tp1_tokens(tmp_path, arch):
+    """Mixture-of-experts: each prefill rank holds half the experts and half the KV heads;
+    the decode worker (all experts, all heads) continues with TP=1 Engine's tokens."""
+    from engine.make_model import make_model
+
+    path = str(make_model(tmp_path / arch, arch, "tiny", seed=0, progress=False))
+    engine = Engine.from_pretrained(path, block_size=4, load_tokenizer=False)
+    want = [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
+    config = TransferConfig(backend="torch_dist", timeout_s=30, host="127.0.0.1")
+    p = PrefillWorker("p0", path, {**OPTIONS, "tensor_parallel_size": 2}, config)
+    d = DecodeWorker("d0", path, OPTIONS, config)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            dst = d.reserve(f"m{i}", prompt, GREEDY, source_heads=p.kv_heads())
+            result = p.prefill(f"m{i}", prompt, GREEDY, d.endpoint(), dst, timeout_s=60)
+            assert _decode(d, f"m{i}", result.first_token) == want[i]
+        assert d.free_blocks() == d.host.engine.num_blocks
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
 @pytest.mark.timeout(180)
 def test_a_decode_rank_killed_fails_its_incoming_requests_clearly(model_dir):
     """kill -9 of the decode worker's rank 1 while a request waits for its KV: the request
