@@ -1,0 +1,97 @@
+"""A rank of a disaggregated tensor-parallel worker dies (``kill -9``) on a real local Ray
+cluster, prefill TP=2 -> decode TP=2: every stream ends — finished with the undisturbed
+tokens (migrated) or failed with a clear error, none hangs — the lost worker group is
+replaced as a whole, and every block is free again afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from test_ray_cluster import ENGINE, ServerThread, _config
+from test_tp_ray import MAX_TOKENS, PROMPTS, _alive, _rank_pids, _Streams
+
+from engine import Engine, SamplingParams
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from engine.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
+                      progress=False)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    engine = Engine.from_pretrained(model_dir, block_size=4)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    import ray
+
+    tp2 = {**ENGINE, "tensor_parallel_size": 2}
+    config = _config(model_dir, "torch_dist", prefill={"num_cpus": 0.5, "engine": tp2},
+                     decode={"num_cpus": 0.5, "engine": tp2})
+    server = ServerThread(config)
+    yield server
+    server.stop()
+    ray.shutdown()
+
+
+def _worker_of(server: ServerThread, role: str) -> str:
+    (worker_id,) = [w for w, h in server.server.cluster.backend.workers.items()
+                    if h.role == role]
+    return worker_id
+
+
+def _check_outcomes(streams: _Streams, expected) -> None:
+    for tokens, outcome, want in zip(streams.tokens, streams.outcome, expected, strict=True):
+        if outcome == "length":  # migrated (or done before the kill): undisturbed tokens
+            assert tokens == want
+        else:  # failed: a clear error, after a prefix of the right tokens
+            assert isinstance(outcome, Exception), outcome
+            assert "tensor-parallel" in str(outcome) or "retry" in str(outcome), outcome
+            assert tokens == want[:len(tokens)]
+
+
+def _replaced(server: ServerThread, role: str, victim: str, old_rank: int) -> None:
+    cluster = server.server.cluster
+    deadline = time.monotonic() + 120
+    while True:
+        ids = [w for w, h in cluster.backend.workers.items() if h.role == role]
+        if ids and victim not in ids:
+            break
+        assert time.monotonic() < deadline, f"the lost {role} group was not replaced"
+        time.sleep(0.1)
+    (new,) = ids
+    assert victim not in cluster.factory._groups
+    (rank1,) = _rank_pids(server, new)
+    assert _alive(rank1) and rank1 != old_rank
+    while (free := server.free_blocks()) != server.total_blocks():
+        assert time.monotonic() < deadline, f"blocks not freed: {free}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_kill_9_of_a_rank_mid_stream_ends_every_stream_and_replaces_the_group(server,
+                                                                           expected, role):
+    victim = _worker_of(server, role)
+    (rank1,) = _rank_pids(server, victim)
+    streams = _Streams(server)
+    streams.wait_until(lambda: all(len(t) >= 3 for t in streams.tokens))
+    os.kill(rank1, signal.SIGKILL)
+    streams.join()
+    _check_outcomes(streams, expected)
+    _replaced(server, role, victim, rank1)
+    again = _Streams(server)  # and the cluster serves exactly as before
+    again.join()
+    assert again.tokens == expected
