@@ -45,6 +45,8 @@ class EngineSection(_Frozen):
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV budget in bytes; "
                                               "None: a fraction of GPU memory / CPU default.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory.")
+    enforce_eager: bool = Field(False, description="No CUDA graphs: every step runs eagerly "
+                                "(CUDA workers only; CPU workers never capture graphs).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes.")
     attention_backend: str | None = Field(None, description="torch, flash_attn, or None "
                                           "(auto: flash_attn when installed on CUDA).")

@@ -31,7 +31,7 @@ import sys
 import time
 
 ENGINE_FLAGS = ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                "gpu_memory_utilization", "enable_prefix_caching")
+                "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager")
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -88,6 +88,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="N", help="GPUs each "
                    "worker splits the model over (engine.tensor_parallel_size of both "
                    "pools; --prefill-tp / --decode-tp set one pool)")
+    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA "
+                   "graphs: every decode step runs eagerly (engine.enforce_eager; CUDA "
+                   "workers capture decode graphs by default)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=None, help="reuse the KV of shared prompt prefixes "
                    "(engine.enable_prefix_caching; default on)")

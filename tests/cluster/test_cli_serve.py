@@ -41,6 +41,8 @@ def test_vllm_flags_set_both_pools_engines():
                 e.gpu_memory_utilization, e.enable_prefix_caching) == (1024, 32, 12, 256, 0.5,
                                                                        False)
     assert load_config(_args("--enable-prefix-caching")).decode.engine.enable_prefix_caching
+    assert load_config(_args("--enforce-eager")).prefill.engine.enforce_eager
+    assert not load_config(_args()).prefill.engine.enforce_eager
 
 
 def test_a_flag_wins_over_the_yaml_and_an_absent_flag_keeps_it(tmp_path):
