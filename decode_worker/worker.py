@@ -92,6 +92,7 @@ class DecodeWorker(HostedWorker):
         share its blocks; ``abort`` of the request aborts them too). ``source_heads``: the
         sending prefill worker's KV heads per tensor-parallel rank
         (``PrefillWorker.kv_heads``; None: one rank with every head)."""
+        self.host.engine.precompile(params)  # here, not on the engine thread
         blocks = self.host.call(lambda e: e.reserve(request_id, prompt_token_ids, params,
                                                     output_token_ids=output_token_ids,
                                                     siblings=siblings))
@@ -188,6 +189,7 @@ class DecodeWorker(HostedWorker):
         """Prefill here and decode; outputs stream through ``stream_outputs``
         (``output_token_ids``: a resumed request's tokens already streamed; ``siblings``:
         n > 1, forked once the prompt is computed)."""
+        self.host.engine.precompile(params)  # here, not on the engine thread
         with self._lock:
             self._times[request_id] = {"local_arrival": time.time()}
         try:

@@ -321,6 +321,15 @@ class Engine:
         if spec is not None:
             request.grammar = self.grammar_backend().new_state(spec, request.output_token_ids)
 
+    def precompile(self, params: SamplingParams | None) -> None:
+        """Compile ``params``' structured-output spec now, on the calling thread (thread
+        safe), so that adding the request on the engine thread finds it compiled: a new
+        JSON schema takes 1-3 s to compile, which would stall every running request of
+        this worker. Raises what adding the request would (a bad spec)."""
+        spec = params.structured if params is not None else None
+        if spec is not None:
+            self.grammar_backend().compile(spec.kind, spec.spec)
+
     def grammar_backend(self):
         """This model's structured-output backend (``engine.structured.grammar``), built on
         first use from the tokenizer files (also with load_tokenizer=False)."""

@@ -96,6 +96,7 @@ class PrefillWorker(HostedWorker):
         ``output_token_ids``: a resumed request's tokens already streamed (prefilled after
         the prompt; the token returned is the one after them). ``ship_always``: ship the KV
         even when that token ends the request (n > 1: its siblings decode from it)."""
+        self.host.engine.precompile(params)  # here, not on the engine thread
         future: Future = Future()
         times = {"prefill_arrival": time.time()}
         with self._lock:
