@@ -115,6 +115,7 @@ class GlobalScheduler:
         self._speeds_changed = True
         self._default_speed = 1.0
         self._bs = self.config.block_size
+        self._local_prefill = self.config.local_prefill_threshold_tokens > 0
         self._stale: dict[str, WorkerState] = {}
         """Workers changed since the pools' indexes last saw them: re-keyed once before the
         next placement (a worker often changes several times between two placements)."""
@@ -254,8 +255,8 @@ class GlobalScheduler:
 
     def _request_info(self, request_id: str, n: int, hashes: tuple[int, ...]) -> RequestInfo:
         bs = self.config.block_size
-        matched = self._index.match(hashes) if hashes else {}
-        cached = {w: min(b * bs, n - 1) for w, b in matched.items()}
+        matched = self._index.match(hashes) if hashes else None
+        cached = {w: min(b * bs, n - 1) for w, b in matched.items()} if matched else {}
         if self._speeds_changed:  # mean measured speed, for workers that have none yet
             known = [s.prefill_speed for s in self._workers.values() if s.prefill_speed > 0]
             self._default_speed = sum(known) / len(known) if known else 1.0
@@ -270,7 +271,7 @@ class GlobalScheduler:
             self._stale.clear()
         req = self._request_info(request_id, n, hashes)
         need = math.ceil(n / self.config.block_size)
-        placement = self._try_local(req, need)
+        placement = self._try_local(req, need) if self._local_prefill else None
         if placement is None:
             placement = self._try_pair(req, need)
         if placement is None:

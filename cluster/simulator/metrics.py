@@ -13,6 +13,8 @@ Refused and unfinished requests miss. Goodput = requests meeting both / trace sp
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from cluster.policy_config import SLOConfig
@@ -44,18 +46,22 @@ class Recorder:
         self.finish = np.full(n, np.nan)
         self.cached = np.zeros(n)
         self.refused = np.zeros(n, dtype=bool)
-        self._runs: list[tuple[float, float, int, int]] = []
+        self.runs: list[tuple[float, float, int, int]] = []
+        """(first step s, last step s, steps, batch) per decode run (``decode_run``)."""
         self.replicas: list[tuple[float, int, int, int]] = []  # (t, prefill, decode, colocated)
         self.decisions: list[dict] = []
 
     def decode_run(self, d0: float, d1: float, m: int, batch: int) -> None:
-        self._runs.append((d0, d1, m, batch))
+        self.runs.append((d0, d1, m, batch))
 
     def itl_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """Four points per run, evenly over its step durations, weighted m * B / 4."""
-        if not self._runs:
+        if not self.runs:
             return np.zeros(0), np.zeros(0)
-        runs = np.asarray(self._runs, dtype=float)
+        # fromiter over the flattened tuples: np.asarray(list of tuples) spends ~4x longer
+        # discovering the shape (seconds for the millions of runs of a 1,000-GPU trace)
+        flat = itertools.chain.from_iterable(self.runs)
+        runs = np.fromiter(flat, dtype=float, count=4 * len(self.runs)).reshape(-1, 4)
         d0, d1, m, b = runs.T
         frac = np.array([0.0, 1 / 3, 2 / 3, 1.0])
         values = d0[:, None] + (d1 - d0)[:, None] * frac[None, :]

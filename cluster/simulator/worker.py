@@ -27,6 +27,7 @@ import dataclasses
 import heapq
 import math
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from cluster.simulator.profiles import CostProfile
@@ -86,7 +87,7 @@ class SimWorker:
         self.busy = False
         self.version = 0
         self.seg: tuple[float, int, int, int, float, float, float] = (0, 0, 0, 0, 0, 0, 0)
-        self.chunks: list[tuple[SimRequest, int]] = []
+        self.chunks: Sequence[tuple[SimRequest, int]] = _NO_CHUNKS  # the step's prompt chunks
         self.busy_s = 0.0
         self.alive_from, self.alive_to = now, math.inf
         self.draining = False
@@ -97,6 +98,8 @@ class SimWorker:
         self._evicted: set[int] = set()
         self.prefill_speed = prof.prefill_tokens_per_s(self.chunk)
         self._kv_c = prof.decode_per_kv_byte_s * prof.kv_bytes_per_token  # s per KV token read
+        self._decode_fixed_s, self._decode_per_seq_s = prof.decode_fixed_s, prof.decode_per_seq_s
+        self._schedule = host.schedule
         self._fields = _constant_fields(self)
         self._believed: tuple | None = None
         """(requests held, backlog, free blocks, draining) as the scheduler derives them."""
@@ -106,15 +109,17 @@ class SimWorker:
     def accept_prefill(self, r: SimRequest, now: float) -> None:
         """Queue ``r``'s prompt here (prefill role, or a local prefill on decode/colocated)."""
         hits = 0
-        for h in r.hashes:
-            if h not in self.lru:
-                break
-            self.lru.move_to_end(h)
-            hits += 1
+        if r.hashes:
+            lru = self.lru
+            for h in r.hashes:
+                if h not in lru:
+                    break
+                lru.move_to_end(h)
+                hits += 1
         r.cached = r.computed = min(hits * self.block_size, r.prompt - 1)
-        r.prefill_left = r.prompt - r.cached
+        r.prefill_left = left = r.prompt - r.cached
         self.prefill_q.append(r)
-        self.queued_tokens += r.prefill_left
+        self.queued_tokens += left
         self.kick(now)
 
     def reserve(self, r: SimRequest) -> None:
@@ -166,17 +171,21 @@ class SimWorker:
                 heapq.heappush(heap, (steps + r.output - 1, r.idx, r))
                 self.sum_ctx += r.ctx_join
         batch = len(heap)
-        self.chunks = self._take_chunks(self.chunk - batch) if self.prefill_q else []
-        p = self.prof
-        if self.chunks:
-            n = sum(c for _, c in self.chunks)
-            attn = sum(c * (r.computed + c / 2) for r, c in self.chunks)
+        chunks = (self._take_chunks(self.chunk - batch) if self.prefill_q and self.chunk > batch
+                  else _NO_CHUNKS)
+        self.chunks = chunks
+        if chunks:
+            n, attn = 0, 0
+            for r, c in chunks:  # tokens computed, attention pairs (= sum(), same order)
+                n += c
+                attn += c * (r.computed + c / 2)
+            p = self.prof
             base = p.decode_step_s(batch, self.sum_ctx) if batch else p.prefill_fixed_s
             dur = base + p.prefill_per_token_s * n + p.prefill_per_attn_pair_s * attn
             self.seg = (now, 1, batch, self.sum_ctx, dur, 0.0, dur)
         elif batch:
             m = heap[0][0] - self.steps
-            a = p.decode_fixed_s + p.decode_per_seq_s * batch
+            a = self._decode_fixed_s + self._decode_per_seq_s * batch
             c, k0 = self._kv_c, self.sum_ctx
             # _run_time(m, a, c, k0, batch), inlined (once per decode run)
             dur = m * a + c * (m * k0 + batch * m * (m - 1) / 2)
@@ -186,14 +195,16 @@ class SimWorker:
             return
         self.busy = True
         self.version += 1
-        self.host.schedule(now + dur, self)
+        self._schedule(now + dur, self)
 
     def _take_chunks(self, budget: int) -> list[tuple[SimRequest, int]]:
+        """The step's prompt chunks, FIFO, within ``budget`` (> 0) tokens."""
         chunks = []
+        cap = self.max_prefill_seqs
         for r in self.prefill_q:
-            if budget <= 0 or len(chunks) >= self.max_prefill_seqs:
+            if budget <= 0 or len(chunks) >= cap:
                 break
-            n = min(r.prefill_left, budget)
+            n = r.prefill_left if r.prefill_left < budget else budget
             chunks.append((r, n))
             budget -= n
         return chunks
@@ -201,16 +212,19 @@ class SimWorker:
     def _interrupt(self, now: float) -> None:
         t0, m, batch, k0, a, c, _ = self.seg
         elapsed = now - t0
-        qa, qb = c * batch / 2, a + c * k0 - c * batch / 2
+        qa = c * batch / 2
+        qb = a + c * k0 - qa
         done = elapsed / qb if qa == 0 else (-qb + math.sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa)
         new_m = max(1, int(done) + 1)
-        while _run_time(new_m, a, c, k0, batch) < elapsed:
+        dur = new_m * a + c * (new_m * k0 + batch * new_m * (new_m - 1) / 2)  # = _run_time
+        while dur < elapsed:  # the closed form's rounding, corrected
             new_m += 1
+            dur = _run_time(new_m, a, c, k0, batch)
         if new_m >= m:
             return
-        self.seg = (t0, new_m, batch, k0, a, c, _run_time(new_m, a, c, k0, batch))
+        self.seg = (t0, new_m, batch, k0, a, c, dur)
         self.version += 1
-        self.host.schedule(t0 + self.seg[6], self)
+        self._schedule(t0 + dur, self)
 
     def _finish_segment(self, now: float) -> None:
         t0, m, batch, k0, a, c, dur = self.seg
@@ -231,14 +245,16 @@ class SimWorker:
                 self.reserved -= r.blocks
                 host.finished(r, now)
         if chunks:
+            done = 0
             for r, n in chunks:
                 r.prefill_left -= n
                 r.computed += n
-                self.queued_tokens -= n
+                done += n
+            self.queued_tokens -= done
             q = self.prefill_q
             while q and q[0].prefill_left == 0:
                 self._prefill_complete(q.popleft(), now)
-            self.chunks = []
+            self.chunks = _NO_CHUNKS
 
     def _prefill_complete(self, r: SimRequest, now: float) -> None:
         self._cache(r.hashes)
@@ -281,7 +297,9 @@ class SimWorker:
         replaced by the next snapshot sent.)"""
         waiting = len(self.prefill_q) + len(self.decode_wait) + self.expecting
         running = len(self.heap)
-        free = max(0, self.total_blocks - self.reserved)
+        free = self.total_blocks - self.reserved
+        if free < 0:
+            free = 0
         view = (waiting + running, self.queued_tokens, free, self.draining)
         if view == self._believed and not (self._added or self._evicted):
             return None
@@ -309,11 +327,14 @@ class SimWorker:
             added, evicted = tuple(self._added), tuple(self._evicted)
             self._added.clear()
             self._evicted.clear()
-        # the hot path (one per worker change): fill a copy of this worker's constant fields
-        # instead of the frozen dataclass's __init__, which sets fields one
-        # object.__setattr__ at a time and re-validates what the counters guarantee; the
-        # result is the same object (equal, same type: tests/cluster/test_sim_speed.py)
-        fields = self._fields.copy()
+        # the hot path (one per worker change): fill the new object's own __dict__ with this
+        # worker's constant fields and set the changing ones, instead of the frozen
+        # dataclass's __init__ (~8x slower: it sets fields one object.__setattr__ at a time
+        # and re-validates what the counters guarantee); the result is the same object
+        # (equal, same type: tests/cluster/test_sim_speed.py)
+        stats = _new(WorkerStats)
+        fields = stats.__dict__
+        fields.update(self._fields)
         fields["num_waiting"] = waiting
         fields["num_running"] = running
         fields["queued_prefill_tokens"] = self.queued_tokens
@@ -322,12 +343,11 @@ class SimWorker:
         fields["cached_block_hashes_added"] = added
         fields["cached_block_hashes_evicted"] = evicted
         fields["timestamp"] = now
-        stats = _new(WorkerStats)
-        _set(stats, "__dict__", fields)
         return stats
 
 
-_new, _set = object.__new__, object.__setattr__
+_new = object.__new__
+_NO_CHUNKS: tuple = ()  # a decode run's (or an idle worker's) prompt chunks
 
 
 def _constant_fields(w: SimWorker) -> dict:
