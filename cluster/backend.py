@@ -89,6 +89,14 @@ class ServingBackend(ABC):
         """Abort a request if it is still running; a no-op otherwise."""
 
     @abstractmethod
+    async def abort_sample(self, request_id: str, index: int) -> None:
+        """n > 1: end sample ``index`` of a running request (the router matched a stop
+        string in it) and free what only it holds; the request's other samples go on, and
+        the sample's final output ("abort") follows. A no-op if the sample already ended,
+        or cannot end alone yet (its KV is still arriving: it then runs to its end and the
+        router drops its outputs)."""
+
+    @abstractmethod
     def is_ready(self) -> bool:
         """True when at least one worker of each needed role can take requests."""
 

@@ -209,6 +209,25 @@ class ClusterBackend(ServingBackend):
             for one in (flight, *flight.children):  # n > 1: samples that went on alone
                 await self._abort_attempt(one.attempt)
 
+    async def abort_sample(self, request_id: str, index: int) -> None:
+        flight = self._flights.get(request_id)
+        if flight is None or index in flight.finished:
+            return
+        alone = f"{request_id}.{index}"  # a sample that went on alone after a failure
+        for child in flight.children:
+            if child.request_id == alone:
+                await self._abort_attempt(child.attempt)
+                return
+        attempt = flight.attempt
+        worker_rid = next((rid for rid, i in attempt.members.items() if i == index), None)
+        decode = self.workers.get(attempt.decode_id or "")
+        if worker_rid is None or decode is None:
+            return
+        try:  # the worker ends it only once it decodes on its own blocks
+            await decode.call("abort_sample", worker_rid)
+        except Exception as e:  # a lost worker: the migration path handles the request
+            log.warning("abort of sample %d of %s failed: %s", index, request_id, e)
+
     async def _abort_attempt(self, attempt: Attempt) -> None:
         """Free the attempt's resources on every worker of it that is still alive."""
         fut = self._queued.pop(attempt.worker_rid, None)

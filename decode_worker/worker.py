@@ -221,6 +221,21 @@ class DecodeWorker(HostedWorker):
             self._on_outputs(outs)
         return bool(outs)
 
+    def abort_sample(self, request_id: str) -> bool:
+        """n > 1: end one member of a family (the router matched a stop string in it),
+        leaving the others running. Only a member that decodes (its KV landed, the family
+        forked): before that, the other samples still need the shared blocks, and the
+        router drops this one's outputs instead. True if it was ended."""
+        with self._lock:
+            if request_id in self._incoming:
+                return False
+        out = self.host.call(lambda e: e.abort(request_id)
+                             if request_id in e.scheduler.requests
+                             and e.scheduler.requests[request_id].output_token_ids else None)
+        if out is not None:
+            self._on_outputs([out])
+        return out is not None
+
     def _forget_sibling(self, request_id: str) -> None:
         """A finished member leaves its family; the last one takes the family along
         (called with the lock held)."""

@@ -8,8 +8,8 @@ One ``RequestState`` follows one admitted request. ``process(output)`` turns eac
 
 A request of n > 1 samples has one detokenizer per sample (``BackendOutput.index``); the
 request is finished when every sample has had its final chunk. A sample ended by a stop
-string here goes on in the backend until the request ends (its later outputs are dropped):
-the backend aborts whole requests only.
+string here is ended on the workers too (``ServingBackend.abort_sample``, called by the
+service); outputs of it still in flight are dropped.
 
 It also keeps the latency metrics: TTFT at the first token, ITL between later outputs (the
 gap shared by the tokens of a coalesced output), E2E, the running/waiting gauges and the

@@ -204,6 +204,11 @@ class GenerationService:
                 if out.finish_reason == "error":
                     raise _backend_error(out)
                 chunk = state.process(out)
+                if (chunk is not None and chunk.finish_reason is not None
+                        and out.finish_reason is None and not state.finished):
+                    # n > 1: a stop string ended this sample here; end it on the workers
+                    # too (the request's other samples go on).
+                    self._background(self.backend.abort_sample(prep.request_id, out.index))
                 if chunk is not None:
                     yield chunk
                 if backend_done and not state.finished:
@@ -258,10 +263,15 @@ class GenerationService:
         if outputs is None:
             return
         abort = None if backend_done else (lambda: self.backend.abort(request_id))
-        task = asyncio.get_running_loop().create_task(outputs.close(abort))
-        self._cleanups.add(task)  # held until done (the loop keeps only weak references)
+        await asyncio.shield(self._background(outputs.close(abort)))
+
+    def _background(self, coro) -> asyncio.Task:
+        """Run a backend clean-up as a task of its own, held until done (the loop keeps
+        only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-        await asyncio.shield(task)
+        return task
 
     @property
     def num_cleanups(self) -> int:

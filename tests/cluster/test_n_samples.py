@@ -115,3 +115,42 @@ def test_n_samples_survive_their_decode_workers_death(model_dir):
     assert tokens == _alone(model_dir, params)
     assert all(f.finish_reason == "length" for f in finals.values())
     assert migrations["decode"] >= 1
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_one_sample_ended_alone_stops_decoding_and_the_others_go_on(model_dir, index):
+    """What the router does when a stop string ends one sample (``abort_sample``): that
+    sample's final output is "abort" at once and its decode stops (it no longer holds a
+    running slot or its own blocks); the other samples finish as they would have — sample
+    0 included, whose blocks its forked siblings share copy-on-write."""
+    params = _params(120)
+
+    async def main():
+        cluster = Cluster(_config(model_dir), mode="local")
+        await cluster.start()
+        try:
+            decode = next(w for wid, w in cluster.factory._objects.items()
+                          if wid.startswith("decode"))
+            engine = decode.host.engine
+            samples: dict[int, list[int]] = {}
+            task = asyncio.create_task(_collect(cluster.backend, "s", params, samples))
+            await _until(lambda: len(samples) == N and all(len(s) >= 3 for s in
+                                                             samples.values()))
+            await cluster.backend.abort_sample("s", index)
+            running = decode.host.call(lambda e: len(e.scheduler.running))
+            tokens, finals = await asyncio.wait_for(task, 60)
+            pool = engine.pool
+            await _until(lambda: pool.num_free == pool.num_blocks, 5)
+            return tokens, finals, running
+        finally:
+            await cluster.shutdown()
+
+    tokens, finals, running = asyncio.run(main())
+    alone = _alone(model_dir, params)
+    assert running == N - 1  # the ended sample left the batch at once
+    assert finals[index].finish_reason == "abort"
+    assert len(tokens[index]) < params.max_tokens
+    assert tokens[index] == alone[index][:len(tokens[index])]
+    for i in set(range(N)) - {index}:
+        assert finals[i].finish_reason == "length"
+        assert tokens[i] == alone[i]

@@ -63,6 +63,7 @@ class FakeBackend(ServingBackend):
         self.started = False
         self.submitted: list[BackendRequest] = []
         self.aborted: list[str] = []
+        self.samples_aborted: list[tuple[str, int]] = []  # (request id, sample index)
         self._abort_events: dict[str, asyncio.Event] = {}
         self._cond = threading.Condition()
 
@@ -97,6 +98,9 @@ class FakeBackend(ServingBackend):
         event = self._abort_events.get(request_id)
         if event is not None:
             event.set()
+
+    async def abort_sample(self, request_id: str, index: int) -> None:
+        self.samples_aborted.append((request_id, index))
 
     def submit(self, request: BackendRequest) -> AsyncIterator[BackendOutput]:
         self.submitted.append(request)

@@ -124,3 +124,23 @@ def test_grpc_messages_carry_the_sample_index(n_stack, tokenizer, stream):
         texts[m.index] += m.text
     assert texts == {i: _expected(tokenizer, i) for i in range(2)}
     assert sum(1 for m in msgs if m.finish_reason) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_sample_ended_by_a_stop_string_is_ended_in_the_backend(client, n_stack, stream):
+    """Sample i replies ``reply[i:]``, so sample 2 meets " lazy" first, then 1, then 0:
+    the router ends samples 2 and 1 itself and asks the backend to end them
+    (``abort_sample``: their decoding would be wasted); sample 0's stop ends the request,
+    whose clean-up needs no per-sample abort."""
+    rid = f"stopper-{stream}"
+    resp = client.completions.create(model="fake-model", prompt="hi", n=3, max_tokens=200,
+                                     stop=[" lazy"], stream=stream,
+                                     extra_body={"request_id": rid})
+    if stream:
+        finishes = {c.index: c.finish_reason for event in resp for c in event.choices
+                    if c.finish_reason}
+    else:
+        finishes = {c.index: c.finish_reason for c in resp.choices}
+    assert finishes == {0: "stop", 1: "stop", 2: "stop"}
+    ended = sorted(i for r, i in n_stack.backend.samples_aborted if r == rid)
+    assert ended == [1, 2]
