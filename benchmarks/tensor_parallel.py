@@ -35,9 +35,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # benchmarks/kv_transfer.py would shadow the kv_transfer package
 
 import torch
 
@@ -114,6 +118,260 @@ def _threads(tp: int) -> int:
     return max(1, torch.get_num_threads() // tp)
 
 
+# -- --transfer: KV resharding between TP sizes vs raw send/recv ------------------------------
+# Llama-3.2-1B's KV: 16 layers x 8 KV heads x 64 dims, bf16, block size 16 (512 KiB a block).
+KV_LAYERS, KV_HEADS, HEAD_DIM, BLOCK, KV_DTYPE = 16, 8, 64, 16, torch.bfloat16
+CACHE_SEED = 1234
+
+
+def full_kv(num_blocks: int) -> torch.Tensor:
+    """The model's whole KV cache, the same random bits in every process (seeded)."""
+    gen = torch.Generator().manual_seed(CACHE_SEED)
+    shape = (num_blocks, KV_LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM)
+    return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=gen).view(KV_DTYPE)
+
+
+def transfer_config():
+    from kv_transfer import TransferConfig
+
+    return TransferConfig(host="127.0.0.1", timeout_s=120)
+
+
+def raw_pair(store, rank: int):
+    """A standalone two-rank gloo group for the baseline, built like a pair channel's."""
+    import datetime
+
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    opts._timeout = datetime.timedelta(seconds=120)
+    return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> None:
+    """Child: decode rank ``rank``'s cache, its KV receiver and the raw baseline's ends."""
+    import threading
+
+    import torch.distributed as dist
+
+    from kv_transfer import blocks
+    from kv_transfer.torch_dist import TorchDistReceiver
+
+    torch.set_num_threads(1)
+    lo, hi = heads
+    kv = torch.zeros_like(full_kv(1)[:, :, :, :, lo:hi]).expand(num_blocks, -1, -1, -1, -1, -1)
+    kv = kv.contiguous()
+    receiver = TorchDistReceiver(transfer_config(), kv, name=f"decode-{rank}", heads=heads)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    conn.send((receiver.endpoint(), store.port))
+    lock = threading.Lock()
+
+    def reply(*msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    raw: dict[int, tuple] = {}  # route index -> (group, receive buffer)
+    while (msg := conn.recv())[0] != "stop":
+        if msg[0] == "raw_groups":  # [(route index, bytes)], in global route order
+            for i, nbytes in msg[1]:
+                group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 1)
+                raw[i] = (group, torch.empty(nbytes, dtype=torch.uint8))
+            reply("ready")
+        elif msg[0] == "expect":
+            _, rid, dst, parts = msg
+            receiver.expect(rid, dst, lambda r, e: reply("done", None if e is None else str(e)),
+                            parts=parts)
+            reply("ready")
+        elif msg[0] == "raw":
+            works = [group.recv([buf], 0, 0) for group, buf in raw.values()]
+            reply("ready")
+            for work in works:
+                work.wait()
+            reply("done", None)
+        elif msg[0] == "check":
+            _, src, dst = msg
+            want = blocks.gather(full_kv(num_blocks), src)[:, :, :, :, lo:hi]
+            reply("check", torch.equal(blocks.gather(kv, dst).view(torch.int16),
+                                       want.contiguous().view(torch.int16)))
+    receiver.close()
+
+
+def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> None:
+    """Child: prefill rank ``rank``'s cache, its KV sender and the raw baseline's ends."""
+    import torch.distributed as dist
+
+    from kv_transfer.torch_dist import TorchDistSender
+
+    torch.set_num_threads(1)
+    lo, hi = heads
+    kv = full_kv(num_blocks)[:, :, :, :, lo:hi].contiguous()
+    sender = TorchDistSender(transfer_config(), kv, name=f"prefill-{rank}", heads=heads)
+    raw: list[tuple] = []  # (group, send buffer) per route of this rank
+    handles: list = []
+    while (msg := conn.recv())[0] != "stop":
+        if msg[0] == "raw_groups":  # [(route index, host, port, bytes)], in global order
+            for i, host, port, nbytes in msg[1]:
+                store = dist.TCPStore(host, port, is_master=False)
+                group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 0)
+                raw.append((group, kv.view(-1).view(torch.uint8)[:nbytes].clone()))
+            conn.send(("ready",))
+        elif msg[0] == "prepare":  # as the prefill worker: announced a step ahead
+            _, rid, routes, src, dst = msg
+            for peer, route_heads in routes:
+                sender.announce(rid, peer, src, dst, heads=route_heads)
+            conn.send(("ready",))
+        elif msg[0] == "go":
+            _, rid, routes, src, dst = msg
+            handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
+                       for peer, route_heads in routes]
+        elif msg[0] == "raw_go":
+            for work in [group.send([buf], 1, 0) for group, buf in raw]:
+                work.wait()
+        elif msg[0] == "results":
+            errors = [str(h.error) for h in handles if h.wait(60) and h.error is not None]
+            conn.send(("results", errors))
+    sender.close()
+
+
+def expect(conn, kind: str):
+    msg = conn.recv()
+    if msg[0] != kind:
+        raise RuntimeError(f"benchmark: expected {kind!r} from a rank, got {msg}")
+    if kind == "done" and msg[1] is not None:
+        raise RuntimeError(f"benchmark: transfer failed: {msg[1]}")
+    return msg
+
+
+def bench_transfer(p: int, d: int, layouts: list[str], args) -> list[dict]:
+    """Every layout for one p -> d, in fresh rank processes."""
+    import torch.multiprocessing as mp
+
+    from engine.parallel.shard import Shard
+    from kv_transfer.reshard import parts_for, plan_routes, routes_from
+
+    n = args.transfer_tokens // BLOCK
+    num_blocks = 2 * n + 8
+    src_heads = [Shard(r, p).kv_heads(KV_HEADS, KV_HEADS) for r in range(p)]
+    dst_heads = [Shard(r, d).kv_heads(KV_HEADS, KV_HEADS) for r in range(d)]
+    routes = plan_routes(src_heads, dst_heads)
+    ctx = mp.get_context("spawn")
+    rx, tx, procs = [], [], []
+    for role, heads_of, out in ((receiver_rank, dst_heads, rx), (sender_rank, src_heads, tx)):
+        for rank, heads in enumerate(heads_of):
+            mine, theirs = ctx.Pipe()
+            procs.append(ctx.Process(target=role, args=(rank, heads, num_blocks, theirs),
+                                     daemon=True))
+            procs[-1].start()
+            out.append(mine)
+    try:
+        hello = [conn.recv() for conn in rx]
+        route_bytes = [n * KV_LAYERS * 2 * BLOCK * (r.heads[1] - r.heads[0]) * HEAD_DIM
+                       * KV_DTYPE.itemsize for r in routes]
+        for conn, _ in zip(rx, dst_heads, strict=True):  # groups joined in route order
+            conn.send(("raw_groups", [(i, route_bytes[i]) for i, r in enumerate(routes)
+                                      if rx[r.dst_rank] is conn]))
+        for s, conn in enumerate(tx):
+            conn.send(("raw_groups", [(i, "127.0.0.1", hello[r.dst_rank][1], route_bytes[i])
+                                      for i, r in enumerate(routes) if r.src_rank == s]))
+        for conn in rx + tx:
+            expect(conn, "ready")
+        per_src = [[(hello[r.dst_rank][0], r.heads) for r in routes_from(routes, s)]
+                   for s in range(p)]
+        parts = [parts_for(routes, r) for r in range(d)]
+        return [_bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, sum(route_bytes),
+                              p, d, args) for layout in layouts]
+    finally:
+        for conn in tx + rx:  # senders first: their CLOSE ends the receivers' channels
+            conn.send(("stop",))
+        for proc in procs:
+            proc.join(timeout=60)
+
+
+def _bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d, args) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    if layout == "scattered":
+        src, dst = (torch.randperm(num_blocks, generator=gen)[:n].tolist() for _ in range(2))
+    else:
+        src, dst = list(range(3, 3 + n)), list(range(n + 5, 2 * n + 5))
+    ours, base = [], []
+    for rep in range(args.transfer_reps + 1):  # rep 0 is the warm-up (opens the channels)
+        rid = f"{layout}-{rep}"
+        for which in (("raw", "ours") if rep % 2 else ("ours", "raw")):
+            if which == "ours":
+                elapsed = _time_ours(rid, src, dst, rx, tx, per_src, parts, args.lead_ms / 1e3)
+            else:
+                elapsed = _time_raw(rx, tx, args.lead_ms / 1e3)
+            if rep:
+                (ours if which == "ours" else base).append(elapsed)
+    for conn in tx:
+        conn.send(("results",))
+    errors = [e for conn in tx for e in expect(conn, "results")[1]]
+    for conn in rx:
+        conn.send(("check", src, dst))
+    if errors or not all(expect(conn, "check")[1] for conn in rx):
+        raise RuntimeError(f"benchmark: {p}->{d} {layout}: wrong KV landed or {errors}")
+    med_ours, med_raw = statistics.median(ours), statistics.median(base)
+    return {"p": p, "d": d, "layout": layout, "tokens": args.transfer_tokens, "bytes": nbytes,
+            "ours_s": ours, "raw_s": base, "ours_median_s": med_ours, "raw_median_s": med_raw,
+            "ours_GBps": nbytes / med_ours / 1e9, "raw_GBps": nbytes / med_raw / 1e9,
+            "ratio": med_raw / med_ours}
+
+
+def _time_ours(rid, src, dst, rx, tx, per_src, parts, lead_s: float) -> float:
+    """One resharding transfer: from the senders' go until every decode rank has it all."""
+    for conn, rank_parts in zip(rx, parts, strict=True):
+        conn.send(("expect", rid, dst, rank_parts))
+    for conn, routes in zip(tx, per_src, strict=True):
+        conn.send(("prepare", rid, routes, src, dst))
+    for conn in rx + tx:
+        expect(conn, "ready")
+    time.sleep(lead_s)  # the last prefill chunk's forward pass
+    t0 = time.perf_counter()
+    for conn, routes in zip(tx, per_src, strict=True):
+        conn.send(("go", rid, routes, src, dst))
+    for conn in rx:
+        expect(conn, "done")
+    return time.perf_counter() - t0
+
+
+def _time_raw(rx, tx, lead_s: float) -> float:
+    """The same bytes per pair as one contiguous send/recv each, receives posted ahead."""
+    for conn in rx:
+        conn.send(("raw",))
+    for conn in rx:
+        expect(conn, "ready")
+    time.sleep(lead_s)  # the same idle gap before the clock as ours
+    t0 = time.perf_counter()
+    for conn in tx:
+        conn.send(("raw_go",))
+    for conn in rx:
+        expect(conn, "done")
+    return time.perf_counter() - t0
+
+
+def run_transfer(args) -> None:
+    cases = [tuple(int(x) for x in case.split("to")) for case in args.transfer_cases]
+    rows = [row for p, d in cases for row in bench_transfer(p, d, args.layouts, args)]
+    print(f"KV resharding transfer, gloo over loopback, Llama-3.2-1B KV ({KV_LAYERS} layers x "
+          f"{KV_HEADS} KV heads x {HEAD_DIM}, bf16, block {BLOCK}), "
+          f"{args.transfer_tokens} tokens, median of {args.transfer_reps}")
+    print(f"{'p->d':>5} {'layout':>10} {'MiB':>6} {'ours ms':>8} {'raw ms':>8} "
+          f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8}")
+    for r in rows:
+        print(f"{r['p']}->{r['d']:<2} {r['layout']:>10} {r['bytes'] / 2**20:6.1f} "
+              f"{r['ours_median_s'] * 1e3:8.2f} {r['raw_median_s'] * 1e3:8.2f} "
+              f"{r['ours_GBps']:9.2f} {r['raw_GBps']:9.2f} {r['ratio']:8.2f}")
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average": os.getloadavg()},
+              "args": {k: v for k, v in vars(args).items() if k.startswith(("transfer", "lay",
+                                                                            "lead"))},
+              "rows": rows}
+    Path(args.transfer_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.transfer_out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.transfer_out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model dir (default: generated --arch/--preset)")
@@ -126,7 +384,21 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+",
                     default=["tp1", "tp1-1thread", "tp1-layers-1thread", "tp2"])
     ap.add_argument("--out", default="results/tensor_parallel.json")
+    ap.add_argument("--transfer", action="store_true",
+                    help="measure the KV resharding transfer instead (see the docstring)")
+    ap.add_argument("--transfer-cases", nargs="+", default=["2to1", "1to2", "2to2"],
+                    help="prefill TP 'to' decode TP")
+    ap.add_argument("--transfer-tokens", type=int, default=512)
+    ap.add_argument("--transfer-reps", type=int, default=30)
+    ap.add_argument("--layouts", nargs="+", default=["scattered", "contiguous"],
+                    choices=["scattered", "contiguous"])
+    ap.add_argument("--lead-ms", type=float, default=5.0,
+                    help="announce this long before the send (as the prefill worker does)")
+    ap.add_argument("--transfer-out", default="results/tensor_parallel_transfer.json")
     args = ap.parse_args()
+    if args.transfer:
+        run_transfer(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else None
         if model_dir is None:

@@ -170,12 +170,12 @@ def send_header(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blo
                 heads: HeadRange | None = None) -> TransferHeader:
     """The DATA header of a send to ``peer``, every backend's first step; raises
     ``LayoutMismatch`` if the two caches disagree or the layer or head range is bad. The
-    payload is STAGED unless its heads are all that both caches hold."""
+    payload is STAGED (the receiver takes it through staging) unless its heads are all the
+    receiver holds."""
     sent = check_layout(request_id, kv_cache, peer, own_heads, kv_scales, heads)
-    whole = sent == check_heads(kv_cache, own_heads) == peer.head_range()
     return TransferHeader.for_blocks(
         request_id, kv_cache, num_blocks, layers, peer.describe(), runs, sent, kv_scales,
-        0 if whole else STAGED)
+        0 if sent == peer.head_range() else STAGED)
 
 
 def refusal(request_id: str, kv_cache: torch.Tensor, peer: Endpoint, num_blocks: int,

@@ -15,7 +15,7 @@ posts the same receive. Little-endian::
     20      4     num_kv_heads of the payload (the width of its head range)
     24      4     head_dim
     28      4     tag of the payload messages (1 = DATA_TAG: unannounced)
-    32      1     flags (1 = STAGED)
+    32      1     flags (1 = STAGED, 2 = GATHERED)
     33      1     zero
     34      2     head_start: the payload's first KV head, a global index
     36      8     k_scale (float64; fp8 caches store x / scale)
@@ -30,11 +30,11 @@ one message (``blocks.contiguous_runs``); without runs every block is its own me
 Head ranges (KV resharding between TP sizes, see ``reshard``): a payload carries the heads
 ``[head_start, head_start + num_kv_heads)`` of each block, laid out as a cache of that many
 heads (``[n, L, 2, block_size, heads, D]``). When they are all the heads of both caches the
-messages move straight between the caches as above; otherwise the payload is STAGED: the
-sender gathers a head slice into contiguous buffers (or sends whole source blocks when the
-slice is all its cache holds), and the receiver takes each message into a staging buffer
-and scatters it into its blocks' head slice, so a run need then be contiguous only in the
-caches it is read from or written to in place (none, on the receiving side).
+messages move straight between the caches as above. Otherwise the sender gathers them into
+contiguous buffers, a few blocks a message; when they are all the receiver holds, it still
+receives straight into its blocks (runs contiguous in its reserved blocks), else the payload
+is STAGED: the receiver takes each message into a staging buffer and scatters it into its
+blocks' head slice, and a run need not be contiguous anywhere.
 
 Announced payloads (see ``channels``): ANNOUNCE tells the receiver, before the KV exists,
 which messages will come on a tag of their own, so it posts their receives into the reserved
@@ -109,6 +109,7 @@ REFUSE = 5
 KINDS = (DATA, CLOSE, ANNOUNCE, RETRACT, REFUSE)
 DATA_TAG = 1  # tag of unannounced payload messages (announced ones: their own tag, above it)
 STAGED = 1  # flag: the receiver takes each message into staging and scatters it (see above)
+GATHERED = 2  # flag: the sender gathers each message into staging (its runs, not the cache's)
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -137,7 +138,7 @@ class TransferHeader:
     tag: int = DATA_TAG  # tag of the payload's messages: DATA_TAG, or an announcement's
     head_start: int = 0  # global index of the payload's first KV head
     kv_scales: tuple[float, float] = (1.0, 1.0)  # (k_scale, v_scale) of the sender's cache
-    flags: int = 0  # STAGED or 0
+    flags: int = 0  # STAGED | GATHERED, or 0
 
     @classmethod
     def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
@@ -169,6 +170,10 @@ class TransferHeader:
     @property
     def staged(self) -> bool:
         return bool(self.flags & STAGED)
+
+    @property
+    def gathered(self) -> bool:
+        return bool(self.flags & GATHERED)
 
     def largest_message_nbytes(self) -> int:
         """Bytes of the payload's largest message (what a staging slot must hold)."""

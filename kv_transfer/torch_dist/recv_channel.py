@@ -202,7 +202,10 @@ class _BlockReceives:
         batch is done the older ones are too (a wake-up, or even a wait call, per message
         costs CPU that both sides' gloo threads need on a small host)."""
         n, depth = len(self.messages), self.depth
-        batch, done = max(1, depth // 2), 0
+        # A staged payload: each message is scattered as soon as it is in (its copy then
+        # overlaps the next one's receive, and the last copy after the last byte is short).
+        batch = max(1, depth // 2) if self.in_place or self.entry is None else 1
+        done = 0
         while done < n:
             self._post_until(min(done + depth, n))
             end = n if self.posted == n else min(done + batch, n)

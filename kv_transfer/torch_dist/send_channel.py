@@ -123,10 +123,10 @@ class _PayloadSend:
         self.kv = channel.kv
         self.deadline = time.monotonic() + channel.config.timeout_s
         self.via_host = group.data_device != self.kv.device  # CUDA cache over a gloo wire
-        # A head slice of the cache (STAGED, not all the heads it holds): gathered into slots
+        # A GATHERED payload's messages are gathered into slots (see ``sender``)
         lo = channel.heads[0]
         self.gather_heads = (slice(h.head_start - lo, h.heads[1] - lo)
-                             if h.kind == DATA and h.heads != channel.heads else None)
+                             if h.kind == DATA and h.gathered else None)
         self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
@@ -287,8 +287,8 @@ class SenderChannel:
             job.wire = _PayloadSend(self, group, job)
             if _is_announced_data(job.header):
                 job.wire.post_all()
-            else:
-                job.wire.post(DIRECT_MESSAGES)
+            else:  # a gathered message costs a copy: the rest waits for the channel thread
+                job.wire.post(1 if job.header.gathered else DIRECT_MESSAGES)
         except Exception as e:  # the channel thread fails the job and the channel
             if not isinstance(e, TransferError):
                 log.exception("kv_transfer: posting %s failed", job.header.request_id)

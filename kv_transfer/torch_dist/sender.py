@@ -3,10 +3,12 @@
 A tensor-parallel rank's sender holds a range of the model's KV heads (``heads=``) and sends
 each request the heads of its resharding routes (``send(..., heads=...)``), to one or
 several decode ranks' receivers, each over its own pair channel. A payload that is not all
-of both caches' heads is STAGED (see ``header``): when it is all the sender holds, its
-messages still go straight from the cache (runs of blocks contiguous in the source cache);
-otherwise the sender gathers the head slice into a few host buffers, ``STAGED_MESSAGE_BYTES``
-a message, each gathered while the previous one is on the wire."""
+the heads the receiver holds is STAGED (see ``header``): the receiver scatters each message
+from staging. A payload that is not all the heads the sender holds, or a STAGED one whose
+blocks lie scattered in the source cache, is GATHERED: the sender copies it into a few
+staging slots, up to ``STAGED_MESSAGE_BYTES`` a message, each gathered while the previous
+one is on the wire (a message costs a gloo round of notices and a post on each side, about
+as much CPU as gathering a few blocks)."""
 
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ from kv_transfer.header import (
     ANNOUNCE,
     DATA,
     DATA_TAG,
+    GATHERED,
     MAX_RUN_BLOCKS,
     MAX_RUN_BYTES,
     RETRACT,
+    STAGED,
     TransferHeader,
     max_runs,
 )
@@ -91,7 +95,7 @@ class TorchDistSender(KVSender):
             header = self._header(request_id, peer, src_ids, None, dst_ids, heads)
         except (TransferError, ValueError):
             return False
-        if header.staged:
+        if header.flags:  # a head slice: through staging
             return False
         with self._lock:
             if self._closed or request_id in self._announced:
@@ -250,35 +254,43 @@ class TorchDistSender(KVSender):
     def _header(self, request_id: str, peer: Endpoint, src_ids: list[int],
                 layers: tuple[int, int] | None, dst_block_ids: Sequence[int] | None,
                 heads: HeadRange | None) -> TransferHeader:
-        """The DATA header of a send (``LayoutMismatch`` if the caches or heads disagree)."""
+        """The DATA header of a send (``LayoutMismatch`` if the caches or heads disagree),
+        with its runs and whether it is GATHERED (see the module docstring)."""
         header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers,
                              own_heads=self._own_heads, kv_scales=self.kv_scales, heads=heads)
+        if header.heads != self.heads:
+            header = dataclasses.replace(header, flags=header.flags | GATHERED)
+        elif header.staged:  # from the cache, unless that takes many more messages
+            in_place = self._runs(header, src_ids, dst_block_ids)
+            chunks = self._runs(dataclasses.replace(header, flags=STAGED | GATHERED), src_ids,
+                                dst_block_ids)
+            if len(in_place or src_ids) > 2 * len(chunks or src_ids):
+                header = dataclasses.replace(header, flags=STAGED | GATHERED)
         return dataclasses.replace(header, runs=self._runs(header, src_ids, dst_block_ids))
 
     def _runs(self, header: TransferHeader, src_ids: list[int],
               dst_block_ids: Sequence[int] | None) -> tuple[int, ...]:
-        """Blocks per message: spans contiguous in both caches go as one message (fewer
-        messages: each costs a gloo round of notices and ~100 us of CPU on a small host, or
-        an NCCL kernel); () = one message per block (no hint, a layer range, nothing to
-        merge, or more runs than a header holds). A STAGED payload's messages need be
-        contiguous only in the source cache (all its heads: sent from it in place), or not
-        at all (a head slice: gathered, ``STAGED_MESSAGE_BYTES`` a message)."""
-        if header.staged and header.heads != self.heads:
-            per = max(1, min(MAX_RUN_BLOCKS, STAGED_MESSAGE_BYTES // header.block_nbytes()))
-            n = header.num_blocks
-            runs = [per] * (n // per) + ([n % per] if n % per else [])
-        elif header.num_layers != self.kv_cache.shape[1]:
-            return ()  # a layer range of adjacent blocks is not one contiguous span
+        """Blocks per message: spans contiguous where the message is read and where it is
+        written go as one message (fewer messages: each costs a gloo round of notices and
+        ~100 us of CPU on a small host, or an NCCL kernel); () = one message per block (no
+        hint, a layer range, nothing to merge, or more runs than a header holds). A GATHERED
+        payload is contiguous in its staging slots; a STAGED one needs no contiguity on the
+        receiving side. Messages through staging (either side) stay within
+        ``STAGED_MESSAGE_BYTES``, so that the copy of one overlaps the trip of the next."""
+        gather, n = header.gathered, len(src_ids)
+        limit = STAGED_MESSAGE_BYTES if header.flags else MAX_RUN_BYTES
+        longest = max(1, min(MAX_RUN_BLOCKS, limit // header.block_nbytes()))
+        if header.num_layers != self.kv_cache.shape[1] and not (gather and header.staged):
+            return ()  # a layer range of adjacent blocks is one span only in staging
+        read = list(range(n)) if gather else src_ids
+        if header.staged:
+            written = read
+        elif dst_block_ids is None or len(dst_block_ids) != n:
+            return ()
         else:
-            if header.staged:
-                dst_ids = src_ids  # in place on the source side only
-            elif dst_block_ids is None or len(dst_block_ids) != len(src_ids):
-                return ()
-            else:
-                dst_ids = [int(i) for i in dst_block_ids]
-            longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // self._block_bytes))
-            runs = blocks.contiguous_runs(src_ids, dst_ids, longest)
-        if len(runs) == len(src_ids) or len(runs) > max_runs(header.request_id):
+            written = [int(i) for i in dst_block_ids]
+        runs = blocks.contiguous_runs(read, written, longest)
+        if len(runs) == n or len(runs) > max_runs(header.request_id):
             return ()
         return tuple(runs)
 
