@@ -26,6 +26,21 @@ What TP buys on real hardware (the weights and KV split over N devices' memory, 
 bandwidth per decode step, NCCL all-reduces of ~10-30 us over NVLink) needs N devices.
 
     python benchmarks/tensor_parallel.py --preset small
+
+``--transfer`` measures instead the KV resharding transfer between pools of different TP
+sizes (``kv_transfer.reshard``), prefill TP=p -> decode TP=d for ``--transfer-cases`` (2to1,
+1to2, 2to2): each rank is a process of its own (torch.multiprocessing, spawn) holding its
+heads of a Llama-3.2-1B-shaped cache (16 layers x 8 KV heads x 64 dims, bf16, block 16),
+and every route of the plan is a torch_dist pair channel over gloo on loopback. Timed from
+the prefill ranks' ``send`` (announced ``--lead-ms`` before, as the prefill worker does)
+until every decode rank reported its request complete, against raw: one gloo send/recv of
+the same bytes per route, over separate two-rank groups between the same processes, the
+receives posted before the clock, the same idle gap before it. Alternating order, medians
+of ``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
+scattered over the caches or contiguous (``--layouts``); every decode rank's blocks are
+checked against its heads of the source. Written to ``--transfer-out``.
+
+    python benchmarks/tensor_parallel.py --transfer
 """
 
 from __future__ import annotations
@@ -194,6 +209,8 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> N
             want = blocks.gather(full_kv(num_blocks), src)[:, :, :, :, lo:hi]
             reply("check", torch.equal(blocks.gather(kv, dst).view(torch.int16),
                                        want.contiguous().view(torch.int16)))
+    for channel in list(receiver._channels):  # the senders' CLOSE ends them
+        channel.thread.join(timeout=30)
     receiver.close()
 
 
