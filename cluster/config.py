@@ -17,7 +17,7 @@ See deploy/examples/pool.yaml for a commented example.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -48,6 +48,13 @@ class EngineSection(_Frozen):
     enforce_eager: bool = Field(False, description="No CUDA graphs: every step runs eagerly "
                                 "(CUDA workers only; CPU workers never capture graphs).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes.")
+    kv_cache_dtype: Literal["auto", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="KV cache element type: auto (the model's dtype) or fp8 (half "
+        "the bytes of a 16-bit cache per token, per-tensor scales below). Prefill and "
+        "decode pools must agree.")
+    k_scale: float = Field(1.0, gt=0, description="fp8 cache: keys are stored as k / k_scale.")
+    v_scale: float = Field(1.0, gt=0, description="fp8 cache: values are stored as "
+                           "v / v_scale.")
     attention_backend: str | None = Field(None, description="torch, flash_attn, or None "
                                           "(auto: flash_attn when installed on CUDA).")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker "
@@ -184,6 +191,12 @@ class ClusterConfig(_Frozen):
                                              self.decode.engine.block_size):
             raise ValueError("scheduler.block_size must equal the pools' engine.block_size "
                              f"({self.scheduler.block_size} vs {self.decode.engine.block_size})")
+        kv = [(pool.engine.kv_cache_dtype, pool.engine.k_scale, pool.engine.v_scale)
+              for pool in (self.prefill, self.decode)]
+        if not self.colocated and kv[0] != kv[1]:
+            raise ValueError("prefill and decode pools must store KV alike (the KV moves "
+                             f"between them as is): prefill {kv[0]} vs decode {kv[1]} "
+                             "(engine.kv_cache_dtype, k_scale, v_scale)")
         if self.prefill.engine.block_size != self.decode.engine.block_size:
             raise ValueError("prefill and decode pools must use the same engine.block_size "
                              "(KV blocks are shipped as they are)")

@@ -31,7 +31,8 @@ import sys
 import time
 
 ENGINE_FLAGS = ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager")
+                "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager",
+                "kv_cache_dtype")
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -88,6 +89,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="N", help="GPUs each "
                    "worker splits the model over (engine.tensor_parallel_size of both "
                    "pools; --prefill-tp / --decode-tp set one pool)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3", "fp8_e5m2"],
+                   help="KV cache element type (engine.kv_cache_dtype): fp8 halves the KV "
+                   "bytes per token, so twice the blocks and half the bytes on the wire")
     g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA "
                    "graphs: every decode step runs eagerly (engine.enforce_eager; CUDA "
                    "workers capture decode graphs by default)")

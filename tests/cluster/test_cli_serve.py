@@ -43,6 +43,8 @@ def test_vllm_flags_set_both_pools_engines():
     assert load_config(_args("--enable-prefix-caching")).decode.engine.enable_prefix_caching
     assert load_config(_args("--enforce-eager")).prefill.engine.enforce_eager
     assert not load_config(_args()).prefill.engine.enforce_eager
+    fp8 = load_config(_args("--kv-cache-dtype", "fp8_e4m3"))
+    assert fp8.prefill.engine.kv_cache_dtype == fp8.decode.engine.kv_cache_dtype == "fp8_e4m3"
 
 
 def test_a_flag_wins_over_the_yaml_and_an_absent_flag_keeps_it(tmp_path):
@@ -82,3 +84,23 @@ def test_demo_help_does_not_stop_mid_sentence():
     for paragraph in text.split("\n\n")[1:]:
         assert paragraph.rstrip().endswith((".", ")")) or paragraph.lstrip().startswith(
             ("options:", "-")), paragraph
+
+
+def test_pools_that_store_kv_differently_are_refused_at_start():
+    """The KV moves between the pools as is: fp8 on one side and auto (or other scales) on
+    the other is a one-line configuration error, not a failure of every request."""
+    from cluster.config import ClusterConfig
+
+    def config(prefill: dict, decode: dict, **extra) -> ClusterConfig:
+        return ClusterConfig.model_validate({"prefill": {"engine": prefill},
+                                             "decode": {"engine": decode}, **extra})
+
+    fp8 = {"kv_cache_dtype": "fp8_e4m3", "k_scale": 0.5}
+    assert config(fp8, fp8).decode.engine.k_scale == 0.5
+    with pytest.raises(ValueError, match="must store KV alike.*fp8_e4m3.*auto"):
+        config(fp8, {})
+    with pytest.raises(ValueError, match="must store KV alike"):
+        config(fp8, {**fp8, "v_scale": 2.0})
+    assert config(fp8, {}, colocated=True)  # no transfer: the prefill section is unused
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        config({"kv_cache_dtype": "fp8"}, {})
