@@ -77,11 +77,14 @@ class Simulation:
             np.array([r.prompt_tokens for r in trace], dtype=float),
             np.array([r.output_tokens for r in trace], dtype=float),
         )
-        self._runs = self.rec.runs
+        self._record_run = self.rec.runs.extend
         self._group_hashes: dict[int, list[int]] = {}
         self._use_hashes = any(r.prefix_group >= 0 for r in trace)
         self.num_events = 0  # heap events processed (arrivals not counted)
-        self._changed: dict[str, SimWorker] = {}  # workers whose stats the scheduler lacks
+        self._changed: dict[str, SimWorker | None] = {}
+        """Workers changed since the last flush (any: a poll is due), by id; None for those
+        whose changes the scheduler does not read (no report is due)."""
+        self._queued = False  # = sched.queue_length > 0, kept here (read after every event)
         self._bs = cfg.scheduler.block_size
 
     # ---- the Host interface used by workers ------------------------------------------------
@@ -116,7 +119,7 @@ class Simulation:
         self.inflight.pop(r.rid, None)
 
     def decode_steps(self, t: float, d0: float, d1: float, m: int, batch: int) -> None:
-        self._runs.append((d0, d1, m, batch))  # = self.rec.decode_run (once per decode run)
+        self._record_run((d0, d1, m, batch))  # = self.rec.decode_run (once per decode run)
         if self.window is not None:
             self.window.add_itl(t, (d0 + d1) / 2, m * batch)
 
@@ -131,16 +134,23 @@ class Simulation:
             self._record_replicas()
         return w
 
-    def _push(self, w: SimWorker) -> None:
+    def _push(self, w: SimWorker, visible: bool = True) -> None:
         """``w`` changed: its stats reach the scheduler before the next placement (changes
-        between two placements coalesce into one report)."""
-        self._changed[w.wid] = w
+        between two placements coalesce into one report). ``visible=False``: nothing its
+        report compares changed (so no report is due from this change), but the change
+        still lets queued requests be polled, as every worker change does."""
+        if visible:
+            self._changed[w.wid] = w
+        else:
+            self._changed.setdefault(w.wid, None)
         if w.draining and w.is_idle():
             self._retire(w)
 
     def _flush(self) -> None:
         update, now = self.sched.update_stats, self.now
         for w in self._changed.values():
+            if w is None:  # pushed only by changes the scheduler does not read
+                continue
             report = w.report(now)
             if report is not None:  # None: nothing the scheduler reads has changed
                 update(report)
@@ -216,6 +226,8 @@ class Simulation:
         self.inflight[r.rid] = r
         if isinstance(result, Placement):
             self._dispatch(result)
+        else:  # Queued: in the admission queue until a poll places or refuses it
+            self._queued = True
 
     def _dispatch(self, p: Placement) -> None:
         r = self.inflight[p.request_id]
@@ -231,7 +243,7 @@ class Simulation:
             pw = self.workers[p.prefill_worker_id]
             d.placed(0, blocks)
             pw.placed(tokens, 0)
-            self._push(d)
+            self._changed[d.wid] = d  # = self._push(d): d holds the request, so is not idle
             pw.accept_prefill(r, self.now)
             self._push(pw)
 
@@ -243,6 +255,7 @@ class Simulation:
             self.rec.refused[r.idx] = True
         for p in update.placed:
             self._dispatch(p)
+        self._queued = self.sched.queue_length > 0
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -267,8 +280,7 @@ class Simulation:
     def _loop(self) -> None:
         """The hot loop (one pass per event): names bound locally, worker events inlined."""
         trace, n, i = self.trace, len(self.trace), 0
-        heap, pop, workers, changed, sched = (
-            self._heap, heapq.heappop, self.workers, self._changed, self.sched)
+        heap, pop, workers, changed = self._heap, heapq.heappop, self.workers, self._changed
         arrival = trace[0].arrival_s if n else math.inf
         events = 0
         while True:
@@ -278,11 +290,17 @@ class Simulation:
                 events += 1
                 if kind == _WORKER:
                     w: SimWorker = payload  # type: ignore[assignment]
-                    # a stale event (its segment was cut short) is dropped without a call
-                    if version == w.version and w.on_event(t, version) and w.wid in workers:
-                        changed[w.wid] = w  # = self._push(w)
-                        if w.draining and w.is_idle():
-                            self._retire(w)
+                    # = w.on_event(t, version): a stale event (its segment was cut short) is
+                    # dropped without a call
+                    if version == w.version and w.busy:
+                        visible = w.end_segment(t)
+                        if w.wid in workers:  # = self._push(w, visible)
+                            if visible:
+                                changed[w.wid] = w
+                            else:
+                                changed.setdefault(w.wid, None)
+                            if w.draining and w.is_idle():
+                                self._retire(w)
                 elif not self._on_other(kind, payload, i >= n):
                     break
             elif i < n:
@@ -292,7 +310,7 @@ class Simulation:
                 arrival = trace[i].arrival_s if i < n else math.inf
             else:
                 break
-            if changed and sched.queue_length:
+            if changed and self._queued:
                 self._poll()
         self.num_events += events
 
@@ -302,8 +320,8 @@ class Simulation:
             r: SimRequest = payload  # type: ignore[assignment]
             d = r.decode_worker
             assert d is not None
-            d.receive_kv(r, self.now)
-            self._push(d)
+            d.receive_kv(r, self.now)  # the request moves from expected to waiting: the
+            self._push(d, visible=False)  # requests held, backlog and free blocks stay
             return True
         if kind == _READY:
             role: str = payload  # type: ignore[assignment]

@@ -120,7 +120,10 @@ class SimWorker:
         r.prefill_left = left = r.prompt - r.cached
         self.prefill_q.append(r)
         self.queued_tokens += left
-        self.kick(now)
+        if not self.busy:  # = self.kick(now), inlined (once per request)
+            self._start(now)
+        elif not self.chunks and self.seg[1] > 1:
+            self._interrupt(now)
 
     def reserve(self, r: SimRequest) -> None:
         """Preallocate decode blocks for prompt + output; the KV (or local prefill) follows."""
@@ -132,7 +135,10 @@ class SimWorker:
     def receive_kv(self, r: SimRequest, now: float) -> None:
         self.expecting -= 1
         self.decode_wait.append(r)
-        self.kick(now)
+        if not self.busy:  # = self.kick(now), inlined (once per request)
+            self._start(now)
+        elif not self.chunks and self.seg[1] > 1:
+            self._interrupt(now)
 
     def release(self, r: SimRequest) -> None:
         """Drop a reservation whose request ended before decoding (one-token outputs)."""
@@ -152,8 +158,7 @@ class SimWorker:
         """End of the current segment; False if the event is stale."""
         if version != self.version or not self.busy:
             return False
-        self._finish_segment(now)
-        self._start(now)
+        self.end_segment(now)
         return True
 
     def is_idle(self) -> bool:
@@ -226,11 +231,18 @@ class SimWorker:
         self.version += 1
         self._schedule(t0 + dur, self)
 
-    def _finish_segment(self, now: float) -> None:
+    def end_segment(self, now: float) -> bool:
+        """The current (live, busy) segment ends now: account for it and start the next
+        (``on_event`` without the staleness check, which the event loop makes itself).
+
+        Returns whether anything ``report`` compares changed (a request finished, prompt
+        tokens were computed): a decode run cut short for a joining request changes
+        nothing the scheduler reads, and needs no report."""
         t0, m, batch, k0, a, c, dur = self.seg
         self.busy_s += now - t0
         self.busy = False
         chunks = self.chunks
+        visible = bool(chunks)
         if batch:
             first = a + c * k0 if not chunks else dur
             last = a + c * (k0 + (m - 1) * batch) if not chunks else dur
@@ -239,6 +251,8 @@ class SimWorker:
             steps = self.steps = self.steps + m
             self.sum_ctx += batch * m
             heap = self.heap
+            if heap and heap[0][0] <= steps:
+                visible = True
             while heap and heap[0][0] <= steps:
                 _, _, r = heapq.heappop(heap)
                 self.sum_ctx -= r.ctx_join + steps - r.join_step
@@ -255,6 +269,8 @@ class SimWorker:
             while q and q[0].prefill_left == 0:
                 self._prefill_complete(q.popleft(), now)
             self.chunks = _NO_CHUNKS
+        self._start(now)
+        return visible
 
     def _prefill_complete(self, r: SimRequest, now: float) -> None:
         self._cache(r.hashes)
@@ -304,23 +320,6 @@ class SimWorker:
         if view == self._believed and not (self._added or self._evicted):
             return None
         self._believed = view
-        return self._snapshot(now, waiting, running, free)
-
-    def placed(self, tokens: int, blocks: int) -> None:
-        """The scheduler placed a request here, counting ``tokens`` of backlog and ``blocks``
-        of KV as pending until the next snapshot (``GlobalScheduler._commit``)."""
-        if self._believed is not None:
-            held, queued, free, draining = self._believed
-            self._believed = (held + 1, queued + tokens, free - blocks, draining)
-
-    def stats(self, now: float) -> WorkerStats:
-        """The worker's snapshot now (always)."""
-        self._believed = None
-        report = self.report(now)
-        assert report is not None
-        return report
-
-    def _snapshot(self, now: float, waiting: int, running: int, free: int) -> WorkerStats:
         added: tuple[int, ...] = ()
         evicted: tuple[int, ...] = ()
         if self._added or self._evicted:
@@ -344,6 +343,20 @@ class SimWorker:
         fields["cached_block_hashes_evicted"] = evicted
         fields["timestamp"] = now
         return stats
+
+    def placed(self, tokens: int, blocks: int) -> None:
+        """The scheduler placed a request here, counting ``tokens`` of backlog and ``blocks``
+        of KV as pending until the next snapshot (``GlobalScheduler._commit``)."""
+        if self._believed is not None:
+            held, queued, free, draining = self._believed
+            self._believed = (held + 1, queued + tokens, free - blocks, draining)
+
+    def stats(self, now: float) -> WorkerStats:
+        """The worker's snapshot now (always)."""
+        self._believed = None
+        report = self.report(now)
+        assert report is not None
+        return report
 
 
 _new = object.__new__

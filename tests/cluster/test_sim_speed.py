@@ -136,3 +136,39 @@ def test_the_event_loop_leaves_no_cyclic_garbage(kind):
         assert res["autoscaler_decisions"]  # the scaling code ran too
     else:
         assert res["refused"] > 0 and res["prefix_hit_rate"] > 0
+
+
+SKIP_CHECK_CONFIGS = {
+    "disaggregated": (dict(num_prefill=3, num_decode=3), {}, 60.0),
+    "saturated": (dict(num_prefill=2, num_decode=2, kv_capacity_tokens=60_000),
+                  dict(admission_queue_size=40, admission_queue_timeout_s=3.0), 120.0),
+    "local_prefill": (dict(num_prefill=2, num_decode=3),
+                      dict(local_prefill_threshold_tokens=700), 60.0),
+    "colocated": (dict(mode="colocated", num_colocated=4), {}, 40.0),
+    "autoscaled": (dict(num_prefill=1, num_decode=1, startup_s=5, autoscaler=AutoscalerConfig(
+        interval_s=5, window_s=20, cooldown_s=10, scale_down_stable_s=10)), {}, 50.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SKIP_CHECK_CONFIGS))
+def test_workers_flushed_without_a_report_had_nothing_to_report(name):
+    """The loop skips ``report`` for workers whose change the scheduler does not read (a
+    decode run cut for a joining request, KV landing): each of them, asked anyway, must
+    answer None, or placement would run on stale stats."""
+    cfg_kw, sched_kw, rate = SKIP_CHECK_CONFIGS[name]
+    trace = with_shared_prefixes(synthetic(rate, 12, seed=11, prompt_median=400), 4, 512, seed=3)
+    sim = Simulation(SimConfig(scheduler=SchedulerConfig(**sched_kw), **cfg_kw), trace)
+    real_flush = sim._flush
+    skipped = {"n": 0}
+
+    def checking_flush():
+        for wid, w in sim._changed.items():
+            if w is None:
+                skipped["n"] += 1
+                assert sim.workers[wid].report(sim.now) is None, (wid, sim.now)
+        real_flush()
+
+    sim._flush = checking_flush  # type: ignore[method-assign]
+    res = sim.run()
+    assert res["finished"] > 0
+    assert skipped["n"] > 20
