@@ -123,11 +123,13 @@ def test_the_event_loop_leaves_no_cyclic_garbage(kind):
     sim = Simulation(cfg, trace)
     was_enabled = gc.isenabled()
     gc.collect()
+    gc.freeze()  # only objects made during the run count (not other tests' leftovers)
     gc.disable()  # no automatic pass may hide a cycle made during the run
     try:
         res = sim.run()
         assert gc.collect() == 0
     finally:
+        gc.unfreeze()
         if was_enabled:
             gc.enable()
     assert gc.isenabled() == was_enabled  # run() restored the collector as it found it
