@@ -6,9 +6,11 @@ event-driven (arrivals, prefill steps, transfers, one event per decode *run* bet
 changes), and the global scheduler it drives ranks workers through indexes (heaps keyed by the
 policy's order, lazily invalidated), so an event costs O(log workers), not O(workers): the
 per-request CPU cost printed below grows only slowly with the cluster (compare ``--rate 200
---prefill 64 --decode 64``). Workload: synthetic conversation-like lengths (Splitwise
-conversation statistics), Poisson arrivals. Wall time depends on what else the machine runs:
-the CPU time is printed too.
+--prefill 64 --decode 64``). The constant per event is kept small too: a worker sends a
+snapshot only when something placement reads changed, and the cyclic garbage collector is off
+during the loop (``loop._cyclic_gc_paused``). Workload: synthetic conversation-like lengths
+(Splitwise conversation statistics), Poisson arrivals. Wall time depends on what else the
+machine runs: the CPU time and the load average are printed too.
 
     .venv/bin/python benchmarks/sim_scale.py [--rate 2000] [--duration 600] \
         [--prefill 512] [--decode 512] [--out results/sim_scale.json]
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +45,7 @@ def main() -> None:
     sim = Simulation(cfg, trace, policy=args.policy)
     res = sim.run()
     wall, cpu = time.perf_counter() - t1, time.process_time() - c1
+    load = os.getloadavg()  # 1, 5, 15 min: other work on the machine inflates the wall time
     tokens = sum(r.output_tokens for r in trace)
     report = {
         "requests": len(trace), "rate": args.rate, "duration_s": args.duration,
@@ -49,14 +53,14 @@ def main() -> None:
         "trace_generation_s": gen_s, "simulation_wall_s": wall, "simulation_cpu_s": cpu,
         "events": res["events"], "events_per_s": res["events"] / wall,
         "us_per_request": 1e6 * cpu / max(len(trace), 1), "output_tokens": tokens,
-        "goal_wall_s": args.goal_s, "goal_met": wall < args.goal_s,
+        "goal_wall_s": args.goal_s, "goal_met": wall < args.goal_s, "load_average": load,
         "ttft_s": res["ttft_s"], "itl_s": res["itl_s"], "slo_attainment": res["slo_attainment"],
         "utilization": res["utilization"],
     }
     print(f"{len(trace):,} requests ({args.rate:g} req/s x {args.duration:g} s) on "
           f"{args.prefill}P + {args.decode}D H100: simulated in {wall:.1f} s wall "
           f"({cpu:.1f} s CPU; goal < {args.goal_s:g} s wall: "
-          f"{'met' if report['goal_met'] else 'NOT met'})")
+          f"{'met' if report['goal_met'] else 'NOT met'}; load average {load[0]:.2f})")
     print(f"{res['events']:,} events ({report['events_per_s']:,.0f}/s), "
           f"{report['us_per_request']:.0f} us CPU per request, {tokens:,} output tokens")
     print(f"TTFT p90 {res['ttft_s']['p90'] * 1e3:.0f} ms, ITL p90 "

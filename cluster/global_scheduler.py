@@ -125,7 +125,7 @@ class GlobalScheduler:
     def update_stats(self, stats: WorkerStats) -> None:
         wid = stats.worker_id
         state = self._workers.get(wid)
-        if state is None or state.stats.role != stats.role or stats.block_size != self._bs:
+        if state is None or state.role != stats.role or stats.block_size != self._bs:
             self._join(stats)
         else:  # the hot path: a known worker's newer snapshot
             if stats.prefill_tokens_per_s != state.prefill_speed:
@@ -161,7 +161,7 @@ class GlobalScheduler:
         if state is None:
             return
         self._stale.pop(worker_id, None)
-        self._pools[state.stats.role].remove(state)
+        self._pools[state.role].remove(state)
         self._index.remove_worker(worker_id)
         self._speeds_changed = True
         self._partners.pop(worker_id, None)
@@ -267,7 +267,7 @@ class GlobalScheduler:
         if self._stale:
             pools = self._pools
             for state in self._stale.values():
-                pools[state.stats.role].touch(state)
+                pools[state.role].touch(state)
             self._stale.clear()
         req = self._request_info(request_id, n, hashes)
         need = math.ceil(n / self.config.block_size)

@@ -42,13 +42,15 @@ class WorkerState:
     """
 
     __slots__ = (
-        "stats", "worker_id", "pending", "pending_tokens", "pending_blocks", "pending_seqs",
+        "stats", "worker_id", "role", "pending", "pending_tokens", "pending_blocks", "pending_seqs",
         "queued_tokens", "free_blocks", "num_requests", "draining", "total_blocks",
         "max_num_seqs", "prefill_speed", "headroom_blocks", "watermark",
     )
 
     def __init__(self, stats: WorkerStats, watermark: float = 0.0) -> None:
         self.worker_id = stats.worker_id
+        self.role = stats.role
+        """Fixed for this state (a worker that changes role gets a new one)."""
         self.pending: list[tuple[float, int, int]] = []
         """(placement time, prefill tokens, decode blocks) of placements the stats do not show."""
         self.pending_tokens = self.pending_blocks = self.pending_seqs = 0
