@@ -230,8 +230,10 @@ class SimWorker:
         elapsed = now - t0
         qa = c * batch / 2
         qb = a + c * k0 - qa
-        done = elapsed / qb if qa == 0 else (-qb + math.sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa)
-        new_m = max(1, int(done) + 1)
+        done = elapsed / qb if qa == 0 else (-qb + _sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa)
+        new_m = int(done) + 1
+        if new_m < 1:  # = max(1, int(done) + 1)
+            new_m = 1
         dur = new_m * a + c * (new_m * k0 + batch * new_m * (new_m - 1) / 2)  # = _run_time
         while dur < elapsed:  # the closed form's rounding, corrected
             new_m += 1
@@ -371,6 +373,7 @@ class SimWorker:
 
 
 _new = object.__new__
+_sqrt = math.sqrt
 _NO_CHUNKS: tuple = ()  # a decode run's (or an idle worker's) prompt chunks
 
 
