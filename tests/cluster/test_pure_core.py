@@ -10,6 +10,7 @@ PURE_MODULES = (
     "engine.worker_stats",
     "cluster.policy_config",
     "cluster.placement",
+    "cluster.placement_index",
     "cluster.global_scheduler",
     "cluster.autoscaler",
     "cluster.simulator",
