@@ -39,5 +39,5 @@ def test_no_other_module_defines_the_policy_classes():
         "GlobalScheduler": ["cluster/global_scheduler.py"],
         "Autoscaler": ["cluster/autoscaler.py"],
         "RollingWindow": ["cluster/autoscaler.py"],
-        "PrefixIndex": ["cluster/placement.py"],
+        "PrefixIndex": ["cluster/placement_index.py"],
     }
