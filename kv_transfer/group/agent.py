@@ -6,7 +6,8 @@ engine's ``call_ranks``). Commands, in link order::
 
     announce / send (request_id, routes, src_blocks, dst_blocks)   routes: [(peer, heads)]
     abort_send (request_id)
-    expect (request_id, dst_blocks, parts)        parts: the head ranges that will arrive
+    expect (request_id, dst_blocks, parts)        answered once registered; parts: the head
+                                                  ranges that will arrive
     abort_recv (request_id)                       answered once nothing writes any more
     endpoint ()                                   this rank's receiver endpoint
     close ()

@@ -270,10 +270,17 @@ class GroupReceiver(KVReceiver):
         with self._lock:
             self._expected[request_id] = (_Parts(len(self.heads)), on_done, set(remote))
         for rank in sorted(remote):
+            # Answered, not posted: the caller hands the blocks to the prefill side when
+            # this returns, and a payload that reaches a rank before its expect would be
+            # drained as unknown (the request then waits out the transfer deadline).
             try:
-                self.links.post(rank, "expect", request_id, dst, parts_for(routes, rank))
+                self.links.call(rank, "expect", request_id, dst, parts_for(routes, rank))
             except LinkBroken as e:
                 self._part_done(request_id, e.for_request(request_id), rank)
+            except Exception as e:  # the rank refused it (its log says why)
+                self._part_done(request_id, TransferError(
+                    request_id, f"{self.name} rank {rank}", f"could not expect it ({e})"),
+                    rank)
         self.local.expect(request_id, dst, on_done=lambda rid, err: self._part_done(
             rid, err, None), parts=parts_for(routes, 0))
 

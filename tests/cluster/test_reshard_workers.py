@@ -200,3 +200,60 @@ def test_a_decode_rank_killed_fails_its_incoming_requests_clearly(model_dir):
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def _slow_expects(runner, comm, seconds, marker):
+    """On a rank's process: its agent takes ``seconds`` to register each expected request
+    (a busy rank), so a payload could overtake the registration; ``marker`` is created
+    once that is in place."""
+    import time as _time
+    from pathlib import Path
+
+    from kv_transfer.group.agent import RankAgent
+
+    original = RankAgent._op_expect
+
+    def slow(self, *args):
+        _time.sleep(seconds)
+        return original(self, *args)
+
+    RankAgent._op_expect = slow
+    Path(marker).touch()
+
+
+@pytest.mark.timeout(120)
+def test_reserve_returns_only_once_every_rank_expects_the_request(model_dir, tmp_path):
+    """The blocks go to the prefill side when reserve returns: if a decode rank had not yet
+    registered the request, its part of the KV arrived first, was drained as unknown, and
+    the request waited out the transfer deadline (seen once in CI, P TP=1 -> D TP=2)."""
+    config = TransferConfig(backend="torch_dist", timeout_s=10, host="127.0.0.1")
+    p = PrefillWorker("p0", model_dir, OPTIONS, config)
+    d = DecodeWorker("d0", model_dir, {**OPTIONS, "tensor_parallel_size": 2}, config)
+    outcome = {}
+    landed = threading.Event()
+    original_done = d._kv_done
+
+    def on_done(request_id, error):
+        outcome[request_id] = error
+        landed.set()
+        original_done(request_id, error)
+
+    d._kv_done = on_done
+    try:
+        for rid in ("warm", "race"):  # the first opens the pair channels (slow) ...
+            if rid == "race":  # ... then a rank is slow to register the next request
+                marker = tmp_path / "slow"
+                d.host.call(lambda e, m=str(marker): e.call_ranks(_slow_expects, 1.0, m))
+                deadline = time.monotonic() + 10
+                while not marker.exists():
+                    assert time.monotonic() < deadline, "rank 1 never slowed down"
+                    time.sleep(0.01)
+            landed.clear()
+            dst = d.reserve(rid, PROMPTS[2], GREEDY, source_heads=p.kv_heads())
+            p.prefill(rid, PROMPTS[2], GREEDY, d.endpoint(), dst, timeout_s=30)
+            assert landed.wait(8), f"{rid}: the KV never landed (drained as unknown)"
+            assert outcome[rid] is None, outcome[rid]
+            d.abort(rid)
+    finally:
+        p.shutdown()
+        d.shutdown()
