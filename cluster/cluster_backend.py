@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -76,6 +77,7 @@ class ClusterBackend(ServingBackend):
         self._by_worker_rid: dict[str, Flight] = {}  # current attempt's worker-side id
         self._queued: dict[str, asyncio.Future] = {}  # worker-side id -> placement
         self._tasks: dict[str, asyncio.Task] = {}
+        self._cleanups: set[asyncio.Task] = set()  # frees of late reservations, held until done
         self._stats_task: asyncio.Task | None = None
         self._draining: dict[str, asyncio.Event] = {}  # worker id -> set when it holds no request
         self._membership: asyncio.Event | None = None  # set when a worker joins
@@ -443,13 +445,32 @@ class ClusterBackend(ServingBackend):
             d = self._worker(placement.decode_worker_id, "decode")
             if placement.prefill_worker_id is None:
                 return placement, None
-            blocks = await self._call(d, "decode", d.reserve(
+            reserve = asyncio.ensure_future(self._call(d, "decode", d.reserve(
                 attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
-                flight.generated, siblings, self._kv_heads.get(placement.prefill_worker_id)))
+                flight.generated, siblings, self._kv_heads.get(placement.prefill_worker_id))))
+            try:
+                blocks = await asyncio.shield(reserve)
+            except asyncio.CancelledError:
+                # The reservation completes on the worker all the same, after any abort
+                # sent now (which would find nothing): free it once it has.
+                reserve.add_done_callback(functools.partial(
+                    self._free_late_reservation, d, attempt.worker_rid))
+                raise
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again
         raise ResourceExhaustedError("decode workers have no free KV blocks; retry later")
+
+    def _free_late_reservation(self, d: DecodeHandle, worker_rid: str,
+                               reserve: asyncio.Future) -> None:
+        """A reserve whose request was cancelled while the call was in flight is done:
+        abort what it reserved (the request is gone, nothing else would)."""
+        if reserve.cancelled() or reserve.exception() is not None or reserve.result() is None:
+            return
+        task = asyncio.ensure_future(d.abort(worker_rid))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(_log_late_free_failure)
 
     async def _place(self, flight: Flight, prompt: list[int]) -> Placement:
         rid = flight.attempt.worker_rid
@@ -613,6 +634,11 @@ def _log_handoff_failure(task: asyncio.Future) -> None:
     """The decode hand-off may fail after the client left; say so instead of losing it."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("decode hand-off failed: %s", task.exception())
+
+
+def _log_late_free_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("freeing a cancelled request's reservation failed: %s", task.exception())
 
 
 def _breakdown(req: BackendRequest, t: dict, d: dict) -> dict[str, float]:

@@ -201,3 +201,43 @@ def test_a_failed_kv_transfer_is_retried_once_then_fails_clearly(model_dir, expe
     assert tokens == expected[0] and final.timing["migrations"] == 1.0
     assert failed.finish_reason == "error"
     assert "retry" in str(failed.error) and "Traceback" not in str(failed.error)
+
+
+def test_a_request_cancelled_while_its_blocks_are_being_reserved_frees_them(model_dir):
+    """The client goes away while the decode worker's reserve call is in flight: the
+    reservation completes on the worker after the cancellation, and must still be freed
+    (an abort sent meanwhile finds nothing to free; a reservation never started has no
+    KV deadline, so its blocks would be held for good)."""
+
+    async def main():
+        cluster = Cluster(_config(model_dir), mode="local")
+        await cluster.start()
+        try:
+            decode = next(w for wid, w in cluster.factory._objects.items()
+                          if wid.startswith("decode"))
+            in_reserve, release, reserved = (threading.Event(), threading.Event(),
+                                             threading.Event())
+            original = decode.reserve
+
+            def slow_reserve(*args, **kwargs):
+                in_reserve.set()
+                release.wait(10)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    reserved.set()
+
+            decode.reserve = slow_reserve
+            task = asyncio.create_task(_stream(cluster.backend, "gone", PROMPTS[3], GREEDY))
+            await _until(in_reserve.is_set, 10)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            release.set()  # the reservation now completes, after the cancellation
+            await _until(reserved.is_set, 10)
+            pool = decode.host.engine.pool
+            await _until(lambda: pool.num_free == pool.num_blocks, 5)
+            return cluster.backend.stats()["in_flight"]
+        finally:
+            await cluster.shutdown()
+
+    assert asyncio.run(main()) == 0
