@@ -194,6 +194,14 @@ class RankWatch:
     def disarm(self) -> None:
         self._armed.clear()
 
+    def exit_on_fatal(self, error: BaseException) -> None:
+        """The engine's step found the group broken (``Engine.on_fatal``): end this process
+        unless an orderly shutdown is under way (then the requests fail as they are)."""
+        if self._armed.is_set():
+            log.error("%s: %s; the worker exits so that the cluster moves its requests and "
+                      "replaces the whole group", self.worker_id, error)
+            os._exit(EXIT_RANK_LOST)
+
     def _watch(self) -> None:
         import ray
 
@@ -217,6 +225,9 @@ def tensor_parallel_worker(cls: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.rank_watch = RankWatch(self.host.engine.runner.handles, self.worker_id)
+            # A step that finds the group broken (the watch not yet woken) ends the worker
+            # the same way, before failing its requests: the cluster moves them instead.
+            self.host.engine.on_fatal = self.rank_watch.exit_on_fatal
 
         def shutdown(self) -> None:
             self.rank_watch.disarm()

@@ -97,6 +97,10 @@ class Engine:
         # last prompt chunk was just scheduled, before the step runs: its blocks are final,
         # its KV is one forward pass away (the prefill worker announces the transfer).
         self.on_last_chunk_scheduled: Callable[[Request], None] | None = None
+        # Called (on the engine thread) when the model cannot run any more (a
+        # tensor-parallel rank died) before every request fails: a cluster worker ends its
+        # process there, so that the cluster moves the requests instead.
+        self.on_fatal: Callable[[WorkerFatalError], None] | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -381,6 +385,8 @@ class Engine:
         try:
             out = self.runner.execute(batch)
         except WorkerFatalError as e:  # e.g. a tensor-parallel rank died: fail, never hang
+            if self.on_fatal is not None:
+                self.on_fatal(e)
             return self._fail_all(str(e))
         touched = self.scheduler.update(batch, out)
         outputs = []

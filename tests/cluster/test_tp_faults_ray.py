@@ -1,7 +1,7 @@
 """A rank of a disaggregated tensor-parallel worker dies (``kill -9``) on a real local Ray
-cluster, prefill TP=2 -> decode TP=2: every stream ends — finished with the undisturbed
-tokens (migrated) or failed with a clear error, none hangs — the lost worker group is
-replaced as a whole, and every block is free again afterwards."""
+cluster, prefill TP=2 -> decode TP=2: every stream finishes with the undisturbed tokens
+(its requests move to the replacement), the lost worker group is replaced as a whole, and
+every block is free again afterwards."""
 
 from __future__ import annotations
 
@@ -53,13 +53,11 @@ def _worker_of(server: ServerThread, role: str) -> str:
 
 
 def _check_outcomes(streams: _Streams, expected) -> None:
-    for tokens, outcome, want in zip(streams.tokens, streams.outcome, expected, strict=True):
-        if outcome == "length":  # migrated (or done before the kill): undisturbed tokens
-            assert tokens == want
-        else:  # failed: a clear error, after a prefix of the right tokens
-            assert isinstance(outcome, Exception), outcome
-            assert "tensor-parallel" in str(outcome) or "retry" in str(outcome), outcome
-            assert tokens == want[:len(tokens)]
+    """Every stream finished with the undisturbed tokens: moved to the replacement group,
+    whichever noticed the dead rank first (the rank watch, or a step that found the group
+    broken: both end the worker before its requests could fail)."""
+    assert streams.outcome == ["length"] * len(expected), streams.outcome
+    assert streams.tokens == expected
 
 
 def _replaced(server: ServerThread, role: str, victim: str, old_rank: int) -> None:

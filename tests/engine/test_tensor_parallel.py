@@ -259,9 +259,16 @@ def test_killing_rank_1_fails_requests_with_a_clear_error(model_dir):
         rank1 = engine.runner.handles[0]
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.join(10)
+        # A cluster worker ends its process here (Engine.on_fatal), before any request
+        # fails, so that the cluster moves them; told once, with the error, while the
+        # requests are still unfinished.
+        told = []
+        engine.on_fatal = lambda e: told.append((e, engine.scheduler.num_running))
         t0 = time.monotonic()
         outs = engine.step()
         assert time.monotonic() - t0 < 10
+        assert len(told) == 1 and told[0][1] == 4
+        assert "tensor-parallel rank 1 of 2 was killed" in str(told[0][0])
         assert sorted(o.request_id for o in outs) == ["r0", "r1", "r2", "r3"]
         for out in outs:
             assert out.finish_reason == "error"
