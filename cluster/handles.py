@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-POLL_TIMEOUT_S = 0.5  # the long-poll fallback's wait (a transport that cannot stream)
 
 
 class WorkerGone(RuntimeError):
     """The worker is gone for good (its actor died or was killed): no call will succeed."""
 
 
-class Transport:
+class Transport(ABC):
     """Carries method calls to one worker."""
 
+    @abstractmethod
     async def call(self, method: str, *args: Any) -> Any:
-        raise NotImplementedError
+        """Run the worker's ``method(*args)`` and return its result."""
 
-    async def stream(self, method: str) -> AsyncIterator[Any]:
-        """Items of the worker's generator ``method``. This fallback long-polls the worker's
-        ``get_outputs`` (the only stream workers have); real transports stream."""
-        while True:
-            items = await self.call("get_outputs", POLL_TIMEOUT_S)
-            if items:
-                yield items
+    @abstractmethod
+    def stream(self, method: str) -> AsyncIterator[Any]:
+        """Items of the worker's generator ``method``, as it yields them."""
 
 
 class LocalTransport(Transport):

@@ -56,10 +56,13 @@ class FakeTransport(Transport):
         if method == "stats":
             return WorkerStats(self.worker_id, self.role, 0, 0, 0, 100, 100, 16, 0.0, 0.0,
                                timestamp=time.time())
-        if method == "get_outputs":
-            await asyncio.sleep(args[0])
-            return []
         return None  # endpoint, abort, shutdown
+
+    async def stream(self, method: str):
+        """A decode worker that never produces a token: the stream stays open (until the
+        cluster cancels its pump)."""
+        await asyncio.Event().wait()
+        yield []
 
 
 def FakeHandle(worker_id: str, role: str) -> WorkerHandle:  # noqa: N802 (reads as a class)
