@@ -73,7 +73,7 @@ class DecodeWorker(HostedWorker):
         self.receiver = GroupReceiver(
             self.transfer_config, engine.runner.kv_cache, worker_id,
             engine.kv_heads_of_ranks(), engine.model_config.num_kv_heads,
-            call_ranks=lambda fn, *args: self.host.call(lambda e: e.call_ranks(fn, *args)),
+            call_ranks=self.host.call_ranks,
             kv_scales=(engine.cache_config.k_scale, engine.cache_config.v_scale),
             **receiver_kwargs)
         self._kv_deadlines = DeadlineTimer(self._kv_timed_out)

@@ -51,6 +51,11 @@ class EngineHost:
         """Run ``fn(engine, *args)`` on the loop thread and wait for its result."""
         return self.loop.call(fn, *args).result(timeout)
 
+    def call_ranks(self, fn: Callable, *args) -> None:
+        """Tensor parallelism: ``fn(runner, comm, *args)`` on ranks 1..N-1, sent from the
+        loop thread between two steps (``Engine.call_ranks``)."""
+        self.call(lambda engine: engine.call_ranks(fn, *args))
+
     def stats(self, draining: bool = False) -> WorkerStats:
         return self.call(self._stats, draining, timeout=STATS_TIMEOUT_S)
 

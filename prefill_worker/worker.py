@@ -75,13 +75,10 @@ class PrefillWorker(HostedWorker):
         self.sender = GroupSender(
             self.transfer_config, engine.runner.kv_cache, worker_id,
             engine.kv_heads_of_ranks(), engine.model_config.num_kv_heads,
-            call_ranks=self._call_ranks,
+            call_ranks=self.host.call_ranks,
             kv_scales=(engine.cache_config.k_scale, engine.cache_config.v_scale), **sender_kwargs)
         self.num_transfers_failed = 0
         self.host.engine.on_last_chunk_scheduled = self._announce
-
-    def _call_ranks(self, fn, *args) -> None:
-        self.host.call(lambda engine: engine.call_ranks(fn, *args))
 
     def kv_heads(self) -> list[tuple[int, int]]:
         """The KV heads each of this worker's tensor-parallel ranks holds (the decode side

@@ -61,12 +61,9 @@ class GroupEndpoint:
         return f"{self.name} (TP={len(self.ranks)})"
 
 
-def rank_heads(peer: Endpoint | GroupEndpoint, num_kv_heads: int) -> tuple[Heads, ...]:
-    """The head range of each rank of ``peer`` (a one-rank endpoint without a range holds
-    every head)."""
-    if isinstance(peer, GroupEndpoint):
-        return peer.heads
-    return (getattr(peer, "heads", None) or (0, num_kv_heads),)
+def rank_heads(peer: Endpoint | GroupEndpoint) -> tuple[Heads, ...]:
+    """The head range of each rank of ``peer``."""
+    return peer.heads if isinstance(peer, GroupEndpoint) else (peer.head_range(),)
 
 
 def rank_endpoints(peer: Endpoint | GroupEndpoint) -> tuple[Endpoint, ...]:
@@ -89,6 +86,29 @@ def _start_links(role: str, config: TransferConfig, name: str, heads: Sequence[H
     return links
 
 
+class _RankGroup:
+    """What a worker's sender and receiver share: rank 0's own part (a per-rank sender or
+    receiver made by ``make``, holding every head when the worker has one rank) and, with
+    N > 1 ranks, the links to the agents of ranks 1..N-1 (``role``)."""
+
+    def __init__(self, role: str, make: Callable[..., Any], config: TransferConfig,
+                 kv_cache: Any, name: str, heads: Sequence[Heads], num_kv_heads: int,
+                 call_ranks: Callable[..., None] | None, kv_scales: tuple[float, float],
+                 kwargs: dict[str, Any]) -> None:
+        """``heads[r]``: rank r's KV heads; ``call_ranks(fn, *args)``: runs ``fn(runner,
+        comm, *args)`` on ranks 1..N-1 (the engine's ``call_ranks``; needed when N > 1)."""
+        self.name, self.heads, self.num_kv_heads = name, tuple(map(tuple, heads)), num_kv_heads
+        self.whole = len(self.heads) == 1 and self.heads[0] == (0, num_kv_heads)
+        own = None if self.whole else self.heads[0]
+        self.local = make(config, kv_cache, name=f"{name}/tp0" if own else name, heads=own,
+                          kv_scales=kv_scales, **kwargs)
+        self._lock = threading.Lock()
+        self.links = None
+        if len(self.heads) > 1:
+            self.links = _start_links(role, config, name, self.heads, kv_scales, call_ranks,
+                                      self._on_event, self._on_broken)
+
+
 class _Parts:
     """Outstanding parts of one request (ranks, or a rank's routes) and the first error."""
 
@@ -96,28 +116,18 @@ class _Parts:
         self.left, self.error, self.nbytes = count, None, 0
 
 
-class GroupSender(KVSender):
+class GroupSender(_RankGroup, KVSender):
     def __init__(self, config: TransferConfig, kv_cache: Any, name: str,
                  heads: Sequence[Heads], num_kv_heads: int,
                  call_ranks: Callable[..., None] | None = None,
                  kv_scales: tuple[float, float] = (1.0, 1.0), **kwargs: Any) -> None:
-        """``heads[r]``: rank r's KV heads; ``call_ranks(fn, *args)``: runs ``fn(runner,
-        comm, *args)`` on ranks 1..N-1 (the engine's ``call_ranks``; needed when N > 1)."""
-        self.name, self.heads, self.num_kv_heads = name, tuple(map(tuple, heads)), num_kv_heads
-        self.whole = len(self.heads) == 1 and self.heads[0] == (0, num_kv_heads)
-        own = None if self.whole else self.heads[0]
-        self.local = make_sender(config, kv_cache, name=f"{name}/tp0" if own else name,
-                                 heads=own, kv_scales=kv_scales, **kwargs)
-        self._lock = threading.Lock()
         self._sends: dict[str, tuple[TransferHandle, _Parts, set[int]]] = {}
-        self.links = None
-        if len(self.heads) > 1:
-            self.links = _start_links("sender", config, name, self.heads, kv_scales,
-                                      call_ranks, self._on_event, self._on_broken)
+        super().__init__("sender", make_sender, config, kv_cache, name, heads, num_kv_heads,
+                         call_ranks, kv_scales, kwargs)
 
     def _routes(self, peer) -> list[Route] | None:
         """The plan to ``peer``, or None for today's single-rank whole-cache send."""
-        dst = rank_heads(peer, self.num_kv_heads)
+        dst = rank_heads(peer)
         if self.whole and len(dst) == 1 and dst[0] == (0, self.num_kv_heads):
             return None
         return plan_routes(self.heads, dst)
@@ -227,24 +237,16 @@ class GroupSender(KVSender):
             handle.fail(LinkBroken(rid, self.name, "the sender closed"))
 
 
-class GroupReceiver(KVReceiver):
+class GroupReceiver(_RankGroup, KVReceiver):
     def __init__(self, config: TransferConfig, kv_cache: Any, name: str,
                  heads: Sequence[Heads], num_kv_heads: int,
                  call_ranks: Callable[..., None] | None = None,
                  kv_scales: tuple[float, float] = (1.0, 1.0), **kwargs: Any) -> None:
-        self.name, self.heads, self.num_kv_heads = name, tuple(map(tuple, heads)), num_kv_heads
-        self.whole = len(self.heads) == 1 and self.heads[0] == (0, num_kv_heads)
-        own = None if self.whole else self.heads[0]
-        self.local = make_receiver(config, kv_cache, name=f"{name}/tp0" if own else name,
-                                   heads=own, kv_scales=kv_scales, **kwargs)
-        self._lock = threading.Lock()
         self._expected: dict[str, tuple[_Parts, OnDone | None, set[int]]] = {}
         self._completions: deque[tuple[str, TransferError | None]] = deque()
-        self.links = None
         self._endpoint = None
-        if len(self.heads) > 1:
-            self.links = _start_links("receiver", config, name, self.heads, kv_scales,
-                                      call_ranks, self._on_event, self._on_broken)
+        super().__init__("receiver", make_receiver, config, kv_cache, name, heads,
+                         num_kv_heads, call_ranks, kv_scales, kwargs)
 
     def endpoint(self):
         if self.links is None:
