@@ -30,12 +30,9 @@ PROMPTS = [list(range(7, 7 + n)) for n in (5, 23, 37)]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_model_dir):
     """llama tiny: 4 query heads, 2 KV heads — TP=2 splits the KV heads one per rank."""
-    from engine.make_model import make_model
-
-    return str(make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
-                          progress=False))
+    return str(tiny_model_dir("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +42,11 @@ def expected(model_dir):
 
 
 def _dump_blocks(runner, comm, block_ids, path_pattern):
-    """On a rank's process: save its cache's ``block_ids`` (test-only OP_CALL)."""
-    torch.save(runner.kv_cache[block_ids].clone(), path_pattern.format(rank=comm.rank))
+    """On a rank's process: save its cache's ``block_ids`` (test-only OP_CALL), written
+    aside and renamed, so the file exists only once it is whole."""
+    path = path_pattern.format(rank=comm.rank)
+    torch.save(runner.kv_cache[block_ids].clone(), path + ".part")
+    os.replace(path + ".part", path)
 
 
 def _shards(worker, block_ids, tmp_path, tag) -> list[torch.Tensor]:
@@ -56,12 +56,11 @@ def _shards(worker, block_ids, tmp_path, tag) -> list[torch.Tensor]:
     pattern = str(tmp_path / f"{tag}-{{rank}}.pt")
     tp = engine.tensor_parallel_size
     if tp > 1:
-        worker.host.call(lambda e: e.call_ranks(_dump_blocks, list(block_ids), pattern))
+        worker.host.call_ranks(_dump_blocks, list(block_ids), pattern)
         deadline = time.monotonic() + 30
         while not all(os.path.exists(pattern.format(rank=r)) for r in range(1, tp)):
             assert time.monotonic() < deadline, "a rank never dumped its blocks"
             time.sleep(0.05)
-        time.sleep(0.2)  # torch.save finished writing (the file appears first)
     own = worker.host.call(lambda e: e.runner.kv_cache[list(block_ids)].clone())
     return [own] + [torch.load(pattern.format(rank=r)) for r in range(1, tp)]
 
@@ -103,11 +102,14 @@ def test_resharded_kv_gives_tp1_tokens_and_exact_heads(model_dir, expected, tmp_
         return original_send(request_id, peer, src_block_ids, layers, **hints)
 
     p.sender.send = recording_send
-    landed = {}
+    landed: dict[str, object] = {}
+    landing = threading.Condition()
     original_done = d._kv_done
 
     def on_done(request_id, error):
-        landed[request_id] = error
+        with landing:
+            landed[request_id] = error
+            landing.notify_all()
         original_done(request_id, error)
 
     d._kv_done = on_done
@@ -119,10 +121,8 @@ def test_resharded_kv_gives_tp1_tokens_and_exact_heads(model_dir, expected, tmp_
             rid = f"r{i}"
             dst = d.reserve(rid, prompt, GREEDY, source_heads=heads_p)
             result = p.prefill(rid, prompt, GREEDY, d.endpoint(), dst, timeout_s=60)
-            deadline = time.monotonic() + 30
-            while rid not in landed:
-                assert time.monotonic() < deadline, f"{rid}: KV never landed"
-                time.sleep(0.01)
+            with landing:
+                assert landing.wait_for(lambda r=rid: r in landed, 30), f"{rid}: KV never landed"
             assert landed[rid] is None, landed[rid]
             if i == len(PROMPTS) - 1:  # the longest prompt: compare every head, exactly
                 # Before decoding: the decode step would write the next token's KV.
@@ -243,7 +243,7 @@ def test_reserve_returns_only_once_every_rank_expects_the_request(model_dir, tmp
         for rid in ("warm", "race"):  # the first opens the pair channels (slow) ...
             if rid == "race":  # ... then a rank is slow to register the next request
                 marker = tmp_path / "slow"
-                d.host.call(lambda e, m=str(marker): e.call_ranks(_slow_expects, 1.0, m))
+                d.host.call_ranks(_slow_expects, 1.0, str(marker))
                 deadline = time.monotonic() + 10
                 while not marker.exists():
                     assert time.monotonic() < deadline, "rank 1 never slowed down"

@@ -23,11 +23,8 @@ PROMPTS = [[(17 * i + 5 * j) % 390 + 5 for j in range(3 + 9 * i)] for i in range
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from engine.make_model import make_model
-
-    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
-                      progress=False)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,19 @@ import time
 
 import pytest
 from test_ray_cluster import ENGINE, ServerThread, _config
-from test_tp_ray import MAX_TOKENS, PROMPTS, _alive, _rank_pids, _Streams
-
-from engine import Engine, SamplingParams
+from test_tp_ray import _alive, _rank_pids, _Streams, tp1_tokens
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from engine.make_model import make_model
-
-    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
-                      progress=False)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
 
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    engine = Engine.from_pretrained(model_dir, block_size=4)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    return [o.token_ids for o in engine.generate(PROMPTS, params)]
+    return tp1_tokens(model_dir)
 
 
 @pytest.fixture(scope="module")

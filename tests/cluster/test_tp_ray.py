@@ -31,18 +31,20 @@ PROMPTS = [[(13 * i + 7 * j) % 390 + 5 for j in range(6 + 11 * i)] for i in rang
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from engine.make_model import make_model
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
 
-    return make_model(tmp_path_factory.mktemp("m") / "llama", "llama", "tiny", seed=0,
-                      progress=False)
+
+def tp1_tokens(model_dir) -> list[list[int]]:
+    """What a plain TP=1 ``Engine`` gives for ``PROMPTS`` (greedy)."""
+    engine = Engine.from_pretrained(model_dir, block_size=4)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(PROMPTS, params)]
 
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    engine = Engine.from_pretrained(model_dir, block_size=4)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    return [o.token_ids for o in engine.generate(PROMPTS, params)]
+    return tp1_tokens(model_dir)
 
 
 @pytest.fixture(scope="module")

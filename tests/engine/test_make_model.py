@@ -23,7 +23,7 @@ from engine.make_model import (
     make_model,
 )
 from engine.tokenizer import Tokenizer
-from tests.engine.conftest import TINY_MODELS
+from tests.conftest import TINY_MODELS
 
 TEXTS = [
     "Hello world, the model reads the prompt.",
