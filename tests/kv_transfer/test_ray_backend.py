@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray  # a core dependency: a broken install fails here, never skips
 import torch
 
 from kv_transfer import PeerClosed, TransferConfig, TransferTimeout, blocks, make_sender
 
 from .helpers import make_cache
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 CONFIG = TransferConfig(backend="ray", timeout_s=20.0)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # a core dependency: a broken install fails here, never skips
 import torch
 
 from kv_transfer import LayoutMismatch, TransferConfig, blocks, make_sender
@@ -14,7 +15,6 @@ from kv_transfer.reshard import parts_for
 
 from .reshard_cases import DST_IDS, SRC_IDS, Setup
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 CONFIG = TransferConfig(backend="ray", timeout_s=20.0)
