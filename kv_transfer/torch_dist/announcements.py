@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 # Announcement tags: one per announced payload of a channel, never reused while the channel
 # lives (a late message on a tag can then never land in another request's blocks).
 FIRST_ANNOUNCED_TAG = DATA_TAG + 1
-_LAST_TAG = 2**31 - 1
+_LAST_TAG = 2**31 - 2  # 2**31 - 1 is the link watch's (``wire.LINK_TAG``)
 
 
 @dataclasses.dataclass

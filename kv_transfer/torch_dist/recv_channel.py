@@ -165,8 +165,13 @@ class ReceiverChannel:
         receives = [*current, *self._announced.values()]
         self._announced.clear()
         claims = [r.drop_pending() for r in receives]
-        group.close()
         broken = not self._closed_by_sender
+        if not broken:  # the sender's link watch waits for this (see PairGroup.watch_link)
+            try:
+                group.ack_close(self._config.timeout_s)
+            except TransferError as e:
+                log.info("kv_transfer: acknowledging the close of %s: %s", self.peer, e)
+        group.close()
         for r, claimed in zip(receives, claims, strict=True):
             r.release(claimed)
             if r.entry is not None and (r in current or broken):

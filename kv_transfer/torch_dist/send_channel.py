@@ -78,6 +78,7 @@ class SendJob:
     resent: bool = False  # already sent again after a broken channel (once at most)
     _started: bool = False  # on the wire: an abort can no longer drop it
     _dropped: bool = False
+    _claimed: bool = False  # its outcome is being settled (see ``claim``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> bool:
@@ -86,6 +87,16 @@ class SendJob:
             if self._dropped or self.handle.done():
                 return False
             self._started = True
+            return True
+
+    def claim(self) -> bool:
+        """True for the first caller only: the one that settles the job's outcome, either
+        the channel thread when its wait ends, or the link watch when the link broke first
+        (see ``SenderChannel._link_broke``)."""
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
             return True
 
     def drop(self, error: TransferError) -> bool:
@@ -243,6 +254,9 @@ class SenderChannel:
         self._group: Any = None  # the open pair group (None before connect and after exit)
         self._closed = False  # no more submits accepted
         self._busy = False  # a job is on the wire
+        self._current: SendJob | None = None  # the job the channel thread is completing
+        self._broken: TransferError | None = None  # the link watch saw the link break
+        self._ended = False  # the channel thread is done
         self._submitter_posting = False  # the head job is being posted by its submitter
         self._staging: Staging | None = None
         self._fill: torch.Tensor | None = None  # RETRACT's 1-byte message
@@ -343,27 +357,55 @@ class SenderChannel:
         else:
             with self._cond:
                 self._group = group
+            group.watch_link(self._link_broke)
             error = self._serve(group)
             if error is None:
                 self._send_close(group)
             else:
                 self._fail_queued(error)
             group.close()
+        with self._cond:
+            self._ended = True
         self._on_exit(self)
+
+    def _link_broke(self, error: TransferError) -> None:
+        """The link watch saw the pair's link break (see ``PairGroup.watch_link``). gloo may
+        never fail the send being written, so its wait would hold every job behind it until
+        the timeout: instead the channel closes now, the job on the wire and those queued
+        are sent again on a new channel (``_resend``), and new sends open one. The channel
+        thread ends once its wait does, and leaves the jobs' outcomes to this."""
+        with self._cond:
+            if self._ended or self._broken is not None:
+                return
+            self._broken = error
+            self._closed, self._group = True, None
+            jobs = [j for j in (self._current, *self._jobs) if j is not None and j is not _CLOSE]
+            self._jobs = deque()
+            self._cond.notify()
+        log.warning("kv_transfer: the link to %s broke (%s); %d send(s) move to a new channel",
+                    self.peer, error.what, len(jobs))
+        self._on_exit(self)  # forget this channel now: the next send opens a new one
+        for job in jobs:
+            if job.claim() and not self._resend(job):
+                job.handle.fail(PeerClosed(job.header.request_id, self.peer,
+                                           f"the link broke: {error.what}"))
 
     def _next_job(self) -> Any:
         """The next job (marked busy), ``_CLOSE``, or None after ``idle_timeout_s`` idle."""
         with self._cond:
-            while not self._jobs or self._submitter_posting:
+            while (not self._jobs or self._submitter_posting) and self._broken is None:
                 if not self._cond.wait(self.config.idle_timeout_s) and not self._jobs:
                     self._closed = True
                     self._group = None
                     return None
+            if self._broken is not None:  # its jobs moved on (see _link_broke)
+                return None
             job = self._jobs.popleft()
             if job is _CLOSE:
                 self._group = None
             else:
                 self._busy = True
+                self._current = job
             return job
 
     def _serve(self, group: Any) -> TransferError | None:
@@ -386,16 +428,18 @@ class SenderChannel:
             # The channel is free (or closed) before the job completes: a send made as it
             # completes finds it idle (and may post at once) or opens a new one.
             with self._cond:
-                self._busy = False
+                self._busy, self._current = False, None
                 if error is not None:  # a broken pair: nothing more is posted on it
                     self._closed, self._group = True, None
+            if not job.claim():  # the link watch moved it to a new channel already
+                return error or self._broken
             if error is not None:
                 if not (isinstance(error, PeerClosed) and self._resend(job)):
                     job.handle.fail(error)
                 return error
             if stats is not None:
                 job.handle.succeed(stats)
-        return None
+        return self._broken
 
     def _send_close(self, group: Any) -> None:
         try:

@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 _PAIRS = "kv/pairs"  # counter: number of pair channels ever announced to this store
 CTRL_TAG = 0  # headers; payload messages use header.DATA_TAG or an announcement's tag
+LINK_TAG = 2**31 - 1  # the link watch's one message (see PairGroup.watch_link)
+_FOREVER = datetime.timedelta(days=365)  # a timed-out gloo wait closes the pair: never time out
 
 
 def _pair_key(n: int) -> str:
@@ -190,6 +193,30 @@ class PairGroup:
                 work.wait(_td(timeout_s))
         except RuntimeError as e:
             raise _classify(e, timeout_s, self.peer, f"waiting for {what}") from e
+
+    def watch_link(self, on_broken: Callable[[TransferError], None]) -> None:
+        """Call ``on_broken`` (on a thread of its own) as soon as this pair's link breaks.
+
+        gloo fails the receives and the unmatched sends of a pair whose socket breaks, but
+        not a send whose bytes are being written: its wait lasts until its timeout (seen with
+        torch 2.13: a send mid-write when its socket was shut down waited out all 10 s), and
+        every send queued behind it on the channel waited too. So the sender keeps one
+        receive posted on ``LINK_TAG``, which gloo fails within milliseconds of a break;
+        nothing is sent to it until the receiver acknowledges a CLOSE (``ack_close``)."""
+        work = self.ctrl.recv([torch.empty(1, dtype=torch.uint8)], 1 - self.rank, LINK_TAG)
+
+        def watch() -> None:
+            try:
+                work.wait(_FOREVER)
+            except RuntimeError as e:
+                on_broken(_classify(e, None, self.peer, "the link watch"))
+
+        threading.Thread(target=watch, name=f"kv-link {self.peer}", daemon=True).start()
+
+    def ack_close(self, timeout_s: float) -> None:
+        """Receiver side, on the sender's CLOSE: end the sender's link watch."""
+        done = self.ctrl.send([torch.ones(1, dtype=torch.uint8)], 1 - self.rank, LINK_TAG)
+        self.wait(done, timeout_s, "the close acknowledgement to be taken")
 
     def close(self) -> None:
         """Drop the groups: their sockets close, so a peer blocked on them fails at once."""

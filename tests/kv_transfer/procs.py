@@ -8,7 +8,7 @@ import torch
 
 from kv_transfer import TransferConfig
 from kv_transfer.header import DATA, DATA_TAG, TransferHeader
-from kv_transfer.torch_dist import PairGroup, TorchDistSender
+from kv_transfer.torch_dist import PairGroup, TorchDistReceiver, TorchDistSender
 
 from .helpers import LAYERS, make_cache
 
@@ -36,3 +36,22 @@ def dying_sender_main(endpoint, config: TransferConfig, request_id: str, num_blo
     block = torch.zeros(header.block_nbytes(), dtype=torch.uint8)
     group.wait(group.send(block, DATA_TAG), 10, "block 0")
     os._exit(3)  # like a crash or SIGKILL: the OS closes the sockets mid-stream
+
+
+def receiver_main(config: TransferConfig, shape: tuple[int, ...], conn) -> None:
+    """A receiver whose cache is zeros of ``shape``; ``("expect", request id, block ids)``
+    over ``conn`` expects a request, each outcome comes back as ``("done", id, error)``;
+    ``("blocks", ids)`` returns those blocks."""
+    receiver = TorchDistReceiver(config, torch.zeros(shape), name="child-decode")
+
+    def done(request_id: str, error) -> None:
+        conn.send(("done", request_id, None if error is None else str(error)))
+
+    conn.send(("endpoint", receiver.endpoint(), os.getpid()))
+    while (msg := conn.recv())[0] != "stop":
+        if msg[0] == "expect":
+            receiver.expect(msg[1], msg[2], done)
+            conn.send(("expected", msg[1]))
+        else:  # ("blocks", ids)
+            conn.send(("blocks", receiver.kv_cache[msg[1]].clone()))
+    receiver.close()

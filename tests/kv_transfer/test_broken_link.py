@@ -15,7 +15,7 @@ import torch
 from kv_transfer import TransferConfig
 from kv_transfer.torch_dist import TorchDistReceiver, TorchDistSender
 
-from .helpers import Completions, make_cache
+from .helpers import LAYERS, Completions, make_cache
 
 CONFIG = TransferConfig(host="127.0.0.1", timeout_s=20.0, connect_timeout_s=20.0)
 
@@ -71,3 +71,110 @@ def test_after_a_broken_link_the_next_request_lands_on_a_new_channel(pair, annou
     assert done.errors["next"] is None
     assert torch.equal(receiver.kv_cache[5:7], sender.kv_cache[7:9])
     assert time.monotonic() - start < 5.0  # no deadline was waited for
+
+
+def test_a_send_mid_write_when_the_link_breaks_holds_up_nothing():
+    """gloo never fails a send whose bytes are being written when its socket breaks (its
+    wait lasts the whole timeout). The sender's link watch notices the break at once: the
+    send behind it lands on a new channel in seconds, not after the 20 s timeout, and the
+    send that was on the wire ends on both sides at once. The receiver is another process, stopped
+    (SIGSTOP) while an announced 12 MiB payload is being written to it, so that the write
+    is surely mid-way when the sender's sockets are shut down."""
+    import multiprocessing
+    import signal
+
+    from .procs import receiver_main
+
+    shape = (8, LAYERS, 2, 16, 2, 4096)  # 3 MiB blocks
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=receiver_main, args=(CONFIG, shape, theirs), daemon=True)
+    child.start()
+    sender = TorchDistSender(CONFIG, torch.randn(shape), name="sender")
+    try:
+        _, ep, pid = ours.recv()
+        outcomes: dict[str, str | None] = {}
+
+        def expect(request_id: str, ids: list[int]) -> None:
+            ours.send(("expect", request_id, ids))
+            assert ours.recv() == ("expected", request_id)
+
+        def outcome(request_id: str, timeout: float) -> str | None:
+            deadline = time.monotonic() + timeout
+            while request_id not in outcomes:
+                assert ours.poll(max(0.0, deadline - time.monotonic())), \
+                    f"no outcome for {request_id} within {timeout} s"
+                _, rid, error = ours.recv()
+                outcomes[rid] = error
+            return outcomes[request_id]
+
+        expect("big", [0, 1, 2, 3])
+        assert sender.announce("big", ep, [4, 5, 6, 7], [0, 1, 2, 3])
+        expect("sync", [7])  # behind the announcement: once in, the receives are posted
+        sender.send("sync", ep, [0], dst_block_ids=[7]).result(timeout=10)
+        assert outcome("sync", 10) is None
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            big = sender.send("big", ep, [4, 5, 6, 7], dst_block_ids=[0, 1, 2, 3])
+            time.sleep(0.3)  # the socket buffers fill; the rest waits to be written
+            assert not big.done()
+            assert _break_links_to(pid, ep.port) >= 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        start = time.monotonic()
+        expect("next", [5, 6])
+        handle = sender.send("next", ep, [0, 1], dst_block_ids=[5, 6])
+        handle.result(timeout=10)
+        assert outcome("next", 10) is None
+        assert time.monotonic() - start < 5.0  # not the 20 s timeout of the send on the wire
+        # The send on the wire ends at once too: sent again on the new channel, it either
+        # lands (whole) or finds the request failed by the broken channel's end.
+        assert big.wait(timeout=5.0)
+        landed = outcome("big", 5.0) is None
+        ours.send(("blocks", [0, 1, 2, 3, 5, 6]))
+        _, got = ours.recv()
+        assert torch.equal(got[4:], sender.kv_cache[[0, 1]])
+        assert torch.equal(got[:4], sender.kv_cache[[4, 5, 6, 7]]) or not landed
+    finally:
+        sender.close()
+        child.kill()
+        child.join(10)
+
+
+def _break_links_to(pid: int, store_port: int) -> int:
+    """Shut down this process's TCP connections to process ``pid``, except the TCPStore's:
+    only the sender's end breaks, as when a link fails between two hosts."""
+    ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+             if c.status == psutil.CONN_ESTABLISHED}
+    broken = 0
+    for conn in psutil.Process().net_connections("tcp"):
+        if conn.raddr and conn.raddr.port in ports and conn.raddr.port != store_port:
+            sock = socket.socket(fileno=os.dup(conn.fd))
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            broken += 1
+    return broken
+
+
+def test_a_cleanly_closed_channel_ends_its_link_watch(pair):
+    """The receiver acknowledges a CLOSE on the link watch's tag, so closing a sender leaves
+    no thread waiting on a link nobody uses any more."""
+    import threading
+
+    sender, receiver = pair
+    done = Completions()
+    receiver.expect("one", [1], done)
+    sender.send("one", receiver.endpoint(), [2], dst_block_ids=[1]).result(timeout=10)
+    done.wait_for("one")
+
+    def watches() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("kv-link")]
+
+    assert len(watches()) == 1
+    sender.close()
+    deadline = time.monotonic() + 5
+    while watches():
+        assert time.monotonic() < deadline, watches()
+        time.sleep(0.01)

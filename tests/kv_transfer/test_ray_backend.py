@@ -8,6 +8,7 @@ import pytest
 import ray  # a core dependency: a broken install fails here, never skips
 import torch
 
+from cluster.runtime import start_local_ray
 from kv_transfer import PeerClosed, TransferConfig, TransferTimeout, blocks, make_sender
 
 from .helpers import make_cache
@@ -49,9 +50,7 @@ class DecodeActor:
 
 @pytest.fixture(scope="module")
 def actor():
-    ray.init(
-        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
-    )
+    start_local_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     handle = ray.remote(DecodeActor).remote(CONFIG)
     yield handle
     ray.shutdown()

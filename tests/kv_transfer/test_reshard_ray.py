@@ -10,6 +10,7 @@ import pytest
 import ray  # a core dependency: a broken install fails here, never skips
 import torch
 
+from cluster.runtime import start_local_ray
 from kv_transfer import LayoutMismatch, TransferConfig, blocks, make_sender
 from kv_transfer.reshard import parts_for
 
@@ -50,8 +51,7 @@ class DecodeRank:
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
     ray.shutdown()
 
