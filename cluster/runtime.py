@@ -101,11 +101,8 @@ class Cluster:
         else:  # a local node offers the pools' custom resources (a cluster's nodes would)
             resources = {name: 1000.0 for pool in (self.config.prefill, self.config.decode)
                          for name in pool.resources}
-            node_ip = rc.node_ip or "127.0.0.1"
-            with _ray_local_only(node_ip):
-                ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
-                         log_to_driver=False, resources=resources or None,
-                         _node_ip_address=node_ip)
+            start_local_ray(num_cpus=rc.num_cpus, namespace=rc.namespace,
+                            resources=resources or None, node_ip=rc.node_ip or "127.0.0.1")
         self._owns_ray = True
 
     async def add_worker(self, role: str, growth: bool = False) -> str:
@@ -211,6 +208,29 @@ class Cluster:
 
 
 _RAY_CLUSTER_MODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_START_ATTEMPTS = 2
+
+
+def start_local_ray(node_ip: str = "127.0.0.1", **init_kwargs) -> None:
+    """``ray.init`` of a local node (no dashboard, workers' logs not copied here), listening
+    on ``node_ip`` only where that is loopback (see ``_ray_local_only``).
+
+    Ray gives a new node's raylet a fixed 30 s to register with its GCS; a loaded host can
+    miss that ("The current node timed out during startup", seen in CI on 2 cores), so the
+    start is tried once more before the error is raised."""
+    import ray
+
+    init_kwargs = {"include_dashboard": False, "log_to_driver": False, **init_kwargs}
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            with _ray_local_only(node_ip):
+                ray.init(_node_ip_address=node_ip, **init_kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray's local node did not start in time (%s); starting it again", e)
+            ray.shutdown()
 
 
 @contextlib.contextmanager

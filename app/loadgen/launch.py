@@ -152,11 +152,13 @@ def shared_ray(configs: Sequence[ClusterConfig], runs: int) -> Iterator[None]:
         return
     import ray
 
+    from cluster.runtime import start_local_ray
+
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=max(c.ray.num_cpus or 1 for c in configs), include_dashboard=False,
-             log_to_driver=False, namespace=configs[0].ray.namespace)
+    start_local_ray(num_cpus=max(c.ray.num_cpus or 1 for c in configs),
+                    namespace=configs[0].ray.namespace)
     try:
         yield
     finally:

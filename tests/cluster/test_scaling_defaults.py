@@ -208,14 +208,14 @@ def test_an_unplaceable_worker_is_given_up_after_the_start_timeout(caplog):
     import ray
 
     from cluster.pools import WorkerFactory, WorkerStartTimeout
+    from cluster.runtime import start_local_ray
 
     config = ClusterConfig.model_validate({
         "model": {"path": "unused", "device": "cpu"},
         "prefill": {"num_cpus": 0.1, "resources": {"splitserve_no_such_node": 1}},
         "ray": {"worker_start_timeout_s": 2, "namespace": "splitserve-test-timeout"},
     })
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             namespace="splitserve-test-timeout")
+    start_local_ray(num_cpus=1, namespace="splitserve-test-timeout")
     try:
         factory = WorkerFactory(config, "ray")
 
