@@ -349,9 +349,10 @@ class ClusterBackend(ServingBackend):
         transfer_retries_left = flight.migrations["transfer"] <= MAX_TRANSFER_RETRIES
         if flight.num_migrations > self.max_migrations or not transfer_retries_left:
             self.migrations_failed += 1
+            reason = str(why).removesuffix("; retry the request")  # said once, below
             raise UnavailableError(
                 f"request {flight.request_id} failed after {flight.num_migrations - 1} "
-                f"retries: {why}; retry the request")
+                f"retries: {reason}; retry the request")
         self.migrations[why.kind] += 1
         log.warning("request %s moves to another worker after %d tokens (%s: %s)",
                     flight.request_id, len(flight.generated), why.kind, why)
