@@ -29,6 +29,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from cluster.backend import (
     BackendOutput,
@@ -373,9 +374,9 @@ class ClusterBackend(ServingBackend):
         attempt.decode_id = placement.decode_worker_id
         d = self._worker(attempt.decode_id, "decode")
         if attempt.prefill_id is None:
-            await self._call(d, "decode", d.generate(
-                attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
-                flight.generated, siblings))
+            await self._ended_if_cancelled(d, attempt.worker_rid, self._call(
+                d, "decode", d.generate(attempt.worker_rid, flight.req.prompt_token_ids,
+                                        flight.req.params, flight.generated, siblings)))
         else:
             attempt.phase = "prefill"
             first = await self._remote_prefill(flight, blocks)
@@ -446,32 +447,39 @@ class ClusterBackend(ServingBackend):
             d = self._worker(placement.decode_worker_id, "decode")
             if placement.prefill_worker_id is None:
                 return placement, None
-            reserve = asyncio.ensure_future(self._call(d, "decode", d.reserve(
-                attempt.worker_rid, flight.req.prompt_token_ids, flight.req.params,
-                flight.generated, siblings, self._kv_heads.get(placement.prefill_worker_id))))
-            try:
-                blocks = await asyncio.shield(reserve)
-            except asyncio.CancelledError:
-                # The reservation completes on the worker all the same, after any abort
-                # sent now (which would find nothing): free it once it has.
-                reserve.add_done_callback(functools.partial(
-                    self._free_late_reservation, d, attempt.worker_rid))
-                raise
+            blocks = await self._ended_if_cancelled(d, attempt.worker_rid, self._call(
+                d, "decode", d.reserve(attempt.worker_rid, flight.req.prompt_token_ids,
+                                       flight.req.params, flight.generated, siblings,
+                                       self._kv_heads.get(placement.prefill_worker_id))),
+                took_effect=lambda reserved: reserved is not None)
             if blocks is not None:
                 return placement, blocks
             await self._report(d)  # stale stats: refresh, place again
         raise ResourceExhaustedError("decode workers have no free KV blocks; retry later")
 
-    def _free_late_reservation(self, d: DecodeHandle, worker_rid: str,
-                               reserve: asyncio.Future) -> None:
-        """A reserve whose request was cancelled while the call was in flight is done:
-        abort what it reserved (the request is gone, nothing else would)."""
-        if reserve.cancelled() or reserve.exception() is not None or reserve.result() is None:
+    async def _ended_if_cancelled(self, d: DecodeHandle, worker_rid: str, call: Awaitable,
+                                  took_effect: Callable[[Any], bool] = lambda _: True):
+        """Await a call that starts ``worker_rid`` on ``d`` (reserve, generate). If the
+        request is cancelled meanwhile, the call still runs on the worker, and on a threaded
+        Ray actor after the abort sent now, which then finds nothing: so once the call is
+        done, and ``took_effect`` says it started something, abort it there again (nothing
+        else would: the request is gone)."""
+        future = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(functools.partial(self._abort_late, d, worker_rid,
+                                                       took_effect))
+            raise
+
+    def _abort_late(self, d: DecodeHandle, worker_rid: str, took_effect: Callable[[Any], bool],
+                    call: asyncio.Future) -> None:
+        if call.cancelled() or call.exception() is not None or not took_effect(call.result()):
             return
         task = asyncio.ensure_future(d.abort(worker_rid))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-        task.add_done_callback(_log_late_free_failure)
+        task.add_done_callback(_log_late_abort_failure)
 
     async def _place(self, flight: Flight, prompt: list[int]) -> Placement:
         rid = flight.attempt.worker_rid
@@ -637,9 +645,9 @@ def _log_handoff_failure(task: asyncio.Future) -> None:
         log.warning("decode hand-off failed: %s", task.exception())
 
 
-def _log_late_free_failure(task: asyncio.Future) -> None:
+def _log_late_abort_failure(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("freeing a cancelled request's reservation failed: %s", task.exception())
+        log.warning("ending a cancelled request on its worker failed: %s", task.exception())
 
 
 def _breakdown(req: BackendRequest, t: dict, d: dict) -> dict[str, float]:

@@ -241,3 +241,49 @@ def test_a_request_cancelled_while_its_blocks_are_being_reserved_frees_them(mode
             await cluster.shutdown()
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_request_cancelled_while_its_generate_call_is_in_flight_is_ended(model_dir):
+    """Colocated: the client goes away while the worker's generate call is in flight. The
+    abort sent at once finds nothing (the call has not run yet, as when an abort overtakes
+    it on a threaded Ray actor); once the call has run, the request must still be ended,
+    not decoded to max_tokens for nobody (here 400 steps of at least 20 ms: 8 s)."""
+    config = _config(model_dir).model_copy(update={"colocated": True})
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        cluster = Cluster(config, mode="local")
+        await cluster.start()
+        try:
+            (worker,) = cluster.factory._objects.values()
+            engine = worker.host.engine
+            in_call, release, called = threading.Event(), threading.Event(), threading.Event()
+            original, step = worker.generate, engine.step
+
+            def slow_generate(*args, **kwargs):
+                in_call.set()
+                release.wait(10)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    called.set()
+
+            def slow_step():
+                time.sleep(0.02)
+                return step()
+
+            worker.generate, engine.step = slow_generate, slow_step
+            task = asyncio.create_task(_stream(cluster.backend, "gone", PROMPTS[0], long))
+            await _until(in_call.is_set, 10)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            release.set()  # the generate call runs now, after the abort
+            await _until(called.is_set, 10)
+            await _until(lambda: not engine.scheduler.requests, 3)
+            pool = engine.pool
+            await _until(lambda: pool.num_free == pool.num_blocks, 3)
+            return cluster.backend.stats()["in_flight"]
+        finally:
+            await cluster.shutdown()
+
+    assert asyncio.run(main()) == 0
