@@ -169,8 +169,10 @@ def test_a_cleanly_closed_channel_ends_its_link_watch(pair):
     sender.send("one", receiver.endpoint(), [2], dst_block_ids=[1]).result(timeout=10)
     done.wait_for("one")
 
+    ours = f"kv-link {receiver.endpoint().describe()}"  # not another test's, still ending
+
     def watches() -> list[str]:
-        return [t.name for t in threading.enumerate() if t.name.startswith("kv-link")]
+        return [t.name for t in threading.enumerate() if t.name == ours]
 
     assert len(watches()) == 1
     sender.close()
