@@ -38,7 +38,10 @@ the same bytes per route, over separate two-rank groups between the same process
 receives posted before the clock, the same idle gap before it. Alternating order, medians
 of ``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
 scattered over the caches or contiguous (``--layouts``); every decode rank's blocks are
-checked against its heads of the source. Written to ``--transfer-out``.
+checked against its heads of the source. Beside it, the copy that resharding needs (a block
+holds every head of a token side by side, so a head slice is gathered or scattered) timed
+alone, and the bound it sets, raw / (raw + copy): on 2 cores the transfer keeps both busy,
+so the copy cannot overlap it. Written to ``--transfer-out``.
 
     python benchmarks/tensor_parallel.py --transfer
 """
@@ -296,8 +299,13 @@ def bench_transfer(p: int, d: int, layouts: list[str], args) -> list[dict]:
         per_src = [[(hello[r.dst_rank][0], r.heads) for r in routes_from(routes, s)]
                    for s in range(p)]
         parts = [parts_for(routes, r) for r in range(d)]
-        return [_bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, sum(route_bytes),
+        rows = [_bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, sum(route_bytes),
                               p, d, args) for layout in layouts]
+        for row in rows:
+            row["relayout_ms"] = _relayout_ms(routes, src_heads, dst_heads, n, num_blocks)
+            raw_ms = row["raw_median_s"] * 1e3
+            row["sequential_bound"] = raw_ms / (raw_ms + row["relayout_ms"])
+        return rows
     finally:
         for conn in tx + rx:  # senders first: their CLOSE ends the receivers' channels
             conn.send(("stop",))
@@ -333,6 +341,40 @@ def _bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d, a
             "ours_s": ours, "raw_s": base, "ours_median_s": med_ours, "raw_median_s": med_raw,
             "ours_GBps": nbytes / med_ours / 1e9, "raw_GBps": nbytes / med_raw / 1e9,
             "ratio": med_raw / med_ours}
+
+
+def _relayout_ms(routes, src_heads, dst_heads, n: int, num_blocks: int) -> float:
+    """The copy a route's head slice needs because a block holds every head of a token
+    side by side (``[L, 2, block, heads, dim]``): a slice of the sender's heads is gathered
+    (1->2), a slice of the receiver's heads scattered (2->1). Timed here on one thread, as
+    a rank copies, for every route, n contiguous blocks, median of 9: no transfer that
+    reshards can beat raw + this on a host whose cores the transfer itself keeps busy."""
+    from kv_transfer import blocks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids = list(range(n))
+        cache = full_kv(num_blocks)
+        copies = []
+        for r in routes:
+            part = slice(*r.heads)
+            staging = blocks.gather(cache, ids, heads=part)  # the route's payload
+            if r.heads != src_heads[r.src_rank]:
+                copies.append(lambda ids=ids, part=part, staging=staging: blocks.gather(
+                    cache, ids, out=staging, heads=part))
+            if r.heads != dst_heads[r.dst_rank]:
+                copies.append(lambda ids=ids, part=part, staging=staging: blocks.scatter(
+                    cache, ids, staging, heads=part))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            for copy in copies:
+                copy()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) * 1e3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _time_ours(rid, src, dst, rx, tx, per_src, parts, lead_s: float) -> float:
@@ -374,11 +416,14 @@ def run_transfer(args) -> None:
           f"{KV_HEADS} KV heads x {HEAD_DIM}, bf16, block {BLOCK}), "
           f"{args.transfer_tokens} tokens, median of {args.transfer_reps}")
     print(f"{'p->d':>5} {'layout':>10} {'MiB':>6} {'ours ms':>8} {'raw ms':>8} "
-          f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8}")
+          f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8} {'copy ms':>8} {'bound':>6}")
     for r in rows:
         print(f"{r['p']}->{r['d']:<2} {r['layout']:>10} {r['bytes'] / 2**20:6.1f} "
               f"{r['ours_median_s'] * 1e3:8.2f} {r['raw_median_s'] * 1e3:8.2f} "
-              f"{r['ours_GBps']:9.2f} {r['raw_GBps']:9.2f} {r['ratio']:8.2f}")
+              f"{r['ours_GBps']:9.2f} {r['raw_GBps']:9.2f} {r['ratio']:8.2f} "
+              f"{r['relayout_ms']:8.2f} {r['sequential_bound']:6.2f}")
+    print("copy ms: the head-slice gather/scatter resharding needs (one thread); bound: "
+          "raw / (raw + copy), the best ratio when the copy cannot overlap the transfer")
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average": os.getloadavg()},
               "args": {k: v for k, v in vars(args).items() if k.startswith(("transfer", "lay",
