@@ -29,6 +29,7 @@ from engine.memory_budget import (
     MemoryProfile,
     MemoryProfiler,
     budget_from_profile,
+    device_share_bytes,
     kv_cache_log_line,
 )
 from engine.model_runner import ModelRunner
@@ -214,12 +215,7 @@ class Engine:
             profile = profiler.profile()
             budget = budget_from_profile(profile, cc.gpu_memory_utilization)
         elif self.device.type == "cuda":
-            # Our share of the card minus what this process already holds (weights), and
-            # never more than is actually free (other processes may share the GPU).
-            torch.cuda.empty_cache()  # cached blocks of dead tensors are not ours to count
-            free, total = torch.cuda.mem_get_info(self.device)
-            own = torch.cuda.memory_allocated(self.device)
-            budget = min(int(total * cc.gpu_memory_utilization) - own, int(free * 0.95))
+            budget = device_share_bytes(self.device, cc.gpu_memory_utilization)
         else:
             budget = cc.cpu_kv_cache_bytes_default
         blocks_per_seq = cdiv(self.scheduler_config.max_model_len, cc.block_size)

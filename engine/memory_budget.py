@@ -16,8 +16,9 @@ counted::
   allocates; the buckets share one pool), with a margin.
 
 The arithmetic is ``kv_budget_bytes`` (pure); the measuring is behind ``MemoryProfiler``
-(``CudaMemoryProfiler`` on a GPU, a fake with fixed numbers in CPU tests). CPU engines and
-tensor-parallel ranks do not come here (see ``Engine._num_kv_blocks``).
+(``CudaMemoryProfiler`` on a GPU, a fake with fixed numbers in CPU tests). CPU engines do
+not come here; tensor-parallel ranks take ``device_share_bytes``, each on its own device
+(see ``Engine._num_kv_blocks`` and ``engine.parallel.worker.own_kv_blocks``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def kv_budget_bytes(total: int, utilization: float, weights: int, peak: int, gra
     share = int(total * utilization) - weights - peak - graphs
     room = free - peak - graphs
     return max(0, min(share, room))
+
+
+def device_share_bytes(device: torch.device, utilization: float) -> int:
+    """Without a profile (tensor-parallel ranks): this process's share of CUDA ``device``
+    (``total * utilization``) less what it already holds (its weights), never more than is
+    actually free (other processes may share the GPU)."""
+    torch.cuda.empty_cache()  # cached blocks of dead tensors are not ours to count
+    free, total = torch.cuda.mem_get_info(device)
+    own = torch.cuda.memory_allocated(device)
+    return min(int(total * utilization) - own, int(free * 0.95))
 
 
 def budget_from_profile(profile: MemoryProfile, utilization: float) -> int:

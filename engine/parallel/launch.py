@@ -128,7 +128,8 @@ def start_tensor_parallel(engine: Any, config: ParallelConfig,
                     config.timeout_s, config.startup_timeout_s,
                     threads if engine.device.type == "cpu" else None,
                     engine.cache_config.kv_cache_dtype,
-                    (engine.cache_config.k_scale, engine.cache_config.v_scale))
+                    (engine.cache_config.k_scale, engine.cache_config.v_scale),
+                    engine.cache_config.gpu_memory_utilization)
     handles: list[RankHandle] = []
     previous_threads = torch.get_num_threads()
     try:
@@ -139,10 +140,11 @@ def start_tensor_parallel(engine: Any, config: ParallelConfig,
             torch.set_num_threads(base.num_threads)
         comm = TPComm(store, 0, size, config.host, config.timeout_s, engine.device,
                       config.startup_timeout_s)
-        build = build_rank(base, comm, lambda: engine._num_kv_blocks())
+        build = build_rank(base, comm, lambda _bytes_per_block: engine._num_kv_blocks())
         if build is None:
             raise TensorParallelError("a tensor-parallel rank could not load its shard of the "
-                                      "model (its log says why); fix that and restart")
+                                      "model or fit a KV block (its log says why); fix that "
+                                      "and restart")
         model, kv_cache, engine.num_blocks = build
     except BaseException:
         torch.set_num_threads(previous_threads)

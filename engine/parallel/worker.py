@@ -42,12 +42,14 @@ class RankSpec:
     num_threads: int | None  # CPU: torch threads of this rank
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "fp8_e4m3", "fp8_e5m2"
     kv_scales: tuple[float, float] = (1.0, 1.0)  # an fp8 cache's per-tensor (k, v) scales
+    gpu_memory_utilization: float = 0.9  # CUDA: this rank's share of its device
 
 
-def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[], int]):
+def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[int], int]):
     """Load this rank's shard and allocate its KV cache for the block count every rank
-    agreed on. Returns (model, kv_cache, num_blocks), or None when some rank failed (rank 0
-    re-raises its own failure: its message says what to change)."""
+    agreed on: the least of what each rank's ``local_blocks(bytes per block of its shard)``
+    says it holds. Returns (model, kv_cache, num_blocks), or None when some rank failed
+    (rank 0 re-raises its own failure: its message says what to change)."""
     from engine.attention.kv_quant import cache_dtype
     from engine.attention.registry import select_backend
     from engine.models.loader import load_model
@@ -61,7 +63,11 @@ def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[], int]):
         backend = select_backend(spec.attention_backend, device, spec.block_size,
                                  spec.kv_cache_dtype, spec.kv_scales)
         model = load_model(spec.model_dir, dtype, device, backend, TPContext(shard, comm))
-        mine = local_blocks()
+        cfg = model.config
+        k0, k1 = shard.kv_heads(cfg.num_kv_heads, cfg.num_heads)
+        kv_dtype = cache_dtype(spec.kv_cache_dtype, dtype)
+        mine = local_blocks(cfg.num_layers * 2 * spec.block_size * (k1 - k0) * cfg.head_dim
+                            * kv_dtype.itemsize)
     except Exception as e:  # every rank must still take part in the agreement below
         error, mine = e, 0
         if spec.rank:
@@ -71,12 +77,9 @@ def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[], int]):
         raise error
     if num_blocks == 0:
         return None
-    cfg = model.config
-    k0, k1 = shard.kv_heads(cfg.num_kv_heads, cfg.num_heads)
     # This rank's KV heads only; zeros, not empty (padding slots are read, see Engine).
     kv_cache = torch.zeros((num_blocks, cfg.num_layers, 2, spec.block_size, k1 - k0,
-                            cfg.head_dim), dtype=cache_dtype(spec.kv_cache_dtype, dtype),
-                           device=device)
+                            cfg.head_dim), dtype=kv_dtype, device=device)
     return model, kv_cache, num_blocks
 
 
@@ -95,7 +98,7 @@ def run_rank(spec: RankSpec) -> None:
     comm = TPComm(store, spec.rank, spec.size, spec.host, spec.timeout_s,
                   torch.device(spec.device), spec.startup_timeout_s)
     try:
-        built = build_rank(spec, comm, lambda: ANY_BLOCKS)
+        built = build_rank(spec, comm, lambda nbytes: own_kv_blocks(spec, nbytes))
         if built is not None:
             model, kv_cache, _ = built
             serve(ModelRunner(model, kv_cache, spec.block_size, torch.device(spec.device)), comm)
@@ -104,6 +107,25 @@ def run_rank(spec: RankSpec) -> None:
         sys.exit(1)
     finally:
         comm.close()
+
+
+def own_kv_blocks(spec: RankSpec, bytes_per_block: int) -> int:
+    """The KV blocks rank ``spec.rank`` >= 1 can hold: on CUDA what its share of its own
+    device holds once its shard is loaded (the devices of one group may differ in what
+    else they hold); elsewhere ``ANY_BLOCKS`` (one host memory: rank 0's budget decides).
+    0 (the group fails to start, naming this rank) when not one block fits."""
+    device = torch.device(spec.device)
+    if device.type != "cuda":
+        return ANY_BLOCKS
+    from engine.memory_budget import GIB, device_share_bytes
+
+    budget = device_share_bytes(device, spec.gpu_memory_utilization)
+    if budget < bytes_per_block:
+        log.error("tensor-parallel rank %d: %.2f GiB of %s is left for its KV cache, less than "
+                  "one block (%d bytes); raise gpu_memory_utilization or free the device",
+                  spec.rank, max(budget, 0) / GIB, device, bytes_per_block)
+        return 0
+    return budget // bytes_per_block
 
 
 @torch.inference_mode()

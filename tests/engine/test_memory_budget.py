@@ -97,6 +97,47 @@ def test_a_profile_with_no_room_says_what_took_the_memory(cpu_engine):
         cpu_engine._num_kv_blocks(FakeProfiler(profile))
 
 
+def _rank_spec(device: str):
+    from engine.parallel.worker import RankSpec
+
+    return RankSpec("unused", "bfloat16", device, "torch", 16, 1, 2, "127.0.0.1", 0, 10.0,
+                    10.0, None, gpu_memory_utilization=0.5)
+
+
+def _fake_cuda(monkeypatch, free: int, total: int, allocated: int) -> None:
+    """The three CUDA memory calls a rank's budget makes, with fixed answers (no GPU here)."""
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+
+
+def test_a_tp_rank_on_cuda_sizes_its_kv_cache_from_its_own_device(monkeypatch):
+    """Each rank >= 1 reports what its own device holds (the group takes the least), not
+    rank 0's count: an 80 GiB card at 0.5 with 30 GiB of weights leaves 10 GiB, but only
+    9 GiB is free (another process), so 0.95 of 9 GiB."""
+    from engine.parallel.worker import own_kv_blocks
+
+    _fake_cuda(monkeypatch, free=9 * GIB, total=80 * GIB, allocated=30 * GIB)
+    assert own_kv_blocks(_rank_spec("cuda:1"), 2 * MIB) == int(9 * GIB * 0.95) // (2 * MIB)
+    _fake_cuda(monkeypatch, free=60 * GIB, total=80 * GIB, allocated=30 * GIB)
+    assert own_kv_blocks(_rank_spec("cuda:1"), 2 * MIB) == 10 * GIB // (2 * MIB)
+
+
+def test_a_tp_rank_with_no_room_for_a_block_fails_the_group_and_says_why(monkeypatch, caplog):
+    from engine.parallel.worker import own_kv_blocks
+
+    _fake_cuda(monkeypatch, free=50 * GIB, total=80 * GIB, allocated=40 * GIB)  # share spent
+    with caplog.at_level(logging.ERROR, logger="engine.parallel.worker"):
+        assert own_kv_blocks(_rank_spec("cuda:1"), 2 * MIB) == 0
+    assert "rank 1" in caplog.text and "gpu_memory_utilization" in caplog.text
+
+
+def test_a_tp_rank_on_cpu_lets_rank_0_decide():
+    from engine.parallel.worker import ANY_BLOCKS, own_kv_blocks
+
+    assert own_kv_blocks(_rank_spec("cpu"), 2 * MIB) == ANY_BLOCKS
+
+
 def test_profile_batch_is_the_largest_step():
     batch = profile_batch(num_tokens=100, seqs=8, block_size=16, vocab_size=50)
     lengths = [e.num_new_tokens for e in batch.scheduled]
