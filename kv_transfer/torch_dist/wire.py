@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import socket
 import sys
 import threading
@@ -209,7 +210,7 @@ class PairGroup:
             try:
                 work.wait(_FOREVER)
             except RuntimeError as e:
-                on_broken(_classify(e, None, self.peer, "the link watch"))
+                on_broken(_classify(e, None, self.peer, "watching the link"))
 
         threading.Thread(target=watch, name=f"kv-link {self.peer}", daemon=True).start()
 
@@ -225,9 +226,15 @@ class PairGroup:
         self.ctrl = self.data = None
 
 
+# gloo's messages start with their source file and line, and some go on with advice
+# ("... before reporting an error. GLHF!"): what happened is the first sentence after it.
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*:\d+\]\s*")
+
+
 def _classify(e: RuntimeError, timeout_s: float | None, peer: str, doing: str) -> TransferError:
     """A c10d/gloo/NCCL error as a ``TransferError`` (request id None) saying what failed."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = _SOURCE_PREFIX.sub("", text).split(". ")[0]
     if "timed out" in text.lower() or "timeout" in text.lower():
         limit = f" after {timeout_s:.1f} s" if timeout_s is not None else ""
         return TransferTimeout(None, peer, f"timed out{limit} {doing}")

@@ -180,3 +180,19 @@ def test_a_cleanly_closed_channel_ends_its_link_watch(pair):
     while watches():
         assert time.monotonic() < deadline, watches()
         time.sleep(0.01)
+
+
+def test_a_gloo_error_is_told_in_its_first_sentence():
+    """gloo's text starts with its source file and goes on with advice: the error keeps
+    what happened (the address in it is scrubbed for clients by router.errors)."""
+    from kv_transfer.errors import PeerClosed
+    from kv_transfer.torch_dist.wire import _classify
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+        "closed by peer [127.0.0.1]:2995. This is typically caused by a remote worker "
+        "crashing. Check the logs of the remote worker before reporting an error. GLHF!")
+    error = _classify(gloo, None, "decode-1", "watching the link")
+    assert isinstance(error, PeerClosed)
+    assert error.what == ("peer closed or died while watching the link (Connection closed "
+                          "by peer [127.0.0.1]:2995)")
