@@ -204,7 +204,11 @@ class PairGroup:
         every send queued behind it on the channel waited too. So the sender keeps one
         receive posted on ``LINK_TAG``, which gloo fails within milliseconds of a break;
         nothing is sent to it until the receiver acknowledges a CLOSE (``ack_close``)."""
-        work = self.ctrl.recv([torch.empty(1, dtype=torch.uint8)], 1 - self.rank, LINK_TAG)
+        try:
+            work = self._post(self.ctrl.recv, torch.empty(1, dtype=torch.uint8), LINK_TAG)
+        except TransferError as e:  # broken already
+            on_broken(e)
+            return
 
         def watch() -> None:
             try:
@@ -216,7 +220,7 @@ class PairGroup:
 
     def ack_close(self, timeout_s: float) -> None:
         """Receiver side, on the sender's CLOSE: end the sender's link watch."""
-        done = self.ctrl.send([torch.ones(1, dtype=torch.uint8)], 1 - self.rank, LINK_TAG)
+        done = self._post(self.ctrl.send, torch.ones(1, dtype=torch.uint8), LINK_TAG)
         self.wait(done, timeout_s, "the close acknowledgement to be taken")
 
     def close(self) -> None:
