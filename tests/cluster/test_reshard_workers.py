@@ -4,7 +4,8 @@ heads to the decode ranks that hold them (``kv_transfer.group``), over torch.dis
 
 For P TP=p -> D TP=d in {2->1, 1->2, 2->2}: the decode worker's greedy tokens equal a TP=1
 engine's; every decode rank's blocks hold exactly the prefill ranks' KV of its heads (read
-out of each rank's process); every block is free on every worker afterwards. A rank that
+out of each rank's process), and to float32 rounding what a colocated engine of d ranks
+computes; every block is free on every worker afterwards. A rank that
 dies mid-transfer fails its requests with a clear error, and nothing hangs."""
 
 from __future__ import annotations
@@ -51,18 +52,38 @@ def _dump_blocks(runner, comm, block_ids, path_pattern):
 
 def _shards(worker, block_ids, tmp_path, tag) -> list[torch.Tensor]:
     """Every rank's KV of ``block_ids`` (rank 0's read here, the others' from their
-    processes), rank by rank."""
-    engine = worker.host.engine
+    processes), rank by rank, of a worker's engine (on its engine thread)."""
+    return _rank_shards(worker.host.call, worker.host.call_ranks,
+                        worker.host.engine.tensor_parallel_size, block_ids, tmp_path, tag)
+
+
+def _rank_shards(on_engine, call_ranks, tp, block_ids, tmp_path, tag) -> list[torch.Tensor]:
     pattern = str(tmp_path / f"{tag}-{{rank}}.pt")
-    tp = engine.tensor_parallel_size
     if tp > 1:
-        worker.host.call_ranks(_dump_blocks, list(block_ids), pattern)
+        call_ranks(_dump_blocks, list(block_ids), pattern)
         deadline = time.monotonic() + 30
         while not all(os.path.exists(pattern.format(rank=r)) for r in range(1, tp)):
             assert time.monotonic() < deadline, "a rank never dumped its blocks"
             time.sleep(0.05)
-    own = worker.host.call(lambda e: e.runner.kv_cache[list(block_ids)].clone())
+    own = on_engine(lambda e: e.runner.kv_cache[list(block_ids)].clone())
     return [own] + [torch.load(pattern.format(rank=r)) for r in range(1, tp)]
+
+
+def _colocated_shards(model_dir, tp: int, prompt, tmp_path) -> list[torch.Tensor]:
+    """What a colocated engine of ``tp`` ranks computes for ``prompt``: each rank's KV of
+    the prompt's blocks, read once the prompt is prefilled (its first token sampled)."""
+    options = {k: v for k, v in OPTIONS.items() if k != "warmup"}  # a worker's option
+    engine = Engine.from_pretrained(model_dir, tensor_parallel_size=tp, **options)
+    try:
+        engine.add_request("same-tp", prompt, GREEDY)
+        request = engine.scheduler.requests["same-tp"]
+        while not request.output_token_ids:
+            engine.step()
+        ids = engine.prompt_block_ids(request)
+        return _rank_shards(lambda fn: fn(engine), engine.call_ranks, tp, ids, tmp_path,
+                            f"colocated-tp{tp}")
+    finally:
+        engine.close()
 
 
 def _by_head(shards, heads) -> dict[int, torch.Tensor]:
@@ -135,6 +156,17 @@ def test_resharded_kv_gives_tp1_tokens_and_exact_heads(model_dir, expected, tmp_
                         b = shard[:, :, :, :, h - lo].permute(1, 2, 0, 3, 4).flatten(2, 3)
                         assert torch.equal(a, b[:, :, :n]), f"head {h} differs"
                         assert a.abs().sum() > 0
+                # ... and, to float32 rounding, what a colocated engine of the decode's TP
+                # size computes (its ranks split the matmuls and reduce partial sums in
+                # another order and over other thread counts: ~1e-5 apart, not bit for bit)
+                same = _colocated_shards(model_dir, d_tp, prompt, tmp_path)
+                for mine, theirs in zip(got, same, strict=True):
+                    a = mine.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)[:, :, :n]
+                    b = theirs.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)[:, :, :n]
+                    print(f"{p_tp}->{d_tp}: max |KV - same-TP engine's KV| = "
+                          f"{(a - b).abs().max().item():.2e} (|KV| up to "
+                          f"{b.abs().max().item():.1f})")
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             assert _decode(d, rid, result.first_token) == want
         # every block back on both sides (the prefill side's are released once sent)
         deadline = time.monotonic() + 10
