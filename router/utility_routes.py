@@ -10,7 +10,8 @@ is a 404 ``model_not_found``, a bad field a 400 naming it).
 
 /tokenize counts what a generation request would send the model: a text prompt is encoded
 with special-token text as plain text (as /v1/completions does), a chat is rendered by the
-model's chat template. ``token_strs`` are each token's own text (its id decoded alone).
+model's chat template, with its ``tools`` where given. An unknown field is refused.
+``token_strs`` are each token's own text (its id decoded alone).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import NotFoundError
 from router import openai_protocol as oai
+from router.chat import ToolSpec
 from router.errors import InvalidParamError
 from router.service import INLINE_TOKENIZE_CHARS, GenerationService
 from router.types import ModelCard
 from router.validation import check_text
 
-# As the generation requests: unknown fields ignored, JSON types not coerced.
-_REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+# As the generation requests: an unknown field is a 400 naming it (a field such as vLLM's
+# ``chat_template_kwargs`` would otherwise change nothing, and the count would be wrong
+# without a word), JSON types not coerced.
+_REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
 def splitserve_version() -> str:
@@ -55,6 +59,9 @@ class TokenizeRequest(BaseModel):
         "false for messages (the chat template writes its own).")
     add_generation_prompt: bool = Field(True, description="Chat only: end the rendered chat "
                                         "with the assistant turn's opening.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Chat only: the tool definitions, rendered into the prompt by the "
+        "chat template as /v1/chat/completions renders them.")
     return_token_strs: bool | None = Field(False, description="Also return each token's text.")
 
 
@@ -109,6 +116,8 @@ async def _tokenize(service: GenerationService, body: TokenizeRequest) -> list[i
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParamError("give exactly one of prompt or messages", "prompt")
     if body.prompt is not None:
+        if body.tools is not None:
+            raise InvalidParamError("tools go with messages, not with a prompt", "tools")
         text, param = body.prompt, "prompt"
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         split = True  # special-token text in a prompt is text, as for /v1/completions
@@ -140,8 +149,10 @@ def _render_chat(service: GenerationService, body: TokenizeRequest) -> str:
     if not service.tokenizer.has_chat_template:
         raise InvalidParamError("this model has no chat template; tokenize a prompt instead",
                                 "messages")
+    tools = ToolSpec(body.tools, None, None).template_tools  # checked as chat checks them
     try:
-        return service.tokenizer.chat_template_text(messages, body.add_generation_prompt)
+        return service.tokenizer.chat_template_text(messages, body.add_generation_prompt,
+                                                    tools=tools)
     except Exception as exc:  # template errors come as jinja, KeyError, ValueError, ...
         raise InvalidParamError(f"the chat template could not render the messages: {exc}",
                                 "messages") from exc

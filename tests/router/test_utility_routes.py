@@ -78,6 +78,36 @@ def test_tokenize_chat_renders_the_template(http, stack):
     assert bare.json()["count"] < body["count"]
 
 
+@pytest.fixture(scope="module")
+def long_http(tokenizer):
+    """A context long enough for a chat template's tool preamble."""
+    s = Stack(make_backend(tokenizer), tokenizer,
+              RouterConfig(model_name="fake-model", max_model_len=4 * MAX_MODEL_LEN))
+    with httpx.Client(base_url=s.base_url, timeout=10) as client:
+        yield client
+    s.close()
+
+
+def test_tokenize_chat_with_tools_counts_what_a_chat_with_tools_sends(long_http):
+    """The tools are part of the prompt the chat template renders: /tokenize counts them
+    as /v1/chat/completions sends them (vLLM's TokenizeChatRequest takes them too)."""
+    http = long_http
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    with_tools = http.post("/tokenize", json={"messages": messages, "tools": tools}).json()
+    without = http.post("/tokenize", json={"messages": messages}).json()
+    chat = http.post("/v1/chat/completions", json={
+        "model": "fake-model", "messages": messages, "tools": tools, "tool_choice": "none",
+        "max_tokens": 1})
+    chat_with = http.post("/v1/chat/completions", json={
+        "model": "fake-model", "messages": messages, "tools": tools, "max_tokens": 1})
+    assert with_tools["count"] > without["count"]  # the template wrote the tools
+    assert chat_with.json()["usage"]["prompt_tokens"] == with_tools["count"]
+    assert chat.json()["usage"]["prompt_tokens"] == without["count"]  # "none": no tools
+
+
 def test_detokenize_round_trips(http, tokenizer):
     ids = tokenizer.encode("Disaggregated serving", add_special_tokens=False)
     resp = http.post("/detokenize", json={"model": "fake-model", "tokens": ids})
@@ -94,6 +124,14 @@ def test_detokenize_round_trips(http, tokenizer):
     ("/detokenize", {"tokens": [10 ** 9]}, 400, "tokens"),
     ("/detokenize", {"tokens": ["1"]}, 400, "tokens"),
     ("/detokenize", {"tokens": [1], "model": "other"}, 404, None),
+    # A field that would change nothing here is refused, naming it
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                   "chat_template_kwargs": {"enable_thinking": False}}, 400,
+     "chat_template_kwargs"),
+    ("/tokenize", {"prompt": "hi", "tools": []}, 400, "tools"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                   "tools": [{"type": "code_interpreter"}]}, 400, "tools"),
+    ("/detokenize", {"tokens": [1], "skip_special_tokens": True}, 400, "skip_special_tokens"),
 ])
 def test_bad_requests_are_openai_errors(http, path, body, status, param):
     resp = http.post(path, json=body)
