@@ -155,6 +155,13 @@ class RaySection(_Frozen):
                                           "(killed, logged, counted) instead of pending.")
 
 
+# autoscaler.<field> and the pool bound it must equal (the pools' bounds are the ones used)
+_AUTOSCALER_BOUNDS = (("min_prefill", "prefill", "min_replicas"),
+                      ("max_prefill", "prefill", "max_replicas"),
+                      ("min_decode", "decode", "min_replicas"),
+                      ("max_decode", "decode", "max_replicas"))
+
+
 class ClusterConfig(_Frozen):
     model: ModelSection = Field(default_factory=ModelSection)
     prefill: PoolSection = Field(default_factory=PoolSection)
@@ -200,6 +207,17 @@ class ClusterConfig(_Frozen):
         if self.prefill.engine.block_size != self.decode.engine.block_size:
             raise ValueError("prefill and decode pools must use the same engine.block_size "
                              "(KV blocks are shipped as they are)")
+        if self.colocated and self.autoscaler.enabled:
+            raise ValueError("autoscaler.enabled with colocated: the autoscaler sizes the "
+                             "prefill and decode pools, and a colocated cluster has one pool "
+                             "of workers that prefill themselves; drop one of the two")
+        for field, pool, bound in _AUTOSCALER_BOUNDS:
+            written = getattr(self.autoscaler, field)
+            own = getattr(getattr(self, pool), bound)
+            if field in self.autoscaler.model_fields_set and written != own:
+                raise ValueError(f"autoscaler.{field}={written} differs from {pool}.{bound}="
+                                 f"{own}: the pools' min_replicas/max_replicas bound the "
+                                 f"autoscaler; set {pool}.{bound} (or drop autoscaler.{field})")
         return self
 
     def pools_in_use(self) -> dict[str, PoolSection]:
@@ -246,14 +264,15 @@ class ClusterConfig(_Frozen):
 
     def with_overrides(self, **dotted: Any) -> ClusterConfig:
         """A copy with fields replaced, e.g. ``with_overrides(**{"prefill.replicas": 2})``;
-        None values are ignored (unset CLI flags)."""
-        data = self.model_dump()
+        None values are ignored (unset CLI flags). What was written stays told apart from
+        defaults (``model_fields_set``): the checks that compare written values need it."""
+        data = self.model_dump(exclude_unset=True)
         for key, value in dotted.items():
             if value is None:
                 continue
             node = data
             *parents, leaf = key.split(".")
             for p in parents:
-                node = node[p]
+                node = node.setdefault(p, {})
             node[leaf] = value
         return ClusterConfig.model_validate(data)

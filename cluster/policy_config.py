@@ -77,6 +77,8 @@ class AutoscalerConfig(_Frozen):
     enabled: bool = Field(True, description="When false, decide() never changes anything.")
     interval_s: float = Field(10.0, gt=0, description="How often the caller runs decide().")
     window_s: float = Field(60.0, gt=0, description="Length of the rolling metrics window.")
+    # In a cluster config the pools' min/max_replicas set these (ClusterConfig refuses a
+    # different value written here); the simulator and the tests set them directly.
     min_prefill: int = Field(1, ge=0, description="Fewest prefill replicas.")
     max_prefill: int = Field(64, ge=0, description="Most prefill replicas.")
     min_decode: int = Field(1, ge=0, description="Fewest decode replicas.")

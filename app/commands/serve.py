@@ -104,6 +104,14 @@ def load_config(args: argparse.Namespace):
     from cluster.config import ClusterConfig
 
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    colocated = args.colocated if args.colocated is not None else base.colocated
+    moot = [flag for flag, value in (("--prefill", args.prefill),
+                                     ("--prefill-tp", getattr(args, "prefill_tp", None)),
+                                     ("--kv-backend", args.kv_backend)) if value is not None]
+    if colocated and moot:
+        raise ValueError(f"{', '.join(moot)} would change nothing with colocated workers (one "
+                         "pool of decode workers that prefill themselves, no KV transfer); "
+                         "drop them, or --decode / --decode-tp to size that pool")
     over = {
         "model.path": args.model, "model.device": args.device, "model.dtype": args.dtype,
         "model.name": getattr(args, "served_model_name", None),
@@ -127,8 +135,12 @@ def load_config(args: argparse.Namespace):
         if n is not None:
             pool = getattr(base, role)
             over[f"{role}.replicas"] = n
-            over[f"{role}.min_replicas"] = min(pool.min_replicas, n)
-            over[f"{role}.max_replicas"] = max(pool.max_replicas, n)
+            over[f"{role}.min_replicas"] = low = min(pool.min_replicas, n)
+            over[f"{role}.max_replicas"] = high = max(pool.max_replicas, n)
+            written = base.autoscaler.model_fields_set  # bounds a file repeats move along
+            for field, value in ((f"min_{role}", low), (f"max_{role}", high)):
+                if field in written:
+                    over[f"autoscaler.{field}"] = value
     return base.with_overrides(**over)
 
 

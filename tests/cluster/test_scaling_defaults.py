@@ -45,6 +45,38 @@ def test_a_cluster_config_autoscales_only_when_it_says_so():
     assert on.with_overrides(**{"prefill.replicas": 1}).autoscaler.enabled  # kept when copied
 
 
+def test_autoscaler_bounds_that_differ_from_the_pools_are_refused_not_overwritten(tmp_path):
+    """The pools' min/max_replicas bound the autoscaler; autoscaler.min_prefill & co. used
+    to be overwritten by them without a word. Written equal (as the examples do), they are
+    fine, and a --prefill that widens the pool widens them too."""
+    pools = {"prefill": {"replicas": 1, "min_replicas": 1, "max_replicas": 8},
+             "decode": {"replicas": 2, "min_replicas": 2, "max_replicas": 16}}
+    with pytest.raises(ValueError, match=r"autoscaler.max_prefill=40 differs from "
+                                         r"prefill.max_replicas=8"):
+        ClusterConfig.model_validate({**pools, "autoscaler": {"enabled": True,
+                                                              "max_prefill": 40}})
+    same = {"enabled": True, "min_prefill": 1, "max_prefill": 8, "min_decode": 2,
+            "max_decode": 16}
+    config = ClusterConfig.model_validate({**pools, "autoscaler": same})
+    assert config.autoscaler_config().max_prefill == 8
+    written = tmp_path / "pool.yaml"
+    written.write_text("prefill: {replicas: 1, min_replicas: 1, max_replicas: 8}\n"
+                       "decode: {replicas: 2, min_replicas: 2, max_replicas: 16}\n"
+                       "autoscaler: {enabled: true, max_prefill: 8, max_decode: 16}\n")
+    wider = load_config(_args("--config", str(written), "--prefill", "12"))
+    assert wider.autoscaler_config().max_prefill == wider.prefill.max_replicas == 12
+
+
+def test_colocated_workers_refuse_what_only_separate_pools_use():
+    with pytest.raises(ValueError, match="autoscaler.enabled with colocated"):
+        ClusterConfig.model_validate({"colocated": True, "autoscaler": {"enabled": True}})
+    with pytest.raises(ValueError, match="autoscaler.enabled with colocated"):
+        load_config(_args("--colocated", "--autoscale"))
+    with pytest.raises(ValueError, match="--prefill, --kv-backend would change nothing"):
+        load_config(_args("--colocated", "--prefill", "2", "--kv-backend", "ray"))
+    assert load_config(_args("--colocated", "--decode", "2")).decode.replicas == 2
+
+
 # -- a cluster whose workers are fakes: creation can be held pending, like an unplaceable actor
 
 
