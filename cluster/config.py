@@ -246,6 +246,18 @@ class ClusterConfig(_Frozen):
                 raise ValueError(f"{section}.engine.tensor_parallel_size={size} does not fit "
                                  f"the model {self.model.path}: {exc}") from None
 
+    def pool_size_overrides(self, role: str, n: int) -> dict[str, int]:
+        """``with_overrides`` keys that start ``n`` workers of ``role``, its bounds widened
+        to hold them (and the autoscaler's, where the config repeats them)."""
+        pool = getattr(self, role)
+        low, high = min(pool.min_replicas, n), max(pool.max_replicas, n)
+        over = {f"{role}.replicas": n, f"{role}.min_replicas": low,
+                f"{role}.max_replicas": high}
+        for field, value in ((f"min_{role}", low), (f"max_{role}", high)):
+            if field in self.autoscaler.model_fields_set:
+                over[f"autoscaler.{field}"] = value
+        return over
+
     def autoscaler_config(self) -> AutoscalerConfig:
         """The autoscaler section with its bounds taken from the pools (the pools'
         min/max_replicas are the one place bounds are set)."""

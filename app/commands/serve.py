@@ -133,14 +133,7 @@ def load_config(args: argparse.Namespace):
             tp if tp is not None else getattr(args, "tensor_parallel_size", None))
         n = getattr(args, role)
         if n is not None:
-            pool = getattr(base, role)
-            over[f"{role}.replicas"] = n
-            over[f"{role}.min_replicas"] = low = min(pool.min_replicas, n)
-            over[f"{role}.max_replicas"] = high = max(pool.max_replicas, n)
-            written = base.autoscaler.model_fields_set  # bounds a file repeats move along
-            for field, value in ((f"min_{role}", low), (f"max_{role}", high)):
-                if field in written:
-                    over[f"autoscaler.{field}"] = value
+            over.update(base.pool_size_overrides(role, n))
     return base.with_overrides(**over)
 
 

@@ -61,9 +61,9 @@ def side_config(base: ClusterConfig, side: Side, model: str | None,
     counts = {"decode": side.decode} if side.colocated else {"prefill": side.prefill,
                                                              "decode": side.decode}
     for role, n in counts.items():
-        pool = getattr(base, role)
-        over.update({f"{role}.replicas": n, f"{role}.min_replicas": min(pool.min_replicas, n),
-                     f"{role}.max_replicas": max(pool.max_replicas, n)})
+        over.update(base.pool_size_overrides(role, n))
+    if side.colocated:  # one pool the autoscaler does not size (ClusterConfig refuses both)
+        over["autoscaler.enabled"] = False
     if base.ray.address is None:
         over["ray.num_cpus"] = max(base.ray.num_cpus or 0, 4, side.workers)
     return base.with_overrides(**over)

@@ -75,6 +75,12 @@ def test_colocated_workers_refuse_what_only_separate_pools_use():
     with pytest.raises(ValueError, match="--prefill, --kv-backend would change nothing"):
         load_config(_args("--colocated", "--prefill", "2", "--kv-backend", "ray"))
     assert load_config(_args("--colocated", "--decode", "2")).decode.replicas == 2
+    # the load generator's colocated side of an autoscaled config: fixed, not refused
+    from app.loadgen.launch import colocated, side_config
+
+    autoscaled = ClusterConfig.model_validate({"autoscaler": {"enabled": True}})
+    side = side_config(autoscaled, colocated(2), "m", None)
+    assert side.colocated and not side.autoscaler.enabled and side.decode.replicas == 2
 
 
 # -- a cluster whose workers are fakes: creation can be held pending, like an unplaceable actor
