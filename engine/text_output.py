@@ -21,8 +21,8 @@ class TextTracker:
         from engine.tokenizer import IncrementalDetokenizer
 
         self._detoks[request.request_id] = IncrementalDetokenizer(
-            self.tokenizer, stop=list(request.params.stop)
-        )
+            self.tokenizer, stop=list(request.params.stop),
+            min_tokens=request.params.min_tokens)
         self._fed[request.request_id] = 0
 
     def check_stop_strings(self, request: Request) -> bool:

@@ -140,11 +140,11 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
     def detokenizer(self, stop: Iterable[str] = (), *, prompt_ids: Sequence[int] = (),
-                    skip_special_tokens: bool = True,
-                    include_stop: bool = False) -> IncrementalDetokenizer:
+                    skip_special_tokens: bool = True, include_stop: bool = False,
+                    min_tokens: int = 0) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, stop, prompt_ids=prompt_ids,
                                       skip_special_tokens=skip_special_tokens,
-                                      include_stop=include_stop)
+                                      include_stop=include_stop, min_tokens=min_tokens)
 
 
 def _check_unicode(text: str) -> None:
@@ -199,11 +199,15 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, stop: Iterable[str] = (), *,
                  prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
-                 include_stop: bool = False) -> None:
+                 include_stop: bool = False, min_tokens: int = 0) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self.stop_strings: tuple[str, ...] = tuple(s for s in stop if s)
         self.include_stop = include_stop
+        # As vLLM: a stop string ends the output only once it is longer than min_tokens
+        # tokens (one completed earlier is text; one begun earlier and completed later ends
+        # it). Appending a token at a time makes the count exact.
+        self.min_tokens = min_tokens
         self.text = ""
         """All text emitted so far."""
         self.stopped = False
@@ -275,7 +279,10 @@ class IncrementalDetokenizer:
         pending = self._held + delta
         self._held = ""
         if self.stop_strings:
-            hit = _earliest_stop(pending, self.stop_strings)
+            # The held text is a proper prefix of a stop string at most, so a stop found
+            # now ends in what these tokens decoded to.
+            too_early = self.num_tokens <= self.min_tokens
+            hit = None if too_early else _earliest_stop(pending, self.stop_strings)
             if hit is not None:
                 index, stop = hit
                 self.stopped, self.matched_stop = True, stop

@@ -2,9 +2,10 @@
 
 Server side: ``GenerateRequest`` -> ``GenerateInput`` (a chat's messages and tools through
 ``router.chat``, the structured-output spec checked by the grammar engine,
-``prompt_logprobs`` refused), ``GenerateChunk`` (+ parsed tool calls) -> ``GenerateResponse``,
-model cards and info. Client side: keyword sampling arguments, text / token-id / chat prompts
--> ``GenerateRequest``, ``GenerateResponse`` -> ``GenerateChunk`` and tool calls. The gRPC
+``prompt_logprobs`` as a sampling field), ``GenerateChunk`` (+ parsed tool calls) ->
+``GenerateResponse``, model cards and info. Client side: keyword sampling arguments,
+text / token-id / chat prompts -> ``GenerateRequest``, ``GenerateResponse`` ->
+``GenerateChunk`` and tool calls. The gRPC
 stub, servicer base class and registration function are re-exported from here so no other
 module touches generated code.
 """

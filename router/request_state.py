@@ -41,7 +41,8 @@ class _Sample:
         self.detok = tokenizer.detokenizer(
             prep.params.stop, prompt_ids=prep.prompt_token_ids,
             skip_special_tokens=prep.skip_special_tokens,
-            include_stop=prep.include_stop_str_in_output) if want_text else None
+            include_stop=prep.include_stop_str_in_output,
+            min_tokens=prep.params.min_tokens) if want_text else None
         self.num_generated = 0
         self.last_token_id: int | None = None
         self.finished = False  # its final chunk has been produced

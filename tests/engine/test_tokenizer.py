@@ -202,6 +202,24 @@ def test_include_stop_and_earliest_match(tok):
     assert detok.text == "xx a" and detok.matched_stop == "bc"
 
 
+def test_a_stop_string_ends_the_output_only_after_min_tokens(tok):
+    """As vLLM: within the first min_tokens tokens a stop string is text; one completed by
+    a later token ends the output."""
+    ids = tok.encode("a stop b stop c", add_special_tokens=False)
+    # k1, k2: how many tokens it takes for the first and the second "stop" to be complete
+    k1, k2 = (next(k for k in range(1, len(ids) + 1)
+                   if tok.decode(ids[:k]).count("stop") >= n) for n in (1, 2))
+    early = IncrementalDetokenizer(tok, ["stop"], min_tokens=k1)
+    text = "".join(early.append([i]) for i in ids)
+    assert early.stopped and early.matched_stop == "stop"
+    assert text == early.text == "a stop b "  # the first is text, the second stops it
+    no_min = IncrementalDetokenizer(tok, ["stop"])
+    assert "".join(no_min.append([i]) for i in ids) == "a " and no_min.stopped
+    never = IncrementalDetokenizer(tok, ["stop"], min_tokens=k2)
+    text = "".join(never.append([i]) for i in ids) + never.finish()
+    assert not never.stopped and text == "a stop b stop c"
+
+
 @given(text=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40),
        data=st.data())
 @HYPOTHESIS

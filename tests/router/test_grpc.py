@@ -70,6 +70,16 @@ def test_stop_string_spanning_tokens_stops_exactly_and_aborts_backend(stack, cli
     assert stack.backend.wait_aborted("stop-1", 1.0)
 
 
+def test_a_stop_string_within_min_tokens_is_text(client, tokenizer):
+    """As vLLM: stop strings end the output only after min_tokens tokens."""
+    ids = tokenizer.encode(REPLY_TEXT, add_special_tokens=False)
+    quick_done = next(k for k in range(1, len(ids) + 1) if "quick" in tokenizer.decode(ids[:k]))
+    early = client.generate("hi", max_tokens=50, stop=["quick"])
+    assert early.text == "The " and early.finish_reason == "stop"
+    late = client.generate("hi", max_tokens=50, stop=["quick", "fox"], min_tokens=quick_done)
+    assert late.text == "The quick brown " and late.stop_reason == "fox"
+
+
 def test_logprobs_are_returned_per_token(client):
     result = client.generate("hi", max_tokens=4, logprobs=2)
     assert len(result.logprobs) == 4
