@@ -141,6 +141,12 @@ def input_from_proto(req: pb.GenerateRequest, deadline: float | None,
                                     "structured output: it cannot be combined with "
                                     "sampling.structured", "tool_choice")
         sampling["structured"] = forced
+    return_text = _option(req.options, "return_text", True)
+    if not return_text and tools is not None and tools.template_tools is not None:
+        raise InvalidParamError("tool calls are parsed from the reply's text, so "
+                                "options.return_text=false cannot be combined with tools; "
+                                "return the text, or set tool_choice to \"none\"",
+                                "options.return_text")
     return GenerateInput(
         model=req.model,
         prompt=req.text if which == "text" else None,
@@ -150,7 +156,7 @@ def input_from_proto(req: pb.GenerateRequest, deadline: float | None,
         sampling=sampling,
         request_id=req.request_id,
         deadline=deadline,
-        return_text=_option(req.options, "return_text", True),
+        return_text=return_text,
         skip_special_tokens=_option(req.options, "skip_special_tokens", True),
         include_stop_str_in_output=_option(req.options, "include_stop_str_in_output", False),
         n=req.sampling.n if req.sampling.HasField("n") else 1,

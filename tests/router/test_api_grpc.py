@@ -75,6 +75,25 @@ def test_structured_and_logit_bias_reach_sampling(stub, tool_stack):
         assert params.logit_bias == ((7, 100.0),)
 
 
+def test_tools_without_the_text_are_refused_not_answered_without_calls(stub, tool_stack):
+    """Tool calls are parsed from the reply's text: with return_text=false they were never
+    found (no tool_calls, no error). Now refused, naming the option; tool_choice "none"
+    (no tools in play) may still leave the text out."""
+    before = len(tool_stack.backend.submitted)
+    req = convert.build_request(USER, tools=[WEATHER], sampling={"max_tokens": 200})
+    req.options.return_text = False
+    with pytest.raises(grpc.RpcError) as err:
+        _run(stub, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "return_text" in err.value.details()
+    assert len(tool_stack.backend.submitted) == before
+    req = convert.build_request(USER, tools=[WEATHER], tool_choice="none",
+                                sampling={"max_tokens": 200})
+    req.options.return_text = False
+    msgs = _run(stub, req)
+    assert msgs[-1].finish_reason and not any(m.text for m in msgs)
+
+
 @pytest.mark.parametrize("field, value, param", [
     ("n", 0, "n"),
     ("n", 17, "n"),
