@@ -116,10 +116,14 @@ def check_all(config: Any, *, gpu_memory_flag: bool) -> None:
     ``router.config.PortInUseError``."""
     if not config.model.path:
         raise PreflightError("no model: pass --model DIR (or model.path in --config)")
-    if gpu_memory_flag and config.model.device == "cpu":
-        raise PreflightError("--gpu-memory-utilization applies to CUDA workers only; on CPU "
-                             "the KV cache size is set by engine.kv_cache_memory_bytes in "
-                             "--config")
+    if config.model.device == "cpu":
+        written = [f"{section}.engine.gpu_memory_utilization"
+                   for section in ("decode",) + (() if config.colocated else ("prefill",))
+                   if "gpu_memory_utilization" in getattr(config, section).engine.model_fields_set]
+        if gpu_memory_flag or written:
+            what = "--gpu-memory-utilization" if gpu_memory_flag else written[0]
+            raise PreflightError(f"{what} applies to CUDA workers only; on CPU the KV cache "
+                                 "size is set by engine.kv_cache_memory_bytes in --config")
     rc = config.router
     check_ports(rc.host, [("gRPC", rc.grpc_port, "--grpc-port"),
                           ("HTTP", rc.http_port, "--http-port")])

@@ -116,6 +116,12 @@ def test_gpu_memory_utilization_is_refused_on_cpu(tmp_path):
     check_one_line(*serve("--model", str(folder), "--device", "cpu", "--grpc-port", "0",
                           "--http-port", "0", "--gpu-memory-utilization", "0.5"),
                    "--gpu-memory-utilization applies to CUDA workers only")
+    # the same setting written in the pool config is refused the same way, not ignored
+    config = tmp_path / "pool.yaml"
+    config.write_text("decode:\n  engine:\n    gpu_memory_utilization: 0.5\n")
+    check_one_line(*serve("--model", str(folder), "--device", "cpu", "--grpc-port", "0",
+                          "--http-port", "0", "--config", str(config)),
+                   "decode.engine.gpu_memory_utilization applies to CUDA workers only")
 
 
 def test_the_same_port_twice(tmp_path):
