@@ -127,8 +127,14 @@ class ToolSpec:
         """The function ``tool_choice`` names, if it names one."""
         return next((f for f in self.functions if f["name"] == self.choice), None)
 
-    def structured(self) -> StructuredSpec | None:
-        """The output constraint that enforces ``required`` or a named function."""
+    def structured(self, parser: ToolParser | None = None) -> StructuredSpec | None:
+        """The output constraint that enforces ``required`` or a named function, or with
+        ``auto`` and a ``strict`` tool, the calls' schemas in ``parser``'s format (where it
+        has a structural tag: ``ToolParser.structural_tag``)."""
+        if self.choice == "auto" and parser is not None \
+                and any(f.get("strict") for f in self.functions):
+            tag = parser.structural_tag(self.functions, self.max_calls)
+            return StructuredSpec.structural_tag(tag) if tag is not None else None
         named = self.named
         if named is not None:
             return StructuredSpec.json_schema(named.get("parameters") or {"type": "object"})

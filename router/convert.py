@@ -22,7 +22,7 @@ from splitserve_proto.splitserve.v1 import generate_pb2_grpc as pb_grpc
 from engine.structured import StructuredSpec
 from router.chat import ChatMessage, ToolSpec
 from router.errors import InvalidParamError
-from router.tool_parsers import ToolCall
+from router.tool_parsers import ToolCall, ToolParser
 from router.types import (
     GenerateChunk,
     GenerateInput,
@@ -129,17 +129,19 @@ def _option(options: pb.OutputOptions, name: str, default: bool) -> bool:
 
 
 def input_from_proto(req: pb.GenerateRequest, deadline: float | None,
-                     tools: ToolSpec | None = None) -> GenerateInput:
+                     tools: ToolSpec | None = None,
+                     parser: ToolParser | None = None) -> GenerateInput:
     """A GenerateRequest as the service's GenerateInput (validation happens in the service);
-    ``tools``: ``tool_spec_from_proto(req)`` for a chat."""
+    ``tools``: ``tool_spec_from_proto(req)`` for a chat; ``parser``: the server's tool-call
+    parser (strict tools under "auto" are enforced in its format)."""
     which = req.WhichOneof("prompt")
     sampling = sampling_from_proto(req.sampling)
-    forced = tools.structured() if tools is not None else None
+    forced = tools.structured(parser) if tools is not None else None
     if forced is not None:
         if "structured" in sampling:
-            raise InvalidParamError("a required or named tool choice is enforced with "
-                                    "structured output: it cannot be combined with "
-                                    "sampling.structured", "tool_choice")
+            raise InvalidParamError("a required or named tool choice, and strict tools, are "
+                                    "enforced with structured output: they cannot be "
+                                    "combined with sampling.structured", "tool_choice")
         sampling["structured"] = forced
     return_text = _option(req.options, "return_text", True)
     if not return_text and tools is not None and tools.template_tools is not None:

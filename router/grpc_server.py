@@ -94,12 +94,12 @@ class GenerationServicer(convert.GenerationServicer):
         deadline = time.time() + remaining if remaining is not None else None
         try:
             tools = convert.tool_spec_from_proto(request)
-            inp = convert.input_from_proto(request, deadline, tools)
+            parser = get_parser(self._service.config.tool_call_parser)
+            inp = convert.input_from_proto(request, deadline, tools, parser)
         except SplitServeError as exc:  # refused before prepare: count it as prepare does
             self._service.metrics.requests.labels(code=outcome_code(exc)).inc()
             raise
         # a chat with tools: its text goes through the configured tool-call parser
-        parser = get_parser(self._service.config.tool_call_parser)
         calls = [tools.stream(parser) for _ in range(inp.n)] if tools else None
         prep = await self._service.prepare(inp)
         context.add_done_callback(functools.partial(self._on_done, prep.request_id))

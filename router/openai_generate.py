@@ -32,9 +32,10 @@ from router.types import GenerateChunk, PreparedRequest
 async def generate(service: GenerationService, request: Request, body, chat: bool) -> Response:
     """Answer one completions (``chat`` False) or chat request: JSON, or an event stream."""
     try:
-        inputs = body.to_inputs(deadline=None)
         tools = body.tool_spec() if chat else None
         parser = get_parser(_tool_parser_name(service)) if tools and tools.functions else None
+        inputs = body.to_inputs(deadline=None, parser=parser) if chat else \
+            body.to_inputs(deadline=None)
     except SplitServeError as exc:
         service.metrics.requests.labels(code=outcome_code(exc)).inc()
         raise

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from router.chat import ChatMessage, ToolSpec
 from router.errors import InvalidParamError
 from router.request_fields import check_refused, structured_spec
+from router.tool_parsers import ToolParser
 from router.types import GenerateInput
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
@@ -181,7 +182,10 @@ class ChatCompletionRequest(_SamplingRequest):
     def tool_spec(self) -> ToolSpec:
         return ToolSpec(self.tools, self.tool_choice, self.parallel_tool_calls)
 
-    def to_inputs(self, deadline: float | None) -> list[GenerateInput]:
+    def to_inputs(self, deadline: float | None,
+                  parser: ToolParser | None = None) -> list[GenerateInput]:
+        """``parser``: the server's tool-call parser (strict tools under "auto" are enforced
+        in its format)."""
         sampling = self.sampling()
         aliases = {}
         if self.max_completion_tokens is not None:
@@ -192,13 +196,13 @@ class ChatCompletionRequest(_SamplingRequest):
         elif self.top_logprobs:
             raise InvalidParamError("top_logprobs needs logprobs=true", "top_logprobs")
         tools = self.tool_spec()
-        forced = tools.structured()
+        forced = tools.structured(parser)
         if forced is not None:
             if "structured" in sampling:
-                raise InvalidParamError("tool_choice 'required' or a named function is "
-                                        "enforced with structured output: it cannot be "
-                                        "combined with response_format or guided_*",
-                                        "tool_choice")
+                raise InvalidParamError("tool_choice 'required' or a named function, and "
+                                        "strict tools, are enforced with structured output: "
+                                        "they cannot be combined with response_format or "
+                                        "guided_*", "tool_choice")
             sampling["structured"] = forced
         return [self._input(deadline, messages=[m.as_dict() for m in self.messages],
                             tools=tools.template_tools, sampling=sampling,

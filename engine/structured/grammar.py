@@ -77,6 +77,8 @@ def build_grammar(kind: str, spec: str | tuple[str, ...]) -> xgr.Grammar:
         return xgr.Grammar.from_ebnf(choice_ebnf(spec))
     if kind == "grammar":
         return xgr.Grammar.from_ebnf(spec) if "::=" in spec else xgr.Grammar.from_lark(spec)
+    if kind == "structural_tag":
+        return xgr.Grammar.from_structural_tag(spec)
     raise ValueError(f"unknown structured-output kind {kind!r}")
 
 

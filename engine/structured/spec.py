@@ -15,6 +15,9 @@ Kinds and their ``spec``:
   choice        the strings         exactly one of them (a sequence of non-empty strings)
   grammar       the grammar text    EBNF (GBNF: ``root ::= ...``) when it contains ``::=``,
                                     otherwise Lark (``start: ...``), as xgrammar reads them
+  structural_tag  xgrammar's        free text, except that what follows a trigger is one
+                  structural tag    of the tags (begin, JSON-schema content, end): how
+                                    strict tool calls are enforced with tool_choice "auto"
 
 JSON output is compact (no free whitespace between tokens): a model cannot stall in an
 endless run of spaces, and the text is what ``json.dumps`` would write (``", "``/``": "``).
@@ -29,7 +32,7 @@ from functools import lru_cache
 
 from engine.errors import InvalidRequestError
 
-KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "structural_tag")
 MAX_SPEC_CHARS = 100_000
 """Longest spec accepted (schema / regex / grammar text, all choices together)."""
 
@@ -82,6 +85,10 @@ class StructuredSpec:
     def grammar(cls, text: str) -> StructuredSpec:
         return cls("grammar", text)
 
+    @classmethod
+    def structural_tag(cls, tag: Mapping) -> StructuredSpec:
+        return cls("structural_tag", tag)  # type: ignore[arg-type]
+
 
 def _normalise(kind, spec) -> str | tuple[str, ...]:
     """Shape checks that need no grammar engine; returns the canonical, hashable spec."""
@@ -91,8 +98,8 @@ def _normalise(kind, spec) -> str | tuple[str, ...]:
         if spec not in ("", None, {}):
             raise InvalidStructuredSpec(kind, "takes no spec")
         return ""
-    if kind == "json_schema":
-        return _canonical_schema(spec)
+    if kind in ("json_schema", "structural_tag"):
+        return _canonical_schema(spec, kind)
     if kind == "choice":
         if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
             raise InvalidStructuredSpec(kind, "must be a non-empty list of strings")
@@ -108,20 +115,20 @@ def _normalise(kind, spec) -> str | tuple[str, ...]:
     return spec
 
 
-def _canonical_schema(schema) -> str:
+def _canonical_schema(schema, kind: str = "json_schema") -> str:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise InvalidStructuredSpec("json_schema", f"not valid JSON ({e.msg})") from None
+            raise InvalidStructuredSpec(kind, f"not valid JSON ({e.msg})") from None
     if not isinstance(schema, Mapping):
-        raise InvalidStructuredSpec("json_schema", "must be a JSON object")
+        raise InvalidStructuredSpec(kind, "must be a JSON object")
     try:
         text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise InvalidStructuredSpec("json_schema", f"not JSON-serialisable ({e})") from None
+        raise InvalidStructuredSpec(kind, f"not JSON-serialisable ({e})") from None
     if len(text) > MAX_SPEC_CHARS:
-        raise InvalidStructuredSpec("json_schema", f"longer than {MAX_SPEC_CHARS} characters")
+        raise InvalidStructuredSpec(kind, f"longer than {MAX_SPEC_CHARS} characters")
     return text
 
 

@@ -52,6 +52,14 @@ class ToolParser(ABC):
         """(content without the calls, the calls). Text that looks like a call but does not
         parse stays in the content: a model's malformed call is shown, never dropped."""
 
+    def structural_tag(self, functions: list[dict[str, Any]],
+                       max_calls: int | None) -> dict[str, Any] | None:
+        """The calls of ``functions`` in this parser's format as an xgrammar structural tag
+        (free text; after the call marker, a call whose arguments follow the function's
+        schema), which enforces ``strict`` tools under tool_choice "auto"; None where this
+        format cannot be written as one (the calls are then parsed, not enforced)."""
+        return None
+
     def hold_from(self, text: str, at_start: bool) -> tuple[int, bool]:
         """(where to start holding ``text`` back, whether a call surely began there). The
         default: at ``start_marker``, or at a tail that may be its beginning (not sure)."""

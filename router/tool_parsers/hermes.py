@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from router.tool_parsers.base import ToolCall, ToolParser, arguments_text
 
@@ -20,6 +21,17 @@ _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 class HermesToolParser(ToolParser):
     start_marker = "<tool_call>"
+
+    def structural_tag(self, functions: list[dict[str, Any]],
+                       max_calls: int | None) -> dict[str, Any]:
+        tags = [{"type": "tag",
+                 "begin": f'<tool_call>\n{{"name": {json.dumps(f["name"])}, "arguments": ',
+                 "content": {"type": "json_schema",
+                             "json_schema": f.get("parameters") or {"type": "object"}},
+                 "end": "}\n</tool_call>"} for f in functions]
+        return {"type": "structural_tag",
+                "format": {"type": "triggered_tags", "triggers": [self.start_marker],
+                           "tags": tags, "stop_after_first": max_calls == 1}}
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         calls: list[ToolCall] = []

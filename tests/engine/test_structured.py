@@ -205,6 +205,36 @@ def _object_prefix(text: str) -> bool:
     return False
 
 
+def test_a_structural_tag_holds_what_follows_its_trigger(engine):
+    """Strict tools under tool_choice "auto" (router.chat): free text, but once the output
+    has the trigger, the call follows the function's schema, in the tool parser's format,
+    and with one call at most the output ends after it. The trigger is put in the output
+    by resuming a stream that wrote it (a random model would not write it by itself)."""
+    from router.tool_parsers.hermes import HermesToolParser
+
+    schema = {"type": "object", "properties": {"city": S, "days": {
+        "type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"]}
+    parser = HermesToolParser()
+    spec = StructuredSpec.structural_tag(parser.structural_tag(
+        [{"name": "get_weather", "parameters": schema, "strict": True}], max_calls=1))
+    begun = engine.tokenizer.encode("Let me check. <tool_call>", add_special_tokens=False)
+    for i, sampling in enumerate((GREEDY, SEEDED)):
+        engine.add_request(f"tag-{i}", "Weather in Paris?", _params(spec, **sampling),
+                           output_token_ids=begun)
+        final = None
+        while final is None:
+            final = next((o for o in engine.step() if o.finished), None)
+        text = engine.tokenizer.decode(final.token_ids)  # the resumed tokens included
+        assert final.finish_reason == "stop", text
+        content, calls = parser.parse(text)
+        assert content == "Let me check." and [c.name for c in calls] == ["get_weather"], text
+        jsonschema.validate(json.loads(calls[0].arguments), schema)
+    # free text is free: no trigger, no constraint (the random model's text, unchanged)
+    free, plain = (engine.generate(["Weather?"], _params(s, max_tokens=12))[0]
+                   for s in (spec, None))
+    assert free.token_ids == plain.token_ids
+
+
 def test_object_prefix_checker():
     for ok in ('{"a": [1, {"b": "x\\', '{"a": tr', '{"a": 1, ', '{"a', '{"a": "\\u00', "{"):
         assert _object_prefix(ok), ok

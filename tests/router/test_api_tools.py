@@ -219,6 +219,32 @@ def test_tool_choice_none_returns_the_text(client, tool_stack, tokenizer):
     assert "<tools>" not in tokenizer.decode(tool_stack.backend.submitted[-1].prompt_token_ids)
 
 
+def test_strict_tools_under_auto_carry_their_schemas_to_the_backend(client, tool_stack):
+    """As vLLM: a strict tool with tool_choice "auto" is enforced by a structural tag in the
+    configured parser's format (free text; after <tool_call>, a call by the schema). A
+    tool that is not strict leaves the reply unconstrained, as before."""
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[strict],
+        max_tokens=20, extra_body={"request_id": "strict-1"})
+    spec = tool_stack.backend.last_request("strict-1").params.structured
+    assert spec.kind == "structural_tag"
+    tag = json.loads(spec.spec)["format"]
+    assert tag["triggers"] == ["<tool_call>"]
+    (item,) = tag["tags"]
+    assert item["begin"].startswith('<tool_call>\n{"name": "get_weather"')
+    assert item["content"]["json_schema"] == WEATHER["function"]["parameters"]
+    client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
+        max_tokens=20, extra_body={"request_id": "loose-1"})
+    assert tool_stack.backend.last_request("loose-1").params.structured is None
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[strict],
+            response_format={"type": "json_object"})
+    assert err.value.body["param"] == "tool_choice"
+
+
 def test_required_and_named_choices_carry_the_constraint_to_the_backend(client, tool_stack):
     client.chat.completions.create(
         model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
