@@ -109,6 +109,8 @@ def _function_from_proto(tool: pb.Tool) -> dict[str, Any]:
         except json.JSONDecodeError:
             raise InvalidParamError(f"tools: {tool.name!r} parameters_json is not JSON",
                                     "tools") from None
+    if tool.HasField("strict"):
+        fn["strict"] = tool.strict
     return fn
 
 
@@ -279,7 +281,8 @@ def _chat_to_proto(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                         for c in m.get("tool_calls") or ()]) for m in messages],
         tools=[pb.Tool(name=t["function"]["name"],
                        description=t["function"].get("description", ""),
-                       parameters_json=json.dumps(t["function"].get("parameters") or {}))
+                       parameters_json=json.dumps(t["function"].get("parameters") or {}),
+                       strict=t["function"].get("strict"))
                for t in tools])
     if tool_choice in ("none", "auto", "required"):
         chat.tool_choice = tool_choice

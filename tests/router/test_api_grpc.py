@@ -75,6 +75,18 @@ def test_structured_and_logit_bias_reach_sampling(stub, tool_stack):
         assert params.logit_bias == ((7, 100.0),)
 
 
+def test_a_strict_tool_under_auto_is_enforced_over_grpc_too(stub, tool_stack):
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    req = convert.build_request(USER, tools=[strict], request_id="grpc-strict",
+                                sampling={"max_tokens": 50})
+    assert req.chat.tools[0].strict
+    _run(stub, req)
+    spec = tool_stack.backend.last_request("grpc-strict").params.structured
+    assert spec.kind == "structural_tag"
+    assert json.loads(spec.spec)["format"]["tags"][0]["content"]["json_schema"] == \
+        WEATHER["function"]["parameters"]
+
+
 def test_tools_without_the_text_are_refused_not_answered_without_calls(stub, tool_stack):
     """Tool calls are parsed from the reply's text: with return_text=false they were never
     found (no tool_calls, no error). Now refused, naming the option; tool_choice "none"
