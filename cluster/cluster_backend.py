@@ -385,9 +385,8 @@ class ClusterBackend(ServingBackend):
             # other samples of an n > 1 request decode from it) while the client gets it:
             # TTFT waits for neither that call nor the KV transfer.
             ended = first.finish_reason is not None and not siblings
-            call = (d.abort(attempt.worker_rid) if ended
-                    else d.start(attempt.worker_rid, first.new_token_ids[0]))
-            handoff = asyncio.ensure_future(self._call(d, "decode", call))
+            handoff = asyncio.ensure_future(self._hand_off(
+                d, attempt.worker_rid, None if ended else first.new_token_ids[0]))
             handoff.add_done_callback(_log_handoff_failure)
             if first.finish_reason is not None:
                 first = self._final(flight, first, {})
@@ -398,6 +397,14 @@ class ClusterBackend(ServingBackend):
                 raise Migrate("transfer", "the decode worker dropped the request")
         async for out in self._stream(flight, attempt):
             yield out
+
+    async def _hand_off(self, d: DecodeHandle, worker_rid: str, first_token: int | None):
+        """Tell the decode worker the first token, or (None) that the request ended with it.
+        The call is made here, in the task: a task cancelled before it runs then leaves no
+        call object behind that was never awaited."""
+        call = (d.abort(worker_rid) if first_token is None
+                else d.start(worker_rid, first_token))
+        return await self._call(d, "decode", call)
 
     def _siblings(self, flight: Flight) -> list[tuple]:
         """n > 1 (on the first attempt): (worker-side id, params) of samples 1..n-1, which
