@@ -117,7 +117,7 @@ def test_a_send_mid_write_when_the_link_breaks_holds_up_nothing():
         os.kill(pid, signal.SIGSTOP)
         try:
             big = sender.send("big", ep, [4, 5, 6, 7], dst_block_ids=[0, 1, 2, 3])
-            time.sleep(0.3)  # the socket buffers fill; the rest waits to be written
+            _wait_for_unsent_bytes(pid)  # the write is under way, and cannot finish
             assert not big.done()
             assert _break_links_to(pid, ep.port) >= 1
         finally:
@@ -141,6 +141,25 @@ def test_a_send_mid_write_when_the_link_breaks_holds_up_nothing():
         sender.close()
         child.kill()
         child.join(10)
+
+
+def _wait_for_unsent_bytes(pid: int, timeout: float = 10.0) -> None:
+    """Until the kernel holds bytes this process wrote to process ``pid`` and that it has
+    not taken (``tx_queue`` of the connection in /proc/net/tcp): a write under way. Polled:
+    no event tells another process's socket state."""
+    ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")}
+    ours = {c.laddr.port for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port in ports}
+    deadline = time.monotonic() + timeout
+    while True:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for row in f.read().splitlines()[1:]:
+                    local, queues = row.split()[1], row.split()[4]
+                    if int(local.rsplit(":", 1)[1], 16) in ours and int(queues[:8], 16):
+                        return
+        assert time.monotonic() < deadline, "the payload never queued up in the socket"
+        time.sleep(0.01)
 
 
 def _break_links_to(pid: int, store_port: int) -> int:
@@ -171,15 +190,10 @@ def test_a_cleanly_closed_channel_ends_its_link_watch(pair):
 
     ours = f"kv-link {receiver.endpoint().describe()}"  # not another test's, still ending
 
-    def watches() -> list[str]:
-        return [t.name for t in threading.enumerate() if t.name == ours]
-
-    assert len(watches()) == 1
+    (watch,) = [t for t in threading.enumerate() if t.name == ours]
     sender.close()
-    deadline = time.monotonic() + 5
-    while watches():
-        assert time.monotonic() < deadline, watches()
-        time.sleep(0.01)
+    watch.join(timeout=5)
+    assert not watch.is_alive()
 
 
 def test_a_gloo_error_is_told_in_its_first_sentence():
