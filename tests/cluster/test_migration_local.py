@@ -6,6 +6,7 @@ stops the worker object; the real kill -9 versions are in test_faults_ray.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -100,6 +101,44 @@ async def _until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(config: ClusterConfig):
+    """A local-mode cluster, started; shut down on the way out."""
+    cluster = Cluster(config, mode="local")
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.shutdown()
+
+
+def worker_object(cluster, role: str):
+    """The first in-process worker of ``role`` (the object, not its handle)."""
+    return next(w for wid, w in cluster.factory._objects.items() if wid.startswith(role))
+
+
+class HeldCall:
+    """A worker method whose calls wait for ``release`` before they run, like an RPC still
+    in flight; ``entered`` is set when a call arrives, ``done`` once it has run."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+        self.entered, self.release, self.done = (threading.Event(), threading.Event(),
+                                                 threading.Event())
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(10)
+        try:
+            return self.method(*args, **kwargs)
+        finally:
+            self.done.set()
+
+
+async def _set(event: threading.Event, timeout: float) -> None:
+    assert await asyncio.to_thread(event.wait, timeout), "timed out"
 
 
 def _free_blocks(cluster) -> dict[str, int]:
@@ -210,35 +249,18 @@ def test_a_request_cancelled_while_its_blocks_are_being_reserved_frees_them(mode
     KV deadline, so its blocks would be held for good)."""
 
     async def main():
-        cluster = Cluster(_config(model_dir), mode="local")
-        await cluster.start()
-        try:
-            decode = next(w for wid, w in cluster.factory._objects.items()
-                          if wid.startswith("decode"))
-            in_reserve, release, reserved = (threading.Event(), threading.Event(),
-                                             threading.Event())
-            original = decode.reserve
-
-            def slow_reserve(*args, **kwargs):
-                in_reserve.set()
-                release.wait(10)
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    reserved.set()
-
-            decode.reserve = slow_reserve
+        async with local_cluster(_config(model_dir)) as cluster:
+            decode = worker_object(cluster, "decode")
+            decode.reserve = reserve = HeldCall(decode.reserve)
             task = asyncio.create_task(_stream(cluster.backend, "gone", PROMPTS[3], GREEDY))
-            await _until(in_reserve.is_set, 10)
+            await _set(reserve.entered, 10)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            release.set()  # the reservation now completes, after the cancellation
-            await _until(reserved.is_set, 10)
+            reserve.release.set()  # the reservation now completes, after the cancellation
+            await _set(reserve.done, 10)
             pool = decode.host.engine.pool
             await _until(lambda: pool.num_free == pool.num_blocks, 5)
             return cluster.backend.stats()["in_flight"]
-        finally:
-            await cluster.shutdown()
 
     assert asyncio.run(main()) == 0
 
@@ -252,38 +274,25 @@ def test_a_request_cancelled_while_its_generate_call_is_in_flight_is_ended(model
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
     async def main():
-        cluster = Cluster(config, mode="local")
-        await cluster.start()
-        try:
-            (worker,) = cluster.factory._objects.values()
-            engine = worker.host.engine
-            in_call, release, called = threading.Event(), threading.Event(), threading.Event()
-            original, step = worker.generate, engine.step
+        async with local_cluster(config) as cluster:
+            worker = worker_object(cluster, "colocated")
+            engine, step = worker.host.engine, worker.host.engine.step
 
-            def slow_generate(*args, **kwargs):
-                in_call.set()
-                release.wait(10)
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    called.set()
-
-            def slow_step():
+            def slow_step():  # the injected slowness that makes a run to max_tokens long
                 time.sleep(0.02)
                 return step()
 
-            worker.generate, engine.step = slow_generate, slow_step
+            worker.generate = generate = HeldCall(worker.generate)
+            engine.step = slow_step
             task = asyncio.create_task(_stream(cluster.backend, "gone", PROMPTS[0], long))
-            await _until(in_call.is_set, 10)
+            await _set(generate.entered, 10)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            release.set()  # the generate call runs now, after the abort
-            await _until(called.is_set, 10)
+            generate.release.set()  # the generate call runs now, after the abort
+            await _set(generate.done, 10)
             await _until(lambda: not engine.scheduler.requests, 3)
             pool = engine.pool
             await _until(lambda: pool.num_free == pool.num_blocks, 3)
             return cluster.backend.stats()["in_flight"]
-        finally:
-            await cluster.shutdown()
 
     assert asyncio.run(main()) == 0

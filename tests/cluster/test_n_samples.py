@@ -9,7 +9,7 @@ import asyncio
 import time
 
 import pytest
-from test_migration_local import _kill, _make_killable, _until
+from test_migration_local import _kill, _make_killable, _until, local_cluster, worker_object
 
 from cluster.backend import BackendRequest, sample_params
 from cluster.config import ClusterConfig
@@ -126,11 +126,8 @@ def test_one_sample_ended_alone_stops_decoding_and_the_others_go_on(model_dir, i
     params = _params(120)
 
     async def main():
-        cluster = Cluster(_config(model_dir), mode="local")
-        await cluster.start()
-        try:
-            decode = next(w for wid, w in cluster.factory._objects.items()
-                          if wid.startswith("decode"))
+        async with local_cluster(_config(model_dir)) as cluster:
+            decode = worker_object(cluster, "decode")
             engine = decode.host.engine
             samples: dict[int, list[int]] = {}
             task = asyncio.create_task(_collect(cluster.backend, "s", params, samples))
@@ -142,8 +139,6 @@ def test_one_sample_ended_alone_stops_decoding_and_the_others_go_on(model_dir, i
             pool = engine.pool
             await _until(lambda: pool.num_free == pool.num_blocks, 5)
             return tokens, finals, running
-        finally:
-            await cluster.shutdown()
 
     tokens, finals, running = asyncio.run(main())
     alone = _alone(model_dir, params)
