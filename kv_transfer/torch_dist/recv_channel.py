@@ -26,9 +26,16 @@ from kv_transfer.header import (
     run_window,
 )
 from kv_transfer.receiving import ExpectTable
-from kv_transfer.torch_dist.staging import Staging
+from kv_transfer.torch_dist.staging import Staging, StagingPool
 
 log = logging.getLogger(__name__)
+
+# A STAGED payload up to this size lands whole in the channel's staging (every receive
+# posted at once, as into the cache) and is scattered by one copy once it is all in. A
+# scatter per message needs this channel's thread to run amid the transfer, and on a busy
+# host it is woken late (2 cores, 2 senders: the first message's wake-up came after the
+# last byte), so the copies ran after the transfer anyway, one by one.
+WHOLE_STAGED_BYTES = 32 << 20
 
 
 class ReceiverChannel:
@@ -53,6 +60,7 @@ class ReceiverChannel:
         self._config = config
         self._on_exit = on_exit
         self._staging: Staging | None = None
+        self._pool: StagingPool | None = None  # announced STAGED payloads' own buffers
         self._announced: dict[int, _BlockReceives] = {}  # tag -> receives posted ahead
         self._closed_by_sender = False  # a CLOSE header ended it (else the link broke)
         self.thread = threading.Thread(target=self._run, name=f"kv-recv {peer}", daemon=True)
@@ -68,6 +76,7 @@ class ReceiverChannel:
             self._on_exit(self)
             return
         self._staging = Staging(group.data_device)
+        self._pool = StagingPool(group.data_device)
         current: list[_BlockReceives] = []  # the payload being received, for the error path
         error: TransferError = PeerClosed(None, self.peer, "the channel closed while receiving")
         try:
@@ -119,7 +128,8 @@ class ReceiverChannel:
                 current.append(posted)
                 raise PeerClosed(None, self.peer, f"tag {h.tag} reused (bad sender)")
             current.append(posted)
-            posted.complete(deadline=time.monotonic() + self._config.timeout_s)
+            posted.complete(deadline=time.monotonic() + self._config.timeout_s,
+                            land=h.kind == DATA)  # a RETRACT's fills are not KV
             if h.kind == DATA and posted.entry is not None:
                 self._table.finish(posted.entry, h)
             return
@@ -134,18 +144,21 @@ class ReceiverChannel:
             self._table.finish(entry, h)
 
     def _announce(self, group: Any, h: TransferHeader) -> None:
-        """Post every receive of an announced payload straight into its reserved blocks,
-        if the request is expected and its cache is on the wire's device; else nothing (the
-        DATA header is then handled like an unannounced one)."""
+        """Post every receive of an announced payload straight into its reserved blocks (a
+        STAGED one up to ``WHOLE_STAGED_BYTES``: into a staging buffer of its own, scattered
+        when its DATA comes), if the request is expected and its cache is on the wire's
+        device; else nothing (the DATA header is then handled like an unannounced one)."""
         if h.tag in self._announced:
             raise PeerClosed(None, self.peer, f"tag {h.tag} announced twice (bad sender)")
-        if self._table.kv_cache.device != group.data_device or not self._table.in_place(h):
-            return  # through staging: receive when the data comes
+        if self._table.kv_cache.device != group.data_device:
+            return  # through host staging: receive when the data comes
+        if not self._table.in_place(h) and not _fits_whole(h):
+            return  # through a few staging slots: receive when the data comes
         entry = self._table.begin(h, self.peer)
         if entry is None:
             return
         receives = _BlockReceives(group, self._table, entry, h, self._config, self._staging,
-                                  post_all=True)
+                                  post_all=True, pool=self._pool)
         self._announced[h.tag] = receives
         receives.post_all()  # a failure ends the channel; _drop_all releases what was posted
 
@@ -178,19 +191,31 @@ class ReceiverChannel:
                 self._table.fail(r.entry, error.for_request(r.h.request_id))
 
 
+def _fits_whole(h: TransferHeader) -> bool:
+    return h.num_blocks * h.block_nbytes() <= WHOLE_STAGED_BYTES
+
+
 class _BlockReceives:
     """The receives of one payload, one per message (a block, or a run of blocks contiguous
     in both caches): ``inflight_messages`` posted ahead (every one, if announced), each
     straight into its claimed blocks (or a staging slot: draining, a CUDA cache over a
-    gloo wire, or a STAGED payload, a head slice scattered into the blocks from there)."""
+    gloo wire, or a STAGED payload, a head slice scattered into the blocks from there; a
+    STAGED payload up to ``WHOLE_STAGED_BYTES`` lands whole in staging instead, all
+    posted at once, and is scattered by one copy)."""
 
     def __init__(self, group: Any, table: ExpectTable, entry: Any, h: TransferHeader,
-                 config: TransferConfig, staging: Staging, post_all: bool = False) -> None:
+                 config: TransferConfig, staging: Staging, post_all: bool = False,
+                 pool: StagingPool | None = None) -> None:
         self.group, self.table, self.entry, self.h = group, table, entry, h
         self.messages = h.messages()  # (first block index, block count), in wire order
         # else via staging slots
         self.in_place = table.kv_cache.device == group.data_device and table.in_place(h)
-        if post_all:
+        self.whole = not self.in_place and entry is not None and _fits_whole(h)
+        # an announced one's receives stay posted while later payloads use ``staging``
+        self.pool = pool if post_all else None
+        self.region: torch.Tensor | None = None  # a whole payload's buffer from ``pool``
+        self.land = True  # False: complete the receives but write nothing (a RETRACT)
+        if post_all or self.whole:
             self.depth = max(1, len(self.messages))
         else:
             self.depth = run_window(config.inflight_messages, h.runs)
@@ -209,11 +234,12 @@ class _BlockReceives:
         n, depth = len(self.messages), self.depth
         # A staged payload: each message is scattered as soon as it is in (its copy then
         # overlaps the next one's receive, and the last copy after the last byte is short).
-        batch = max(1, depth // 2) if self.in_place or self.entry is None else 1
+        staged = not self.in_place and self.entry is not None and not self.whole
+        batch = 1 if staged else max(1, depth // 2)
         done = 0
         while done < n:
             self._post_until(min(done + depth, n))
-            end = n if self.posted == n else min(done + batch, n)
+            end = n if self.posted == n and not staged else min(done + batch, n)
             self._wait(self.pending[end - done - 1][0])
             self._settle(end - done)
             done = end
@@ -222,12 +248,16 @@ class _BlockReceives:
         """Post every receive now (an announced payload: the data comes later)."""
         self._post_until(len(self.messages))
 
-    def complete(self, deadline: float) -> None:
-        """Wait for every posted receive (the newest covers the rest), by ``deadline``."""
-        self.deadline = deadline
+    def complete(self, deadline: float, land: bool = True) -> None:
+        """Wait for every posted receive (the newest covers the rest), by ``deadline``;
+        ``land=False``: what came is not KV (a RETRACT's fills), nothing is scattered."""
+        self.deadline, self.land = deadline, land
         if self.pending:
             self._wait(self.pending[-1][0])
             self._settle(len(self.pending))
+        if self.region is not None:  # scattered (or discarded): reusable
+            self.pool.give(self.region)
+            self.region = None
 
     def drop_pending(self) -> int:
         """After a failure: forget the unfinished receives (their works: the last references
@@ -246,6 +276,9 @@ class _BlockReceives:
         if start >= stop:
             return
         spans = self.messages[start:stop]
+        if self.whole:
+            self._post_whole()
+            return
         targets = None
         if self.entry is not None:
             targets = self.table.claim(self.entry, spans, self.h)
@@ -268,6 +301,29 @@ class _BlockReceives:
             self.pending.append((work, target, landing, count))
             self.posted = i + 1
 
+    def _post_whole(self) -> None:
+        """Every receive of a ``whole`` payload, each into its place in one staging buffer;
+        the last one carries the payload's claim and scatters it all (see ``_settle``)."""
+        bn, n = self.h.block_nbytes(), self.h.num_blocks
+        if self.pool is not None:
+            region = self.region = self.pool.take(n * bn)
+        else:
+            region = self.staging.take(n * bn)
+        claimed = self.table.claim(self.entry, [(0, n)], self.h)
+        for i, (first, count) in enumerate(self.messages):
+            last = i == len(self.messages) - 1
+            try:
+                work = self.group.recv(region[first * bn : (first + count) * bn], self.h.tag)
+            except BaseException:
+                if claimed is not None:
+                    self.table.release(self.entry, n)
+                raise
+            if last and claimed is not None:
+                self.pending.append((work, claimed[0], region, n))
+            else:
+                self.pending.append((work, None, region, 0))
+            self.posted = i + 1
+
     def _wait(self, work: Any) -> None:
         self.group.wait(work, self.deadline - time.monotonic(), "the payload")
 
@@ -281,7 +337,7 @@ class _BlockReceives:
                 _work, target, landing, blocks_in = self.pending.popleft()
                 if target is not None:
                     landed += blocks_in
-                    if landing is not target:  # CUDA cache over a gloo wire, or staged
+                    if landing is not target and self.land:  # via host, or staged
                         target.copy_(landing)
         finally:
             if landed:

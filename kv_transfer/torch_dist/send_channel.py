@@ -8,14 +8,15 @@ A channel owns a ``PairGroup`` (see ``torch_dist``) and moves messages in FIFO o
 
 Zero copy: the cache is block-major, so each message is sent straight from the sender's
 cache and received straight into the receiver's reserved block (``ExpectTable.claim``); no
-gather, no scatter, no staging. A STAGED payload (a head slice, resharding between TP sizes:
-see ``header``) is the exception: the sender gathers a slice of its heads into host slots
-(``inflight_messages`` blocks' worth, each refilled once the receiver took it), the receiver
-scatters each message into its blocks' head slice. The sender posts a payload's messages
-at once; the receiver keeps ``inflight_messages`` receives posted ahead (what an abort may
-have to wait for). Otherwise staging is used only where the cache is not on the wire's
-device (CUDA caches over a gloo wire: through host slots) and to drain a payload nobody
-expects any more.
+gather, no scatter, no staging. Head slices (resharding between TP sizes: see ``header``)
+are the exception: a GATHERED payload is gathered a window of blocks at a time into one half
+of the sender's staging (``_Window``) while the other half's messages are on the wire; a
+STAGED one lands in the receiver's staging, whole up to ``recv_channel.WHOLE_STAGED_BYTES``
+(one scatter into its blocks' head slice), else a message at a time. The sender posts a
+payload's messages at once; the receiver keeps ``inflight_messages`` receives posted ahead
+(what an abort may have to wait for). Otherwise staging is used only where the cache is
+not on the wire's device (CUDA caches over a gloo wire: through host slots) and to drain a
+payload nobody expects any more.
 
 Announced payloads (gloo wire): the prefill worker knows where a request's KV will go
 (peer, source and reserved blocks) once the prompt's last chunk is scheduled, a forward
@@ -126,8 +127,11 @@ class _PayloadSend:
         # costs a hand-off), except behind an announced payload: its receives are posted, so
         # the header only tells the receiver that the messages before it are complete (one
         # wake-up at the end instead of one amid the transfer, whose CPU it would slow).
+        # Not behind a GATHERED one: its few slots are reused once the receiver took their
+        # messages, so a receiver that posted nothing (it no longer expects the request)
+        # must learn of it before the slots run out, to drain it.
         self.header_bytes = job.encoded if job.encoded is not None else h.encode()
-        trailer = _is_announced_data(h)
+        trailer = _is_announced_data(h) and not h.gathered
         self.header = None if trailer else group.send_ctrl(self.header_bytes)
         self.group, self.src_ids, self.tag = group, job.src_ids, h.tag
         self.views, self.layers = channel.views, (h.layer_start, h.layer_end)
@@ -142,7 +146,16 @@ class _PayloadSend:
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
         self.messages = [] if h.kind in (ANNOUNCE, REFUSE) else h.messages()
-        if h.kind == DATA and (self.via_host or self.gather_heads is not None):
+        self.windows: list[_Window] = []
+        if self.gather_heads is not None:  # gathered a window at a time (see _Window)
+            self.windows = _Window.plan(self.messages, channel.config.inflight_messages)
+            self.window_of = [w for w, win in enumerate(self.windows)
+                              for _ in range(win.first_message, win.end_message)]
+            self.depth, self.slots = max(1, len(self.messages)), []
+            largest = max(w.num_blocks for w in self.windows)
+            self.halves = list(channel.staging(group).take(
+                2 * largest * self.block_nbytes).view(2, -1))
+        elif h.kind == DATA and self.via_host:
             self.depth = run_window(channel.config.inflight_messages, h.runs)
             self.slots = channel.staging_slots(group, h, self.depth)
         else:
@@ -160,8 +173,8 @@ class _PayloadSend:
                 self._wait(self.pending.popleft())
             if self.fill is not None:
                 message = self.fill
-            elif self.gather_heads is not None:
-                message = self._gather(i)
+            elif self.windows:
+                message = self._gathered(i)
             else:
                 first, count = self.messages[i]
                 message = self.views(self.src_ids[first], self.layers, count)
@@ -176,19 +189,26 @@ class _PayloadSend:
         if self.header is None:
             self.header = self.group.send_ctrl(self.header_bytes)
 
-    def _gather(self, i: int) -> torch.Tensor:
-        """Message ``i`` of a head slice, gathered into its staging slot: ``uint8``."""
+    def _gathered(self, i: int) -> torch.Tensor:
+        """Message ``i`` of a head slice (``uint8``), in its window's half of the staging;
+        its window is gathered first if ``i`` opens it, once the window that used that half
+        before is taken (sends of a pair complete in order: its last send covers it)."""
         first, count = self.messages[i]
-        ids = self.src_ids[first : first + count]
-        slot = self.slots[i % self.depth][: count * self.block_nbytes]
-        shape, layers = (count, *self.block_shape), slice(*self.layers)
-        if slot.device == self.kv.device:
-            blocks.gather(self.kv, ids, layers, slot.view(self.dtype).view(shape),
-                          self.gather_heads)
-        else:  # CUDA cache over a gloo wire: gather there, then one copy to the host slot
-            slot.view(self.dtype).view(shape).copy_(
-                blocks.gather(self.kv, ids, layers, heads=self.gather_heads))
-        return slot
+        w = self.window_of[i]
+        win, half = self.windows[w], self.halves[w % 2]
+        if i == win.first_message:
+            if w >= 2:
+                self._wait(self.pending[self.windows[w - 2].end_message - 1])  # all in pending
+            ids = self.src_ids[win.first_block : win.first_block + win.num_blocks]
+            out = half[: win.num_blocks * self.block_nbytes].view(self.dtype).view(
+                win.num_blocks, *self.block_shape)
+            layers = slice(*self.layers)
+            if half.device == self.kv.device:
+                blocks.gather(self.kv, ids, layers, out, self.gather_heads)
+            else:  # CUDA cache over a gloo wire: gather there, then one copy to the host
+                out.copy_(blocks.gather(self.kv, ids, layers, heads=self.gather_heads))
+        start = (first - win.first_block) * self.block_nbytes
+        return half[start : start + count * self.block_nbytes]
 
     def finish(self) -> TransferStats:
         """Post the rest (and a trailing header), then wait for every message to be taken."""
@@ -201,6 +221,30 @@ class _PayloadSend:
 
     def _wait(self, work: Any) -> None:
         self.group.wait(work, self.deadline - time.monotonic(), "the payload to be taken")
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Consecutive messages of a GATHERED payload whose blocks are gathered by one index
+    op (a copy per message cost as much Python as the copy itself for one-block messages)
+    into one half of the channel's staging, while the other half's messages are on the
+    wire. A window holds about half ``inflight_messages`` blocks, at least one message."""
+
+    first_message: int
+    end_message: int
+    first_block: int
+    num_blocks: int
+
+    @staticmethod
+    def plan(messages: list[tuple[int, int]], inflight_blocks: int) -> list[_Window]:
+        limit, out, i = max(1, inflight_blocks // 2), [], 0
+        while i < len(messages):
+            start, blocks_in = i, 0
+            while i < len(messages) and (i == start or blocks_in + messages[i][1] <= limit):
+                blocks_in += messages[i][1]
+                i += 1
+            out.append(_Window(start, i, messages[start][0], blocks_in))
+        return out
 
 
 def _is_announced_data(h: TransferHeader) -> bool:
@@ -316,6 +360,8 @@ class SenderChannel:
     def _may_post_here(self, h: TransferHeader) -> bool:
         if not _is_announced_data(h):
             return True  # a few messages only
+        if h.gathered:  # each message is a copy, then a write: a rank sending several
+            return False  # routes of a request writes them on their channels' threads
         return h.num_blocks * h.block_nbytes() <= self.config.inline_send_bytes
 
     def idle(self) -> bool:
@@ -341,10 +387,13 @@ class SenderChannel:
             self._fill = torch.zeros(1, dtype=torch.uint8, device=group.data_device)
         return self._fill
 
-    def staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
+    def staging(self, group: Any) -> Staging:
         if self._staging is None:
             self._staging = Staging(group.data_device)
-        return self._staging.slots(depth, h.largest_message_nbytes())
+        return self._staging
+
+    def staging_slots(self, group: Any, h: TransferHeader, depth: int) -> list[torch.Tensor]:
+        return self.staging(group).slots(depth, h.largest_message_nbytes())
 
     def _run(self) -> None:
         if self.kv.is_cuda:  # the CUDA current device is per thread

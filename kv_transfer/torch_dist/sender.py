@@ -3,12 +3,12 @@
 A tensor-parallel rank's sender holds a range of the model's KV heads (``heads=``) and sends
 each request the heads of its resharding routes (``send(..., heads=...)``), to one or
 several decode ranks' receivers, each over its own pair channel. A payload that is not all
-the heads the receiver holds is STAGED (see ``header``): the receiver scatters each message
-from staging. A payload that is not all the heads the sender holds, or a STAGED one whose
-blocks lie scattered in the source cache, is GATHERED: the sender copies it into a few
-staging slots, up to ``STAGED_MESSAGE_BYTES`` a message, each gathered while the previous
-one is on the wire (a message costs a gloo round of notices and a post on each side, about
-as much CPU as gathering a few blocks)."""
+the heads the receiver holds is STAGED (see ``header``): the receiver scatters it into its
+blocks from staging. A payload that is not all the heads the sender holds, or a STAGED one
+whose blocks lie scattered in the source cache, is GATHERED: the sender copies it into
+staging, a window of blocks per copy, up to ``STAGED_MESSAGE_BYTES`` a message (a message
+costs a gloo round of notices and a post on each side, about as much CPU as gathering a few
+blocks). Every route is announced ahead like a whole-cache payload (see ``announce``)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 STAGED_MESSAGE_BYTES = 1 << 20
 
 
+_RouteKey = tuple[str, HeadRange]  # (peer.describe(), heads): one announced payload
+
+
+def _route_key(peer: Endpoint, heads: HeadRange) -> _RouteKey:
+    return peer.describe(), (int(heads[0]), int(heads[1]))
+
+
 class TorchDistSender(KVSender):
     """Pushes KV over pair channels, opened lazily per peer and closed LRU-first over the cap."""
 
@@ -68,8 +75,9 @@ class TorchDistSender(KVSender):
         self._lock = threading.Lock()
         self._lru = ChannelLRU(config.max_channels, self._new_channel)
         self._queued: dict[str, list[SendJob]] = {}  # request id -> unfinished sends
-        # request id -> its unsettled announcement (see _Announced)
-        self._announced: dict[str, _Announced] = {}
+        # request id -> its unsettled announcements (see _Announced), one per route: a TP
+        # rank may send a request's KV to several decode ranks, each its own head slice
+        self._announced: dict[str, dict[_RouteKey, _Announced]] = {}
         self._closed = False
         self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
         self._deferred = threading.local()  # .jobs: this thread's posts held back, or None
@@ -78,13 +86,15 @@ class TorchDistSender(KVSender):
                  dst_block_ids: Sequence[int], heads: HeadRange | None = None) -> bool:
         """Tell ``peer`` now how this request's KV will come (its runs, a tag of its own),
         so that it posts the receives before the KV is computed. Settled by the request's
-        ``send`` or ``abort``. False (nothing announced) where it cannot help: an NCCL wire
+        ``send`` to the same peer and heads, or ``abort``; a request announces one payload
+        per route (peer, heads). False (nothing announced) where it cannot help: an NCCL wire
         (ordered, no tags), a cache that is not on the gloo wire's device (its messages go
         through a few host staging slots, each reused only once the receiver has taken it,
         while an announced payload's header trails its messages: a receiver that did not
-        post its receives would never be told to), a STAGED payload (a head slice, see
-        ``header``: the receiver takes it through staging when it comes), bad ids or a
-        layout mismatch (``send`` reports those)."""
+        post its receives would never be told to), bad ids or a layout mismatch (``send``
+        reports those). Head slices (resharding) are announced: a GATHERED payload's header
+        leads its messages instead, for the same reason; a STAGED one the receiver posts
+        into a staging buffer of its own, or ignores if it is too large for that."""
         if choose_wire(self.config, self.kv_cache, peer) != "gloo" or self.kv_cache.is_cuda:
             return False
         try:
@@ -95,10 +105,9 @@ class TorchDistSender(KVSender):
             header = self._header(request_id, peer, src_ids, None, dst_ids, heads)
         except (TransferError, ValueError):
             return False
-        if header.flags:  # a head slice: through staging
-            return False
+        key = _route_key(peer, header.heads)
         with self._lock:
-            if self._closed or request_id in self._announced:
+            if self._closed or key in self._announced.get(request_id, {}):
                 return False
             channel = self._lru.get(peer)
             header = dataclasses.replace(header, kind=ANNOUNCE, tag=channel.new_tag())
@@ -107,7 +116,8 @@ class TorchDistSender(KVSender):
                 channel.settle()
                 return False
             data = dataclasses.replace(header, kind=DATA)  # made now: send() stays short
-            self._announced[request_id] = _Announced(job, dst_ids, data, data.encode())
+            self._announced.setdefault(request_id, {})[key] = _Announced(
+                job, dst_ids, data, data.encode())
         job.handle.add_done_callback(_log_control_failure)
         return True
 
@@ -122,8 +132,10 @@ class TorchDistSender(KVSender):
     ) -> TransferHandle:
         handle = TransferHandle(request_id)
         src_ids = blocks.check_id_list(self.kv_cache, src_block_ids)
-        with self._lock:
-            ann = self._announced.pop(request_id, None)
+        ann, others = self._take_announced(request_id, peer, heads)
+        for other in others:  # a send unlike any announced: withdraw the request's others
+            self._retract(other.job.channel, other.job.header)
+            other.job.channel.settle()
         announced_on = ann.job.channel if ann is not None else None
         header, encoded = None, None
         if ann is not None:  # as announced (same blocks and peer), else retracted
@@ -161,13 +173,13 @@ class TorchDistSender(KVSender):
     def abort(self, request_id: str) -> bool:
         with self._lock:
             jobs = list(self._queued.get(request_id, ()))
-            ann = self._announced.pop(request_id, None)
+            announced = list(self._announced.pop(request_id, {}).values())
         error = TransferAborted(request_id, "-", "aborted by the sender before it was sent")
         dropped = [job for job in jobs if job.drop(error)]  # a send on the wire completes first
         for job in dropped:
             if job.header.tag != DATA_TAG:  # an announced payload that never went out
                 self._retract(job.channel, job.header)
-        if ann is not None:
+        for ann in announced:
             self._retract(ann.job.channel, ann.job.header)
             ann.job.channel.settle()
         return bool(dropped)
@@ -202,6 +214,23 @@ class TorchDistSender(KVSender):
             channel.close()
         for channel in channels:
             channel.thread.join(timeout=self.config.timeout_s + self.config.connect_timeout_s)
+
+    def _take_announced(self, request_id: str, peer: Endpoint, heads: HeadRange | None
+                        ) -> tuple[_Announced | None, list[_Announced]]:
+        """The announcement of this send's route (peer, and heads if given), else None and
+        the request's other announcements, all taken: a send that was not announced while
+        others were means the plan changed, and theirs would hold their receivers' posted
+        receives (and blocks) until the request's abort."""
+        with self._lock:
+            routes = self._announced.get(request_id)
+            if not routes:
+                return None, []
+            key = next((k for k in routes if k[0] == peer.describe()
+                        and (heads is None or k[1] == tuple(heads))), None)
+            ann = routes.pop(key) if key is not None else None
+            if ann is None or not routes:
+                del self._announced[request_id]
+            return ann, [] if ann is not None else list(routes.values())
 
     @staticmethod
     def _matches(ann: _Announced, peer: Endpoint, src_ids: list[int],

@@ -27,3 +27,30 @@ class Staging:
     def slots(self, count: int, nbytes: int) -> list[torch.Tensor]:
         """``count`` disjoint ``uint8 [nbytes]`` views."""
         return list(self.take(count * nbytes).view(count, nbytes))
+
+
+class StagingPool:
+    """Byte buffers lent out one per payload (an announced STAGED payload's receives stay
+    posted while its channel handles later payloads, so it cannot share ``Staging``), and
+    reused once given back: a fresh buffer costs its page faults on the critical path.
+    Used from one thread (a receive channel's)."""
+
+    KEEP = 4  # buffers kept for reuse
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._free: list[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A ``uint8 [nbytes]`` buffer of its own until ``give``; contents are garbage."""
+        for i, buf in enumerate(self._free):
+            if buf.numel() >= nbytes:
+                return self._free.pop(i)[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Take back a buffer from ``take`` (its whole allocation)."""
+        whole = buf if buf._base is None else buf._base
+        self._free.append(whole)
+        if len(self._free) > self.KEEP:
+            self._free.remove(min(self._free, key=lambda b: b.numel()))

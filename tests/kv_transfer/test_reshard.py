@@ -15,6 +15,7 @@ from kv_transfer import LayoutMismatch, TransferConfig, blocks, make_receiver, m
 from kv_transfer.loopback import LoopbackHub
 from kv_transfer.receiving import StagedTarget
 from kv_transfer.reshard import parts_for
+from kv_transfer.torch_dist import recv_channel
 from kv_transfer.torch_dist import sender as torch_dist_sender
 
 from .helpers import Completions
@@ -229,6 +230,7 @@ def test_abort_of_a_part_mid_transfer_leaves_nothing_written_after_it(backend, m
         monkeypatch.setattr(table, "write", held_write)
     else:  # one scatter per staged message (one block each, from the cache): hold the first
         monkeypatch.setattr(torch_dist_sender, "STAGED_MESSAGE_BYTES", 1)
+        monkeypatch.setattr(recv_channel, "WHOLE_STAGED_BYTES", 0)  # not all in one scatter
         original_copy = StagedTarget.copy_
 
         def held_copy(self, landing):  # the first part's last scatter may still be going

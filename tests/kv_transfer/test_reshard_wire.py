@@ -1,0 +1,316 @@
+"""How resharded payloads move on the torch_dist (gloo) wire: a rank announces each of a
+request's routes (a 1 -> 2 sender has two per request), a payload the sender gathers moves
+a window of blocks per gather, and a STAGED payload lands whole in staging and is
+scattered by one copy; aborts and withdrawn announcements leave every block unclaimed."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer import TransferConfig, blocks, make_receiver, make_sender
+from kv_transfer.receiving import StagedTarget
+from kv_transfer.reshard import parts_for
+from kv_transfer.torch_dist import recv_channel
+from kv_transfer.torch_dist import sender as torch_dist_sender
+
+from .helpers import Completions
+from .reshard_cases import DST_IDS, SRC_IDS, Setup
+
+# connect_timeout_s well above 5 s: see kv_transfer.torch_dist.tcp_store
+CONFIG = TransferConfig(host="127.0.0.1", timeout_s=10.0, connect_timeout_s=20.0)
+
+
+@pytest.fixture
+def build():
+    """(senders, receivers) of a Setup over torch_dist; all closed at the end."""
+    opened: list = []
+
+    def make(setup: Setup, config: TransferConfig = CONFIG):
+        senders = [make_sender(config, cache, name=f"p{r}", heads=heads)
+                   for r, (cache, heads) in enumerate(zip(setup.src_caches, setup.src_heads,
+                                                          strict=True))]
+        receivers = [make_receiver(config, cache, name=f"d{r}", heads=heads)
+                     for r, (cache, heads) in enumerate(zip(setup.dst_caches, setup.dst_heads,
+                                                            strict=True))]
+        opened.append((senders, receivers))
+        return senders, receivers
+
+    yield make
+    for senders, receivers in opened:  # senders first: their CLOSE ends the receivers'
+        for obj in [*senders, *receivers]:
+            obj.close()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Bounded wait for a state another thread reaches with no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def expect_all(setup, receivers, rid, done, dst=DST_IDS):
+    for rank, receiver in enumerate(receivers):
+        receiver.expect(rid, dst, lambda r, e, rank=rank: done(f"{rank}/{r}", e),
+                        parts=parts_for(setup.routes, rank))
+
+
+def test_a_rank_announces_each_of_its_routes_and_every_receiver_posts_ahead(build):
+    """1 -> 2: the one prefill rank sends each request to two decode ranks. Both routes
+    are announced (the second was refused while announcements were keyed by request
+    alone), both receivers post every receive before the KV is sent, and it lands."""
+    setup = Setup((8, 8, 1, 2), seed=11)
+    (sender,), receivers = build(setup)
+    endpoints = [r.endpoint() for r in receivers]
+    done = Completions()
+    expect_all(setup, receivers, "r", done)
+    for route in setup.routes:
+        assert sender.announce("r", endpoints[route.dst_rank], SRC_IDS, DST_IDS,
+                               heads=route.heads), route
+    for receiver in receivers:  # the announced receives claim every reserved block
+        wait_until(lambda receiver=receiver: receiver.table.claimed_blocks("r") == len(DST_IDS))
+    handles = [sender.send("r", endpoints[r.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
+                           heads=r.heads) for r in setup.routes]
+    for handle in handles:
+        handle.result(timeout=20)
+    done.wait_for("0/r", "1/r")
+    assert done.errors == {"0/r": None, "1/r": None}
+    setup.check_landed()
+
+
+def test_an_abort_withdraws_every_announced_route_of_the_request(build):
+    setup = Setup((8, 8, 1, 2), seed=12)
+    (sender,), receivers = build(setup)
+    endpoints = [r.endpoint() for r in receivers]
+    done = Completions()
+    expect_all(setup, receivers, "gone", done)
+    for route in setup.routes:
+        assert sender.announce("gone", endpoints[route.dst_rank], SRC_IDS, DST_IDS,
+                               heads=route.heads)
+    for receiver in receivers:
+        wait_until(lambda receiver=receiver: receiver.table.claimed_blocks("gone") == 8)
+    sender.abort("gone")
+    for receiver in receivers:  # each RETRACT completed that receiver's posted receives
+        wait_until(lambda receiver=receiver: receiver.table.claimed_blocks("gone") == 0)
+        assert receiver.abort("gone")  # returns at once: nothing writes into the blocks
+    # The channels are sound: the next request lands on both ranks.
+    expect_all(setup, receivers, "next", done)
+    for r in setup.routes:
+        sender.send("next", endpoints[r.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
+                    heads=r.heads).result(timeout=20)
+    done.wait_for("0/next", "1/next")
+    assert "0/gone" not in done.errors and "1/gone" not in done.errors
+    setup.check_landed()
+
+
+def test_a_send_on_a_route_never_announced_withdraws_the_requests_announcements(build):
+    """The plan changed between announce and send (here: announced to rank 0, sent to rank
+    1 only): rank 0's posted receives are completed by a RETRACT at once, instead of
+    holding its blocks (and its abort) until the request's abort."""
+    setup = Setup((8, 8, 1, 2), seed=13)
+    (sender,), receivers = build(setup)
+    endpoints = [r.endpoint() for r in receivers]
+    done = Completions()
+    expect_all(setup, receivers, "r", done)
+    first, second = setup.routes
+    assert sender.announce("r", endpoints[first.dst_rank], SRC_IDS, DST_IDS, heads=first.heads)
+    wait_until(lambda: receivers[first.dst_rank].table.claimed_blocks("r") == 8)
+    sender.send("r", endpoints[second.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
+                heads=second.heads).result(timeout=20)
+    wait_until(lambda: receivers[first.dst_rank].table.claimed_blocks("r") == 0)
+    done.wait_for(f"{second.dst_rank}/r")
+    # Rank 0 still expects the request: a plain send lands it.
+    sender.send("r", endpoints[first.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
+                heads=first.heads).result(timeout=20)
+    done.wait_for(f"{first.dst_rank}/r")
+    assert set(done.errors.values()) == {None}
+    setup.check_landed()
+
+
+def test_a_gathered_payload_moves_in_windows_over_scattered_blocks(build, monkeypatch):
+    """1 -> 2 with 2-block windows (inflight_messages=4) over ids that are contiguous
+    nowhere: every window is one gather into its half of the staging, a half is reused
+    only once its earlier window was taken, and every block lands where it belongs."""
+    setup = Setup((8, 8, 1, 2), seed=14)
+    config = dataclasses.replace(CONFIG, inflight_messages=4)
+    (sender,), receivers = build(setup, config)
+    gathers: list[int] = []
+    original = blocks.gather
+
+    def counted(kv, ids, *args, **kw):
+        gathers.append(len(ids))
+        return original(kv, ids, *args, **kw)
+
+    monkeypatch.setattr(blocks, "gather", counted)
+    endpoints = [r.endpoint() for r in receivers]
+    src, dst = [20, 3, 11, 7, 0, 15, 9], [1, 12, 5, 22, 8, 17, 3]
+    done = Completions()
+    expect_all(setup, receivers, "w", done, dst)
+    for announce in (True, False):
+        rid = f"w{announce}"
+        expect_all(setup, receivers, rid, done, dst)
+        if announce:
+            for r in setup.routes:
+                assert sender.announce(rid, endpoints[r.dst_rank], src, dst, heads=r.heads)
+        gathers.clear()
+        for r in setup.routes:
+            sender.send(rid, endpoints[r.dst_rank], src, dst_block_ids=dst,
+                        heads=r.heads).result(timeout=20)
+        assert gathers == [2, 2, 2, 1] * 2  # per route: 7 blocks in windows of 2
+        done.wait_for(f"0/{rid}", f"1/{rid}")
+        setup.check_landed(src, dst)
+        for cache in setup.dst_caches:
+            cache.zero_()
+
+
+def test_an_announced_gathered_payload_nobody_expects_any_more_is_drained(build):
+    """A gathered payload's header goes ahead of its messages even when announced: a
+    receiver that posted nothing (the request was aborted there first) drains it as it
+    comes, so the sender, whose staging halves wait for the receiver, completes, and the
+    next request on the channel lands."""
+    setup = Setup((8, 8, 1, 2), seed=15)
+    config = dataclasses.replace(CONFIG, inflight_messages=2)  # 8 windows of one block
+    (sender,), receivers = build(setup, config)
+    endpoints = [r.endpoint() for r in receivers]
+    route = setup.routes[0]
+    receiver, ep = receivers[route.dst_rank], endpoints[route.dst_rank]
+    done = Completions()
+    receiver.expect("late", DST_IDS, done, parts=[route.heads])
+    assert receiver.abort("late")
+    assert sender.announce("late", ep, SRC_IDS, DST_IDS, heads=route.heads)
+    t0 = time.monotonic()
+    sender.send("late", ep, SRC_IDS, dst_block_ids=DST_IDS, heads=route.heads).result(
+        timeout=CONFIG.timeout_s)
+    assert time.monotonic() - t0 < CONFIG.timeout_s / 2
+    receiver.expect("next", DST_IDS, done, parts=[route.heads])
+    sender.send("next", ep, SRC_IDS, dst_block_ids=DST_IDS, heads=route.heads).result(timeout=20)
+    done.wait_for("next")
+    assert done.errors == {"next": None}
+    setup.check_landed(ranks=[route.dst_rank])
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_staged_payload_is_scattered_once_it_is_all_in(build, monkeypatch, whole):
+    """2 -> 1: each part is a slice of the receiver's heads. Up to WHOLE_STAGED_BYTES it
+    lands whole in staging and takes one scatter per part; above, one per message."""
+    setup = Setup((8, 8, 2, 1), seed=16)
+    monkeypatch.setattr(torch_dist_sender, "STAGED_MESSAGE_BYTES", 1)  # a message a block
+    if not whole:
+        monkeypatch.setattr(recv_channel, "WHOLE_STAGED_BYTES", 0)
+    senders, (receiver,) = build(setup)
+    scatters: list[int] = []
+    original = StagedTarget.copy_
+
+    def counted(self, landing):
+        scatters.append(len(self.block_ids))
+        original(self, landing)
+
+    monkeypatch.setattr(StagedTarget, "copy_", counted)
+    done, ep = Completions(), receiver.endpoint()
+    receiver.expect("s", DST_IDS, done, parts=parts_for(setup.routes, 0))
+    for r in setup.routes:
+        senders[r.src_rank].send("s", ep, SRC_IDS, dst_block_ids=DST_IDS,
+                                 heads=r.heads).result(timeout=20)
+    done.wait_for("s")
+    assert done.errors == {"s": None}
+    assert scatters == ([8, 8] if whole else [1] * 16)
+    setup.check_landed()
+
+
+def test_an_abort_during_a_whole_payloads_scatter_waits_for_it(build, monkeypatch):
+    """The abort of a request whose part is being scattered from staging returns once the
+    scatter is over; the request never completes, and the receiver takes the next one."""
+    setup = Setup((8, 8, 2, 1), seed=17)
+    senders, (receiver,) = build(setup)
+    writing, resume = threading.Event(), threading.Event()
+    original = StagedTarget.copy_
+    first, second = setup.routes
+
+    def held(self, landing):
+        if self.heads == slice(*second.heads) and not writing.is_set():
+            writing.set()
+            assert resume.wait(20)
+        original(self, landing)
+
+    monkeypatch.setattr(StagedTarget, "copy_", held)
+    done, ep = Completions(), receiver.endpoint()
+    receiver.expect("r", DST_IDS, done, parts=parts_for(setup.routes, 0))
+    senders[0].send("r", ep, SRC_IDS, dst_block_ids=DST_IDS, heads=first.heads).result(20)
+    handle = senders[1].send("r", ep, SRC_IDS, dst_block_ids=DST_IDS, heads=second.heads)
+    assert writing.wait(10)
+    aborter = threading.Thread(target=receiver.abort, args=("r",))
+    aborter.start()
+    aborter.join(0.3)
+    assert aborter.is_alive()  # the whole part is being written into the blocks
+    resume.set()
+    aborter.join(10)
+    assert not aborter.is_alive()
+    handle.result(timeout=20)
+    assert receiver.table.claimed_blocks("r") == 0
+    assert "r" not in done.errors
+    receiver.expect("next", DST_IDS, done, parts=parts_for(setup.routes, 0))
+    for r in setup.routes:
+        senders[r.src_rank].send("next", ep, SRC_IDS, dst_block_ids=DST_IDS,
+                                 heads=r.heads).result(timeout=20)
+    done.wait_for("next")
+    assert done.errors == {"next": None}
+    setup.check_landed()
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_an_announced_staged_payload_is_received_ahead_into_a_buffer_of_its_own(
+        build, monkeypatch, fits):
+    """2 -> 1, both parts of two requests announced at once: the receiver posts each
+    part's receives into a staging buffer of its own (its claims show them posted before
+    any KV is sent) and scatters it when its DATA comes, in whatever order they come. A
+    part over WHOLE_STAGED_BYTES is not posted ahead; its trailing DATA header still
+    brings it in."""
+    setup = Setup((8, 8, 2, 1), seed=18)
+    if not fits:
+        monkeypatch.setattr(recv_channel, "WHOLE_STAGED_BYTES", 0)
+    senders, (receiver,) = build(setup)
+    done, ep = Completions(), receiver.endpoint()
+    ids = {"a": (SRC_IDS, DST_IDS), "b": ([22, 23, 6, 8, 10, 11, 15, 16],
+                                          [6, 8, 10, 11, 15, 16, 18, 19])}
+    for rid, (src, dst) in ids.items():
+        receiver.expect(rid, dst, done, parts=parts_for(setup.routes, 0))
+        for r in setup.routes:
+            assert senders[r.src_rank].announce(rid, ep, src, dst, heads=r.heads)
+    claimed = lambda: [receiver.table.claimed_blocks(rid) for rid in ids]
+    if fits:
+        wait_until(lambda: claimed() == [16, 16])
+    else:
+        time.sleep(0.2)  # time for the announcements to be handled (and ignored)
+        assert claimed() == [0, 0]
+    for rid, routes in (("b", setup.routes[::-1]), ("a", setup.routes)):
+        src, dst = ids[rid]
+        for r in routes:
+            senders[r.src_rank].send(rid, ep, src, dst_block_ids=dst,
+                                     heads=r.heads).result(timeout=20)
+    done.wait_for("a", "b")
+    assert done.errors == {"a": None, "b": None}
+    cache = setup.dst_caches[0]
+    for src, dst in ids.values():
+        assert torch.equal(cache[dst], setup.full[src])
+    assert claimed() == [0, 0]
+
+
+def test_a_retracted_staged_announcement_writes_nothing(build):
+    setup = Setup((8, 8, 2, 1), seed=19)
+    senders, (receiver,) = build(setup)
+    done, ep = Completions(), receiver.endpoint()
+    receiver.expect("r", DST_IDS, done, parts=parts_for(setup.routes, 0))
+    for r in setup.routes:
+        assert senders[r.src_rank].announce("r", ep, SRC_IDS, DST_IDS, heads=r.heads)
+    wait_until(lambda: receiver.table.claimed_blocks("r") == 16)
+    for sender in senders:
+        sender.abort("r")
+    wait_until(lambda: receiver.table.claimed_blocks("r") == 0)
+    assert setup.dst_caches[0].count_nonzero() == 0  # the fills were not scattered
+    assert receiver.abort("r")
+    assert "r" not in done.errors
