@@ -51,13 +51,19 @@ def choice_ebnf(choices: Iterable[str]) -> str:
 
 # xgrammar (0.2.9) writes a string with minLength / maxLength as characters of
 # [^"\\\r\n]: raw control characters (U+0000-U+001F) pass, which JSON forbids in strings
-# (json.loads and JSON.parse refuse them). Its unbounded strings use the right class.
+# (json.loads and JSON.parse refuse them). Its unbounded strings use the right class. The
+# JSON schemas inside a structural tag (strict tool calls) are written the same way.
 _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
 
 
 def _json_grammar(schema: str, strict: bool) -> xgr.Grammar:
-    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+    return _json_strings(xgr.Grammar.from_json_schema(schema, any_whitespace=False,
+                                                      strict_mode=strict))
+
+
+def _json_strings(grammar: xgr.Grammar) -> xgr.Grammar:
+    """``grammar`` with its bounded JSON strings refusing control characters."""
     text = str(grammar)
     if _LOOSE_STRING_CHAR not in text:
         return grammar
@@ -78,7 +84,7 @@ def build_grammar(kind: str, spec: str | tuple[str, ...]) -> xgr.Grammar:
     if kind == "grammar":
         return xgr.Grammar.from_ebnf(spec) if "::=" in spec else xgr.Grammar.from_lark(spec)
     if kind == "structural_tag":
-        return xgr.Grammar.from_structural_tag(spec)
+        return _json_strings(xgr.Grammar.from_structural_tag(spec))
     raise ValueError(f"unknown structured-output kind {kind!r}")
 
 

@@ -205,19 +205,24 @@ def _object_prefix(text: str) -> bool:
     return False
 
 
-def test_a_structural_tag_holds_what_follows_its_trigger(engine):
+@pytest.mark.parametrize("parser_name, written, content", [
+    ("hermes", "Let me check. <tool_call>", "Let me check."),
+    ("llama3", '{"name": ', ""),  # a Llama 3 call is the whole reply
+])
+def test_a_structural_tag_holds_what_follows_its_trigger(engine, parser_name, written,
+                                                         content):
     """Strict tools under tool_choice "auto" (router.chat): free text, but once the output
     has the trigger, the call follows the function's schema, in the tool parser's format,
     and with one call at most the output ends after it. The trigger is put in the output
     by resuming a stream that wrote it (a random model would not write it by itself)."""
-    from router.tool_parsers.hermes import HermesToolParser
+    from router.tool_parsers import get_parser
 
     schema = {"type": "object", "properties": {"city": S, "days": {
         "type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"]}
-    parser = HermesToolParser()
+    parser = get_parser(parser_name)
     spec = StructuredSpec.structural_tag(parser.structural_tag(
         [{"name": "get_weather", "parameters": schema, "strict": True}], max_calls=1))
-    begun = engine.tokenizer.encode("Let me check. <tool_call>", add_special_tokens=False)
+    begun = engine.tokenizer.encode(written, add_special_tokens=False)
     for i, sampling in enumerate((GREEDY, SEEDED)):
         engine.add_request(f"tag-{i}", "Weather in Paris?", _params(spec, **sampling),
                            output_token_ids=begun)
@@ -226,8 +231,8 @@ def test_a_structural_tag_holds_what_follows_its_trigger(engine):
             final = next((o for o in engine.step() if o.finished), None)
         text = engine.tokenizer.decode(final.token_ids)  # the resumed tokens included
         assert final.finish_reason == "stop", text
-        content, calls = parser.parse(text)
-        assert content == "Let me check." and [c.name for c in calls] == ["get_weather"], text
+        got, calls = parser.parse(text)
+        assert (got, [c.name for c in calls]) == (content, ["get_weather"]), text
         jsonschema.validate(json.loads(calls[0].arguments), schema)
     # free text is free: no trigger, no constraint (the random model's text, unchanged)
     free, plain = (engine.generate(["Weather?"], _params(s, max_tokens=12))[0]
@@ -285,16 +290,27 @@ def test_compiled_grammars_are_cached_per_tokenizer_and_spec(engine, model_dir):
     assert backend.vocab_size == engine.model_config.vocab_size
 
 
-def test_bounded_json_strings_allow_no_control_characters(engine):
+@pytest.mark.parametrize("kind", ["json_schema", "structural_tag"])
+def test_bounded_json_strings_allow_no_control_characters(engine, kind):
     """Regression: xgrammar writes minLength/maxLength strings with a character class that
-    lets raw U+0000-U+001F through, which JSON forbids in strings (json.loads refuses)."""
+    lets raw U+0000-U+001F through, which JSON forbids in strings (json.loads refuses);
+    the same inside a strict tool call's structural tag (a random model wrote a \x0e)."""
     import torch
     import xgrammar as xgr
 
-    state = engine.grammar_backend().new_state(
-        StructuredSpec.json_schema({"type": "string", "maxLength": 8}))
-    (quote,) = engine.tokenizer.encode('"', add_special_tokens=False)
-    assert state.accept(quote)
+    from router.tool_parsers import get_parser
+
+    bounded = {"type": "string", "maxLength": 8}
+    if kind == "json_schema":
+        spec, written = StructuredSpec.json_schema(bounded), '"'
+    else:
+        schema = {"type": "object", "properties": {"city": bounded}, "required": ["city"]}
+        spec = StructuredSpec.structural_tag(get_parser("llama3").structural_tag(
+            [{"name": "f", "parameters": schema}], max_calls=1))
+        written = '{"name": "f", "parameters": {"city": "'
+    state = engine.grammar_backend().new_state(spec)
+    for token in engine.tokenizer.encode(written, add_special_tokens=False):
+        assert state.accept(token), written
     vocab = engine.model_config.vocab_size
     bitmask = xgr.allocate_token_bitmask(1, vocab)
     state.matcher.fill_next_token_bitmask(bitmask)

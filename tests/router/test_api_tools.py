@@ -105,6 +105,26 @@ def test_llama3_streaming_holds_a_json_reply_and_releases_prose():
     assert prose.feed("Hello") == "Hello"
 
 
+@pytest.mark.parametrize("parser, opening", [("hermes", "<tool_call>"),
+                                             ("llama3", '{"name": ')])
+def test_a_strict_tool_under_auto_is_enforced_in_each_parsers_format(parser, opening):
+    """Every shipped parser writes its calls as a structural tag (llama3's was None: a
+    strict tool under auto was accepted and not enforced); what the tag writes, the parser
+    reads back as the call."""
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    spec = ToolSpec([strict, TIME], "auto", False).structured(get_parser(parser))
+    assert spec is not None and spec.kind == "structural_tag"
+    fmt = json.loads(spec.spec)["format"]
+    assert fmt["triggers"] == [opening] and fmt["stop_after_first"] is True
+    assert [t["content"]["json_schema"] for t in fmt["tags"]] == [
+        WEATHER["function"]["parameters"], TIME["function"]["parameters"]]
+    tag = fmt["tags"][0]
+    written = tag["begin"] + '{"city": "Paris"}' + tag["end"]
+    content, calls = get_parser(parser).parse(written)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call():
     stream = ToolCallStream(get_parser("hermes"), max_calls=1)
     stream.feed('<tool_call>{"name": "a", "arguments": {}}</tool_call>'
