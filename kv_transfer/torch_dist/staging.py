@@ -50,7 +50,6 @@ class StagingPool:
 
     def give(self, buf: torch.Tensor) -> None:
         """Take back a buffer from ``take`` (its whole allocation)."""
-        whole = buf if buf._base is None else buf._base
-        self._free.append(whole)
-        if len(self._free) > self.KEEP:
-            self._free.remove(min(self._free, key=lambda b: b.numel()))
+        self._free.append(buf if buf._base is None else buf._base)
+        if len(self._free) > self.KEEP:  # the smallest goes (by position: == is elementwise)
+            self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))

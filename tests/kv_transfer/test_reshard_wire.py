@@ -314,3 +314,17 @@ def test_a_retracted_staged_announcement_writes_nothing(build):
     assert setup.dst_caches[0].count_nonzero() == 0  # the fills were not scattered
     assert receiver.abort("r")
     assert "r" not in done.errors
+
+
+def test_the_staging_pool_lends_each_buffer_once_and_keeps_the_largest():
+    from kv_transfer.torch_dist.staging import StagingPool
+
+    pool = StagingPool(torch.device("cpu"))
+    lent = [pool.take(n) for n in (3072, 1024, 2048, 4096, 512, 8192)]
+    assert [b.numel() for b in lent] == [3072, 1024, 2048, 4096, 512, 8192]
+    for buf in lent:
+        pool.give(buf)
+    assert sorted(b.numel() for b in pool._free) == [2048, 3072, 4096, 8192]
+    again = pool.take(1500)  # the first free one large enough, a view of its size
+    assert again.numel() == 1500 and again._base.numel() >= 1500
+    assert all(b.data_ptr() != again.data_ptr() for b in pool._free)
