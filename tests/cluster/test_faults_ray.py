@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
+from grpc_streams import GrpcStreams
 from test_ray_cluster import ServerThread, _config
 
 from engine import Engine, SamplingParams
@@ -69,43 +69,10 @@ def _worker_of(server: ServerThread, role: str) -> str:
     return next(w for w, h in server.server.cluster.backend.workers.items() if h.role == role)
 
 
-class _Streams:
-    """Clients streaming over gRPC on threads; ``tokens[i]`` grows as tokens arrive."""
-
-    def __init__(self, server: ServerThread, prompts, sampling: dict | None = None) -> None:
-        from router.client import SplitServeClient
-
-        self.sampling = sampling or {"temperature": 0.0}
-        self.client = SplitServeClient(server.server.endpoints()["grpc"], timeout=120)
-        self.tokens: list[list[int]] = [[] for _ in prompts]
-        self.finish: list[str | None] = [None] * len(prompts)
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(i, p), daemon=True)
-                        for i, p in enumerate(prompts)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i: int, prompt) -> None:
-        try:
-            for chunk in self.client.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                            **self.sampling):
-                self.tokens[i].extend(chunk.token_ids)
-                self.finish[i] = chunk.finish_reason or self.finish[i]
-        except BaseException as exc:  # reported by the test, never swallowed
-            self.errors.append(exc)
-
-    def wait_until(self, predicate, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out; tokens so far {self.tokens}"
-            time.sleep(0.005)
-
-    def join(self, timeout: float = 120.0) -> None:
-        for t in self.threads:
-            t.join(timeout)
-        self.client.close()
-        assert not any(t.is_alive() for t in self.threads), "a stream hung"
-        assert not self.errors, self.errors
+def _Streams(server: ServerThread, prompts, sampling: dict | None = None,
+             changed=None) -> GrpcStreams:
+    return GrpcStreams(server.server.endpoints()["grpc"], prompts, MAX_TOKENS, sampling,
+                       changed)
 
 
 def _back_to_baseline(server: ServerThread, timeout: float = 90.0) -> None:
@@ -128,7 +95,8 @@ def test_kill_9_of_the_decode_worker_mid_stream_resumes_every_stream(server, exp
     backend = server.server.cluster.backend
     before = dict(backend.migrations)
     victim = _worker_of(server, "decode")
-    greedy, seeded = _Streams(server, PROMPTS), _Streams(server, PROMPTS, SEEDED)
+    greedy = _Streams(server, PROMPTS)
+    seeded = _Streams(server, PROMPTS, SEEDED, changed=greedy.changed)
     greedy.wait_until(lambda: all(len(t) >= 3 for t in greedy.tokens + seeded.tokens))
     os.kill(_pid(server, victim), signal.SIGKILL)
     greedy.join()

@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+from grpc_streams import GrpcStreams
 from test_ray_cluster import ENGINE, ServerThread, _config
 from test_tp_ray import _alive, _rank_pids, _Streams, tp1_tokens
 
@@ -45,7 +46,7 @@ def _worker_of(server: ServerThread, role: str) -> str:
     return worker_id
 
 
-def _check_outcomes(streams: _Streams, expected) -> None:
+def _check_outcomes(streams: GrpcStreams, expected) -> None:
     """Every stream finished with the undisturbed tokens: moved to the replacement group,
     whichever noticed the dead rank first (the rank watch, or a step that found the group
     broken: both end the worker before its requests could fail)."""
@@ -80,7 +81,7 @@ def test_kill_9_of_a_rank_mid_stream_ends_every_stream_and_replaces_the_group(se
     streams = _Streams(server)
     streams.wait_until(lambda: all(len(t) >= 3 for t in streams.tokens))
     os.kill(rank1, signal.SIGKILL)
-    streams.join()
+    streams.join(allow_errors=True)  # _check_outcomes says what each stream ended with
     _check_outcomes(streams, expected)
     _replaced(server, role, victim, rank1)
     again = _Streams(server)  # and the cluster serves exactly as before
