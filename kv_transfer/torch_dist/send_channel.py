@@ -409,7 +409,8 @@ class SenderChannel:
             group.watch_link(self._link_broke)
             error = self._serve(group)
             if error is None:
-                self._send_close(group)
+                if self._send_close(group) and not group.end_watch(self.config.timeout_s):
+                    log.info("kv_transfer: %s did not acknowledge the close", self.peer)
             else:
                 self._fail_queued(error)
             group.close()
@@ -490,7 +491,8 @@ class SenderChannel:
                 job.handle.succeed(stats)
         return self._broken
 
-    def _send_close(self, group: Any) -> None:
+    def _send_close(self, group: Any) -> bool:
+        """Send CLOSE; True once the receiver took it (it then acknowledges on the link)."""
         try:
             group.wait(
                 group.send_ctrl(TransferHeader(CLOSE).encode()),
@@ -499,6 +501,8 @@ class SenderChannel:
             )
         except TransferError as error:
             log.info("kv_transfer: closing channel to %s: %s", self.peer, error)
+            return False
+        return True
 
     def _fail_queued(self, error: TransferError, resend: bool = True) -> None:
         with self._cond:

@@ -216,7 +216,18 @@ class PairGroup:
             except RuntimeError as e:
                 on_broken(_classify(e, None, self.peer, "watching the link"))
 
-        threading.Thread(target=watch, name=f"kv-link {self.peer}", daemon=True).start()
+        self._watch = threading.Thread(target=watch, name=f"kv-link {self.peer}", daemon=True)
+        self._watch.start()
+
+    def end_watch(self, timeout_s: float) -> bool:
+        """Sender side, after its CLOSE was taken: wait for the receiver's acknowledgement to
+        end the link watch (a process that exits with the watch still blocked in gloo dies
+        in C++ teardown: "terminate called without an active exception"). True if it
+        ended (or there was none)."""
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.join(timeout_s)
+        return watch is None or not watch.is_alive()
 
     def ack_close(self, timeout_s: float) -> None:
         """Receiver side, on the sender's CLOSE: end the sender's link watch."""
