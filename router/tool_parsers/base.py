@@ -43,6 +43,21 @@ def arguments_text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
+def calls_tag(functions: list[dict[str, Any]], max_calls: int | None, trigger: str,
+              opening: str, closing: str) -> dict[str, Any]:
+    """An xgrammar structural tag for calls written ``opening`` (with ``{name}``, the
+    function's name as JSON), the arguments by the function's schema, then ``closing``:
+    free text until ``trigger`` (how every ``opening`` starts), one call after it, and
+    with ``max_calls`` 1, the end after the first."""
+    tags = [{"type": "tag", "begin": opening.replace("{name}", json.dumps(f["name"])),
+             "content": {"type": "json_schema",
+                         "json_schema": f.get("parameters") or {"type": "object"}},
+             "end": closing} for f in functions]
+    return {"type": "structural_tag",
+            "format": {"type": "triggered_tags", "triggers": [trigger], "tags": tags,
+                       "stop_after_first": max_calls == 1}}
+
+
 class ToolParser(ABC):
     start_marker: str = ""
     """Text that opens a call (streaming holds text back from there)."""

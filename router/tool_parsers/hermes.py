@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from router.tool_parsers.base import ToolCall, ToolParser, arguments_text
+from router.tool_parsers.base import ToolCall, ToolParser, arguments_text, calls_tag
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -24,14 +24,8 @@ class HermesToolParser(ToolParser):
 
     def structural_tag(self, functions: list[dict[str, Any]],
                        max_calls: int | None) -> dict[str, Any]:
-        tags = [{"type": "tag",
-                 "begin": f'<tool_call>\n{{"name": {json.dumps(f["name"])}, "arguments": ',
-                 "content": {"type": "json_schema",
-                             "json_schema": f.get("parameters") or {"type": "object"}},
-                 "end": "}\n</tool_call>"} for f in functions]
-        return {"type": "structural_tag",
-                "format": {"type": "triggered_tags", "triggers": [self.start_marker],
-                           "tags": tags, "stop_after_first": max_calls == 1}}
+        return calls_tag(functions, max_calls, self.start_marker,
+                         '<tool_call>\n{"name": {name}, "arguments": ', "}\n</tool_call>")
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         calls: list[ToolCall] = []

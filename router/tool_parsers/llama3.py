@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from router.tool_parsers.base import ToolCall, ToolParser, arguments_text
+from router.tool_parsers.base import ToolCall, ToolParser, arguments_text, calls_tag
 
 _PYTHON_TAG = "<|python_tag|>"
 _CALL_OPENS = '{"name": '  # as the Llama 3.1 / 3.2 chat templates write a call
@@ -25,14 +25,8 @@ class Llama3JsonToolParser(ToolParser):
         """Free text; once the output writes a call's opening (``{"name": ``), the rest is
         one of ``functions`` with ``parameters`` by its schema. Calls after the first
         (``;``-joined) are held to it too, unless ``max_calls`` is 1."""
-        tags = [{"type": "tag",
-                 "begin": f'{_CALL_OPENS}{json.dumps(f["name"])}, "parameters": ',
-                 "content": {"type": "json_schema",
-                             "json_schema": f.get("parameters") or {"type": "object"}},
-                 "end": "}"} for f in functions]
-        return {"type": "structural_tag",
-                "format": {"type": "triggered_tags", "triggers": [_CALL_OPENS],
-                           "tags": tags, "stop_after_first": max_calls == 1}}
+        return calls_tag(functions, max_calls, _CALL_OPENS,
+                         _CALL_OPENS + '{name}, "parameters": ', "}")
 
     def hold_from(self, text: str, at_start: bool) -> tuple[int, bool]:
         """A call is the whole reply: hold a reply that starts (after blanks) like one."""

@@ -60,6 +60,16 @@ def expect_all(setup, receivers, rid, done, dst=DST_IDS):
                         parts=parts_for(setup.routes, rank))
 
 
+def announce_all(setup, sender, receivers, rid) -> None:
+    """The one sender announces every route of ``rid``; each receiver posts its receives
+    (they claim all its reserved blocks)."""
+    for route in setup.routes:
+        assert sender.announce(rid, receivers[route.dst_rank].endpoint(), SRC_IDS, DST_IDS,
+                               heads=route.heads), route
+    for receiver in receivers:
+        wait_until(lambda receiver=receiver: receiver.table.claimed_blocks(rid) == len(DST_IDS))
+
+
 def test_a_rank_announces_each_of_its_routes_and_every_receiver_posts_ahead(build):
     """1 -> 2: the one prefill rank sends each request to two decode ranks. Both routes
     are announced (the second was refused while announcements were keyed by request
@@ -69,11 +79,7 @@ def test_a_rank_announces_each_of_its_routes_and_every_receiver_posts_ahead(buil
     endpoints = [r.endpoint() for r in receivers]
     done = Completions()
     expect_all(setup, receivers, "r", done)
-    for route in setup.routes:
-        assert sender.announce("r", endpoints[route.dst_rank], SRC_IDS, DST_IDS,
-                               heads=route.heads), route
-    for receiver in receivers:  # the announced receives claim every reserved block
-        wait_until(lambda receiver=receiver: receiver.table.claimed_blocks("r") == len(DST_IDS))
+    announce_all(setup, sender, receivers, "r")
     handles = [sender.send("r", endpoints[r.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
                            heads=r.heads) for r in setup.routes]
     for handle in handles:
@@ -89,11 +95,7 @@ def test_an_abort_withdraws_every_announced_route_of_the_request(build):
     endpoints = [r.endpoint() for r in receivers]
     done = Completions()
     expect_all(setup, receivers, "gone", done)
-    for route in setup.routes:
-        assert sender.announce("gone", endpoints[route.dst_rank], SRC_IDS, DST_IDS,
-                               heads=route.heads)
-    for receiver in receivers:
-        wait_until(lambda receiver=receiver: receiver.table.claimed_blocks("gone") == 8)
+    announce_all(setup, sender, receivers, "gone")
     sender.abort("gone")
     for receiver in receivers:  # each RETRACT completed that receiver's posted receives
         wait_until(lambda receiver=receiver: receiver.table.claimed_blocks("gone") == 0)
