@@ -237,8 +237,11 @@ class ClusterBackend(ServingBackend):
         if fut is not None:
             self.scheduler.cancel(attempt.worker_rid)
             fut.cancel()
-        calls = [self.workers[w].abort(attempt.worker_rid) for w in attempt.workers()
-                 if w in self.workers]
+        # A prefill worker is sent nothing before the prefill call (phase "placing"): an
+        # abort there would be remembered as one that overtook its call (see PrefillWorker).
+        workers = [w for w in attempt.workers() if w in self.workers
+                   and not (w == attempt.prefill_id and attempt.phase == "placing")]
+        calls = [self.workers[w].abort(attempt.worker_rid) for w in workers]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("abort of %s failed on a worker: %s", attempt.worker_rid, result)

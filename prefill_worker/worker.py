@@ -13,7 +13,8 @@ Life of a request on the prefill side:
   4. The request's blocks are pushed to the decode worker (push model: KVSender).
   5. Transfer done or failed → the blocks are released; their full blocks stay in the
      prefix cache (evictable) for later prompts.
-  Abort at any point frees the blocks (a send already on the wire finishes first). A failure
+  Abort at any point frees the blocks (a send already on the wire finishes first); an abort
+  that overtook its ``prefill()`` call makes that call fail at once, unrun. A failure
   (bad request, engine error) raises from ``prefill()`` with a client-safe message. Every
   path that ends a request without sending its KV withdraws the announcement
   (``KVSender.abort``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -36,6 +38,15 @@ from kv_transfer.base import Endpoint, TransferConfig, TransferHandle
 from kv_transfer.group import GroupSender
 
 log = logging.getLogger(__name__)
+
+# An abort can overtake the prefill() call it was sent after (a threaded Ray actor runs
+# calls concurrently): that call would run the whole prefill and ship KV nobody expects. So
+# an abort of an id this worker has not seen is remembered, and refuses the call when it
+# comes (once). Ids seen are remembered too, so that an abort after the prefill (a client
+# cancelling while it decodes) leaves nothing behind: a client may reuse its request id.
+# The cluster aborts a prefill worker only once the call was sent.
+ABORTED_REMEMBERED = 4096
+SEEN_REMEMBERED = 16384
 
 
 @dataclass
@@ -66,6 +77,8 @@ class PrefillWorker(HostedWorker):
         self._pending: dict[str, tuple[Future, Endpoint, list[int], dict, SamplingParams,
                                        bool]] = {}
         self._lock = threading.Lock()
+        self._aborted_first: OrderedDict[str, None] = OrderedDict()  # see ABORTED_REMEMBERED
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self.host = EngineHost(worker_id, self.role, model_dir, engine_options or {},
                                self._on_outputs)
         self.transfer_config = transfer_config or TransferConfig()
@@ -97,6 +110,9 @@ class PrefillWorker(HostedWorker):
         future: Future = Future()
         times = {"prefill_arrival": time.time()}
         with self._lock:
+            if self._aborted_first.pop(request_id, False) is None:
+                raise PrefillFailed(f"request {request_id} was aborted")
+            _remember(self._seen, request_id, SEEN_REMEMBERED)
             self._pending[request_id] = (future, peer, list(dst_block_ids), times, params,
                                          ship_always)
         try:
@@ -112,6 +128,8 @@ class PrefillWorker(HostedWorker):
     def abort(self, request_id: str) -> bool:
         with self._lock:
             pending = self._pending.pop(request_id, None)
+            if pending is None and request_id not in self._seen:  # its prefill() is to come
+                _remember(self._aborted_first, request_id, ABORTED_REMEMBERED)
         aborted = self.sender.abort(request_id)
         self.host.call(lambda engine: engine.abort(request_id))
         if pending is not None:
@@ -218,6 +236,12 @@ def first_token_finish(token: int, params: SamplingParams, eos_ids,
     ):
         return "stop"
     return "length" if params.max_tokens <= num_before + 1 else None
+
+
+def _remember(ids: OrderedDict[str, None], request_id: str, cap: int) -> None:
+    ids[request_id] = None
+    if len(ids) > cap:
+        ids.popitem(last=False)
 
 
 def _add_prefill(engine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

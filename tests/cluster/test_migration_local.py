@@ -265,6 +265,56 @@ def test_a_request_cancelled_while_its_blocks_are_being_reserved_frees_them(mode
     assert asyncio.run(main()) == 0
 
 
+def test_a_prefill_call_its_abort_overtook_never_runs_and_the_id_serves_again(model_dir,
+                                                                             expected):
+    """The client goes away while the prefill call is in flight, and the abort sent then
+    reaches the prefill worker first (as on a threaded Ray actor): the call, when it runs,
+    is refused instead of prefilling the prompt and shipping KV nobody expects. Every block
+    is free afterwards, and the client can use the same request id again, as it can after
+    a cancel before the prefill call (the prefill worker is then told nothing)."""
+
+    async def main():
+        async with local_cluster(_config(model_dir)) as cluster:
+            prefill, decode = worker_object(cluster, "prefill"), worker_object(cluster, "decode")
+
+            async def all_free():  # the cancelled request is gone from both workers
+                for worker in (prefill, decode):
+                    pool = worker.host.engine.pool
+                    await _until(lambda pool=pool: pool.num_free == pool.num_blocks, 5)
+                    await _until(lambda w=worker: not w.host.engine.scheduler.requests, 5)
+
+            ran: list[str] = []
+            call = prefill.host.call
+            prefill.host.call = lambda fn, *a: (ran.append(getattr(fn, "__name__", "")),
+                                                call(fn, *a))[1]
+            prefill.prefill = held = HeldCall(prefill.prefill)
+            task = asyncio.create_task(_stream(cluster.backend, "again", PROMPTS[1], GREEDY))
+            await _set(held.entered, 10)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            held.release.set()  # the prefill call runs now, after the abort
+            await _set(held.done, 10)
+            assert "_add_prefill" not in ran  # refused: the engine never saw the prompt
+            prefill.prefill = held.method
+            await all_free()
+            # Cancelled while its blocks are reserved (before any prefill call), then again.
+            decode.reserve = reserve = HeldCall(decode.reserve)
+            task = asyncio.create_task(_stream(cluster.backend, "again", PROMPTS[1], GREEDY))
+            await _set(reserve.entered, 10)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            reserve.release.set()
+            await _set(reserve.done, 10)
+            decode.reserve = reserve.method
+            await all_free()
+            tokens, final = await _stream(cluster.backend, "again", PROMPTS[1], GREEDY)
+            assert final.finish_reason == "length" and tokens == expected[1]
+            await all_free()
+            return cluster.backend.stats()["in_flight"]
+
+    assert asyncio.run(main()) == 0
+
+
 def test_a_request_cancelled_while_its_generate_call_is_in_flight_is_ended(model_dir):
     """Colocated: the client goes away while the worker's generate call is in flight. The
     abort sent at once finds nothing (the call has not run yet, as when an abort overtakes
