@@ -83,6 +83,10 @@ class GenerationService:
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self._clock = clock
         self._inflight: set[str] = set()
+        # Ids of ended requests whose backend clean-up (abort on the workers) still runs: the
+        # backend and its workers know requests by id until then, so a new request with the
+        # same id (a retry, or another client's) would be hit by the old one's abort.
+        self._releasing: set[str] = set()
         self._preparing = 0  # requests in prepare(): they hold tokenizer time and memory
         self._cleanups: set[asyncio.Task] = set()  # step 5's backend clean-ups still running
         self._tokenize_pool = ThreadPoolExecutor(self.config.tokenizer_threads,
@@ -149,7 +153,7 @@ class GenerationService:
             self.resolve_model(inp.model)
             check_input(inp, self.config)
             request_id = inp.request_id or f"req-{uuid.uuid4().hex}"
-            if request_id in self._inflight:
+            if request_id in self._inflight or request_id in self._releasing:
                 raise _duplicate_id(request_id)
             if not self.backend.can_accept():  # a lost worker's replacement: wait for it
                 raise UnavailableError("no worker is ready to serve requests yet; retry later")
@@ -232,7 +236,7 @@ class GenerationService:
 
     def _admit(self, request_id: str) -> None:
         try:
-            if request_id in self._inflight:
+            if request_id in self._inflight or request_id in self._releasing:
                 raise _duplicate_id(request_id)
             self._check_capacity(preparing=0)  # the requests being prepared come later
         except SplitServeError as exc:
@@ -263,7 +267,11 @@ class GenerationService:
         if outputs is None:
             return
         abort = None if backend_done else (lambda: self.backend.abort(request_id))
-        await asyncio.shield(self._background(outputs.close(abort)))
+        task = self._background(outputs.close(abort))
+        if abort is not None:  # the id stays taken until the backend has forgotten it
+            self._releasing.add(request_id)
+            task.add_done_callback(lambda _: self._releasing.discard(request_id))
+        await asyncio.shield(task)
 
     def _background(self, coro) -> asyncio.Task:
         """Run a backend clean-up as a task of its own, held until done (the loop keeps
@@ -332,5 +340,6 @@ def _backend_error(out: BackendOutput) -> BaseException:
 
 
 def _duplicate_id(request_id: str) -> SplitServeError:
-    return InvalidParamError(f"request_id {request_id!r} is already in flight; ids must be "
-                             "unique among running requests", "request_id")
+    return InvalidParamError(f"request_id {request_id!r} is already in flight (or its "
+                             "cancellation is still being cleaned up); ids must be unique "
+                             "among running requests", "request_id")

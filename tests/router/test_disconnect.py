@@ -119,3 +119,46 @@ def test_cleanup_survives_repeated_cancellation(tokenizer):
     assert backend.stats()["running"] == 0
     assert service.num_inflight == 0
     assert backend.aborted == ["r1"]
+
+
+def test_a_cancelled_requests_id_stays_taken_until_its_backend_clean_up_ends(tokenizer):
+    """A client goes away; the backend's clean-up (the abort on the workers, which know the
+    request by its id) takes a while. A new request with that id meanwhile (a retry, or
+    another client's) is refused as a duplicate, not admitted, where the old request's
+    abort would have hit it; once the clean-up is over the id is free again."""
+    from router.errors import InvalidParamError
+
+    backend = make_backend(tokenizer, slow_step_s=0.05)
+    service = GenerationService(backend, tokenizer, RouterConfig(max_model_len=64))
+    aborting, abort = asyncio.Event(), backend.abort
+
+    async def slow_abort(request_id: str) -> None:  # the workers' abort calls take a while
+        aborting.set()
+        await asyncio.sleep(0.5)
+        await abort(request_id)
+
+    backend.abort = slow_abort
+
+    async def run(request_id: str, max_tokens: int) -> list:
+        prep = await service.prepare(GenerateInput(prompt="slow", request_id=request_id,
+                                                   sampling={"max_tokens": max_tokens}))
+        async with contextlib.aclosing(service.stream(prep)) as chunks:
+            return [c async for c in chunks]
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(run("same", 50))
+        while backend.stats()["running"] == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.wait_for(aborting.wait(), 5)
+        with pytest.raises(InvalidParamError, match="already in flight") as err:
+            await run("same", 2)
+        assert err.value.param == "request_id"
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # its clean-up ran to the end (shielded)
+        assert service.num_cleanups == 0
+        chunks = await run("same", 2)  # free again
+        assert chunks[-1].finish_reason == "length"
+        assert backend.aborted == ["same"]
+
+    asyncio.run(scenario())
