@@ -210,7 +210,9 @@ class _BlockReceives:
         self.messages = h.messages()  # (first block index, block count), in wire order
         # else via staging slots
         self.in_place = table.kv_cache.device == group.data_device and table.in_place(h)
-        self.whole = not self.in_place and entry is not None and _fits_whole(h)
+        # (a STAGED one only: a CUDA cache's whole blocks come through slots, each copied
+        # into its own blocks, which a whole payload's one claim could not name)
+        self.whole = entry is not None and not table.in_place(h) and _fits_whole(h)
         # an announced one's receives stay posted while later payloads use ``staging``
         self.pool = pool if post_all else None
         self.region: torch.Tensor | None = None  # a whole payload's buffer from ``pool``

@@ -330,3 +330,27 @@ def test_the_staging_pool_lends_each_buffer_once_and_keeps_the_largest():
     again = pool.take(1500)  # the first free one large enough, a view of its size
     assert again.numel() == 1500 and again._base.numel() >= 1500
     assert all(b.data_ptr() != again.data_ptr() for b in pool._free)
+
+
+@pytest.mark.parametrize("flags", [0, 1])  # 1 = STAGED
+def test_only_a_staged_payload_lands_whole(flags):
+    """A CUDA cache over a gloo wire receives its in-place payloads through host slots,
+    each copied into its own blocks; landing one whole would take a single claim of the
+    blocks as one contiguous run, which reserved ids need not be. (No GPU here: the cache
+    stays on the CPU, the wire's device is named CUDA; nothing is allocated on it.)"""
+    from types import SimpleNamespace
+
+    from kv_transfer.header import TransferHeader
+    from kv_transfer.receiving import ExpectTable
+    from kv_transfer.torch_dist.recv_channel import _BlockReceives
+
+    from .helpers import make_cache
+
+    table = ExpectTable(make_cache(None))
+    table.add("r", [5, 1, 9], None, None)
+    h = TransferHeader.for_blocks("r", table.kv_cache, 3, None, "p", flags=flags)
+    entry = table.begin(h, "p")
+    assert entry is not None
+    group = SimpleNamespace(data_device=torch.device("cuda"))
+    receives = _BlockReceives(group, table, entry, h, CONFIG, staging=None)
+    assert receives.whole == bool(flags)
