@@ -182,19 +182,24 @@ def test_a_cleanly_closed_channel_ends_its_link_watch(pair, monkeypatch):
     returns once it did: no thread is left waiting on a link nobody uses any more (a
     process that exited with one blocked in gloo died in C++ teardown: "terminate called
     without an active exception", seen at the end of every 2-sender benchmark run). The
-    acknowledgement is held up here, so a close that did not wait for it would return
-    first."""
+    acknowledgement is held until the sender waits for it, so a close that did not wait
+    would return first."""
     import threading
-    import time
 
     from kv_transfer.torch_dist.wire import PairGroup
 
-    original = PairGroup.ack_close
+    ack, end_watch = PairGroup.ack_close, PairGroup.end_watch
+    sender_waits = threading.Event()
+
+    def waiting_sender(self, timeout_s):
+        sender_waits.set()
+        return end_watch(self, timeout_s)
 
     def late_ack(self, timeout_s):
-        time.sleep(0.3)
-        original(self, timeout_s)
+        sender_waits.wait(10)
+        ack(self, timeout_s)
 
+    monkeypatch.setattr(PairGroup, "end_watch", waiting_sender)
     monkeypatch.setattr(PairGroup, "ack_close", late_ack)
     sender, receiver = pair
     done = Completions()

@@ -46,12 +46,39 @@ def build():
             obj.close()
 
 
+# Notified at every claim and release of a receiver's blocks and every announcement a
+# receive channel handles (counted in ``announcements``): what the tests below wait for.
+CHANGED = threading.Condition()
+announcements: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def notify_changes(monkeypatch):
+    from kv_transfer.receiving import ExpectTable
+    from kv_transfer.torch_dist.recv_channel import ReceiverChannel
+
+    def notifying(method, record=None):
+        def wrapped(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                with CHANGED:
+                    if record is not None:
+                        record(*args)
+                    CHANGED.notify_all()
+        return wrapped
+
+    announcements.clear()
+    monkeypatch.setattr(ExpectTable, "claim", notifying(ExpectTable.claim))
+    monkeypatch.setattr(ExpectTable, "release", notifying(ExpectTable.release))
+    monkeypatch.setattr(ReceiverChannel, "_announce", notifying(
+        ReceiverChannel._announce, lambda group, h: announcements.append(h.request_id)))
+
+
 def wait_until(predicate, timeout: float = 10.0) -> None:
-    """Bounded wait for a state another thread reaches with no event to wait on."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+    """Wait until ``predicate()`` holds: checked at each claim, release and announcement."""
+    with CHANGED:
+        assert CHANGED.wait_for(predicate, timeout), "condition not reached in time"
 
 
 def expect_all(setup, receivers, rid, done, dst=DST_IDS):
@@ -287,7 +314,7 @@ def test_an_announced_staged_payload_is_received_ahead_into_a_buffer_of_its_own(
     if fits:
         wait_until(lambda: claimed() == [16, 16])
     else:
-        time.sleep(0.2)  # time for the announcements to be handled (and ignored)
+        wait_until(lambda: len(announcements) == 4)  # handled (and ignored)
         assert claimed() == [0, 0]
     for rid, routes in (("b", setup.routes[::-1]), ("a", setup.routes)):
         src, dst = ids[rid]

@@ -130,30 +130,37 @@ def test_a_cancelled_requests_id_stays_taken_until_its_backend_clean_up_ends(tok
 
     backend = make_backend(tokenizer, slow_step_s=0.05)
     service = GenerationService(backend, tokenizer, RouterConfig(max_model_len=64))
-    aborting, abort = asyncio.Event(), backend.abort
+    aborting, aborted, abort = asyncio.Event(), asyncio.Event(), backend.abort
 
-    async def slow_abort(request_id: str) -> None:  # the workers' abort calls take a while
+    async def slow_abort(request_id: str) -> None:  # the workers' abort calls, held
         aborting.set()
-        await asyncio.sleep(0.5)
+        await aborted.wait()
         await abort(request_id)
 
     backend.abort = slow_abort
 
-    async def run(request_id: str, max_tokens: int) -> list:
+    async def run(request_id: str, max_tokens: int, streaming: asyncio.Event | None = None
+                  ) -> list:
         prep = await service.prepare(GenerateInput(prompt="slow", request_id=request_id,
                                                    sampling={"max_tokens": max_tokens}))
+        out = []
         async with contextlib.aclosing(service.stream(prep)) as chunks:
-            return [c async for c in chunks]
+            async for chunk in chunks:
+                out.append(chunk)
+                if streaming is not None:
+                    streaming.set()
+        return out
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(run("same", 50))
-        while backend.stats()["running"] == 0:
-            await asyncio.sleep(0.01)
+        streaming = asyncio.Event()
+        task = asyncio.ensure_future(run("same", 50, streaming))
+        await asyncio.wait_for(streaming.wait(), 5)
         task.cancel()
         await asyncio.wait_for(aborting.wait(), 5)
         with pytest.raises(InvalidParamError, match="already in flight") as err:
             await run("same", 2)
         assert err.value.param == "request_id"
+        aborted.set()  # the workers have forgotten it now
         with contextlib.suppress(asyncio.CancelledError):
             await task  # its clean-up ran to the end (shielded)
         assert service.num_cleanups == 0
