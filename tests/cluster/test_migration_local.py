@@ -141,6 +141,17 @@ async def _set(event: threading.Event, timeout: float) -> None:
     assert await asyncio.to_thread(event.wait, timeout), "timed out"
 
 
+async def _cancel_during(held: HeldCall, backend, rid, prompt, params) -> None:
+    """Start request ``rid``, cancel it while ``held``'s call to a worker is in flight (so
+    the abort sent at once reaches the worker before the call), then let the call run."""
+    task = asyncio.create_task(_stream(backend, rid, prompt, params))
+    await _set(held.entered, 10)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    held.release.set()
+    await _set(held.done, 10)
+
+
 def _free_blocks(cluster) -> dict[str, int]:
     return {wid: w.free_blocks() for wid, w in cluster.factory._objects.items()
             if wid in cluster.backend.workers}
@@ -252,12 +263,8 @@ def test_a_request_cancelled_while_its_blocks_are_being_reserved_frees_them(mode
         async with local_cluster(_config(model_dir)) as cluster:
             decode = worker_object(cluster, "decode")
             decode.reserve = reserve = HeldCall(decode.reserve)
-            task = asyncio.create_task(_stream(cluster.backend, "gone", PROMPTS[3], GREEDY))
-            await _set(reserve.entered, 10)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            reserve.release.set()  # the reservation now completes, after the cancellation
-            await _set(reserve.done, 10)
+            # the reservation completes after the cancellation
+            await _cancel_during(reserve, cluster.backend, "gone", PROMPTS[3], GREEDY)
             pool = decode.host.engine.pool
             await _until(lambda: pool.num_free == pool.num_blocks, 5)
             return cluster.backend.stats()["in_flight"]
@@ -288,23 +295,14 @@ def test_a_prefill_call_its_abort_overtook_never_runs_and_the_id_serves_again(mo
             prefill.host.call = lambda fn, *a: (ran.append(getattr(fn, "__name__", "")),
                                                 call(fn, *a))[1]
             prefill.prefill = held = HeldCall(prefill.prefill)
-            task = asyncio.create_task(_stream(cluster.backend, "again", PROMPTS[1], GREEDY))
-            await _set(held.entered, 10)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            held.release.set()  # the prefill call runs now, after the abort
-            await _set(held.done, 10)
+            # the prefill call runs after the abort
+            await _cancel_during(held, cluster.backend, "again", PROMPTS[1], GREEDY)
             assert "_add_prefill" not in ran  # refused: the engine never saw the prompt
             prefill.prefill = held.method
             await all_free()
             # Cancelled while its blocks are reserved (before any prefill call), then again.
             decode.reserve = reserve = HeldCall(decode.reserve)
-            task = asyncio.create_task(_stream(cluster.backend, "again", PROMPTS[1], GREEDY))
-            await _set(reserve.entered, 10)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            reserve.release.set()
-            await _set(reserve.done, 10)
+            await _cancel_during(reserve, cluster.backend, "again", PROMPTS[1], GREEDY)
             decode.reserve = reserve.method
             await all_free()
             tokens, final = await _stream(cluster.backend, "again", PROMPTS[1], GREEDY)
@@ -334,12 +332,8 @@ def test_a_request_cancelled_while_its_generate_call_is_in_flight_is_ended(model
 
             worker.generate = generate = HeldCall(worker.generate)
             engine.step = slow_step
-            task = asyncio.create_task(_stream(cluster.backend, "gone", PROMPTS[0], long))
-            await _set(generate.entered, 10)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            generate.release.set()  # the generate call runs now, after the abort
-            await _set(generate.done, 10)
+            # the generate call runs after the abort
+            await _cancel_during(generate, cluster.backend, "gone", PROMPTS[0], long)
             await _until(lambda: not engine.scheduler.requests, 3)
             pool = engine.pool
             await _until(lambda: pool.num_free == pool.num_blocks, 3)
