@@ -97,15 +97,21 @@ def announce_all(setup, sender, receivers, rid) -> None:
         wait_until(lambda receiver=receiver: receiver.table.claimed_blocks(rid) == len(DST_IDS))
 
 
+def one_to_two(build, seed: int, rid: str):
+    """A 1 -> 2 setup (one prefill rank, two decode ranks) expecting ``rid``: (setup,
+    sender, receivers, their endpoints, completions)."""
+    setup = Setup((8, 8, 1, 2), seed=seed)
+    (sender,), receivers = build(setup)
+    done = Completions()
+    expect_all(setup, receivers, rid, done)
+    return setup, sender, receivers, [r.endpoint() for r in receivers], done
+
+
 def test_a_rank_announces_each_of_its_routes_and_every_receiver_posts_ahead(build):
     """1 -> 2: the one prefill rank sends each request to two decode ranks. Both routes
     are announced (the second was refused while announcements were keyed by request
     alone), both receivers post every receive before the KV is sent, and it lands."""
-    setup = Setup((8, 8, 1, 2), seed=11)
-    (sender,), receivers = build(setup)
-    endpoints = [r.endpoint() for r in receivers]
-    done = Completions()
-    expect_all(setup, receivers, "r", done)
+    setup, sender, receivers, endpoints, done = one_to_two(build, 11, "r")
     announce_all(setup, sender, receivers, "r")
     handles = [sender.send("r", endpoints[r.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
                            heads=r.heads) for r in setup.routes]
@@ -117,11 +123,7 @@ def test_a_rank_announces_each_of_its_routes_and_every_receiver_posts_ahead(buil
 
 
 def test_an_abort_withdraws_every_announced_route_of_the_request(build):
-    setup = Setup((8, 8, 1, 2), seed=12)
-    (sender,), receivers = build(setup)
-    endpoints = [r.endpoint() for r in receivers]
-    done = Completions()
-    expect_all(setup, receivers, "gone", done)
+    setup, sender, receivers, endpoints, done = one_to_two(build, 12, "gone")
     announce_all(setup, sender, receivers, "gone")
     sender.abort("gone")
     for receiver in receivers:  # each RETRACT completed that receiver's posted receives
@@ -141,11 +143,7 @@ def test_a_send_on_a_route_never_announced_withdraws_the_requests_announcements(
     """The plan changed between announce and send (here: announced to rank 0, sent to rank
     1 only): rank 0's posted receives are completed by a RETRACT at once, instead of
     holding its blocks (and its abort) until the request's abort."""
-    setup = Setup((8, 8, 1, 2), seed=13)
-    (sender,), receivers = build(setup)
-    endpoints = [r.endpoint() for r in receivers]
-    done = Completions()
-    expect_all(setup, receivers, "r", done)
+    setup, sender, receivers, endpoints, done = one_to_two(build, 13, "r")
     first, second = setup.routes
     assert sender.announce("r", endpoints[first.dst_rank], SRC_IDS, DST_IDS, heads=first.heads)
     wait_until(lambda: receivers[first.dst_rank].table.claimed_blocks("r") == 8)
