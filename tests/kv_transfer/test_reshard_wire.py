@@ -221,6 +221,15 @@ def test_an_announced_gathered_payload_nobody_expects_any_more_is_drained(build)
     setup.check_landed(ranks=[route.dst_rank])
 
 
+def land_on_one(setup, senders, receiver, rid: str, done) -> None:
+    """2 -> 1: the one receiver expects ``rid``, every part is sent; wait for its outcome."""
+    receiver.expect(rid, DST_IDS, done, parts=parts_for(setup.routes, 0))
+    for r in setup.routes:
+        senders[r.src_rank].send(rid, receiver.endpoint(), SRC_IDS, dst_block_ids=DST_IDS,
+                                 heads=r.heads).result(timeout=20)
+    done.wait_for(rid)
+
+
 @pytest.mark.parametrize("whole", [True, False])
 def test_a_staged_payload_is_scattered_once_it_is_all_in(build, monkeypatch, whole):
     """2 -> 1: each part is a slice of the receiver's heads. Up to WHOLE_STAGED_BYTES it
@@ -238,12 +247,8 @@ def test_a_staged_payload_is_scattered_once_it_is_all_in(build, monkeypatch, who
         original(self, landing)
 
     monkeypatch.setattr(StagedTarget, "copy_", counted)
-    done, ep = Completions(), receiver.endpoint()
-    receiver.expect("s", DST_IDS, done, parts=parts_for(setup.routes, 0))
-    for r in setup.routes:
-        senders[r.src_rank].send("s", ep, SRC_IDS, dst_block_ids=DST_IDS,
-                                 heads=r.heads).result(timeout=20)
-    done.wait_for("s")
+    done = Completions()
+    land_on_one(setup, senders, receiver, "s", done)
     assert done.errors == {"s": None}
     assert scatters == ([8, 8] if whole else [1] * 16)
     setup.check_landed()
@@ -280,11 +285,7 @@ def test_an_abort_during_a_whole_payloads_scatter_waits_for_it(build, monkeypatc
     handle.result(timeout=20)
     assert receiver.table.claimed_blocks("r") == 0
     assert "r" not in done.errors
-    receiver.expect("next", DST_IDS, done, parts=parts_for(setup.routes, 0))
-    for r in setup.routes:
-        senders[r.src_rank].send("next", ep, SRC_IDS, dst_block_ids=DST_IDS,
-                                 heads=r.heads).result(timeout=20)
-    done.wait_for("next")
+    land_on_one(setup, senders, receiver, "next", done)
     assert done.errors == {"next": None}
     setup.check_landed()
 
