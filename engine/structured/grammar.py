@@ -55,6 +55,12 @@ def choice_ebnf(choices: Iterable[str]) -> str:
 # JSON schemas inside a structural tag (strict tool calls) are written the same way.
 _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+# A structural tag's JSON also allows any run of whitespace between tokens (it has no
+# any_whitespace option): a model could stall in it, and a random one fills it. At most
+# one space there keeps the text one that json.dumps (``", "``/``": "``) or a compact
+# writer gives.
+_ANY_WHITESPACE = r'[ \n\r\t]*'
+_ONE_SPACE = r'[ ]?'
 
 
 def _json_grammar(schema: str, strict: bool) -> xgr.Grammar:
@@ -84,7 +90,8 @@ def build_grammar(kind: str, spec: str | tuple[str, ...]) -> xgr.Grammar:
     if kind == "grammar":
         return xgr.Grammar.from_ebnf(spec) if "::=" in spec else xgr.Grammar.from_lark(spec)
     if kind == "structural_tag":
-        return _json_strings(xgr.Grammar.from_structural_tag(spec))
+        tag = str(_json_strings(xgr.Grammar.from_structural_tag(spec)))
+        return xgr.Grammar.from_ebnf(tag.replace(_ANY_WHITESPACE, _ONE_SPACE))
     raise ValueError(f"unknown structured-output kind {kind!r}")
 
 

@@ -21,6 +21,7 @@ Kinds and their ``spec``:
 
 JSON output is compact (no free whitespace between tokens): a model cannot stall in an
 endless run of spaces, and the text is what ``json.dumps`` would write (``", "``/``": "``).
+Inside a structural tag one space at most stands between tokens (``grammar``).
 """
 
 from __future__ import annotations

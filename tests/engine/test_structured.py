@@ -295,9 +295,6 @@ def test_bounded_json_strings_allow_no_control_characters(engine, kind):
     """Regression: xgrammar writes minLength/maxLength strings with a character class that
     lets raw U+0000-U+001F through, which JSON forbids in strings (json.loads refuses);
     the same inside a strict tool call's structural tag (a random model wrote a \x0e)."""
-    import torch
-    import xgrammar as xgr
-
     from router.tool_parsers import get_parser
 
     bounded = {"type": "string", "maxLength": 8}
@@ -308,6 +305,16 @@ def test_bounded_json_strings_allow_no_control_characters(engine, kind):
         spec = StructuredSpec.structural_tag(get_parser("llama3").structural_tag(
             [{"name": "f", "parameters": schema}], max_calls=1))
         written = '{"name": "f", "parameters": {"city": "'
+    texts = _allowed_next(engine, spec, written)
+    assert any(t.isalpha() for t in texts)  # ordinary characters still pass
+    assert not [t for t in texts if any(ord(c) < 0x20 for c in t)]
+
+
+def _allowed_next(engine, spec: StructuredSpec, written: str) -> list[str]:
+    """The texts of the tokens ``spec``'s grammar allows once ``written`` is out."""
+    import torch
+    import xgrammar as xgr
+
     state = engine.grammar_backend().new_state(spec)
     for token in engine.tokenizer.encode(written, add_special_tokens=False):
         assert state.accept(token), written
@@ -316,9 +323,26 @@ def test_bounded_json_strings_allow_no_control_characters(engine, kind):
     state.matcher.fill_next_token_bitmask(bitmask)
     bits = (bitmask[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1
     allowed = bits.flatten()[:vocab].nonzero().flatten().tolist()
-    texts = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in allowed]
-    assert any(t.isalpha() for t in texts)  # ordinary characters still pass
-    assert not [t for t in texts if any(ord(c) < 0x20 for c in t)]
+    return [engine.tokenizer.decode([t], skip_special_tokens=False) for t in allowed]
+
+
+@pytest.mark.parametrize("parser_name", ["hermes", "llama3"])
+def test_a_strict_tool_calls_json_allows_one_space_between_tokens(engine, parser_name):
+    """A structural tag's JSON is written by xgrammar with any run of whitespace between
+    tokens (a random model filled it with newlines and tabs; a model could stall in it):
+    one space at most, as json.dumps or a compact writer puts there."""
+    from router.tool_parsers import get_parser
+
+    schema = {"type": "object", "properties": {"city": S}, "required": ["city"]}
+    parser = get_parser(parser_name)
+    tag = parser.structural_tag([{"name": "f", "parameters": schema}], max_calls=1)
+    spec = StructuredSpec.structural_tag(tag)
+    opening = tag["format"]["tags"][0]["begin"]
+    after_key = _allowed_next(engine, spec, opening + '{"city"')
+    assert ":" in after_key and " " in after_key
+    after_space = _allowed_next(engine, spec, opening + '{"city" ')
+    assert ":" in after_space
+    assert not [t for t in after_space if t[:1].isspace()], after_space
 
 
 def test_the_compiled_cache_is_a_bounded_lru(engine, monkeypatch):
