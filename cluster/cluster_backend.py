@@ -237,11 +237,8 @@ class ClusterBackend(ServingBackend):
         if fut is not None:
             self.scheduler.cancel(attempt.worker_rid)
             fut.cancel()
-        # A prefill worker is sent nothing before the prefill call (phase "placing"): an
-        # abort there would be remembered as one that overtook its call (see PrefillWorker).
-        workers = [w for w in attempt.workers() if w in self.workers
-                   and not (w == attempt.prefill_id and attempt.phase == "placing")]
-        calls = [self.workers[w].abort(attempt.worker_rid) for w in workers]
+        calls = [self.workers[w].abort(attempt.worker_rid) for w in attempt.workers()
+                 if w in self.workers]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("abort of %s failed on a worker: %s", attempt.worker_rid, result)
@@ -373,6 +370,8 @@ class ClusterBackend(ServingBackend):
         if "migration_start" in flight.timing:
             flight.migration_s += time.time() - flight.timing.pop("migration_start")
         flight.timing.setdefault("placed", time.time())
+        # Set just as its call goes out (no await between): an abort never reaches a prefill
+        # worker before the call it aborts was sent (PrefillWorker remembers such an abort).
         attempt.prefill_id = placement.prefill_worker_id
         attempt.decode_id = placement.decode_worker_id
         d = self._worker(attempt.decode_id, "decode")
