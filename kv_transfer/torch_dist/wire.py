@@ -97,6 +97,7 @@ class PairGroup:
         self.data_device = data_device  # where payload buffers must live: cpu or cuda:i
         self.peer = peer  # the other side, for error messages
         self.rank = ctrl.rank()
+        self._watch: threading.Thread | None = None  # the sender's link watch (watch_link)
 
     @classmethod
     def connect(
@@ -224,10 +225,9 @@ class PairGroup:
         end the link watch (a process that exits with the watch still blocked in gloo dies
         in C++ teardown: "terminate called without an active exception"). True if it
         ended (or there was none)."""
-        watch = getattr(self, "_watch", None)
-        if watch is not None:
-            watch.join(timeout_s)
-        return watch is None or not watch.is_alive()
+        if self._watch is not None:
+            self._watch.join(timeout_s)
+        return self._watch is None or not self._watch.is_alive()
 
     def ack_close(self, timeout_s: float) -> None:
         """Receiver side, on the sender's CLOSE: end the sender's link watch."""
