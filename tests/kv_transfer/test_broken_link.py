@@ -77,15 +77,17 @@ def test_a_send_mid_write_when_the_link_breaks_holds_up_nothing():
     """gloo never fails a send whose bytes are being written when its socket breaks (its
     wait lasts the whole timeout). The sender's link watch notices the break at once: the
     send behind it lands on a new channel in seconds, not after the 20 s timeout, and the
-    send that was on the wire ends on both sides at once. The receiver is another process, stopped
-    (SIGSTOP) while an announced 12 MiB payload is being written to it, so that the write
-    is surely mid-way when the sender's sockets are shut down."""
+    send that was on the wire ends on both sides at once. The receiver is another process,
+    stopped (SIGSTOP) while an announced payload is being written to it, larger than the
+    kernel's socket buffers of both ends can hold (``_head_dim_beyond_socket_buffers``),
+    so that the write is surely mid-way when the sender's sockets are shut down."""
     import multiprocessing
     import signal
 
     from .procs import receiver_main
 
-    shape = (8, LAYERS, 2, 16, 2, 4096)  # 3 MiB blocks
+    # 4 blocks (the payload on the wire) of float32 [LAYERS, 2, 16, 2, head_dim]
+    shape = (8, LAYERS, 2, 16, 2, _head_dim_beyond_socket_buffers(4 * LAYERS * 2 * 16 * 2 * 4))
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     child = ctx.Process(target=receiver_main, args=(CONFIG, shape, theirs), daemon=True)
@@ -141,6 +143,18 @@ def test_a_send_mid_write_when_the_link_breaks_holds_up_nothing():
         sender.close()
         child.kill()
         child.join(10)
+
+
+def _head_dim_beyond_socket_buffers(bytes_per_dim: int) -> int:
+    """A head_dim at which ``bytes_per_dim * head_dim`` bytes exceed twice what the kernel
+    may buffer in a TCP connection's two ends (tcp_rmem and tcp_wmem maxima: autotuned, up
+    to 32 MiB on a receiver here, where a 12 MiB payload was once wholly buffered and its
+    send complete before the receiver, stopped, had read a byte)."""
+    limits = 0
+    for table in ("/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"):
+        with open(table) as f:
+            limits += int(f.read().split()[2])
+    return max(4096, -(-2 * limits // bytes_per_dim // 1024) * 1024)
 
 
 def _wait_for_unsent_bytes(pid: int, timeout: float = 10.0) -> None:
