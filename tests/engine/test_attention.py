@@ -10,6 +10,7 @@ import torch
 from engine.attention.metadata import split_slots
 from engine.attention.registry import select_backend
 from engine.attention.torch_ref import TorchAttentionBackend, write_kv_cache
+from engine.kv_layout import head_major, new_kv_cache, storage_view
 from tests.engine.paged_helpers import build_metadata, random_block_tables, slots_for
 
 H, KVH, D = 4, 2, 8  # GQA: two query heads per KV head
@@ -38,17 +39,18 @@ def layer_caches(kv: torch.Tensor, layer: int = 1) -> tuple[torch.Tensor, torch.
 
 
 def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blocks=NUM_BLOCKS,
-                   dims=(H, KVH, D)):
+                   dims=(H, KVH, D), heads_outer=True):
     """Fill each sequence's cached context, run one step, return (output, reference).
-    ``dims``: (query heads, KV heads, head_dim)."""
+    ``dims``: (query heads, KV heads, head_dim); ``heads_outer``: the cache laid out as the
+    engine's (``engine.kv_layout``), else token-major (a token's heads adjacent)."""
     H, KVH, D = dims
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
     tables = random_block_tables([-(-s // block_size) for s in seq_lens], num_blocks, rng)
     # Garbage everywhere (finite): padded and stale slots must be masked, not zero.
-    k_cache, v_cache = layer_caches(torch.randn(num_blocks, 3, 2, block_size, KVH, D,
-                                                generator=gen))
+    kv = torch.randn(num_blocks, 3, 2, block_size, KVH, D, generator=gen)
+    k_cache, v_cache = layer_caches(head_major(kv) if heads_outer else kv)
     full_k = [torch.randn(s, KVH, D, generator=gen) for s in seq_lens]
     full_v = [torch.randn(s, KVH, D, generator=gen) for s in seq_lens]
     for table, c, k, v in zip(tables, cached, full_k, full_v, strict=True):
@@ -74,15 +76,15 @@ def run_mixed_step(block_size, cached, new, seed, backend, device="cpu", num_blo
     return out, ref
 
 
+@pytest.mark.parametrize("heads_outer", [True, False], ids=["head-major", "token-major"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_torch_backend_matches_dense_reference_on_mixed_batch(block_size):
+def test_torch_backend_matches_dense_reference_on_mixed_batch(block_size, heads_outer):
     # Three decodes (one at a block boundary), then prefill chunks: fresh, continuing a
     # cached context, and a single-token chunk.
     cached = [5, block_size * 2 - 1, 17, 0, 11, 9]
     new = [1, 1, 1, 7, 6, 3]
-    out, ref = run_mixed_step(
-        block_size, cached, new, seed=block_size, backend=TorchAttentionBackend()
-    )
+    out, ref = run_mixed_step(block_size, cached, new, seed=block_size,
+                              backend=TorchAttentionBackend(), heads_outer=heads_outer)
     assert out.shape == (sum(new), H, D)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -120,7 +122,8 @@ def _cpu_paged_backend():
 @pytest.mark.parametrize("block_size,dims", [(1, (H, KVH, D)), (4, (H, KVH, D)),
                                              (16, (H, KVH, D)), (16, (8, 2, 32)),
                                              (8, (6, 2, 32))])
-def test_cpu_paged_kernels_match_dense_reference(block_size, dims):
+@pytest.mark.parametrize("heads_outer", [True, False], ids=["head-major", "token-major"])
+def test_cpu_paged_kernels_match_dense_reference(block_size, dims, heads_outer):
     backend = _cpu_paged_backend()
     from engine.attention import cpu_kernels
 
@@ -135,7 +138,7 @@ def test_cpu_paged_kernels_match_dense_reference(block_size, dims):
                      ([1] * n + [5, 3], cached + [0, 12]), ([70, 1, 33], [0, 0, 45]),
                      ([17, 40], [100, 3])):
         out, ref = run_mixed_step(block_size, ctx, new, seed=5, backend=backend,
-                                  num_blocks=4096, dims=dims)
+                                  num_blocks=4096, dims=dims, heads_outer=heads_outer)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -149,7 +152,7 @@ def test_plan_is_rebuilt_for_each_step():
 
 def test_slot_mapping_writes_land_in_their_blocks():
     block_size = 4
-    kv = torch.zeros(8, 2, 2, block_size, KVH, D)
+    kv = new_kv_cache(8, 2, block_size, KVH, D, torch.float32)
     k_cache, v_cache = layer_caches(kv, 0)
     table = [7, 2]  # positions 0..3 -> block 7, 4..5 -> block 2
     slots = torch.tensor(slots_for(table, 0, 6, block_size))
@@ -161,6 +164,8 @@ def test_slot_mapping_writes_land_in_their_blocks():
     assert torch.equal(v_cache[2, :2, 0, 0], torch.tensor([-5.0, -6]))
     assert kv[:, 1].count_nonzero() == 0  # the other layer's blocks are untouched
     assert k_cache[2, 2:].abs().sum() == 0 and k_cache[:2].abs().sum() == 0  # nothing else touched
+    # in memory, head-major: block 2's KV head 1, layer 0, K, rows 0..1
+    assert torch.equal(storage_view(kv)[2, 1, 0, 0, :2, 3], torch.tensor([5.0, 6]))
 
 
 def test_registry_picks_torch_on_cpu():

@@ -25,6 +25,7 @@ import torch
 from engine.attention.metadata import split_slots
 from engine.attention.registry import select_backend
 from engine.attention.torch_ref import TorchAttentionBackend, write_kv_cache
+from engine.kv_layout import head_major
 from tests.engine.paged_helpers import build_metadata, random_block_tables, slots_for
 
 if importlib.util.find_spec("triton") is None:  # an optional dependency (dev and gpu extras)
@@ -93,8 +94,9 @@ def run_both(block_size, cached, new, dims, seed=0, dtype=torch.float32, device=
     tables = random_block_tables([-(-s // block_size) for s in seq_lens], num_blocks,
                                  random.Random(seed))
     # Garbage everywhere (finite): padded and stale slots must be masked, not read as zero.
-    kv = torch.randn(num_blocks, 2, 2, block_size, KVH, D, generator=gen).to(
-        device, cache_dtype or dtype)
+    # laid out as the engine's (head-major: see engine.kv_layout)
+    kv = head_major(torch.randn(num_blocks, 2, 2, block_size, KVH, D, generator=gen).to(
+        device, cache_dtype or dtype))
     k_cache, v_cache = kv[:, 1, 0], kv[:, 1, 1]  # one layer's strided views
     for table, c in zip(tables, cached, strict=True):  # the cached prefixes
         if c:

@@ -5,8 +5,10 @@
 //
 // paged_decode:
 //   q            [B, H, D]            float32, each row's heads contiguous (row stride free)
-//   k/v_cache    [N, bs, KVH, D]      float32; one layer of the block-major paged cache, so
-//                                     the block stride is free, the rest contiguous
+//   k/v_cache    [N, bs, KVH, D]      float32; one layer of the block-major paged cache:
+//                                     block, token and head strides free, each row of D
+//                                     contiguous (the engine's cache is head-major: a KV
+//                                     head's tokens of a block are adjacent)
 //   block_tables [B, max_blocks]      int32
 //   seq_lens     [B]                  int32 (context length including the new token)
 //   out          [B, H, D]
@@ -61,11 +63,11 @@ constexpr int64_t PREFETCH_TOKENS = 32;  // K rows this far ahead (two blocks of
 
 template <int D>
 static void decode_seq_avx2(const float* qb, const float* kp, const float* vp,
-                            int64_t k_block_stride, int64_t v_block_stride,
-                            const int32_t* table, int64_t L, int64_t bs, int64_t KVH, int64_t G,
-                            float sc, std::vector<float>& scores, float* ob) {
-  constexpr int V = D / 8;  // vectors per row
-  const int64_t row = KVH * D;
+                            int64_t k_block_stride, int64_t v_block_stride, int64_t row,
+                            int64_t hs, const int32_t* table, int64_t L, int64_t bs,
+                            int64_t KVH, int64_t G, float sc, std::vector<float>& scores,
+                            float* ob) {
+  constexpr int V = D / 8;  // vectors per row (row: the token stride, hs: the head stride)
   scores.resize(G * (L + 8));
   for (int64_t g = 0; g < KVH; ++g) {
     const float* qg = qb + g * G * D;  // heads g*G .. g*G+G-1 use KV head g
@@ -73,18 +75,18 @@ static void decode_seq_avx2(const float* qb, const float* kp, const float* vp,
       if (t0 + PREFETCH_TOKENS < L) {  // blocks are scattered: the prefetcher cannot guess
         const int64_t t = t0 + PREFETCH_TOKENS;
         const char* p = reinterpret_cast<const char*>(
-            kp + table[t / bs] * k_block_stride + (t % bs) * row + g * D);
+            kp + table[t / bs] * k_block_stride + (t % bs) * row + g * hs);
         for (int i = 0; i < 8; ++i)
           for (int c = 0; c < D * 4; c += 64) _mm_prefetch(p + i * row * 4 + c, _MM_HINT_T0);
       }
       const float* krow[8];
       if (bs % 8 == 0 && t0 + 8 <= L) {  // the 8 tokens share a block: one table lookup
-        const float* base = kp + table[t0 / bs] * k_block_stride + (t0 % bs) * row + g * D;
+        const float* base = kp + table[t0 / bs] * k_block_stride + (t0 % bs) * row + g * hs;
         for (int i = 0; i < 8; ++i) krow[i] = base + i * row;
       } else {
         for (int i = 0; i < 8; ++i) {
           const int64_t t = std::min(t0 + i, L - 1);  // past the end: a real row, unused
-          krow[i] = kp + table[t / bs] * k_block_stride + (t % bs) * row + g * D;
+          krow[i] = kp + table[t / bs] * k_block_stride + (t % bs) * row + g * hs;
         }
       }
       for (int64_t h = 0; h < G; ++h) {
@@ -110,10 +112,10 @@ static void decode_seq_avx2(const float* qb, const float* kp, const float* vp,
       const float* p0 = scores.data() + h0 * (L + 8);
       const float* p1 = scores.data() + (h0 + nh - 1) * (L + 8);
       for (int64_t t = 0, blk = 0; t < L; ++blk) {  // block by block: no division per token
-        const float* vb = vp + table[blk] * v_block_stride + g * D;
+        const float* vb = vp + table[blk] * v_block_stride + g * hs;
         if (t + bs < L) {  // the next block's rows for this head, ahead of use
           const char* p = reinterpret_cast<const char*>(
-              vp + table[blk + 1] * v_block_stride + g * D);
+              vp + table[blk + 1] * v_block_stride + g * hs);
           for (int64_t o = 0; o < bs; ++o)
             for (int c = 0; c < D * 4; c += 64) _mm_prefetch(p + o * row * 4 + c, _MM_HINT_T0);
         }
@@ -137,6 +139,14 @@ static void decode_seq_avx2(const float* qb, const float* kp, const float* vp,
 }
 #endif
 
+// One layer's K and V caches [N, bs, KVH, D]: each row of D contiguous, the token and head
+// strides free (token-major or head-major blocks) but the same for K and V.
+static void check_cache_rows(const torch::Tensor& k, const torch::Tensor& v, const char* fn) {
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.stride(3) == 1 && v.stride(3) == 1 &&
+                  k.stride(1) == v.stride(1) && k.stride(2) == v.stride(2),
+              fn, " needs K and V caches [N, bs, KVH, D] with contiguous rows and equal strides");
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
@@ -146,14 +156,12 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   for (const auto& t : {block_tables, seq_lens})
     TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.stride(-1) == 1,
                 "paged_decode takes int32 block tables and lengths");
-  for (const auto& c : {k_cache, v_cache}) {
-    TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3),
-                "paged_decode needs the rows inside a cache block contiguous");
-  }
+  check_cache_rows(k_cache, v_cache, "paged_decode");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
   const int64_t max_blocks = block_tables.stride(0);  // a row's stride (rows may be a slice)
   const int64_t k_block_stride = k_cache.stride(0), v_block_stride = v_cache.stride(0);
+  const int64_t row = k_cache.stride(1), hs = k_cache.stride(2);  // token, head strides
   auto out = torch::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -163,8 +171,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
 
-  // One task per sequence: all its KV heads together, so every cache line of a token's
-  // K/V row (all heads) is used once it is loaded.
+  // One task per sequence, all its KV heads together.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc(H * D), denom(H);
     for (int64_t b = begin; b < end; ++b) {
@@ -175,19 +182,18 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         const int32_t* table = bt + b * max_blocks;
         auto* fn = D == 32 ? decode_seq_avx2<32> : D == 64 ? decode_seq_avx2<64>
                                                             : decode_seq_avx2<128>;
-        fn(qb, kp, vp, k_block_stride, v_block_stride, table, L, bs, KVH, G, sc, scores,
-           op + b * H * D);
+        fn(qb, kp, vp, k_block_stride, v_block_stride, row, hs, table, L, bs, KVH, G, sc,
+           scores, op + b * H * D);
         continue;
       }
 #endif
       scores.resize(H * L);
-      const int64_t row = KVH * D;  // floats per token in one block
       for (int64_t t = 0; t < L; ++t) {
         const int64_t blk = bt[b * max_blocks + t / bs];
-        const float* krow = kp + blk * k_block_stride + (t % bs) * row;  // [KVH, D]
+        const float* krow = kp + blk * k_block_stride + (t % bs) * row;  // head h / G at hs
         for (int64_t h = 0; h < H; ++h) {
           const float* __restrict__ qr = qb + h * D;
-          const float* __restrict__ kr = krow + (h / G) * D;
+          const float* __restrict__ kr = krow + (h / G) * hs;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
           for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
@@ -201,7 +207,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         const float* vrow = vp + blk * v_block_stride + (t % bs) * row;
         for (int64_t h = 0; h < H; ++h) {
           const float w = scores[h * L + t];
-          const float* __restrict__ vr = vrow + (h / G) * D;
+          const float* __restrict__ vr = vrow + (h / G) * hs;
           float* __restrict__ ah = acc.data() + h * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) ah[d] += w * vr[d];
@@ -227,7 +233,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // horizontal sums).
 //
 //   q            [T, H, D] rows of the batch (row stride free), chunks are rows cu_q[s]..
-//   k/v_cache    [N, bs, KVH, D] one layer of the block-major cache (block stride free)
+//   k/v_cache    [N, bs, KVH, D] one layer of the block-major cache (strides as above)
 //   block_tables [S, max_blocks] int32, seq_lens [S] int32, cu_q [S + 1] int32
 //   seqs [first, S) are the prefill chunks; returns out [cu_q[S] - cu_q[first], H, D]
 #ifdef SPLITSERVE_AVX2
@@ -287,11 +293,11 @@ struct PrefillScratch {
 template <int D>
 static void prefill_tile(const float* q, int64_t q_row_stride, const float* kp,
                          const float* vp, int64_t k_block_stride, int64_t v_block_stride,
-                         const int32_t* table, int64_t bs, int64_t KVH, int64_t G, int64_t g,
-                         int64_t pos0, int64_t i0, int64_t i1, float sc, float* out,
-                         int64_t H, float* scratch) {
+                         int64_t row, int64_t hs, const int32_t* table, int64_t bs,
+                         int64_t KVH, int64_t G, int64_t g, int64_t pos0, int64_t i0, int64_t i1,
+                         float sc, float* out, int64_t H, float* scratch) {
   constexpr int V = D / 8;
-  const int64_t row = KVH * D, R = (i1 - i0) * G;
+  const int64_t R = (i1 - i0) * G;
   auto qs = reinterpret_cast<float (*)[D]>(scratch);                      // [MAX_ROWS][D]
   auto o = reinterpret_cast<float (*)[D]>(scratch + MAX_ROWS * D);        // [MAX_ROWS][D]
   auto kt = reinterpret_cast<float (*)[MAX_KBLOCK]>(scratch + 2 * MAX_ROWS * D);  // [D][..]
@@ -315,8 +321,8 @@ static void prefill_tile(const float* q, int64_t q_row_stride, const float* kp,
     const int64_t n = std::min(tile, last_key + 1 - t0), nv = (n + 7) / 8;
     for (int64_t t = 0; t < nv * 8; ++t) {  // transpose K (keys past n: real rows, masked)
       const int64_t blk = table[(t0 + t) / bs], off = (t0 + t) % bs;
-      const float* kr = kp + blk * k_block_stride + off * row + g * D;
-      vrows[t] = vp + blk * v_block_stride + off * row + g * D;
+      const float* kr = kp + blk * k_block_stride + off * row + g * hs;
+      vrows[t] = vp + blk * v_block_stride + off * row + g * hs;
       for (int64_t d = 0; d < D; ++d) kt[d][t] = kr[d];
     }
     // scores, 4 rows at a time: s[r][0..n) = sum_d qs[r][d] * kt[d][0..n)
@@ -413,10 +419,7 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
               "paged_prefill takes float32");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "paged_prefill needs each query row's heads contiguous");
-  for (const auto& c : {k_cache, v_cache}) {
-    TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3),
-                "paged_prefill needs the rows inside a cache block contiguous");
-  }
+  check_cache_rows(k_cache, v_cache, "paged_prefill");
   for (const auto& t : {block_tables, seq_lens, cu_q}) {
     TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous(),
                 "paged_prefill takes contiguous int32 block tables, lengths and offsets");
@@ -447,6 +450,7 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t qs = q.stride(0), kbs = k_cache.stride(0), vbs = v_cache.stride(0);
+  const int64_t row = k_cache.stride(1), hs = k_cache.stride(2);
   const float sc = static_cast<float>(scale);
   auto* fn = D == 32 ? prefill_tile<32> : D == 64 ? prefill_tile<64> : prefill_tile<128>;
   const int64_t num_items = static_cast<int64_t>(items.size());
@@ -457,33 +461,33 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
     for (int64_t w = 0; w < num_items; ++w) {
       const Item it = items[w];
       const int64_t n = cq[it.s + 1] - cq[it.s], pos0 = lens[it.s] - n;
-      fn(qp + cq[it.s] * qs, qs, kp, vp, kbs, vbs, bt + it.s * max_blocks, bs, KVH, G, it.g,
-         pos0, it.i0, it.i1, sc, op + (cq[it.s] - row0) * H * D, H, scratch.base);
+      fn(qp + cq[it.s] * qs, qs, kp, vp, kbs, vbs, row, hs, bt + it.s * max_blocks, bs, KVH,
+         G, it.g, pos0, it.i0, it.i1, sc, op + (cq[it.s] - row0) * H * D, H, scratch.base);
     }
   }
 #endif
   return out;
 }
 
-// The new tokens' K and V into their cache slots: one row copy per token and tensor
-// (index_put_ with (block, offset) indices: 8.7x the time at 32 rows, 2.2x at 512 rows in a
-// micro-benchmark on the dev VM).
-//   key/value [T, KVH, D] float32 (row stride free); k/v_cache [N, bs, KVH, D] (block stride
-//   free); block/offset [T] int64
+// The new tokens' K and V into their cache slots: one row copy per token and tensor, or per
+// token, head and tensor in a head-major cache (index_put_ with (block, offset) indices: 8.7x
+// the time at 32 rows, 2.2x at 512 rows in a micro-benchmark on the dev VM).
+//   key/value [T, KVH, D] float32 (row stride free); k/v_cache [N, bs, KVH, D] (strides as
+//   paged_decode's); block/offset [T] int64
 void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
               torch::Tensor v_cache, torch::Tensor block, torch::Tensor offset) {
   const int64_t T = key.size(0), KVH = k_cache.size(2), D = k_cache.size(3), N = k_cache.size(0);
-  const int64_t bs = k_cache.size(1), row = KVH * D;
-  for (const auto& t : {key, value, k_cache, v_cache})
+  const int64_t bs = k_cache.size(1);
+  for (const auto& t : {key, value})
     TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.stride(-1) == 1 &&
                     t.stride(-2) == D && t.size(-1) == D && t.size(-2) == KVH,
-                "write_kv: float32 [.., KVH, D] tensors with contiguous rows");
+                "write_kv: float32 [T, KVH, D] keys and values with contiguous rows");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "write_kv: float32 caches");
+  check_cache_rows(k_cache, v_cache, "write_kv");
   TORCH_CHECK(value.size(0) == T && block.numel() == T && offset.numel() == T &&
                   block.scalar_type() == torch::kInt64 && offset.scalar_type() == torch::kInt64 &&
                   block.is_contiguous() && offset.is_contiguous(),
               "write_kv: one int64 (block, offset) per token");
-  TORCH_CHECK(k_cache.stride(1) == row && v_cache.stride(1) == row,
-              "write_kv needs the rows inside a cache block contiguous");
   const float* kp = key.data_ptr<float>();
   const float* vp = value.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
@@ -492,10 +496,17 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
   const int64_t* op = offset.data_ptr<int64_t>();
   const int64_t ks = key.stride(0), vs = value.stride(0);
   const int64_t kbs = k_cache.stride(0), vbs = v_cache.stride(0);
+  const int64_t ts = k_cache.stride(1), hs = k_cache.stride(2);
+  // a token's heads adjacent in the cache (token-major): one copy of KVH * D per token
+  const int64_t run = hs == D ? KVH * D : D, runs = hs == D ? 1 : KVH;
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(bp[t] >= 0 && bp[t] < N && op[t] >= 0 && op[t] < bs, "write_kv: slot out of range");
-    std::copy(kp + t * ks, kp + t * ks + row, kc + bp[t] * kbs + op[t] * row);
-    std::copy(vp + t * vs, vp + t * vs + row, vc + bp[t] * vbs + op[t] * row);
+    float* kd = kc + bp[t] * kbs + op[t] * ts;
+    float* vd = vc + bp[t] * vbs + op[t] * ts;
+    for (int64_t h = 0; h < runs; ++h) {
+      std::copy(kp + t * ks + h * D, kp + t * ks + h * D + run, kd + h * hs);
+      std::copy(vp + t * vs + h * D, vp + t * vs + h * D + run, vd + h * hs);
+    }
   }
 }
 
@@ -507,7 +518,8 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
 // more than a small decode batch's arithmetic on CPU (~1.4 ms of a 4-row step here).
 //   x [B, hidden] (embeddings; consumed), positions [B] int64, cos_sin [P, D]
 //   layer_weights: per layer input_norm, qkv [(H + 2 KVH) D, hidden], o, post_norm,
-//   gate_up [2 I, hidden], down [hidden, I]; kv_cache [N, L, 2, bs, KVH, D]
+//   gate_up [2 I, hidden], down [hidden, I]; kv_cache [N, L, 2, bs, KVH, D] (any strides
+//   with contiguous rows of D: the engine's is a head-major view)
 //   block/offset [B] int64 (the new tokens' slots), block_tables [B, M], seq_lens [B] int32
 torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                           std::vector<torch::Tensor> layer_weights, torch::Tensor final_norm,
