@@ -7,8 +7,9 @@ send succeeded or failed. "No free blocks" on the decode side is backpressure, h
 a transfer starts (outside this package).
 
 Layout: each engine holds one cache tensor
-``kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` (2 = K, V); a
-request's KV is a list of block ids on each side (different ids, same count).
+``kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` (2 = K, V),
+head-major in memory as the engine allocates it (see ``blocks``); a request's KV is a list
+of block ids on each side (different ids, same count).
 
 Backends (``registry.make_sender`` / ``make_receiver`` by ``TransferConfig.backend``):
   - ``torch_dist``: one stateless two-rank torch.distributed group per (prefill, decode) pair,

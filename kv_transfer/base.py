@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from kv_transfer import blocks
 from kv_transfer.errors import LayoutMismatch, TransferError
 from kv_transfer.header import REFUSE, STAGED, TransferHeader, check_request_id
 
@@ -94,6 +95,7 @@ class Endpoint:
     method: str = ""  # ray: that actor's method that hands (rid, header, buffer) to the receiver
     heads: HeadRange | None = None  # the global KV heads the receiver's cache holds; None = all
     kv_scales: KVScales = (1.0, 1.0)  # the receiver's fp8 scales (must equal the sender's)
+    heads_outer: bool = False  # the receiver's cache is head-major in memory (see blocks)
 
     def describe(self) -> str:
         where = f" ({self.host}:{self.port})" if self.port else ""
@@ -106,10 +108,12 @@ class Endpoint:
 
 def cache_layout(kv_cache: torch.Tensor) -> tuple[tuple[int, ...], str]:
     """``(layout, dtype name)`` of a cache, as an ``Endpoint`` advertises them."""
-    if kv_cache.dim() != 6 or kv_cache.shape[2] != 2 or not kv_cache.is_contiguous():
+    if kv_cache.dim() != 6 or kv_cache.shape[2] != 2 or not (
+            kv_cache.is_contiguous() or blocks.heads_outer(kv_cache)):
         raise ValueError(
-            "kv_cache must be a contiguous [num_blocks, num_layers, 2, block_size, "
-            f"num_kv_heads, head_dim], got {tuple(kv_cache.shape)}"
+            "kv_cache must be a [num_blocks, num_layers, 2, block_size, num_kv_heads, "
+            "head_dim], contiguous or head-major in memory (engine.kv_layout.new_kv_cache), "
+            f"got {tuple(kv_cache.shape)} with strides {kv_cache.stride()}"
         )
     return tuple(kv_cache.shape[1:]), str(kv_cache.dtype).removeprefix("torch.")
 

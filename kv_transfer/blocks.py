@@ -4,9 +4,13 @@ Cache layout (one tensor per engine, block-major)::
 
     kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]   (2 = K, V)
 
-A block holds every layer's K and V in one contiguous run of memory, so the layers
-``[l0, l1)`` of one block are one contiguous tensor (``BlockViews``): the torch_dist backend
-sends and receives each block straight from and into the caches, with no copy. The object
+indexed so, and laid out in memory either so (contiguous, "token-major": a token's heads
+side by side) or, as the engine allocates it (``engine.kv_layout``), head-major: storage
+``[num_blocks, num_kv_heads, num_layers, 2, block_size, head_dim]`` (``heads_outer``).
+A block holds every layer's K and V in one contiguous run of memory either way, so a block
+is one contiguous tensor (``BlockViews``), and so are, token-major, the layers ``[l0, l1)``
+of one block, head-major, the heads ``[h0, h1)`` of one block (every layer): the torch_dist
+backend sends and receives each straight from and into the caches, with no copy. The object
 store backends (ray, loopback) move a whole payload as one buffer: ``gather`` copies a
 request's blocks into ``[n, L, 2, block_size, num_kv_heads, head_dim]`` (block ``i`` of the
 buffer is physical block ``block_ids[i]``) and ``scatter`` writes such a buffer into (other)
@@ -31,6 +35,11 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()])
+
+
+def heads_outer(kv_cache: torch.Tensor) -> bool:
+    """Whether a cache is head-major in memory (see the module docstring)."""
+    return kv_cache.dim() == 6 and kv_cache.permute(0, 4, 1, 2, 3, 5).is_contiguous()
 
 
 def block_index(block_ids: BlockIds, device: torch.device) -> torch.Tensor:
@@ -81,26 +90,40 @@ def contiguous_runs(src_ids: list[int], dst_ids: list[int], max_run: int) -> lis
 
 
 class BlockViews:
-    """Layers ``[l0, l1)`` of one block as a flat ``uint8`` view into the cache (contiguous:
-    a block's layers are adjacent): what the torch_dist wire sends and receives into. One
-    index op per call on a flat byte view made once (a view per message is on the transfer's
-    critical path, once per block)."""
+    """One block (token-major: its layers ``[l0, l1)``; head-major: its KV heads
+    ``[h0, h1)``, every layer) as a flat ``uint8`` view into the cache, contiguous: what the
+    torch_dist wire sends and receives into. One index op per call on a flat byte view made
+    once (a view per message is on the transfer's critical path, once per block)."""
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
-        self.num_layers = kv_cache.shape[1]
-        self._flat = kv_cache.view(torch.uint8).view(kv_cache.shape[0], -1)
+        self.num_layers, self.num_heads = kv_cache.shape[1], kv_cache.shape[4]
+        self.heads_outer = heads_outer(kv_cache)
+        memory = kv_cache.permute(0, 4, 1, 2, 3, 5) if self.heads_outer else kv_cache
+        self._flat = memory.view(torch.uint8).view(kv_cache.shape[0], -1)
         self._layer_nbytes = self._flat.shape[1] // self.num_layers
+        self._head_nbytes = self._flat.shape[1] // self.num_heads
+        self._bytes = self._flat.view(-1)  # a 1-D slice is the cheapest view to make
 
-    def __call__(self, block_id: int, layers: tuple[int, int], count: int = 1) -> torch.Tensor:
-        """Blocks ``[block_id, block_id + count)`` (more than one only for every layer: only
-        then are they one contiguous range)."""
+    def __call__(self, block_id: int, layers: tuple[int, int], count: int = 1,
+                 heads: tuple[int, int] | None = None) -> torch.Tensor:
+        """Blocks ``[block_id, block_id + count)`` (more than one only for every layer and
+        head: only then are they one contiguous range); ``heads``: a range of this cache's
+        heads (indices into it), every layer, of a head-major cache."""
         l0, l1 = layers
-        if l0 == 0 and l1 == self.num_layers:
+        every_layer = l0 == 0 and l1 == self.num_layers
+        if heads is not None and tuple(heads) != (0, self.num_heads):
+            if not (self.heads_outer and every_layer and count == 1):
+                raise ValueError("a head slice is contiguous only in one block of a head-major "
+                                 "cache, every layer")
+            start = block_id * self._flat.shape[1] + heads[0] * self._head_nbytes
+            return self._bytes[start : start + (heads[1] - heads[0]) * self._head_nbytes]
+        if every_layer:
             if count == 1:
                 return self._flat[block_id]
             return self._flat[block_id : block_id + count].view(-1)
-        if count != 1:
-            raise ValueError("a run of several blocks must carry every layer")
+        if count != 1 or self.heads_outer:
+            raise ValueError("a layer range is contiguous only in one block of a token-major "
+                             "cache")
         return self._flat[block_id, l0 * self._layer_nbytes : l1 * self._layer_nbytes]
 
 

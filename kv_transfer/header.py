@@ -4,7 +4,7 @@ Wire format: a fixed-size ``uint8`` tensor of ``HEADER_BYTES`` bytes, so the rec
 posts the same receive. Little-endian::
 
     offset  size  field
-    0       4     magic b"KVH5"
+    0       4     magic b"KVH6"
     4       1     kind (1 = DATA, 2 = CLOSE, 3 = ANNOUNCE, 4 = RETRACT, 5 = REFUSE)
     5       1     dtype code (index into DTYPES)
     6       2     layer_start
@@ -15,7 +15,7 @@ posts the same receive. Little-endian::
     20      4     num_kv_heads of the payload (the width of its head range)
     24      4     head_dim
     28      4     tag of the payload messages (1 = DATA_TAG: unannounced)
-    32      1     flags (1 = STAGED, 2 = GATHERED)
+    32      1     flags (1 = STAGED, 2 = GATHERED, 4 = SLICED, 8 = HEADS_OUTER)
     33      1     zero
     34      2     head_start: the payload's first KV head, a global index
     36      8     k_scale (float64; fp8 caches store x / scale)
@@ -34,7 +34,16 @@ messages move straight between the caches as above. Otherwise the sender gathers
 contiguous buffers, a few blocks a message; when they are all the receiver holds, it still
 receives straight into its blocks (runs contiguous in its reserved blocks), else the payload
 is STAGED: the receiver takes each message into a staging buffer and scatters it into its
-blocks' head slice, and a run need not be contiguous anywhere.
+blocks' head slice, and a run need not be contiguous anywhere. Staged and gathered messages
+are in the logical order above, whatever the caches' memory layout.
+
+Between two head-major caches (``blocks.heads_outer``: the engine's), any head range of a
+block is contiguous in memory, so a head slice is SLICED instead: one message per block,
+the route's heads of every layer in the caches' memory order (``[heads, L, 2, block_size,
+D]``), sent straight from the sender's cache into the receiver's, no copy on either side.
+A whole-block message is in the sender's memory order: HEADS_OUTER says it is head-major
+(the receiver's must be the same; a sender whose cache differs from the receiver's gathers
+and stages instead).
 
 Announced payloads (see ``channels``): ANNOUNCE tells the receiver, before the KV exists,
 which messages will come on a tag of their own, so it posts their receives into the reserved
@@ -54,7 +63,7 @@ import torch
 from kv_transfer.errors import LayoutMismatch, TransferError
 
 HEADER_BYTES = 512
-_MAGIC = b"KVH5"  # 5: head ranges, kv scales; 4: announced payloads (tags); 3: runs
+_MAGIC = b"KVH6"  # 6: head-major caches; 5: head ranges, kv scales; 4: announced payloads
 _FIXED = struct.Struct("<4sBBHHHIIIIIBxHddH")
 MAX_REQUEST_ID_BYTES = HEADER_BYTES - _FIXED.size
 MAX_RUN_BLOCKS = 2**16 - 1  # a run length is a uint16
@@ -110,6 +119,8 @@ KINDS = (DATA, CLOSE, ANNOUNCE, RETRACT, REFUSE)
 DATA_TAG = 1  # tag of unannounced payload messages (announced ones: their own tag, above it)
 STAGED = 1  # flag: the receiver takes each message into staging and scatters it (see above)
 GATHERED = 2  # flag: the sender gathers each message into staging (its runs, not the cache's)
+SLICED = 4  # flag: one message per block, a head slice between head-major caches (see above)
+HEADS_OUTER = 8  # flag: the sender's cache is head-major (whole-block messages in that order)
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -138,7 +149,7 @@ class TransferHeader:
     tag: int = DATA_TAG  # tag of the payload's messages: DATA_TAG, or an announcement's
     head_start: int = 0  # global index of the payload's first KV head
     kv_scales: tuple[float, float] = (1.0, 1.0)  # (k_scale, v_scale) of the sender's cache
-    flags: int = 0  # STAGED | GATHERED, or 0
+    flags: int = 0  # STAGED | GATHERED, SLICED, and HEADS_OUTER, or 0
 
     @classmethod
     def for_blocks(cls, request_id: str, kv_cache: torch.Tensor, num_blocks: int,
@@ -174,6 +185,14 @@ class TransferHeader:
     @property
     def gathered(self) -> bool:
         return bool(self.flags & GATHERED)
+
+    @property
+    def sliced(self) -> bool:
+        return bool(self.flags & SLICED)
+
+    @property
+    def heads_outer(self) -> bool:
+        return bool(self.flags & HEADS_OUTER)
 
     def largest_message_nbytes(self) -> int:
         """Bytes of the payload's largest message (what a staging slot must hold)."""

@@ -115,8 +115,9 @@ class ExpectTable:
         return ranges
 
     def in_place(self, h: TransferHeader) -> bool:
-        """Whether a payload's messages go straight into whole blocks (not staged)."""
-        return not h.staged and h.heads == self.heads
+        """Whether a payload's messages go straight into the blocks (not staged): whole
+        blocks, or head slices of a head-major cache."""
+        return h.sliced or not h.staged and h.heads == self.heads
 
     def abort(self, request_id: str) -> bool:
         """Forget the request; returns once nothing writes into its blocks any more."""
@@ -179,8 +180,9 @@ class ExpectTable:
         ids = entry.dst_ids
         if not self.in_place(h):
             return [StagedTarget(self, ids[first : first + count], h) for first, count in spans]
-        layers, views = (h.layer_start, h.layer_end), self._views
-        return [views(ids[first], layers, count) for first, count in spans]
+        layers, views, lo = (h.layer_start, h.layer_end), self._views, self.heads[0]
+        heads = (h.head_start - lo, h.heads[1] - lo) if h.sliced else None
+        return [views(ids[first], layers, count, heads) for first, count in spans]
 
     def claimed_blocks(self, request_id: str) -> int:
         """Blocks of an expected request that receives are writing into (0 if unknown)."""

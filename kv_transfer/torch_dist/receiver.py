@@ -7,6 +7,7 @@ import threading
 
 import torch
 
+from kv_transfer import blocks
 from kv_transfer.base import Endpoint, HeadRange, KVScales, TransferConfig, cache_layout
 from kv_transfer.errors import PeerClosed
 from kv_transfer.receiving import ExpectTable, TableReceiver
@@ -40,6 +41,7 @@ class TorchDistReceiver(TableReceiver):
             port=self._server.port,
             heads=self.table.heads,
             kv_scales=self.table.kv_scales,
+            heads_outer=blocks.heads_outer(self.kv_cache),
         )
 
     def close(self) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from kv_transfer import blocks
 from kv_transfer.base import TransferConfig
-from kv_transfer.errors import PeerClosed, TransferError
+from kv_transfer.errors import LayoutMismatch, PeerClosed, TransferError
 from kv_transfer.header import (
     ANNOUNCE,
     CLOSE,
@@ -57,6 +58,7 @@ class ReceiverChannel:
         self.peer = peer
         self._open_group = open_group
         self._table = table
+        self._heads_outer = blocks.heads_outer(table.kv_cache)
         self._config = config
         self._on_exit = on_exit
         self._staging: Staging | None = None
@@ -136,7 +138,7 @@ class ReceiverChannel:
         if h.kind == RETRACT:  # nothing was posted for it: take its 1-byte messages
             self._drain_fills(group, h)
             return
-        entry = self._table.begin(h, self.peer)
+        entry = self._begin(h)
         blocks_in = _BlockReceives(group, self._table, entry, h, self._config, self._staging)
         current.append(blocks_in)
         blocks_in.run()
@@ -154,13 +156,23 @@ class ReceiverChannel:
             return  # through host staging: receive when the data comes
         if not self._table.in_place(h) and not _fits_whole(h):
             return  # through a few staging slots: receive when the data comes
-        entry = self._table.begin(h, self.peer)
+        entry = self._begin(h)
         if entry is None:
             return
         receives = _BlockReceives(group, self._table, entry, h, self._config, self._staging,
                                   post_all=True, pool=self._pool)
         self._announced[h.tag] = receives
         receives.post_all()  # a failure ends the channel; _drop_all releases what was posted
+
+    def _begin(self, h: TransferHeader) -> Any:
+        """The table's entry for a payload (None: drain it), failing the request when its
+        messages come in a byte order that this cache's memory does not have."""
+        entry = self._table.begin(h, self.peer)
+        problem = entry is not None and _order_problem(h, self._heads_outer)
+        if problem:
+            self._table.fail(entry, LayoutMismatch(h.request_id, self.peer, problem))
+            return None
+        return entry
 
     def _drain_fills(self, group: Any, h: TransferHeader) -> None:
         n = len(h.messages())
@@ -189,6 +201,23 @@ class ReceiverChannel:
             r.release(claimed)
             if r.entry is not None and (r in current or broken):
                 self._table.fail(r.entry, error.for_request(r.h.request_id))
+
+
+def _order_problem(h: TransferHeader, heads_outer: bool) -> str:
+    """Why a payload's bytes (see ``header``) do not fit a cache that is head-major in
+    memory or not (``heads_outer``), or "". Staged messages are scattered in logical order:
+    gathered ones are in it, and so are a token-major sender's blocks."""
+    if h.sliced:
+        ok = heads_outer
+    elif h.staged:
+        ok = h.gathered or not h.heads_outer
+    else:  # in place: gathered ones in logical (token-major) order, else the sender's
+        ok = heads_outer == (h.heads_outer and not h.gathered)
+    if ok:
+        return ""
+    mine = "head-major" if heads_outer else "token-major"
+    return (f"the sender's KV messages do not fit this receiver's {mine} cache in memory; "
+            "allocate both pools' caches as engine.kv_layout.new_kv_cache does")
 
 
 def _fits_whole(h: TransferHeader) -> bool:

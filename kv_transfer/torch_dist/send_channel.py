@@ -142,6 +142,8 @@ class _PayloadSend:
         lo = channel.heads[0]
         self.gather_heads = (slice(h.head_start - lo, h.heads[1] - lo)
                              if h.kind == DATA and h.gathered else None)
+        # a SLICED payload's messages are that head range of a block, in place
+        self.slice = (h.head_start - lo, h.heads[1] - lo) if h.kind == DATA and h.sliced else None
         self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
@@ -177,7 +179,7 @@ class _PayloadSend:
                 message = self._gathered(i)
             else:
                 first, count = self.messages[i]
-                message = self.views(self.src_ids[first], self.layers, count)
+                message = self.views(self.src_ids[first], self.layers, count, self.slice)
                 if self.via_host:
                     message = self.slots[i % self.depth][: message.numel()].copy_(message)
             self.pending.append(self.group.send(message, self.tag))

@@ -3,12 +3,15 @@
 A tensor-parallel rank's sender holds a range of the model's KV heads (``heads=``) and sends
 each request the heads of its resharding routes (``send(..., heads=...)``), to one or
 several decode ranks' receivers, each over its own pair channel. A payload that is not all
-the heads the receiver holds is STAGED (see ``header``): the receiver scatters it into its
-blocks from staging. A payload that is not all the heads the sender holds, or a STAGED one
-whose blocks lie scattered in the source cache, is GATHERED: the sender copies it into
-staging, a window of blocks per copy, up to ``STAGED_MESSAGE_BYTES`` a message (a message
-costs a gloo round of notices and a post on each side, about as much CPU as gathering a few
-blocks). Every route is announced ahead like a whole-cache payload (see ``announce``)."""
+the heads the receiver holds (or the sender) is, between head-major caches (the engine's),
+SLICED (see ``header``): a message per block, straight from cache to cache. Otherwise (caches
+allocated token-major, a layer range, or caches of different layouts), a payload that is
+not all the heads the receiver holds is STAGED: the receiver scatters it into its blocks
+from staging. A payload that is not all the heads the sender holds, or a STAGED one whose
+blocks lie scattered in the source cache, is GATHERED: the sender copies it into staging, a
+window of blocks per copy, up to ``STAGED_MESSAGE_BYTES`` a message (a message costs a gloo
+round of notices and a post on each side, about as much CPU as gathering a few blocks).
+Every route is announced ahead like a whole-cache payload (see ``announce``)."""
 
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ from kv_transfer.header import (
     DATA,
     DATA_TAG,
     GATHERED,
+    HEADS_OUTER,
     MAX_RUN_BLOCKS,
     MAX_RUN_BYTES,
     RETRACT,
+    SLICED,
     STAGED,
     TransferHeader,
     max_runs,
@@ -80,6 +85,7 @@ class TorchDistSender(KVSender):
         self._announced: dict[str, dict[_RouteKey, _Announced]] = {}
         self._closed = False
         self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        self._heads_outer = blocks.heads_outer(kv_cache)
         self._deferred = threading.local()  # .jobs: this thread's posts held back, or None
 
     def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
@@ -284,10 +290,19 @@ class TorchDistSender(KVSender):
                 layers: tuple[int, int] | None, dst_block_ids: Sequence[int] | None,
                 heads: HeadRange | None) -> TransferHeader:
         """The DATA header of a send (``LayoutMismatch`` if the caches or heads disagree),
-        with its runs and whether it is GATHERED (see the module docstring)."""
+        with its runs and how its messages are made (see the module docstring)."""
         header = send_header(request_id, self.kv_cache, peer, len(src_ids), layers,
                              own_heads=self._own_heads, kv_scales=self.kv_scales, heads=heads)
-        if header.heads != self.heads:
+        mine, theirs = self._heads_outer, peer.heads_outer
+        head_slice = header.heads != self.heads or header.staged
+        every_layer = header.num_layers == self.kv_cache.shape[1]
+        if mine and theirs and head_slice and every_layer:
+            return dataclasses.replace(header, flags=SLICED | HEADS_OUTER)  # a message a block
+        if mine != theirs or mine and not every_layer:  # other byte orders, or a layer range
+            header = dataclasses.replace(header, flags=STAGED | GATHERED)
+        elif mine:
+            header = dataclasses.replace(header, flags=HEADS_OUTER)
+        elif header.heads != self.heads:
             header = dataclasses.replace(header, flags=header.flags | GATHERED)
         elif header.staged:  # from the cache, unless that takes many more messages
             in_place = self._runs(header, src_ids, dst_block_ids)
@@ -307,7 +322,7 @@ class TorchDistSender(KVSender):
         receiving side. Messages through staging (either side) stay within
         ``STAGED_MESSAGE_BYTES``, so that the copy of one overlaps the trip of the next."""
         gather, n = header.gathered, len(src_ids)
-        limit = STAGED_MESSAGE_BYTES if header.flags else MAX_RUN_BYTES
+        limit = STAGED_MESSAGE_BYTES if header.flags & (STAGED | GATHERED) else MAX_RUN_BYTES
         longest = max(1, min(MAX_RUN_BLOCKS, limit // header.block_nbytes()))
         if header.num_layers != self.kv_cache.shape[1] and not (gather and header.staged):
             return ()  # a layer range of adjacent blocks is one span only in staging

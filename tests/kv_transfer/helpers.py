@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from engine.kv_layout import head_major
 from kv_transfer import TransferError
 
 # A tiny cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
@@ -17,13 +18,18 @@ def make_cache(
     dtype: torch.dtype = torch.float32,
     num_blocks: int = BLOCKS,
     device: str = "cpu",
+    heads_outer: bool = False,
+    kv_heads: int = KV_HEADS,
 ) -> torch.Tensor:
-    """Random cache for ``seed`` (deterministic across processes), zeros for ``None``."""
-    shape = (num_blocks, LAYERS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    """Random cache for ``seed`` (deterministic across processes), zeros for ``None``;
+    contiguous (token-major), or ``heads_outer`` laid out as the engine's."""
+    shape = (num_blocks, LAYERS, 2, BLOCK_SIZE, kv_heads, HEAD_DIM)
     if seed is None:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen).to(dtype).to(device)
+        kv = torch.zeros(shape, dtype=dtype, device=device)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        kv = torch.randn(shape, generator=gen).to(dtype).to(device)
+    return head_major(kv) if heads_outer else kv
 
 
 class Completions:

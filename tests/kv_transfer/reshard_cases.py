@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.kv_layout import head_major
 from engine.parallel.shard import Shard
 from kv_transfer import blocks
 from kv_transfer.reshard import plan_routes
@@ -18,6 +19,10 @@ CASES = [(8, 8, 1, 2), (8, 8, 2, 1), (8, 8, 2, 2), (8, 8, 1, 4), (8, 8, 4, 2),
 # Source and reserved ids: runs contiguous in both, in one side only, and single blocks.
 SRC_IDS = [3, 4, 5, 9, 10, 17, 0, 1]
 DST_IDS = [12, 13, 14, 2, 3, 7, 20, 21]
+# Memory layouts (prefill caches, decode caches): head-major is the engine's
+# (engine.kv_layout); token-major caches are contiguous; the last two mix them.
+LAYOUTS = {"head-major": (True, True), "token-major": (False, False),
+           "head-to-token": (True, False), "token-to-head": (False, True)}
 
 
 def case_id(case: tuple[int, int, int, int]) -> str:
@@ -40,12 +45,15 @@ class Setup:
     """Caches and routes of one p -> d case (no senders/receivers: each backend makes its)."""
 
     def __init__(self, case: tuple[int, int, int, int], seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, layout: str = "token-major") -> None:
         kvh, heads, p, d = case
+        src_outer, dst_outer = LAYOUTS[layout]
         self.full = full_cache(kvh, seed, dtype)
         self.src_heads, self.dst_heads = rank_heads(kvh, heads, p), rank_heads(kvh, heads, d)
-        self.src_caches = [self.full[:, :, :, :, lo:hi].contiguous() for lo, hi in self.src_heads]
-        self.dst_caches = [torch.zeros_like(self.full[:, :, :, :, lo:hi]).contiguous()
+        lay = lambda kv, outer: head_major(kv) if outer else kv.contiguous()  # noqa: E731
+        self.src_caches = [lay(self.full[:, :, :, :, lo:hi], src_outer)
+                           for lo, hi in self.src_heads]
+        self.dst_caches = [lay(torch.zeros_like(self.full[:, :, :, :, lo:hi]), dst_outer)
                            for lo, hi in self.dst_heads]
         self.routes = plan_routes(self.src_heads, self.dst_heads)
 

@@ -136,8 +136,25 @@ def test_block_views_of_a_run_are_one_contiguous_range():
     run = views(5, (0, LAYERS), 3)
     assert run.data_ptr() == kv[5].data_ptr() and run.numel() == kv[5:8].numel() * 4
     assert torch.equal(run, kv[5:8].contiguous().view(torch.uint8).view(-1))
-    with pytest.raises(ValueError, match="every layer"):
+    with pytest.raises(ValueError, match="layer range is contiguous only in one block"):
         views(5, (1, LAYERS), 2)
+
+
+def test_block_views_of_a_head_major_cache_are_its_memory():
+    kv = make_cache(3, heads_outer=True, kv_heads=4)
+    assert blocks.heads_outer(kv) and not blocks.heads_outer(kv.contiguous())
+    memory = kv.permute(0, 4, 1, 2, 3, 5)  # [N, KVH, L, 2, bs, D], contiguous
+    views = blocks.BlockViews(kv)
+    run = views(5, (0, LAYERS), 3)  # whole blocks: a run is still one range
+    assert run.data_ptr() == kv[5].data_ptr()
+    assert torch.equal(run, memory[5:8].contiguous().view(torch.uint8).view(-1))
+    part = views(6, (0, LAYERS), 1, (1, 3))  # heads 1, 2 of block 6, every layer
+    assert part.data_ptr() == memory[6, 1].data_ptr()
+    assert torch.equal(part, memory[6, 1:3].contiguous().view(torch.uint8).view(-1))
+    with pytest.raises(ValueError, match="head slice"):
+        views(6, (0, LAYERS), 2, (1, 3))  # two blocks' slices are not adjacent
+    with pytest.raises(ValueError, match="layer range"):
+        views(6, (0, 1))  # a layer of a block spans every head's memory
 
 
 def test_run_window_keeps_the_same_blocks_in_flight():

@@ -19,7 +19,7 @@ from kv_transfer.torch_dist import recv_channel
 from kv_transfer.torch_dist import sender as torch_dist_sender
 
 from .helpers import Completions
-from .reshard_cases import CASES, DST_IDS, SRC_IDS, Setup, case_id
+from .reshard_cases import CASES, DST_IDS, LAYOUTS, SRC_IDS, Setup, case_id
 
 LOOPBACK = TransferConfig(backend="loopback", timeout_s=10.0)
 # connect_timeout_s well above 5 s: see kv_transfer.torch_dist.tcp_store
@@ -64,9 +64,10 @@ class RankCompletions(Completions):
         return lambda rid, error: self(f"{rank}/{rid}", error)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_each_decode_rank_gets_exactly_its_heads(backend, case):
-    setup = Setup(case, seed=sum(case))
+def test_each_decode_rank_gets_exactly_its_heads(backend, case, layout):
+    setup = Setup(case, seed=sum(case), layout=layout)
     senders, receivers = backend(setup)
     for announce in (False, True):  # announced: as the prefill worker does
         done = RankCompletions()

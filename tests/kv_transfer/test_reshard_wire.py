@@ -19,7 +19,7 @@ from kv_transfer.torch_dist import recv_channel
 from kv_transfer.torch_dist import sender as torch_dist_sender
 
 from .helpers import Completions
-from .reshard_cases import DST_IDS, SRC_IDS, Setup
+from .reshard_cases import DST_IDS, SRC_IDS, Setup, case_id
 
 # connect_timeout_s well above 5 s: see kv_transfer.torch_dist.tcp_store
 CONFIG = TransferConfig(host="127.0.0.1", timeout_s=10.0, connect_timeout_s=20.0)
@@ -356,6 +356,81 @@ def test_the_staging_pool_lends_each_buffer_once_and_keeps_the_largest():
     again = pool.take(1500)  # the first free one large enough, a view of its size
     assert again.numel() == 1500 and again._base.numel() >= 1500
     assert all(b.data_ptr() != again.data_ptr() for b in pool._free)
+
+
+@pytest.mark.parametrize("case", [(8, 8, 2, 1), (8, 8, 1, 2), (2, 8, 1, 4)], ids=case_id)
+def test_head_slices_move_between_head_major_caches_with_no_copy(build, monkeypatch, case):
+    """Between head-major caches (the engine's layout), every head range of a block is
+    contiguous on both sides: each route's payload is SLICED, one message per block
+    straight from the sender's cache into the receiver's. Nothing is gathered, staged or
+    scattered, announced or not, and every rank gets exactly its heads."""
+    from kv_transfer.header import SLICED
+    from kv_transfer.torch_dist.recv_channel import ReceiverChannel
+    from kv_transfer.torch_dist.staging import Staging
+
+    setup = Setup(case, seed=21, layout="head-major")
+    senders, receivers = build(setup)
+    copies, flags = [], []
+
+    def counted(owner, name):
+        original = getattr(owner, name)
+
+        def copying(*args, **kwargs):
+            copies.append(name)
+            return original(*args, **kwargs)
+        return copying
+
+    for owner, name in ((blocks, "gather"), (blocks, "scatter"), (StagedTarget, "copy_"),
+                        (Staging, "take"), (Staging, "slots")):
+        monkeypatch.setattr(owner, name, counted(owner, name))
+    handle = ReceiverChannel._handle
+
+    def recording(self, group, h, current):
+        flags.append(h.flags)
+        return handle(self, group, h, current)
+
+    monkeypatch.setattr(ReceiverChannel, "_handle", recording)
+    endpoints = [r.endpoint() for r in receivers]
+    for announce in (False, True):
+        rid, done = f"r{announce}", Completions()
+        expect_all(setup, receivers, rid, done)
+        if announce:
+            for r in setup.routes:
+                assert senders[r.src_rank].announce(rid, endpoints[r.dst_rank], SRC_IDS,
+                                                    DST_IDS, heads=r.heads)
+        for r in setup.routes:
+            senders[r.src_rank].send(rid, endpoints[r.dst_rank], SRC_IDS,
+                                     dst_block_ids=DST_IDS, heads=r.heads).result(timeout=20)
+        done.wait_for(*[f"{rank}/{rid}" for rank in range(len(receivers))])
+        assert set(done.errors.values()) == {None}
+        assert copies == []
+        setup.check_landed()  # (gathers to compare)
+        copies.clear()
+        for cache in setup.dst_caches:
+            cache.zero_()
+    assert flags and all(f & SLICED for f in flags), flags
+
+
+def test_a_payload_in_another_memory_order_fails_its_request_not_the_cache():
+    """The receiver's own check of a header against its cache's memory layout (senders
+    choose a fitting way; this guards against one that does not)."""
+    from kv_transfer.header import GATHERED, HEADS_OUTER, SLICED, STAGED, TransferHeader
+    from kv_transfer.torch_dist.recv_channel import _order_problem
+
+    from .helpers import make_cache
+
+    def header(flags):
+        return TransferHeader.for_blocks("r", make_cache(None), 2, None, "p", flags=flags)
+
+    fits = {  # flags -> the receiver layouts (head-major?) its messages fit
+        0: {False}, HEADS_OUTER: {True}, GATHERED: {False}, SLICED | HEADS_OUTER: {True},
+        STAGED: {False, True}, STAGED | GATHERED: {False, True},
+        STAGED | HEADS_OUTER: set(),
+    }
+    for flags, layouts in fits.items():
+        for heads_outer in (False, True):
+            problem = _order_problem(header(flags), heads_outer)
+            assert (problem == "") == (heads_outer in layouts), (flags, heads_outer, problem)
 
 
 @pytest.mark.parametrize("flags", [0, 1])  # 1 = STAGED
