@@ -23,6 +23,7 @@ from engine.block_pool import BlockPool, NoFreeBlocksError
 from engine.config import CacheConfig, GraphConfig, SchedulerConfig
 from engine.errors import InvalidRequestError, WorkerFatalError
 from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.kv_layout import new_kv_cache
 from engine.memory_budget import (
     GIB,
     CudaMemoryProfiler,
@@ -234,12 +235,12 @@ class Engine:
 
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         cfg = self.model_config
-        # Block-major: one block holds every layer's K and V contiguously, so a KV transfer
-        # moves a block as one message straight from/to the cache (no gather, no scatter).
-        shape = (num_blocks, cfg.num_layers, 2, self.cache_config.block_size,
-                 self.kv_heads_per_rank, cfg.head_dim)
-        # Zeros, not empty: masked-out padding slots are read by batched attention.
-        return torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+        # Block-major (a block holds every layer's K and V) and head-major inside a block, so
+        # a KV transfer moves a block, or any head range of one, as one message straight
+        # from/to the cache (see engine.kv_layout).
+        return new_kv_cache(num_blocks, cfg.num_layers, self.cache_config.block_size,
+                            self.kv_heads_per_rank, cfg.head_dim, self.kv_cache_dtype,
+                            self.device)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],

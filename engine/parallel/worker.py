@@ -52,6 +52,7 @@ def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[int], int])
     (rank 0 re-raises its own failure: its message says what to change)."""
     from engine.attention.kv_quant import cache_dtype
     from engine.attention.registry import select_backend
+    from engine.kv_layout import new_kv_cache
     from engine.models.loader import load_model
     from engine.parallel.shard import Shard
     from engine.parallel.sharding import TPContext
@@ -77,9 +78,9 @@ def build_rank(spec: RankSpec, comm: TPComm, local_blocks: Callable[[int], int])
         raise error
     if num_blocks == 0:
         return None
-    # This rank's KV heads only; zeros, not empty (padding slots are read, see Engine).
-    kv_cache = torch.zeros((num_blocks, cfg.num_layers, 2, spec.block_size, k1 - k0,
-                            cfg.head_dim), dtype=kv_dtype, device=device)
+    # This rank's KV heads only, laid out as the engine's (see engine.kv_layout).
+    kv_cache = new_kv_cache(num_blocks, cfg.num_layers, spec.block_size, k1 - k0,
+                            cfg.head_dim, kv_dtype, device)
     return model, kv_cache, num_blocks
 
 
