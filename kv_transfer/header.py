@@ -41,9 +41,13 @@ Between two head-major caches (``blocks.heads_outer``: the engine's), any head r
 block is contiguous in memory, so a head slice is SLICED instead: one message per block,
 the route's heads of every layer in the caches' memory order (``[heads, L, 2, block_size,
 D]``), sent straight from the sender's cache into the receiver's, no copy on either side.
-A whole-block message is in the sender's memory order: HEADS_OUTER says it is head-major
-(the receiver's must be the same; a sender whose cache differs from the receiver's gathers
-and stages instead).
+When the payload is all the receiver's heads and its reserved blocks run contiguous, a
+head-major sender may instead gather its slices a window at a time (GATHERED) into
+messages of whole receiver blocks: fewer, larger messages for a copy at memcpy speed.
+HEADS_OUTER says a payload's bytes are head-major (straight from a head-major cache, or
+gathered in its memory order): the receiver's cache must then be head-major too; staged
+payloads never are (a sender whose cache differs from the receiver's gathers and stages in
+logical order instead).
 
 Announced payloads (see ``channels``): ANNOUNCE tells the receiver, before the KV exists,
 which messages will come on a tag of their own, so it posts their receives into the reserved
@@ -120,7 +124,7 @@ DATA_TAG = 1  # tag of unannounced payload messages (announced ones: their own t
 STAGED = 1  # flag: the receiver takes each message into staging and scatters it (see above)
 GATHERED = 2  # flag: the sender gathers each message into staging (its runs, not the cache's)
 SLICED = 4  # flag: one message per block, a head slice between head-major caches (see above)
-HEADS_OUTER = 8  # flag: the sender's cache is head-major (whole-block messages in that order)
+HEADS_OUTER = 8  # flag: the payload's bytes are in head-major memory order (see above)
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,

@@ -205,14 +205,14 @@ class ReceiverChannel:
 
 def _order_problem(h: TransferHeader, heads_outer: bool) -> str:
     """Why a payload's bytes (see ``header``) do not fit a cache that is head-major in
-    memory or not (``heads_outer``), or "". Staged messages are scattered in logical order:
-    gathered ones are in it, and so are a token-major sender's blocks."""
+    memory or not (``heads_outer``), or "". Staged messages are scattered in logical
+    (token-major) order; in place, they must be in this cache's memory order."""
     if h.sliced:
         ok = heads_outer
     elif h.staged:
-        ok = h.gathered or not h.heads_outer
-    else:  # in place: gathered ones in logical (token-major) order, else the sender's
-        ok = heads_outer == (h.heads_outer and not h.gathered)
+        ok = not h.heads_outer
+    else:
+        ok = heads_outer == h.heads_outer
     if ok:
         return ""
     mine = "head-major" if heads_outer else "token-major"

@@ -145,6 +145,7 @@ class _PayloadSend:
         # a SLICED payload's messages are that head range of a block, in place
         self.slice = (h.head_start - lo, h.heads[1] - lo) if h.kind == DATA and h.sliced else None
         self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
+        self.heads_outer = h.heads_outer  # gathered in the cache's (head-major) memory order
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
         self.messages = [] if h.kind in (ANNOUNCE, REFUSE) else h.messages()
@@ -205,7 +206,15 @@ class _PayloadSend:
             out = half[: win.num_blocks * self.block_nbytes].view(self.dtype).view(
                 win.num_blocks, *self.block_shape)
             layers = slice(*self.layers)
-            if half.device == self.kv.device:
+            if self.heads_outer:  # in memory order, each block's slice one run
+                bytes_out = half[: win.num_blocks * self.block_nbytes]
+                if half.device == self.kv.device:
+                    blocks.gather_heads_outer(self.kv, ids, self.gather_heads, bytes_out)
+                else:
+                    bytes_out.copy_(blocks.gather_heads_outer(
+                        self.kv, ids, self.gather_heads, torch.empty_like(
+                            bytes_out, device=self.kv.device)))
+            elif half.device == self.kv.device:
                 blocks.gather(self.kv, ids, layers, out, self.gather_heads)
             else:  # CUDA cache over a gloo wire: gather there, then one copy to the host
                 out.copy_(blocks.gather(self.kv, ids, layers, heads=self.gather_heads))

@@ -297,7 +297,17 @@ class TorchDistSender(KVSender):
         head_slice = header.heads != self.heads or header.staged
         every_layer = header.num_layers == self.kv_cache.shape[1]
         if mine and theirs and head_slice and every_layer:
-            return dataclasses.replace(header, flags=SLICED | HEADS_OUTER)  # a message a block
+            sliced = dataclasses.replace(header, flags=SLICED | HEADS_OUTER)  # a message a block
+            if header.staged:  # a slice of the receiver's heads: only in place
+                return sliced
+            # a slice of the sender's heads into whole receiver blocks: gathered into fewer
+            # messages where the receiver's blocks run contiguous (gloo: 32 messages a route
+            # took ~0.7x the time of one on the dev VM, 8 as long as one)
+            gathered = dataclasses.replace(header, flags=GATHERED | HEADS_OUTER)
+            runs = self._runs(gathered, src_ids, dst_block_ids)
+            if len(src_ids) > 2 * len(runs or src_ids):
+                return dataclasses.replace(gathered, runs=runs)
+            return sliced
         if mine != theirs or mine and not every_layer:  # other byte orders, or a layer range
             header = dataclasses.replace(header, flags=STAGED | GATHERED)
         elif mine:
