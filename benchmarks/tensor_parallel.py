@@ -37,11 +37,19 @@ until every decode rank reported its request complete, against raw: one gloo sen
 the same bytes per route, over separate two-rank groups between the same processes, the
 receives posted before the clock, the same idle gap before it. Alternating order, medians
 of ``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
-scattered over the caches or contiguous (``--layouts``); every decode rank's blocks are
-checked against its heads of the source. Beside it, the copy that resharding needs (a block
-holds every head of a token side by side, so a head slice is gathered or scattered) timed
-alone, and the bound it sets, raw / (raw + copy): on 2 cores the transfer keeps both busy,
-so the copy cannot overlap it. Written to ``--transfer-out``.
+scattered over the caches or contiguous (``--layouts``), with the ranks' caches laid out as
+the engine's (head-major: every head range of a block is contiguous, so a route's head
+slice moves straight from cache to cache) and, for comparison, token-major (contiguous, a
+token's heads side by side, the layout before: a head slice is gathered on the sender or
+scattered on the receiver) (``--cache-layouts``); every decode rank's blocks are checked
+against its heads of the source. Beside the token-major rows, that copy timed alone, and
+the bound it sets, raw / (raw + copy): on 2 cores the transfer keeps both busy, so the copy
+cannot overlap it. Written to ``--transfer-out``.
+
+The block layouts take turns rep by rep (and ours and raw inside each), so that all see the
+same phases of the run: measured one layout after the other, whichever ran first in a
+process came out up to 0.25 lower or higher (1->2: 0.52-0.68 first, 0.76-0.90 second, or
+the other way round after a change that made the ranks busy before), on the 2-core VM.
 
     python benchmarks/tensor_parallel.py --transfer
 """
@@ -149,6 +157,14 @@ def full_kv(num_blocks: int) -> torch.Tensor:
     return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=gen).view(KV_DTYPE)
 
 
+def rank_cache(kv: torch.Tensor, cache_layout: str) -> torch.Tensor:
+    """A rank's cache laid out as ``cache_layout`` says: as the engine's (head-major) or
+    contiguous (token-major, the layout before head-major blocks)."""
+    from engine.kv_layout import head_major
+
+    return head_major(kv) if cache_layout == "head-major" else kv.contiguous()
+
+
 def transfer_config():
     from kv_transfer import TransferConfig
 
@@ -167,7 +183,8 @@ def raw_pair(store, rank: int):
     return dist.ProcessGroupGloo(store, rank, 2, opts)
 
 
-def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> None:
+def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout: str,
+                  conn) -> None:
     """Child: decode rank ``rank``'s cache, its KV receiver and the raw baseline's ends."""
     import threading
 
@@ -179,7 +196,7 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> N
     torch.set_num_threads(1)
     lo, hi = heads
     kv = torch.zeros_like(full_kv(1)[:, :, :, :, lo:hi]).expand(num_blocks, -1, -1, -1, -1, -1)
-    kv = kv.contiguous()
+    kv = rank_cache(kv, cache_layout)
     receiver = TorchDistReceiver(transfer_config(), kv, name=f"decode-{rank}", heads=heads)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     conn.send((receiver.endpoint(), store.port))
@@ -217,7 +234,8 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> N
     receiver.close()
 
 
-def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> None:
+def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout: str,
+                conn) -> None:
     """Child: prefill rank ``rank``'s cache, its KV sender and the raw baseline's ends."""
     import torch.distributed as dist
 
@@ -225,7 +243,7 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> Non
 
     torch.set_num_threads(1)
     lo, hi = heads
-    kv = full_kv(num_blocks)[:, :, :, :, lo:hi].contiguous()
+    kv = rank_cache(full_kv(num_blocks)[:, :, :, :, lo:hi], cache_layout)
     sender = TorchDistSender(transfer_config(), kv, name=f"prefill-{rank}", heads=heads)
     raw: list[tuple] = []  # (group, send buffer) per route of this rank
     handles: list = []
@@ -234,7 +252,8 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, conn) -> Non
             for i, host, port, nbytes in msg[1]:
                 store = dist.TCPStore(host, port, is_master=False)
                 group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 0)
-                raw.append((group, kv.view(-1).view(torch.uint8)[:nbytes].clone()))
+                # written bytes (fresh pages read as one shared zero page)
+                raw.append((group, torch.full((nbytes,), 7, dtype=torch.uint8)))
             conn.send(("ready",))
         elif msg[0] == "prepare":  # as the prefill worker: announced a step ahead
             _, rid, routes, src, dst = msg
@@ -263,8 +282,9 @@ def expect(conn, kind: str):
     return msg
 
 
-def bench_transfer(p: int, d: int, layouts: list[str], args) -> list[dict]:
-    """Every layout for one p -> d, in fresh rank processes."""
+def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) -> list[dict]:
+    """Every layout of the request's blocks for one p -> d and cache layout, in fresh rank
+    processes."""
     import torch.multiprocessing as mp
 
     from engine.parallel.shard import Shard
@@ -280,8 +300,8 @@ def bench_transfer(p: int, d: int, layouts: list[str], args) -> list[dict]:
     for role, heads_of, out in ((receiver_rank, dst_heads, rx), (sender_rank, src_heads, tx)):
         for rank, heads in enumerate(heads_of):
             mine, theirs = ctx.Pipe()
-            procs.append(ctx.Process(target=role, args=(rank, heads, num_blocks, theirs),
-                                     daemon=True))
+            procs.append(ctx.Process(target=role, daemon=True,
+                                     args=(rank, heads, num_blocks, cache_layout, theirs)))
             procs[-1].start()
             out.append(mine)
     try:
@@ -299,10 +319,12 @@ def bench_transfer(p: int, d: int, layouts: list[str], args) -> list[dict]:
         per_src = [[(hello[r.dst_rank][0], r.heads) for r in routes_from(routes, s)]
                    for s in range(p)]
         parts = [parts_for(routes, r) for r in range(d)]
-        rows = [_bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, sum(route_bytes),
-                              p, d, args) for layout in layouts]
+        rows = _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts,
+                              sum(route_bytes), p, d, args)
         for row in rows:
-            row["relayout_ms"] = _relayout_ms(routes, src_heads, dst_heads, n, num_blocks)
+            row["cache"] = cache_layout
+            row["relayout_ms"] = (0.0 if cache_layout == "head-major" else  # sent in place
+                                  _relayout_ms(routes, src_heads, dst_heads, n, num_blocks))
             raw_ms = row["raw_median_s"] * 1e3
             row["sequential_bound"] = raw_ms / (raw_ms + row["relayout_ms"])
         return rows
@@ -313,42 +335,58 @@ def bench_transfer(p: int, d: int, layouts: list[str], args) -> list[dict]:
             proc.join(timeout=60)
 
 
-def _bench_layout(layout, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d, args) -> dict:
+def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d, args
+                   ) -> list[dict]:
     gen = torch.Generator().manual_seed(n)
-    if layout == "scattered":
-        src, dst = (torch.randperm(num_blocks, generator=gen)[:n].tolist() for _ in range(2))
-    else:
-        src, dst = list(range(3, 3 + n)), list(range(n + 5, 2 * n + 5))
-    ours, base = [], []
-    for rep in range(args.transfer_reps + 1):  # rep 0 is the warm-up (opens the channels)
-        rid = f"{layout}-{rep}"
-        for which in (("raw", "ours") if rep % 2 else ("ours", "raw")):
-            if which == "ours":
-                elapsed = _time_ours(rid, src, dst, rx, tx, per_src, parts, args.lead_ms / 1e3)
-            else:
-                elapsed = _time_raw(rx, tx, args.lead_ms / 1e3)
-            if rep:
-                (ours if which == "ours" else base).append(elapsed)
-    for conn in tx:
-        conn.send(("results",))
-    errors = [e for conn in tx for e in expect(conn, "results")[1]]
-    for conn in rx:
-        conn.send(("check", src, dst))
-    if errors or not all(expect(conn, "check")[1] for conn in rx):
-        raise RuntimeError(f"benchmark: {p}->{d} {layout}: wrong KV landed or {errors}")
-    med_ours, med_raw = statistics.median(ours), statistics.median(base)
-    return {"p": p, "d": d, "layout": layout, "tokens": args.transfer_tokens, "bytes": nbytes,
+    ids = {}
+    for layout in layouts:
+        if layout == "scattered":
+            ids[layout] = [torch.randperm(num_blocks, generator=gen)[:n].tolist()
+                           for _ in range(2)]
+        else:
+            ids[layout] = [list(range(3, 3 + n)), list(range(n + 5, 2 * n + 5))]
+    times = {layout: {"ours": [], "raw": []} for layout in layouts}
+    lead_s = args.lead_ms / 1e3
+    # the first reps warm up (channels open, the sockets' buffers grow): untimed, alike
+    for rep in range(args.transfer_warmup + args.transfer_reps):
+        for layout in layouts if rep % 2 else layouts[::-1]:
+            src, dst = ids[layout]
+            for which in (("raw", "ours") if rep % 2 else ("ours", "raw")):
+                if which == "ours":
+                    elapsed = _time_ours(f"{layout}-{rep}", src, dst, rx, tx, per_src, parts,
+                                         lead_s)
+                else:
+                    elapsed = _time_raw(rx, tx, lead_s)
+                if rep >= args.transfer_warmup:
+                    times[layout][which].append(elapsed)
+    rows = []
+    for layout in layouts:  # one more transfer each, checked (the layouts' blocks overlap)
+        src, dst = ids[layout]
+        _time_ours(f"{layout}-check", src, dst, rx, tx, per_src, parts, lead_s)
+        for conn in tx:
+            conn.send(("results",))
+        errors = [e for conn in tx for e in expect(conn, "results")[1]]
+        for conn in rx:
+            conn.send(("check", src, dst))
+        if errors or not all(expect(conn, "check")[1] for conn in rx):
+            raise RuntimeError(f"benchmark: {p}->{d} {layout}: wrong KV landed or {errors}")
+        ours, base = times[layout]["ours"], times[layout]["raw"]
+        med_ours, med_raw = statistics.median(ours), statistics.median(base)
+        rows.append({
+            "p": p, "d": d, "layout": layout, "tokens": args.transfer_tokens, "bytes": nbytes,
             "ours_s": ours, "raw_s": base, "ours_median_s": med_ours, "raw_median_s": med_raw,
             "ours_GBps": nbytes / med_ours / 1e9, "raw_GBps": nbytes / med_raw / 1e9,
-            "ratio": med_raw / med_ours}
+            "ratio": med_raw / med_ours})
+    return rows
 
 
 def _relayout_ms(routes, src_heads, dst_heads, n: int, num_blocks: int) -> float:
-    """The copy a route's head slice needs because a block holds every head of a token
-    side by side (``[L, 2, block, heads, dim]``): a slice of the sender's heads is gathered
-    (1->2), a slice of the receiver's heads scattered (2->1). Timed here on one thread, as
-    a rank copies, for every route, n contiguous blocks, median of 9: no transfer that
-    reshards can beat raw + this on a host whose cores the transfer itself keeps busy."""
+    """The copy a route's head slice needs in a token-major cache, where a block holds
+    every head of a token side by side (``[L, 2, block, heads, dim]``): a slice of the
+    sender's heads is gathered (1->2), a slice of the receiver's heads scattered (2->1).
+    Timed here on one thread, as a rank copies, for every route, n contiguous blocks,
+    median of 9: no transfer that reshards can beat raw + this on a host whose cores the
+    transfer itself keeps busy."""
     from kv_transfer import blocks
 
     threads = torch.get_num_threads()
@@ -411,19 +449,23 @@ def _time_raw(rx, tx, lead_s: float) -> float:
 
 def run_transfer(args) -> None:
     cases = [tuple(int(x) for x in case.split("to")) for case in args.transfer_cases]
-    rows = [row for p, d in cases for row in bench_transfer(p, d, args.layouts, args)]
+    rows = [row for p, d in cases for cache in args.cache_layouts
+            for row in bench_transfer(p, d, args.layouts, cache, args)]
     print(f"KV resharding transfer, gloo over loopback, Llama-3.2-1B KV ({KV_LAYERS} layers x "
           f"{KV_HEADS} KV heads x {HEAD_DIM}, bf16, block {BLOCK}), "
           f"{args.transfer_tokens} tokens, median of {args.transfer_reps}")
-    print(f"{'p->d':>5} {'layout':>10} {'MiB':>6} {'ours ms':>8} {'raw ms':>8} "
+    print(f"{'p->d':>5} {'cache':>11} {'layout':>10} {'MiB':>6} {'ours ms':>8} {'raw ms':>8} "
           f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8} {'copy ms':>8} {'bound':>6}")
     for r in rows:
-        print(f"{r['p']}->{r['d']:<2} {r['layout']:>10} {r['bytes'] / 2**20:6.1f} "
+        print(f"{r['p']}->{r['d']:<2} {r['cache']:>11} {r['layout']:>10} "
+              f"{r['bytes'] / 2**20:6.1f} "
               f"{r['ours_median_s'] * 1e3:8.2f} {r['raw_median_s'] * 1e3:8.2f} "
               f"{r['ours_GBps']:9.2f} {r['raw_GBps']:9.2f} {r['ratio']:8.2f} "
               f"{r['relayout_ms']:8.2f} {r['sequential_bound']:6.2f}")
-    print("copy ms: the head-slice gather/scatter resharding needs (one thread); bound: "
-          "raw / (raw + copy), the best ratio when the copy cannot overlap the transfer")
+    print("cache: the ranks' cache layout (head-major: the engine's, head slices sent in "
+          "place; token-major: contiguous, as before); copy ms: the head-slice gather/scatter "
+          "a token-major cache needs (one thread); bound: raw / (raw + copy), the best ratio "
+          "when the copy cannot overlap the transfer")
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average": os.getloadavg()},
               "args": {k: v for k, v in vars(args).items() if k.startswith(("transfer", "lay",
@@ -452,8 +494,13 @@ def main() -> None:
                     help="prefill TP 'to' decode TP")
     ap.add_argument("--transfer-tokens", type=int, default=512)
     ap.add_argument("--transfer-reps", type=int, default=30)
+    ap.add_argument("--transfer-warmup", type=int, default=5,
+                    help="untimed reps first, of ours and raw alike")
     ap.add_argument("--layouts", nargs="+", default=["scattered", "contiguous"],
                     choices=["scattered", "contiguous"])
+    ap.add_argument("--cache-layouts", nargs="+", default=["head-major", "token-major"],
+                    choices=["head-major", "token-major"],
+                    help="the ranks' cache layouts (head-major: the engine's)")
     ap.add_argument("--lead-ms", type=float, default=5.0,
                     help="announce this long before the send (as the prefill worker does)")
     ap.add_argument("--transfer-out", default="results/tensor_parallel_transfer.json")
