@@ -41,13 +41,9 @@ Between two head-major caches (``blocks.heads_outer``: the engine's), any head r
 block is contiguous in memory, so a head slice is SLICED instead: one message per block,
 the route's heads of every layer in the caches' memory order (``[heads, L, 2, block_size,
 D]``), sent straight from the sender's cache into the receiver's, no copy on either side.
-When the payload is all the receiver's heads and its reserved blocks run contiguous, a
-head-major sender may instead gather its slices a window at a time (GATHERED) into
-messages of whole receiver blocks: fewer, larger messages for a copy at memcpy speed.
-HEADS_OUTER says a payload's bytes are head-major (straight from a head-major cache, or
-gathered in its memory order): the receiver's cache must then be head-major too; staged
-payloads never are (a sender whose cache differs from the receiver's gathers and stages in
-logical order instead).
+HEADS_OUTER says a payload's bytes are head-major (straight from a head-major cache): the
+receiver's cache must then be head-major too; staged payloads never are (a sender whose
+cache differs from the receiver's gathers and stages in logical order instead).
 
 Announced payloads (see ``channels``): ANNOUNCE tells the receiver, before the KV exists,
 which messages will come on a tag of their own, so it posts their receives into the reserved

@@ -145,7 +145,6 @@ class _PayloadSend:
         # a SLICED payload's messages are that head range of a block, in place
         self.slice = (h.head_start - lo, h.heads[1] - lo) if h.kind == DATA and h.sliced else None
         self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
-        self.heads_outer = h.heads_outer  # gathered in the cache's (head-major) memory order
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order
         self.messages = [] if h.kind in (ANNOUNCE, REFUSE) else h.messages()
@@ -206,15 +205,7 @@ class _PayloadSend:
             out = half[: win.num_blocks * self.block_nbytes].view(self.dtype).view(
                 win.num_blocks, *self.block_shape)
             layers = slice(*self.layers)
-            if self.heads_outer:  # in memory order, each block's slice one run
-                bytes_out = half[: win.num_blocks * self.block_nbytes]
-                if half.device == self.kv.device:
-                    blocks.gather_heads_outer(self.kv, ids, self.gather_heads, bytes_out)
-                else:
-                    bytes_out.copy_(blocks.gather_heads_outer(
-                        self.kv, ids, self.gather_heads, torch.empty_like(
-                            bytes_out, device=self.kv.device)))
-            elif half.device == self.kv.device:
+            if half.device == self.kv.device:
                 blocks.gather(self.kv, ids, layers, out, self.gather_heads)
             else:  # CUDA cache over a gloo wire: gather there, then one copy to the host
                 out.copy_(blocks.gather(self.kv, ids, layers, heads=self.gather_heads))
@@ -346,15 +337,19 @@ class SenderChannel:
             self._cond.notify()
             return True
 
-    def post_submitted(self, job: SendJob) -> None:
+    def post_submitted(self, job: SendJob, write: bool = True) -> None:
         """Put a just-submitted job on the wire from this thread, if ``submit`` left it to
-        the submitter (see the class); the channel thread takes it from there."""
+        the submitter (see the class); the channel thread takes it from there.
+        ``write=False``: its header only, its messages from the channel thread (this thread
+        writes another payload meanwhile)."""
         group, job.post_on = job.post_on, None
         if group is None:
             return
         try:
             job.wire = _PayloadSend(self, group, job)
-            if _is_announced_data(job.header):
+            if not write:
+                pass
+            elif _is_announced_data(job.header):
                 job.wire.post_all()
             else:  # a gathered message costs a copy: the rest waits for the channel thread
                 job.wire.post(1 if job.header.gathered else DIRECT_MESSAGES)

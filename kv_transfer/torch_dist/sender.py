@@ -200,8 +200,14 @@ class TorchDistSender(KVSender):
             yield
         finally:
             jobs, self._deferred.jobs = self._deferred.jobs, None
+            # Payloads to several peers (a rank's routes of a request, or a step's requests):
+            # their channels' threads write all but the last, this thread the last, so the
+            # sockets fill in parallel (written one after the other, a 1 -> 2 rank's second
+            # route waited for the whole first one).
+            writers = [job for job in jobs if job.post_on is not None]
+            last = writers[-1] if writers else None
             for job in jobs:
-                job.channel.post_submitted(job)
+                job.channel.post_submitted(job, write=job is last)
 
     def _post(self, job: SendJob) -> None:
         """Let a submitted job's channel take it from this thread (now, or when this
@@ -297,17 +303,10 @@ class TorchDistSender(KVSender):
         head_slice = header.heads != self.heads or header.staged
         every_layer = header.num_layers == self.kv_cache.shape[1]
         if mine and theirs and head_slice and every_layer:
-            sliced = dataclasses.replace(header, flags=SLICED | HEADS_OUTER)  # a message a block
-            if header.staged:  # a slice of the receiver's heads: only in place
-                return sliced
-            # a slice of the sender's heads into whole receiver blocks: gathered into fewer
-            # messages where the receiver's blocks run contiguous (gloo: 32 messages a route
-            # took ~0.7x the time of one on the dev VM, 8 as long as one)
-            gathered = dataclasses.replace(header, flags=GATHERED | HEADS_OUTER)
-            runs = self._runs(gathered, src_ids, dst_block_ids)
-            if len(src_ids) > 2 * len(runs or src_ids):
-                return dataclasses.replace(gathered, runs=runs)
-            return sliced
+            # a message a block, in place on both sides (gathering a slice of the sender's
+            # heads into fewer messages of contiguous receiver blocks measured slower: the
+            # copy cost more than the messages it saved, once routes were written in parallel)
+            return dataclasses.replace(header, flags=SLICED | HEADS_OUTER)
         if mine != theirs or mine and not every_layer:  # other byte orders, or a layer range
             header = dataclasses.replace(header, flags=STAGED | GATHERED)
         elif mine:

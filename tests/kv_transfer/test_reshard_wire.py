@@ -411,43 +411,39 @@ def test_head_slices_move_between_head_major_caches_with_no_copy(build, monkeypa
     assert flags and all(f & SLICED for f in flags), flags
 
 
-def test_a_head_major_senders_slice_into_contiguous_blocks_is_gathered_into_fewer_messages(
-        build, monkeypatch):
-    """1 -> 2 between head-major caches into reserved blocks that run contiguous: the
-    sender gathers its slices in memory order, a window at a time, into messages of whole
-    receiver blocks (one here, not 8: per-message costs dominate a gloo pair), which land in
-    place with no staging or scatter on the receiver; scattered blocks stay SLICED."""
-    from kv_transfer.header import GATHERED, HEADS_OUTER, SLICED
-    from kv_transfer.torch_dist.recv_channel import ReceiverChannel
+def test_a_ranks_routes_written_together_fill_their_sockets_in_parallel(build, monkeypatch):
+    """1 -> 2 between head-major caches, both routes announced and sent inside
+    ``deferred_writes`` (as the prefill worker sends a step's KV): the first route's
+    messages are written by its channel's thread while the calling thread writes the
+    last route's, instead of the second route waiting for the whole first one (this
+    thread wrote both, one after the other)."""
+    from kv_transfer.torch_dist.wire import PairGroup
 
-    setup = Setup((8, 8, 1, 2), seed=22, layout="head-major")
+    setup = Setup((8, 8, 1, 2), seed=23, layout="head-major")
     (sender,), receivers = build(setup)
-    gathered, scattered, flags = [], [], []
-    original_gather, original_copy = blocks.gather_heads_outer, StagedTarget.copy_
-    monkeypatch.setattr(blocks, "gather_heads_outer", lambda kv, ids, *a: (
-        gathered.append(len(ids)), original_gather(kv, ids, *a))[1])
-    monkeypatch.setattr(StagedTarget, "copy_", lambda self, landing: (
-        scattered.append(1), original_copy(self, landing)))
-    handle = ReceiverChannel._handle
-    monkeypatch.setattr(ReceiverChannel, "_handle", lambda self, group, h, current: (
-        flags.append((h.flags, len(h.messages()))), handle(self, group, h, current))[1])
+    done = Completions()
+    expect_all(setup, receivers, "r", done)
+    announce_all(setup, sender, receivers, "r")
+    writers: dict[str, set[str]] = {}
+    send = PairGroup.send
+
+    def recording(self, tensor, tag):
+        writers.setdefault(self.peer, set()).add(threading.current_thread().name)
+        return send(self, tensor, tag)
+
+    monkeypatch.setattr(PairGroup, "send", recording)
     endpoints = [r.endpoint() for r in receivers]
-    src, contiguous = SRC_IDS, list(range(10, 18))
-    for i, (dst, want) in enumerate(((contiguous, (GATHERED | HEADS_OUTER, 1)),
-                                     (DST_IDS[::-1], (SLICED | HEADS_OUTER, len(src))))):
-        rid, done = f"r{i}", Completions()
-        expect_all(setup, receivers, rid, done, dst)
-        flags.clear()
-        for r in setup.routes:
-            sender.send(rid, endpoints[r.dst_rank], src, dst_block_ids=dst,
-                        heads=r.heads).result(timeout=20)
-        done.wait_for("0/" + rid, "1/" + rid)
-        assert set(done.errors.values()) == {None}
-        assert flags == [want, want] and scattered == []
-        setup.check_landed(src, dst)
-        for cache in setup.dst_caches:
-            cache.zero_()
-    assert sum(gathered) == 2 * len(src)  # every block of both routes, in windows
+    with sender.deferred_writes():
+        handles = [sender.send("r", endpoints[r.dst_rank], SRC_IDS, dst_block_ids=DST_IDS,
+                               heads=r.heads) for r in setup.routes]
+    for handle in handles:
+        handle.result(timeout=20)
+    done.wait_for("0/r", "1/r")
+    assert set(done.errors.values()) == {None}
+    setup.check_landed()
+    here = threading.current_thread().name
+    assert sorted(writers.values(), key=lambda names: here in names) == [
+        {f"kv-send {endpoints[setup.routes[0].dst_rank].describe()}"}, {here}], writers
 
 
 def test_a_payload_in_another_memory_order_fails_its_request_not_the_cache():
