@@ -30,7 +30,8 @@ bandwidth per decode step, NCCL all-reduces of ~10-30 us over NVLink) needs N de
 ``--transfer`` measures instead the KV resharding transfer between pools of different TP
 sizes (``kv_transfer.reshard``), prefill TP=p -> decode TP=d for ``--transfer-cases`` (2to1,
 1to2, 2to2): each rank is a process of its own (torch.multiprocessing, spawn) holding its
-heads of a Llama-3.2-1B-shaped cache (16 layers x 8 KV heads x 64 dims, bf16, block 16),
+heads of a Llama-3.2-1B-shaped cache (16 layers x 8 KV heads x 64 dims, bf16, block 16;
+``--kv-model`` llama-3-8b or llama-3-70b for their larger blocks),
 and every route of the plan is a torch_dist pair channel over gloo on loopback. Timed from
 the prefill ranks' ``send`` (announced ``--lead-ms`` before, as the prefill worker does)
 until every decode rank reported its request complete, against raw: one gloo send/recv of
@@ -46,8 +47,8 @@ against its heads of the source. Beside the token-major rows, that copy timed al
 the bound it sets, raw / (raw + copy): on 2 cores the transfer keeps both busy, so the copy
 cannot overlap it. Written to ``--transfer-out``.
 
-The block layouts take turns rep by rep (and ours and raw inside each), so that all see the
-same phases of the run: measured one layout after the other, whichever ran first in a
+The block layouts and ours and raw take turns, each in every position in rotation, so that
+all see the same phases of the run: measured one layout after the other, whichever ran first in a
 process came out up to 0.25 lower or higher (1->2: 0.52-0.68 first, 0.76-0.90 second, or
 the other way round after a change that made the ranks busy before), on the 2-core VM.
 
@@ -145,15 +146,19 @@ def _threads(tp: int) -> int:
 
 
 # -- --transfer: KV resharding between TP sizes vs raw send/recv ------------------------------
-# Llama-3.2-1B's KV: 16 layers x 8 KV heads x 64 dims, bf16, block size 16 (512 KiB a block).
-KV_LAYERS, KV_HEADS, HEAD_DIM, BLOCK, KV_DTYPE = 16, 8, 64, 16, torch.bfloat16
+# (layers, KV heads, head dim) of the models whose KV is moved (--kv-model); bf16, block 16:
+# a block is 512 KiB for Llama-3.2-1B, 2 MiB for Llama-3-8B, 5 MiB for Llama-3-70B.
+KV_MODELS = {"llama-3.2-1b": (16, 8, 64), "llama-3-8b": (32, 8, 128),
+             "llama-3-70b": (80, 8, 128)}
+KV_HEADS, BLOCK, KV_DTYPE = 8, 16, torch.bfloat16
 CACHE_SEED = 1234
 
 
-def full_kv(num_blocks: int) -> torch.Tensor:
+def full_kv(num_blocks: int, kv_model: str) -> torch.Tensor:
     """The model's whole KV cache, the same random bits in every process (seeded)."""
     gen = torch.Generator().manual_seed(CACHE_SEED)
-    shape = (num_blocks, KV_LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM)
+    layers, heads, head_dim = KV_MODELS[kv_model]
+    shape = (num_blocks, layers, 2, BLOCK, heads, head_dim)
     return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=gen).view(KV_DTYPE)
 
 
@@ -184,7 +189,7 @@ def raw_pair(store, rank: int):
 
 
 def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout: str,
-                  conn) -> None:
+                  kv_model: str, conn) -> None:
     """Child: decode rank ``rank``'s cache, its KV receiver and the raw baseline's ends."""
     import threading
 
@@ -195,7 +200,8 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
 
     torch.set_num_threads(1)
     lo, hi = heads
-    kv = torch.zeros_like(full_kv(1)[:, :, :, :, lo:hi]).expand(num_blocks, -1, -1, -1, -1, -1)
+    kv = torch.zeros_like(full_kv(1, kv_model)[:, :, :, :, lo:hi]).expand(
+        num_blocks, -1, -1, -1, -1, -1)
     kv = rank_cache(kv, cache_layout)
     receiver = TorchDistReceiver(transfer_config(), kv, name=f"decode-{rank}", heads=heads)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -226,7 +232,7 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
             reply("done", None)
         elif msg[0] == "check":
             _, src, dst = msg
-            want = blocks.gather(full_kv(num_blocks), src)[:, :, :, :, lo:hi]
+            want = blocks.gather(full_kv(num_blocks, kv_model), src)[:, :, :, :, lo:hi]
             reply("check", torch.equal(blocks.gather(kv, dst).view(torch.int16),
                                        want.contiguous().view(torch.int16)))
     for channel in list(receiver._channels):  # the senders' CLOSE ends them
@@ -235,7 +241,7 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
 
 
 def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout: str,
-                conn) -> None:
+                kv_model: str, conn) -> None:
     """Child: prefill rank ``rank``'s cache, its KV sender and the raw baseline's ends."""
     import torch.distributed as dist
 
@@ -243,7 +249,7 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
 
     torch.set_num_threads(1)
     lo, hi = heads
-    kv = rank_cache(full_kv(num_blocks)[:, :, :, :, lo:hi], cache_layout)
+    kv = rank_cache(full_kv(num_blocks, kv_model)[:, :, :, :, lo:hi], cache_layout)
     sender = TorchDistSender(transfer_config(), kv, name=f"prefill-{rank}", heads=heads)
     raw: list[tuple] = []  # (group, send buffer) per route of this rank
     handles: list = []
@@ -262,8 +268,9 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
             conn.send(("ready",))
         elif msg[0] == "go":
             _, rid, routes, src, dst = msg
-            handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
-                       for peer, route_heads in routes]
+            with sender.deferred_writes():  # as the prefill worker sends a step's KV
+                handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
+                           for peer, route_heads in routes]
         elif msg[0] == "raw_go":
             for work in [group.send([buf], 1, 0) for group, buf in raw]:
                 work.wait()
@@ -301,12 +308,14 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
         for rank, heads in enumerate(heads_of):
             mine, theirs = ctx.Pipe()
             procs.append(ctx.Process(target=role, daemon=True,
-                                     args=(rank, heads, num_blocks, cache_layout, theirs)))
+                                     args=(rank, heads, num_blocks, cache_layout,
+                                           args.kv_model, theirs)))
             procs[-1].start()
             out.append(mine)
     try:
         hello = [conn.recv() for conn in rx]
-        route_bytes = [n * KV_LAYERS * 2 * BLOCK * (r.heads[1] - r.heads[0]) * HEAD_DIM
+        layers, _, head_dim = KV_MODELS[args.kv_model]
+        route_bytes = [n * layers * 2 * BLOCK * (r.heads[1] - r.heads[0]) * head_dim
                        * KV_DTYPE.itemsize for r in routes]
         for conn, _ in zip(rx, dst_heads, strict=True):  # groups joined in route order
             conn.send(("raw_groups", [(i, route_bytes[i]) for i, r in enumerate(routes)
@@ -324,7 +333,8 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
         for row in rows:
             row["cache"] = cache_layout
             row["relayout_ms"] = (0.0 if cache_layout == "head-major" else  # sent in place
-                                  _relayout_ms(routes, src_heads, dst_heads, n, num_blocks))
+                                  _relayout_ms(routes, src_heads, dst_heads, n, num_blocks,
+                                               args.kv_model))
             raw_ms = row["raw_median_s"] * 1e3
             row["sequential_bound"] = raw_ms / (raw_ms + row["relayout_ms"])
         return rows
@@ -348,17 +358,19 @@ def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d,
     times = {layout: {"ours": [], "raw": []} for layout in layouts}
     lead_s = args.lead_ms / 1e3
     # the first reps warm up (channels open, the sockets' buffers grow): untimed, alike
+    # every (layout, ours or raw) takes every position in turn (a rotation per rep)
+    turns = [(layout, which) for layout in layouts for which in ("ours", "raw")]
     for rep in range(args.transfer_warmup + args.transfer_reps):
-        for layout in layouts if rep % 2 else layouts[::-1]:
+        k = rep % len(turns)
+        for layout, which in turns[k:] + turns[:k]:
             src, dst = ids[layout]
-            for which in (("raw", "ours") if rep % 2 else ("ours", "raw")):
-                if which == "ours":
-                    elapsed = _time_ours(f"{layout}-{rep}", src, dst, rx, tx, per_src, parts,
-                                         lead_s)
-                else:
-                    elapsed = _time_raw(rx, tx, lead_s)
-                if rep >= args.transfer_warmup:
-                    times[layout][which].append(elapsed)
+            if which == "ours":
+                elapsed = _time_ours(f"{layout}-{rep}", src, dst, rx, tx, per_src, parts,
+                                     lead_s)
+            else:
+                elapsed = _time_raw(rx, tx, lead_s)
+            if rep >= args.transfer_warmup:
+                times[layout][which].append(elapsed)
     rows = []
     for layout in layouts:  # one more transfer each, checked (the layouts' blocks overlap)
         src, dst = ids[layout]
@@ -380,7 +392,8 @@ def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d,
     return rows
 
 
-def _relayout_ms(routes, src_heads, dst_heads, n: int, num_blocks: int) -> float:
+def _relayout_ms(routes, src_heads, dst_heads, n: int, num_blocks: int, kv_model: str
+                 ) -> float:
     """The copy a route's head slice needs in a token-major cache, where a block holds
     every head of a token side by side (``[L, 2, block, heads, dim]``): a slice of the
     sender's heads is gathered (1->2), a slice of the receiver's heads scattered (2->1).
@@ -393,7 +406,7 @@ def _relayout_ms(routes, src_heads, dst_heads, n: int, num_blocks: int) -> float
     torch.set_num_threads(1)
     try:
         ids = list(range(n))
-        cache = full_kv(num_blocks)
+        cache = full_kv(num_blocks, kv_model)
         copies = []
         for r in routes:
             part = slice(*r.heads)
@@ -451,8 +464,9 @@ def run_transfer(args) -> None:
     cases = [tuple(int(x) for x in case.split("to")) for case in args.transfer_cases]
     rows = [row for p, d in cases for cache in args.cache_layouts
             for row in bench_transfer(p, d, args.layouts, cache, args)]
-    print(f"KV resharding transfer, gloo over loopback, Llama-3.2-1B KV ({KV_LAYERS} layers x "
-          f"{KV_HEADS} KV heads x {HEAD_DIM}, bf16, block {BLOCK}), "
+    layers, heads, head_dim = KV_MODELS[args.kv_model]
+    print(f"KV resharding transfer, gloo over loopback, {args.kv_model} KV ({layers} layers x "
+          f"{heads} KV heads x {head_dim}, bf16, block {BLOCK}), "
           f"{args.transfer_tokens} tokens, median of {args.transfer_reps}")
     print(f"{'p->d':>5} {'cache':>11} {'layout':>10} {'MiB':>6} {'ours ms':>8} {'raw ms':>8} "
           f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8} {'copy ms':>8} {'bound':>6}")
@@ -468,8 +482,8 @@ def run_transfer(args) -> None:
           "when the copy cannot overlap the transfer")
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average": os.getloadavg()},
-              "args": {k: v for k, v in vars(args).items() if k.startswith(("transfer", "lay",
-                                                                            "lead"))},
+              "args": {k: v for k, v in vars(args).items()
+                       if k.startswith(("transfer", "lay", "lead", "kv_", "cache"))},
               "rows": rows}
     Path(args.transfer_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.transfer_out).write_text(json.dumps(report, indent=2) + "\n")
@@ -494,6 +508,8 @@ def main() -> None:
                     help="prefill TP 'to' decode TP")
     ap.add_argument("--transfer-tokens", type=int, default=512)
     ap.add_argument("--transfer-reps", type=int, default=30)
+    ap.add_argument("--kv-model", default="llama-3.2-1b", choices=sorted(KV_MODELS),
+                    help="whose KV shape to move (a block: 512 KiB, 2 MiB, 5 MiB)")
     ap.add_argument("--transfer-warmup", type=int, default=5,
                     help="untimed reps first, of ours and raw alike")
     ap.add_argument("--layouts", nargs="+", default=["scattered", "contiguous"],
