@@ -35,8 +35,9 @@ heads of a Llama-3.2-1B-shaped cache (16 layers x 8 KV heads x 64 dims, bf16, bl
 and every route of the plan is a torch_dist pair channel over gloo on loopback. Timed from
 the prefill ranks' ``send`` (announced ``--lead-ms`` before, as the prefill worker does)
 until every decode rank reported its request complete, against raw: one gloo send/recv of
-the same bytes per route, over separate two-rank groups between the same processes, the
-receives posted before the clock, the same idle gap before it. Alternating order, medians
+the same bytes per route (a rank's routes posted from a thread each), over separate
+two-rank groups between the same processes, the receives posted before the clock, the same
+idle gap before it. Alternating order, medians
 of ``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
 scattered over the caches or contiguous (``--layouts``), with the ranks' caches laid out as
 the engine's (head-major: every head range of a block is contiguous, so a route's head
@@ -243,6 +244,8 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
 def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout: str,
                 kv_model: str, conn) -> None:
     """Child: prefill rank ``rank``'s cache, its KV sender and the raw baseline's ends."""
+    import threading
+
     import torch.distributed as dist
 
     from kv_transfer.torch_dist import TorchDistSender
@@ -272,8 +275,16 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
                 handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
                            for peer, route_heads in routes]
         elif msg[0] == "raw_go":
-            for work in [group.send([buf], 1, 0) for group, buf in raw]:
-                work.wait()
+            # one thread per route (gloo writes in the posting thread until the socket is
+            # full: posted from one thread, a second route started late), as ours writes
+            posters = [threading.Thread(target=lambda g=group, b=buf: g.send([b], 1, 0).wait())
+                       for group, buf in raw[1:]]
+            for poster in posters:
+                poster.start()
+            if raw:
+                raw[0][0].send([raw[0][1]], 1, 0).wait()
+            for poster in posters:
+                poster.join()
         elif msg[0] == "results":
             errors = [str(h.error) for h in handles if h.wait(60) and h.error is not None]
             conn.send(("results", errors))
