@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 BlockIds = Sequence[int] | torch.Tensor
@@ -178,10 +179,24 @@ def scatter(
         raise ValueError(f"scatter: buffer shape {tuple(buffer.shape)} != expected {expected}")
     if buffer.device != kv_cache.device:
         buffer = buffer.to(kv_cache.device)  # blocking: the caller may reuse buffer at once
-    if kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
+    if kv_cache.device.type == "cpu" and heads_outer(kv_cache):
+        _scatter_cpu_heads_outer(kv_cache, idx, buffer, layers, heads)
+    elif kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
         _scatter_cpu(kv_cache, idx, buffer, layers, heads)
     else:
         _bits(kv_cache[:, layers, :, :, heads]).index_copy_(0, idx, _bits(buffer))
+
+
+def _scatter_cpu_heads_outer(kv_cache: torch.Tensor, idx: torch.Tensor, buffer: torch.Tensor,
+                             layers: slice, heads: slice) -> None:
+    """``_scatter_cpu`` for a head-major cache: numpy writes the buffer, read through a
+    transposed view (no copy), into the (block, head) rows of the cache's memory. 16 MiB of
+    whole bf16 blocks: 1.4 ms, against 1.2 ms token-major and 7.8 ms for ``index_copy_`` on
+    the strided view (dev VM)."""
+    memory = _bits(kv_cache.permute(0, 4, 1, 2, 3, 5)).numpy()  # [N, KVH, L, 2, bs, D]
+    src = np.transpose(_bits(buffer).numpy(), (0, 4, 1, 2, 3, 5))  # [n, heads, L', 2, bs, D]
+    head_ids = np.arange(memory.shape[1])[heads]
+    memory[idx.numpy()[:, None], head_ids[None, :], layers] = src
 
 
 def _scatter_cpu(kv_cache: torch.Tensor, idx: torch.Tensor, buffer: torch.Tensor,

@@ -52,6 +52,17 @@ def test_cpu_fast_scatter_matches_index_copy():
     assert torch.equal(noncontig.transpose(3, 4), ref)
 
 
+@pytest.mark.parametrize("layers,heads", [(slice(None), slice(None)), (slice(1, 3), slice(None)),
+                                          (slice(None), slice(1, 3)), (slice(0, 2), slice(2, 3))])
+def test_scatter_into_a_head_major_cache_matches_index_copy(layers, heads):
+    src = make_cache(1, kv_heads=4)
+    dst, ref = make_cache(2, heads_outer=True, kv_heads=4), make_cache(2, kv_heads=4)
+    buf = blocks.gather(src, [5, 0, 9], layers, heads=heads)
+    blocks.scatter(dst, [3, 7, 1], buf, layers, heads)  # numpy path, in memory order
+    ref[:, layers, :, :, heads].index_copy_(0, torch.tensor([3, 7, 1]), buf)
+    assert blocks.heads_outer(dst) and torch.equal(dst, ref)
+
+
 def test_block_view_is_the_cache_memory_of_one_blocks_layers():
     kv = make_cache(1)
     view = blocks.BlockViews(kv)(5, (1, 3))
