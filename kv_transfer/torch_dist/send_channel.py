@@ -8,11 +8,14 @@ A channel owns a ``PairGroup`` (see ``torch_dist``) and moves messages in FIFO o
 
 Zero copy: the cache is block-major, so each message is sent straight from the sender's
 cache and received straight into the receiver's reserved block (``ExpectTable.claim``); no
-gather, no scatter, no staging. Head slices (resharding between TP sizes: see ``header``)
-are the exception: a GATHERED payload is gathered a window of blocks at a time into one half
-of the sender's staging (``_Window``) while the other half's messages are on the wire; a
-STAGED one lands in the receiver's staging, whole up to ``recv_channel.WHOLE_STAGED_BYTES``
-(one scatter into its blocks' head slice), else a message at a time. The sender posts a
+gather, no scatter, no staging. So is a head slice (resharding between TP sizes: see
+``header``) between head-major caches, the engine's: SLICED, a block's slice a message.
+Between token-major caches (hand-made, in tests) or caches of different layouts, head
+slices are the exception: a GATHERED payload is gathered a window of blocks at a time into
+one half of the sender's staging (``_Window``) while the other half's messages are on the
+wire; a STAGED one lands in the receiver's staging, whole up to
+``recv_channel.WHOLE_STAGED_BYTES`` (one scatter into its blocks' head slice), else a
+message at a time. The sender posts a
 payload's messages at once; the receiver keeps ``inflight_messages`` receives posted ahead
 (what an abort may have to wait for). Otherwise staging is used only where the cache is
 not on the wire's device (CUDA caches over a gloo wire: through host slots) and to drain a
@@ -347,11 +350,9 @@ class SenderChannel:
             return
         try:
             job.wire = _PayloadSend(self, group, job)
-            if not write:
-                pass
-            elif _is_announced_data(job.header):
+            if write and _is_announced_data(job.header):
                 job.wire.post_all()
-            else:  # a gathered message costs a copy: the rest waits for the channel thread
+            elif write:  # a gathered message costs a copy: the rest waits for the channel thread
                 job.wire.post(1 if job.header.gathered else DIRECT_MESSAGES)
         except Exception as e:  # the channel thread fails the job and the channel
             if not isinstance(e, TransferError):

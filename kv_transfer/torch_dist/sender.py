@@ -84,7 +84,6 @@ class TorchDistSender(KVSender):
         # rank may send a request's KV to several decode ranks, each its own head slice
         self._announced: dict[str, dict[_RouteKey, _Announced]] = {}
         self._closed = False
-        self._block_bytes = kv_cache[0].numel() * kv_cache.element_size()
         self._heads_outer = blocks.heads_outer(kv_cache)
         self._deferred = threading.local()  # .jobs: this thread's posts held back, or None
 
