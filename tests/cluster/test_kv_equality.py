@@ -115,6 +115,20 @@ def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir,
         landed.set()
 
     d._kv_done = on_done  # reserve() registers this hook with the receiver
+    original_announce = p.host.engine.on_last_chunk_scheduled
+
+    def announce_then_let_the_header_go(request):
+        # The premise of a warm channel: the step's forward pass outlasts posting the
+        # announcement's header (a real prefill is orders of magnitude longer). This test's
+        # prefill is 23 tokens, so on a loaded host the channel thread could still be on the
+        # header when the payload is submitted: it would then post it, by design.
+        original_announce(request)
+        deadline = time.monotonic() + 10
+        while any(c._busy or c._jobs for c in p.sender.local._lru.channels()):
+            assert time.monotonic() < deadline, "the announcement never left"
+            time.sleep(0.001)
+
+    p.host.engine.on_last_chunk_scheduled = announce_then_let_the_header_go
     try:
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for n, rid in enumerate(["cold", "warm"]):
