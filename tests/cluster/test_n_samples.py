@@ -70,27 +70,40 @@ def test_n_samples_share_one_prefill_and_equal_their_seeds_alone(model_dir, max_
         try:
             decode = next(w for wid, w in cluster.factory._objects.items()
                           if wid.startswith("decode"))
-            pool = decode.host.engine.pool
-            peak = []
-            samples: dict[int, list[int]] = {}
-            task = asyncio.create_task(_collect(cluster.backend, "n", params, samples))
+            engine = decode.host.engine
+            pool, step = engine.pool, engine.step
+            peak, shared = [], []
+
+            def measuring_step():
+                """After the first step in which every sample has a token (on the engine
+                thread: a client-side look can come many steps later on a busy host), the
+                blocks held and how many samples hold each of the prompt's full blocks."""
+                outputs = step()
+                running = [r for rid, r in engine.scheduler.requests.items()
+                           if rid.startswith("n#")]  # the request and its forked samples
+                if not peak and len(running) == N and all(r.output_token_ids for r in running):
+                    peak.append(pool.num_used)
+                    shared.extend(pool.ref_count(b) for b in running[0].block_ids[:9])
+                return outputs
+
             if max_tokens > 1:  # while every sample decodes: how many blocks are held
-                await _until(lambda: len(samples) == N and all(samples.values()))
-                peak.append(pool.num_used)
-            result = await asyncio.wait_for(task, 60)
+                engine.step = measuring_step
+            result = await asyncio.wait_for(
+                _collect(cluster.backend, "n", params), 60)
             await _until(lambda: pool.num_free == pool.num_blocks, 5)
-            return result, peak
+            return result, peak, shared
         finally:
             await cluster.shutdown()
 
-    (tokens, finals), peak = asyncio.run(main())
+    (tokens, finals), peak, shared = asyncio.run(main())
     assert tokens == _alone(model_dir, params)
     assert sorted(finals) == list(range(N))
     assert all(f.finish_reason == "length" for f in finals.values())
-    if peak:  # the prompt's 10 blocks are held once (N separate requests would hold
-        # N * 11): shared 10, a copy of the last prompt block per forked sample (it
-        # recomputes that token), and each sample's own few blocks of generated tokens
-        assert peak[0] <= 10 + (N - 1) + N * 3 < N * 11, peak
+    if max_tokens > 1:  # the prompt's 10 blocks are held once (N separate requests would
+        # hold N * 11): shared 10, a copy of the last prompt block per forked sample (it
+        # recomputes that token), and each sample's own block of generated tokens
+        assert shared == [N] * 9
+        assert peak[0] <= 10 + (N - 1) + N < N * 11, peak
 
 
 def test_n_samples_survive_their_decode_workers_death(model_dir):
