@@ -38,7 +38,7 @@ from cluster.backend import (
     TokenLogprob,
     sample_params,
 )
-from cluster.flight import MIGRATION_KINDS, Attempt, Flight, Migrate
+from cluster.flight import MIGRATION_KINDS, Attempt, AttemptIds, Flight, Migrate
 from cluster.global_scheduler import GlobalScheduler, Placement, Queued
 from cluster.handles import DecodeHandle, WorkerGone, WorkerHandle
 from engine.errors import ResourceExhaustedError, SplitServeError, UnavailableError
@@ -75,6 +75,7 @@ class ClusterBackend(ServingBackend):
         # side plans its receives from them)
         self._kv_heads: dict[str, list[tuple[int, int]]] = {}
         self._flights: dict[str, Flight] = {}  # client request id -> its record
+        self._ids = AttemptIds()
         self._by_worker_rid: dict[str, Flight] = {}  # current attempt's worker-side id
         self._queued: dict[str, asyncio.Future] = {}  # worker-side id -> placement
         self._tasks: dict[str, asyncio.Task] = {}
@@ -253,7 +254,7 @@ class ClusterBackend(ServingBackend):
         goes on alone)."""
         rid = req.request_id
         fresh = flight is None
-        flight = flight or Flight(req, Attempt(rid))
+        flight = flight or Flight(req, Attempt(self._ids.new(rid, 0)))
         flight.timing.setdefault("router_queue_start", time.time())
         self._flights[rid] = flight
         try:
@@ -312,7 +313,7 @@ class ClusterBackend(ServingBackend):
         async def sample(index: int) -> None:
             req = dataclasses.replace(flight.req, request_id=f"{flight.request_id}.{index}",
                                       params=sample_params(flight.req.params, index), n=1)
-            child = Flight(req, Attempt(f"{req.request_id}#{flight.num_migrations}"),
+            child = Flight(req, Attempt(self._ids.new(req.request_id, flight.num_migrations)),
                            outputs={0: list(flight.outputs.get(index, []))},
                            migrations=dict(flight.migrations), timing=dict(flight.timing),
                            last_token_time=time.time())
@@ -358,7 +359,7 @@ class ClusterBackend(ServingBackend):
         log.warning("request %s moves to another worker after %d tokens (%s: %s)",
                     flight.request_id, len(flight.generated), why.kind, why)
         flight.timing.setdefault("migration_start", time.time())
-        flight.next_attempt()
+        flight.next_attempt(self._ids)
 
     async def _attempt(self, flight: Flight) -> AsyncIterator[BackendOutput]:
         """One placement of the request, from placing it to its last token."""

@@ -10,8 +10,9 @@ missing or repeated:
     attempt 0   prompt                    -> t0 t1 t2   (decode worker dies)
     attempt 1   prompt + [t0 t1 t2]       -> t3 t4 ...  (same tokens an undisturbed run gives)
 
-Worker-side ids differ per attempt (``rid``, ``rid#1``, ...), so a late delta of an
-abandoned attempt can never reach the new one's stream.
+Worker-side ids are unique per attempt (``AttemptIds``: ``rid#0.<tag>``, ``rid#1.<tag>``,
+...), so a late delta of an abandoned attempt can never reach the new one's stream, and a
+late call of an ended request can never act on a later request that reuses its id.
 
 n > 1: the first attempt serves every sample: one prefill, one KV transfer, and the decode
 worker forks the samples (``rid/1``, ``rid/2``, ...) from the same blocks. If it fails, each
@@ -23,6 +24,8 @@ but every stream continues exactly.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 from dataclasses import dataclass, field
 
 from cluster.backend import BackendRequest
@@ -37,6 +40,23 @@ class Migrate(Exception):
     def __init__(self, kind: str, why: str) -> None:
         super().__init__(why)
         self.kind = kind
+
+
+class AttemptIds:
+    """Worker-side request ids: ``{request id}#{attempt}.{tag}``, the tag unique to this
+    backend (a random prefix, then a serial number). A client may reuse a request id once
+    its request has ended, while a call of the old one is still on its way to a worker (a
+    reserve, a prefill or an abort in flight; a threaded Ray actor runs calls in any order):
+    under the client's id it would act on the new request (refuse it as "already in use",
+    abort it, or land the old prompt's KV in its blocks). The prefix keeps the ids of two
+    routers that share workers, or of a restarted one, apart too."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(3)
+        self._serial = itertools.count()
+
+    def new(self, request_id: str, attempt: int) -> str:
+        return f"{request_id}#{attempt}.{self._prefix}{next(self._serial):x}"
 
 
 @dataclass
@@ -89,8 +109,8 @@ class Flight:
     def num_migrations(self) -> int:
         return sum(self.migrations.values())
 
-    def next_attempt(self) -> Attempt:
-        self.attempt = Attempt(f"{self.request_id}#{self.num_migrations}")
+    def next_attempt(self, ids: AttemptIds) -> Attempt:
+        self.attempt = Attempt(ids.new(self.request_id, self.num_migrations))
         return self.attempt
 
     def placement_tokens(self) -> list[int]:

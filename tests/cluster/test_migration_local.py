@@ -114,6 +114,14 @@ async def local_cluster(config: ClusterConfig):
         await cluster.shutdown()
 
 
+class ByAttempt(dict):
+    """Loopback faults keyed ``{request id}#{attempt}``: a worker-side id without its
+    backend-unique tag (see ``cluster.flight.AttemptIds``)."""
+
+    def get(self, worker_rid, default=None):
+        return super().get(worker_rid.rpartition(".")[0], default)
+
+
 def worker_object(cluster, role: str):
     """The first in-process worker of ``role`` (the object, not its handle)."""
     return next(w for wid, w in cluster.factory._objects.items() if wid.startswith(role))
@@ -237,9 +245,9 @@ def test_a_failed_kv_transfer_is_retried_once_then_fails_clearly(model_dir, expe
         await cluster.start()
         try:
             hub = cluster.factory._hub
-            hub.faults["once"] = Fault("fail")  # the first attempt's link breaks
-            hub.faults["twice"] = Fault("fail")
-            hub.faults["twice#1"] = Fault("fail")  # and so does the retry's
+            hub.faults = ByAttempt({"once#0": Fault("fail"),  # the first attempt's link breaks
+                                    "twice#0": Fault("fail"),
+                                    "twice#1": Fault("fail")})  # and so does the retry's
             once = await _stream(cluster.backend, "once", PROMPTS[0], GREEDY)
             twice = await _stream(cluster.backend, "twice", PROMPTS[1], GREEDY)
             await _until(lambda: _free_blocks(cluster) == _totals(cluster), 5)
@@ -311,6 +319,43 @@ def test_a_prefill_call_its_abort_overtook_never_runs_and_the_id_serves_again(mo
             return cluster.backend.stats()["in_flight"]
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_late_abort_of_a_cancelled_request_spares_a_new_request_with_the_same_id(
+        model_dir, expected):
+    """A client may reuse a request id once its request has ended, while a call of the old
+    request can still be on its way to a worker (an RPC in flight; on a threaded Ray actor
+    calls overtake each other). Here the old request is cancelled during its reserve call,
+    which lands afterwards and is aborted late, and that abort is slow: a new request with
+    the same id, started meanwhile, must be served as if the old one never existed (no
+    "already in use" from the worker, no migration, no abort of its own reservation)."""
+
+    async def main():
+        async with local_cluster(_config(model_dir)) as cluster:
+            decode = worker_object(cluster, "decode")
+            decode.reserve = reserve = HeldCall(decode.reserve)
+            old = asyncio.create_task(_stream(cluster.backend, "same", PROMPTS[3], GREEDY))
+            await _set(reserve.entered, 10)
+            old.cancel()
+            await asyncio.gather(old, return_exceptions=True)
+            decode.abort = late_abort = HeldCall(decode.abort)
+            reserve.release.set()  # the old reservation lands after its request ended...
+            await _set(reserve.done, 10)
+            await _set(late_abort.entered, 10)  # ...and its abort is on the way, slowly
+            decode.reserve, decode.abort = reserve.method, late_abort.method
+            new = await asyncio.wait_for(
+                _stream(cluster.backend, "same", PROMPTS[1], GREEDY), 60)
+            late_abort.release.set()
+            await _set(late_abort.done, 10)
+            pool = decode.host.engine.pool
+            await _until(lambda: pool.num_free == pool.num_blocks, 5)
+            await _until(lambda: not decode.host.engine.scheduler.requests, 5)
+            return new, cluster.backend.stats()["in_flight"]
+
+    (tokens, final), in_flight = asyncio.run(main())
+    assert final.finish_reason == "length" and tokens == expected[1]
+    assert "migrations" not in final.timing  # served by its first attempt
+    assert in_flight == 0
 
 
 def test_a_request_cancelled_while_its_generate_call_is_in_flight_is_ended(model_dir):
