@@ -54,14 +54,27 @@ class LocalTransport(Transport):
         items: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        def pump() -> None:
+        def hand_over(item: Any) -> bool:
+            """False once the consumer's event loop has closed (nobody reads any more: a
+            worker that stopped late, after its cluster's loop ended)."""
             try:
-                for item in getattr(self.worker, method)():
-                    loop.call_soon_threadsafe(items.put_nowait, item)
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:
+                if not loop.is_closed():
+                    raise
+                return False
+            return True
+
+        def pump() -> None:
+            outputs = getattr(self.worker, method)()
+            try:
+                for item in outputs:
+                    if not hand_over(item):
+                        outputs.close()
+                        return
             except BaseException as exc:  # handed to the consumer, never lost
-                loop.call_soon_threadsafe(items.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(items.put_nowait, done)
+                hand_over(exc)
+            hand_over(done)
 
         threading.Thread(target=pump, name=f"{method}-stream", daemon=True).start()
         while (item := await items.get()) is not done:
