@@ -242,10 +242,12 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k / nucleus / min-p set."""
-    top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+    vocab = logits.shape[1]
+    # 0: keep every token. So is a top_k at or past the vocabulary, whatever its size (a
+    # client's 2**63 would overflow the tensor below and fail the whole batch's step).
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
-    vocab = logits.shape[1]
     device = logits.device
     if any(top_k) or any(tp < 1.0 for tp in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
