@@ -36,7 +36,8 @@ async def generate(service: GenerationService, request: Request, body, chat: boo
         parser = get_parser(_tool_parser_name(service)) if tools and tools.functions else None
         inputs = body.to_inputs(deadline=None, parser=parser) if chat else \
             body.to_inputs(deadline=None)
-    except SplitServeError as exc:
+    except (SplitServeError, ValueError) as exc:  # their handlers count nothing (an error
+        # from prepare is counted there); any other exception is counted by EdgeMiddleware
         service.metrics.requests.labels(code=outcome_code(exc)).inc()
         raise
     preps = [await service.prepare(inp) for inp in inputs]  # large prompts: tokenizer threads

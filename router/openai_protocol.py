@@ -20,6 +20,7 @@ test holds the server to them).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -123,11 +124,16 @@ class _SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+# A token id as a JSON key: ASCII digits, few enough to be an int64 (bigger ids are refused
+# as outside the vocabulary later; a 5,000-digit one would hit Python's int() limit).
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")
+
+
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
     """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}."""
     out = {}
     for key, value in bias.items():
-        if not key.isdigit():
+        if not _TOKEN_ID_KEY.fullmatch(key):  # str.isdigit() takes "²" and "٣", int() not
             raise InvalidParamError(f"logit_bias keys must be token ids (got {key[:20]!r})",
                                     "logit_bias")
         out[int(key)] = value
