@@ -130,12 +130,21 @@ _SCRUB = (
 )
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Z]\w*(?:Error|Exception|Exit|Closed|"
                              r"Timeout|Aborted|Mismatch|Gone)):\s*(.*)$")
+# A traceback's last line names the class with its module ("prefill_worker.worker.
+# PrefillFailed: ..."), whatever the class is called.
+_QUALIFIED_EXCEPTION_LINE = re.compile(r"^(?:[a-z_]\w*\.)+([A-Z]\w*):\s*(.*)$")
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # Ray colours its "ray::..." line
+
+
+def _exception_line(line: str) -> re.Match | None:
+    return _EXCEPTION_LINE.match(line) or _QUALIFIED_EXCEPTION_LINE.match(line)
 
 
 def client_message(text: str) -> str:
     """``text`` made safe for a client: a traceback or a multi-line Ray error is reduced to
     its final "Class: message" line, then identifiers of processes, hosts and files are
     replaced by placeholders. Idempotent; short plain messages pass unchanged."""
+    text = _TERMINAL_CODES.sub("", text)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return ""
@@ -144,10 +153,10 @@ def client_message(text: str) -> str:
         # A traceback or Ray's format: the exception's own line is the last "Class: message"
         # line; without one, the first line says what happened.
         for candidate in reversed(lines):
-            if (m := _EXCEPTION_LINE.match(candidate)) is not None:
+            if (m := _exception_line(candidate)) is not None:
                 line = m.group(2) or m.group(1)
                 break
-    elif (m := _EXCEPTION_LINE.match(line)) is not None and "." in line.split(":", 1)[0]:
+    elif (m := _QUALIFIED_EXCEPTION_LINE.match(line)) is not None:
         line = m.group(2) or m.group(1)  # "engine.errors.X: msg" -> "msg"
     for pattern, repl in _SCRUB:
         line = pattern.sub(repl, line)

@@ -41,6 +41,30 @@ def test_a_ray_task_error_becomes_its_own_message():
     assert message.startswith("prompt token ids must be in [0, 1024)")
 
 
+# str() of a RayTaskError(PrefillFailed) as Ray 2.x prints it: the first line in terminal
+# colours, the exception's class not named *Error (an API probe got the coloured first line)
+RAY_PREFILL_FAILED_TEXT = (
+    "\x1b[36mray::PrefillWorker.prefill()\x1b[39m (pid=48213, ip=10.128.0.7, "
+    "actor_id=5e4f6b1a2c3d4e5f6a7b8c9d01000000, "
+    "repr=<prefill_worker.worker.PrefillWorker object at 0x7f3a2b1c4d50>)\n"
+    "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    '  File "/home/ops/splitserve/prefill_worker/worker.py", line 123, in prefill\n'
+    "    return future.result(timeout_s)\n"
+    "prefill_worker.worker.PrefillFailed: request r1#0.a1b2c3 failed: the engine step failed")
+
+
+def test_a_ray_error_of_any_exception_class_becomes_its_own_message():
+    message = client_message(RAY_PREFILL_FAILED_TEXT)
+    assert_clean(message)
+    assert "\x1b" not in message
+    assert message == "request r1#0.a1b2c3 failed: the engine step failed"
+
+
+def test_terminal_colour_codes_never_reach_a_client():
+    assert client_message("\x1b[31mworker failed\x1b[0m: out of blocks") == (
+        "worker failed: out of blocks")
+
+
 def test_a_ray_actor_error_keeps_what_happened_only():
     message = client_message(RAY_ACTOR_DIED_TEXT)
     assert_clean(message)
