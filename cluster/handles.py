@@ -66,8 +66,8 @@ class LocalTransport(Transport):
             return True
 
         def pump() -> None:
-            outputs = getattr(self.worker, method)()
             try:
+                outputs = getattr(self.worker, method)()
                 for item in outputs:
                     if not hand_over(item):
                         outputs.close()
