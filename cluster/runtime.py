@@ -18,11 +18,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 
 from cluster.cluster_backend import ClusterBackend
 from cluster.config import ClusterConfig
+from cluster.crash_backoff import CrashBackoff
 from cluster.global_scheduler import GlobalScheduler
 from cluster.pools import WorkerFactory
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 REPLACE_ATTEMPTS = 8  # a lost worker's replacement is retried with backoff up to this often
 REPLACE_MAX_BACKOFF_S = 30.0
-LOSS_MEMORY_S = 300.0  # losses within this window lengthen the next replacement's delay
 
 
 class Cluster:
@@ -49,7 +48,7 @@ class Cluster:
         self._replacements: set[asyncio.Task] = set()
         self._placing: set[asyncio.Task] = set()  # scale-ups waiting for their worker to be
         # placed and ready: cancelled on a loss (not once registering: that leaves no trace)
-        self._losses: list[float] = []  # monotonic times of lost workers (crash-loop backoff)
+        self._backoff = CrashBackoff()  # how long a lost worker's replacement waits
         self._stopping = False
         self.backend.on_worker_lost = self._on_worker_lost
         self.backend.replacement_pending = self.replacement_pending  # new requests wait for it
@@ -123,11 +122,13 @@ class Cluster:
         finally:
             self._placing.discard(task)
         await self.backend.add_worker(handle)
+        self._backoff.ready(handle.worker_id)
         return handle.worker_id
 
     async def remove_worker(self, worker_id: str) -> None:
         """Drain (no new requests; in-flight ones finish), then stop the worker."""
         await self.backend.drain_and_remove(worker_id)
+        self._backoff.forget(worker_id)
         await self.factory.destroy(worker_id)
 
     async def scale(self, role: str, delta: int) -> list[str]:
@@ -172,9 +173,13 @@ class Cluster:
             self._replacing[role] -= 1
 
     async def _replace_with_retries(self, worker_id: str, role: str) -> None:
-        now = time.monotonic()  # workers that keep dying (bad node, OOM at load) back off
-        self._losses = [t for t in self._losses if now - t < LOSS_MEMORY_S] + [now]
-        await asyncio.sleep(min(REPLACE_MAX_BACKOFF_S, 2.0 ** (len(self._losses) - 1) - 1))
+        wait, streak = self._backoff.lost(worker_id)  # a worker line that keeps dying waits
+        if wait:
+            log.warning("replacing lost %s worker %s in %.0f s: its line died %d times soon "
+                        "after starting", role, worker_id, wait, streak)
+            await asyncio.sleep(wait)
+        else:
+            log.info("replacing lost %s worker %s now", role, worker_id)
         try:  # whatever is left of it (a hung actor is killed, its resources freed)
             await self.factory.destroy(worker_id)
         except Exception as exc:
@@ -188,6 +193,7 @@ class Cluster:
                             worker_id, exc, delay)
                 await asyncio.sleep(delay)
             else:
+                self._backoff.ready(new_id, streak)
                 log.info("replaced lost %s worker %s with %s", role, worker_id, new_id)
                 return
         log.error("gave up replacing %s worker %s after %d attempts", role, worker_id,

@@ -203,6 +203,39 @@ def test_decode_worker_death_mid_stream_resumes_with_an_identical_stream(model_d
     assert decode_replicas == 2  # the pool is back to its size
 
 
+def test_a_workers_first_death_is_replaced_at_once_whatever_died_before(model_dir, caplog):
+    """The replacement back-off is per worker line: a decode worker that keeps dying right
+    after it starts waits longer each time, but the prefill worker's first death is
+    replaced at once (a probe saw it wait 15 and 30 s because decode workers had died)."""
+    import logging
+
+    async def lose(cluster, worker_id: str) -> None:
+        _kill(cluster, worker_id)
+        await _until(lambda: cluster._replacements, 10)  # the loss is noticed
+        await asyncio.wait_for(asyncio.gather(*cluster._replacements), 30)
+        _make_killable(cluster)  # the replacement too
+
+    async def main():
+        async with local_cluster(_config(model_dir)) as cluster:
+            _make_killable(cluster)
+            for _ in range(3):  # each decode replacement dies at once
+                decode = next(w for w, h in cluster.backend.workers.items() if h.role == "decode")
+                await lose(cluster, decode)
+            prefill = next(w for w, h in cluster.backend.workers.items() if h.role == "prefill")
+            await lose(cluster, prefill)
+            return prefill, await _stream(cluster.backend, "after", PROMPTS[0], GREEDY)
+
+    with caplog.at_level(logging.INFO, logger="cluster.runtime"):
+        prefill, (tokens, final) = asyncio.run(main())
+    waits = [r.getMessage().split(":")[0] for r in caplog.records
+             if r.getMessage().startswith("replacing lost")]
+    assert waits == ["replacing lost decode worker decode-0 now",
+                     "replacing lost decode worker decode-1 in 1 s",
+                     "replacing lost decode worker decode-2 in 3 s",
+                     f"replacing lost prefill worker {prefill} now"]
+    assert final.finish_reason == "length"
+
+
 def test_prefill_worker_death_retries_prefills_and_leaves_decodes_alone(model_dir, expected):
     """P dies while one request is mid-prefill and others decode: the first is re-prefilled
     (its decode reservation released first), the others are not touched."""
