@@ -556,8 +556,9 @@ class ClusterBackend(ServingBackend):
             raise Migrate("prefill", str(exc)) from exc
         except Exception as exc:  # a Ray error other than death: the request fails
             raise UnavailableError(f"prefill worker {p.worker_id} failed: {exc}") from exc
+        attempt.times.update(result.times)  # its KV transfer starts at its first token
         for key, stamp in result.times.items():
-            flight.timing.setdefault(key, stamp)  # the first attempt's phases count
+            flight.timing.setdefault(key, stamp)  # the first attempt's prefill phases count
         out = BackendOutput(req.request_id, [result.first_token], result.finish_reason,
                             num_prompt_tokens=len(req.prompt_token_ids),
                             num_cached_tokens=result.num_cached_tokens,
@@ -600,7 +601,7 @@ class ClusterBackend(ServingBackend):
 
     def _final(self, flight: Flight, out: BackendOutput, decode_times: dict) -> BackendOutput:
         """Stamp the request's last output with its timing breakdown and migrations."""
-        out.timing = _breakdown(flight.req, flight.timing, decode_times)
+        out.timing = _breakdown(flight.req, flight.timing, flight.attempt.times, decode_times)
         if flight.num_migrations:
             out.timing["migrations"] = float(flight.num_migrations)
             out.timing["migration"] = flight.migration_s
@@ -660,14 +661,18 @@ def _log_late_abort_failure(task: asyncio.Future) -> None:
         log.warning("ending a cancelled request on its worker failed: %s", task.exception())
 
 
-def _breakdown(req: BackendRequest, t: dict, d: dict) -> dict[str, float]:
-    """Seconds per phase from wall-clock stamps (missing stamps give no entry)."""
+def _breakdown(req: BackendRequest, t: dict, last: dict, d: dict) -> dict[str, float]:
+    """Seconds per phase from wall-clock stamps (missing stamps give no entry): the queue
+    and the prefill that gave the first token (``t``: the first attempt's), the KV transfer,
+    decode queue and decode of the attempt that ended the request (``last``: its prefill's
+    stamps, ``d``: its decode worker's). A migrated request's wait between attempts is its
+    ``migration`` entry, in no phase (it was counted as KV transfer)."""
     phases = {
         "router_queue": (req.arrival_time, t.get("placed")),
         "prefill_queue": (t.get("prefill_arrival"), t.get("prefill_start")),
         "prefill_compute": (t.get("prefill_start") or t.get("prefill_arrival"),
                             t.get("first_token")),
-        "kv_transfer": (t.get("first_token"), d.get("kv_landed")),
+        "kv_transfer": (last.get("first_token"), d.get("kv_landed")),
         "decode_queue": (d.get("kv_landed"), d.get("activated")),
         "decode": (d.get("activated") or d.get("local_arrival"), d.get("finished")),
     }

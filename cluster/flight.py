@@ -71,6 +71,7 @@ class Attempt:
     phase: str = "placing"
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     members: dict[str, int] = field(default_factory=dict)  # worker-side id -> sample index
+    times: dict[str, float] = field(default_factory=dict)  # its prefill's wall-clock stamps
 
     def __post_init__(self) -> None:
         self.members.setdefault(self.worker_rid, 0)

@@ -200,7 +200,8 @@ def chunk_to_proto(chunk: GenerateChunk,
                                     completion_tokens=chunk.usage.completion_tokens,
                                     cached_tokens=chunk.usage.cached_tokens))
     if chunk.timing is not None:
-        msg.timing.CopyFrom(pb.Timing(**{k: v for k, v in chunk.timing.items()
+        msg.timing.CopyFrom(pb.Timing(**{k: int(v) if k == "migrations" else v
+                                         for k, v in chunk.timing.items()
                                          if k in _TIMING_FIELDS}))
     return msg
 

@@ -26,6 +26,9 @@ from router.errors import outcome_code
 from router.metrics import ServingMetrics
 from router.types import GenerateChunk, LogprobEntry, PreparedRequest, TopToken, Usage
 
+# A migrated request's timing also carries these (see cluster.cluster_backend._final).
+MIGRATION_TIMING = ("migrations", "migration")
+
 DEADLINE_SLACK_S = 0.05
 """A cancellation this close to the request's deadline is counted as the deadline: the
 client's clock and ours read the same deadline a little apart."""
@@ -143,7 +146,8 @@ class RequestState:
             return chunk
         self._metrics.e2e_request_latency.observe(chunk.timing["e2e"])
         for phase, seconds in chunk.timing.items():
-            self._metrics.request_phase.labels(phase=phase).observe(seconds)
+            if phase != "migrations":  # a count, not seconds
+                self._metrics.request_phase.labels(phase=phase).observe(seconds)
         if "kv_transfer" in chunk.timing:
             self._metrics.kv_transfer_seconds.labels(
                 backend=self._metrics.transfer_backend).observe(chunk.timing["kv_transfer"])
@@ -208,7 +212,8 @@ class RequestState:
         timing = {"router_queue": submitted - arrival, "prefill_queue": 0.0,
                   "prefill_compute": 0.0, "kv_transfer": 0.0, "decode_queue": 0.0,
                   "decode": 0.0}
-        timing.update({k: float(v) for k, v in backend_timing.items() if k in timing})
+        timing.update({k: float(v) for k, v in backend_timing.items()
+                       if k in timing or k in MIGRATION_TIMING})
         first = self._first_token_time if self._first_token_time is not None else now
         timing["ttft"] = first - arrival
         timing["e2e"] = now - arrival

@@ -97,5 +97,10 @@ def _print_stats(final) -> None:
     print(f"finish_reason={final.finish_reason} prompt_tokens={usage.prompt_tokens} "
           f"completion_tokens={usage.completion_tokens} cached_tokens={usage.cached_tokens}",
           file=sys.stderr)
-    timing = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in (final.timing or {}).items())
-    print(f"timing: {timing}", file=sys.stderr)
+    timing = dict(final.timing or {})
+    migrations = int(timing.pop("migrations", 0))
+    if not migrations:
+        timing.pop("migration", None)  # 0 ms of no migration says nothing
+    line = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in timing.items())
+    print(f"timing: {line}" + (f" migrations={migrations}" if migrations else ""),
+          file=sys.stderr)

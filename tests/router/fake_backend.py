@@ -42,6 +42,7 @@ RAY_TASK_ERROR_TEXT = (
     "engine.errors.InvalidRequestError: prompt token ids must be in [0, 1024) "
     "(namespace=7c1e0d6a-3f6b-4b0e-9d5e-2c7d7f5e9a11, node 10.128.0.7:6379)")
 
+MIGRATED_TIMING = {"migrations": 1.0, "migration": 2.5}
 FAKE_TIMING = {"prefill_queue": 0.001, "prefill_compute": 0.002, "kv_transfer": 0.003,
                "decode_queue": 0.004, "decode": 0.005}
 
@@ -150,7 +151,10 @@ class FakeBackend(ServingBackend):
                 produced += ids
                 if finish is not None:
                     finished = True
-                    yield self._final(req, ids, finish)
+                    final = self._final(req, ids, finish)
+                    if "migrated" in prompt:  # as the cluster backend's after a worker died
+                        final.timing.update(MIGRATED_TIMING)
+                    yield final
                     return
                 yield BackendOutput(rid, ids, logprobs=self._logprobs(req, ids),
                                     num_prompt_tokens=len(req.prompt_token_ids))

@@ -193,3 +193,19 @@ def test_list_models_and_model_info(client, tokenizer):
     assert list(info.eos_token_ids) == list(tokenizer.eos_token_ids)
     with pytest.raises(NotFoundError):
         client.model_info("nope")
+
+
+def test_a_migrated_requests_timing_says_how_often_and_how_long_it_waited(stack, client):
+    import httpx
+
+    final = list(client.stream("migrated here", max_tokens=4, temperature=0))[-1]
+    assert final.timing["migrations"] == 1 and final.timing["migration"] == 2.5
+    assert final.timing["kv_transfer"] == pytest.approx(0.003)
+    plain = list(client.stream("hello there", max_tokens=4, temperature=0))[-1]
+    assert plain.timing["migrations"] == 0
+    body = httpx.post(f"{stack.base_url}/v1/completions", timeout=10, json={
+        "model": "fake-model", "prompt": "migrated", "max_tokens": 2}).json()
+    assert body["splitserve"]["timing"]["migrations"] == 1.0
+    metrics = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+    assert 'splitserve_request_phase_seconds_count{phase="migration"}' in metrics
+    assert 'phase="migrations"' not in metrics  # a count is no phase

@@ -235,7 +235,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue", "decode", "ttft", "e2e")
+    __slots__ = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue", "decode", "ttft", "e2e", "migrations", "migration")
     ROUTER_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,8 @@ class Timing(_message.Message):
     DECODE_FIELD_NUMBER: _ClassVar[int]
     TTFT_FIELD_NUMBER: _ClassVar[int]
     E2E_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
     router_queue: float
     prefill_queue: float
     prefill_compute: float
@@ -252,7 +254,9 @@ class Timing(_message.Message):
     decode: float
     ttft: float
     e2e: float
-    def __init__(self, router_queue: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill_compute: _Optional[float] = ..., kv_transfer: _Optional[float] = ..., decode_queue: _Optional[float] = ..., decode: _Optional[float] = ..., ttft: _Optional[float] = ..., e2e: _Optional[float] = ...) -> None: ...
+    migrations: int
+    migration: float
+    def __init__(self, router_queue: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill_compute: _Optional[float] = ..., kv_transfer: _Optional[float] = ..., decode_queue: _Optional[float] = ..., decode: _Optional[float] = ..., ttft: _Optional[float] = ..., e2e: _Optional[float] = ..., migrations: _Optional[int] = ..., migration: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
