@@ -167,6 +167,17 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
 
 
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside a process that owns its signals (``splitserve serve`` stops it with
+    ``HttpServer.stop``). Left to itself uvicorn takes SIGINT and SIGTERM while it serves,
+    then hands each one it caught to the handler it found at start: Ray's, by then, which
+    turns SIGTERM into SystemExit(15), so the process exited 15 mid-shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
 @dataclass
 class HttpServer:
     """A running uvicorn server and the port it bound (useful when asked for port 0)."""
@@ -224,7 +235,7 @@ async def start_http_server(service: GenerationService, host: str = "127.0.0.1",
     except BaseException:
         sock.close()
         raise
-    server = uvicorn.Server(config)
+    server = _EmbeddedServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     return HttpServer(server, task, sock.getsockname()[1])
 

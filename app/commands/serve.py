@@ -212,6 +212,8 @@ async def _serve(config) -> int:
     t0 = time.perf_counter()
     async with wait_ticker(config):
         server = await start_server(config)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init put its own in for SIGTERM
+        loop.add_signal_handler(sig, stop.set)
     await report_workers(server.cluster, time.perf_counter() - t0)
     pools = ", ".join(f"{r}={server.cluster.replicas(r)}" for r in server.cluster.roles)
     print(f"splitserve ready ({pools}, kv={config.transfer.backend}, model "
