@@ -44,20 +44,21 @@ def extension_body(chunk: GenerateChunk) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: list[LogprobEntry] | None,
-                        prompt: list[LogprobEntry] | None = None) -> dict[str, Any] | None:
+                        prompt: list[LogprobEntry] | None = None,
+                        start: int = 0) -> dict[str, Any] | None:
     """OpenAI's legacy logprobs object. ``prompt``: echo, the prompt's entries go first (its
-    first token's logprob and top are None) and ``text_offset`` is filled for the prompt and
-    this chunk's tokens (it stays empty without echo)."""
+    first token's logprob and top are None). ``text_offset``: each token's character offset
+    in the choice's text, the first one's ``start``."""
     if entries is None:
         return None
     if prompt:
         entries = prompt + entries
+    ends = list(accumulate((len(e.token) for e in entries), initial=start))
     return {"tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top}
                              for e in entries],
-            "text_offset": list(accumulate((len(e.token) for e in entries[:-1]), initial=0))
-            if prompt else []}
+            "text_offset": ends[:-1]}
 
 
 def vllm_prompt_logprobs(entries: list[LogprobEntry] | None) -> list[dict | None] | None:
@@ -98,6 +99,7 @@ class CompletionFormat:
         self.created = int(time.time())
         self._echo = echo  # per choice: its prompt's text, to put first
         self._prompt_logprobs = prompt_logprobs  # vLLM's extra: on each choice's first part
+        self._offset: dict[int, int] = {}  # per choice: text_offset of its next token
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -105,8 +107,14 @@ class CompletionFormat:
     def _choice(self, index: int, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
         text = (self._echo[index] if self._echo and first else "") + chunk.text
         prompt = chunk.prompt_logprobs if first else None
-        out = {"index": index, "text": text,
-               "logprobs": completion_logprobs(chunk.logprobs, prompt if self._echo else None),
+        shown = prompt if self._echo else None
+        # an echoed prompt without its tokens' entries still comes first in the text
+        start = len(self._echo[index]) if first and self._echo and not shown else \
+            self._offset.get(index, 0)
+        logprobs = completion_logprobs(chunk.logprobs, shown, start)
+        if logprobs is not None:
+            self._offset[index] = start + sum(len(t) for t in logprobs["tokens"])
+        out = {"index": index, "text": text, "logprobs": logprobs,
                "finish_reason": chunk.finish_reason, "stop_reason": chunk.stop_reason}
         if self._prompt_logprobs and first:
             out["prompt_logprobs"] = vllm_prompt_logprobs(prompt)

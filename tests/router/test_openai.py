@@ -89,6 +89,33 @@ def test_completion_logprobs(oai):
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
 
 
+def _running_offsets(tokens: list[str], start: int = 0) -> list[int]:
+    out = []
+    for token in tokens:
+        out.append(start)
+        start += len(token)
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("echo", [False, True], ids=["plain", "echo"])
+def test_completion_text_offset_has_one_offset_per_token(oai, stream, echo):
+    """As OpenAI and vLLM: each token's character offset in the choice's text (its prompt's
+    first, with echo), running on across a stream's events."""
+    kw = dict(model="fake-model", prompt="hi there", max_tokens=7, logprobs=1, echo=echo)
+    if stream:
+        events = list(oai.completions.create(stream=True, **kw))
+        tokens = [t for e in events if e.choices and e.choices[0].logprobs
+                  for t in e.choices[0].logprobs.tokens]
+        offsets = [o for e in events if e.choices and e.choices[0].logprobs
+                   for o in e.choices[0].logprobs.text_offset]
+    else:
+        lp = oai.completions.create(**kw).choices[0].logprobs
+        tokens, offsets = lp.tokens, lp.text_offset
+    # this fake backend gives no prompt logprobs: an echoed prompt is text only
+    assert len(tokens) == 7 and offsets == _running_offsets(tokens, len(kw["prompt"]) * echo)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"temperature": -2}, "temperature"),
     ({"n": 0}, "n"),
