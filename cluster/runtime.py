@@ -113,7 +113,8 @@ class Cluster:
         finally:
             self._starting[role] -= 1
 
-    async def _start_worker(self, role: str, growth: bool = False) -> str:
+    async def _start_worker(self, role: str, growth: bool = False, streak: int = 0) -> str:
+        """``streak``: a replacement's line count (see ``CrashBackoff``)."""
         task = asyncio.current_task()
         if growth and task is not None:
             self._placing.add(task)
@@ -121,8 +122,9 @@ class Cluster:
             handle = await self.factory.create(role)
         finally:
             self._placing.discard(task)
+        # before registering: a worker lost while it registers is its line's early death too
+        self._backoff.ready(handle.worker_id, streak)
         await self.backend.add_worker(handle)
-        self._backoff.ready(handle.worker_id)
         return handle.worker_id
 
     async def remove_worker(self, worker_id: str) -> None:
@@ -186,14 +188,13 @@ class Cluster:
             log.info("cleaning up lost worker %s: %s", worker_id, exc)
         for attempt in range(REPLACE_ATTEMPTS):
             try:
-                new_id = await self._start_worker(role)  # counted in _replacing meanwhile
+                new_id = await self._start_worker(role, streak=streak)  # in _replacing meanwhile
             except Exception as exc:  # e.g. no node fits yet: back off and retry
                 delay = min(REPLACE_MAX_BACKOFF_S, 2.0**attempt)
                 log.warning("replacing %s worker %s failed (%s); retry in %.0f s", role,
                             worker_id, exc, delay)
                 await asyncio.sleep(delay)
             else:
-                self._backoff.ready(new_id, streak)
                 log.info("replaced lost %s worker %s with %s", role, worker_id, new_id)
                 return
         log.error("gave up replacing %s worker %s after %d attempts", role, worker_id,

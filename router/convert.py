@@ -51,6 +51,12 @@ _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 _TIMING_FIELDS = tuple(f.name for f in pb.Timing.DESCRIPTOR.fields)
 
 
+def _timing_from_proto(timing: pb.Timing) -> dict[str, float]:
+    """As the HTTP extension has it: migrations and migration only for a migrated request."""
+    return {f: getattr(timing, f) for f in _TIMING_FIELDS
+            if timing.migrations or f not in ("migrations", "migration")}
+
+
 # ---- server side -------------------------------------------------------------------------
 
 def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
@@ -305,7 +311,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
         stop_reason=getattr(msg, which) if which else None,
         usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens,
                     msg.usage.cached_tokens) if msg.HasField("usage") else None,
-        timing={f: getattr(msg.timing, f) for f in _TIMING_FIELDS} if final else None,
+        timing=_timing_from_proto(msg.timing) if final else None,
         index=msg.index,
     )
 

@@ -156,8 +156,8 @@ def client_message(text: str) -> str:
             if (m := _exception_line(candidate)) is not None:
                 line = m.group(2) or m.group(1)
                 break
-    elif (m := _QUALIFIED_EXCEPTION_LINE.match(line)) is not None:
-        line = m.group(2) or m.group(1)  # "engine.errors.X: msg" -> "msg"
+    elif (m := _EXCEPTION_LINE.match(line)) is not None and "." in line.split(":", 1)[0]:
+        line = m.group(2) or m.group(1)  # "engine.errors.XError: msg" -> "msg"
     for pattern, repl in _SCRUB:
         line = pattern.sub(repl, line)
     return _valid_unicode(" ".join(line.split()))

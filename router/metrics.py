@@ -67,7 +67,7 @@ _TRANSFER_BUCKETS = _PHASE_BUCKETS
 
 # Phases of the timing breakdown (BackendOutput.timing keys plus the router's own two).
 TIMING_PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer",
-                 "decode_queue", "decode", "ttft", "e2e")
+                 "decode_queue", "decode", "ttft", "e2e", "migration")
 # Label values known in advance: each gets a 0 series at start.
 REQUEST_CODES = ("OK", "INVALID_ARGUMENT", "REQUEST_TOO_LARGE", "NOT_FOUND", "UNAUTHENTICATED",
                  "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",

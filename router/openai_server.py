@@ -157,7 +157,11 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
         # Starlette's and FastAPI's own refusals (unknown route, wrong method, a body that
         # is not JSON) in the same OpenAI shape as ours.
         kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        body = {"error": {"message": str(exc.detail), "type": kind, "param": None,
+        message = str(exc.detail)
+        if exc.status_code == 400:  # a request body FastAPI could not read (not UTF-8)
+            message = f"the request body is not valid JSON ({message.lower()})"
+            service.metrics.requests.labels(code="INVALID_ARGUMENT").inc()
+        body = {"error": {"message": message, "type": kind, "param": None,
                           "code": f"http_{exc.status_code}"}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 

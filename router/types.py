@@ -105,7 +105,9 @@ class GenerateChunk:
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # matched stop string, or the stop token id
     usage: Usage | None = None  # final chunk only
-    timing: dict[str, float] | None = None  # final chunk only; keys in metrics.TIMING_PHASES
+    # final chunk only; keys in metrics.TIMING_PHASES ("migration" and the count
+    # "migrations" only for a request that moved to another worker)
+    timing: dict[str, float] | None = None
     index: int = 0  # which of the request's n samples this chunk belongs to
     # SamplingParams.prompt_logprobs: one entry per prompt token (the first with logprob
     # None), on the request's first chunk only

@@ -112,7 +112,9 @@ def request_records(results: Sequence[RequestResult]) -> list[dict]:
              "sent_s": round(r.sent_s, 4), "ok": r.ok, "error": r.error,
              "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s), "e2e_ms": ms(r.e2e_s),
              "output_tokens": r.output_tokens, "itl_samples": len(r.itl_s),
-             "server_timing_ms": {k: ms(v) for k, v in (r.timing or {}).items()}}
+             "server_timing_ms": {k: ms(v) for k, v in (r.timing or {}).items()
+                                  if k != "migrations"},
+             "migrations": int((r.timing or {}).get("migrations", 0))}
             for r in results]
 
 

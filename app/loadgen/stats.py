@@ -139,11 +139,14 @@ def duration(results: Sequence[RequestResult]) -> float:
 
 
 def server_timing_ms(results: Sequence[RequestResult]) -> dict[str, float]:
-    """Mean of each phase of the server's timing breakdown over completed requests, ms."""
+    """Mean of each phase of the server's timing breakdown over completed requests, ms
+    (``migration``: over the requests that migrated; their count is no phase)."""
     sums: Counter = Counter()
     counts: Counter = Counter()
     for r in results:
         for phase, seconds in (r.timing or {}).items() if r.ok else ():
+            if phase == "migrations":
+                continue
             sums[phase] += seconds
             counts[phase] += 1
     return {phase: sums[phase] / counts[phase] * 1e3 for phase in sums}

@@ -202,7 +202,7 @@ def test_a_migrated_requests_timing_says_how_often_and_how_long_it_waited(stack,
     assert final.timing["migrations"] == 1 and final.timing["migration"] == 2.5
     assert final.timing["kv_transfer"] == pytest.approx(0.003)
     plain = list(client.stream("hello there", max_tokens=4, temperature=0))[-1]
-    assert plain.timing["migrations"] == 0
+    assert "migrations" not in plain.timing and "migration" not in plain.timing
     body = httpx.post(f"{stack.base_url}/v1/completions", timeout=10, json={
         "model": "fake-model", "prompt": "migrated", "max_tokens": 2}).json()
     assert body["splitserve"]["timing"]["migrations"] == 1.0

@@ -145,6 +145,17 @@ def test_summary_goodput_and_percentiles_on_hand_made_requests():
     json.dumps(s, allow_nan=False)
 
 
+def test_a_migration_count_is_no_phase_in_milliseconds():
+    results = [_result(0, 0.1, [0.02], timing={"kv_transfer": 0.002}),
+               _result(1, 0.1, [0.02], timing={"kv_transfer": 0.004, "migrations": 1.0,
+                                                "migration": 2.5})]
+    assert stats.server_timing_ms(results) == pytest.approx(
+        {"kv_transfer": 3.0, "migration": 2500.0})  # migration: over the migrated one
+    rows = report.request_records(results)
+    assert [row["migrations"] for row in rows] == [0, 1]
+    assert rows[1]["server_timing_ms"] == {"kv_transfer": 4.0, "migration": 2500.0}
+
+
 def test_itl_slo_statistic_choice():
     spiky = _result(0, 0.1, [0.01] * 9 + [0.2])  # mean gap 29 ms, one 200 ms stall
     assert stats.meets_slo(spiky, SLO(0.5, 0.05, "tpot"))

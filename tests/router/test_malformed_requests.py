@@ -39,7 +39,8 @@ def test_a_logit_bias_key_that_is_not_a_token_id_is_refused_naming_the_field(fre
     assert _requests_total(fresh.base_url, "INVALID_ARGUMENT") == 1
 
 
-@pytest.mark.parametrize("body", [b"{not json", b'{"model": "fake-model",', b"\xff\xfe"])
+@pytest.mark.parametrize("body", [b"{not json", b'{"model": "fake-model",', b"\xff\xfe",
+                                  b"\xff", b'{"model": "\xff"}', b"\x80{}"])
 def test_a_body_that_is_not_json_is_refused_as_such(fresh, body):
     resp = httpx.post(f"{fresh.base_url}/v1/completions", content=body, timeout=10,
                       headers={"content-type": "application/json"})
