@@ -88,6 +88,7 @@ def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir,
     hand-off, see kv_transfer.torch_dist.send_channel.SenderChannel), but only after the
     step's first tokens are answered: TTFT does not wait for the write."""
     from kv_transfer.torch_dist import PairGroup
+    from kv_transfer.torch_dist import sender as sender_module
 
     config = TransferConfig(backend="torch_dist", timeout_s=20, host="127.0.0.1")
     p = PrefillWorker("p0", str(model_dir), OPTIONS, config)
@@ -116,17 +117,24 @@ def test_first_token_is_answered_before_the_engine_loop_writes_the_kv(model_dir,
 
     d._kv_done = on_done  # reserve() registers this hook with the receiver
     original_announce = p.host.engine.on_last_chunk_scheduled
+    header_sent = threading.Event()
+    original_control_done = sender_module._log_control_failure
+
+    def control_done(handle):  # a control job (here: the ANNOUNCE) completed
+        original_control_done(handle)
+        header_sent.set()
+
+    monkeypatch.setattr(sender_module, "_log_control_failure", control_done)
 
     def announce_then_let_the_header_go(request):
         # The premise of a warm channel: the step's forward pass outlasts posting the
         # announcement's header (a real prefill is orders of magnitude longer). This test's
         # prefill is 23 tokens, so on a loaded host the channel thread could still be on the
-        # header when the payload is submitted: it would then post it, by design.
+        # header when the payload is submitted: it would then post it, by design. The
+        # channel frees itself before it completes the job, so it is idle once this is set.
+        header_sent.clear()
         original_announce(request)
-        deadline = time.monotonic() + 10
-        while any(c._busy or c._jobs for c in p.sender.local._lru.channels()):
-            assert time.monotonic() < deadline, "the announcement never left"
-            time.sleep(0.001)
+        assert header_sent.wait(10), "the announcement never left"
 
     p.host.engine.on_last_chunk_scheduled = announce_then_let_the_header_go
     try:
