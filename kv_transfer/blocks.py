@@ -38,9 +38,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()])
 
 
+# logical [N, L, 2, bs, KVH, D] -> a head-major cache's memory order [N, KVH, L, 2, bs, D]
+_HEADS_OUTER = (0, 4, 1, 2, 3, 5)
+
+
 def heads_outer(kv_cache: torch.Tensor) -> bool:
     """Whether a cache is head-major in memory (see the module docstring)."""
-    return kv_cache.dim() == 6 and kv_cache.permute(0, 4, 1, 2, 3, 5).is_contiguous()
+    return kv_cache.dim() == 6 and kv_cache.permute(_HEADS_OUTER).is_contiguous()
 
 
 def block_index(block_ids: BlockIds, device: torch.device) -> torch.Tensor:
@@ -99,7 +103,7 @@ class BlockViews:
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.num_layers, self.num_heads = kv_cache.shape[1], kv_cache.shape[4]
         self.heads_outer = heads_outer(kv_cache)
-        memory = kv_cache.permute(0, 4, 1, 2, 3, 5) if self.heads_outer else kv_cache
+        memory = kv_cache.permute(_HEADS_OUTER) if self.heads_outer else kv_cache
         self._flat = memory.view(torch.uint8).view(kv_cache.shape[0], -1)
         self._layer_nbytes = self._flat.shape[1] // self.num_layers
         self._head_nbytes = self._flat.shape[1] // self.num_heads
@@ -193,8 +197,8 @@ def _scatter_cpu_heads_outer(kv_cache: torch.Tensor, idx: torch.Tensor, buffer: 
     transposed view (no copy), into the (block, head) rows of the cache's memory. 16 MiB of
     whole bf16 blocks: 1.4 ms, against 1.2 ms token-major and 7.8 ms for ``index_copy_`` on
     the strided view (dev VM)."""
-    memory = _bits(kv_cache.permute(0, 4, 1, 2, 3, 5)).numpy()  # [N, KVH, L, 2, bs, D]
-    src = np.transpose(_bits(buffer).numpy(), (0, 4, 1, 2, 3, 5))  # [n, heads, L', 2, bs, D]
+    memory = _bits(kv_cache.permute(_HEADS_OUTER)).numpy()  # [N, KVH, L, 2, bs, D]
+    src = np.transpose(_bits(buffer).numpy(), _HEADS_OUTER)  # [n, heads, L', 2, bs, D]
     head_ids = np.arange(memory.shape[1])[heads]
     memory[idx.numpy()[:, None], head_ids[None, :], layers] = src
 

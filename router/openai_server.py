@@ -144,12 +144,12 @@ def _install_error_handlers(app: FastAPI, service: GenerationService) -> None:
             at = f" at position {loc[0]}" if loc else ""
             info = ErrorInfo("INVALID_ARGUMENT", f"the request body is not valid JSON"
                              f"{': ' + str(detail) if detail else ''}{at}")
-            service.metrics.requests.labels(code=info.code).inc()
-            return JSONResponse(openai_error_body(info), status_code=http_status(info))
-        if first.get("type") == "extra_forbidden":  # never silently ignored: see docs/api.md
-            why = "unknown field; this server does not implement it (docs/api.md lists the fields)"
-        info = ErrorInfo("INVALID_ARGUMENT", f"{'.'.join(loc) or 'body'}: {why}",
-                         loc[0] if loc else None)
+        else:
+            if first.get("type") == "extra_forbidden":  # never silently ignored: docs/api.md
+                why = ("unknown field; this server does not implement it (docs/api.md lists "
+                       "the fields)")
+            info = ErrorInfo("INVALID_ARGUMENT", f"{'.'.join(loc) or 'body'}: {why}",
+                             loc[0] if loc else None)
         service.metrics.requests.labels(code=info.code).inc()
         return JSONResponse(openai_error_body(info), status_code=http_status(info))
 
