@@ -37,7 +37,13 @@ the prefill ranks' ``send`` (announced ``--lead-ms`` before, as the prefill work
 until every decode rank reported its request complete, against raw: one gloo send/recv of
 the same bytes per route (a rank's routes posted from a thread each), over separate
 two-rank groups between the same processes, the receives posted before the clock, the same
-idle gap before it. Alternating order, medians
+idle gap before it; and (head-major caches) against raw in ours's messages, "rawm": the
+same groups sending per route the messages ours sends (a message per block for a slice of
+either side's heads, else one per run of blocks contiguous in both caches). That is gloo's
+own cost of those messages: rawm/raw is the best ours/raw can be with them (32 messages of
+256 KiB per route cost gloo 0.73-0.94 of one 8 MiB message on the 2-core VM), ours/rawm
+what ours adds. The triggers are alike: one small pipe message per sender ("go"), the
+request known to each side since before the clock. Alternating order, medians
 of ``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
 scattered over the caches or contiguous (``--layouts``), with the ranks' caches laid out as
 the engine's (head-major: every head range of a block is contiguous, so a route's head
@@ -48,7 +54,7 @@ against its heads of the source. Beside the token-major rows, that copy timed al
 the bound it sets, raw / (raw + copy): on 2 cores the transfer keeps both busy, so the copy
 cannot overlap it. Written to ``--transfer-out``.
 
-The block layouts and ours and raw take turns, each in every position in rotation, so that
+The block layouts and the contenders take turns, each in every position in rotation, so that
 all see the same phases of the run: measured one layout after the other, whichever ran first in a
 process came out up to 0.25 lower or higher (1->2: 0.52-0.68 first, 0.76-0.90 second, or
 the other way round after a change that made the ranks busy before), on the 2-core VM.
@@ -225,8 +231,9 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
             receiver.expect(rid, dst, lambda r, e: reply("done", None if e is None else str(e)),
                             parts=parts)
             reply("ready")
-        elif msg[0] == "raw":
-            works = [group.recv([buf], 0, 0) for group, buf in raw.values()]
+        elif msg[0] == "raw":  # splits: route index -> its message sizes
+            works = [group.recv([part], 0, 0) for i, (group, buf) in raw.items()
+                     for part in torch.split(buf, msg[1][i])]
             reply("ready")
             for work in works:
                 work.wait()
@@ -254,7 +261,7 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
     lo, hi = heads
     kv = rank_cache(full_kv(num_blocks, kv_model)[:, :, :, :, lo:hi], cache_layout)
     sender = TorchDistSender(transfer_config(), kv, name=f"prefill-{rank}", heads=heads)
-    raw: list[tuple] = []  # (group, send buffer) per route of this rank
+    raw: list[tuple] = []  # (route index, group, send buffer) per route of this rank
     handles: list = []
     while (msg := conn.recv())[0] != "stop":
         if msg[0] == "raw_groups":  # [(route index, host, port, bytes)], in global order
@@ -262,33 +269,39 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
                 store = dist.TCPStore(host, port, is_master=False)
                 group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 0)
                 # written bytes (fresh pages read as one shared zero page)
-                raw.append((group, torch.full((nbytes,), 7, dtype=torch.uint8)))
+                raw.append((i, group, torch.full((nbytes,), 7, dtype=torch.uint8)))
             conn.send(("ready",))
         elif msg[0] == "prepare":  # as the prefill worker: announced a step ahead
             _, rid, routes, src, dst = msg
             for peer, route_heads in routes:
                 sender.announce(rid, peer, src, dst, heads=route_heads)
             conn.send(("ready",))
-        elif msg[0] == "go":
-            _, rid, routes, src, dst = msg
+        elif msg[0] == "go":  # as small as raw's go: the request is known since "prepare"
             with sender.deferred_writes():  # as the prefill worker sends a step's KV
                 handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
                            for peer, route_heads in routes]
+        elif msg[0] == "raw_prep":  # splits: route index -> its message sizes
+            parts = [(group, torch.split(buf, msg[1][i])) for i, group, buf in raw]
+            conn.send(("ready",))
         elif msg[0] == "raw_go":
             # one thread per route (gloo writes in the posting thread until the socket is
             # full: posted from one thread, a second route started late), as ours writes
-            posters = [threading.Thread(target=lambda g=group, b=buf: g.send([b], 1, 0).wait())
-                       for group, buf in raw[1:]]
+            posters = [threading.Thread(target=_raw_send, args=route) for route in parts[1:]]
             for poster in posters:
                 poster.start()
-            if raw:
-                raw[0][0].send([raw[0][1]], 1, 0).wait()
+            if parts:
+                _raw_send(*parts[0])
             for poster in posters:
                 poster.join()
         elif msg[0] == "results":
             errors = [str(h.error) for h in handles if h.wait(60) and h.error is not None]
             conn.send(("results", errors))
     sender.close()
+
+
+def _raw_send(group, messages) -> None:
+    works = [group.send([m], 1, 0) for m in messages]
+    works[-1].wait()  # a pair's sends complete in order
 
 
 def expect(conn, kind: str):
@@ -339,7 +352,14 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
         per_src = [[(hello[r.dst_rank][0], r.heads) for r in routes_from(routes, s)]
                    for s in range(p)]
         parts = [parts_for(routes, r) for r in range(d)]
-        rows = _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts,
+        ids = _block_ids(layouts, n, num_blocks)
+        splits = {layout: {"raw": {i: [b] for i, b in enumerate(route_bytes)}}
+                  for layout in layouts}
+        if cache_layout == "head-major":  # the messages ours sends (see the docstring)
+            for layout in layouts:
+                splits[layout]["raw_msgs"] = _our_messages(
+                    routes, src_heads, dst_heads, *ids[layout], route_bytes)
+        rows = _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts,
                               sum(route_bytes), p, d, args)
         for row in rows:
             row["cache"] = cache_layout
@@ -356,8 +376,8 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
             proc.join(timeout=60)
 
 
-def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d, args
-                   ) -> list[dict]:
+def _block_ids(layouts, n: int, num_blocks: int) -> dict[str, list[list[int]]]:
+    """layout -> [source block ids, destination block ids] of the request."""
     gen = torch.Generator().manual_seed(n)
     ids = {}
     for layout in layouts:
@@ -366,11 +386,35 @@ def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d,
                            for _ in range(2)]
         else:
             ids[layout] = [list(range(3, 3 + n)), list(range(n + 5, 2 * n + 5))]
-    times = {layout: {"ours": [], "raw": []} for layout in layouts}
+    return ids
+
+
+def _our_messages(routes, src_heads, dst_heads, src, dst, route_bytes) -> dict[int, list[int]]:
+    """Route index -> the sizes of the messages ours sends between head-major caches: one
+    per block where the route is a slice of either side's heads (SLICED), else one per run
+    of blocks contiguous in both caches (at most ``MAX_RUN_BYTES``)."""
+    from kv_transfer import blocks
+    from kv_transfer.header import MAX_RUN_BLOCKS, MAX_RUN_BYTES
+
+    out = {}
+    for i, r in enumerate(routes):
+        block_bytes = route_bytes[i] // len(src)
+        if r.heads != src_heads[r.src_rank] or r.heads != dst_heads[r.dst_rank]:
+            out[i] = [block_bytes] * len(src)
+        else:
+            longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
+            out[i] = [run * block_bytes for run in blocks.contiguous_runs(src, dst, longest)]
+    return out
+
+
+def _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts, nbytes, p, d, args
+                   ) -> list[dict]:
+    contenders = {layout: ["ours", *splits[layout]] for layout in layouts}
+    times = {layout: {which: [] for which in contenders[layout]} for layout in layouts}
     lead_s = args.lead_ms / 1e3
     # the first reps warm up (channels open, the sockets' buffers grow): untimed, alike
-    # every (layout, ours or raw) takes every position in turn (a rotation per rep)
-    turns = [(layout, which) for layout in layouts for which in ("ours", "raw")]
+    # every (layout, contender) takes every position in turn (a rotation per rep)
+    turns = [(layout, which) for layout in layouts for which in contenders[layout]]
     for rep in range(args.transfer_warmup + args.transfer_reps):
         k = rep % len(turns)
         for layout, which in turns[k:] + turns[:k]:
@@ -379,7 +423,7 @@ def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d,
                 elapsed = _time_ours(f"{layout}-{rep}", src, dst, rx, tx, per_src, parts,
                                      lead_s)
             else:
-                elapsed = _time_raw(rx, tx, lead_s)
+                elapsed = _time_raw(rx, tx, lead_s, splits[layout][which])
             if rep >= args.transfer_warmup:
                 times[layout][which].append(elapsed)
     rows = []
@@ -395,11 +439,17 @@ def _bench_layouts(layouts, n, num_blocks, rx, tx, per_src, parts, nbytes, p, d,
             raise RuntimeError(f"benchmark: {p}->{d} {layout}: wrong KV landed or {errors}")
         ours, base = times[layout]["ours"], times[layout]["raw"]
         med_ours, med_raw = statistics.median(ours), statistics.median(base)
-        rows.append({
+        row = {
             "p": p, "d": d, "layout": layout, "tokens": args.transfer_tokens, "bytes": nbytes,
             "ours_s": ours, "raw_s": base, "ours_median_s": med_ours, "raw_median_s": med_raw,
             "ours_GBps": nbytes / med_ours / 1e9, "raw_GBps": nbytes / med_raw / 1e9,
-            "ratio": med_raw / med_ours})
+            "ratio": med_raw / med_ours}
+        if "raw_msgs" in times[layout]:  # raw gloo in ours's messages: gloo's share
+            med_msgs = statistics.median(times[layout]["raw_msgs"])
+            row.update(raw_msgs_s=times[layout]["raw_msgs"], raw_msgs_median_s=med_msgs,
+                       messages_per_route=max(map(len, splits[layout]["raw_msgs"].values())),
+                       raw_msgs_over_raw=med_raw / med_msgs, ours_over_raw_msgs=med_msgs / med_ours)
+        rows.append(row)
     return rows
 
 
@@ -449,18 +499,21 @@ def _time_ours(rid, src, dst, rx, tx, per_src, parts, lead_s: float) -> float:
         expect(conn, "ready")
     time.sleep(lead_s)  # the last prefill chunk's forward pass
     t0 = time.perf_counter()
-    for conn, routes in zip(tx, per_src, strict=True):
-        conn.send(("go", rid, routes, src, dst))
+    for conn in tx:
+        conn.send(("go",))
     for conn in rx:
         expect(conn, "done")
     return time.perf_counter() - t0
 
 
-def _time_raw(rx, tx, lead_s: float) -> float:
-    """The same bytes per pair as one contiguous send/recv each, receives posted ahead."""
+def _time_raw(rx, tx, lead_s: float, splits: dict[int, list[int]]) -> float:
+    """The same bytes per pair (``splits``: route index -> its messages' sizes: one, or
+    those ours sends) as contiguous sends/recvs, every receive posted ahead."""
     for conn in rx:
-        conn.send(("raw",))
-    for conn in rx:
+        conn.send(("raw", splits))
+    for conn in tx:
+        conn.send(("raw_prep", splits))
+    for conn in rx + tx:
         expect(conn, "ready")
     time.sleep(lead_s)  # the same idle gap before the clock as ours
     t0 = time.perf_counter()
@@ -480,17 +533,23 @@ def run_transfer(args) -> None:
           f"{heads} KV heads x {head_dim}, bf16, block {BLOCK}), "
           f"{args.transfer_tokens} tokens, median of {args.transfer_reps}")
     print(f"{'p->d':>5} {'cache':>11} {'layout':>10} {'MiB':>6} {'ours ms':>8} {'raw ms':>8} "
-          f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8} {'copy ms':>8} {'bound':>6}")
+          f"{'ours GB/s':>9} {'raw GB/s':>9} {'ours/raw':>8} {'msgs':>5} {'rawm ms':>8} "
+          f"{'rawm/raw':>8} {'ours/rawm':>9} {'copy ms':>8} {'bound':>6}")
     for r in rows:
+        msgs = (f"{r['messages_per_route']:5d} {r['raw_msgs_median_s'] * 1e3:8.2f} "
+                f"{r['raw_msgs_over_raw']:8.2f} {r['ours_over_raw_msgs']:9.2f}"
+                if "raw_msgs_median_s" in r else f"{'-':>5} {'-':>8} {'-':>8} {'-':>9}")
         print(f"{r['p']}->{r['d']:<2} {r['cache']:>11} {r['layout']:>10} "
               f"{r['bytes'] / 2**20:6.1f} "
               f"{r['ours_median_s'] * 1e3:8.2f} {r['raw_median_s'] * 1e3:8.2f} "
-              f"{r['ours_GBps']:9.2f} {r['raw_GBps']:9.2f} {r['ratio']:8.2f} "
+              f"{r['ours_GBps']:9.2f} {r['raw_GBps']:9.2f} {r['ratio']:8.2f} {msgs} "
               f"{r['relayout_ms']:8.2f} {r['sequential_bound']:6.2f}")
     print("cache: the ranks' cache layout (head-major: the engine's, head slices sent in "
-          "place; token-major: contiguous, as before); copy ms: the head-slice gather/scatter "
-          "a token-major cache needs (one thread); bound: raw / (raw + copy), the best ratio "
-          "when the copy cannot overlap the transfer")
+          "place; token-major: contiguous, as before); msgs: messages per route ours sends; "
+          "rawm: raw gloo sending ours's messages (gloo's own cost of them: rawm/raw is the "
+          "best ours/raw can be with those messages, ours/rawm what ours adds); copy ms: "
+          "the head-slice gather/scatter a token-major cache needs (one thread); bound: "
+          "raw / (raw + copy), the best ratio when the copy cannot overlap the transfer")
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average": os.getloadavg()},
               "args": {k: v for k, v in vars(args).items()

@@ -26,12 +26,14 @@ _LAST_TAG = 2**31 - 2  # 2**31 - 1 is the link watch's (``wire.LINK_TAG``)
 @dataclasses.dataclass
 class _Announced:
     """An announcement not settled yet: its ANNOUNCE job (channel, tag, runs, source ids),
-    the reserved ids, and its DATA header made ahead (with its bytes)."""
+    the reserved ids, and its DATA header and messages made ahead (the header's bytes, the
+    messages' views into the cache: None if they are gathered)."""
 
     job: SendJob
     dst_ids: list[int]
     data: TransferHeader
     encoded: torch.Tensor
+    messages: list[torch.Tensor] | None
 
 
 def _log_control_failure(handle: TransferHandle) -> None:

@@ -52,7 +52,12 @@ from kv_transfer.header import (
     max_runs,
 )
 from kv_transfer.torch_dist.announcements import _Announced, _log_control_failure
-from kv_transfer.torch_dist.send_channel import ChannelLRU, SenderChannel, SendJob
+from kv_transfer.torch_dist.send_channel import (
+    ChannelLRU,
+    SenderChannel,
+    SendJob,
+    in_place_messages,
+)
 from kv_transfer.torch_dist.wire import PairGroup, choose_wire
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,7 @@ class TorchDistSender(KVSender):
         self._announced: dict[str, dict[_RouteKey, _Announced]] = {}
         self._closed = False
         self._heads_outer = blocks.heads_outer(kv_cache)
+        self._views = blocks.BlockViews(kv_cache)  # an announced payload's messages
         self._deferred = threading.local()  # .jobs: this thread's posts held back, or None
 
     def announce(self, request_id: str, peer: Endpoint, src_block_ids: Sequence[int],
@@ -121,8 +127,9 @@ class TorchDistSender(KVSender):
                 channel.settle()
                 return False
             data = dataclasses.replace(header, kind=DATA)  # made now: send() stays short
+            messages = in_place_messages(self._views, self.heads[0], data, src_ids)
             self._announced.setdefault(request_id, {})[key] = _Announced(
-                job, dst_ids, data, data.encode())
+                job, dst_ids, data, data.encode(), messages)
         job.handle.add_done_callback(_log_control_failure)
         return True
 
@@ -142,10 +149,10 @@ class TorchDistSender(KVSender):
             self._retract(other.job.channel, other.job.header)
             other.job.channel.settle()
         announced_on = ann.job.channel if ann is not None else None
-        header, encoded = None, None
+        header, encoded, messages = None, None, None
         if ann is not None:  # as announced (same blocks and peer), else retracted
             if self._matches(ann, peer, src_ids, layers, dst_block_ids, heads):
-                header, encoded = ann.data, ann.encoded
+                header, encoded, messages = ann.data, ann.encoded, ann.messages
             else:
                 self._retract(announced_on, ann.job.header)
         if header is None:
@@ -155,7 +162,7 @@ class TorchDistSender(KVSender):
                 if isinstance(error, LayoutMismatch):
                     self._refuse(request_id, peer, len(src_ids), layers, heads)
                 return fail_fast(handle, error)
-        job = SendJob(header, src_ids, handle, encoded=encoded, peer=peer)
+        job = SendJob(header, src_ids, handle, encoded=encoded, messages=messages, peer=peer)
         with self._lock:
             if self._closed:
                 return fail_fast(handle, PeerClosed(request_id, peer.describe(), "sender closed"))
@@ -166,7 +173,7 @@ class TorchDistSender(KVSender):
             if channel is None or not channel.submit(job):
                 if header.tag != DATA_TAG:  # a fresh channel: unannounced
                     job.header = self._plain(job.header, src_ids, dst_block_ids)
-                    job.encoded = None
+                    job.encoded = job.messages = None  # its runs may differ
                 self._lru.drop(announced_on if channel is None else channel)
                 self._lru.get(peer).submit(job)
         if announced_on is not None:  # its DATA or RETRACT is queued: the channel may idle
