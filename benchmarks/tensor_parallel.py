@@ -31,28 +31,27 @@ bandwidth per decode step, NCCL all-reduces of ~10-30 us over NVLink) needs N de
 sizes (``kv_transfer.reshard``), prefill TP=p -> decode TP=d for ``--transfer-cases`` (2to1,
 1to2, 2to2): each rank is a process of its own (torch.multiprocessing, spawn) holding its
 heads of a Llama-3.2-1B-shaped cache (16 layers x 8 KV heads x 64 dims, bf16, block 16;
-``--kv-model`` llama-3-8b or llama-3-70b for their larger blocks),
-and every route of the plan is a torch_dist pair channel over gloo on loopback. Timed from
-the prefill ranks' ``send`` (announced ``--lead-ms`` before, as the prefill worker does)
-until every decode rank reported its request complete, against raw: one gloo send/recv of
-the same bytes per route (a rank's routes posted from a thread each), over separate
-two-rank groups between the same processes, the receives posted before the clock, the same
-idle gap before it; and (head-major caches) against raw in ours's messages, "rawm": the
-same groups sending per route the messages ours sends (a message per block for a slice of
-either side's heads, else one per run of blocks contiguous in both caches). That is gloo's
-own cost of those messages: rawm/raw is the best ours/raw can be with them (32 messages of
-256 KiB per route cost gloo 0.73-0.94 of one 8 MiB message on the 2-core VM), ours/rawm
-what ours adds. The triggers are alike: one small pipe message per sender ("go"), the
-request known to each side since before the clock. Alternating order, medians
-of ``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
+``--kv-model`` llama-3-8b or llama-3-70b for their larger blocks), and every route of the
+plan is a torch_dist pair channel over gloo on loopback. Timed from the prefill ranks'
+``send`` (announced ``--lead-ms`` before, as the prefill worker does) until every decode
+rank reported its request complete, against raw: one gloo send/recv of the same bytes per
+route (a rank's routes posted from a thread each), over separate two-rank groups between the
+same processes, the receives posted before the clock, the same idle gap before it; and
+(head-major caches) against raw in ours's messages, "rawm": the same groups sending per
+route the messages ours sends (a message per block for a slice of either side's heads, else
+one per run of blocks contiguous in both caches), from and into the same blocks of the
+caches. That is gloo's own cost of those messages: rawm/raw is the best ours/raw can be with
+them, ours/rawm what ours adds. The triggers are alike: one small pipe message per sender
+("go"), the request known to each side since before the clock. Alternating order, medians of
+``--transfer-reps``, ratio raw/ours (1.0 = as fast as raw), for the request's blocks
 scattered over the caches or contiguous (``--layouts``), with the ranks' caches laid out as
-the engine's (head-major: every head range of a block is contiguous, so a route's head
-slice moves straight from cache to cache) and, for comparison, token-major (contiguous, a
-token's heads side by side, the layout before: a head slice is gathered on the sender or
-scattered on the receiver) (``--cache-layouts``); every decode rank's blocks are checked
-against its heads of the source. Beside the token-major rows, that copy timed alone, and
-the bound it sets, raw / (raw + copy): on 2 cores the transfer keeps both busy, so the copy
-cannot overlap it. Written to ``--transfer-out``.
+the engine's (head-major: every head range of a block is contiguous, so a route's head slice
+moves straight from cache to cache) and, for comparison, token-major (contiguous, a token's
+heads side by side, the layout before: a head slice is gathered on the sender or scattered
+on the receiver) (``--cache-layouts``); every decode rank's blocks are checked against its
+heads of the source. Beside the token-major rows, that copy timed alone, and the bound it
+sets, raw / (raw + copy): on 2 cores the transfer keeps both busy, so the copy cannot
+overlap it. Written to ``--transfer-out``.
 
 The block layouts and the contenders take turns, each in every position in rotation, so that
 all see the same phases of the run: measured one layout after the other, whichever ran first in a
@@ -219,21 +218,21 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
         with lock:
             conn.send(msg)
 
-    raw: dict[int, tuple] = {}  # route index -> (group, receive buffer)
+    raw: dict[int, tuple] = {}  # route index -> (group, receive buffer, route's heads)
     while (msg := conn.recv())[0] != "stop":
-        if msg[0] == "raw_groups":  # [(route index, bytes)], in global route order
-            for i, nbytes in msg[1]:
+        if msg[0] == "raw_groups":  # [(route index, bytes, heads)], in global route order
+            for i, nbytes, route_heads in msg[1]:
                 group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 1)
-                raw[i] = (group, torch.empty(nbytes, dtype=torch.uint8))
+                raw[i] = (group, torch.empty(nbytes, dtype=torch.uint8), route_heads)
             reply("ready")
         elif msg[0] == "expect":
             _, rid, dst, parts = msg
             receiver.expect(rid, dst, lambda r, e: reply("done", None if e is None else str(e)),
                             parts=parts)
             reply("ready")
-        elif msg[0] == "raw":  # splits: route index -> its message sizes
-            works = [group.recv([part], 0, 0) for i, (group, buf) in raw.items()
-                     for part in torch.split(buf, msg[1][i])]
+        elif msg[0] == "raw":  # route index -> its messages (see _raw_messages)
+            works = [group.recv([m], 0, 0) for i, (group, buf, route_heads) in raw.items()
+                     for m in _raw_messages(kv, buf, msg[1][i], route_heads, heads, 1)]
             reply("ready")
             for work in works:
                 work.wait()
@@ -261,15 +260,16 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
     lo, hi = heads
     kv = rank_cache(full_kv(num_blocks, kv_model)[:, :, :, :, lo:hi], cache_layout)
     sender = TorchDistSender(transfer_config(), kv, name=f"prefill-{rank}", heads=heads)
-    raw: list[tuple] = []  # (route index, group, send buffer) per route of this rank
+    raw: list[tuple] = []  # (route index, group, send buffer, heads) per route of this rank
     handles: list = []
     while (msg := conn.recv())[0] != "stop":
-        if msg[0] == "raw_groups":  # [(route index, host, port, bytes)], in global order
-            for i, host, port, nbytes in msg[1]:
+        if msg[0] == "raw_groups":  # [(route index, host, port, bytes, heads)], in order
+            for i, host, port, nbytes, route_heads in msg[1]:
                 store = dist.TCPStore(host, port, is_master=False)
                 group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 0)
                 # written bytes (fresh pages read as one shared zero page)
-                raw.append((i, group, torch.full((nbytes,), 7, dtype=torch.uint8)))
+                raw.append((i, group, torch.full((nbytes,), 7, dtype=torch.uint8),
+                            route_heads))
             conn.send(("ready",))
         elif msg[0] == "prepare":  # as the prefill worker: announced a step ahead
             _, rid, routes, src, dst = msg
@@ -280,8 +280,9 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
             with sender.deferred_writes():  # as the prefill worker sends a step's KV
                 handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
                            for peer, route_heads in routes]
-        elif msg[0] == "raw_prep":  # splits: route index -> its message sizes
-            parts = [(group, torch.split(buf, msg[1][i])) for i, group, buf in raw]
+        elif msg[0] == "raw_prep":  # route index -> its messages (see _raw_messages)
+            parts = [(group, _raw_messages(kv, buf, msg[1][i], route_heads, heads, 0))
+                     for i, group, buf, route_heads in raw]
             conn.send(("ready",))
         elif msg[0] == "raw_go":
             # one thread per route (gloo writes in the posting thread until the socket is
@@ -297,6 +298,21 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
             errors = [str(h.error) for h in handles if h.wait(60) and h.error is not None]
             conn.send(("results", errors))
     sender.close()
+
+
+def _raw_messages(kv, buf, spec, route_heads, heads, side: int) -> list[torch.Tensor]:
+    """A route's raw messages on one side (0: sender, 1: receiver): ``buf`` whole if
+    ``spec`` is None, else the messages ours sends (``_our_messages``), as views into this
+    rank's cache, so that raw moves them from and into the same memory."""
+    if spec is None:
+        return [buf]
+    from kv_transfer import blocks
+
+    views, lo = blocks.BlockViews(kv), heads[0]
+    part = None if tuple(route_heads) == tuple(heads) else (route_heads[0] - lo,
+                                                            route_heads[1] - lo)
+    every_layer = (0, kv.shape[1])
+    return [views(ids[side], every_layer, count, part) for *ids, count in spec]
 
 
 def _raw_send(group, messages) -> None:
@@ -342,23 +358,22 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
         route_bytes = [n * layers * 2 * BLOCK * (r.heads[1] - r.heads[0]) * head_dim
                        * KV_DTYPE.itemsize for r in routes]
         for conn, _ in zip(rx, dst_heads, strict=True):  # groups joined in route order
-            conn.send(("raw_groups", [(i, route_bytes[i]) for i, r in enumerate(routes)
+            conn.send(("raw_groups", [(i, route_bytes[i], r.heads) for i, r in enumerate(routes)
                                       if rx[r.dst_rank] is conn]))
         for s, conn in enumerate(tx):
-            conn.send(("raw_groups", [(i, "127.0.0.1", hello[r.dst_rank][1], route_bytes[i])
-                                      for i, r in enumerate(routes) if r.src_rank == s]))
+            conn.send(("raw_groups", [(i, "127.0.0.1", hello[r.dst_rank][1], route_bytes[i],
+                                       r.heads) for i, r in enumerate(routes) if r.src_rank == s]))
         for conn in rx + tx:
             expect(conn, "ready")
         per_src = [[(hello[r.dst_rank][0], r.heads) for r in routes_from(routes, s)]
                    for s in range(p)]
         parts = [parts_for(routes, r) for r in range(d)]
         ids = _block_ids(layouts, n, num_blocks)
-        splits = {layout: {"raw": {i: [b] for i, b in enumerate(route_bytes)}}
-                  for layout in layouts}
+        splits = {layout: {"raw": dict.fromkeys(range(len(routes)))} for layout in layouts}
         if cache_layout == "head-major":  # the messages ours sends (see the docstring)
             for layout in layouts:
                 splits[layout]["raw_msgs"] = _our_messages(
-                    routes, src_heads, dst_heads, *ids[layout], route_bytes)
+                    routes, src_heads, dst_heads, *ids[layout], route_bytes[0] // n)
         rows = _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts,
                               sum(route_bytes), p, d, args)
         for row in rows:
@@ -389,21 +404,26 @@ def _block_ids(layouts, n: int, num_blocks: int) -> dict[str, list[list[int]]]:
     return ids
 
 
-def _our_messages(routes, src_heads, dst_heads, src, dst, route_bytes) -> dict[int, list[int]]:
-    """Route index -> the sizes of the messages ours sends between head-major caches: one
-    per block where the route is a slice of either side's heads (SLICED), else one per run
-    of blocks contiguous in both caches (at most ``MAX_RUN_BYTES``)."""
+def _our_messages(routes, src_heads, dst_heads, src, dst, block_bytes: int
+                  ) -> dict[int, list[tuple[int, int, int]]]:
+    """Route index -> the messages ours sends between head-major caches, each (first source
+    block, first destination block, blocks): one per block where the route is a slice of
+    either side's heads (SLICED), else one per run of blocks contiguous in both caches (at
+    most ``MAX_RUN_BYTES``). ``block_bytes``: a route's bytes per block (routes carry
+    equal head counts here)."""
     from kv_transfer import blocks
     from kv_transfer.header import MAX_RUN_BLOCKS, MAX_RUN_BYTES
 
     out = {}
     for i, r in enumerate(routes):
-        block_bytes = route_bytes[i] // len(src)
         if r.heads != src_heads[r.src_rank] or r.heads != dst_heads[r.dst_rank]:
-            out[i] = [block_bytes] * len(src)
-        else:
-            longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
-            out[i] = [run * block_bytes for run in blocks.contiguous_runs(src, dst, longest)]
+            out[i] = [(s, d, 1) for s, d in zip(src, dst, strict=True)]
+            continue
+        longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
+        out[i], k = [], 0
+        for run in blocks.contiguous_runs(src, dst, longest):
+            out[i].append((src[k], dst[k], run))
+            k += run
     return out
 
 
@@ -506,9 +526,10 @@ def _time_ours(rid, src, dst, rx, tx, per_src, parts, lead_s: float) -> float:
     return time.perf_counter() - t0
 
 
-def _time_raw(rx, tx, lead_s: float, splits: dict[int, list[int]]) -> float:
-    """The same bytes per pair (``splits``: route index -> its messages' sizes: one, or
-    those ours sends) as contiguous sends/recvs, every receive posted ahead."""
+def _time_raw(rx, tx, lead_s: float, splits: dict[int, list | None]) -> float:
+    """The same bytes per pair (``splits``: route index -> None: one message between
+    buffers, else the messages ours sends, between the caches), every receive posted
+    ahead."""
     for conn in rx:
         conn.send(("raw", splits))
     for conn in tx:
