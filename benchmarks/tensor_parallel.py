@@ -237,6 +237,10 @@ def receiver_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layo
             for work in works:
                 work.wait()
             reply("done", None)
+        elif msg[0] == "clear":  # before the checked transfer: nothing earlier may pass it
+            kv_blocks = blocks.block_index(msg[1], kv.device)
+            kv.index_fill_(0, kv_blocks, 0)
+            reply("ready")
         elif msg[0] == "check":
             _, src, dst = msg
             want = blocks.gather(full_kv(num_blocks, kv_model), src)[:, :, :, :, lo:hi]
@@ -276,7 +280,8 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
             for peer, route_heads in routes:
                 sender.announce(rid, peer, src, dst, heads=route_heads)
             conn.send(("ready",))
-        elif msg[0] == "go":  # as small as raw's go: the request is known since "prepare"
+        elif msg[0] == "go":  # as small as raw's go: the request (rid, routes, src, dst)
+            # is the one the last "prepare" announced
             with sender.deferred_writes():  # as the prefill worker sends a step's KV
                 handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
                            for peer, route_heads in routes]
@@ -335,6 +340,7 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
     import torch.multiprocessing as mp
 
     from engine.parallel.shard import Shard
+    from kv_transfer.header import max_runs
     from kv_transfer.reshard import parts_for, plan_routes, routes_from
 
     n = args.transfer_tokens // BLOCK
@@ -371,9 +377,11 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
         ids = _block_ids(layouts, n, num_blocks)
         splits = {layout: {"raw": dict.fromkeys(range(len(routes)))} for layout in layouts}
         if cache_layout == "head-major":  # the messages ours sends (see the docstring)
+            longest_rid = f"scattered-{args.transfer_warmup + args.transfer_reps}"
             for layout in layouts:
                 splits[layout]["raw_msgs"] = _our_messages(
-                    routes, src_heads, dst_heads, *ids[layout], route_bytes[0] // n)
+                    routes, src_heads, dst_heads, *ids[layout], route_bytes[0] // n,
+                    max_runs(longest_rid))
         rows = _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts,
                               sum(route_bytes), p, d, args)
         for row in rows:
@@ -404,13 +412,14 @@ def _block_ids(layouts, n: int, num_blocks: int) -> dict[str, list[list[int]]]:
     return ids
 
 
-def _our_messages(routes, src_heads, dst_heads, src, dst, block_bytes: int
+def _our_messages(routes, src_heads, dst_heads, src, dst, block_bytes: int, most_runs: int
                   ) -> dict[int, list[tuple[int, int, int]]]:
     """Route index -> the messages ours sends between head-major caches, each (first source
     block, first destination block, blocks): one per block where the route is a slice of
     either side's heads (SLICED), else one per run of blocks contiguous in both caches (at
-    most ``MAX_RUN_BYTES``). ``block_bytes``: a route's bytes per block (routes carry
-    equal head counts here)."""
+    most ``MAX_RUN_BYTES``; one per block if there are more runs than ``most_runs``, what
+    a header holds beside the request id: ``TorchDistSender._runs``). ``block_bytes``: a
+    route's bytes per block (routes carry equal head counts here)."""
     from kv_transfer import blocks
     from kv_transfer.header import MAX_RUN_BLOCKS, MAX_RUN_BYTES
 
@@ -420,8 +429,11 @@ def _our_messages(routes, src_heads, dst_heads, src, dst, block_bytes: int
             out[i] = [(s, d, 1) for s, d in zip(src, dst, strict=True)]
             continue
         longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
+        runs = blocks.contiguous_runs(src, dst, longest)
+        if len(runs) > most_runs:
+            runs = [1] * len(src)
         out[i], k = [], 0
-        for run in blocks.contiguous_runs(src, dst, longest):
+        for run in runs:
             out[i].append((src[k], dst[k], run))
             k += run
     return out
@@ -449,6 +461,10 @@ def _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts, nbytes, p, d, a
     rows = []
     for layout in layouts:  # one more transfer each, checked (the layouts' blocks overlap)
         src, dst = ids[layout]
+        for conn in rx:
+            conn.send(("clear", dst))
+        for conn in rx:
+            expect(conn, "ready")
         _time_ours(f"{layout}-check", src, dst, rx, tx, per_src, parts, lead_s)
         for conn in tx:
             conn.send(("results",))

@@ -149,7 +149,9 @@ class _PayloadSend:
                              if h.kind == DATA and h.gathered else None)
         # a SLICED payload's messages are that head range of a block, in place
         self.slice = _own_slice(h, lo)
-        self.made = job.messages  # views made ahead (announced), else made as posted
+        # views made ahead (announced), else made as posted; never for messages that go
+        # through staging (announce refuses those today: this keeps it so if that changes)
+        self.made = None if self.via_host or self.gather_heads is not None else job.messages
         self.block_shape, self.dtype = h.block_payload_shape(), h.dtype
         self.block_nbytes = h.block_nbytes() if h.kind == DATA else 0
         # (first block index, block count), in wire order

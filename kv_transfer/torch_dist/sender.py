@@ -116,6 +116,9 @@ class TorchDistSender(KVSender):
             header = self._header(request_id, peer, src_ids, None, dst_ids, heads)
         except (TransferError, ValueError):
             return False
+        # made now, outside the lock (a view per block): send() only posts them
+        messages = in_place_messages(self._views, self.heads[0],
+                                     dataclasses.replace(header, kind=DATA), src_ids)
         key = _route_key(peer, header.heads)
         with self._lock:
             if self._closed or key in self._announced.get(request_id, {}):
@@ -127,7 +130,6 @@ class TorchDistSender(KVSender):
                 channel.settle()
                 return False
             data = dataclasses.replace(header, kind=DATA)  # made now: send() stays short
-            messages = in_place_messages(self._views, self.heads[0], data, src_ids)
             self._announced.setdefault(request_id, {})[key] = _Announced(
                 job, dst_ids, data, data.encode(), messages)
         job.handle.add_done_callback(_log_control_failure)

@@ -417,13 +417,27 @@ def test_a_ranks_routes_written_together_fill_their_sockets_in_parallel(build, m
     messages are written by its channel's thread while the calling thread writes the
     last route's, instead of the second route waiting for the whole first one (this
     thread wrote both, one after the other)."""
+    from kv_transfer.torch_dist import sender as sender_module
     from kv_transfer.torch_dist.wire import PairGroup
 
     setup = Setup((8, 8, 1, 2), seed=23, layout="head-major")
     (sender,), receivers = build(setup)
     done = Completions()
     expect_all(setup, receivers, "r", done)
+    # The premise: both channels idle when the payloads are submitted (a real prefill's
+    # forward pass outlasts posting the announcements). A channel frees itself just before
+    # its ANNOUNCE job completes; until then it would post the payload itself, by design.
+    announced = threading.Semaphore(0)
+    original_control_done = sender_module._log_control_failure
+
+    def control_done(handle):  # a control job (here: an ANNOUNCE) completed
+        original_control_done(handle)
+        announced.release()
+
+    monkeypatch.setattr(sender_module, "_log_control_failure", control_done)
     announce_all(setup, sender, receivers, "r")
+    for _ in setup.routes:
+        assert announced.acquire(timeout=10), "an announcement never left"
     writers: dict[str, set[str]] = {}
     send = PairGroup.send
 
