@@ -212,7 +212,12 @@ def test_tp2_seeded_sampling_logprobs_and_fork_equal_tp1(model_dir):
 def test_tp2_fp8_kv_cache_equals_tp1_fp8(model_dir):
     """Each rank holds its heads in fp8 (half the bytes of a bf16 cache per head), and the
     tokens and logprobs are those of a TP=1 fp8 engine: quantisation is per element, so
-    splitting the heads over ranks changes nothing."""
+    splitting the heads over ranks changes only what the float32 summation order changes
+    (~1e-6, as at any dtype). Except where a K/V value lies within that much of an fp8
+    rounding boundary: it then lands on the neighbouring fp8 value (an e4m3 step is 1/8
+    relative), which moves the logprobs after it by up to ~1e-3 (an AVX2 host: 2 of 64 by
+    4e-4 and 8.5e-4, the rest within 3e-6). A real difference moves them all: fp8 scales
+    that differ by a fifth changed the tokens and every logprob, by up to 1.5."""
     path = model_dir("llama")
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
     runs = {}
@@ -225,9 +230,10 @@ def test_tp2_fp8_kv_cache_equals_tp1_fp8(model_dir):
         finally:
             engine.close()
     assert [o.token_ids for o in runs[2]] == [o.token_ids for o in runs[1]]
-    for a, b in zip(runs[1], runs[2], strict=True):
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+    gaps = [abs(y.logprob - x.logprob) for a, b in zip(runs[1], runs[2], strict=True)
+            for x, y in zip(a.logprobs, b.logprobs, strict=True)]
+    assert max(gaps) < 1e-2, gaps
+    assert sum(gap < 1e-4 for gap in gaps) >= 0.9 * len(gaps), gaps
 
 
 def _forked(engine: Engine, prompt: list[int]) -> dict[str, list[int]]:
