@@ -43,6 +43,12 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
+# A migrated request's timing also carries how many times it moved: a count, in no phase
+# (its seconds between attempts are the "migration" entry).
+MIGRATION_COUNT = "migrations"
+MIGRATION_TIMING = (MIGRATION_COUNT, "migration")  # only a migrated request's timing has these
+
+
 @dataclass
 class BackendOutput:
     request_id: str
@@ -52,7 +58,8 @@ class BackendOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # Timing breakdown in seconds, filled on the final output (keys: router_queue,
-    # prefill_queue, prefill_compute, kv_transfer, decode_queue, decode).
+    # prefill_queue, prefill_compute, kv_transfer, decode_queue, decode; a migrated
+    # request's also migration and MIGRATION_COUNT).
     timing: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None  # set when finish_reason == "error"
     index: int = 0  # which of the request's n samples this output belongs to

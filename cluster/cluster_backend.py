@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from cluster.backend import (
+    MIGRATION_COUNT,
     BackendOutput,
     BackendRequest,
     ServingBackend,
@@ -603,7 +604,7 @@ class ClusterBackend(ServingBackend):
         """Stamp the request's last output with its timing breakdown and migrations."""
         out.timing = _breakdown(flight.req, flight.timing, flight.attempt.times, decode_times)
         if flight.num_migrations:
-            out.timing["migrations"] = float(flight.num_migrations)
+            out.timing[MIGRATION_COUNT] = float(flight.num_migrations)
             out.timing["migration"] = flight.migration_s
         return out
 

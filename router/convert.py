@@ -19,6 +19,7 @@ from typing import Any
 from splitserve_proto.splitserve.v1 import generate_pb2 as pb
 from splitserve_proto.splitserve.v1 import generate_pb2_grpc as pb_grpc
 
+from cluster.backend import MIGRATION_COUNT, MIGRATION_TIMING
 from engine.structured import StructuredSpec
 from router.chat import ChatMessage, ToolSpec
 from router.errors import InvalidParamError
@@ -54,7 +55,7 @@ _TIMING_FIELDS = tuple(f.name for f in pb.Timing.DESCRIPTOR.fields)
 def _timing_from_proto(timing: pb.Timing) -> dict[str, float]:
     """As the HTTP extension has it: migrations and migration only for a migrated request."""
     return {f: getattr(timing, f) for f in _TIMING_FIELDS
-            if timing.migrations or f not in ("migrations", "migration")}
+            if timing.migrations or f not in MIGRATION_TIMING}
 
 
 # ---- server side -------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def chunk_to_proto(chunk: GenerateChunk,
                                     completion_tokens=chunk.usage.completion_tokens,
                                     cached_tokens=chunk.usage.cached_tokens))
     if chunk.timing is not None:
-        msg.timing.CopyFrom(pb.Timing(**{k: int(v) if k == "migrations" else v
+        msg.timing.CopyFrom(pb.Timing(**{k: int(v) if k == MIGRATION_COUNT else v
                                          for k, v in chunk.timing.items()
                                          if k in _TIMING_FIELDS}))
     return msg

@@ -21,13 +21,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from cluster.backend import BackendOutput, TokenLogprob
+from cluster.backend import MIGRATION_COUNT, MIGRATION_TIMING, BackendOutput, TokenLogprob
 from router.errors import outcome_code
 from router.metrics import ServingMetrics
 from router.types import GenerateChunk, LogprobEntry, PreparedRequest, TopToken, Usage
-
-# A migrated request's timing also carries these (see cluster.cluster_backend._final).
-MIGRATION_TIMING = ("migrations", "migration")
 
 DEADLINE_SLACK_S = 0.05
 """A cancellation this close to the request's deadline is counted as the deadline: the
@@ -146,7 +143,7 @@ class RequestState:
             return chunk
         self._metrics.e2e_request_latency.observe(chunk.timing["e2e"])
         for phase, seconds in chunk.timing.items():
-            if phase != "migrations":  # a count, not seconds
+            if phase != MIGRATION_COUNT:  # a count, not seconds
                 self._metrics.request_phase.labels(phase=phase).observe(seconds)
         if "kv_transfer" in chunk.timing:
             self._metrics.kv_transfer_seconds.labels(

@@ -93,12 +93,14 @@ def _stream_to_stdout(client, prompt: str, timeout: float | None, sampling: dict
 
 
 def _print_stats(final) -> None:
+    from cluster.backend import MIGRATION_COUNT
+
     usage = final.usage
     print(f"finish_reason={final.finish_reason} prompt_tokens={usage.prompt_tokens} "
           f"completion_tokens={usage.completion_tokens} cached_tokens={usage.cached_tokens}",
           file=sys.stderr)
     timing = dict(final.timing or {})
-    migrations = int(timing.pop("migrations", 0))
+    migrations = int(timing.pop(MIGRATION_COUNT, 0))
     if not migrations:
         timing.pop("migration", None)  # 0 ms of no migration says nothing
     line = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in timing.items())

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.loadgen.stats import PERCENTILES, RequestResult
+from cluster.backend import MIGRATION_COUNT
 
 _DISTS = (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms"))
 _PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",
@@ -113,8 +114,8 @@ def request_records(results: Sequence[RequestResult]) -> list[dict]:
              "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s), "e2e_ms": ms(r.e2e_s),
              "output_tokens": r.output_tokens, "itl_samples": len(r.itl_s),
              "server_timing_ms": {k: ms(v) for k, v in (r.timing or {}).items()
-                                  if k != "migrations"},
-             "migrations": int((r.timing or {}).get("migrations", 0))}
+                                  if k != MIGRATION_COUNT},
+             "migrations": int((r.timing or {}).get(MIGRATION_COUNT, 0))}
             for r in results]
 
 

@@ -26,6 +26,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cluster.backend import MIGRATION_COUNT
+
 PERCENTILES = (50, 90, 99)
 ITL_STATS = ("tpot", "p90", "p99", "max")
 
@@ -145,7 +147,7 @@ def server_timing_ms(results: Sequence[RequestResult]) -> dict[str, float]:
     counts: Counter = Counter()
     for r in results:
         for phase, seconds in (r.timing or {}).items() if r.ok else ():
-            if phase == "migrations":
+            if phase == MIGRATION_COUNT:
                 continue
             sums[phase] += seconds
             counts[phase] += 1
