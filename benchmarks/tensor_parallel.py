@@ -264,16 +264,16 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
     lo, hi = heads
     kv = rank_cache(full_kv(num_blocks, kv_model)[:, :, :, :, lo:hi], cache_layout)
     sender = TorchDistSender(transfer_config(), kv, name=f"prefill-{rank}", heads=heads)
-    raw: list[tuple] = []  # (route index, group, send buffer, heads) per route of this rank
+    raw: list[tuple] = []  # (route index, group, send buffer, heads, peer) per route
     handles: list = []
     while (msg := conn.recv())[0] != "stop":
-        if msg[0] == "raw_groups":  # [(route index, host, port, bytes, heads)], in order
-            for i, host, port, nbytes, route_heads in msg[1]:
+        if msg[0] == "raw_groups":  # [(route index, host, port, bytes, heads, peer)], in order
+            for i, host, port, nbytes, route_heads, peer in msg[1]:
                 store = dist.TCPStore(host, port, is_master=False)
                 group = raw_pair(dist.PrefixStore(f"raw/{i}/", store), 0)
                 # written bytes (fresh pages read as one shared zero page)
                 raw.append((i, group, torch.full((nbytes,), 7, dtype=torch.uint8),
-                            route_heads))
+                            route_heads, peer))
             conn.send(("ready",))
         elif msg[0] == "prepare":  # as the prefill worker: announced a step ahead
             _, rid, routes, src, dst = msg
@@ -285,9 +285,16 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
             with sender.deferred_writes():  # as the prefill worker sends a step's KV
                 handles = [sender.send(rid, peer, src, dst_block_ids=dst, heads=route_heads)
                            for peer, route_heads in routes]
+        elif msg[0] == "plan":  # the messages ours sends for these blocks, per route
+            _, rid, src, dst = msg
+            plan = {}
+            for i, _, _, route_heads, peer in raw:
+                header = sender._header(rid, peer, src, None, dst, route_heads)  # send()'s
+                plan[i] = [(src[first], dst[first], count) for first, count in header.messages()]
+            conn.send(("plan", plan))
         elif msg[0] == "raw_prep":  # route index -> its messages (see _raw_messages)
             parts = [(group, _raw_messages(kv, buf, msg[1][i], route_heads, heads, 0))
-                     for i, group, buf, route_heads in raw]
+                     for i, group, buf, route_heads, _ in raw]
             conn.send(("ready",))
         elif msg[0] == "raw_go":
             # one thread per route (gloo writes in the posting thread until the socket is
@@ -307,7 +314,7 @@ def sender_rank(rank: int, heads: tuple[int, int], num_blocks: int, cache_layout
 
 def _raw_messages(kv, buf, spec, route_heads, heads, side: int) -> list[torch.Tensor]:
     """A route's raw messages on one side (0: sender, 1: receiver): ``buf`` whole if
-    ``spec`` is None, else the messages ours sends (``_our_messages``), as views into this
+    ``spec`` is None, else the messages ours sends (a sender's "plan"), as views into this
     rank's cache, so that raw moves them from and into the same memory."""
     if spec is None:
         return [buf]
@@ -340,7 +347,6 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
     import torch.multiprocessing as mp
 
     from engine.parallel.shard import Shard
-    from kv_transfer.header import max_runs
     from kv_transfer.reshard import parts_for, plan_routes, routes_from
 
     n = args.transfer_tokens // BLOCK
@@ -368,7 +374,8 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
                                       if rx[r.dst_rank] is conn]))
         for s, conn in enumerate(tx):
             conn.send(("raw_groups", [(i, "127.0.0.1", hello[r.dst_rank][1], route_bytes[i],
-                                       r.heads) for i, r in enumerate(routes) if r.src_rank == s]))
+                                       r.heads, hello[r.dst_rank][0])
+                                      for i, r in enumerate(routes) if r.src_rank == s]))
         for conn in rx + tx:
             expect(conn, "ready")
         per_src = [[(hello[r.dst_rank][0], r.heads) for r in routes_from(routes, s)]
@@ -379,9 +386,10 @@ def bench_transfer(p: int, d: int, layouts: list[str], cache_layout: str, args) 
         if cache_layout == "head-major":  # the messages ours sends (see the docstring)
             longest_rid = f"scattered-{args.transfer_warmup + args.transfer_reps}"
             for layout in layouts:
-                splits[layout]["raw_msgs"] = _our_messages(
-                    routes, src_heads, dst_heads, *ids[layout], route_bytes[0] // n,
-                    max_runs(longest_rid))
+                splits[layout]["raw_msgs"] = {}
+                for conn in tx:
+                    conn.send(("plan", longest_rid, *ids[layout]))
+                    splits[layout]["raw_msgs"].update(expect(conn, "plan")[1])
         rows = _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts,
                               sum(route_bytes), p, d, args)
         for row in rows:
@@ -410,33 +418,6 @@ def _block_ids(layouts, n: int, num_blocks: int) -> dict[str, list[list[int]]]:
         else:
             ids[layout] = [list(range(3, 3 + n)), list(range(n + 5, 2 * n + 5))]
     return ids
-
-
-def _our_messages(routes, src_heads, dst_heads, src, dst, block_bytes: int, most_runs: int
-                  ) -> dict[int, list[tuple[int, int, int]]]:
-    """Route index -> the messages ours sends between head-major caches, each (first source
-    block, first destination block, blocks): one per block where the route is a slice of
-    either side's heads (SLICED), else one per run of blocks contiguous in both caches (at
-    most ``MAX_RUN_BYTES``; one per block if there are more runs than ``most_runs``, what
-    a header holds beside the request id: ``TorchDistSender._runs``). ``block_bytes``: a
-    route's bytes per block (routes carry equal head counts here)."""
-    from kv_transfer import blocks
-    from kv_transfer.header import MAX_RUN_BLOCKS, MAX_RUN_BYTES
-
-    out = {}
-    for i, r in enumerate(routes):
-        if r.heads != src_heads[r.src_rank] or r.heads != dst_heads[r.dst_rank]:
-            out[i] = [(s, d, 1) for s, d in zip(src, dst, strict=True)]
-            continue
-        longest = max(1, min(MAX_RUN_BLOCKS, MAX_RUN_BYTES // block_bytes))
-        runs = blocks.contiguous_runs(src, dst, longest)
-        if len(runs) > most_runs:
-            runs = [1] * len(src)
-        out[i], k = [], 0
-        for run in runs:
-            out[i].append((src[k], dst[k], run))
-            k += run
-    return out
 
 
 def _bench_layouts(layouts, ids, splits, rx, tx, per_src, parts, nbytes, p, d, args
