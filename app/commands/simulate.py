@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw.add_argument("--gpus", type=int, default=8, help="GPU budget of the sweep")
     sw.add_argument("--tp-choices", default="1,2,4,8", help="TP sizes the sweep tries")
     sw.add_argument("--chunks", default="", help="comma-separated chunk sizes to sweep")
+    sw.add_argument("--jobs", type=int, default=None,
+                    help="simulations run at once, one process each (default: every core "
+                    "this process may use); each process holds a copy of the trace")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calibrate", help="measured points JSON (splitserve-sim-points/v1)")
     cal.add_argument("--save-profile", help="write the (calibrated) profile JSON here")
@@ -171,6 +174,7 @@ def print_tp_sweep(result: dict, top: int = 10) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cluster.simulator.loop import Simulation
+    from cluster.simulator.parallel import SimulationProcessDied, default_jobs
     from cluster.simulator.sweep import sweep, sweep_tp
 
     cfg = build_config(args)
@@ -178,17 +182,24 @@ def run(args: argparse.Namespace) -> int:
         return _calibrate(args, cfg)
     reqs = build_trace(args)
     if args.sweep:
+        jobs = args.jobs if args.jobs is not None else default_jobs()
+        if jobs < 1:
+            raise SystemExit(f"splitserve simulate: --jobs must be at least 1, not {jobs}")
         progress = lambda i, n, row: print(f"[{i}/{n}] {row}", file=sys.stderr)  # noqa: E731
         chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
         if chunks:
-            result = sweep(cfg, reqs, args.gpus, chunks, policy=args.policy, progress=progress)
+            try:
+                result = sweep(cfg, reqs, args.gpus, chunks, policy=args.policy,
+                               progress=progress, jobs=jobs)
+            except (ValueError, SimulationProcessDied) as e:
+                raise SystemExit(f"splitserve simulate --sweep: {e}") from None
             print(json.dumps(result["best"], indent=2))
         else:
             tps = [int(t) for t in args.tp_choices.split(",") if t.strip()]
             try:
                 result = sweep_tp(cfg, reqs, args.gpus, tps, policy=args.policy,
-                                  progress=progress)
-            except ValueError as e:
+                                  progress=progress, jobs=jobs)
+            except (ValueError, SimulationProcessDied) as e:
                 raise SystemExit(f"splitserve simulate --sweep: {e}") from None
             print_tp_sweep(result)
     else:

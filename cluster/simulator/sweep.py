@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from cluster.simulator.config import SimConfig
 from cluster.simulator.loop import simulate
+from cluster.simulator.parallel import map_in_processes
 from cluster.simulator.profiles import HARDWARE, CostProfile, resolve_profile
 from cluster.simulator.trace import TraceRequest, rescale_rate
 
@@ -74,19 +75,24 @@ def sweep(
     profile: CostProfile | None = None,
     policy: str | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    jobs: int = 1,
 ) -> dict:
-    """Simulate every configuration; ``best`` is the one with the highest goodput."""
+    """Simulate every configuration (on up to ``jobs`` processes); ``best`` is the one with
+    the highest goodput."""
     configs = sweep_configs(base, total_gpus, chunk_sizes)
-    rows = []
-    for i, cfg in enumerate(configs):
-        rows.append(row(simulate(cfg, trace, profile, policy)))
-        if progress is not None:
-            progress(i + 1, len(configs), rows[-1])
+    rows = map_in_processes(_split_row, [(cfg, policy) for cfg in configs], (trace, profile),
+                            jobs, progress)
     best = max(rows, key=lambda r: (r["goodput_req_s"] or 0.0, r["slo_attainment"] or 0.0))
     disagg = [r for r in rows if r["mode"] == "disaggregated"]
     best_disagg = max(disagg, key=lambda r: (r["goodput_req_s"] or 0.0)) if disagg else None
     return {"gpus": total_gpus, "slo": base.slo.model_dump(), "rows": rows, "best": best,
             "best_disaggregated": best_disagg}
+
+
+def _split_row(context: tuple[list[TraceRequest], CostProfile | None], cfg: SimConfig,
+               policy: str | None) -> dict:
+    trace, profile = context
+    return row(simulate(cfg, trace, profile, policy))
 
 
 # ---- per-phase parallelism (DistServe): (prefill TP, decode TP, prefill count, decode count) --
@@ -173,16 +179,15 @@ def sweep_tp(
     tps: Sequence[int] = (1, 2, 4, 8),
     policy: str | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    jobs: int = 1,
 ) -> dict:
-    """Goodput (``max_goodput_rate``) of every ``tp_configs`` choice; ``best`` overall,
-    ``best_equal_tp`` among prefill TP == decode TP, and the gain of the one over the other."""
+    """Goodput (``max_goodput_rate``) of every ``tp_configs`` choice, on up to ``jobs``
+    processes; ``best`` overall, ``best_equal_tp`` among prefill TP == decode TP, and the gain
+    of the one over the other."""
     target = base.slo.percentile / 100.0
     configs = tp_configs(base, total_gpus, tps)
-    rows = []
-    for i, cfg in enumerate(configs):
-        rows.append(tp_row(cfg, *max_goodput_rate(cfg, trace, target, policy)))
-        if progress is not None:
-            progress(i + 1, len(configs), rows[-1])
+    rows = map_in_processes(_tp_row, [(cfg, target, policy) for cfg in configs], trace, jobs,
+                            progress)
     rows.sort(key=lambda r: (-r["goodput_req_s"], r["gpus"], r["prefill_tp"], r["decode_tp"]))
     best = rows[0]
     equal = [r for r in rows if r["prefill_tp"] == r["decode_tp"]]
@@ -192,3 +197,8 @@ def sweep_tp(
     return {"gpus": total_gpus, "model": base.model, "hardware": base.hardware,
             "slo": base.slo.model_dump(), "attainment_target": target, "rows": rows,
             "best": best, "best_equal_tp": best_equal, "gain_over_equal_tp": gain}
+
+
+def _tp_row(trace: list[TraceRequest], cfg: SimConfig, target: float,
+            policy: str | None) -> dict:
+    return tp_row(cfg, *max_goodput_rate(cfg, trace, target, policy))

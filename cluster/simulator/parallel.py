@@ -1,0 +1,192 @@
+"""Independent simulations on several cores.
+
+The simulator is pure Python, so one process runs on one core; a sweep's configurations do
+not depend on one another, so each is simulated in a process of its own
+(``concurrent.futures.ProcessPoolExecutor``). Results come back in the order of the inputs
+and are the same as a serial run's: each simulation is deterministic.
+
+How the processes are run, and why:
+- started with ``spawn`` (a fresh interpreter, no torch, ray or grpc imported): forking a
+  process that runs threads (a server, a test session, numpy's) can deadlock a child;
+- the shared input (the trace) is pickled once into a temporary file that each process
+  loads at start-up: passed as a start-up argument, it would be written into each child's
+  pipe from ``submit``, which then waits for the child to read it all (and forever if the
+  child dies first);
+- a process ignores Ctrl-C (this process stops them all) and exits when this process dies,
+  however it dies, instead of running on with its copy of the trace.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class SimulationProcessDied(RuntimeError):
+    """A process running simulations ended before its work did (killed by a signal or the
+    OOM killer, or it could not start)."""
+
+
+_context: Any = None  # in a sweep process: the shared input, loaded by ``_start``
+
+
+def default_jobs() -> int:
+    """The cores this process may use: its CPU affinity (as ``nproc`` counts them), capped
+    by a cgroup v2 CPU quota (a container's ``--cpus``) when there is one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
+def map_in_processes(
+    task: Callable[..., Any],
+    items: Sequence[tuple],
+    context: Any,
+    jobs: int = 1,
+    progress: Callable[[int, int, Any], None] | None = None,
+) -> list:
+    """``[task(context, *item) for item in items]``, on up to ``jobs`` processes.
+
+    ``task`` must be a module-level function (a process imports it by name) and ``context``
+    picklable. ``progress(done, total, result)`` is called in this process as each result
+    arrives. An exception raised by a task is raised here, and a process that dies raises
+    ``SimulationProcessDied``; either way the other processes are stopped at once.
+    """
+    n = len(items)
+    if jobs <= 1 or n <= 1:
+        results = []
+        for item in items:
+            results.append(task(context, *item))
+            if progress is not None:
+                progress(len(results), n, results[-1])
+        return results
+    with tempfile.TemporaryDirectory(prefix="splitserve-sweep-") as tmp:
+        shared = Path(tmp) / "context.pickle"
+        shared.write_bytes(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
+        return _run_pool(task, items, str(shared), min(jobs, n), progress)
+
+
+def _run_pool(task: Callable[..., Any], items: Sequence[tuple], shared: str, jobs: int,
+              progress: Callable[[int, int, Any], None] | None) -> list:
+    n = len(items)
+    out: list = [None] * n
+    spawn = _RecordingContext()
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=spawn,  # type: ignore[arg-type]
+                               initializer=_start, initargs=(shared,))
+    mine = spawn.processes
+    try:
+        with _ctrl_c_held():  # the processes start in ``submit``
+            futures = {pool.submit(_call, task, item): i for i, item in enumerate(items)}
+        for done, future in enumerate(as_completed(futures), 1):
+            i = futures[future]
+            out[i] = future.result()
+            if progress is not None:
+                progress(done, n, out[i])
+    except BrokenProcessPool as e:
+        _stop(pool, mine)
+        for proc in mine:
+            proc.join(5)  # ended: its exit code says how
+        codes = sorted({p.exitcode for p in mine if p.exitcode not in (None, 0, -signal.SIGTERM)})
+        raise SimulationProcessDied(
+            f"a simulation process ended before its work did (exit code "
+            f"{', '.join(map(str, codes)) or 'unknown'}; -9 is SIGKILL, as the OOM killer "
+            "sends it: each process holds its own copy of the trace, so fewer jobs at once "
+            "need less memory)"
+        ) from e
+    except BaseException:  # a task's error, or Ctrl-C: no process may run on
+        _stop(pool, mine)
+        raise
+    pool.shutdown(wait=True)
+    return out
+
+
+class _RecordingContext:
+    """The ``spawn`` context, keeping the processes it makes: the pool's own, to end."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:  # noqa: N802
+        proc = self._context.Process(*args, **kwargs)
+        self.processes.append(proc)
+        return proc
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C while processes start takes effect once they have started (one cut off half
+    started would be known to no one). They start with SIGINT blocked (a signal mask
+    survives exec) until they ignore it (``_start``). Here it is caught by a handler, not
+    only masked (another thread of this process, numpy's, may take the signal), then sent
+    again to the handler it had, once the processes are known."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # not ours to hold: only the main thread handles it, and a C handler is kept
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt, if that is its handler
+
+
+def _stop(pool: ProcessPoolExecutor, processes: list[multiprocessing.process.BaseProcess]
+          ) -> None:
+    """Cancel what has not started and end the pool's processes instead of waiting for
+    the simulations they run (a second Ctrl-C meanwhile cannot cut this short)."""
+    with _ctrl_c_held():
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        pool.shutdown(wait=True)  # the pool's thread sees its processes end, and reaps them
+
+
+def _start(shared: str) -> None:
+    """A sweep process's start: load the shared input, leave Ctrl-C to the parent (which
+    ends this process), and exit when the parent is gone."""
+    global _context
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C pending since start-up
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True,
+                         name="exit-with-parent").start()
+    _context = pickle.loads(Path(shared).read_bytes())
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
+
+
+def _call(task: Callable[..., Any], item: tuple) -> Any:
+    return task(_context, *item)
