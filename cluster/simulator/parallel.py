@@ -9,9 +9,9 @@ How the processes are run, and why:
 - started with ``spawn`` (a fresh interpreter, no torch, ray or grpc imported): forking a
   process that runs threads (a server, a test session, numpy's) can deadlock a child;
 - the shared input (the trace) is pickled once into a temporary file that each process
-  loads at start-up: passed as a start-up argument, it would be written into each child's
-  pipe from ``submit``, which then waits for the child to read it all (and forever if the
-  child dies first);
+  loads with its first task (an error loading it is that task's error): passed as a
+  start-up argument, it would be written into each child's pipe from ``submit``, which
+  then waits for the child to read it all (and forever if the child dies first);
 - a process ignores Ctrl-C (this process stops them all) and exits when this process dies,
   however it dies, instead of running on with its copy of the trace.
 """
@@ -39,7 +39,8 @@ class SimulationProcessDied(RuntimeError):
     OOM killer, or it could not start)."""
 
 
-_context: Any = None  # in a sweep process: the shared input, loaded by ``_start``
+_shared: str | None = None  # in a sweep process: the shared input's file, until loaded
+_context: Any = None  # ... and the shared input, loaded by the first task
 
 
 def default_jobs() -> int:
@@ -104,8 +105,6 @@ def _run_pool(task: Callable[..., Any], items: Sequence[tuple], shared: str, job
                 progress(done, n, out[i])
     except BrokenProcessPool as e:
         _stop(pool, mine)
-        for proc in mine:
-            proc.join(5)  # ended: its exit code says how
         codes = sorted({p.exitcode for p in mine if p.exitcode not in (None, 0, -signal.SIGTERM)})
         raise SimulationProcessDied(
             f"a simulation process ended before its work did (exit code "
@@ -165,22 +164,29 @@ def _stop(pool: ProcessPoolExecutor, processes: list[multiprocessing.process.Bas
     the simulations they run (a second Ctrl-C meanwhile cannot cut this short)."""
     with _ctrl_c_held():
         pool.shutdown(wait=False, cancel_futures=True)
-        for proc in processes:
+        started = [proc for proc in processes if proc.pid is not None]  # not: start() failed
+        for proc in started:
             proc.terminate()
+        for proc in started:
+            proc.join(5)
+            if proc.exitcode is None:  # it outlived SIGTERM (a handler of its own, ...)
+                proc.kill()
+                proc.join()
         pool.shutdown(wait=True)  # the pool's thread sees its processes end, and reaps them
 
 
 def _start(shared: str) -> None:
-    """A sweep process's start: load the shared input, leave Ctrl-C to the parent (which
-    ends this process), and exit when the parent is gone."""
-    global _context
+    """A sweep process's start: leave Ctrl-C to the parent (which ends this process), and
+    exit when the parent is gone. The shared input is loaded by the first task, so that an
+    error loading it comes back as that task's error."""
+    global _shared
+    _shared = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C pending since start-up
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True,
                          name="exit-with-parent").start()
-    _context = pickle.loads(Path(shared).read_bytes())
 
 
 def _exit_with(parent_sentinel: int) -> None:
@@ -189,4 +195,8 @@ def _exit_with(parent_sentinel: int) -> None:
 
 
 def _call(task: Callable[..., Any], item: tuple) -> Any:
+    global _context, _shared
+    if _shared is not None:
+        _context = pickle.loads(Path(_shared).read_bytes())
+        _shared = None
     return task(_context, *item)

@@ -3,6 +3,7 @@ sweep was called, and no process left behind when one fails or is killed."""
 
 from __future__ import annotations
 
+import multiprocessing
 import multiprocessing.resource_tracker
 import os
 import signal
@@ -47,6 +48,27 @@ class _DiesWhenLoaded:
         return os._exit, (3,)
 
 
+def _sweep_processes(parent: psutil.Process) -> list[psutil.Process]:
+    """``parent``'s sweep processes (not its resource tracker)."""
+    out = []
+    for proc in parent.children():
+        try:
+            if "spawn_main" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return out
+
+
+def _bad_input() -> None:
+    raise ValueError("this input cannot be loaded")
+
+
+class _FailsWhenLoaded:
+    def __reduce__(self):
+        return _bad_input, ()
+
+
 def _children() -> set[int]:
     # multiprocessing's resource tracker lives as long as this process, by design: started
     # first, so that it counts as being here before
@@ -55,10 +77,15 @@ def _children() -> set[int]:
 
 
 def _assert_none_left(before: set[int]) -> None:
-    """Every process started since ``before`` has exited within 5 s (checked without
-    reaping it: multiprocessing reaps its own children)."""
-    deadline = time.monotonic() + 5
-    for proc in [p for p in psutil.Process().children() if p.pid not in before]:
+    """Every process started since ``before`` has exited within 5 s."""
+    _assert_gone([p for p in psutil.Process().children() if p.pid not in before], 5)
+
+
+def _assert_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Each of ``procs`` exits within ``timeout`` s (a zombie has exited: checked without
+    reaping, which multiprocessing does for its own children)."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
         while True:
             try:
                 if proc.status() == psutil.STATUS_ZOMBIE:
@@ -89,6 +116,18 @@ def test_a_tasks_error_is_raised_at_once_and_stops_the_other_simulations():
     _assert_none_left(before)
 
 
+def test_a_failed_sweep_ends_its_own_processes_only():
+    other = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    other.start()
+    try:
+        with pytest.raises(ValueError, match="bad input 3"):
+            map_in_processes(_fail_on_three, [(0,), (3,)], None, jobs=2)
+        assert other.is_alive()
+    finally:
+        other.terminate()
+        other.join(5)
+
+
 def test_a_killed_process_ends_the_sweep_with_a_clear_error_not_a_hang():
     before, t0 = _children(), time.monotonic()
     with pytest.raises(SimulationProcessDied, match="fewer jobs"):
@@ -99,9 +138,17 @@ def test_a_killed_process_ends_the_sweep_with_a_clear_error_not_a_hang():
 
 def test_a_process_that_dies_while_starting_ends_the_sweep_with_its_exit_code():
     before, t0 = _children(), time.monotonic()
+    dies = (_DiesWhenLoaded(), bytes(1 << 20))  # more than a pipe holds
     with pytest.raises(SimulationProcessDied, match="exit code 3"):
-        map_in_processes(_pid_and_sum, [(i, i) for i in range(4)], _DiesWhenLoaded(), jobs=2)
+        map_in_processes(_pid_and_sum, [(i, i) for i in range(4)], dies, jobs=2)
     assert time.monotonic() - t0 < 20
+    _assert_none_left(before)
+
+
+def test_an_input_that_cannot_be_loaded_is_the_tasks_error():
+    before = _children()
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        map_in_processes(_pid_and_sum, [(1, 2), (3, 4)], _FailsWhenLoaded(), jobs=2)
     _assert_none_left(before)
 
 
@@ -121,18 +168,16 @@ def test_processes_exit_when_the_sweep_process_is_killed():
     try:
         parent = psutil.Process(sweeper.pid)
         deadline = time.monotonic() + 60
-        while len(workers := [p for p in parent.children()
-                              if "spawn_main" in " ".join(p.cmdline())]) < 2:
+        while len(workers := _sweep_processes(parent)) < 2:
             assert sweeper.poll() is None and time.monotonic() < deadline, "no processes"
             time.sleep(0.1)
         time.sleep(1)  # both are inside their task now (they start in well under that)
         sweeper.kill()
         sweeper.wait(10)
-        _, alive = psutil.wait_procs(workers, timeout=10)
+        _assert_gone(workers, 10)
     finally:
         if sweeper.poll() is None:
             sweeper.kill()
-    assert alive == [], "a sweep process outlived the sweep"
 
 
 def test_the_ctrl_c_handler_and_signal_mask_are_as_they_were_after_a_sweep():
@@ -179,10 +224,9 @@ def test_ctrl_c_ends_a_cli_sweep_and_its_processes_at_once_without_a_traceback()
     try:
         parent = psutil.Process(cli.pid)
         deadline = time.monotonic() + 60
-        while len([p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]) < 2:
+        while len(workers := _sweep_processes(parent)) < 2:
             assert cli.poll() is None and time.monotonic() < deadline, "no sweep processes"
             time.sleep(0.1)
-        workers = parent.children()
         os.killpg(cli.pid, signal.SIGINT)
         _, err = cli.communicate(timeout=20)
     finally:
@@ -190,5 +234,4 @@ def test_ctrl_c_ends_a_cli_sweep_and_its_processes_at_once_without_a_traceback()
             os.killpg(cli.pid, signal.SIGKILL)
     assert cli.returncode == 130
     assert "interrupted" in err and "Traceback" not in err, err[-2000:]
-    _, alive = psutil.wait_procs([p for p in workers if p.is_running()], timeout=5)
-    assert alive == []
+    _assert_gone(workers, 5)
