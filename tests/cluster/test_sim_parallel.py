@@ -48,16 +48,21 @@ class _DiesWhenLoaded:
         return os._exit, (3,)
 
 
-def _sweep_processes(parent: psutil.Process) -> list[psutil.Process]:
-    """``parent``'s sweep processes (not its resource tracker)."""
-    out = []
-    for proc in parent.children():
-        try:
-            if "spawn_main" in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.Error:  # exited meanwhile
-            continue
-    return out
+def _wait_for_two_sweep_processes(sweeper: subprocess.Popen) -> list[psutil.Process]:
+    """The two sweep processes (not the resource tracker) ``sweeper`` starts, within 60 s."""
+    parent, deadline = psutil.Process(sweeper.pid), time.monotonic() + 60
+    while True:
+        found = []
+        for proc in parent.children():
+            try:
+                if "spawn_main" in " ".join(proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:  # exited meanwhile
+                continue
+        if len(found) >= 2:
+            return found
+        assert sweeper.poll() is None and time.monotonic() < deadline, "no sweep processes"
+        time.sleep(0.1)
 
 
 def _bad_input() -> None:
@@ -166,11 +171,7 @@ def test_processes_exit_when_the_sweep_process_is_killed():
     simulations, exit instead of running on (each holds a copy of the trace)."""
     sweeper = subprocess.Popen([sys.executable, "-c", _SWEEP_THEN_WAIT], cwd=os.getcwd())
     try:
-        parent = psutil.Process(sweeper.pid)
-        deadline = time.monotonic() + 60
-        while len(workers := _sweep_processes(parent)) < 2:
-            assert sweeper.poll() is None and time.monotonic() < deadline, "no processes"
-            time.sleep(0.1)
+        workers = _wait_for_two_sweep_processes(sweeper)
         time.sleep(1)  # both are inside their task now (they start in well under that)
         sweeper.kill()
         sweeper.wait(10)
@@ -222,11 +223,7 @@ def test_ctrl_c_ends_a_cli_sweep_and_its_processes_at_once_without_a_traceback()
          "--tp-choices", "2,4,8", "--jobs", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        parent = psutil.Process(cli.pid)
-        deadline = time.monotonic() + 60
-        while len(workers := _sweep_processes(parent)) < 2:
-            assert cli.poll() is None and time.monotonic() < deadline, "no sweep processes"
-            time.sleep(0.1)
+        workers = _wait_for_two_sweep_processes(cli)
         os.killpg(cli.pid, signal.SIGINT)
         _, err = cli.communicate(timeout=20)
     finally:
