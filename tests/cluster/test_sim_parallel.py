@@ -6,10 +6,13 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -169,6 +172,8 @@ if __name__ == "__main__":
 def test_processes_exit_when_the_sweep_process_is_killed():
     """kill -9 of the process running a sweep: its processes, busy with minute-long
     simulations, exit instead of running on (each holds a copy of the trace)."""
+    inputs = Path(tempfile.gettempdir())
+    before = set(inputs.glob("splitserve-sweep-*"))
     sweeper = subprocess.Popen([sys.executable, "-c", _SWEEP_THEN_WAIT], cwd=os.getcwd())
     try:
         workers = _wait_for_two_sweep_processes(sweeper)
@@ -179,6 +184,8 @@ def test_processes_exit_when_the_sweep_process_is_killed():
     finally:
         if sweeper.poll() is None:
             sweeper.kill()
+        for left in set(inputs.glob("splitserve-sweep-*")) - before:  # kill -9 left it
+            shutil.rmtree(left)
 
 
 def test_the_ctrl_c_handler_and_signal_mask_are_as_they_were_after_a_sweep():
