@@ -13,7 +13,8 @@ How the processes are run, and why:
   start-up argument, it would be written into each child's pipe from ``submit``, which
   then waits for the child to read it all (and forever if the child dies first);
 - a process ignores Ctrl-C (this process stops them all) and exits when this process dies,
-  however it dies, instead of running on with its copy of the trace.
+  however it dies, instead of running on with its copy of the trace (removing the trace's
+  file, which a process killed with -9 leaves behind).
 """
 
 from __future__ import annotations
@@ -185,13 +186,21 @@ def _start(shared: str) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     parent = multiprocessing.parent_process()
     if parent is not None:
-        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True,
+        threading.Thread(target=_exit_with, args=(parent.sentinel, shared), daemon=True,
                          name="exit-with-parent").start()
 
 
-def _exit_with(parent_sentinel: int) -> None:
+def _exit_with(parent_sentinel: int, shared: str) -> None:
+    """Once the parent is gone: remove the shared input's file (a parent killed with -9
+    could not), then exit."""
     multiprocessing.connection.wait([parent_sentinel])
-    os._exit(1)
+    try:
+        os.unlink(shared)
+        os.rmdir(os.path.dirname(shared))
+    except FileNotFoundError:  # another of the parent's processes removed it first
+        pass
+    finally:
+        os._exit(1)
 
 
 def _call(task: Callable[..., Any], item: tuple) -> Any:

@@ -171,7 +171,8 @@ if __name__ == "__main__":
 
 def test_processes_exit_when_the_sweep_process_is_killed():
     """kill -9 of the process running a sweep: its processes, busy with minute-long
-    simulations, exit instead of running on (each holds a copy of the trace)."""
+    simulations, exit instead of running on (each holds a copy of the trace), and remove
+    the trace's file, which the killed process could not."""
     inputs = Path(tempfile.gettempdir())
     before = set(inputs.glob("splitserve-sweep-*"))
     sweeper = subprocess.Popen([sys.executable, "-c", _SWEEP_THEN_WAIT], cwd=os.getcwd())
@@ -181,10 +182,11 @@ def test_processes_exit_when_the_sweep_process_is_killed():
         sweeper.kill()
         sweeper.wait(10)
         _assert_gone(workers, 10)
+        assert set(inputs.glob("splitserve-sweep-*")) == before
     finally:
         if sweeper.poll() is None:
             sweeper.kill()
-        for left in set(inputs.glob("splitserve-sweep-*")) - before:  # kill -9 left it
+        for left in set(inputs.glob("splitserve-sweep-*")) - before:  # when the test failed
             shutil.rmtree(left)
 
 
