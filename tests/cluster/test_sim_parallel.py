@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -32,14 +33,23 @@ def _fail_on_three(context: None, x: int) -> int:
     """3: fails at once; 0: a simulation that would run for a minute."""
     if x == 3:
         raise ValueError(f"bad input {x}")
-    time.sleep(60 if x == 0 else 0)
+    if x == 0:
+        time.sleep(60)  # the minute-long simulation's work
     return x
 
 
 def _killed_on_two(context: None, x: int) -> int:
     if x == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(60 if x == 0 else 0)
+    if x == 0:
+        time.sleep(60)  # the minute-long simulation's work
+    return x
+
+
+def _say_started_then_run(context: None, x: int) -> int:
+    """A minute-long simulation that first says, on stdout, that it has started."""
+    print(f"started {os.getpid()}", flush=True)
+    time.sleep(60)
     return x
 
 
@@ -51,21 +61,9 @@ class _DiesWhenLoaded:
         return os._exit, (3,)
 
 
-def _wait_for_two_sweep_processes(sweeper: subprocess.Popen) -> list[psutil.Process]:
-    """The two sweep processes (not the resource tracker) ``sweeper`` starts, within 60 s."""
-    parent, deadline = psutil.Process(sweeper.pid), time.monotonic() + 60
-    while True:
-        found = []
-        for proc in parent.children():
-            try:
-                if "spawn_main" in " ".join(proc.cmdline()):
-                    found.append(proc)
-            except psutil.Error:  # exited meanwhile
-                continue
-        if len(found) >= 2:
-            return found
-        assert sweeper.poll() is None and time.monotonic() < deadline, "no sweep processes"
-        time.sleep(0.1)
+def _sweep_processes(parent: psutil.Process) -> list[psutil.Process]:
+    """``parent``'s sweep processes (not its resource tracker)."""
+    return [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
 
 
 def _bad_input() -> None:
@@ -90,18 +88,20 @@ def _assert_none_left(before: set[int]) -> None:
 
 
 def _assert_gone(procs: list[psutil.Process], timeout: float) -> None:
-    """Each of ``procs`` exits within ``timeout`` s (a zombie has exited: checked without
-    reaping, which multiprocessing does for its own children)."""
+    """Each of ``procs`` exits within ``timeout`` s: waited on through a pidfd, which
+    becomes readable when the process exits (without reaping it, which multiprocessing
+    does for its own children; and not only for children of this process)."""
     deadline = time.monotonic() + timeout
     for proc in procs:
-        while True:
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
-            assert time.monotonic() < deadline, f"process {proc.pid} still runs"
-            time.sleep(0.05)
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:  # already gone
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+        assert ready, f"process {proc.pid} still runs"
 
 
 def test_tasks_run_in_other_processes_and_come_back_in_input_order():
@@ -161,11 +161,10 @@ def test_an_input_that_cannot_be_loaded_is_the_tasks_error():
 
 
 _SWEEP_THEN_WAIT = """
-import sys, time
 from cluster.simulator.parallel import map_in_processes
-from tests.cluster.test_sim_parallel import _fail_on_three
+from tests.cluster.test_sim_parallel import _say_started_then_run
 if __name__ == "__main__":
-    map_in_processes(_fail_on_three, [(0,), (0,)], None, jobs=2)
+    map_in_processes(_say_started_then_run, [(0,), (1,)], None, jobs=2)
 """
 
 
@@ -175,10 +174,12 @@ def test_processes_exit_when_the_sweep_process_is_killed():
     the trace's file, which the killed process could not."""
     inputs = Path(tempfile.gettempdir())
     before = set(inputs.glob("splitserve-sweep-*"))
-    sweeper = subprocess.Popen([sys.executable, "-c", _SWEEP_THEN_WAIT], cwd=os.getcwd())
+    sweeper = subprocess.Popen([sys.executable, "-c", _SWEEP_THEN_WAIT], cwd=os.getcwd(),
+                               stdout=subprocess.PIPE, text=True)
     try:
-        workers = _wait_for_two_sweep_processes(sweeper)
-        time.sleep(1)  # both are inside their task now (they start in well under that)
+        assert sweeper.stdout is not None
+        started = [sweeper.stdout.readline() for _ in range(2)]  # both inside their task
+        workers = [psutil.Process(int(line.split()[1])) for line in started]
         sweeper.kill()
         sweeper.wait(10)
         _assert_gone(workers, 10)
@@ -225,14 +226,19 @@ def test_cli_sweep_refuses_zero_jobs_and_a_budget_too_small():
 
 def test_ctrl_c_ends_a_cli_sweep_and_its_processes_at_once_without_a_traceback():
     """SIGINT to the CLI's process group, as a terminal's Ctrl-C sends it, while two
-    processes simulate: the CLI exits 130 at once, says so, and leaves no process."""
+    processes simulate (the first of 28 choices has been reported): the CLI exits 130 at
+    once, says so, and leaves no process."""
     cli = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "simulate", "--synthetic", "--rate", "10",
-         "--duration", "600", "--model", "llama-3-70b", "--sweep", "--gpus", "16",
+         "--duration", "240", "--model", "llama-3-70b", "--sweep", "--gpus", "16",
          "--tp-choices", "2,4,8", "--jobs", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        workers = _wait_for_two_sweep_processes(cli)
+        assert cli.stderr is not None
+        first = cli.stderr.readline()
+        assert first.startswith("[1/28]"), first
+        workers = _sweep_processes(psutil.Process(cli.pid))
+        assert len(workers) == 2
         os.killpg(cli.pid, signal.SIGINT)
         _, err = cli.communicate(timeout=20)
     finally:
