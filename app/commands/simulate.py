@@ -187,20 +187,19 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"splitserve simulate: --jobs must be at least 1, not {jobs}")
         progress = lambda i, n, row: print(f"[{i}/{n}] {row}", file=sys.stderr)  # noqa: E731
         chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
-        if chunks:
-            try:
+        tps = [int(t) for t in args.tp_choices.split(",") if t.strip()]
+        try:
+            if chunks:
                 result = sweep(cfg, reqs, args.gpus, chunks, policy=args.policy,
                                progress=progress, jobs=jobs)
-            except (ValueError, SimulationProcessDied) as e:
-                raise SystemExit(f"splitserve simulate --sweep: {e}") from None
-            print(json.dumps(result["best"], indent=2))
-        else:
-            tps = [int(t) for t in args.tp_choices.split(",") if t.strip()]
-            try:
+            else:
                 result = sweep_tp(cfg, reqs, args.gpus, tps, policy=args.policy,
                                   progress=progress, jobs=jobs)
-            except (ValueError, SimulationProcessDied) as e:
-                raise SystemExit(f"splitserve simulate --sweep: {e}") from None
+        except (ValueError, SimulationProcessDied) as e:
+            raise SystemExit(f"splitserve simulate --sweep: {e}") from None
+        if chunks:
+            print(json.dumps(result["best"], indent=2))
+        else:
             print_tp_sweep(result)
     else:
         t0 = time.perf_counter()
