@@ -44,15 +44,15 @@ _shared: str | None = None  # in a sweep process: the shared input's file, until
 _context: Any = None  # ... and the shared input, loaded by the first task
 
 
-def default_jobs() -> int:
+def default_jobs(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The cores this process may use: its CPU affinity (as ``nproc`` counts them), capped
-    by a cgroup v2 CPU quota (a container's ``--cpus``) when there is one."""
+    by a cgroup v2 CPU quota (``cpu_max``: a container's ``--cpus``) when there is one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
     except (OSError, ValueError):
         return cores
     if quota == "max":

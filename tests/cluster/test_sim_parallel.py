@@ -21,7 +21,7 @@ import pytest
 from app.cli import main as cli_main
 from cluster.policy_config import SLOConfig
 from cluster.simulator import SimConfig, synthetic
-from cluster.simulator.parallel import SimulationProcessDied, map_in_processes
+from cluster.simulator.parallel import SimulationProcessDied, default_jobs, map_in_processes
 from cluster.simulator.sweep import sweep, sweep_tp
 
 
@@ -247,3 +247,15 @@ def test_ctrl_c_ends_a_cli_sweep_and_its_processes_at_once_without_a_traceback()
     assert cli.returncode == 130
     assert "interrupted" in err and "Traceback" not in err, err[-2000:]
     _assert_gone(workers, 5)
+
+
+def test_default_jobs_is_the_affinity_capped_by_a_cgroup_quota(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert default_jobs(cpu_max) == cores  # no cgroup v2 file
+    cpu_max.write_text("max 100000\n")
+    assert default_jobs(cpu_max) == cores
+    cpu_max.write_text("50000 100000\n")  # half a core: still one process
+    assert default_jobs(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * cores + 1} 100000\n")  # more than the affinity allows
+    assert default_jobs(cpu_max) == cores
