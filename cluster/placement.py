@@ -17,12 +17,13 @@ The indexes the policies read (``RankIndex``, ``RolePool``, ``PrefixIndex``) liv
 from __future__ import annotations
 
 import bisect
+import enum
 import heapq
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 from cluster.placement_index import PrefixIndex, RankIndex, RolePool
 from engine.worker_stats import WorkerStats
@@ -127,10 +128,10 @@ class PlacementPolicy:
     scored per request.
     """
 
-    name = "base"
-    indexed = False
+    name: ClassVar[str] = "base"
+    indexed: ClassVar[bool] = False
     """True: ``index_fn`` orders workers as the keys do (for every request)."""
-    cache_sensitive = False
+    cache_sensitive: ClassVar[bool] = False
     """True: the prefill key depends on the tokens a worker caches (ranked apart)."""
 
     def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
@@ -175,7 +176,7 @@ class PlacementPolicy:
             return iter(streams[0])
         return heapq.merge(*streams, key=lambda w: (key(w, req), w.worker_id))
 
-    def top(self, kind: str, pool: RolePool, req: RequestInfo) -> WorkerState | None | object:
+    def top(self, kind: str, pool: RolePool, req: RequestInfo) -> WorkerState | None | Walk:
         """The best-ranked worker (None: none) when one index ranks the pool; ``WALK`` when
         the ranking has to be walked (several groups, cached prefixes, not indexed)."""
         index = pool.single
@@ -197,8 +198,8 @@ class PlacementPolicy:
         otherwise the walk down the ranking happens only if ``maybe()`` (a cheap bound:
         False means no worker can be ``ok``)."""
         top = self.top(kind, pool, req)
-        if top is None or (top is not WALK and ok(top)):  # type: ignore[arg-type]
-            return top  # type: ignore[return-value]
+        if top is None or (top is not WALK and ok(top)):
+            return top
         if not maybe():
             return None
         return next((w for w in self.ranked(kind, pool, req) if ok(w)), None)
@@ -210,7 +211,7 @@ class PlacementPolicy:
 class RoundRobinPolicy(PlacementPolicy):
     """The next worker in id order after the one picked last, per role."""
 
-    name = "round_robin"
+    name: ClassVar[str] = "round_robin"
 
     def __init__(self) -> None:
         self._last: dict[str, str] = {}  # "prefill"/"decode" -> last id picked
@@ -241,8 +242,8 @@ class RoundRobinPolicy(PlacementPolicy):
 class LeastLoadedPolicy(PlacementPolicy):
     """Prefill: fewest backlog tokens. Decode: fewest requests held (then lower KV usage)."""
 
-    name = "least_loaded"
-    indexed = True
+    name: ClassVar[str] = "least_loaded"
+    indexed: ClassVar[bool] = True
 
     def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
         return w.queued_tokens + 1e-3 * w.num_requests
@@ -260,9 +261,9 @@ class KVAwarePolicy(PlacementPolicy):
     """Prefill: estimated TTFT = (backlog + prompt - cached there) / measured speed.
     Decode: KV usage + running-batch occupancy (both in [0, 1])."""
 
-    name = "kv_aware"
-    indexed = True
-    cache_sensitive = True
+    name: ClassVar[str] = "kv_aware"
+    indexed: ClassVar[bool] = True
+    cache_sensitive: ClassVar[bool] = True
 
     def prefill_key(self, w: WorkerState, req: RequestInfo) -> Key:
         cached = req.cached_tokens.get(w.worker_id, 0) if req.cached_tokens else 0
@@ -298,4 +299,11 @@ def make_policy(name: str) -> PlacementPolicy:
 
 
 _NO_REQUEST = RequestInfo("", 0, (), {})  # for keys that do not look at the request
-WALK = object()  # PlacementPolicy.top: walk the ranking
+class Walk(enum.Enum):
+    """``PlacementPolicy.top``'s answer when the ranking has to be walked (an enum: type
+    checkers narrow ``is WALK``)."""
+
+    WALK = "walk"
+
+
+WALK = Walk.WALK

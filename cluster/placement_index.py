@@ -49,7 +49,9 @@ class RankIndex:
             if old is not None:
                 del live[wid]
             return
-        entry = (key, wid, next(self._seq), w)
+        # one tuple object, typed as such: liveness is tested by identity (`is`), and a
+        # compiled build (cluster.simulator.compiled) boxes a fixed-shape tuple anew per use
+        entry: tuple = (key, wid, next(self._seq), w)
         live[wid] = entry
         heap = self._heap
         heappush(heap, entry)

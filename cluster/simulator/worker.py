@@ -191,7 +191,7 @@ class SimWorker:
                   else _NO_CHUNKS)
         self.chunks = chunks
         if chunks:
-            n, attn = 0, 0
+            n, attn = 0, 0.0
             for r, c in chunks:  # tokens computed, attention pairs (= sum(), same order)
                 n += c
                 attn += c * (r.computed + c / 2)
@@ -215,7 +215,7 @@ class SimWorker:
 
     def _take_chunks(self, budget: int) -> list[tuple[SimRequest, int]]:
         """The step's prompt chunks, FIFO, within ``budget`` (> 0) tokens."""
-        chunks = []
+        chunks: list[tuple[SimRequest, int]] = []
         cap = self.max_prefill_seqs
         for r in self.prefill_q:
             if budget <= 0 or len(chunks) >= cap:
