@@ -22,6 +22,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `splitserve simulate` compiles the simulator on first use (cluster.compiled, ~25 s): the CLI
+# tests run it interpreted (same results), so that no test's timing depends on whether the
+# cache holds a build. tests/cluster/test_sim_compiled.py clears this to test the compiled one.
+os.environ.setdefault("SPLITSERVE_INTERPRETED", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``@pytest.mark.gpu`` tests when CUDA is absent."""
