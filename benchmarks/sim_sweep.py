@@ -6,6 +6,8 @@ independently of the others, so the sweep runs them in processes of their own (`
 default every core). This runs the same sweep with 1 process and with ``--jobs`` processes
 on one trace, checks that both give the same rows, and prints both wall times and their
 ratio. Default: the issue's sweep (llama-3-70b, 16 H100s, TP 2/4/8, TTFT 1 s, ITL 50 ms).
+The simulator runs compiled with mypyc (``cluster.compiled``), as ``splitserve simulate``
+runs it, unless ``--interpreted``.
 
     .venv/bin/python benchmarks/sim_sweep.py [--jobs N] [--rate 10] [--duration 60] \
         [--out results/sim_sweep.json]
@@ -19,15 +21,12 @@ import os
 import time
 from pathlib import Path
 
-from cluster.policy_config import SLOConfig
-from cluster.simulator import SimConfig, synthetic
-from cluster.simulator.parallel import default_jobs
-from cluster.simulator.sweep import sweep_tp
+from cluster import compiled
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=default_jobs())
+    ap.add_argument("--jobs", type=int, default=None, help="default: every usable core")
     ap.add_argument("--model", default="llama-3-70b")
     ap.add_argument("--gpus", type=int, default=16)
     ap.add_argument("--tp-choices", default="2,4,8")
@@ -35,8 +34,20 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--itl-slo", type=float, default=0.05)
+    ap.add_argument("--interpreted", action="store_true", help="do not compile the simulator")
     ap.add_argument("--out", default="results/sim_sweep.json")
     args = ap.parse_args()
+    why = "--interpreted" if args.interpreted else compiled.activate(log=print)
+    if why is not None:
+        print(f"the simulator runs interpreted: {why}")
+    # after activate(): the processes the sweep starts inherit the compiled build
+    from cluster.policy_config import SLOConfig
+    from cluster.simulator import SimConfig, synthetic
+    from cluster.simulator.parallel import default_jobs
+    from cluster.simulator.sweep import sweep_tp
+
+    if args.jobs is None:
+        args.jobs = default_jobs()
     trace = synthetic(args.rate, args.duration, seed=0)
     base = SimConfig(model=args.model, slo=SLOConfig(ttft_s=args.ttft_slo, itl_s=args.itl_slo))
     tps = [int(t) for t in args.tp_choices.split(",")]
@@ -54,6 +65,7 @@ def main() -> None:
         "cores_usable": default_jobs(), "wall_s_1_process": walls[1],
         "wall_s_jobs": walls[args.jobs], "speedup": walls[1] / walls[args.jobs],
         "same_rows": same, "best": best, "load_average": os.getloadavg(),
+        "compiled": compiled.active_build() is not None,
     }
     print(f"{report['configurations']} configurations of {args.model} on {args.gpus} GPUs, "
           f"{len(trace)} requests: 1 process {walls[1]:.1f} s, {args.jobs} processes "
