@@ -105,8 +105,7 @@ def _run_interpreted(args: argparse.Namespace) -> dict:
                "--duration", str(args.duration), "--prefill", str(args.prefill),
                "--decode", str(args.decode), "--policy", args.policy,
                "--goal-s", str(args.goal_s), "--out", str(out)]
-        env = {**os.environ, compiled.ENV_OFF: "1"}  # not even inherited from this process
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
 

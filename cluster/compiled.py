@@ -8,14 +8,22 @@ native (attributes are struct fields) and calls between them C calls. The source
 implementation; nothing is written twice.
 
 Opt-in, per process: ``activate()`` before any of ``MODULES`` is imported. ``splitserve
-simulate`` and the simulator benchmarks call it; library users and the test suite run the
-interpreted modules unless they do. It builds once per source change, into a cache keyed by
-the sources and the Python and mypy versions (so an edited module is never shadowed by an
-old build), then puts an import finder first on ``sys.meta_path`` that loads ``MODULES``
-from that build. Processes started afterwards (a sweep's) inherit it through the environment
-(``inherit_compiled_build``, run when ``cluster`` is imported). If anything fails (no C
-compiler, a type error in an edited module), ``activate`` says why and the modules stay
-interpreted: same results, slower.
+simulate`` and the simulator benchmarks call it; library users, the live router and the test
+suite run the interpreted modules unless they do. It builds once per source change, into a
+cache keyed by the sources and the Python and mypy versions, then puts an import finder
+first on ``sys.meta_path`` that loads ``MODULES`` from that build. A sweep's processes load
+the same build (``use_build``, from ``cluster.simulator.parallel``). If anything fails (mypy
+not installed, no C compiler, a type error in an edited module), ``activate`` says why and
+the modules stay interpreted: same results, slower.
+
+A build reads the types of the five modules and of the project modules they import
+(``TYPED_IMPORTS``, part of its key: a type compiled in is never stale); every other module
+reads as ``Any`` (a change there cannot matter, and does not force a compile). Compiled code
+checks the values it receives against those types, where Python would not: what comes
+from outside is converted where it enters (a trace's numbers in ``Simulation._arrive``, a
+profile's in ``CostProfile.__post_init__``). Compiled classes cannot be subclassed by
+interpreted ones (``cpu_profile.LiveSemanticsSimulation``, tests' fakes), nor their methods
+replaced on an instance: such code runs in processes that do not activate.
 """
 
 from __future__ import annotations
@@ -46,24 +54,52 @@ MODULES = (
 """Compiled together (calls between them are native). A module imported by these but not
 listed stays interpreted and is called as any Python object."""
 
-ENV_BUILD = "SPLITSERVE_COMPILED_BUILD"
-"""Set by ``activate`` to the build in use, so that processes started later use it too."""
+TYPED_IMPORTS = (
+    "cluster.autoscaler",
+    "cluster.policy_config",
+    "cluster.simulator.config",
+    "cluster.simulator.metrics",
+    "cluster.simulator.profiles",
+    "cluster.simulator.scaling",
+    "engine.errors",
+    "engine.prefix_hash",
+    "engine.worker_stats",
+)
+"""The project modules that ``MODULES`` import: their types are read, so that values taken
+from them are unboxed (floats, ints: ~12 % faster than reading them as ``Any``), and so
+their sources are part of a build's key. Every other import reads as ``Any``. A test keeps
+this list and ``UNTYPED_IMPORTS`` equal to what ``MODULES`` import."""
+
+UNTYPED_IMPORTS = {
+    "cluster.simulator.trace": "a trace's numbers may be numpy's: read as Any, and converted "
+    "where the loop takes them (Simulation._arrive)",
+}
+"""Project modules that ``MODULES`` import but whose types the build must not trust."""
+
 ENV_OFF = "SPLITSERVE_INTERPRETED"
 """Set (to anything but empty or 0): ``activate`` does nothing and the modules run interpreted."""
 
 _ROOT = Path(__file__).resolve().parent.parent  # holds the package ``cluster``
 _GROUP = "splitserve_compiled"  # mypyc's shared library: <group>__mypyc
 _KEEP = 4  # builds kept per cache (other checkouts, other versions), most recently used
-# The compile, run in a fresh interpreter. Installed packages are not type-checked
-# (--no-site-packages: their types read as Any): checking torch or pydantic takes minutes,
-# and nothing of theirs is compiled.
+_TIMEOUT_S = 900  # a compile that takes longer is stuck: the lock must not wait on it forever
+# mypy's configuration for the compile (no other file is read: not ~/.config/mypy, ...): the
+# types of MODULES and TYPED_IMPORTS, every other import as Any, installed packages unread
+_MYPY_INI = """[mypy]
+follow_imports = skip
+ignore_missing_imports = True
+no_site_packages = True
+
+[mypy-{typed}]
+follow_imports = silent
+""".format(typed=",".join(TYPED_IMPORTS))
+# The compile, run in a fresh interpreter.
 _BUILD = """
 import sys
 from mypyc.build import mypycify
 from setuptools import setup
 out, work, jobs, group, *files = sys.argv[1:]
-flags = ["--follow-imports=silent", "--ignore-missing-imports", "--no-site-packages",
-         "--cache-dir", work + "/mypy"]
+flags = ["--config-file", work + "/mypy.ini", "--cache-dir", work + "/mypy"]
 setup(name="splitserve-compiled",
       script_args=["build_ext", "--build-lib", out, "--build-temp", work, "--parallel", jobs],
       ext_modules=mypycify([*flags, *files], opt_level="3", target_dir=work + "/c",
@@ -86,17 +122,18 @@ def _source(root: Path, module: str) -> Path:
 
 
 def build_key(root: Path = _ROOT) -> str:
-    """What a build depends on: the compiled sources, the build script, this interpreter's
-    extension ABI and the mypy version (its C runtime is compiled in)."""
+    """What a build depends on: the compiled sources and those whose types they read, the
+    build script, this interpreter's extension ABI and the mypy version (its C runtime is
+    compiled in)."""
     h = hashlib.sha256()
     try:
         mypy_version = importlib.metadata.version("mypy")
     except importlib.metadata.PackageNotFoundError:
         mypy_version = "none"
     for part in (sys.implementation.cache_tag, sysconfig.get_config_var("EXT_SUFFIX"),
-                 mypy_version, _BUILD):
+                 mypy_version, _BUILD, _MYPY_INI):
         h.update(str(part).encode() + b"\0")
-    for module in MODULES:
+    for module in (*MODULES, *TYPED_IMPORTS):
         h.update(module.encode() + b"\0" + _source(root, module).read_bytes() + b"\0")
     return h.hexdigest()[:20]
 
@@ -105,13 +142,15 @@ def build(root: Path = _ROOT, cache: Path | None = None,
           log: Callable[[str], None] | None = None) -> Path:
     """The build of ``root``'s sources in ``cache``, compiled now if it is not there (once:
     concurrent callers wait on a lock and share the result; ``log`` hears of a compile or a
-    wait). Raises ``BuildError``, also when these sources failed to compile before (their
-    log is kept: deleting it lets the next call try again)."""
+    wait). Raises ``BuildError``, also when these sources failed to compile before (the
+    failure's log is kept: deleting it lets the next call try again)."""
+    if importlib.util.find_spec("mypyc") is None:
+        raise BuildError("mypy is not installed: pip install 'splitserve[sim]' (or mypy)")
     cache = cache or cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     key = build_key(root)
     final = cache / key
-    if final.is_dir():  # complete: it appears by an atomic rename
+    if _complete(final):  # it appears whole, by an atomic rename
         os.utime(final)  # most recently used
         return final
     with open(cache / f"{key}.lock", "w") as lock:
@@ -123,13 +162,19 @@ def build(root: Path = _ROOT, cache: Path | None = None,
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when that process ends, however
         failed = cache / f"{key}.log"
         if failed.exists():
-            raise BuildError(f"it failed before (whole log: {failed}; delete it to try again)")
-        if not final.is_dir():
+            first = failed.read_text().partition("\n")[0]
+            raise BuildError(f"{first} (it failed before; whole log: {failed}; delete it to "
+                             "try again)")
+        if not _complete(final):
+            for left in cache.glob(f"{key}.*/"):  # a dead compile's (we hold its lock)
+                shutil.rmtree(left, ignore_errors=True)
+            if final.exists():
+                _remove(final)
             if log is not None:
                 log("compiling the simulator with mypyc (once per source change, about 30 s)")
             _compile(root, cache, final)
             _prune(cache, keep=final)
-    os.utime(final)  # most recently used
+    os.utime(final)
     return final
 
 
@@ -137,26 +182,33 @@ def _compile(root: Path, cache: Path, final: Path) -> None:
     files = [str(_source(root, m)) for m in MODULES]
     with tempfile.TemporaryDirectory(prefix=f"{final.name}.", dir=cache) as tmp:
         out, work = Path(tmp) / "out", Path(tmp) / "work"
+        work.mkdir()
+        (work / "mypy.ini").write_text(_MYPY_INI)
+        cmd = [sys.executable, "-c", _BUILD, str(out), str(work), str(os.cpu_count() or 1),
+               _GROUP, *files]
         try:
-            done = subprocess.run(
-                [sys.executable, "-c", _BUILD, str(out), str(work), str(os.cpu_count() or 1),
-                 _GROUP, *files], cwd=tmp, capture_output=True, text=True, check=False)
+            done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
+                                  timeout=_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"the compile took more than {_TIMEOUT_S} s") from None
         except OSError as e:
             raise BuildError(f"could not run {sys.executable}: {e}") from None
         if done.returncode != 0:
-            log_file = cache / f"{final.name}.log"
-            log_file.write_text(done.stdout + done.stderr)
-            raise BuildError(f"{_first_error(done.stdout + done.stderr)} (whole log: {log_file})")
-        out.rename(final)  # complete or absent: the rename is atomic
+            failed = cache / f"{final.name}.log"
+            failed.write_text(f"{_first_error(done.stdout + done.stderr)}\n\n"
+                              f"{done.stdout}{done.stderr}")
+            raise BuildError(f"{_first_error(done.stdout + done.stderr)} (whole log: {failed})")
+        out.rename(final)  # whole or absent: the rename is atomic
 
 
 def _first_error(output: str) -> str:
-    """What failed, in a line or a few: mypy's or the C compiler's errors, else the build's
-    last error (a compiler that fails without a word: name it)."""
+    """What failed, in a line: the first of mypy's or the C compiler's errors, else the
+    build's last error (a compiler that fails without a word: name it)."""
     lines = output.strip().splitlines()
     errors = [ln for ln in lines if re.search(r": (fatal )?error:", ln)]
     if errors:
-        return "\n".join(errors[:5])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return errors[0] + more
     failed = [ln for ln in lines if ln.startswith("error:")] or lines[-1:] or ["no output"]
     command = re.match(r"error: command '\[?'?([^',\]]+)", failed[-1], re.I)
     if command:
@@ -164,12 +216,33 @@ def _first_error(output: str) -> str:
     return failed[-1][:300]
 
 
+def _remove(build_dir: Path) -> None:
+    """Delete a build: renamed first, so that no one finds it half deleted."""
+    doomed = build_dir.with_name(f"{build_dir.name}.deleted.{os.getpid()}")
+    build_dir.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)  # a process using it keeps its mapped files
+
+
 def _prune(cache: Path, keep: Path) -> None:
     builds = sorted((p for p in cache.iterdir() if p.is_dir() and p != keep and "." not in p.name),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in builds[_KEEP - 1:]:
-        shutil.rmtree(old, ignore_errors=True)  # a process using it keeps its mapped files
-        (cache / f"{old.name}.lock").unlink(missing_ok=True)
+        _remove(old)
+        for leftover in (f"{old.name}.lock", f"{old.name}.log"):
+            (cache / leftover).unlink(missing_ok=True)
+
+
+def _files(build_dir: Path) -> dict[str, str]:
+    """Module name -> its file in a build (``MODULES`` and mypyc's shared library)."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    files = {m: str(build_dir.joinpath(*m.split(".")).with_suffix("")) + suffix
+             for m in MODULES}
+    files[f"{_GROUP}__mypyc"] = str(build_dir / f"{_GROUP}__mypyc{suffix}")
+    return files
+
+
+def _complete(build_dir: Path) -> bool:
+    return build_dir.is_dir() and all(os.path.isfile(f) for f in _files(build_dir).values())
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -177,10 +250,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
     def __init__(self, build_dir: Path) -> None:
         self.build_dir = build_dir
-        suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        self.files = {m: str(build_dir.joinpath(*m.split(".")).with_suffix("")) + suffix
-                      for m in MODULES}
-        self.files[f"{_GROUP}__mypyc"] = str(build_dir / f"{_GROUP}__mypyc{suffix}")
+        self.files = _files(build_dir)
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
@@ -199,11 +269,6 @@ def active_build() -> Path | None:
     return None
 
 
-def _install(build_dir: Path) -> None:
-    sys.meta_path.insert(0, _Finder(build_dir))
-    os.environ[ENV_BUILD] = str(build_dir)
-
-
 def _imported() -> list[str]:
     return [m for m in MODULES if m in sys.modules]
 
@@ -216,7 +281,7 @@ def turned_off() -> bool:
 def activate(compile_missing: bool = True,
              log: Callable[[str], None] | None = None) -> str | None:
     """Load ``MODULES`` compiled from now on, building them first if needed (about 30 s,
-    once per source change; ``log`` gets a line before). Returns None when they will load
+    once per source change; ``log`` hears of it). Returns None when they will load
     compiled, else why not (they stay interpreted: same results, slower)."""
     if turned_off():
         return f"{ENV_OFF} is set"
@@ -224,23 +289,22 @@ def activate(compile_missing: bool = True,
         return None
     if _imported():
         return f"{', '.join(_imported())} already imported (activate first)"
-    cache = cache_root()
-    if not compile_missing and not (cache / build_key()).is_dir():
-        return "not built yet"
     try:
+        cache = cache_root()
+        if not compile_missing and not _complete(cache / build_key()):
+            return "not built yet"
         build_dir = build(cache=cache, log=log)
-    except (BuildError, OSError) as e:
+    except (BuildError, OSError, RuntimeError) as e:  # RuntimeError: no home directory
         return f"the compile failed: {e}"
-    _install(build_dir)
+    sys.meta_path.insert(0, _Finder(build_dir))
     return None
 
 
-def inherit_compiled_build() -> None:
-    """In a process started by one that called ``activate`` (a sweep's): use the same build,
-    if it still matches these sources and no module of it is imported yet."""
-    path = os.environ.get(ENV_BUILD)
-    if not path or turned_off() or active_build() is not None or _imported():
-        return
-    build_dir = Path(path)
-    if build_dir.name == build_key() and build_dir.is_dir():
-        _install(build_dir)
+def use_build(build_dir: Path | None) -> bool:
+    """In a process started by one that activated (a sweep's): load ``MODULES`` from the
+    same build, if it is whole, built from these sources, and none of them is imported yet."""
+    if (build_dir is None or turned_off() or active_build() is not None or _imported()
+            or build_dir.name != build_key() or not _complete(build_dir)):
+        return False
+    sys.meta_path.insert(0, _Finder(build_dir))
+    return True

@@ -50,7 +50,7 @@ class RankIndex:
                 del live[wid]
             return
         # one tuple object, typed as such: liveness is tested by identity (`is`), and a
-        # compiled build (cluster.simulator.compiled) boxes a fixed-shape tuple anew per use
+        # compiled build (cluster.compiled) boxes a fixed-shape tuple anew per use
         entry: tuple = (key, wid, next(self._seq), w)
         live[wid] = entry
         heap = self._heap

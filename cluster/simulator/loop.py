@@ -23,13 +23,14 @@ import gc
 import heapq
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 
 from cluster.autoscaler import Autoscaler, RollingWindow
 from cluster.global_scheduler import GlobalScheduler, Placement
+from cluster.placement import PlacementPolicy
 from cluster.simulator.config import SimConfig
 from cluster.simulator.metrics import Recorder
 from cluster.simulator.profiles import CostProfile, resolve_profile
@@ -47,9 +48,9 @@ class Simulation:
     def __init__(
         self,
         cfg: SimConfig,
-        trace: list[TraceRequest],
+        trace: Sequence[TraceRequest],
         profile: CostProfile | None = None,
-        policy: str | None = None,
+        policy: str | PlacementPolicy | None = None,
     ) -> None:
         self.cfg = cfg
         self.trace = trace
@@ -214,7 +215,9 @@ class Simulation:
 
     def _arrive(self, idx: int, tr: TraceRequest) -> None:
         hashes = self._hashes(idx, tr) if self._use_hashes else ()
-        r = SimRequest(idx, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes)
+        # int()/float(): a trace may hold numpy numbers, which a compiled SimRequest refuses
+        r = SimRequest(idx, float(tr.arrival_s), int(tr.prompt_tokens), int(tr.output_tokens),
+                       hashes)
         self._flush()
         if self.window is not None:
             self.window.add_arrival(self.now, r.prompt)
@@ -281,7 +284,7 @@ class Simulation:
         """The hot loop (one pass per event): names bound locally, worker events inlined."""
         trace, n, i = self.trace, len(self.trace), 0
         heap, pop, workers, changed = self._heap, heapq.heappop, self.workers, self._changed
-        arrival = trace[0].arrival_s if n else math.inf
+        arrival = float(trace[0].arrival_s) if n else math.inf  # float(): numpy in, see _arrive
         events = 0
         while True:
             if heap and heap[0][0] <= arrival:
@@ -307,7 +310,7 @@ class Simulation:
                 self.now = arrival
                 self._arrive(i, trace[i])
                 i += 1
-                arrival = trace[i].arrival_s if i < n else math.inf
+                arrival = float(trace[i].arrival_s) if i < n else math.inf
             else:
                 break
             if changed and self._queued:
@@ -414,9 +417,9 @@ def transfer_profile(prefill: CostProfile, decode: CostProfile) -> CostProfile:
 
 def simulate(
     cfg: SimConfig,
-    trace: list[TraceRequest],
+    trace: Sequence[TraceRequest],
     profile: CostProfile | None = None,
-    policy: str | None = None,
+    policy: str | PlacementPolicy | None = None,
 ) -> dict:
     """Run one simulation and return its summary dict."""
     return Simulation(cfg, trace, profile, policy).run()

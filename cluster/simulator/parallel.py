@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cluster import compiled
+
 
 class SimulationProcessDied(RuntimeError):
     """A process running simulations ended before its work did (killed by a signal or the
@@ -94,7 +96,7 @@ def _run_pool(task: Callable[..., Any], items: Sequence[tuple], shared: str, job
     out: list = [None] * n
     spawn = _RecordingContext()
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=spawn,  # type: ignore[arg-type]
-                               initializer=_start, initargs=(shared,))
+                               initializer=_start, initargs=(shared, compiled.active_build()))
     mine = spawn.processes
     try:
         with _ctrl_c_held():  # the processes start in ``submit``
@@ -176,11 +178,13 @@ def _stop(pool: ProcessPoolExecutor, processes: list[multiprocessing.process.Bas
         pool.shutdown(wait=True)  # the pool's thread sees its processes end, and reaps them
 
 
-def _start(shared: str) -> None:
-    """A sweep process's start: leave Ctrl-C to the parent (which ends this process), and
-    exit when the parent is gone. The shared input is loaded by the first task, so that an
-    error loading it comes back as that task's error."""
+def _start(shared: str, build: Path | None) -> None:
+    """A sweep process's start: run the simulator compiled as the parent does (``build``),
+    leave Ctrl-C to the parent (which ends this process), and exit when the parent is gone.
+    The shared input is loaded by the first task, so that an error loading it comes back as
+    that task's error."""
     global _shared
+    compiled.use_build(build)  # before a task imports the simulator's modules
     _shared = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C pending since start-up
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

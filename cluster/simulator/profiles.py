@@ -48,7 +48,7 @@ of typical size touches every expert.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 FORMAT = "splitserve-sim-profile/v1"
@@ -148,6 +148,14 @@ class CostProfile:
     decode_per_kv_byte_s: float
     transfer_bandwidth_bytes_per_s: float
     transfer_latency_s: float
+
+    def __post_init__(self) -> None:
+        # numbers as declared, whatever a JSON file or a caller gave (4.4e5 for a capacity, 0
+        # for a latency): the compiled simulator (cluster.compiled) refuses a float for an int
+        for f in fields(self):
+            if f.type in ("int", "float"):
+                value = getattr(self, f.name)
+                object.__setattr__(self, f.name, int(value) if f.type == "int" else float(value))
 
     # ---- the cost models -------------------------------------------------------------------
 

@@ -1,13 +1,16 @@
 """The simulator compiled with mypyc (``cluster.compiled``) decides and measures exactly what the
-interpreted one does, is built once however many processes ask, is never used for sources it
-was not built from, and falls back to the interpreted modules when the compile fails.
+interpreted one does (a sweep's processes too), is built once however many processes ask, is
+never used for sources it was not built from, and falls back to the interpreted modules when
+the compile fails.
 
-Compiling takes ~25 s on 2 cores: the equivalence test builds once into its own cache (two
-processes at once, to test the lock); the other tests do not compile.
+A whole compile takes ~25 s on 2 cores: only the equivalence test runs one (two processes at
+once, into a fresh cache, to test the lock). The failing-compile tests stop at mypy's check
+or at the C compiler.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -25,15 +28,14 @@ from tests.cluster.test_sim_placement_equivalence import DIRECT, SIMS
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Run in a fresh process: activate, check that MODULES load compiled (here and in a spawned
-# process, as a sweep's would), run the placement-equivalence workloads, print the outcomes.
+# Run in a fresh process: activate, check that MODULES load compiled (here and in a sweep's
+# processes), run the placement-equivalence workloads and a sweep on two processes, print
+# the outcomes.
 COMPILED_RUN = textwrap.dedent("""
     import json, sys, sysconfig
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
     from cluster import compiled
 
-    def loaded_compiled():
+    def loaded_compiled(context):
         import cluster.simulator.loop  # noqa: F401 (imports every module of the build)
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
         return [m for m in compiled.MODULES if sys.modules[m].__file__.endswith(suffix)]
@@ -41,12 +43,23 @@ COMPILED_RUN = textwrap.dedent("""
     if __name__ == "__main__":
         why = compiled.activate(log=lambda line: print(line, file=sys.stderr))
         assert why is None, why
-        here = loaded_compiled()
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            child = pool.submit(loaded_compiled).result()
-        from tests.cluster.test_sim_compiled import outcomes
-        print(json.dumps({"here": here, "child": child, "outcomes": outcomes()}))
+        from cluster.simulator.parallel import map_in_processes
+        from tests.cluster.test_sim_compiled import outcomes, split_sweep
+        here = loaded_compiled(None)
+        children = map_in_processes(loaded_compiled, [(), ()], None, jobs=2)
+        print(json.dumps({"here": here, "children": children, "outcomes": outcomes(),
+                          "sweep": split_sweep(jobs=2)}))
 """)
+
+
+def split_sweep(jobs: int) -> dict:
+    """tests/cluster/test_sim_parallel.py's split sweep (as JSON text would give it back)."""
+    from cluster.simulator import SimConfig, synthetic
+    from cluster.simulator.sweep import sweep
+
+    result = sweep(SimConfig(), synthetic(10, 15, seed=7), total_gpus=4,
+                   chunk_sizes=[512, 2048], jobs=jobs)
+    return json.loads(json.dumps(result, sort_keys=True))
 
 
 def outcomes() -> dict:
@@ -67,13 +80,30 @@ def outcomes() -> dict:
         result = sim.run()
         out["sims"][name] = {"result": result, "first_token": sim.rec.first_token.tolist(),
                              "finish": sim.rec.finish.tolist()}
+    out["odd_inputs"] = odd_inputs()
     # JSON text: exact floats (repr round-trips), and NaN (unfinished) equal to NaN
     return json.loads(json.dumps(out, sort_keys=True))
 
 
+def odd_inputs() -> dict:
+    """Inputs Python takes and a compiled class would refuse unless they are converted where
+    they enter: a trace (a tuple) of numpy numbers, a profile with a float capacity and an
+    int latency, a policy object instead of its name."""
+    import numpy as np
+
+    from cluster.placement import KVAwarePolicy
+    from cluster.simulator import SimConfig, TraceRequest, resolve_profile, simulate, synthetic
+
+    trace = tuple(TraceRequest(np.float64(r.arrival_s), np.int64(r.prompt_tokens),
+                               np.int64(r.output_tokens)) for r in synthetic(20, 8, seed=2))
+    profile = resolve_profile("H100", "llama-3-8b", 1).with_(kv_capacity_tokens=4.4e5,
+                                                             transfer_latency_s=0)
+    result = simulate(SimConfig(num_prefill=1, num_decode=2), trace, profile, KVAwarePolicy())
+    return json.loads(json.dumps(result, sort_keys=True))
+
+
 def _env(cache: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in (compiled.ENV_BUILD, compiled.ENV_OFF)}
+    env = {k: v for k, v in os.environ.items() if k != compiled.ENV_OFF}
     return {**env, "SPLITSERVE_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), **extra}
 
 
@@ -90,16 +120,22 @@ def test_compiled_simulator_equals_the_interpreted_one_and_is_built_once(tmp_pat
         assert run.returncode == 0, err[-3000:]
     logs = "".join(err for _, err in results)
     assert logs.count("compiling the simulator") == 1, logs
-    assert logs.count("waiting for another process") == 1, logs
+    # (the second process waited, unless it started after the whole compile: rare)
+    assert logs.count("waiting for another process") <= 1, logs
     builds = [p for p in (cache / "compiled").iterdir() if p.is_dir()]
     assert [p.name for p in builds] == [compiled.build_key()]
 
+    assert sys.modules["cluster.simulator.loop"].__file__.endswith(".py")  # this process's
     interpreted = outcomes()
+    sweep = split_sweep(jobs=1)
     for out, _ in results:
         got = json.loads(out)
         assert got["here"] == list(compiled.MODULES)
-        assert got["child"] == list(compiled.MODULES)  # a spawned process inherits the build
+        assert got["children"] == [list(compiled.MODULES)] * 2  # a sweep's use the build too
+        assert got["sweep"] == sweep
         assert got["outcomes"]["direct"] == interpreted["direct"]
+        assert got["outcomes"]["odd_inputs"] == interpreted["odd_inputs"]
+        assert interpreted["odd_inputs"]["finished"] > 100
         for name in SIMS:
             mine, theirs = got["outcomes"]["sims"][name], interpreted["sims"][name]
             assert mine["first_token"] == theirs["first_token"], name
@@ -112,19 +148,43 @@ def test_compiled_simulator_equals_the_interpreted_one_and_is_built_once(tmp_pat
 
 
 def _copy_sources(dest: Path) -> Path:
-    shutil.copytree(ROOT / "cluster", dest / "cluster",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("cluster", "engine"):
+        shutil.copytree(ROOT / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+def test_the_typed_imports_are_what_the_compiled_modules_import():
+    """A project module the compiled ones import is either typed (in the build's key) or
+    deliberately untyped: one added to the compiled modules without a decision fails here."""
+    imported = set()
+    for module in compiled.MODULES:
+        tree = ast.parse(ROOT.joinpath(*module.split(".")).with_suffix(".py").read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) and node.module else [])
+            imported |= {n for n in names
+                         if ROOT.joinpath(*n.split(".")).with_suffix(".py").is_file()}
+    assert imported - set(compiled.MODULES) == (
+        set(compiled.TYPED_IMPORTS) | set(compiled.UNTYPED_IMPORTS))
 
 
 def test_a_build_is_keyed_by_its_sources(tmp_path):
     root = _copy_sources(tmp_path)
     assert compiled.build_key(root) == compiled.build_key()
-    placement = root / "cluster" / "placement.py"
-    placement.write_text(placement.read_text() + "\n# edited\n")
-    assert compiled.build_key(root) != compiled.build_key()
+    keys = {compiled.build_key()}
+    for edited in ("placement.py", "simulator/profiles.py"):  # compiled; typed import
+        source = root / "cluster" / edited
+        source.write_text(source.read_text() + "\n# edited\n")
+        keys.add(compiled.build_key(root))
+    assert len(keys) == 3
+    untyped = root / "cluster" / "simulator" / "trace.py"
+    untyped.write_text(untyped.read_text() + "\n# edited\n")
+    assert compiled.build_key(root) in keys  # its types are not compiled in
 
 
+@pytest.mark.slow
 def test_a_failed_compile_says_where(tmp_path):
     root = _copy_sources(tmp_path)
     placement = root / "cluster" / "placement.py"
@@ -135,10 +195,12 @@ def test_a_failed_compile_says_where(tmp_path):
     assert str(e.value).count("\n") < 5  # the errors, not the whole log
     key = compiled.build_key(root)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{key}.lock", f"{key}.log"]
-    with pytest.raises(compiled.BuildError, match="it failed before .*delete it to try again"):
+    again = r"placement.py:\d+: error: .*\(it failed before; whole log: .*delete it to try again"
+    with pytest.raises(compiled.BuildError, match=again):
         compiled.build(root, cache=tmp_path / "cache")  # not compiled again on every run
 
 
+@pytest.mark.slow
 def test_simulate_runs_interpreted_when_the_compiler_fails(tmp_path):
     cli = Path(sys.executable).with_name("splitserve")
     done = subprocess.run(
@@ -152,24 +214,52 @@ def test_simulate_runs_interpreted_when_the_compiler_fails(tmp_path):
     assert re.search(r"^simulated \d+ s in [\d.]+ s$", done.stdout, re.M), done.stdout
 
 
-def test_a_build_of_other_sources_is_not_inherited(tmp_path):
-    stale = tmp_path / "0123456789abcdef0123"  # a build dir whose key is not these sources'
-    stale.mkdir()
-    check = ("from cluster import compiled; import cluster.simulator.loop as loop; "
-             "print(compiled.active_build(), loop.__file__.endswith('.py'))")
-    for extra in ({compiled.ENV_BUILD: str(stale)},
-                  {compiled.ENV_BUILD: str(_empty_build(tmp_path)), compiled.ENV_OFF: "1"}):
-        done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, text=True,
+def test_a_sweep_process_uses_only_a_whole_build_of_these_sources(tmp_path):
+    """``use_build`` (a sweep process's start, before the simulator is imported) refuses a
+    build of other sources, an incomplete one, and any when ``SPLITSERVE_INTERPRETED`` is set;
+    its acceptance of a good one is the equivalence test's."""
+    other = tmp_path / "0123456789abcdef0123"
+    other.mkdir()
+    keyed = tmp_path / "keyed" / compiled.build_key()
+    keyed.mkdir(parents=True)
+    (keyed / "cluster").mkdir()  # but no module files
+    check = ("import sys; from pathlib import Path; from cluster import compiled; "
+             "print(compiled.use_build(Path(sys.argv[1])), compiled.active_build()); "
+             "import cluster.simulator.loop as loop; print(loop.__file__.endswith('.py'))")
+    for build, extra in ((other, {}), (keyed, {}), (keyed, {compiled.ENV_OFF: "1"})):
+        done = subprocess.run([sys.executable, "-c", check, str(build)], cwd=ROOT, text=True,
                               env=_env(tmp_path, **extra), capture_output=True, check=True)
-        assert done.stdout.split() == ["None", "True"], extra
+        assert done.stdout.split() == ["False", "None", "True"], (build, extra)
 
 
-def _empty_build(tmp_path: Path) -> Path:
-    """A directory named as these sources' build (empty: a process that used it would fail
-    to import the simulator)."""
-    path = tmp_path / "keyed" / compiled.build_key()
-    path.mkdir(parents=True)
-    return path
+def test_a_build_missing_files_is_built_again(tmp_path, monkeypatch):
+    """A build directory without all its modules (deleted by hand, or half pruned) is not
+    used: the next build replaces it (the compile itself is stubbed: what is checked is the
+    decision to compile)."""
+    cache = tmp_path / "cache"
+    partial = cache / compiled.build_key()
+    (partial / "cluster").mkdir(parents=True)
+    compiles: list[Path] = []
+
+    def fake_compile(root: Path, cache: Path, final: Path) -> None:
+        compiles.append(final)
+        for file in compiled._files(final).values():
+            Path(file).parent.mkdir(parents=True, exist_ok=True)
+            Path(file).write_bytes(b"")
+
+    monkeypatch.setattr(compiled, "_compile", fake_compile)
+    assert compiled.build(cache=cache) == partial
+    assert compiles == [partial]
+    assert compiled.build(cache=cache) == partial  # whole now: not again
+    assert compiles == [partial]
+
+
+def test_without_mypy_the_build_says_how_to_get_it(monkeypatch, tmp_path):
+    real = compiled.importlib.util.find_spec
+    monkeypatch.setattr(compiled.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mypyc" else real(name, *a))
+    with pytest.raises(compiled.BuildError, match=r"pip install 'splitserve\[sim\]'"):
+        compiled.build(cache=tmp_path)
 
 
 def test_activate_refuses_once_the_modules_are_imported_interpreted(monkeypatch):
