@@ -121,7 +121,13 @@ def _source(root: Path, module: str) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def build_key(root: Path = _ROOT) -> str:
+def _sources(root: Path) -> dict[str, bytes]:
+    """The sources a build is made from (``MODULES`` and ``TYPED_IMPORTS``), read once: the
+    build compiles these bytes, and its key hashes them."""
+    return {m: _source(root, m).read_bytes() for m in (*MODULES, *TYPED_IMPORTS)}
+
+
+def build_key(root: Path = _ROOT, sources: dict[str, bytes] | None = None) -> str:
     """What a build depends on: the compiled sources and those whose types they read, the
     build script, this interpreter's extension ABI and the mypy version (its C runtime is
     compiled in)."""
@@ -133,8 +139,8 @@ def build_key(root: Path = _ROOT) -> str:
     for part in (sys.implementation.cache_tag, sysconfig.get_config_var("EXT_SUFFIX"),
                  mypy_version, _BUILD, _MYPY_INI):
         h.update(str(part).encode() + b"\0")
-    for module in (*MODULES, *TYPED_IMPORTS):
-        h.update(module.encode() + b"\0" + _source(root, module).read_bytes() + b"\0")
+    for module, text in (sources if sources is not None else _sources(root)).items():
+        h.update(module.encode() + b"\0" + text + b"\0")
     return h.hexdigest()[:20]
 
 
@@ -148,7 +154,8 @@ def build(root: Path = _ROOT, cache: Path | None = None,
         raise BuildError("mypy is not installed: pip install 'splitserve[sim]' (or mypy)")
     cache = cache or cache_root()
     cache.mkdir(parents=True, exist_ok=True)
-    key = build_key(root)
+    sources = _sources(root)
+    key = build_key(sources=sources)
     final = cache / key
     if _complete(final):  # it appears whole, by an atomic rename
         os.utime(final)  # most recently used
@@ -172,32 +179,42 @@ def build(root: Path = _ROOT, cache: Path | None = None,
                 _remove(final)
             if log is not None:
                 log("compiling the simulator with mypyc (once per source change, about 30 s)")
-            _compile(root, cache, final)
+            _compile(sources, cache, final)
             _prune(cache, keep=final)
     os.utime(final)
     return final
 
 
-def _compile(root: Path, cache: Path, final: Path) -> None:
-    files = [str(_source(root, m)) for m in MODULES]
+def _compile(sources: dict[str, bytes], cache: Path, final: Path) -> None:
+    """Compile ``sources`` (copied into a tree of their own: an edit made meanwhile, or a
+    module found on MYPYPATH, cannot slip into a build keyed by them) into ``final``."""
     with tempfile.TemporaryDirectory(prefix=f"{final.name}.", dir=cache) as tmp:
-        out, work = Path(tmp) / "out", Path(tmp) / "work"
+        src, out, work = Path(tmp) / "src", Path(tmp) / "out", Path(tmp) / "work"
+        for module, text in sources.items():
+            path = _source(src, module)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(text)
+            for package in path.relative_to(src).parents:  # packages: their modules' names
+                (src / package / "__init__.py").touch()
+        (src / "__init__.py").unlink()  # src itself is not a package
         work.mkdir()
         (work / "mypy.ini").write_text(_MYPY_INI)
+        files = [str(_source(src, m)) for m in MODULES]
         cmd = [sys.executable, "-c", _BUILD, str(out), str(work), str(os.cpu_count() or 1),
                _GROUP, *files]
+        env = {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
         try:
-            done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
+            done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
                                   timeout=_TIMEOUT_S, check=False)
+            output, failed = done.stdout + done.stderr, done.returncode != 0
         except subprocess.TimeoutExpired:
-            raise BuildError(f"the compile took more than {_TIMEOUT_S} s") from None
+            output, failed = f"error: the compile took more than {_TIMEOUT_S} s", True
         except OSError as e:
             raise BuildError(f"could not run {sys.executable}: {e}") from None
-        if done.returncode != 0:
-            failed = cache / f"{final.name}.log"
-            failed.write_text(f"{_first_error(done.stdout + done.stderr)}\n\n"
-                              f"{done.stdout}{done.stderr}")
-            raise BuildError(f"{_first_error(done.stdout + done.stderr)} (whole log: {failed})")
+        if failed:
+            log = cache / f"{final.name}.log"
+            log.write_text(f"{_first_error(output)}\n\n{output}")
+            raise BuildError(f"{_first_error(output)} (whole log: {log})")
         out.rename(final)  # whole or absent: the rename is atomic
 
 

@@ -229,7 +229,10 @@ def run(args: argparse.Namespace) -> int:
         result = sim.run()
         result["wall_s"] = time.perf_counter() - t0
         print_summary(result)
-        print(f"simulated {result['simulated_s']:.0f} s in {result['wall_s']:.1f} s")
+        from cluster import compiled
+
+        how = "compiled with mypyc" if compiled.active_build() is not None else "interpreted"
+        print(f"simulated {result['simulated_s']:.0f} s in {result['wall_s']:.1f} s ({how})")
         if args.plot:
             from cluster.simulator.plot import plot_simulation
 

@@ -29,6 +29,8 @@ def sweep_configs(
     """Every split of ``total_gpus`` (in whole workers of ``base.tp`` GPUs) into prefill and
     decode pools, times each chunk size (the prefill workers' step budget); plus colocated
     at each chunk size (the mixed step's budget)."""
+    # int(): model_copy does not validate, and the compiled simulator refuses numpy ints
+    total_gpus, chunk_sizes = int(total_gpus), [int(c) for c in chunk_sizes]
     workers = total_gpus // base.tp
     if workers < 2:
         raise ValueError(f"{total_gpus} GPUs at tp={base.tp} cannot hold two pools")
@@ -79,6 +81,7 @@ def sweep(
 ) -> dict:
     """Simulate every configuration (on up to ``jobs`` processes); ``best`` is the one with
     the highest goodput."""
+    total_gpus = int(total_gpus)  # reported back: a plain int, JSON-ready
     configs = sweep_configs(base, total_gpus, chunk_sizes)
     rows = map_in_processes(_split_row, [(cfg, policy) for cfg in configs], (trace, profile),
                             jobs, progress)
@@ -105,7 +108,9 @@ def tp_configs(base: SimConfig, total_gpus: int, tps: Sequence[int]) -> list[Sim
     if base.hardware not in HARDWARE:
         raise ValueError("a TP sweep needs spec hardware (H100, H200 or A100): a profile "
                          "file describes one TP size only")
-    usable = [tp for tp in sorted(set(tps)) if _fits(base, tp)]
+    # int(): model_copy does not validate, and the compiled simulator refuses numpy ints
+    total_gpus = int(total_gpus)
+    usable = [tp for tp in sorted({int(tp) for tp in tps}) if _fits(base, tp)]
     out = []
     for ptp in usable:
         for dtp in usable:
@@ -185,6 +190,7 @@ def sweep_tp(
     processes; ``best`` overall, ``best_equal_tp`` among prefill TP == decode TP, and the gain
     of the one over the other."""
     target = base.slo.percentile / 100.0
+    total_gpus = int(total_gpus)  # reported back: a plain int, JSON-ready
     configs = tp_configs(base, total_gpus, tps)
     rows = map_in_processes(_tp_row, [(cfg, target, policy) for cfg in configs], trace, jobs,
                             progress)
