@@ -296,3 +296,22 @@ def test_activate_refuses_once_the_modules_are_imported_interpreted(monkeypatch)
     assert why is not None and "already imported" in why
     assert compiled.active_build() is None
     assert not loop.__file__.endswith(sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+def test_old_builds_are_pruned_to_the_most_recently_used(tmp_path):
+    """Each source change makes a new build: beside the new one, the three most recently
+    used stay (other checkouts, other versions) and the rest go, with their lock and log."""
+    cache = tmp_path
+    for i, name in enumerate("abcde"):
+        build = cache / (name * 20)
+        (build / "cluster").mkdir(parents=True)
+        (cache / f"{build.name}.lock").touch()
+        (cache / f"{build.name}.log").touch()
+        os.utime(build, (1000 + i, 1000 + i))  # e most recent, a least
+    (cache / ("a" * 20 + ".tmpcompile")).mkdir()  # a compile in progress: not a build
+    compiled._prune(cache, keep=cache / ("a" * 20))
+    dirs = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert dirs == ["a" * 20, "a" * 20 + ".tmpcompile", "c" * 20, "d" * 20, "e" * 20]
+    assert not (cache / ("b" * 20 + ".lock")).exists()
+    assert not (cache / ("b" * 20 + ".log")).exists()
+    assert (cache / ("c" * 20 + ".lock")).exists()
