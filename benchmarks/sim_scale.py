@@ -48,9 +48,7 @@ def main() -> None:
                     help="then run the same workload interpreted and print the ratio")
     ap.add_argument("--out", default="results/sim_scale.json")
     args = ap.parse_args()
-    why = "--interpreted" if args.interpreted else compiled.activate(log=print)
-    if why is not None:
-        print(f"the simulator runs interpreted: {why}")
+    compiled.use_unless_interpreted(args.interpreted, print)
     from cluster.simulator import SimConfig, Simulation, synthetic  # after activate()
 
     t0 = time.perf_counter()

@@ -37,9 +37,7 @@ def main() -> None:
     ap.add_argument("--interpreted", action="store_true", help="do not compile the simulator")
     ap.add_argument("--out", default="results/sim_sweep.json")
     args = ap.parse_args()
-    why = "--interpreted" if args.interpreted else compiled.activate(log=print)
-    if why is not None:
-        print(f"the simulator runs interpreted: {why}")
+    compiled.use_unless_interpreted(args.interpreted, print)
     # after activate(): the processes the sweep starts inherit the compiled build
     from cluster.policy_config import SLOConfig
     from cluster.simulator import SimConfig, synthetic

@@ -295,8 +295,7 @@ def turned_off() -> bool:
     return os.environ.get(ENV_OFF, "") not in ("", "0")
 
 
-def activate(compile_missing: bool = True,
-             log: Callable[[str], None] | None = None) -> str | None:
+def activate(log: Callable[[str], None] | None = None) -> str | None:
     """Load ``MODULES`` compiled from now on, building them first if needed (about 30 s,
     once per source change; ``log`` hears of it). Returns None when they will load
     compiled, else why not (they stay interpreted: same results, slower)."""
@@ -307,14 +306,21 @@ def activate(compile_missing: bool = True,
     if _imported():
         return f"{', '.join(_imported())} already imported (activate first)"
     try:
-        cache = cache_root()
-        if not compile_missing and not _complete(cache / build_key()):
-            return "not built yet"
-        build_dir = build(cache=cache, log=log)
+        build_dir = build(cache=cache_root(), log=log)
     except (BuildError, OSError, RuntimeError) as e:  # RuntimeError: no home directory
         return f"the compile failed: {e}"
     sys.meta_path.insert(0, _Finder(build_dir))
     return None
+
+
+def use_unless_interpreted(interpreted: bool, log: Callable[[str], None]) -> None:
+    """What the simulator's entry points do: ``activate`` unless the interpreted modules are
+    asked for (their ``--interpreted``, or ``ENV_OFF``), and say when it cannot."""
+    if interpreted or turned_off():
+        return
+    why = activate(log=log)
+    if why is not None:
+        log(f"the simulator runs interpreted (about 2x slower): {why}")
 
 
 def use_build(build_dir: Path | None) -> bool:

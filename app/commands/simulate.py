@@ -17,6 +17,8 @@ import json
 import sys
 import time
 
+from cluster import compiled  # standard library only: cheap for every command's start
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -175,26 +177,13 @@ def print_tp_sweep(result: dict, top: int = 10) -> None:
               + (f"; gain {gain:+.0%}" if gain is not None else ""))
 
 
-def use_compiled(args: argparse.Namespace) -> None:
-    """Run the simulator's hot path compiled (``cluster.compiled``) unless ``--interpreted``
-    or ``SPLITSERVE_INTERPRETED`` asks otherwise; say so when it cannot be (it then runs
-    interpreted, with the same results)."""
-    from cluster import compiled
-
-    if args.interpreted or compiled.turned_off():
-        return
-
-    def log(line: str) -> None:
-        print(f"splitserve simulate: {line}", file=sys.stderr)
-
-    why = compiled.activate(log=log)
-    if why is not None:
-        log(f"the simulator runs interpreted (about 2x slower): {why}")
+def _log(line: str) -> None:
+    print(f"splitserve simulate: {line}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.calibrate:
-        use_compiled(args)  # before the simulator's modules are imported
+    if not args.calibrate:  # before the simulator's modules are imported
+        compiled.use_unless_interpreted(args.interpreted, _log)
     from cluster.simulator.loop import Simulation
     from cluster.simulator.parallel import SimulationProcessDied, default_jobs
     from cluster.simulator.sweep import sweep, sweep_tp
@@ -229,8 +218,6 @@ def run(args: argparse.Namespace) -> int:
         result = sim.run()
         result["wall_s"] = time.perf_counter() - t0
         print_summary(result)
-        from cluster import compiled
-
         how = "compiled with mypyc" if compiled.active_build() is not None else "interpreted"
         print(f"simulated {result['simulated_s']:.0f} s in {result['wall_s']:.1f} s ({how})")
         if args.plot:

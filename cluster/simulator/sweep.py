@@ -81,14 +81,13 @@ def sweep(
 ) -> dict:
     """Simulate every configuration (on up to ``jobs`` processes); ``best`` is the one with
     the highest goodput."""
-    total_gpus = int(total_gpus)  # reported back: a plain int, JSON-ready
     configs = sweep_configs(base, total_gpus, chunk_sizes)
     rows = map_in_processes(_split_row, [(cfg, policy) for cfg in configs], (trace, profile),
                             jobs, progress)
     best = max(rows, key=lambda r: (r["goodput_req_s"] or 0.0, r["slo_attainment"] or 0.0))
     disagg = [r for r in rows if r["mode"] == "disaggregated"]
     best_disagg = max(disagg, key=lambda r: (r["goodput_req_s"] or 0.0)) if disagg else None
-    return {"gpus": total_gpus, "slo": base.slo.model_dump(), "rows": rows, "best": best,
+    return {"gpus": int(total_gpus), "slo": base.slo.model_dump(), "rows": rows, "best": best,
             "best_disaggregated": best_disagg}
 
 
@@ -190,7 +189,6 @@ def sweep_tp(
     processes; ``best`` overall, ``best_equal_tp`` among prefill TP == decode TP, and the gain
     of the one over the other."""
     target = base.slo.percentile / 100.0
-    total_gpus = int(total_gpus)  # reported back: a plain int, JSON-ready
     configs = tp_configs(base, total_gpus, tps)
     rows = map_in_processes(_tp_row, [(cfg, target, policy) for cfg in configs], trace, jobs,
                             progress)
@@ -200,7 +198,7 @@ def sweep_tp(
     best_equal = equal[0] if equal else None
     gain = (best["goodput_req_s"] / best_equal["goodput_req_s"] - 1
             if best_equal and best_equal["goodput_req_s"] > 0 else None)
-    return {"gpus": total_gpus, "model": base.model, "hardware": base.hardware,
+    return {"gpus": int(total_gpus), "model": base.model, "hardware": base.hardware,
             "slo": base.slo.model_dump(), "attainment_target": target, "rows": rows,
             "best": best, "best_equal_tp": best_equal, "gain_over_equal_tp": gain}
 

@@ -230,21 +230,23 @@ def test_simulate_runs_interpreted_when_the_compiler_fails(tmp_path):
     assert re.search(r"^simulated \d+ s in [\d.]+ s \(interpreted\)$", done.stdout, re.M)
 
 
+def _fake_build(path: Path) -> Path:
+    """A build directory with every file a whole one has, all empty."""
+    for file in compiled._files(path).values():
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        Path(file).write_bytes(b"")
+    return path
+
+
 def test_a_sweep_process_uses_only_a_whole_build_of_these_sources(tmp_path):
     """``use_build`` (a sweep process's start, before the simulator is imported) refuses a
     build of other sources, an incomplete one, and any when ``SPLITSERVE_INTERPRETED`` is set;
     its acceptance of a good one is the equivalence test's. Each refused build here is whole
     but for the one thing it is refused for (its modules are empty files: loading one would
     fail the process)."""
-    def fake_build(path: Path) -> Path:
-        for file in compiled._files(path).values():
-            Path(file).parent.mkdir(parents=True, exist_ok=True)
-            Path(file).write_bytes(b"")
-        return path
-
-    other = fake_build(tmp_path / "other" / "0123456789abcdef0123")
-    keyed = fake_build(tmp_path / "keyed" / compiled.build_key())
-    partial = fake_build(tmp_path / "partial" / compiled.build_key())
+    other = _fake_build(tmp_path / "other" / "0123456789abcdef0123")
+    keyed = _fake_build(tmp_path / "keyed" / compiled.build_key())
+    partial = _fake_build(tmp_path / "partial" / compiled.build_key())
     Path(compiled._files(partial)["cluster.simulator.loop"]).unlink()
     check = ("import sys; from pathlib import Path; from cluster import compiled; "
              "print(compiled.use_build(Path(sys.argv[1])), compiled.active_build()); "
@@ -264,11 +266,9 @@ def test_a_build_missing_files_is_built_again(tmp_path, monkeypatch):
     (partial / "cluster").mkdir(parents=True)
     compiles: list[Path] = []
 
-    def fake_compile(root: Path, cache: Path, final: Path) -> None:
+    def fake_compile(sources: dict, cache: Path, final: Path) -> None:
         compiles.append(final)
-        for file in compiled._files(final).values():
-            Path(file).parent.mkdir(parents=True, exist_ok=True)
-            Path(file).write_bytes(b"")
+        _fake_build(final)
 
     monkeypatch.setattr(compiled, "_compile", fake_compile)
     assert compiled.build(cache=cache) == partial
@@ -290,9 +290,9 @@ def test_activate_refuses_once_the_modules_are_imported_interpreted(monkeypatch)
 
     assert loop.__file__.endswith(".py")
     monkeypatch.setenv(compiled.ENV_OFF, "1")
-    assert compiled.activate(compile_missing=False) == f"{compiled.ENV_OFF} is set"
+    assert compiled.activate() == f"{compiled.ENV_OFF} is set"
     monkeypatch.delenv(compiled.ENV_OFF)
-    why = compiled.activate(compile_missing=False)
+    why = compiled.activate()  # refused before any build is looked for
     assert why is not None and "already imported" in why
     assert compiled.active_build() is None
     assert not loop.__file__.endswith(sysconfig.get_config_var("EXT_SUFFIX"))

@@ -49,7 +49,7 @@ def _killed_on_two(context: None, x: int) -> int:
 def _say_started_then_run(context: None, x: int) -> int:
     """A minute-long simulation that first says, on stdout, that it has started."""
     print(f"started {os.getpid()}", flush=True)
-    time.sleep(60)
+    time.sleep(60)  # the simulation's work (not a wait: nothing here is waited for)
     return x
 
 
@@ -125,6 +125,7 @@ def test_a_tasks_error_is_raised_at_once_and_stops_the_other_simulations():
 
 
 def test_a_failed_sweep_ends_its_own_processes_only():
+    # a process of someone else's that runs on (60 s: it cannot outlive a failed test long)
     other = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
     other.start()
     try:
