@@ -108,7 +108,9 @@ def _run_pool(task: Callable[..., Any], items: Sequence[tuple], shared: str, job
                 progress(done, n, out[i])
     except BrokenProcessPool as e:
         _stop(pool, mine)
-        codes = sorted({p.exitcode for p in mine if p.exitcode not in (None, 0, -signal.SIGTERM)})
+        # the pool SIGTERMs the others once one died: -15 is the cause only if alone
+        codes = sorted({p.exitcode for p in mine if p.exitcode not in (None, 0)})
+        codes = [c for c in codes if c != -signal.SIGTERM] or codes
         raise SimulationProcessDied(
             f"a simulation process ended before its work did (exit code "
             f"{', '.join(map(str, codes)) or 'unknown'}; -9 is SIGKILL, as the OOM killer "

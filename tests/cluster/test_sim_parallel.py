@@ -38,9 +38,9 @@ def _fail_on_three(context: None, x: int) -> int:
     return x
 
 
-def _killed_on_two(context: None, x: int) -> int:
+def _killed_on_two(context: signal.Signals, x: int) -> int:
     if x == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), context)
     if x == 0:
         time.sleep(60)  # the minute-long simulation's work
     return x
@@ -137,10 +137,12 @@ def test_a_failed_sweep_ends_its_own_processes_only():
         other.join(5)
 
 
-def test_a_killed_process_ends_the_sweep_with_a_clear_error_not_a_hang():
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_process_ends_the_sweep_with_a_clear_error_not_a_hang(sig):
+    """Its exit code is named, SIGTERM too (the sweep ends the others with SIGTERM)."""
     before, t0 = _children(), time.monotonic()
-    with pytest.raises(SimulationProcessDied, match="fewer jobs"):
-        map_in_processes(_killed_on_two, [(0,), (2,), (1,), (4,)], None, jobs=2)
+    with pytest.raises(SimulationProcessDied, match=rf"exit code -{int(sig)};.*fewer jobs"):
+        map_in_processes(_killed_on_two, [(0,), (2,), (1,), (4,)], sig, jobs=2)
     assert time.monotonic() - t0 < 20
     _assert_none_left(before)
 
