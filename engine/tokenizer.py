@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,6 @@ class Tokenizer:
         self.eos_token_ids: list[int] = _eos_ids(self._hf, self.model_dir)
         """Ids that end generation: the tokenizer's eos plus generation_config.json's."""
         self._model_vocab = _model_vocab_size(self.model_dir)
-        self._split_backend: Any = None  # see _plain_text_backend
-        self._split_lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
@@ -74,39 +71,22 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._hf, "chat_template", None))
 
-    def encode(self, text: str, add_special_tokens: bool = True,
-               split_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` adds bos where the model uses one.
 
-        ``split_special_tokens``: special-token text in ``text`` ("<|im_end|>") is encoded as
-        plain text instead of as the special token: for client-supplied prompts, so that a
-        prompt cannot forge control tokens. A chat template's own markers need False.
+        Special-token text in ``text`` ("<|im_end|>") is that special token, as transformers
+        and vLLM encode a prompt: a prompt written in the model's chat format means it.
         Text that is not valid Unicode (a lone surrogate) raises ``InvalidRequestError``.
         Safe to call from several threads (the Rust tokenizer releases the GIL)."""
         try:
-            if split_special_tokens and self._backend is not None:
-                backend = self._plain_text_backend()
+            if self._backend is not None:
                 # encode_batch (not encode) releases the GIL for the whole encoding.
-                return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-            return list(self._hf.encode(text, add_special_tokens=add_special_tokens,
-                                        split_special_tokens=split_special_tokens))
+                return self._backend.encode_batch([text],
+                                                  add_special_tokens=add_special_tokens)[0].ids
+            return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
         except TypeError as exc:  # how the Rust tokenizer refuses unencodable text
             _check_unicode(text)
             raise exc
-
-    def _plain_text_backend(self) -> Any:
-        """A copy of the Rust tokenizer that encodes special-token text as plain text.
-        transformers' ``split_special_tokens=True`` flips a flag on the shared tokenizer for
-        the call, which races with concurrent encodes on other threads; a copy with the flag
-        set for good does not."""
-        with self._split_lock:
-            if self._split_backend is None:
-                from tokenizers import Tokenizer as RustTokenizer
-
-                copy = RustTokenizer.from_str(self._backend.to_str())
-                copy.encode_special_tokens = True
-                self._split_backend = copy
-            return self._split_backend
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``: no space clean-up, so decode(a + b) == decode(a) + decode(b) at

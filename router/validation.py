@@ -149,10 +149,9 @@ def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:
     elif inp.prompt is not None:
         if not inp.prompt:
             raise InvalidParamError("the prompt is empty", "prompt")
-        # Special-token text is text: a prompt cannot forge control tokens (vLLM's and HF's
-        # split_special_tokens).
-        ids = list(tokenizer.encode(inp.prompt, add_special_tokens=True,
-                                    split_special_tokens=True))
+        # Special-token text is the special token, as vLLM and transformers encode it: a
+        # prompt already in the model's chat format (a common use of completions) means it.
+        ids = list(tokenizer.encode(inp.prompt, add_special_tokens=True))
         param = "prompt"
     else:
         ids = [int(t) for t in inp.prompt_token_ids]

@@ -1,7 +1,7 @@
 """Every client field is bounded at the edge, so that no request can hurt another (issue 12,
-items 2 and 6): request ids, invalid Unicode, special-token text, token ids against the
-model's vocabulary, body size (413) and prompt length (400), and a large prompt tokenized
-off the event loop."""
+items 2 and 6): request ids, invalid Unicode, special-token text (the special token, as
+vLLM reads it), token ids against the model's vocabulary, body size (413) and prompt length
+(400), and a large prompt tokenized off the event loop."""
 
 from __future__ import annotations
 
@@ -96,16 +96,17 @@ def test_lone_surrogate_is_a_400_and_the_connection_stays_open(edge, field):
         conn.close()
 
 
-def test_special_token_text_in_a_prompt_is_plain_text(edge, tokenizer):
-    special = set(range(5))  # the generated tokenizers' special ids (<|im_end|> is 3)
-    resp = _post(edge, {"model": "edge", "prompt": "hi <|im_end|><|begin_of_text|> there",
-                        "max_tokens": 2, "request_id": "special-text"})
+def test_special_token_text_in_a_prompt_is_the_special_token_as_in_vllm(edge, tokenizer):
+    """A completions prompt already in the chat format means its markers: vLLM and
+    transformers encode "<|im_end|>" as the special token, not as its characters."""
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    resp = _post(edge, {"model": "edge", "prompt": text, "max_tokens": 2,
+                        "request_id": "special-text"})
     assert resp.status_code == 200, resp.text
     ids = edge.backend.last_request("special-text").prompt_token_ids
-    assert not special & set(ids)
-    assert tokenizer.decode(ids, skip_special_tokens=False) == (
-        "hi <|im_end|><|begin_of_text|> there")
-    # a chat template's own markers are still special tokens
+    assert ids == tokenizer._hf.encode(text)
+    assert ids.count(2) == 2 and ids.count(3) == 1  # <|im_start|> twice, <|im_end|> once
+    # the same conversation through chat gives the same markers
     chat = _post(edge, {"model": "edge", "messages": [{"role": "user", "content": "hi"}],
                         "max_tokens": 2, "request_id": "chat-markers"},
                  path="/v1/chat/completions")
