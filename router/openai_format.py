@@ -48,7 +48,9 @@ def completion_logprobs(entries: list[LogprobEntry] | None,
                         start: int = 0) -> dict[str, Any] | None:
     """OpenAI's legacy logprobs object. ``prompt``: echo, the prompt's entries go first (its
     first token's logprob and top are None). ``text_offset``: each token's character offset
-    in the choice's text, the first one's ``start``."""
+    in the choice's text, the first one's ``start``. Each ``top_logprobs`` dict holds the
+    token itself first, then the most likely ones: up to ``logprobs + 1`` entries, as OpenAI
+    and vLLM give them (a check that the chosen token was the likeliest reads it there)."""
     if entries is None:
         return None
     if prompt:
@@ -56,9 +58,15 @@ def completion_logprobs(entries: list[LogprobEntry] | None,
     ends = list(accumulate((len(e.token) for e in entries), initial=start))
     return {"tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top}
-                             for e in entries],
+            "top_logprobs": [None if e.logprob is None else _with_chosen(e) for e in entries],
             "text_offset": ends[:-1]}
+
+
+def _with_chosen(e: LogprobEntry) -> dict[str, float]:
+    top = {e.token: e.logprob}
+    for t in e.top:
+        top.setdefault(t.token, t.logprob)
+    return top
 
 
 def vllm_prompt_logprobs(entries: list[LogprobEntry] | None) -> list[dict | None] | None:

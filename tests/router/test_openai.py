@@ -87,6 +87,24 @@ def test_completion_logprobs(oai):
     lp = resp.choices[0].logprobs
     assert lp.token_logprobs == [-0.5, -0.5, -0.5] and len(lp.tokens) == 3
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    assert all(top[token] == -0.5 for token, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+
+
+def test_completion_logprobs_always_hold_the_chosen_token():
+    """OpenAI's legacy format (and vLLM): up to logprobs + 1 entries, the sampled token
+    first even when it is not among the likeliest (a sampled, unlikely token)."""
+    from router.openai_format import completion_logprobs
+    from router.types import LogprobEntry, TopToken
+
+    sampled = LogprobEntry(7, -9.0, "x", [TopToken(1, -0.1, "a"), TopToken(2, -2.0, "b")])
+    likeliest = LogprobEntry(1, -0.1, "a", [TopToken(1, -0.1, "a"), TopToken(2, -2.0, "b")])
+    alone = LogprobEntry(5, -1.0, "c")  # logprobs=0: the chosen token only
+    first = LogprobEntry(0, None, "<s>")  # echo: a prompt's first token has none
+    out = completion_logprobs([sampled, likeliest, alone], prompt=[first])
+    assert out["top_logprobs"] == [None, {"x": -9.0, "a": -0.1, "b": -2.0},
+                                   {"a": -0.1, "b": -2.0}, {"c": -1.0}]
+    assert list(out["top_logprobs"][1]) == ["x", "a", "b"]
+    assert out["token_logprobs"] == [None, -9.0, -0.1, -1.0]
 
 
 def _running_offsets(tokens: list[str], start: int = 0) -> list[int]:
