@@ -120,11 +120,9 @@ async def _tokenize(service: GenerationService, body: TokenizeRequest) -> list[i
             raise InvalidParamError("tools go with messages, not with a prompt", "tools")
         text, param = body.prompt, "prompt"
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        split = True  # special-token text in a prompt is text, as for /v1/completions
     else:
         text, param = _render_chat(service, body), "messages"
         add_special = bool(body.add_special_tokens)
-        split = False  # the template's own markers are special tokens
     check_text(text, param)
     if len(text) > service.config.max_prompt_chars:
         raise InvalidParamError(f"the {param} is {len(text)} characters, more than this "
@@ -132,9 +130,9 @@ async def _tokenize(service: GenerationService, body: TokenizeRequest) -> list[i
                                 "shorten it", param)
     encode = service.tokenizer.encode
     if len(text) <= INLINE_TOKENIZE_CHARS:
-        return list(encode(text, add_special, split))
+        return list(encode(text, add_special))
     # A long text is encoded off the event loop, so other streams keep flowing.
-    return list(await asyncio.to_thread(encode, text, add_special, split))
+    return list(await asyncio.to_thread(encode, text, add_special))
 
 
 def _render_chat(service: GenerationService, body: TokenizeRequest) -> str:

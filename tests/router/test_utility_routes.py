@@ -60,8 +60,10 @@ def test_tokenize_prompt_as_vllm_answers(http, tokenizer):
 
 
 def test_tokenize_counts_what_a_completion_sends(http, stack):
-    """The prompt tokens /tokenize counts are the ones /v1/completions reports as usage."""
-    prompt = "The quick brown fox <|endoftext|> jumps"
+    """The prompt tokens /tokenize counts are the ones /v1/completions reports as usage,
+    special-token text read as the special token by both (as vLLM reads it)."""
+    prompt = "The quick brown fox <|im_end|> jumps"
+    assert 3 in http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
     count = http.post("/tokenize", json={"prompt": prompt}).json()["count"]
     done = http.post("/v1/completions", json={"model": "fake-model", "prompt": prompt,
                                               "max_tokens": 1})
