@@ -64,6 +64,11 @@ class Tokenizer:
         return self._hf.bos_token_id
 
     @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own eos (``eos_token_ids`` adds generation_config.json's)."""
+        return self._hf.eos_token_id
+
+    @property
     def pad_token_id(self) -> int | None:
         return self._hf.pad_token_id
 

@@ -131,8 +131,12 @@ class RequestState:
         else:
             if sample.detok is not None and self.prep.return_text:
                 chunk.text += sample.detok.finish()
-            if finish == "stop" and sample.last_token_id is not None:
-                chunk.stop_reason = sample.last_token_id
+            # as vLLM: the stop token's id, but none for the tokenizer's own eos (a
+            # generation_config.json eos, such as <|eot_id|>, counts as a stop token there)
+            last = sample.last_token_id
+            if finish == "stop" and last is not None and (
+                    last != self._tokenizer.eos_token_id or self.prep.params.ignore_eos):
+                chunk.stop_reason = last
         chunk.finish_reason = finish
         chunk.usage = Usage(len(self.prep.prompt_token_ids), sample.num_generated,
                             self.num_cached)

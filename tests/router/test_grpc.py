@@ -41,8 +41,17 @@ def test_non_streaming_returns_whole_reply_and_stops_at_eos(stack, client, token
     result = client.generate("hello", max_tokens=200, request_id="whole-1")
     assert result.text == REPLY_TEXT
     assert result.finish_reason == "stop"
-    assert result.stop_reason == tokenizer.eos_token_ids[0]
+    assert tokenizer.eos_token_ids[0] == tokenizer.eos_token_id  # what the fake ends with
+    assert result.stop_reason is None  # vLLM's: the model's own eos is no stop token
     assert result.request_id == "whole-1"
+
+
+def test_stop_reason_names_the_stop_token_id_that_ended_it(client, tokenizer):
+    """As vLLM: a stop token id (a generation_config.json eos counts as one) is named."""
+    reply = tokenizer.encode(REPLY_TEXT, add_special_tokens=False)
+    result = client.generate("hello", max_tokens=200, stop_token_ids=[reply[2]])
+    assert result.finish_reason == "stop" and result.stop_reason == reply[2]
+    assert result.token_ids == reply[:3]
 
 
 def test_sampling_fields_reach_backend_with_unset_meaning_default(stack, client):
