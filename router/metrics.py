@@ -128,7 +128,8 @@ class ServingMetrics:
             ["code"], registry=r)
         self.finish_reasons = Counter(
             "splitserve_request_finish_total",
-            "Successful requests by finish reason (stop, length, abort).",
+            "Finished requests by finish reason (stop, length, abort: aborted, or the "
+            "client cancelled or went away).",
             ["reason"], registry=r)
         self.requests_running = Gauge(
             "splitserve_requests_running",

@@ -91,6 +91,8 @@ class RequestState:
             # the router's own deadline fires: that is a deadline, not a client cancel.
             code = "DEADLINE_EXCEEDED"
         self._metrics.requests.labels(code=code).inc()
+        if code == "CANCELLED":  # the client went away: an abort, as vLLM counts it
+            self._metrics.finish_reasons.labels(reason="abort").inc()
 
     def _deadline_passed(self) -> bool:
         deadline = self.prep.deadline

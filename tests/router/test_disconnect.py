@@ -80,6 +80,10 @@ def test_closed_sockets_mid_stream_end_every_entry(leaky):
         sock.close()
     _wait_for_no_entries(leaky)
     assert leaky.service.num_cleanups == 0
+    # each counted once as an abort, as vLLM counts a disconnect (Grafana's finish panel)
+    metrics = httpx.get(f"{leaky.base_url}/metrics", timeout=5).text
+    assert 'splitserve_request_finish_total{reason="abort"} 12.0' in metrics
+    assert 'splitserve_requests_total{code="CANCELLED"} 12.0' in metrics
     # and the server goes on serving
     resp = httpx.post(f"{leaky.base_url}/v1/completions", timeout=10,
                       json={"model": "leaky", "prompt": "hi", "max_tokens": 2})
