@@ -34,7 +34,9 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_
 # ({"type": "text", "text": ...}). With `tools`, a system turn lists them (JSON, one per line)
 # and asks for Hermes-style calls; an assistant's `tool_calls` are written as
 # <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks and a `tool` message as a
-# <tool_response> in a user turn, so a conversation with calls round-trips.
+# <tool_response> in a user turn, so a conversation with calls round-trips. As Qwen3's does,
+# `enable_thinking=false` (chat_template_kwargs) writes an empty <think> block after the
+# assistant's opening.
 _CHAT_TEMPLATE = (
     "{%- macro text(content) %}"
     "{%- if content is string %}{{- content }}"
@@ -71,7 +73,10 @@ _CHAT_TEMPLATE = (
     "{{- '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 

@@ -104,9 +104,14 @@ class Tokenizer:
 
     def chat_template_text(self, messages: list[dict[str, Any]],
                            add_generation_prompt: bool = True,
-                           tools: list[dict[str, Any]] | None = None) -> str:
+                           tools: list[dict[str, Any]] | None = None,
+                           continue_final_message: bool = False,
+                           template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt text the chat template renders for ``messages`` (role/content dicts)
-        and, when given, the tool definitions (OpenAI's ``tools`` list)."""
+        and, when given, the tool definitions (OpenAI's ``tools`` list).
+        ``continue_final_message``: the text ends inside the last message (its turn left
+        open, for the model to go on with it); ``template_kwargs``: more variables for the
+        template (Qwen3's ``enable_thinking``), as transformers takes them."""
         if not self.has_chat_template:
             raise InvalidRequestError(
                 "this model has no chat template; use completions instead"
@@ -114,14 +119,18 @@ class Tokenizer:
         return self._hf.apply_chat_template(
             messages, tools=tools or None, tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **(template_kwargs or {}),
         )
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+                            tools: list[dict[str, Any]] | None = None,
+                            continue_final_message: bool = False,
+                            template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Prompt ids for a chat. The template writes bos itself where the model uses one, so
         the text is encoded without adding special tokens (as transformers does)."""
-        text = self.chat_template_text(messages, add_generation_prompt, tools)
+        text = self.chat_template_text(messages, add_generation_prompt, tools,
+                                       continue_final_message, template_kwargs)
         return self.encode(text, add_special_tokens=False)
 
     def detokenizer(self, stop: Iterable[str] = (), *, prompt_ids: Sequence[int] = (),

@@ -13,7 +13,8 @@ expect) and a ``tool`` message's ``tool_call_id``. ``ToolSpec`` checks ``tools``
   named        yes                   JSON: the function's parameters     the object itself
 
 (the default is ``auto`` with tools, ``none`` without). ``render_chat`` renders messages and
-tools with the model's chat template (transformers' ``apply_chat_template(tools=...)``).
+tools with the model's chat template (transformers' ``apply_chat_template(tools=...)``), as
+``ChatTemplateOptions`` (vLLM's fields) ask.
 """
 
 from __future__ import annotations
@@ -222,17 +223,57 @@ def _choice(choice: Any, names: list[str]) -> str:
     return name
 
 
+# apply_chat_template's own arguments and the tokenizer's special tokens (which transformers
+# passes to the template itself): not template variables a client may set.
+_NOT_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+    "cls_token", "mask_token", "additional_special_tokens", "extra_special_tokens"})
+
+
+class ChatTemplateOptions(BaseModel):
+    """vLLM's chat rendering fields: ``add_generation_prompt`` (open the assistant's turn),
+    ``continue_final_message`` (leave the last message's turn open, so the model goes on
+    with it; an assistant prefill) and ``chat_template_kwargs`` (more template variables,
+    such as Qwen3's ``enable_thinking``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidParamError(
+                "continue_final_message continues the last message, add_generation_prompt "
+                "opens a new turn: set add_generation_prompt to false with it",
+                "continue_final_message")
+        for key in self.chat_template_kwargs or {}:
+            if not key.isidentifier() or key.startswith("_") or key in _NOT_TEMPLATE_KWARGS:
+                raise InvalidParamError(
+                    f"chat_template_kwargs may not set {key[:40]!r}: give template variables "
+                    "(such as enable_thinking), not the renderer's own arguments",
+                    "chat_template_kwargs")
+
+
 def render_chat(tokenizer, messages: list[dict[str, Any]],
-                tools: list[dict[str, Any]] | None) -> list[int]:
+                tools: list[dict[str, Any]] | None,
+                options: ChatTemplateOptions | None = None) -> list[int]:
     """Prompt ids of a chat (with the tools in the template when given)."""
     if not messages:
         raise InvalidParamError("messages is empty; send at least one message", "messages")
+    options = options or ChatTemplateOptions()
+    options.check()
     try:
         if tools and not tokenizer.has_chat_template:
             raise InvalidParamError("this model has no chat template; use completions "
                                     "instead", "messages")
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tools=tools or None))
+        return list(tokenizer.apply_chat_template(
+            messages, add_generation_prompt=options.add_generation_prompt, tools=tools or None,
+            continue_final_message=options.continue_final_message,
+            template_kwargs=options.chat_template_kwargs))
     except InvalidParamError:
         raise
     except Exception as exc:  # template errors come as jinja, KeyError, ValueError, ...

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.chat import ChatMessage, ToolSpec
+from router.chat import ChatMessage, ChatTemplateOptions, ToolSpec
 from router.errors import InvalidParamError
 from router.request_fields import check_refused, structured_spec
 from router.tool_parsers import ToolParser
@@ -173,6 +173,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's rendering fields (router.chat.ChatTemplateOptions)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     # refused unless a no-op (request_fields.REFUSED)
     audio: Any = None
     modalities: Any = None
@@ -210,9 +214,13 @@ class ChatCompletionRequest(_SamplingRequest):
                                         "they cannot be combined with response_format or "
                                         "guided_*", "tool_choice")
             sampling["structured"] = forced
+        template = ChatTemplateOptions(
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            chat_template_kwargs=self.chat_template_kwargs)
         return [self._input(deadline, messages=[m.as_dict() for m in self.messages],
-                            tools=tools.template_tools, sampling=sampling,
-                            param_aliases=aliases)]
+                            tools=tools.template_tools, chat_template=template,
+                            sampling=sampling, param_aliases=aliases)]
 
 
 def _prompts(prompt) -> list[tuple[str | None, list[int] | None]]:

@@ -7,9 +7,12 @@ The gRPC and HTTP edges convert their wire formats to ``GenerateInput`` and from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from router.chat import ChatTemplateOptions
 
 
 @dataclass
@@ -29,6 +32,9 @@ class GenerateInput:
     tools: list[dict[str, Any]] | None = None
     """OpenAI function tools ({"type": "function", "function": {...}}) for the chat
     template; None: the template gets none."""
+    chat_template: ChatTemplateOptions | None = None
+    """How the messages are rendered (vLLM's add_generation_prompt, continue_final_message,
+    chat_template_kwargs); None: the defaults."""
     sampling: dict[str, Any] = field(default_factory=dict)
     """The SamplingParams fields the client set (unset ones take the server's defaults)."""
     request_id: str = ""

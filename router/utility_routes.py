@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import NotFoundError
 from router import openai_protocol as oai
-from router.chat import ToolSpec
+from router.chat import ChatTemplateOptions, ToolSpec
 from router.errors import InvalidParamError
 from router.service import INLINE_TOKENIZE_CHARS, GenerationService
 from router.types import ModelCard
@@ -59,6 +59,11 @@ class TokenizeRequest(BaseModel):
         "false for messages (the chat template writes its own).")
     add_generation_prompt: bool = Field(True, description="Chat only: end the rendered chat "
                                         "with the assistant turn's opening.")
+    continue_final_message: bool = Field(False, description="Chat only: leave the last "
+                                         "message's turn open (needs add_generation_prompt "
+                                         "false).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Chat only: more chat template variables (enable_thinking).")
     tools: list[dict[str, Any]] | None = Field(
         None, description="Chat only: the tool definitions, rendered into the prompt by the "
         "chat template as /v1/chat/completions renders them.")
@@ -148,9 +153,14 @@ def _render_chat(service: GenerationService, body: TokenizeRequest) -> str:
         raise InvalidParamError("this model has no chat template; tokenize a prompt instead",
                                 "messages")
     tools = ToolSpec(body.tools, None, None).template_tools  # checked as chat checks them
+    options = ChatTemplateOptions(add_generation_prompt=body.add_generation_prompt,
+                                  continue_final_message=body.continue_final_message,
+                                  chat_template_kwargs=body.chat_template_kwargs)
+    options.check()
     try:
-        return service.tokenizer.chat_template_text(messages, body.add_generation_prompt,
-                                                    tools=tools)
+        return service.tokenizer.chat_template_text(
+            messages, options.add_generation_prompt, tools, options.continue_final_message,
+            options.chat_template_kwargs)
     except Exception as exc:  # template errors come as jinja, KeyError, ValueError, ...
         raise InvalidParamError(f"the chat template could not render the messages: {exc}",
                                 "messages") from exc

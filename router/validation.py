@@ -144,7 +144,7 @@ def tokenize_prompt(inp: GenerateInput, tokenizer) -> tuple[list[int], str]:
         raise InvalidParamError("give exactly one of a text prompt, prompt token ids or chat "
                                 f"messages (got {len(given)})", "prompt")
     if inp.messages is not None:
-        ids = render_chat(tokenizer, inp.messages, inp.tools)
+        ids = render_chat(tokenizer, inp.messages, inp.tools, inp.chat_template)
         param = "messages"
     elif inp.prompt is not None:
         if not inp.prompt:

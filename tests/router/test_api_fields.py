@@ -80,9 +80,15 @@ CHAT_WORKS = {
     "tool_choice": ({"type": "function", "function": {"name": "f"}},
                     _params(lambda p: json.loads(p.structured.spec) == SCHEMA)),
     "parallel_tool_calls": (False, None),  # test_api_tools: keeps the first call
+    "add_generation_prompt": (False, ("prompt", lambda prompt: prompt.endswith("hello\n"))),
+    "continue_final_message": (True, ("prompt", lambda prompt: prompt.endswith("\nSure"))),
+    "chat_template_kwargs": ({"enable_thinking": False},
+                             ("prompt", lambda prompt: prompt.endswith("</think>\n\n"))),
 }
 COMPANIONS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True},
-              "tool_choice": {"tools": [TOOL]}, "parallel_tool_calls": {"tools": [TOOL]}}
+              "tool_choice": {"tools": [TOOL]}, "parallel_tool_calls": {"tools": [TOOL]},
+              "continue_final_message": {"add_generation_prompt": False, "messages": [
+                  {"role": "user", "content": "hello"}, {"role": "assistant", "content": "Sure"}]}}
 BAD = {"best_of": 3, "suffix": "tail", "store": True,
        "service_tier": "flex", "audio": {"voice": "alloy", "format": "mp3"},
        "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
