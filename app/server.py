@@ -46,15 +46,19 @@ class RunningServer:
             "health": f"{web}/health",
         }
 
-    async def stop(self) -> None:
-        if self.autoscaling is not None:
+    async def stop(self, drain_s: float = 0.0, give_up: asyncio.Event | None = None) -> None:
+        """Drain (``GenerationService.drain``: for up to ``drain_s``, or until ``give_up``)
+        while the servers still answer, so every stream ends with its final chunk; then
+        stop the servers, the service and the cluster."""
+        if self.autoscaling is not None:  # no pool changes while the requests finish
             await self.autoscaling.stop()
+        await self.service.drain(drain_s, give_up)
         self._sync_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sync_task
         await self.grpc.stop()
         await self.http.stop()
-        await self.service.shutdown()  # aborts in-flight requests, then the cluster backend
+        await self.service.shutdown()  # the backend (nothing is in flight any more)
         await self.cluster.shutdown()
 
 

@@ -129,6 +129,12 @@ class RouterSection(_Frozen):
     tool_call_parser: str = Field("hermes", description="How chat completions find tool "
                                   "calls in generated text: hermes (Qwen-style <tool_call> "
                                   "blocks) or llama3 (Llama 3 JSON calls).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM / Ctrl-C: refuse new "
+                                   "requests and report not ready, let those in flight finish "
+                                   "for up to this long, then abort the rest (their streams "
+                                   "end with finish_reason abort). A second signal aborts at "
+                                   "once. Keep it below the pod's "
+                                   "terminationGracePeriodSeconds, less the workers' shutdown.")
 
     @model_validator(mode="after")
     def _tls_complete(self) -> RouterSection:

@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from cluster.cluster_backend import ClusterBackend
@@ -95,13 +97,14 @@ class Cluster:
         if ray.is_initialized():
             return
         rc = self.config.ray
-        if rc.address:
-            ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=False)
-        else:  # a local node offers the pools' custom resources (a cluster's nodes would)
-            resources = {name: 1000.0 for pool in (self.config.prefill, self.config.decode)
-                         for name in pool.resources}
-            start_local_ray(num_cpus=rc.num_cpus, namespace=rc.namespace,
-                            resources=resources or None, node_ip=rc.node_ip or "127.0.0.1")
+        with _sigterm_kept():
+            if rc.address:
+                ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=False)
+            else:  # a local node offers the pools' custom resources (a cluster's nodes would)
+                resources = {name: 1000.0 for pool in (self.config.prefill, self.config.decode)
+                             for name in pool.resources}
+                start_local_ray(num_cpus=rc.num_cpus, namespace=rc.namespace,
+                                resources=resources or None, node_ip=rc.node_ip or "127.0.0.1")
         self._owns_ray = True
 
     async def add_worker(self, role: str, growth: bool = False) -> str:
@@ -216,6 +219,19 @@ class Cluster:
 
 _RAY_CLUSTER_MODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_START_ATTEMPTS = 2
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep a SIGTERM handler that this process set (``splitserve serve``'s graceful stop)
+    through ``ray.init``, which puts its own in (one that exits at once, mid start-up)."""
+    mine = (signal.getsignal(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread() else None)
+    try:
+        yield
+    finally:
+        if callable(mine):  # not SIG_DFL / SIG_IGN / a handler set outside Python
+            signal.signal(signal.SIGTERM, mine)
 
 
 def start_local_ray(node_ip: str = "127.0.0.1", **init_kwargs) -> None:

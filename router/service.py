@@ -66,6 +66,9 @@ from router.validation import (
 
 logger = logging.getLogger(__name__)
 
+# After draining, the aborted requests' final chunks get this long to reach their clients.
+ABORT_DELIVERY_S = 5.0
+
 # Prompts up to this many characters are tokenized on the event loop: that takes less
 # (~0.1 ms) than handing the work to a thread and back.
 INLINE_TOKENIZE_CHARS = 4096
@@ -92,11 +95,45 @@ class GenerationService:
         self._tokenize_pool = ThreadPoolExecutor(self.config.tokenizer_threads,
                                                  thread_name_prefix="router-tokenize")
         self._created = int(clock())
+        # Draining (shutdown): new requests are refused and readiness is down, while those in
+        # flight go on; ``_idle`` is set whenever none is in flight (what ``drain`` awaits).
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._readiness_watchers: set[Callable[[], None]] = set()
 
     # ---- service-level ---------------------------------------------------------------
 
     async def start(self) -> None:
         await self.backend.start()
+
+    async def drain(self, timeout_s: float, give_up: asyncio.Event | None = None) -> int:
+        """Graceful shutdown's first half: refuse new requests (UNAVAILABLE: a client retries
+        on another replica) and report not ready (/health 503, gRPC NOT_SERVING), let the
+        requests in flight finish for up to ``timeout_s`` (or until ``give_up`` is set: a
+        second Ctrl-C), then abort the rest, whose streams end with "abort", and wait for
+        those final chunks to go out. Returns how many were aborted."""
+        self._draining = True
+        for callback in list(self._readiness_watchers):
+            callback()
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if give_up is not None:
+            waits.append(asyncio.ensure_future(give_up.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(timeout_s, 0.0),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        left = list(self._inflight)
+        if left:
+            logger.warning("shutdown: %d request(s) still in flight after draining; aborting "
+                           "them", len(left))
+        for request_id in left:
+            await self.backend.abort(request_id)
+        with contextlib.suppress(asyncio.TimeoutError):  # their final chunks, on their way
+            await asyncio.wait_for(self._idle.wait(), ABORT_DELIVERY_S)
+        return len(left)
 
     async def shutdown(self) -> None:
         """Abort every in-flight request (their streams end with "abort"), then the backend."""
@@ -107,11 +144,17 @@ class GenerationService:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def is_ready(self) -> bool:
-        return self.backend.is_ready()
+        return not self._draining and self.backend.is_ready()
 
     def watch_readiness(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """See ``ServingBackend.watch_readiness``."""
-        return self.backend.watch_readiness(callback)
+        """See ``ServingBackend.watch_readiness``; draining is reported too."""
+        unwatch = self.backend.watch_readiness(callback)
+        self._readiness_watchers.add(callback)
+
+        def stop() -> None:
+            self._readiness_watchers.discard(callback)
+            unwatch()
+        return stop
 
     @property
     def num_inflight(self) -> int:
@@ -155,6 +198,9 @@ class GenerationService:
             request_id = inp.request_id or f"req-{uuid.uuid4().hex}"
             if request_id in self._inflight or request_id in self._releasing:
                 raise _duplicate_id(request_id)
+            if self._draining:
+                raise UnavailableError("this server is shutting down and takes no new "
+                                       "requests; retry (another replica will take it)")
             if not self.backend.can_accept():  # a lost worker's replacement: wait for it
                 raise UnavailableError("no worker is ready to serve requests yet; retry later")
             self._check_capacity()
@@ -222,6 +268,8 @@ class GenerationService:
             raise
         finally:
             self._inflight.discard(prep.request_id)
+            if not self._inflight:
+                self._idle.set()
             state.on_end(error)
             await self._release(prep.request_id, outputs, backend_done)
 
@@ -243,6 +291,7 @@ class GenerationService:
             self.metrics.requests.labels(code=exc.code).inc()
             raise
         self._inflight.add(request_id)
+        self._idle.clear()
 
     async def _next_output(self, outputs: _BackendStream,
                            deadline: float | None) -> BackendOutput:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -205,22 +206,48 @@ async def _serve(config) -> int:
     if not config.ray.address:  # local workers share this machine's kernel cache
         prebuild_for_cli(config.model.device)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals = _Signals()
     t0 = time.perf_counter()
+    starting = asyncio.ensure_future(start_server(config))
     async with wait_ticker(config):
-        server = await start_server(config)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init put its own in for SIGTERM
-        loop.add_signal_handler(sig, stop.set)
+        # a signal during start-up stops it (start_server's clean-up stops what started)
+        await asyncio.wait([starting, asyncio.ensure_future(signals.first.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        print("stopping before the server was ready...", flush=True)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return 128 + signals.received[0]
+    server = starting.result()
+    signals.install()  # again: ray.init put its own handler in for SIGTERM
     await report_workers(server.cluster, time.perf_counter() - t0)
     pools = ", ".join(f"{r}={server.cluster.replicas(r)}" for r in server.cluster.roles)
     print(f"splitserve ready ({pools}, kv={config.transfer.backend}, model "
           f"{server.service.config.model_name!r})", flush=True)
     for name, url in server.endpoints().items():
         print(f"  {name:8s} {url}", flush=True)
-    await stop.wait()
-    print("shutting down...", flush=True)
-    await server.stop()
+    await signals.first.wait()
+    drain_s = config.router.drain_timeout_s
+    print(f"shutting down: {server.service.num_inflight} request(s) in flight get up to "
+          f"{drain_s:g} s to finish (signal again to abort them now)...", flush=True)
+    await server.stop(drain_s, give_up=signals.second)
     return 0
+
+
+class _Signals:
+    """SIGINT / SIGTERM: the first asks for a graceful stop, the second for a quick one."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.first, self.second = asyncio.Event(), asyncio.Event()
+        self.install()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on, sig)
+
+    def _on(self, sig: int) -> None:
+        self.received.append(sig)
+        (self.second if self.first.is_set() else self.first).set()
