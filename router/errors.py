@@ -90,19 +90,21 @@ RETRYABLE_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
 _SAMPLING_FIELD = re.compile(r"^SamplingParams\.(\w+)=")
 
 
-def classify(exc: BaseException) -> ErrorInfo:
-    """Map any exception to an ErrorInfo; unexpected ones are logged and become INTERNAL."""
+def classify(exc: BaseException, log: bool = True) -> ErrorInfo:
+    """Map any exception to an ErrorInfo; unexpected ones are logged (``log``: by the one
+    call that answers the client) and become INTERNAL."""
     if isinstance(exc, SplitServeError):
         code = exc.code if exc.code in _TABLE else "INTERNAL"
         message = client_message(str(exc)) or type(exc).__name__
-        if message != str(exc):
+        if message != str(exc) and log:
             logger.warning("%s error sent to the client as %r: %s", code, message, exc)
         return ErrorInfo(code, message, getattr(exc, "param", None))
     if isinstance(exc, ValueError) and (m := _SAMPLING_FIELD.match(str(exc))):
         return ErrorInfo("INVALID_ARGUMENT", client_message(str(exc)), m.group(1))
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return ErrorInfo("DEADLINE_EXCEEDED", "the request's deadline passed")
-    logger.error("internal error", exc_info=exc)
+    if log:
+        logger.error("internal error", exc_info=exc)
     return ErrorInfo("INTERNAL", "internal server error; the server log has the details")
 
 
@@ -122,8 +124,10 @@ _SCRUB = (
      "<address>"),
     (re.compile(r"\blocalhost:\d+\b"), "<address>"),
     # Ray's hex ids (actor, node, task: 32 to 56 digits), with letters and digits both and
-    # longer than any float's digits, so numbers in messages stay
-    (re.compile(r"\b(?:0x)?(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{20,}\b", re.I), "<id>"),
+    # longer than any float's digits, so numbers in messages stay; not the router's own
+    # request ids (req-<32 hex>), which the client needs to match its request to the logs
+    (re.compile(r"(?<!\breq-)\b(?:0x)?(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{20,}\b", re.I),
+     "<id>"),
     # file system paths (a directory or more deep, or ending in a file name), not API routes
     (re.compile(r"(?<![\w/])(?!/v1/)(?:[A-Za-z]:)?(?:(?:[/\\][\w.@+-]+){3,}[/\\]?"
                 r"|(?:[/\\][\w@+-]+)+[/\\][\w@+-]+\.\w+)"), "<path>"),
@@ -175,7 +179,7 @@ def outcome_code(exc: BaseException | None) -> str:
         return "OK"
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
-    return classify(exc).code
+    return classify(exc, log=False).code  # the edge that answers the client logs it
 
 
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

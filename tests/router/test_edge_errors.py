@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import httpx
 import pytest
 
 from engine.errors import KVTransferError, SplitServeError
 from router import convert
-from router.errors import classify, client_message, grpc_status, http_error
+from router.errors import classify, client_message, grpc_status, http_error, outcome_code
 from tests.router.fake_backend import RAY_TASK_ERROR_TEXT
 
 # str() of a RayActorError when a worker process died (Ray 2.x's format).
@@ -91,6 +93,25 @@ def test_transfer_errors_keep_their_meaning():
         "30.0 s waiting for the payload")).message
     assert message == ("request r7: KV transfer with decode-2 (<address>) failed: timed out "
                        "after 30.0 s waiting for the payload")
+
+
+def test_the_routers_own_request_id_reaches_the_client_a_ray_id_does_not():
+    """A client matches its failed request to the server's logs by the id the router gave
+    it (req-<32 hex>); Ray's hex ids of the same length are still hidden."""
+    rid, ray_id = "req-" + "0f" * 16, "5a" * 14
+    message = client_message(f"request {rid} failed after 3 retries: worker decode-4 died: "
+                             f"actor {ray_id} is gone; retry the request")
+    assert message == (f"request {rid} failed after 3 retries: worker decode-4 died: "
+                       "actor <id> is gone; retry the request")
+
+
+def test_an_error_shown_to_a_client_is_logged_once(caplog):
+    """The outcome counter classifies an error too; only the edge's answer logs it."""
+    exc = SplitServeError(f"decode worker decode-1 failed: {RAY_ACTOR_DIED_TEXT}")
+    with caplog.at_level(logging.WARNING, logger="router.errors"):
+        assert outcome_code(exc) == "INTERNAL"
+        http_error(exc)
+    assert len([r for r in caplog.records if "sent to the client" in r.message]) == 1
 
 
 @pytest.mark.parametrize("message", [
