@@ -233,6 +233,22 @@ def abort_to_proto(aborted: bool) -> pb.AbortResponse:
 
 # ---- client side -------------------------------------------------------------------------
 
+def _sampling_message(fields: dict[str, Any]) -> pb.SamplingParams:
+    """``pb.SamplingParams(**fields)``; a value its wire field cannot hold (a negative count
+    in an unsigned field, a float where an int goes) is an INVALID_ARGUMENT naming it, as
+    the server names what it refuses (protobuf's own error names no field)."""
+    try:
+        return pb.SamplingParams(**fields)
+    except (ValueError, TypeError):
+        for name, value in fields.items():
+            try:
+                pb.SamplingParams(**{name: value})
+            except (ValueError, TypeError) as exc:
+                raise InvalidParamError(f"SamplingParams.{name}={value!r} cannot be sent: "
+                                        f"{exc}", name) from None
+        raise
+
+
 def build_request(prompt: str | list[int] | list[dict[str, Any]], *, model: str = "",
                   request_id: str = "", stream: bool = True, return_text: bool = True,
                   skip_special_tokens: bool = True,
@@ -252,7 +268,7 @@ def build_request(prompt: str | list[int] | list[dict[str, Any]], *, model: str 
         sampling["stop"] = [sampling["stop"]]
     structured = sampling.pop("structured", None)
     bias = sampling.pop("logit_bias", None) or {}
-    msg = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    msg = _sampling_message({k: v for k, v in sampling.items() if v is not None})
     msg.logit_bias.extend(pb.LogitBias(token_id=int(t), bias=float(b)) for t, b in
                           (bias.items() if isinstance(bias, Mapping) else bias))
     if structured is not None:

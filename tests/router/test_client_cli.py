@@ -63,6 +63,12 @@ def test_cli_generate_streams_to_stdout(stack, capsys, tokenizer, reply_ids):
 def test_cli_generate_errors(stack, capsys):
     assert main(["generate", "--address", stack.grpc_address, "--temperature", "-1", "hi"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    # values the wire cannot carry (unsigned fields): one line naming the field, as above
+    for flag, value in (("--max-tokens", "-5"), ("--seed", "-1")):
+        assert main(["generate", "--address", stack.grpc_address, flag, value, "hi"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: INVALID_ARGUMENT: "), err
+        assert f"{flag[2:].replace('-', '_')}={value}" in err
     address = _closed_port_address()
     assert main(["generate", "--address", address, "--connect-timeout", "0.3", "hi"]) == 2
     err = capsys.readouterr().err
