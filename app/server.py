@@ -157,6 +157,13 @@ def sync_metrics_once(cluster: Cluster, m, seen: dict[tuple[str, str], int]) -> 
         m.pool_replicas.labels(pool=role).set(cluster.replicas(role, include_starting=True))
     for role, total in cluster.start_timeouts.items():
         advance(m.worker_start_timeouts, (role, "start_timeout"), total, pool=role)
+    for role in cluster.workers_lost:
+        advance(m.workers_lost, (role, "lost"), cluster.workers_lost[role], pool=role)
+        advance(m.worker_replacement_failures, (role, "replace_failed"),
+                cluster.replacement_failures[role], pool=role)
+        advance(m.worker_replacements_given_up, (role, "replace_gave_up"),
+                cluster.replacements_given_up[role], pool=role)
+        m.worker_replacements_pending.labels(pool=role).set(cluster.replacements_pending(role))
     backend = cluster.backend
     for kind, total in backend.migrations.items():
         advance(m.request_migrations, ("migration", kind), total, kind=kind)

@@ -52,6 +52,10 @@ class Cluster:
         # placed and ready: cancelled on a loss (not once registering: that leaves no trace)
         self._backoff = CrashBackoff()  # how long a lost worker's replacement waits
         self._stopping = False
+        # counters, per pool (exported as splitserve_worker_*): a crash loop shows here
+        self.workers_lost = {"prefill": 0, "decode": 0, "colocated": 0}
+        self.replacement_failures = {"prefill": 0, "decode": 0, "colocated": 0}  # starts
+        self.replacements_given_up = {"prefill": 0, "decode": 0, "colocated": 0}
         self.backend.on_worker_lost = self._on_worker_lost
         self.backend.replacement_pending = self.replacement_pending  # new requests wait for it
 
@@ -69,6 +73,10 @@ class Cluster:
     def replacement_pending(self, role: str) -> bool:
         """Whether a lost worker of this pool is still being replaced."""
         return self._replacing[role] > 0
+
+    def replacements_pending(self, role: str) -> int:
+        """Lost workers of this pool not replaced yet (waiting out a back-off, or starting)."""
+        return self._replacing[role]
 
     @property
     def start_timeouts(self) -> dict[str, int]:
@@ -160,6 +168,7 @@ class Cluster:
         needs) and start a replacement (counted as a starting worker of its pool)."""
         if self._stopping:
             return
+        self.workers_lost[role] += 1
         pending = list(self._placing)
         for task in pending:
             task.cancel()
@@ -193,6 +202,7 @@ class Cluster:
             try:
                 new_id = await self._start_worker(role, streak=streak)  # in _replacing meanwhile
             except Exception as exc:  # e.g. no node fits yet: back off and retry
+                self.replacement_failures[role] += 1
                 delay = min(REPLACE_MAX_BACKOFF_S, 2.0**attempt)
                 log.warning("replacing %s worker %s failed (%s); retry in %.0f s", role,
                             worker_id, exc, delay)
@@ -200,6 +210,7 @@ class Cluster:
             else:
                 log.info("replaced lost %s worker %s with %s", role, worker_id, new_id)
                 return
+        self.replacements_given_up[role] += 1
         log.error("gave up replacing %s worker %s after %d attempts", role, worker_id,
                   REPLACE_ATTEMPTS)
 

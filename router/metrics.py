@@ -202,6 +202,22 @@ class ServingMetrics:
             "splitserve_worker_start_timeouts_total",
             "Workers given up because they were not placed and ready in time.", ["pool"],
             registry=r)
+        self.workers_lost = Counter(
+            "splitserve_workers_lost_total",
+            "Workers that died or stopped answering while serving (each is replaced).",
+            ["pool"], registry=r)
+        self.worker_replacement_failures = Counter(
+            "splitserve_worker_replacement_failures_total",
+            "Starts of a lost worker's replacement that failed (each is retried, backing off).",
+            ["pool"], registry=r)
+        self.worker_replacements_given_up = Counter(
+            "splitserve_worker_replacements_given_up_total",
+            "Lost workers left unreplaced after every retry failed (the pool stays smaller).",
+            ["pool"], registry=r)
+        self.worker_replacements_pending = Gauge(
+            "splitserve_worker_replacements_pending",
+            "Lost workers not replaced yet (waiting out a crash-loop back-off, or starting).",
+            ["pool"], registry=r)
 
     def _initialise_known_labels(self) -> None:
         """A 0 series for every label value known in advance (``labels()`` creates it)."""
@@ -216,6 +232,9 @@ class ServingMetrics:
         for pool in POOLS:
             self.pool_replicas.labels(pool=pool)
             self.worker_start_timeouts.labels(pool=pool)
+            for family in (self.workers_lost, self.worker_replacement_failures,
+                           self.worker_replacements_given_up, self.worker_replacements_pending):
+                family.labels(pool=pool)
         for pool in SCALED_POOLS:
             for direction in ("up", "down"):
                 self.autoscaler_decisions.labels(pool=pool, direction=direction)

@@ -116,11 +116,15 @@ class FakeFactory:
         self.created: list[str] = []
         self.cancelled: list[str] = []
         self.start_timeouts = {"prefill": 0, "decode": 0, "colocated": 0}
+        self.failing = 0  # the next this many creations fail (no node takes the actor)
 
     async def create(self, role: str) -> WorkerHandle:
         worker_id = f"{role}-{self.n}"
         self.n += 1
         self.created.append(worker_id)
+        if self.failing:
+            self.failing -= 1
+            raise RuntimeError(f"{worker_id} could not be placed (test)")
         try:
             if self.hold is not None:
                 await self.hold.wait()
@@ -234,6 +238,58 @@ def test_pool_replicas_counts_ready_and_starting_workers_and_start_timeouts_are_
 
     # decode: its replacement is starting; prefill: one ready, one starting
     assert asyncio.run(main()) == ({"prefill": 2.0, "decode": 1.0}, 2.0)
+
+
+def test_lost_workers_and_failed_replacements_are_counted(monkeypatch):
+    """A crash loop shows on /metrics (and in the alerts), not only in the log: each loss,
+    each failed start of a replacement, a replacement given up, and those pending."""
+    import cluster.runtime as runtime
+    from app.server import sync_metrics_once
+    from router.metrics import ServingMetrics
+
+    monkeypatch.setattr(runtime, "REPLACE_ATTEMPTS", 2)
+    monkeypatch.setattr(runtime, "REPLACE_MAX_BACKOFF_S", 0.01)
+
+    def sample(metrics, name: str, pool: str) -> float:
+        return metrics.registry.get_sample_value(name, {"pool": pool})
+
+    async def main():
+        cluster = _fake_cluster()
+        await cluster.start()
+        metrics, seen = ServingMetrics(), {}
+        try:
+            factory = cluster.factory
+            factory.hold, factory.failing = asyncio.Event(), 1
+            decode = next(w for w, h in cluster.backend.workers.items() if h.role == "decode")
+            cluster.backend.lose_worker(decode, "killed (test)")
+            await _until(lambda: len(factory.created) == 4)  # failed once, second pending
+            sync_metrics_once(cluster, metrics, seen)
+            assert sample(metrics, "splitserve_workers_lost_total", "decode") == 1
+            assert sample(metrics, "splitserve_worker_replacement_failures_total",
+                          "decode") == 1
+            assert sample(metrics, "splitserve_worker_replacements_pending", "decode") == 1
+            assert sample(metrics, "splitserve_workers_lost_total", "prefill") == 0
+            factory.hold.set()
+            await asyncio.wait_for(asyncio.gather(*cluster._replacements), 5)
+            prefill = next(w for w, h in cluster.backend.workers.items() if h.role == "prefill")
+            factory.failing = 2  # every retry fails: given up
+            cluster.backend.lose_worker(prefill, "killed (test)")
+            await asyncio.wait_for(asyncio.gather(*cluster._replacements), 10)
+            sync_metrics_once(cluster, metrics, seen)
+            sync_metrics_once(cluster, metrics, seen)  # totals are counted once
+            return {name: (sample(metrics, name, "prefill"), sample(metrics, name, "decode"))
+                    for name in ("splitserve_workers_lost_total",
+                                 "splitserve_worker_replacement_failures_total",
+                                 "splitserve_worker_replacements_given_up_total",
+                                 "splitserve_worker_replacements_pending")}
+        finally:
+            await cluster.shutdown()
+
+    assert asyncio.run(main()) == {
+        "splitserve_workers_lost_total": (1.0, 1.0),
+        "splitserve_worker_replacement_failures_total": (2.0, 1.0),
+        "splitserve_worker_replacements_given_up_total": (1.0, 0.0),
+        "splitserve_worker_replacements_pending": (0.0, 0.0)}
 
 
 # -- on Ray: a worker no node can take

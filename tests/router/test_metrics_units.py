@@ -119,7 +119,11 @@ def _cluster(stats: dict) -> SimpleNamespace:
     backend = SimpleNamespace(last_stats=stats, migrations={"prefill": 0, "decode": 0,
                                                             "transfer": 0},
                               migrations_failed=0)
-    return SimpleNamespace(backend=backend, start_timeouts={"prefill": 0, "decode": 0},
+    none = {"prefill": 0, "decode": 0}
+    return SimpleNamespace(backend=backend, start_timeouts=dict(none),
+                           workers_lost=dict(none), replacement_failures=dict(none),
+                           replacements_given_up=dict(none),
+                           replacements_pending=lambda role: 0,
                            replicas=lambda role, include_starting=False: 1,
                            config=SimpleNamespace(transfer=SimpleNamespace(backend="loopback")))
 
