@@ -63,9 +63,14 @@ class EngineSection(_Frozen):
                                       "model over: a group of this many Ray actors on one "
                                       "node, one per GPU (cluster.tp_group). The model's "
                                       "attention heads must divide by it.")
+    tp_collective_timeout_s: float = Field(60.0, gt=0, description="Tensor parallelism: "
+                                           "longest wait of a step's collective. A rank hung "
+                                           "that long (not dead: a dead one is noticed at "
+                                           "once) fails the worker, whose requests move to "
+                                           "another and whose group is replaced.")
 
     def engine_options(self, model: ModelSection, device: str) -> dict[str, Any]:
-        opts = self.model_dump(exclude={"num_threads"})
+        opts = self.model_dump(exclude={"num_threads", "tp_collective_timeout_s"})
         return {**opts, "dtype": model.dtype, "device": device}
 
 

@@ -170,11 +170,13 @@ class RayRankLauncher:
 
 def parallel_options(group: Any, worker_id: str, pool: PoolSection, host: str) -> dict:
     """The engine's ``parallel`` option for a worker of ``pool`` in ``group``: the
-    launcher, where rank 0's store listens, and each rank's CPU threads (every rank is an
-    actor of its own: its threads are its own CPUs, not a share of rank 0's)."""
+    launcher, where rank 0's store listens, each rank's CPU threads (every rank is an
+    actor of its own: its threads are its own CPUs, not a share of rank 0's) and how long
+    a collective may wait for a hung rank."""
     threads = pool.engine.num_threads or max(1, int(pool.num_cpus))
     return {"launcher": RayRankLauncher(group, worker_id, pool.num_cpus, pool.num_gpus),
-            "host": host, "threads_per_rank": threads}
+            "host": host, "threads_per_rank": threads,
+            "timeout_s": pool.engine.tp_collective_timeout_s}
 
 
 # -- the worker side ---------------------------------------------------------------------------

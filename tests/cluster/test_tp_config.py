@@ -34,6 +34,22 @@ def test_tensor_parallel_size_defaults_to_one_and_reaches_the_engine():
         PoolSection.model_validate({"engine": {"tensor_parallel_size": 0}})
 
 
+def test_the_collective_timeout_reaches_the_ranks_not_the_engine_constructor():
+    """A hung rank (SIGSTOP'd, a wedged GPU) held a worker's requests for a fixed 60 s."""
+    from cluster.tp_group import parallel_options
+    from engine.parallel.launch import ParallelConfig
+
+    pool = PoolSection.model_validate({"engine": {"tensor_parallel_size": 2,
+                                                  "tp_collective_timeout_s": 5}})
+    assert "tp_collective_timeout_s" not in pool.engine.engine_options(ClusterConfig().model,
+                                                                       "cpu")
+    options = parallel_options(None, "prefill-0", pool, "127.0.0.1")
+    options.pop("launcher")
+    assert ParallelConfig(2, **options).timeout_s == 5
+    with pytest.raises(ValidationError, match="greater than 0"):
+        PoolSection.model_validate({"engine": {"tp_collective_timeout_s": 0}})
+
+
 def test_a_rank_takes_one_whole_gpu():
     with pytest.raises(ValidationError, match="each rank takes one whole GPU"):
         PoolSection.model_validate({"num_gpus": 0.5, "engine": {"tensor_parallel_size": 2}})
