@@ -101,12 +101,15 @@ class CompletionFormat:
     object_full, object_chunk, id_prefix = "text_completion", "text_completion", "cmpl"
 
     def __init__(self, request_id: str, model: str, echo: list[str] | None = None,
-                 prompt_logprobs: bool = False) -> None:
+                 prompt_logprobs: bool = False,
+                 prompt_ids: list[list[int]] | None = None) -> None:
         self.id = f"{self.id_prefix}-{request_id}"
         self.model = model
         self.created = int(time.time())
         self._echo = echo  # per choice: its prompt's text, to put first
         self._prompt_logprobs = prompt_logprobs  # vLLM's extra: on each choice's first part
+        # vLLM's return_token_ids: per choice, its prompt's ids (None: not asked)
+        self._prompt_ids = prompt_ids
         self._offset: dict[int, int] = {}  # per choice: text_offset of its next token
 
     def _base(self, obj: str) -> dict[str, Any]:
@@ -126,6 +129,10 @@ class CompletionFormat:
                "finish_reason": chunk.finish_reason, "stop_reason": chunk.stop_reason}
         if self._prompt_logprobs and first:
             out["prompt_logprobs"] = vllm_prompt_logprobs(prompt)
+        if self._prompt_ids is not None:  # as vLLM: the prompt's with the first part
+            out["token_ids"] = list(chunk.token_ids)
+            if first:
+                out["prompt_token_ids"] = self._prompt_ids[index]
         return out
 
     def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
@@ -151,8 +158,10 @@ class ChatFormat(CompletionFormat):
     object_full, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def __init__(self, request_id: str, model: str, tools: list[ToolCallStream | None],
-                 prompt_logprobs: bool = False) -> None:
-        super().__init__(request_id, model, prompt_logprobs=prompt_logprobs)
+                 prompt_logprobs: bool = False,
+                 prompt_ids: list[list[int]] | None = None) -> None:
+        super().__init__(request_id, model, prompt_logprobs=prompt_logprobs,
+                         prompt_ids=prompt_ids)
         self._tools = tools  # per choice; None: plain text
 
     def _finish(self, index: int, chunk: GenerateChunk, text: str,
@@ -177,6 +186,8 @@ class ChatFormat(CompletionFormat):
             delta["tool_calls"] = [c.as_delta(i) for i, c in enumerate(calls)]
         out = {"index": index, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs),
                "finish_reason": reason, "stop_reason": chunk.stop_reason}
+        if self._prompt_ids is not None:
+            out["token_ids"] = list(chunk.token_ids)
         return out
 
     def events(self, index: int, chunk: GenerateChunk, first: bool,
@@ -184,6 +195,8 @@ class ChatFormat(CompletionFormat):
         [event] = super().events(index, chunk, first, include_usage)
         if self._prompt_logprobs and first:  # vLLM's chat: beside the choices
             event["prompt_logprobs"] = vllm_prompt_logprobs(chunk.prompt_logprobs)
+        if self._prompt_ids is not None and first:  # one prompt, beside the choices
+            event["prompt_token_ids"] = self._prompt_ids[0]
         return [event]
 
     def full(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
@@ -194,12 +207,17 @@ class ChatFormat(CompletionFormat):
             if calls:
                 message["content"] = content or None
                 message["tool_calls"] = [c.as_dict() for c in calls]
-            choices.append({"index": index, "message": message,
-                            "logprobs": chat_logprobs(chunk.logprobs),
-                            "finish_reason": reason, "stop_reason": chunk.stop_reason})
+            choice = {"index": index, "message": message,
+                      "logprobs": chat_logprobs(chunk.logprobs),
+                      "finish_reason": reason, "stop_reason": chunk.stop_reason}
+            if self._prompt_ids is not None:
+                choice["token_ids"] = list(chunk.token_ids)
+            choices.append(choice)
         body = {**self._base(self.object_full), "choices": choices,
                 "usage": usage_body(total_usage(chunks)),
                 "splitserve": extension_body(chunks[0])}
         if self._prompt_logprobs:  # vLLM's chat: one prompt, beside the choices
             body["prompt_logprobs"] = vllm_prompt_logprobs(chunks[0].prompt_logprobs)
+        if self._prompt_ids is not None:
+            body["prompt_token_ids"] = self._prompt_ids[0]
         return body

@@ -44,14 +44,17 @@ async def generate(service: GenerationService, request: Request, body, chat: boo
     model = body.model or service.config.model_name
     n = body.n  # choice index = prompt * n + sample
     prompt_logprobs = body.prompt_logprobs is not None
+    prompt_ids = [list(p.prompt_token_ids) for p in preps for _ in range(n)] \
+        if body.return_token_ids else None  # per choice
     if chat:
         fmt: oaf.CompletionFormat = oaf.ChatFormat(
             preps[0].request_id, model, [tools.stream(parser) if parser else None
-                                         for _ in range(n)], prompt_logprobs)
+                                         for _ in range(n)], prompt_logprobs, prompt_ids)
     else:
         echo = [_echo_text(service, inp, prep) for inp, prep in zip(inputs, preps, strict=True)
                 for _ in range(n)] if body.echo else None
-        fmt = oaf.CompletionFormat(preps[0].request_id, model, echo, prompt_logprobs)
+        fmt = oaf.CompletionFormat(preps[0].request_id, model, echo, prompt_logprobs,
+                                   prompt_ids)
     if body.stream:
         return await _start_stream(service, request, preps, fmt, body.include_usage)
     chunks = await _until_disconnect(request, _complete_all(service, preps))

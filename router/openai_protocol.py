@@ -90,6 +90,7 @@ class _SamplingRequest(BaseModel):
     min_tokens: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None

@@ -60,9 +60,18 @@ COMMON_WORKS = {
                            _params(lambda p: p.structured.spec == "[0-9]+")),
     "request_id": ("walk-id", None),  # the walk sends its own ids this way
     "prompt_logprobs": (2, _params(lambda p: p.prompt_logprobs == 2)),
+    "return_token_ids": (True, ("body", lambda text: _has_token_ids(json.loads(text)))),
     "n": (2, ("body", lambda text: [c["index"] for c in json.loads(text)["choices"]]
               == [0, 1])),
 }
+def _has_token_ids(body: dict) -> bool:
+    """vLLM's return_token_ids: the choice's ids, and the prompt's (in the choice for
+    completions, beside the choices for chat)."""
+    choice = body["choices"][0]
+    prompt = choice.get("prompt_token_ids") or body.get("prompt_token_ids")
+    return bool(choice["token_ids"]) and bool(prompt)
+
+
 COMPLETION_WORKS = {
     **COMMON_WORKS,
     "prompt": ("hello", None),
