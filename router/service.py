@@ -59,6 +59,7 @@ from router.types import (
 from router.validation import (
     build_prepared,
     check_input,
+    check_request_id,
     check_token_ids,
     prompt_chars,
     tokenize_prompt,
@@ -181,7 +182,9 @@ class GenerationService:
                          tuple(self.tokenizer.eos_token_ids), self.is_ready())
 
     async def abort(self, request_id: str) -> bool:
-        """Abort an in-flight request; its stream ends with "abort". False if unknown."""
+        """Abort an in-flight request; its stream ends with "abort". False if unknown;
+        INVALID_ARGUMENT for an id no request can have (as Generate refuses it)."""
+        check_request_id(request_id)
         if request_id not in self._inflight:
             return False
         await self.backend.abort(request_id)

@@ -104,6 +104,9 @@ def test_abort_rpc_ends_stream_with_abort(stack, client):
     rest = list(stream)
     assert rest[-1].finish_reason == "abort"
     assert client.abort("abort-1") is False  # no longer in flight
+    for bad in ("", "x" * 200, "bad id!"):  # no request can have it: refused, not "unknown"
+        with pytest.raises(InvalidRequestError, match="request_id must be"):
+            client.abort(bad)
 
 
 def test_deadline_aborts_in_backend(stack, client):
