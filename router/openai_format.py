@@ -193,6 +193,10 @@ class ChatFormat(CompletionFormat):
     def events(self, index: int, chunk: GenerateChunk, first: bool,
                include_usage: bool) -> list[dict[str, Any]]:
         [event] = super().events(index, chunk, first, include_usage)
+        choice = event["choices"][0]
+        if (not first and not choice["delta"] and choice["finish_reason"] is None
+                and choice["logprobs"] is None and "token_ids" not in choice):
+            return []  # a tool call's text, held until it is whole: nothing to say yet
         if self._prompt_logprobs and first:  # vLLM's chat: beside the choices
             event["prompt_logprobs"] = vllm_prompt_logprobs(chunk.prompt_logprobs)
         if self._prompt_ids is not None and first:  # one prompt, beside the choices

@@ -201,8 +201,10 @@ def test_auto_tool_call_streamed_as_deltas(client):
         model="fake-model", messages=[{"role": "user", "content": "Weather in Paris?"}],
         tools=[WEATHER], max_tokens=200, stream=True)
     content, calls, finish = "", {}, None
-    for event in stream:
+    for i, event in enumerate(stream):
         delta = event.choices[0].delta
+        # no empty events while the call's text is held (one per token before), as in vLLM
+        assert i == 0 or delta.content or delta.tool_calls or event.choices[0].finish_reason
         content += delta.content or ""
         for tc in delta.tool_calls or []:
             entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
