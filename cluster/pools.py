@@ -37,6 +37,10 @@ class WorkerStartTimeout(RuntimeError):
     """A worker was not placed and ready within ``ray.worker_start_timeout_s``."""
 
 
+class WorkerCannotBePlaced(RuntimeError):
+    """A worker asks for more than any node of the (local, fixed) Ray cluster has."""
+
+
 def transfer_host(config: ClusterConfig) -> str:
     """The address the workers' KV transfer listeners bind to and advertise: the configured
     node IP, loopback for a local Ray, or "" (each worker's Ray node IP) on a joined cluster."""

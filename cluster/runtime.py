@@ -22,11 +22,12 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from cluster import tp_group
 from cluster.cluster_backend import ClusterBackend
 from cluster.config import ClusterConfig
 from cluster.crash_backoff import CrashBackoff
 from cluster.global_scheduler import GlobalScheduler
-from cluster.pools import WorkerFactory
+from cluster.pools import WorkerCannotBePlaced, WorkerFactory
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,28 @@ class Cluster:
                 start_local_ray(num_cpus=rc.num_cpus, namespace=rc.namespace,
                                 resources=resources or None, node_ip=rc.node_ip or "127.0.0.1")
         self._owns_ray = True
+        if not rc.address:
+            self._check_fits_the_local_node(ray.cluster_resources())
+
+    def _check_fits_the_local_node(self, node: dict[str, float]) -> None:
+        """A local Ray is this one node, with no autoscaler to add another: a worker asking
+        for more than it has would only wait out ray.worker_start_timeout_s (Ray's own
+        "infeasible" warning goes to its log, not here). Raises ``WorkerCannotBePlaced``."""
+        for role in self.roles:
+            pool = self.factory.pool(role)
+            need: dict[str, float] = {}
+            for bundle in tp_group.bundles(pool):  # a TP group sits on one node
+                for name, amount in bundle.items():
+                    need[name] = need.get(name, 0.0) + amount
+            short = {name: amount for name, amount in need.items()
+                     if amount > node.get(name, 0.0) + 1e-9}
+            if short:
+                asks = ", ".join(f"{name} {amount:g} (this node has {node.get(name, 0.0):g})"
+                                 for name, amount in short.items())
+                raise WorkerCannotBePlaced(
+                    f"a {role} worker asks for {asks} and this local Ray node is all there "
+                    f"is: lower {role}.num_cpus / num_gpus / engine.tensor_parallel_size, or "
+                    "give Ray more (ray.num_cpus), or join a cluster (--ray-address)")
 
     async def add_worker(self, role: str, growth: bool = False) -> str:
         """Start a worker of ``role``; a ``growth`` one yields to replacements while it waits

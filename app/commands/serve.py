@@ -160,12 +160,12 @@ def run(args: argparse.Namespace) -> int:
     config = _checked_config(args)
     if config is None:
         return 2
-    from cluster.pools import WorkerStartTimeout
+    from cluster.pools import WorkerCannotBePlaced, WorkerStartTimeout
     from router.config import PortInUseError
 
     try:
         return asyncio.run(_serve(config))
-    except (PortInUseError, WorkerStartTimeout) as exc:  # lost a race after the checks
+    except (PortInUseError, WorkerStartTimeout, WorkerCannotBePlaced) as exc:
         print(f"splitserve serve: {exc}", file=sys.stderr)
         return 1
 
