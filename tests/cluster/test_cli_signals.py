@@ -121,29 +121,37 @@ def test_serve_drains_and_shuts_down_cleanly_on_a_signal(tmp_path, sig):
         assert stream.finish_reason() == "abort"
 
 
+def _serve_with_pools(tmp_path, pools_yaml: str) -> tuple[list[str], dict]:
+    """The command and environment of a ``serve`` of the tiny model with ``pools_yaml``."""
+    from engine.make_model import ensure_model
+
+    model = ensure_model("llama", "tiny", seed=0)
+    config = tmp_path / "pool.yaml"
+    config.write_text(f"model: {{path: {model}, device: cpu}}\n{pools_yaml}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SPLITSERVE_API_KEY", None)
+    return [sys.executable, "-m", "app.cli", "serve", "--config", str(config), "--host",
+            "127.0.0.1", "--http-port", str(_free_port()), "--grpc-port",
+            str(_free_port())], env
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_start_up_stops_it_at_once(tmp_path, sig):
     """Two workers of 2 CPUs on a local Ray of 2: the second waits for the first to go,
     which it never does; before, Ctrl-C was only read once start-up ended (up to
     worker_start_timeout_s, 300 s) and SIGTERM went to Ray's handler, which dumped a stack."""
-    from engine.make_model import ensure_model
-
-    model = ensure_model("llama", "tiny", seed=0)
-    config = tmp_path / "pool.yaml"
-    config.write_text(f"model: {{path: {model}, device: cpu}}\n"
-                      "prefill: {num_cpus: 2}\ndecode: {num_cpus: 2}\nray: {num_cpus: 2}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("SPLITSERVE_API_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--config", str(config), "--host",
-         "127.0.0.1", "--http-port", str(_free_port()), "--grpc-port", str(_free_port())],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command, env = _serve_with_pools(
+        tmp_path, "prefill: {num_cpus: 2}\ndecode: {num_cpus: 2}\nray: {num_cpus: 2}\n")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # the start-up line comes once Ray and the pools start
             if line.startswith("starting "):
                 break
-        time.sleep(8)  # Ray is up, one worker loads and the other waits for its CPUs
+        # Ray's start, then one worker loading while the other waits: nothing says when a
+        # worker is pending, so this is a bounded wait, long enough on 2 busy cores
+        time.sleep(8)
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(sig)
@@ -166,19 +174,10 @@ def test_a_worker_no_local_node_can_hold_is_one_line_at_once(tmp_path):
     """A local Ray is one node with no autoscaler: a worker asking for more than it has
     would wait out worker_start_timeout_s (300 s) in silence (Ray's 'infeasible' warning
     goes to its own log)."""
-    from engine.make_model import ensure_model
-
-    model = ensure_model("llama", "tiny", seed=0)
-    config = tmp_path / "pool.yaml"
-    config.write_text(f"model: {{path: {model}, device: cpu}}\n"
-                      "prefill: {num_cpus: 64}\nray: {num_cpus: 2}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("SPLITSERVE_API_KEY", None)
+    command, env = _serve_with_pools(tmp_path, "prefill: {num_cpus: 64}\nray: {num_cpus: 2}\n")
     t0 = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", "--config", str(config), "--host",
-         "127.0.0.1", "--http-port", str(_free_port()), "--grpc-port", str(_free_port())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=90)
     assert done.returncode == 1, done.stderr[-3000:]
     assert time.monotonic() - t0 < 60
     last = done.stderr.strip().splitlines()[-1]
