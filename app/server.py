@@ -52,13 +52,14 @@ class RunningServer:
         stop the servers, the service and the cluster."""
         if self.autoscaling is not None:  # no pool changes while the requests finish
             await self.autoscaling.stop()
+        self.cluster.stop_replacing()  # workers going away now are no crash loop
         await self.service.drain(drain_s, give_up)
         self._sync_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sync_task
         await self.grpc.stop()
         await self.http.stop()
-        await self.service.shutdown()  # the backend (nothing is in flight any more)
+        await self.service.shutdown()  # the backend (the drain ended what was in flight)
         await self.cluster.shutdown()
 
 

@@ -237,6 +237,11 @@ class Cluster:
         log.error("gave up replacing %s worker %s after %d attempts", role, worker_id,
                   REPLACE_ATTEMPTS)
 
+    def stop_replacing(self) -> None:
+        """From now on a lost worker is neither counted nor replaced: the cluster is being
+        shut down (a deleted RayCluster takes its worker pods while the router drains)."""
+        self._stopping = True
+
     async def shutdown(self) -> None:
         self._stopping = True
         tasks = [*self._replacements, *self._placing]

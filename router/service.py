@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 # After draining, the aborted requests' final chunks get this long to reach their clients.
 ABORT_DELIVERY_S = 5.0
+_SHUTTING_DOWN = ("this server is shutting down and takes no new requests; retry (another "
+                  "replica will take it)")
 
 # Prompts up to this many characters are tokenized on the event loop: that takes less
 # (~0.1 ms) than handing the work to a thread and back.
@@ -97,8 +99,11 @@ class GenerationService:
                                                  thread_name_prefix="router-tokenize")
         self._created = int(clock())
         # Draining (shutdown): new requests are refused and readiness is down, while those in
-        # flight go on; ``_idle`` is set whenever none is in flight (what ``drain`` awaits).
+        # flight go on; ``_idle`` is set whenever none is (what ``drain`` awaits). Once
+        # ``_closed``, not even a request prepared before the drain is admitted: a 503
+        # before its response starts, never a stream the stopping servers would cut.
         self._draining = False
+        self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._readiness_watchers: set[Callable[[], None]] = set()
@@ -126,6 +131,7 @@ class GenerationService:
         finally:
             for wait in waits:
                 wait.cancel()
+        self._closed = True  # a request prepared by now is refused at admission (a 503)
         left = list(self._inflight)
         if left:
             logger.warning("shutdown: %d request(s) still in flight after draining; aborting "
@@ -202,8 +208,7 @@ class GenerationService:
             if request_id in self._inflight or request_id in self._releasing:
                 raise _duplicate_id(request_id)
             if self._draining:
-                raise UnavailableError("this server is shutting down and takes no new "
-                                       "requests; retry (another replica will take it)")
+                raise UnavailableError(_SHUTTING_DOWN)
             if not self.backend.can_accept():  # a lost worker's replacement: wait for it
                 raise UnavailableError("no worker is ready to serve requests yet; retry later")
             self._check_capacity()
@@ -287,6 +292,8 @@ class GenerationService:
 
     def _admit(self, request_id: str) -> None:
         try:
+            if self._closed:
+                raise UnavailableError(_SHUTTING_DOWN)
             if request_id in self._inflight or request_id in self._releasing:
                 raise _duplicate_id(request_id)
             self._check_capacity(preparing=0)  # the requests being prepared come later

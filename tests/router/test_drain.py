@@ -112,3 +112,25 @@ def test_a_second_signal_ends_the_drain_at_once(stack):
     assert drain.result(10) == 1  # well before the 60 s
     streams[0].join(10)
     assert streams[0].done and streams[0].finish_reason == "abort"
+
+
+def test_a_request_prepared_before_the_drain_but_admitted_after_it_is_a_clean_503(tokenizer):
+    """A request whose prompt was still being tokenized when the drain began (nothing in
+    flight: the drain ends at once) ran after it, under servers about to stop; it is now
+    refused at admission, before its response starts (a 503 the client retries)."""
+    from engine.errors import UnavailableError
+    from router.service import GenerationService
+    from router.types import GenerateInput
+
+    async def main():
+        service = GenerationService(make_backend(tokenizer), tokenizer,
+                                    RouterConfig(model_name="m", max_model_len=256))
+        await service.start()
+        late = await service.prepare(GenerateInput(prompt="hi", sampling={"max_tokens": 2}))
+        assert await asyncio.wait_for(service.drain(30), 5) == 0
+        with pytest.raises(UnavailableError, match="shutting down"):
+            [c async for c in service.stream(late)]
+        assert service.num_inflight == 0
+        await service.shutdown()
+
+    asyncio.run(main())
