@@ -244,6 +244,13 @@ class ChatTemplateOptions(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @classmethod
+    def of(cls, request: Any) -> ChatTemplateOptions:
+        """The options a chat or /tokenize request (with these three fields) sets."""
+        return cls(add_generation_prompt=request.add_generation_prompt,
+                   continue_final_message=request.continue_final_message,
+                   chat_template_kwargs=request.chat_template_kwargs)
+
     def check(self) -> None:
         if self.add_generation_prompt and self.continue_final_message:
             raise InvalidParamError(

@@ -215,12 +215,9 @@ class ChatCompletionRequest(_SamplingRequest):
                                         "they cannot be combined with response_format or "
                                         "guided_*", "tool_choice")
             sampling["structured"] = forced
-        template = ChatTemplateOptions(
-            add_generation_prompt=self.add_generation_prompt,
-            continue_final_message=self.continue_final_message,
-            chat_template_kwargs=self.chat_template_kwargs)
         return [self._input(deadline, messages=[m.as_dict() for m in self.messages],
-                            tools=tools.template_tools, chat_template=template,
+                            tools=tools.template_tools,
+                            chat_template=ChatTemplateOptions.of(self),
                             sampling=sampling, param_aliases=aliases)]
 
 

@@ -9,8 +9,10 @@ behind the same API-key check as /v1/*; errors are its OpenAI-style bodies (an u
 is a 404 ``model_not_found``, a bad field a 400 naming it).
 
 /tokenize counts what a generation request would send the model: a text prompt is encoded
-with special-token text as plain text (as /v1/completions does), a chat is rendered by the
-model's chat template, with its ``tools`` where given. An unknown field is refused.
+as /v1/completions encodes it (special-token text is the special token), a chat is rendered
+by the model's chat template as /v1/chat/completions renders it (``tools``,
+``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``). An unknown
+field is refused, and so is a chat-only field with a prompt.
 ``token_strs`` are each token's own text (its id decoded alone).
 """
 
@@ -121,8 +123,13 @@ async def _tokenize(service: GenerationService, body: TokenizeRequest) -> list[i
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParamError("give exactly one of prompt or messages", "prompt")
     if body.prompt is not None:
-        if body.tools is not None:
-            raise InvalidParamError("tools go with messages, not with a prompt", "tools")
+        chat_only = [name for name, unset in (
+            ("tools", body.tools is None), ("add_generation_prompt", body.add_generation_prompt),
+            ("continue_final_message", not body.continue_final_message),
+            ("chat_template_kwargs", body.chat_template_kwargs is None)) if not unset]
+        if chat_only:
+            raise InvalidParamError(f"{chat_only[0]} goes with messages, not with a prompt",
+                                    chat_only[0])
         text, param = body.prompt, "prompt"
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
     else:
@@ -153,9 +160,7 @@ def _render_chat(service: GenerationService, body: TokenizeRequest) -> str:
         raise InvalidParamError("this model has no chat template; tokenize a prompt instead",
                                 "messages")
     tools = ToolSpec(body.tools, None, None).template_tools  # checked as chat checks them
-    options = ChatTemplateOptions(add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message,
-                                  chat_template_kwargs=body.chat_template_kwargs)
+    options = ChatTemplateOptions.of(body)
     options.check()
     try:
         return service.tokenizer.chat_template_text(

@@ -7,7 +7,7 @@ Two steps, so that no client field can cost other requests anything: ``check_inp
 every client-supplied field (request id length and charset, text that is valid Unicode,
 prompt size) in time proportional to the request's size, on the event loop;
 ``tokenize_prompt`` is the expensive part, which the service runs off the loop for large
-prompts. Text prompts are tokenized with special-token text as plain text.
+prompts. Special-token text in a text prompt is the special token, as vLLM reads it.
 """
 
 from __future__ import annotations
@@ -118,9 +118,12 @@ def prompt_chars(inp: GenerateInput) -> int:
 
 
 def _chat_chars(inp: GenerateInput) -> int:
-    """Characters of a chat's message texts, tool calls' arguments and tool definitions."""
+    """Characters of a chat's message texts, tool calls' arguments, tool definitions and
+    template variables (a template may print them: Llama 3's date_string)."""
     size = sum(len(v) for m in inp.messages or () for v in m.values() if isinstance(v, str))
     size += sum(len(json.dumps(c)) for m in inp.messages or () for c in m.get("tool_calls", ()))
+    template = inp.chat_template.chat_template_kwargs if inp.chat_template else None
+    size += len(json.dumps(template)) if template else 0
     return size + (len(json.dumps(inp.tools)) if inp.tools else 0)
 
 

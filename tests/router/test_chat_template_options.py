@@ -81,3 +81,12 @@ def test_tokenize_renders_as_the_chat_route_does(stack, tokenizer, oai):
         "messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}}).json()
     assert tokenizer.decode(off["tokens"], skip_special_tokens=False).endswith(
         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_template_variables_count_toward_the_prompt_limit(stack, oai):
+    """A template may print a variable (Llama 3's date_string): a huge one is the prompt's
+    size, refused before the render, not rendered and tokenized on the event loop."""
+    huge = "x" * (stack.service.config.max_prompt_chars + 1)
+    with pytest.raises(openai.BadRequestError, match="more than this server's limit"):
+        oai.chat.completions.create(model="fake-model", messages=CHAT, max_tokens=2,
+                                    extra_body={"chat_template_kwargs": {"date_string": huge}})
