@@ -276,3 +276,20 @@ def test_vocab_size_is_the_models_embedding_rows(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir("llama"), bare)
     (bare / "config.json").unlink()
     assert Tokenizer(bare).vocab_size == 1024  # no model config: the tokenizer's size
+
+
+def test_a_truncation_set_in_tokenizer_json_never_cuts_a_prompt(tmp_path, tiny_model_dir):
+    """Some published tokenizer.json files carry a truncation (or padding) setting; the
+    prompt, a chat's too, must reach the model whole, as transformers encodes it."""
+    model_dir = tmp_path / "truncating"
+    shutil.copytree(tiny_model_dir("llama"), model_dir)
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+                          "stride": 0}
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    tok = Tokenizer(model_dir)
+    text = "a fairly long prompt that is much more than eight tokens when it is encoded"
+    assert len(tok.encode(text)) > 8
+    assert tok.encode(text) == tok._hf.encode(text)
+    chat = tok.apply_chat_template([{"role": "user", "content": text}])
+    assert len(chat) > 8 and tok.decode(chat, skip_special_tokens=False).count("encoded") == 1
