@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -23,10 +24,12 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.errors import SplitServeError
 from router import openai_format as oaf
-from router.errors import ClientCancelledError, http_error, outcome_code
+from router.errors import ClientCancelledError, classify, http_error, outcome_code
 from router.service import GenerationService
 from router.tool_parsers import get_parser
 from router.types import GenerateChunk, PreparedRequest
+
+logger = logging.getLogger(__name__)
 
 
 async def generate(service: GenerationService, request: Request, body, chat: bool) -> Response:
@@ -91,16 +94,28 @@ async def _all(coros: list) -> list:
     requests) and is raised as itself, so the error handlers classify it as they would for
     one prompt."""
     tasks = [asyncio.ensure_future(c) for c in coros]
+    raised: BaseException | None = None
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+                raised = task.exception()
+                raise raised
         return [t.result() for t in tasks]
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        _log_others(results, raised)
+
+
+def _log_others(errors, raised: BaseException | None) -> None:
+    """Log what other prompts of a batch failed with: only the first failure reaches the
+    client and the edge's log; an internal error must not go unseen."""
+    for exc in errors:
+        if (isinstance(exc, Exception) and exc is not raised
+                and classify(exc, log=False).code == "INTERNAL"):
+            logger.error("another prompt of the batch failed too", exc_info=exc)
 
 
 async def _start_stream(service: GenerationService, request: Request,
@@ -149,11 +164,13 @@ async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[Gene
             queue.put_nowait((index, None, exc))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    raised: BaseException | None = None
     try:
         running = len(tasks)
         while running:
             index, chunk, exc = await queue.get()
             if exc is not None:
+                raised = exc
                 raise exc
             if chunk is None:
                 running -= 1
@@ -163,6 +180,14 @@ async def _merged(streams: list[AsyncIterator[GenerateChunk]], firsts: list[Gene
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        _log_others([item[2] for item in _drained(queue)], raised)
+
+
+def _drained(queue: asyncio.Queue) -> list:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 class _EventStream(EventSourceResponse):

@@ -91,8 +91,10 @@ class RequestState:
             # the router's own deadline fires: that is a deadline, not a client cancel.
             code = "DEADLINE_EXCEEDED"
         self._metrics.requests.labels(code=code).inc()
-        if code == "CANCELLED":  # the client went away: an abort, as vLLM counts it
-            self._metrics.finish_reasons.labels(reason="abort").inc()
+        if code == "CANCELLED":  # the client went away: an abort, as vLLM counts it (per
+            # sample, as the other finish reasons are counted)
+            unfinished = sum(not s.finished for s in self._samples)
+            self._metrics.finish_reasons.labels(reason="abort").inc(unfinished)
 
     def _deadline_passed(self) -> bool:
         deadline = self.prep.deadline

@@ -214,8 +214,13 @@ async def _serve(config) -> int:
         await asyncio.wait([starting, asyncio.ensure_future(signals.first.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
-        print("stopping before the server was ready...", flush=True)
+        print("stopping before the server was ready (signal again to exit at once)...",
+              flush=True)
         starting.cancel()
+        await asyncio.wait([starting, asyncio.ensure_future(signals.second.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a second signal: the clean-up itself may be what hangs
+            os._exit(128 + signals.received[-1])
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         return 128 + signals.received[0]
@@ -236,7 +241,9 @@ async def _serve(config) -> int:
 
 
 class _Signals:
-    """SIGINT / SIGTERM: the first asks for a graceful stop, the second for a quick one."""
+    """SIGINT / SIGTERM: the first asks for a graceful stop, the second for a quick one
+    (requests in flight aborted at once; during start-up, exit at once), a third exits at
+    once, whatever the shutdown is waiting for."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -250,4 +257,6 @@ class _Signals:
 
     def _on(self, sig: int) -> None:
         self.received.append(sig)
+        if self.second.is_set():
+            os._exit(128 + sig)
         (self.second if self.first.is_set() else self.first).set()

@@ -171,3 +171,15 @@ def test_an_unexpected_exception_is_a_clean_500_on_a_kept_connection(tokenizer):
         conn.close()
     finally:
         s.close()
+
+
+def test_every_failed_prompt_of_a_batch_is_logged_not_only_the_answered_one(stack, caplog):
+    """Only the first failure of a batch reaches the client (and the edge's log); the
+    others' internal errors are logged too, or they would go unseen."""
+    with caplog.at_level(logging.WARNING):
+        resp = httpx.post(f"{stack.base_url}/v1/completions", timeout=10, json={
+            "model": "fake-model", "prompt": ["raytrace a", "raytrace b"], "max_tokens": 4})
+    assert resp.status_code == 500, resp.text
+    answered = [r for r in caplog.records if "sent to the client" in r.getMessage()]
+    others = [r for r in caplog.records if "another prompt of the batch" in r.getMessage()]
+    assert len(answered) == 1 and len(others) == 1
