@@ -97,12 +97,16 @@ def test_serve_drains_and_shuts_down_cleanly_on_a_signal(tmp_path, sig):
             assert stream.flowing.wait(60) and stream.error is None
             at_signal = len(stream.events)
             proc.send_signal(sig)
+            draining = ""  # the endpoints' lines, then the one printed as the drain begins
+            while "shutting down:" not in draining:
+                line = proc.stdout.readline()
+                assert line, "the serve process ended before its drain began"
+                draining += line
             if sig == signal.SIGINT:  # Ctrl-C again: no more waiting
-                time.sleep(0.5)  # the first signal's drain has begun
                 proc.send_signal(sig)
             stream.join(90)
             rc = proc.wait(90)
-            rest = proc.stdout.read()
+            rest = draining + proc.stdout.read()
         finally:
             if proc.poll() is None:
                 proc.kill()
