@@ -150,12 +150,10 @@ def test_a_signal_during_start_up_stops_it_at_once(tmp_path, sig):
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stderr:  # the start-up line comes once Ray and the pools start
-            if line.startswith("starting "):
+        # The first worker ready holds both CPUs: from then on the other one is pending.
+        for line in proc.stderr:
+            if "cluster.pools: worker " in line and line.rstrip().endswith(" ready"):
                 break
-        # Ray's start, then one worker loading while the other waits: nothing says when a
-        # worker is pending, so this is a bounded wait, long enough on 2 busy cores
-        time.sleep(8)
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(sig)
