@@ -130,7 +130,7 @@ class CompletionFormat:
         if self._prompt_logprobs and first:
             out["prompt_logprobs"] = vllm_prompt_logprobs(prompt)
         if self._prompt_ids is not None:  # as vLLM: the prompt's with the first part
-            out["token_ids"] = list(chunk.token_ids)
+            out["token_ids"] = chunk.token_ids
             if first:
                 out["prompt_token_ids"] = self._prompt_ids[index]
         return out
@@ -187,7 +187,7 @@ class ChatFormat(CompletionFormat):
         out = {"index": index, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs),
                "finish_reason": reason, "stop_reason": chunk.stop_reason}
         if self._prompt_ids is not None:
-            out["token_ids"] = list(chunk.token_ids)
+            out["token_ids"] = chunk.token_ids
         return out
 
     def events(self, index: int, chunk: GenerateChunk, first: bool,
@@ -215,7 +215,7 @@ class ChatFormat(CompletionFormat):
                       "logprobs": chat_logprobs(chunk.logprobs),
                       "finish_reason": reason, "stop_reason": chunk.stop_reason}
             if self._prompt_ids is not None:
-                choice["token_ids"] = list(chunk.token_ids)
+                choice["token_ids"] = chunk.token_ids
             choices.append(choice)
         body = {**self._base(self.object_full), "choices": choices,
                 "usage": usage_body(total_usage(chunks)),

@@ -47,7 +47,7 @@ async def generate(service: GenerationService, request: Request, body, chat: boo
     model = body.model or service.config.model_name
     n = body.n  # choice index = prompt * n + sample
     prompt_logprobs = body.prompt_logprobs is not None
-    prompt_ids = [list(p.prompt_token_ids) for p in preps for _ in range(n)] \
+    prompt_ids = [p.prompt_token_ids for p in preps for _ in range(n)] \
         if body.return_token_ids else None  # per choice
     if chat:
         fmt: oaf.CompletionFormat = oaf.ChatFormat(

@@ -132,23 +132,27 @@ class GenerationService:
             for wait in waits:
                 wait.cancel()
         self._closed = True  # a request prepared by now is refused at admission (a 503)
-        left = list(self._inflight)
+        left = await self._abort_in_flight()
         if left:
-            logger.warning("shutdown: %d request(s) still in flight after draining; aborting "
-                           "them", len(left))
-        for request_id in left:
-            await self.backend.abort(request_id)
+            logger.warning("shutdown: %d request(s) still in flight after draining; aborted "
+                           "them", left)
         with contextlib.suppress(asyncio.TimeoutError):  # their final chunks, on their way
             await asyncio.wait_for(self._idle.wait(), ABORT_DELIVERY_S)
-        return len(left)
+        return left
 
     async def shutdown(self) -> None:
         """Abort every in-flight request (their streams end with "abort"), then the backend."""
-        for request_id in list(self._inflight):
-            await self.backend.abort(request_id)
+        await self._abort_in_flight()
         await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self.backend.shutdown()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _abort_in_flight(self) -> int:
+        """Abort every request in flight (their streams end with "abort"); how many."""
+        left = list(self._inflight)
+        for request_id in left:
+            await self.backend.abort(request_id)
+        return len(left)
 
     def is_ready(self) -> bool:
         return not self._draining and self.backend.is_ready()

@@ -123,10 +123,10 @@ async def _tokenize(service: GenerationService, body: TokenizeRequest) -> list[i
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParamError("give exactly one of prompt or messages", "prompt")
     if body.prompt is not None:
-        chat_only = [name for name, unset in (
-            ("tools", body.tools is None), ("add_generation_prompt", body.add_generation_prompt),
-            ("continue_final_message", not body.continue_final_message),
-            ("chat_template_kwargs", body.chat_template_kwargs is None)) if not unset]
+        unrendered = ChatTemplateOptions()  # a prompt is not rendered: only its defaults
+        chat_only = (["tools"] if body.tools is not None else []) + [
+            name for name in ChatTemplateOptions.model_fields
+            if getattr(body, name) != getattr(unrendered, name)]
         if chat_only:
             raise InvalidParamError(f"{chat_only[0]} goes with messages, not with a prompt",
                                     chat_only[0])
